@@ -1,0 +1,188 @@
+"""Server interceptors shared by every service: domain errors to statuses, and RPC metrics.
+
+Both wrap the four handler shapes the same way, through ``wrap_handler``; the gateway's auth
+interceptor uses it too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from mesh import metrics
+from mesh.errors import MeshError, to_status_proto
+
+log = logging.getLogger(__name__)
+
+# Called around every RPC: (method, context, run) -> result; ``run`` runs the handler.
+Around = Callable[[str, aio.ServicerContext[Any, Any], Callable[[], Any]], Any]
+
+
+def _method_name(full: str) -> tuple[str, str]:
+    service, _, method = full.rpartition("/")
+    return service.lstrip("/").rsplit(".", 1)[-1], method
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler | None,
+    method: str,
+    unary: Callable[[Callable[[], Awaitable[Any]], aio.ServicerContext[Any, Any]], Awaitable[Any]],
+    streaming: Callable[
+        [Callable[[], AsyncIterator[Any]], aio.ServicerContext[Any, Any]], AsyncIterator[Any]
+    ],
+) -> grpc.RpcMethodHandler | None:
+    """Return ``handler`` with its behaviour run inside ``unary`` or ``streaming`` wrappers."""
+    if handler is None:
+        return None
+    if handler.unary_unary:
+        inner_uu = handler.unary_unary
+
+        async def uu(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            return await unary(lambda: inner_uu(request, context), context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            uu, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary:
+        inner_su = handler.stream_unary
+
+        async def su(requests: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            return await unary(lambda: inner_su(requests, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            su, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream:
+        inner_us = handler.unary_stream
+
+        async def us(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async for item in streaming(lambda: inner_us(request, context), context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(
+            us, handler.request_deserializer, handler.response_serializer
+        )
+    inner_ss = handler.stream_stream
+
+    async def ss(requests: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async for item in streaming(lambda: inner_ss(requests, context), context):
+            yield item
+
+    return grpc.stream_stream_rpc_method_handler(
+        ss, handler.request_deserializer, handler.response_serializer
+    )
+
+
+async def abort_with(context: aio.ServicerContext[Any, Any], error: MeshError) -> None:
+    """Abort the RPC with the rich status of ``error`` (raises ``grpc.aio.AbortError``)."""
+    status = to_status_proto(error)
+    await context.abort(
+        error.code,
+        error.message,
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+    )
+
+
+class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+    """Maps ``MeshError`` to its status; any other exception becomes INTERNAL without details."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+
+        async def unary(run: Callable[[], Awaitable[Any]], ctx: aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return await run()
+            except MeshError as error:
+                await abort_with(ctx, error)
+            except (aio.AbortError, grpc.RpcError):
+                raise
+            except Exception:
+                log.exception("unhandled error in %s", method)
+                await abort_with(ctx, MeshError(f"internal error in {method}; see server log"))
+
+        async def streaming(
+            run: Callable[[], AsyncIterator[Any]], ctx: aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            try:
+                async for item in run():
+                    yield item
+            except MeshError as error:
+                await abort_with(ctx, error)
+            except (aio.AbortError, grpc.RpcError):
+                raise
+            except Exception:
+                log.exception("unhandled error in %s", method)
+                await abort_with(ctx, MeshError(f"internal error in {method}; see server log"))
+
+        return wrap_handler(handler, method, unary, streaming)
+
+
+def _code_of(ctx: aio.ServicerContext[Any, Any], error: BaseException | None) -> str:
+    if isinstance(error, MeshError):
+        return error.code.name
+    code = ctx.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if error is not None:
+        return "CANCELLED" if isinstance(error, BaseException) and not isinstance(
+            error, Exception
+        ) else "INTERNAL"
+    return "OK"
+
+
+class MetricsInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+    """Counts RPCs by final code and tracks open streams. Put it before ErrorInterceptor."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        _, method = _method_name(handler_call_details.method)
+        service = self._service
+
+        def record(ctx: aio.ServicerContext[Any, Any], error: BaseException | None) -> None:
+            code = _code_of(ctx, error)
+            metrics.RPCS_HANDLED.labels(service, method, code).inc()
+            if code != "OK":
+                metrics.RPC_ERRORS.labels(service, method, code).inc()
+
+        async def unary(run: Callable[[], Awaitable[Any]], ctx: aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                result = await run()
+            except BaseException as error:
+                record(ctx, error)
+                raise
+            record(ctx, None)
+            return result
+
+        async def streaming(
+            run: Callable[[], AsyncIterator[Any]], ctx: aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            gauge = metrics.ACTIVE_STREAMS.labels(service, method)
+            gauge.inc()
+            try:
+                async for item in run():
+                    yield item
+            except BaseException as error:
+                record(ctx, error)
+                raise
+            else:
+                record(ctx, None)
+            finally:
+                gauge.dec()
+
+        return wrap_handler(handler, handler_call_details.method, unary, streaming)

@@ -1,0 +1,24 @@
+"""The durable message log (embedded SQLite driver by default, Kafka for scale-out)."""
+
+from mesh.log.base import (
+    TURN_EVENTS,
+    TURN_REQUESTS,
+    EventLog,
+    GroupConsumer,
+    LogError,
+    Record,
+    partition_for,
+)
+from mesh.log.factory import LogSettings, open_log
+
+__all__ = [
+    "TURN_EVENTS",
+    "TURN_REQUESTS",
+    "EventLog",
+    "GroupConsumer",
+    "LogError",
+    "LogSettings",
+    "Record",
+    "open_log",
+    "partition_for",
+]

@@ -1,0 +1,128 @@
+"""Scaffolding every service shares: health, reflection, metrics, interceptors, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mesh.interceptors import ErrorInterceptor, MetricsInterceptor
+
+log = logging.getLogger(__name__)
+
+# Streams carry whole documents (Ingest) and long histories; keep the cap explicit.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def new_server(
+    service: str, *, extra_interceptors: Sequence[aio.ServerInterceptor] = ()
+) -> aio.Server:
+    """A grpc.aio server with the shared interceptors (metrics outermost, then errors)."""
+    return aio.server(
+        interceptors=[MetricsInterceptor(service), *extra_interceptors, ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
+    )
+
+
+def add_health_and_reflection(
+    server: aio.Server, service_names: Sequence[str]
+) -> health.aio.HealthServicer:
+    """Register grpc.health.v1 (every service SERVING, plus the overall "") and reflection."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    return servicer
+
+
+async def set_serving(
+    servicer: health.aio.HealthServicer, service_names: Sequence[str], serving: bool
+) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", *service_names):
+        await servicer.set(name, status)
+
+
+def bind(server: aio.Server, host: str, port: int) -> int:
+    """Bind insecurely on ``host:port`` (0 picks a free port) and return the bound port."""
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"could not bind {host}:{port}")
+    return bound
+
+
+async def serve_until_signalled(
+    server: aio.Server,
+    health_servicer: health.aio.HealthServicer,
+    service_names: Sequence[str],
+    *,
+    grace_s: float,
+    on_drain: Callable[[], Awaitable[Any]] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: report NOT_SERVING, let RPCs finish, stop.
+
+    Load balancers and Envoy's health checks see NOT_SERVING first, so no new streams arrive
+    while the open ones finish within ``grace_s``.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await set_serving(health_servicer, service_names, True)
+    await stop.wait()
+    log.info("draining (grace %.1fs)", grace_s)
+    await set_serving(health_servicer, service_names, False)
+    if on_drain is not None:
+        await on_drain()
+    await server.stop(grace_s)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def channel(target: str) -> aio.Channel:
+    """A client channel to another mesh service with the mesh's message limits."""
+    return aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", 20_000),
+        ],
+    )
+
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "add_health_and_reflection",
+    "bind",
+    "channel",
+    "configure_logging",
+    "new_server",
+    "serve_until_signalled",
+    "set_serving",
+]
