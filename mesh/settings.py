@@ -39,11 +39,7 @@ class Env:
         self._prefix = prefix
 
     def _raw(self, name: str) -> str | None:
-        value = self._environ.get(self._prefix + name)
-        if value is None:
-            # Settings shared by every service (state dir, log driver) may come unprefixed.
-            value = self._environ.get("MESH_" + name)
-        return value
+        return self._environ.get(self._prefix + name)
 
     def str(self, name: str, default: str) -> str:
         value = self._raw(name)

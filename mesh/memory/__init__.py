@@ -1,0 +1,1 @@
+"""Retrieval memory: chunking, embeddings and the stores behind the memory service."""

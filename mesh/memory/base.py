@@ -1,0 +1,77 @@
+"""The memory store interface. Backends: PostgreSQL (pgvector + full-text), Elasticsearch.
+
+Every backend passes the same conformance suite (tests/conformance/test_memory.py). Chunking and
+embedding happen before the store (``mesh.memory.chunking``, ``mesh.memory.embedding``), so
+backends rank the same chunks with the same vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, Self
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChunk:
+    """A chunk ready to store. ``chunk_id`` is deterministic so replays overwrite, not add."""
+
+    chunk_id: str
+    tenant_id: str
+    text: str
+    vector: Sequence[float]
+    conversation_id: str = ""
+    document_id: str = ""
+    source_id: str = ""  # request id (remembered messages) or document id (ingested documents)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHit:
+    """A recalled chunk; ``score`` is the fused rank score, higher is better."""
+
+    chunk_id: str
+    text: str
+    score: float
+    conversation_id: str
+    document_id: str
+
+
+class MemoryStore(Protocol):
+    """Tenant-scoped chunk storage with hybrid (vector + full-text) search."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def has_source(self, tenant_id: str, source_id: str) -> bool:
+        """Whether chunks with this source id were stored (idempotent Remember)."""
+        ...
+
+    async def upsert(self, chunks: Sequence[StoredChunk]) -> int:
+        """Store chunks (replacing equal ids) in one bulk call; returns how many were written."""
+        ...
+
+    async def replace_document(
+        self, tenant_id: str, document_id: str, chunks: Sequence[StoredChunk]
+    ) -> int:
+        """Replace every chunk of a document with ``chunks``."""
+        ...
+
+    async def search(
+        self,
+        tenant_id: str,
+        query_text: str,
+        query_vector: Sequence[float],
+        top_k: int,
+        conversation_id: str = "",
+    ) -> list[ChunkHit]:
+        """Top ``top_k`` chunks of the tenant by reciprocal rank fusion of kNN and BM25/FTS."""
+        ...
+
+    async def delete(self, tenant_id: str, conversation_id: str = "") -> int:
+        """Delete a conversation's chunks, or all of the tenant's when it is empty."""
+        ...
