@@ -1,0 +1,1 @@
+"""Launchers for real servers: Kafka, Elasticsearch, Envoy (PostgreSQL is mesh.pg)."""
