@@ -87,9 +87,7 @@ class EventLog(Protocol):
         """Number of partitions of an existing topic."""
         ...
 
-    def append(
-        self, topic: str, partition: int, key: bytes, value: bytes
-    ) -> asyncio.Future[int]:
+    def append(self, topic: str, partition: int, key: bytes, value: bytes) -> asyncio.Future[int]:
         """Queue a record; the future resolves to its offset once it is durable."""
         ...
 

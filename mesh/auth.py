@@ -1,0 +1,449 @@
+"""API keys per tenant, the auth interceptor, and per-key rate limiting.
+
+Keys are random strings handed out once (``mesh keys create``); only their SHA-256 is stored, in a
+JSON file mapping the hex digest to a tenant (and optionally a per-key rate)::
+
+    {
+      "9f86d0...": "acme",
+      "2c26b4...": {"tenant": "globex", "rate_per_s": 20, "burst": 40}
+    }
+
+The interceptor resolves ``x-api-key`` to a ``Principal`` and exposes it to the handler through a
+context variable (``current_principal()``). Health and reflection need no key, so probes and
+tooling work without secrets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from mesh.errors import InvalidArgument, MeshError, ResourceExhausted, Unauthenticated
+from mesh.interceptors import abort_with, wrap_handler
+from mesh.settings import default_state_dir
+
+API_KEY_HEADER = "x-api-key"
+KEY_PREFIX = "mk_"
+# Services reachable without a key: probes and tooling must not need secrets.
+DEFAULT_PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+# Bounds what we hash for a request: a key we issue is ~46 characters.
+_MAX_KEY_CHARS = 256
+_TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def hash_key(key: str) -> str:
+    """SHA-256 hex digest of an API key: the only form in which keys are stored."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_api_key() -> str:
+    """A fresh random API key (256 bits of entropy)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def default_keys_file(environ: Mapping[str, str]) -> Path:
+    """``MESH_GATEWAY_API_KEYS_FILE``, or ``$MESH_STATE_DIR/api-keys.json``."""
+    value = environ.get("MESH_GATEWAY_API_KEYS_FILE", "")
+    if value:
+        return Path(value).absolute()
+    return default_state_dir(environ) / "api-keys.json"
+
+
+def validate_tenant_id(tenant_id: str) -> str:
+    if not _TENANT_PATTERN.match(tenant_id):
+        raise InvalidArgument(
+            f"tenant id {tenant_id[:80]!r} must be 1-64 characters of letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit",
+            reason="TENANT_INVALID",
+            field="tenant",
+        )
+    return tenant_id
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    """What a stored key grants: its tenant and, optionally, its own rate limit."""
+
+    tenant_id: str
+    rate_per_s: float | None = None
+    burst: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The authenticated caller of an RPC."""
+
+    tenant_id: str
+    # SHA-256 of the key: identifies the key for rate limiting without holding the secret.
+    key_hash: str
+    rate_per_s: float | None = None
+    burst: int | None = None
+
+    @property
+    def key_id(self) -> str:
+        """Short, non-secret name of the key for logs."""
+        return self.key_hash[:12]
+
+
+class KeyFileError(ValueError):
+    """The keys file exists but is not a valid keys file; the message says where."""
+
+
+def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry]:
+    """Validate the JSON of a keys file into ``{sha256 hex: KeyEntry}``."""
+    if not isinstance(data, dict):
+        raise KeyFileError(f"{source}: expected a JSON object mapping key hashes to tenants")
+    entries: dict[str, KeyEntry] = {}
+    for digest, value in data.items():
+        if not isinstance(digest, str) or not _HEX_DIGEST.match(digest):
+            raise KeyFileError(f"{source}: {digest!r} is not a lowercase sha256 hex digest")
+        if isinstance(value, str):
+            tenant, rate, burst = value, None, None
+        elif isinstance(value, dict):
+            tenant = value.get("tenant")
+            rate = value.get("rate_per_s")
+            burst = value.get("burst")
+        else:
+            raise KeyFileError(f"{source}: entry {digest[:12]}… must be a tenant or an object")
+        if not isinstance(tenant, str) or not _TENANT_PATTERN.match(tenant):
+            raise KeyFileError(f"{source}: entry {digest[:12]}… has an invalid tenant {tenant!r}")
+        if rate is not None and (
+            isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0
+        ):
+            raise KeyFileError(f"{source}: entry {digest[:12]}… rate_per_s must be > 0")
+        if burst is not None and (
+            isinstance(burst, bool) or not isinstance(burst, int) or burst < 1
+        ):
+            raise KeyFileError(f"{source}: entry {digest[:12]}… burst must be an integer >= 1")
+        entries[digest] = KeyEntry(
+            tenant, None if rate is None else float(rate), None if burst is None else int(burst)
+        )
+    return entries
+
+
+class KeyStore:
+    """Hashed API keys, reloaded when the keys file changes (so new keys need no restart)."""
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        entries: Mapping[str, KeyEntry] | None = None,
+        check_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._path = path
+        self._entries: dict[str, KeyEntry] = dict(entries or {})
+        self._check_interval_s = check_interval_s
+        self._clock = clock
+        self._next_check = 0.0
+        self._stamp: tuple[int, int] | None = None
+        if path is not None:
+            self._reload(force=True)
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _reload(self, *, force: bool = False) -> None:
+        assert self._path is not None
+        try:
+            stat = self._path.stat()
+        except FileNotFoundError:
+            self._entries, self._stamp = {}, None
+            return
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if not force and stamp == self._stamp:
+            return
+        try:
+            data = json.loads(self._path.read_text(encoding="utf-8") or "{}")
+            entries = parse_keys(data, source=str(self._path))
+        except (OSError, ValueError) as error:
+            if force:
+                raise KeyFileError(str(error)) from error
+            # A half-written or broken edit must not lock everyone out: keep the last good keys.
+            return
+        self._entries, self._stamp = entries, stamp
+
+    def _maybe_reload(self) -> None:
+        if self._path is None:
+            return
+        now = self._clock()
+        if now >= self._next_check:
+            self._next_check = now + self._check_interval_s
+            self._reload()
+
+    def resolve(self, key: str | None) -> Principal:
+        """The principal of ``key``; UNAUTHENTICATED when it is missing or unknown."""
+        if not key:
+            raise Unauthenticated(
+                f"missing API key: send it in the {API_KEY_HEADER!r} metadata",
+                reason="API_KEY_MISSING",
+            )
+        if len(key) > _MAX_KEY_CHARS:
+            raise Unauthenticated("invalid API key", reason="API_KEY_INVALID")
+        self._maybe_reload()
+        digest = hash_key(key)
+        # A dict lookup by digest is fine without a constant-time compare: timing can only tell
+        # an attacker about digests of keys they chose, never about a stored key's bytes.
+        entry = self._entries.get(digest)
+        if entry is None:
+            raise Unauthenticated("invalid API key", reason="API_KEY_INVALID")
+        return Principal(entry.tenant_id, digest, entry.rate_per_s, entry.burst)
+
+
+def add_key_to_file(
+    path: Path,
+    tenant_id: str,
+    *,
+    rate_per_s: float | None = None,
+    burst: int | None = None,
+) -> str:
+    """Create a key for ``tenant_id``, store its hash in ``path`` and return the key itself.
+
+    The file is replaced atomically and readable by its owner only; the key is never written.
+    """
+    validate_tenant_id(tenant_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {}
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if text.strip() else {}
+        parse_keys(data, source=str(path))
+    key = new_api_key()
+    entry: dict[str, Any] = {
+        "tenant": tenant_id,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if rate_per_s is not None:
+        entry["rate_per_s"] = rate_per_s
+    if burst is not None:
+        entry["burst"] = burst
+    data[hash_key(key)] = entry
+    parse_keys(data, source=str(path))
+    fd, tmp = tempfile.mkstemp(prefix=".api-keys-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return key
+
+
+# -- rate limiting ------------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """Classic token bucket: ``burst`` tokens, refilled at ``rate_per_s``."""
+
+    __slots__ = ("rate_per_s", "burst", "_tokens", "_updated")
+
+    def __init__(self, rate_per_s: float, burst: int, now: float) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("rate_per_s must be > 0 and burst >= 1")
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._tokens = float(burst)
+        self._updated = now
+
+    def _refill(self, now: float) -> None:
+        elapsed = max(0.0, now - self._updated)
+        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate_per_s)
+        self._updated = now
+
+    def try_take(self, now: float, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens; return 0.0 on success, else seconds until it would succeed."""
+        self._refill(now)
+        if self._tokens >= cost:
+            self._tokens -= cost
+            return 0.0
+        return (cost - self._tokens) / self.rate_per_s
+
+    def full(self, now: float) -> bool:
+        self._refill(now)
+        return self._tokens >= self.burst
+
+
+class RateLimiter:
+    """Token buckets per API key, counted on turn starts.
+
+    Buckets live in a bounded LRU map; a bucket that is pushed out is full or nearly so in
+    practice (it was idle longest), and a fresh bucket starts full, so eviction only forgives.
+    """
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int,
+        *,
+        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("rate_per_s must be > 0 and burst >= 1")
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._max_keys = max_keys
+        self._clock = clock
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def acquire(self, principal: Principal) -> None:
+        """Count one turn start for the principal's key; RESOURCE_EXHAUSTED when over its rate."""
+        rate = principal.rate_per_s or self.rate_per_s
+        burst = principal.burst or self.burst
+        now = self._clock()
+        with self._lock:
+            bucket = self._buckets.get(principal.key_hash)
+            if bucket is None or bucket.rate_per_s != rate or bucket.burst != burst:
+                bucket = TokenBucket(rate, burst, now)
+                self._buckets[principal.key_hash] = bucket
+            self._buckets.move_to_end(principal.key_hash)
+            while len(self._buckets) > self._max_keys:
+                self._buckets.popitem(last=False)
+            wait_s = bucket.try_take(now)
+        if wait_s > 0:
+            # Round up to whole milliseconds so a client retrying after exactly this long succeeds.
+            retry_after = max(0.001, math.ceil(wait_s * 1000) / 1000)
+            raise ResourceExhausted(
+                f"rate limit of {rate:g} turns/s (burst {burst}) exceeded for this API key; "
+                f"retry in {retry_after:.3f}s",
+                reason="RATE_LIMITED",
+                retry_after_s=retry_after,
+            )
+
+
+# -- the interceptor ----------------------------------------------------------------------------
+
+_PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "mesh_principal", default=None
+)
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being handled (set by ``AuthInterceptor``)."""
+    principal = _PRINCIPAL.get()
+    if principal is None:
+        # Only reachable if a service forgot the interceptor: fail closed.
+        raise Unauthenticated("request was not authenticated", reason="API_KEY_MISSING")
+    return principal
+
+
+@contextlib.contextmanager
+def principal_scope(principal: Principal) -> Any:
+    """Run a block as ``principal`` (what the interceptor does around each handler; for tests)."""
+    token = _PRINCIPAL.set(principal)
+    try:
+        yield principal
+    finally:
+        # An async generator may be finalised in another context; the value dies with it anyway.
+        with contextlib.suppress(ValueError):
+            _PRINCIPAL.reset(token)
+
+
+def _metadata_value(metadata: Sequence[tuple[str, Any]] | None, name: str) -> str | None:
+    for key, value in metadata or ():
+        if key == name:
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return None
+
+
+class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+    """Resolves ``x-api-key`` to a ``Principal`` and runs the handler with it set.
+
+    A missing or unknown key aborts the RPC with UNAUTHENTICATED before the handler runs.
+    """
+
+    def __init__(
+        self, keys: KeyStore, *, public_prefixes: Sequence[str] = DEFAULT_PUBLIC_PREFIXES
+    ) -> None:
+        self._keys = keys
+        self._public_prefixes = tuple(public_prefixes)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if method.startswith(self._public_prefixes):
+            return handler
+        presented = _metadata_value(handler_call_details.invocation_metadata, API_KEY_HEADER)
+        principal: Principal | None = None
+        failure: MeshError | None = None
+        try:
+            principal = self._keys.resolve(presented)
+        except MeshError as error:
+            failure = error
+
+        async def unary(
+            run: Callable[[], Awaitable[Any]], ctx: aio.ServicerContext[Any, Any]
+        ) -> Any:
+            if principal is None:
+                assert failure is not None
+                await abort_with(ctx, failure)
+                return None
+            with principal_scope(principal):
+                return await run()
+
+        async def streaming(
+            run: Callable[[], AsyncIterator[Any]], ctx: aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            if principal is None:
+                assert failure is not None
+                await abort_with(ctx, failure)
+                return
+            with principal_scope(principal):
+                async for item in run():
+                    yield item
+
+        return wrap_handler(handler, method, unary, streaming)
+
+
+__all__ = [
+    "API_KEY_HEADER",
+    "AuthInterceptor",
+    "KeyEntry",
+    "KeyFileError",
+    "KeyStore",
+    "Principal",
+    "RateLimiter",
+    "TokenBucket",
+    "add_key_to_file",
+    "current_principal",
+    "default_keys_file",
+    "hash_key",
+    "new_api_key",
+    "parse_keys",
+    "principal_scope",
+    "validate_tenant_id",
+]

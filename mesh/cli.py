@@ -1,0 +1,699 @@
+"""``mesh``: chat with the mesh from a terminal, inspect it, and manage API keys.
+
+    mesh chat [--conversation ID] [--max-tokens N] [--temperature T] [--seed S]
+    mesh resume TURN_ID [--after N]
+    mesh history [CONVERSATION_ID]
+    mesh health
+    mesh keys create --tenant T [--file F]
+
+The gateway address comes from ``--gateway`` or ``MESH_GATEWAY_ADDR`` (default
+127.0.0.1:50051) and the key from ``--api-key`` or ``MESH_API_KEY``. Failures print one line
+(the reason and what to do), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+import grpc
+from chat.common.v1 import common_pb2, conversation_pb2
+from chat.gateway.v1 import gateway_pb2, gateway_service_pb2_grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh.auth import API_KEY_HEADER, KeyFileError, add_key_to_file, default_keys_file
+from mesh.errors import MeshError
+
+DEFAULT_GATEWAY = "127.0.0.1:50051"
+# Where `mesh health` looks when no address is configured (docs/protocol.md's default ports).
+SERVICE_ADDRS = (
+    ("gateway", "MESH_GATEWAY_ADDR", "127.0.0.1:50051"),
+    ("agent", "MESH_AGENT_ADDR", "127.0.0.1:50052"),
+    ("memory", "MESH_MEMORY_ADDR", "127.0.0.1:50053"),
+    ("persister", "MESH_PERSISTER_ADDR", "127.0.0.1:50054"),
+)
+# Credit granted back to the gateway after this many printed tokens (the Chat flow control).
+CREDIT_BATCH = 32
+# Reconnect attempts after a dropped stream before the turn is given up.
+MAX_RECONNECTS = 5
+# Errors after which resuming on a fresh stream can help.
+TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+_FINISH_NOTES = {
+    common_pb2.FINISH_REASON_LENGTH: "[stopped: max tokens reached]",
+    common_pb2.FINISH_REASON_STOP_SEQUENCE: "",
+    common_pb2.FINISH_REASON_CANCELLED: "[cancelled]",
+    common_pb2.FINISH_REASON_ERROR: "[generation failed]",
+}
+
+
+class CliError(Exception):
+    """A failure to report as one line (exit status 1)."""
+
+
+# -- describing errors --------------------------------------------------------------------------
+
+
+def describe_status(status: status_pb2.Status) -> str:
+    """One readable line for a google.rpc.Status: reason, message and retry hint."""
+    try:
+        code = str(code_pb2.Code.Name(status.code))
+    except ValueError:
+        code = str(status.code)
+    reason = ""
+    retry = ""
+    fields: list[str] = []
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
+            reason = info.reason
+            continue
+        retry_info = error_details_pb2.RetryInfo()
+        if detail.Is(retry_info.DESCRIPTOR) and detail.Unpack(retry_info):
+            delay = retry_info.retry_delay.seconds + retry_info.retry_delay.nanos / 1e9
+            retry = f" (retry in {delay:.1f}s)"
+            continue
+        bad = error_details_pb2.BadRequest()
+        if detail.Is(bad.DESCRIPTOR) and detail.Unpack(bad):
+            fields.extend(violation.field for violation in bad.field_violations)
+    label = f"{reason} ({code})" if reason else code
+    field_note = f" [field: {', '.join(fields)}]" if fields else ""
+    return f"{label}: {status.message or 'no details'}{field_note}{retry}"
+
+
+def describe_rpc_error(error: grpc.RpcError) -> str:
+    """One readable line for a failed call, using its rich status when the server sent one."""
+    status = _rich_status(error)
+    if status is not None:
+        return describe_status(status)
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else str(error)
+    name = code.name if isinstance(code, grpc.StatusCode) else "ERROR"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"UNAVAILABLE: cannot reach the service ({details})"
+    return f"{name}: {details or 'no details'}"
+
+
+def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status()
+            with contextlib.suppress(Exception):
+                status.ParseFromString(value)
+                return status
+    return None
+
+
+# -- the chat loop --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    conversation_id: str = ""
+    max_tokens: int = 0
+    temperature: float | None = None
+    seed: int | None = None
+
+
+class _Requests:
+    """The client half of a Chat stream: frames queued here are sent by gRPC's sender thread."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[gateway_pb2.ChatRequest | None] = queue.Queue()
+
+    def send(self, request: gateway_pb2.ChatRequest) -> None:
+        self._queue.put(request)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self) -> Iterator[gateway_pb2.ChatRequest]:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            yield item
+
+
+class _Stream:
+    """One open Chat stream."""
+
+    def __init__(self, stub: Any, metadata: Sequence[tuple[str, str]]) -> None:
+        self.requests = _Requests()
+        self.responses: Iterator[gateway_pb2.ChatResponse] = stub.Chat(
+            iter(self.requests), metadata=metadata
+        )
+
+    def close(self) -> None:
+        self.requests.close()
+        cancel = getattr(self.responses, "cancel", None)
+        if cancel is not None:
+            cancel()
+
+
+class _TurnInterrupted(Exception):
+    """The user gave up waiting for a cancelled turn (a second Ctrl-C)."""
+
+
+class ChatApp:
+    """Interactive chat over one Chat stream, reconnecting and resuming when it drops."""
+
+    def __init__(
+        self,
+        stub: Any,
+        *,
+        api_key: str,
+        options: ChatOptions,
+        read_line: Callable[[str], str] = input,
+        out: TextIO = sys.stdout,
+        err: TextIO = sys.stderr,
+        handle_sigint: bool = True,
+        make_stub: Callable[[], Any] | None = None,
+    ) -> None:
+        self._stub = stub
+        self._make_stub = make_stub
+        self._metadata = ((API_KEY_HEADER, api_key),)
+        self._options = options
+        self._conversation_id = options.conversation_id
+        self._read_line = read_line
+        self._out = out
+        self._err = err
+        self._handle_sigint = (
+            handle_sigint and threading.current_thread() is threading.main_thread()
+        )
+        self._stream: _Stream | None = None
+        self._interrupts = 0
+        self._cancel_sent = False
+        self.last_turn_id = ""
+
+    @property
+    def conversation_id(self) -> str:
+        return self._conversation_id
+
+    def run(self) -> int:
+        self._note(
+            "Chatting with the mesh. /new starts a new conversation, /quit (or Ctrl-D) exits."
+        )
+        try:
+            while True:
+                try:
+                    line = self._read_line("you> ")
+                except (EOFError, KeyboardInterrupt):
+                    self._out.write("\n")
+                    return 0
+                text = line.strip()
+                if not text:
+                    continue
+                if text in ("/quit", "/exit"):
+                    return 0
+                if text == "/new":
+                    self._conversation_id = ""
+                    self._note("(new conversation)")
+                    continue
+                if text == "/help":
+                    self._note("/new: new conversation  /quit: exit  Ctrl-C: cancel the answer")
+                    continue
+                self.turn(line)
+        finally:
+            self._close_stream()
+
+    def _note(self, message: str) -> None:
+        self._err.write(message + "\n")
+        self._err.flush()
+
+    def _open_stream(self) -> _Stream:
+        if self._stream is None:
+            self._stream = _Stream(self._stub, self._metadata)
+        return self._stream
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def _start_request(self, text: str, request_id: str) -> gateway_pb2.ChatRequest:
+        options = common_pb2.GenerationOptions(max_tokens=self._options.max_tokens)
+        if self._options.temperature is not None:
+            options.temperature = self._options.temperature
+        if self._options.seed is not None:
+            options.seed = self._options.seed
+        return gateway_pb2.ChatRequest(
+            start=gateway_pb2.StartTurn(
+                conversation_id=self._conversation_id,
+                text=text,
+                options=options,
+                request_id=request_id,
+            )
+        )
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        self._interrupts += 1
+        if self._interrupts == 1 and self._stream is not None:
+            # First Ctrl-C: ask the gateway to stop; the turn ends with FINISH_REASON_CANCELLED.
+            self._stream.requests.send(
+                gateway_pb2.ChatRequest(cancel=gateway_pb2.CancelTurn(turn_id=self.last_turn_id))
+            )
+            self._cancel_sent = True
+            return
+        raise _TurnInterrupted()
+
+    def turn(self, text: str) -> bool:
+        """Send one message and print the answer; True if the turn finished."""
+        request_id = uuid.uuid4().hex
+        self._interrupts = 0
+        self._cancel_sent = False
+        self.last_turn_id = ""
+        previous = None
+        if self._handle_sigint:
+            previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            return self._turn(text, request_id)
+        except _TurnInterrupted:
+            # The stream still carries the abandoned turn; a fresh one starts clean.
+            self._close_stream()
+            self._out.write("\n")
+            self._note("[stopped waiting]")
+            return False
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _turn(self, text: str, request_id: str) -> bool:
+        last_seq = 0
+        printed_since_credit = 0
+        showing_queue = False
+        reconnects = 0
+        attached = False
+        stream = self._open_stream()
+        stream.requests.send(self._start_request(text, request_id))
+        while True:
+            try:
+                for response in stream.responses:
+                    kind = response.WhichOneof("frame")
+                    if kind == "token":
+                        token = response.token
+                        if token.seq <= last_seq:
+                            continue
+                        if showing_queue:
+                            self._clear_queue_note()
+                            showing_queue = False
+                        self._out.write(token.text)
+                        self._out.flush()
+                        last_seq = token.seq
+                        printed_since_credit += 1
+                        if printed_since_credit >= CREDIT_BATCH:
+                            stream.requests.send(
+                                gateway_pb2.ChatRequest(
+                                    credit=gateway_pb2.FlowCredit(tokens=printed_since_credit)
+                                )
+                            )
+                            printed_since_credit = 0
+                        reconnects = 0
+                    elif kind == "accepted":
+                        accepted = response.accepted
+                        attached = True
+                        self.last_turn_id = accepted.turn_id
+                        self._conversation_id = accepted.conversation_id
+                        if self._interrupts and not self._cancel_sent:
+                            # Ctrl-C came before the turn had an id: cancel it now.
+                            stream.requests.send(
+                                gateway_pb2.ChatRequest(
+                                    cancel=gateway_pb2.CancelTurn(turn_id=accepted.turn_id)
+                                )
+                            )
+                            self._cancel_sent = True
+                        if accepted.queue_position > 0 and last_seq == 0:
+                            self._show_queue_note(accepted.queue_position)
+                            showing_queue = True
+                        elif showing_queue:
+                            self._clear_queue_note()
+                            showing_queue = False
+                    elif kind == "finished":
+                        if showing_queue:
+                            self._clear_queue_note()
+                        self._out.write("\n")
+                        self._out.flush()
+                        note = _FINISH_NOTES.get(response.finished.finish_reason, "")
+                        if note:
+                            self._note(note)
+                        return True
+                    elif kind == "error":
+                        if last_seq:
+                            self._out.write("\n")
+                        self._note("error: " + describe_status(response.error.status))
+                        if not attached:
+                            return False  # the start (or resume) itself was refused
+                        # Otherwise the turn goes on (a cancel that failed, an agent error
+                        # followed by its TurnFinished).
+                # The server ended the stream without finishing the turn (it is draining).
+                raise _Dropped("the gateway closed the stream")
+            except (grpc.RpcError, _Dropped) as error:
+                if isinstance(error, grpc.RpcError):
+                    code = error.code() if hasattr(error, "code") else None
+                    if code not in TRANSIENT or (
+                        code == grpc.StatusCode.CANCELLED and self._stream is None
+                    ):
+                        self._close_stream()
+                        if last_seq:
+                            self._out.write("\n")
+                        self._note("error: " + describe_rpc_error(error))
+                        return False
+                    reason = describe_rpc_error(error)
+                else:
+                    reason = str(error)
+                reconnects += 1
+                self._close_stream()
+                if reconnects > MAX_RECONNECTS:
+                    if last_seq:
+                        self._out.write("\n")
+                    self._note(f"error: connection lost ({reason}); gave up after retries")
+                    if self.last_turn_id:
+                        self._note(
+                            f"resume later with: mesh resume {self.last_turn_id} --after {last_seq}"
+                        )
+                    return False
+                time.sleep(min(0.25 * 2 ** (reconnects - 1), 4.0))
+                if self._make_stub is not None:
+                    self._stub = self._make_stub()
+                stream = self._open_stream()
+                attached = False
+                if self.last_turn_id:
+                    # Resume with the last seq printed: nothing is lost, nothing repeats.
+                    stream.requests.send(
+                        gateway_pb2.ChatRequest(
+                            resume=gateway_pb2.ResumeTurn(
+                                turn_id=self.last_turn_id, after_seq=last_seq
+                            )
+                        )
+                    )
+                else:
+                    # Not accepted yet: the same request_id lets the gateway dedupe the retry.
+                    stream.requests.send(self._start_request(text, request_id))
+                printed_since_credit = 0
+
+    def _show_queue_note(self, position: int) -> None:
+        ahead = "turn" if position == 1 else "turns"
+        self._err.write(f"\r[queued: {position} {ahead} ahead]")
+        self._err.flush()
+
+    def _clear_queue_note(self) -> None:
+        self._err.write("\r\033[K")
+        self._err.flush()
+
+
+class _Dropped(Exception):
+    """The stream ended before the turn did."""
+
+
+# -- other commands -------------------------------------------------------------------------------
+
+
+def _stub(channel: grpc.Channel) -> Any:
+    return gateway_service_pb2_grpc.GatewayServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+def resume(
+    stub: Any, *, api_key: str, turn_id: str, after_seq: int, out: TextIO, err: TextIO
+) -> int:
+    responses = stub.ResumeTurn(
+        gateway_pb2.ResumeTurnRequest(turn_id=turn_id, after_seq=after_seq),
+        metadata=((API_KEY_HEADER, api_key),),
+    )
+    for response in responses:
+        kind = response.WhichOneof("frame")
+        if kind == "token":
+            out.write(response.token.text)
+            out.flush()
+        elif kind == "accepted" and response.accepted.queue_position > 0:
+            err.write(f"[queued: {response.accepted.queue_position} ahead]\n")
+        elif kind == "finished":
+            out.write("\n")
+            note = _FINISH_NOTES.get(response.finished.finish_reason, "")
+            if note:
+                err.write(note + "\n")
+            err.write(f"[last seq {response.finished.last_seq}]\n")
+            return 0
+    return 0
+
+
+def _format_time(message: Any) -> str:
+    if not message.seconds and not message.nanos:
+        return "-"
+    return str(message.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def history(
+    stub: Any,
+    *,
+    api_key: str,
+    conversation_id: str,
+    page_size: int,
+    page_token: str,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    metadata = ((API_KEY_HEADER, api_key),)
+    if conversation_id:
+        reply = stub.GetConversation(
+            gateway_pb2.GetConversationRequest(conversation_id=conversation_id),
+            metadata=metadata,
+        )
+        conversation = reply.conversation
+        out.write(f"# {conversation.title or conversation.conversation_id}\n")
+        for message in conversation.messages:
+            who = "you" if message.role == conversation_pb2.ROLE_USER else "assistant"
+            out.write(f"{who}> {message.text}\n")
+        return 0
+    reply = stub.ListConversations(
+        gateway_pb2.ListConversationsRequest(page_size=page_size, page_token=page_token),
+        metadata=metadata,
+    )
+    if not reply.conversations:
+        err.write("no conversations\n")
+    for conversation in reply.conversations:
+        out.write(
+            f"{conversation.conversation_id}  {_format_time(conversation.update_time)}  "
+            f"{conversation.title}\n"
+        )
+    if reply.next_page_token:
+        err.write(f"more: mesh history --page-token {reply.next_page_token}\n")
+    return 0
+
+
+def health_addresses(
+    environ: Mapping[str, str], gateway: str | None, extra: Sequence[str]
+) -> list[tuple[str, str]]:
+    """Every service address to probe: the defaults/env, ``--gateway``, then NAME=ADDR pairs."""
+    targets = {name: environ.get(var) or default for name, var, default in SERVICE_ADDRS}
+    if gateway:
+        targets["gateway"] = gateway
+    for item in extra:
+        name, sep, addr = item.partition("=")
+        if not sep or not name or not addr:
+            raise CliError(f"--service expects NAME=HOST:PORT, got {item!r}")
+        targets[name] = addr
+    return list(targets.items())
+
+
+def health(targets: Sequence[tuple[str, str]], *, timeout_s: float, out: TextIO) -> int:
+    """grpc.health.v1 Check of each address; exit 1 unless every one is SERVING."""
+    worst = 0
+    width = max(len(name) for name, _ in targets)
+    for name, addr in targets:
+        try:
+            with grpc.insecure_channel(addr) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[no-untyped-call]
+                    health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+                )
+            state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.RpcError as error:
+            code = error.code() if hasattr(error, "code") else None
+            state = "UNREACHABLE" if code in (None, grpc.StatusCode.UNAVAILABLE) else code.name
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                state = "TIMEOUT"
+        if state != "SERVING":
+            worst = 1
+        out.write(f"{name:<{width}}  {addr:<21}  {state}\n")
+    return worst
+
+
+def keys_create(
+    path: Path, tenant: str, rate_per_s: float | None, burst: int | None, out: TextIO, err: TextIO
+) -> int:
+    key = add_key_to_file(path, tenant, rate_per_s=rate_per_s, burst=burst)
+    out.write(key + "\n")
+    out.flush()
+    err.write(
+        f"created an API key for tenant {tenant!r}; only its hash is stored in {path}. "
+        "It is shown once: keep it now.\n"
+    )
+    return 0
+
+
+# -- arguments ------------------------------------------------------------------------------------
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mesh", description="Chat with the llm-mesh and manage it."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--gateway",
+        default=environ.get("MESH_GATEWAY_ADDR") or DEFAULT_GATEWAY,
+        help="gateway address (env MESH_GATEWAY_ADDR, default %(default)s)",
+    )
+    client.add_argument(
+        "--api-key",
+        default=environ.get("MESH_API_KEY", ""),
+        help="API key (env MESH_API_KEY)",
+    )
+
+    chat = sub.add_parser("chat", parents=[client], help="interactive chat in the terminal")
+    chat.add_argument("--conversation", default="", help="continue this conversation")
+    chat.add_argument("--max-tokens", type=int, default=0, help="most tokens per answer")
+    chat.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    chat.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+    resume_cmd = sub.add_parser("resume", parents=[client], help="stream a turn's answer again")
+    resume_cmd.add_argument("turn_id", metavar="TURN_ID")
+    resume_cmd.add_argument(
+        "--after", type=int, default=0, metavar="N", help="skip tokens up to seq N"
+    )
+
+    history_cmd = sub.add_parser(
+        "history", parents=[client], help="list conversations, or show one"
+    )
+    history_cmd.add_argument("conversation_id", nargs="?", default="", metavar="CONVERSATION_ID")
+    history_cmd.add_argument("--page-size", type=int, default=0)
+    history_cmd.add_argument("--page-token", default="")
+
+    health_cmd = sub.add_parser("health", help="grpc.health.v1 check of every service")
+    health_cmd.add_argument("--gateway", default=None, help="gateway address to check")
+    health_cmd.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME=ADDR",
+        help="check another (or override a) service address",
+    )
+    health_cmd.add_argument("--timeout", type=float, default=2.0, help="seconds per check")
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_sub.add_parser("create", help="create a key; prints it once, stores its hash")
+    create.add_argument("--tenant", required=True)
+    create.add_argument(
+        "--file",
+        type=Path,
+        default=default_keys_file(environ),
+        help="keys file (env MESH_GATEWAY_API_KEYS_FILE, default %(default)s)",
+    )
+    create.add_argument("--rate-per-s", type=float, default=None, help="own turn rate limit")
+    create.add_argument("--burst", type=int, default=None, help="own burst")
+    return parser
+
+
+def _require_key(args: argparse.Namespace) -> str:
+    if not args.api_key:
+        raise CliError(
+            "no API key: pass --api-key or set MESH_API_KEY (create one with "
+            "`mesh keys create --tenant NAME`)"
+        )
+    return str(args.api_key)
+
+
+def _readline_input(prompt: str) -> str:
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401 - line editing and history for input()
+    return input(prompt)
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    environ = os.environ if environ is None else environ
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = build_parser(environ).parse_args(argv)
+    try:
+        if args.command == "keys":
+            return keys_create(args.file, args.tenant, args.rate_per_s, args.burst, out, err)
+        if args.command == "health":
+            targets = health_addresses(environ, args.gateway, args.service)
+            return health(targets, timeout_s=args.timeout, out=out)
+        api_key = _require_key(args)
+        with grpc.insecure_channel(args.gateway) as channel:
+            stub = _stub(channel)
+            if args.command == "chat":
+                if args.max_tokens < 0:
+                    raise CliError("--max-tokens must be >= 0")
+                app = ChatApp(
+                    stub,
+                    api_key=api_key,
+                    options=ChatOptions(
+                        args.conversation, args.max_tokens, args.temperature, args.seed
+                    ),
+                    read_line=_readline_input,
+                    out=out,
+                    err=err,
+                )
+                return app.run()
+            if args.command == "resume":
+                return resume(
+                    stub,
+                    api_key=api_key,
+                    turn_id=args.turn_id,
+                    after_seq=args.after,
+                    out=out,
+                    err=err,
+                )
+            return history(
+                stub,
+                api_key=api_key,
+                conversation_id=args.conversation_id,
+                page_size=args.page_size,
+                page_token=args.page_token,
+                out=out,
+                err=err,
+            )
+    except grpc.RpcError as error:
+        err.write("error: " + describe_rpc_error(error) + "\n")
+        return 1
+    except (CliError, KeyFileError, MeshError, OSError) as error:
+        err.write(f"error: {error}\n")
+        return 1
+    except KeyboardInterrupt:
+        err.write("\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

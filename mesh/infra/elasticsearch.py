@@ -1,0 +1,534 @@
+"""A real single-node Elasticsearch 8.x from the distribution zip published on Maven Central.
+
+Elasticsearch's own build publishes its integration-test distribution as
+``org.elasticsearch.distribution.integ-test-zip:elasticsearch:<version>:zip``: the real server
+(``bin/``, ``lib/``, ``config/``) with a handful of modules and no bundled JDK. ``mvn`` fetches it
+once per machine into a cache under the mesh state directory; later starts never touch the
+network. It runs on the machine's Java 17+.
+
+    python -m mesh.infra.elasticsearch fetch   # pre-fetch the distribution (CI, make setup)
+    python -m mesh.infra.elasticsearch run     # start a node, print its URL, stop on Ctrl-C
+
+What this distribution lacks, and the memory store copes with: ``GET /`` (no rest-root module,
+so the client's ``info()``/``ping()`` fail; use cluster health), ``_delete_by_query`` (no reindex
+module), language analyzers (no analysis-common; the standard analyzer is in core) and server-side
+RRF. Security is present as a module and switched off: the node listens on loopback only.
+
+Elasticsearch refuses to run as root. Run as root (CI containers, this machine), the launcher
+creates a system user ``mesh-es`` if missing and starts the node as that user; the node directory
+is handed to it and the cached distribution must be readable by it.
+
+Only for development, tests and single-machine use: one node, no replicas, disk watermarks off.
+Production points the mesh at a real cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+from mesh.settings import default_state_dir
+
+ES_VERSION = "8.19.9"
+MAVEN_ARTIFACT = f"org.elasticsearch.distribution.integ-test-zip:elasticsearch:{ES_VERSION}:zip"
+RUN_AS_USER = "mesh-es"
+_MARKER = ".mesh-fetched"
+_HEAP = re.compile(r"[1-9][0-9]*[kKmMgG]")
+
+
+class ElasticsearchError(RuntimeError):
+    """The node could not be fetched or started; the message says why."""
+
+
+def default_home_dir(state_dir: Path) -> Path:
+    """Where this version's distribution is cached under a mesh state directory."""
+    return state_dir / "infra" / "elasticsearch" / f"elasticsearch-{ES_VERSION}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    # Two test sessions (or CI jobs on one runner) fetching at once must not both unpack.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _extract(archive: Path, target: Path) -> None:
+    """Unzip keeping the Unix modes (``bin/`` scripts must stay executable); no path escapes."""
+    root = target.resolve()
+    with zipfile.ZipFile(archive) as zipped:
+        for info in zipped.infolist():
+            destination = (target / info.filename).resolve()
+            if not destination.is_relative_to(root):
+                raise ElasticsearchError(
+                    f"{archive} holds a path outside its root: {info.filename}"
+                )
+            zipped.extract(info, target)
+            mode = (info.external_attr >> 16) & 0o777
+            if info.is_dir():
+                destination.chmod(0o755)
+            elif mode:
+                # Readable by everyone: the node runs as another user than the one who fetched.
+                destination.chmod(mode | 0o444)
+
+
+def fetch_distribution(home_dir: Path, *, quiet: bool = True) -> Path:
+    """Fetch and unpack the distribution into ``home_dir`` unless a previous fetch completed.
+
+    The marker file is written last, so an interrupted fetch is redone and a completed one never
+    runs Maven again. Maven keeps the zip in its local repository (``~/.m2``), so a cache wiped
+    by ``make clean`` is rebuilt without the network too.
+    """
+    home_dir = home_dir.absolute()
+    if (home_dir / _MARKER).exists():
+        return home_dir
+    with _file_lock(home_dir.parent / f".{home_dir.name}.lock"):
+        if (home_dir / _MARKER).exists():
+            return home_dir
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise ElasticsearchError(
+                "Maven (mvn) is needed once to fetch Elasticsearch: apt-get install maven"
+            )
+        download = home_dir.parent / f"{home_dir.name}.download"
+        staging = home_dir.parent / f"{home_dir.name}.partial"
+        for path in (download, staging):
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+        command = [
+            mvn,
+            "-B",
+            *(["-q"] if quiet else []),
+            "-C",  # a checksum mismatch fails the fetch instead of warning
+            "-Dstyle.color=never",
+            "dependency:copy",
+            f"-Dartifact={MAVEN_ARTIFACT}",
+            f"-DoutputDirectory={download}",
+        ]
+        # cwd: an empty directory, so Maven runs standalone and never picks up someone's pom.xml.
+        result = subprocess.run(
+            command, cwd=download, capture_output=True, text=True, check=False, timeout=1800
+        )
+        archive = download / f"elasticsearch-{ES_VERSION}.zip"
+        if result.returncode != 0 or not archive.is_file():
+            raise ElasticsearchError(
+                f"fetching {MAVEN_ARTIFACT} failed ({' '.join(command)}):\n"
+                f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
+            )
+        _extract(archive, staging)
+        unpacked = staging / f"elasticsearch-{ES_VERSION}"
+        if not (unpacked / "bin" / "elasticsearch").is_file():
+            raise ElasticsearchError(
+                f"{archive} has no elasticsearch-{ES_VERSION}/bin/elasticsearch"
+            )
+        shutil.rmtree(home_dir, ignore_errors=True)
+        unpacked.rename(home_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(download, ignore_errors=True)
+        modules = sorted(path.name for path in (home_dir / "modules").iterdir())
+        (home_dir / _MARKER).write_text(
+            json.dumps({"artifact": MAVEN_ARTIFACT, "modules": modules}, indent=2) + "\n"
+        )
+    return home_dir
+
+
+def modules(home_dir: Path) -> frozenset[str]:
+    """The modules the distribution ships (settings of absent modules are rejected at start)."""
+    return frozenset(path.name for path in (home_dir / "modules").iterdir())
+
+
+def java_home(environ: Mapping[str, str]) -> Path:
+    """The JDK the node runs on: ``ES_JAVA_HOME``, ``JAVA_HOME``, else ``java`` on the PATH."""
+    for name in ("ES_JAVA_HOME", "JAVA_HOME"):
+        value = environ.get(name)
+        if value and (Path(value) / "bin" / "java").is_file():
+            return Path(value)
+    java = shutil.which("java", path=environ.get("PATH"))
+    if java is None:
+        raise ElasticsearchError(
+            "Java 17+ is needed to run Elasticsearch 8: apt-get install openjdk-17-jre-headless"
+        )
+    return Path(java).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The unprivileged account the node runs as when we are root."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def ensure_user(name: str = RUN_AS_USER) -> RunAs:
+    """The system user ``name``, created (with its own group, no home, no login) if missing."""
+    with contextlib.suppress(KeyError):
+        entry = pwd.getpwnam(name)
+        return RunAs(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
+    useradd = shutil.which("useradd")
+    if useradd is None:
+        raise ElasticsearchError(
+            f"Elasticsearch refuses to run as root and there is no useradd to create the "
+            f"{name!r} user: create it, or run as a non-root user"
+        )
+    result = subprocess.run(
+        [useradd, "--system", "--user-group", "--no-create-home"]
+        + ["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    # Exit 9: another process created it meanwhile, which is just as good.
+    if result.returncode not in (0, 9):
+        raise ElasticsearchError(f"useradd {name} failed: {result.stderr.strip()}")
+    entry = pwd.getpwnam(name)
+    return RunAs(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
+
+
+def node_settings(
+    *, data_dir: Path, logs_dir: Path, available_modules: frozenset[str]
+) -> dict[str, str | int | bool]:
+    """``elasticsearch.yml`` for a loopback single node on ports the OS picks."""
+    settings: dict[str, str | int | bool] = {
+        "cluster.name": "mesh",
+        "node.name": "mesh-es",
+        "path.data": str(data_dir),
+        "path.logs": str(logs_dir),
+        "network.host": "127.0.0.1",
+        # Port 0 lets the OS pick free ports at bind time (no window in which another process can
+        # take a port we probed); the node writes them to logs/{http,transport}.ports.
+        "http.port": 0,
+        "transport.port": 0,
+        "node.portsfile": True,
+        "discovery.type": "single-node",
+        # CI disks are often past the 85/90/95% watermarks, which would block shard allocation
+        # and turn indices read-only.
+        "cluster.routing.allocation.disk.threshold_enabled": False,
+    }
+    if "x-pack-security" in available_modules:
+        settings["xpack.security.enabled"] = False
+    if "ingest-geoip" in available_modules:
+        settings["ingest.geoip.downloader.enabled"] = False  # it would try the internet
+    return settings
+
+
+def render_settings(settings: Mapping[str, str | int | bool]) -> str:
+    # JSON scalars are valid YAML scalars, and json.dumps quotes paths safely.
+    return "".join(f"{key}: {json.dumps(value)}\n" for key, value in settings.items())
+
+
+def jvm_options(distribution_options: str, logs_dir: Path) -> str:
+    """The distribution's ``jvm.options`` with every file it writes moved into ``logs_dir``.
+
+    Relative paths would land in the working directory, which may be the read-only distribution;
+    heap dumps (as large as the heap) are not worth the disk on a test node.
+    """
+    lines = []
+    for line in distribution_options.splitlines():
+        if line.strip() == "-XX:+HeapDumpOnOutOfMemoryError":
+            continue
+        line = line.replace("-XX:ErrorFile=hs_err", f"-XX:ErrorFile={logs_dir}/hs_err")
+        line = line.replace("file=gc.log", f"file={logs_dir}/gc.log")
+        line = re.sub(r"filecount=\d+,filesize=\d+m", "filecount=2,filesize=16m", line)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _read_ports_file(path: Path) -> str | None:
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            # IPv4 first if both are there: we bound 127.0.0.1, but stay safe with [::1]:port.
+            if line.strip() and not line.startswith("["):
+                return line.strip()
+    return None
+
+
+def cluster_ready(url: str, timeout_s: float = 5.0) -> bool:
+    """True once cluster health is yellow or green (the node answers and has a master)."""
+    request = urllib.request.Request(
+        f"{url}/_cluster/health?wait_for_status=yellow&timeout=2s", method="GET"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            body = json.loads(response.read())
+    except (OSError, ValueError, urllib.error.URLError):
+        return False  # not listening yet, or 503 while no master is elected
+    return body.get("status") in ("yellow", "green")
+
+
+class ElasticsearchServer:
+    """One Elasticsearch node; ``start()`` returns its URL (``http://127.0.0.1:<port>``).
+
+    ``state_dir`` is the mesh state directory: the distribution is cached under
+    ``state_dir/infra/elasticsearch`` and the node's config, data and logs go to
+    ``state_dir/infra/elasticsearch/node``, unless ``home_dir`` or ``node_dir`` say otherwise
+    (tests use a fresh node dir but share the cached distribution). Data survives restarts.
+
+    Args:
+        state_dir: the mesh state directory (``MESH_STATE_DIR``).
+        heap: JVM heap, both initial and maximum (``512m``, ``1g``).
+        home_dir: an unpacked distribution; fetched there if missing.
+        node_dir: config, data, logs and tmp of this node. When running as root, it is handed
+            to the ``mesh-es`` user, so each of its parents must be traversable by others.
+        start_timeout_s: how long ``start`` waits for cluster health yellow.
+        stop_timeout_s: how long ``stop`` waits after SIGTERM before SIGKILL.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        heap: str = "512m",
+        home_dir: Path | None = None,
+        node_dir: Path | None = None,
+        start_timeout_s: float = 180.0,
+        stop_timeout_s: float = 30.0,
+    ) -> None:
+        if not _HEAP.fullmatch(heap):
+            raise ValueError(f"heap must look like 512m or 1g, got {heap!r}")
+        self.state_dir = state_dir.absolute()
+        self.heap = heap
+        self.home_dir = (home_dir or default_home_dir(self.state_dir)).absolute()
+        self.node_dir = (node_dir or self.state_dir / "infra" / "elasticsearch" / "node").absolute()
+        self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.url: str | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._console: IO[bytes] | None = None
+        self.started_in_s: float | None = None  # how long the last start took
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.node_dir / "logs"
+
+    @property
+    def console_log(self) -> Path:
+        return self.node_dir / "console.log"
+
+    def _prepare(self, run_as: RunAs | None) -> dict[str, str]:
+        config_dir = self.node_dir / "config"
+        data_dir = self.node_dir / "data"
+        tmp_dir = self.node_dir / "tmp"
+        for path in (config_dir / "jvm.options.d", data_dir, self.logs_dir, tmp_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        # Left over from an earlier run; reading them would point us at a dead port.
+        for name in ("http.ports", "transport.ports"):
+            (self.logs_dir / name).unlink(missing_ok=True)
+        dist_config = self.home_dir / "config"
+        shutil.copyfile(dist_config / "log4j2.properties", config_dir / "log4j2.properties")
+        (config_dir / "jvm.options").write_text(
+            jvm_options((dist_config / "jvm.options").read_text(), self.logs_dir)
+        )
+        settings = node_settings(
+            data_dir=data_dir, logs_dir=self.logs_dir, available_modules=modules(self.home_dir)
+        )
+        (config_dir / "elasticsearch.yml").write_text(render_settings(settings))
+        if run_as is not None:
+            self._hand_over(run_as)
+        jdk = java_home(os.environ)
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.node_dir),
+            "LANG": "C.UTF-8",
+            "ES_JAVA_HOME": str(jdk),
+            "ES_PATH_CONF": str(config_dir),
+            "ES_TMPDIR": str(tmp_dir),
+            "ES_JAVA_OPTS": f"-Xms{self.heap} -Xmx{self.heap}",
+        }
+
+    def _hand_over(self, run_as: RunAs) -> None:
+        """Give the node dir to the run-as user and check it can reach what it needs."""
+        for root, dirs, files in os.walk(self.node_dir):
+            os.chown(root, run_as.uid, run_as.gid)
+            for name in (*dirs, *files):
+                os.chown(os.path.join(root, name), run_as.uid, run_as.gid, follow_symlinks=False)
+        jar = self.home_dir / "lib" / f"elasticsearch-{ES_VERSION}.jar"
+        probe = subprocess.run(
+            [
+                "/bin/sh",
+                "-c",
+                'test -r "$1" && test -w "$2"',
+                "probe",
+                str(jar),
+                str(self.node_dir),
+            ],
+            user=run_as.uid,
+            group=run_as.gid,
+            extra_groups=[],
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
+        if probe.returncode != 0:
+            raise ElasticsearchError(
+                f"user {run_as.name!r} cannot read {jar} or write {self.node_dir}: every parent "
+                f"directory must be traversable by others (chmod o+x), e.g. put the node dir "
+                f"under /tmp and the state dir outside /root"
+            )
+
+    def start(self) -> str:
+        """Fetch if needed, start the node, wait for health yellow; return its URL."""
+        if self.url is not None:
+            return self.url
+        fetch_distribution(self.home_dir)
+        run_as = ensure_user() if os.geteuid() == 0 else None
+        env = self._prepare(run_as)
+        started = time.monotonic()
+        self._console = self.console_log.open("ab")
+        self._process = subprocess.Popen(
+            [str(self.home_dir / "bin" / "elasticsearch")],
+            cwd=self.node_dir,
+            env=env,
+            stdout=self._console,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # Its own process group: the launcher JVM forks the server JVM, and stop() signals
+            # both; a Ctrl-C in our terminal reaches us, not them.
+            start_new_session=True,
+            user=None if run_as is None else run_as.uid,
+            group=None if run_as is None else run_as.gid,
+            extra_groups=None if run_as is None else [],
+        )
+        deadline = started + self.start_timeout_s
+        while True:
+            if self._process.poll() is not None:
+                code = self._process.returncode
+                self.stop()
+                raise ElasticsearchError(
+                    f"Elasticsearch exited with {code} while starting:\n{self._log_tail()}"
+                )
+            address = _read_ports_file(self.logs_dir / "http.ports")
+            if address is not None and cluster_ready(f"http://{address}"):
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ElasticsearchError(
+                    f"Elasticsearch was not ready within {self.start_timeout_s:.0f} s:\n"
+                    f"{self._log_tail()}"
+                )
+            time.sleep(0.25)
+        self.url = f"http://{address}"
+        self.started_in_s = time.monotonic() - started
+        return self.url
+
+    def _log_tail(self, lines: int = 40) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-lines:])
+        return "(no console output)"
+
+    def _group_alive(self, pgid: int) -> bool:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def stop(self) -> None:
+        """SIGTERM to the node's process group (a clean shutdown), SIGKILL after the timeout."""
+        process = self._process
+        if process is not None:
+            pgid = process.pid  # start_new_session: the launcher leads its own group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_timeout_s
+            # Wait for the whole group: the server JVM may outlive the launcher by a moment.
+            while time.monotonic() < deadline:
+                process.poll()
+                if process.returncode is not None and not self._group_alive(pgid):
+                    break
+                time.sleep(0.1)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(10)
+        self._process = None
+        self.url = None
+        if self._console is not None:
+            self._console.close()
+            self._console = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        import asyncio
+
+        # Starting blocks for tens of seconds; keep the event loop serving meanwhile.
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.stop)
+
+    def __repr__(self) -> str:
+        return f"ElasticsearchServer({self.node_dir}, url={self.url})"
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if stat.S_ISREG(p.lstat().st_mode))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mesh.infra.elasticsearch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("fetch", help="fetch the distribution into the state dir (once per machine)")
+    run = sub.add_parser("run", help="start a node and keep it running until interrupted")
+    run.add_argument("--heap", default="512m")
+    args = parser.parse_args(argv)
+    state_dir = default_state_dir(os.environ)
+    try:
+        if args.command == "fetch":
+            home = fetch_distribution(default_home_dir(state_dir), quiet=False)
+            print(f"{home} ({_size(home) / 1e6:.0f} MB)")
+            return 0
+        with ElasticsearchServer(state_dir, heap=args.heap) as url:
+            print(f"MESH_ES_URL={url}", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+                while True:
+                    time.sleep(3600)
+    except ElasticsearchError as error:
+        print(error, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

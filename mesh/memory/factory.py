@@ -1,0 +1,195 @@
+"""Choosing and opening the memory store from settings.
+
+``postgres`` (the default) needs only PostgreSQL with pgvector; with no DSN configured it starts
+the embedded server (pgserver) under the state directory, so one machine runs the mesh with
+nothing installed. ``elasticsearch`` is the scale-out backend; its client library is only
+imported when it is chosen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+from mesh.memory.base import ChunkHit, MemoryStore, StoredChunk
+from mesh.memory.embedding import DEFAULT_DIMS
+from mesh.memory.postgres import PostgresMemoryStore
+from mesh.settings import Env, Secret, SettingsError, default_state_dir
+
+BACKENDS = ("postgres", "elasticsearch")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Which memory backend to use and how to reach it.
+
+    Attributes:
+        backend: ``postgres`` or ``elasticsearch`` (``MESH_MEMORY_BACKEND``).
+        pg_dsn: PostgreSQL DSN (``MESH_PG_DSN``); empty starts the embedded server in
+            ``embedded_pg_dir``.
+        embedded_pg_dir: data directory of the embedded PostgreSQL
+            (``$MESH_STATE_DIR/postgres``), shared with the other services of the machine.
+        es_url: Elasticsearch URL (``MESH_ES_URL``).
+        es_index_prefix: prefix of the Elasticsearch index names (``MESH_MEMORY_ES_INDEX_PREFIX``).
+        dims: embedding dimension (``MESH_MEMORY_EMBEDDING_DIMS``); changing it needs re-ingest.
+        pg_table: table of the PostgreSQL backend (``MESH_MEMORY_PG_TABLE``).
+        pg_text_config: full-text configuration, ``english`` (default) or ``simple``
+            (``MESH_MEMORY_PG_TEXT_CONFIG``).
+        pg_pool_size: most PostgreSQL connections (``MESH_MEMORY_PG_POOL_SIZE``).
+    """
+
+    backend: str = "postgres"
+    pg_dsn: Secret = Secret("")
+    embedded_pg_dir: Path = Path(".state/postgres")
+    es_url: str = "http://127.0.0.1:9200"
+    es_index_prefix: str = "mesh-memory"
+    dims: int = DEFAULT_DIMS
+    pg_table: str = "memory_chunks"
+    pg_text_config: str = "english"
+    pg_pool_size: int = 8
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        env_map = os.environ if environ is None else environ
+        shared = Env(env_map, "MESH_")
+        memory = Env(env_map, "MESH_MEMORY_")
+        backend = memory.str("BACKEND", "postgres").strip().lower()
+        if backend not in BACKENDS:
+            raise SettingsError(
+                f"MESH_MEMORY_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}"
+            )
+        text_config = memory.str("PG_TEXT_CONFIG", "english").strip().lower()
+        if text_config not in ("simple", "english"):
+            raise SettingsError(
+                f"MESH_MEMORY_PG_TEXT_CONFIG={text_config!r} is not one of simple, english"
+            )
+        return cls(
+            backend=backend,
+            pg_dsn=shared.secret("PG_DSN"),
+            embedded_pg_dir=default_state_dir(env_map) / "postgres",
+            es_url=shared.str("ES_URL", "http://127.0.0.1:9200"),
+            es_index_prefix=memory.str("ES_INDEX_PREFIX", "mesh-memory"),
+            dims=memory.int("EMBEDDING_DIMS", DEFAULT_DIMS, minimum=8),
+            pg_table=memory.str("PG_TABLE", "memory_chunks"),
+            pg_text_config=text_config,
+            pg_pool_size=memory.int("PG_POOL_SIZE", 8, minimum=1),
+        )
+
+
+class EmbeddedPostgresMemoryStore:
+    """A ``PostgresMemoryStore`` on the embedded PostgreSQL server, started with the store.
+
+    The embedded server outlives the store on purpose: other services of the machine share it.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        dims: int = DEFAULT_DIMS,
+        table: str = "memory_chunks",
+        text_config: str = "english",
+        max_pool_size: int = 8,
+    ) -> None:
+        self._data_dir = data_dir
+        self._dims = dims
+        self._table = table
+        self._text_config = text_config
+        self._max_pool_size = max_pool_size
+        self._store: PostgresMemoryStore | None = None
+
+    def _inner(self) -> PostgresMemoryStore:
+        if self._store is None:
+            raise RuntimeError("the memory store is not started; call start() or use async with")
+        return self._store
+
+    async def start(self) -> None:
+        if self._store is not None:
+            return
+        from mesh.pg import EmbeddedPostgres
+
+        # initdb and server start block for seconds; keep the event loop free meanwhile.
+        dsn = await asyncio.to_thread(EmbeddedPostgres(self._data_dir).start)
+        store = PostgresMemoryStore(
+            dsn,
+            dims=self._dims,
+            table=self._table,
+            text_config=self._text_config,
+            max_pool_size=self._max_pool_size,
+        )
+        await store.start()
+        self._store = store
+
+    async def stop(self) -> None:
+        if self._store is not None:
+            store, self._store = self._store, None
+            await store.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def has_source(self, tenant_id: str, source_id: str) -> bool:
+        return await self._inner().has_source(tenant_id, source_id)
+
+    async def upsert(self, chunks: Sequence[StoredChunk]) -> int:
+        return await self._inner().upsert(chunks)
+
+    async def replace_document(
+        self, tenant_id: str, document_id: str, chunks: Sequence[StoredChunk]
+    ) -> int:
+        return await self._inner().replace_document(tenant_id, document_id, chunks)
+
+    async def search(
+        self,
+        tenant_id: str,
+        query_text: str,
+        query_vector: Sequence[float],
+        top_k: int,
+        conversation_id: str = "",
+    ) -> list[ChunkHit]:
+        return await self._inner().search(
+            tenant_id, query_text, query_vector, top_k, conversation_id
+        )
+
+    async def delete(self, tenant_id: str, conversation_id: str = "") -> int:
+        return await self._inner().delete(tenant_id, conversation_id)
+
+
+def open_store(settings: StoreSettings) -> MemoryStore:
+    """The configured store, not started yet: ``async with open_store(s) as store: ...``."""
+    if settings.backend == "elasticsearch":
+        from mesh.memory.elasticsearch import ElasticsearchMemoryStore
+
+        es_store: MemoryStore = ElasticsearchMemoryStore(
+            settings.es_url, index_prefix=settings.es_index_prefix, dims=settings.dims
+        )
+        return es_store
+    if settings.backend != "postgres":
+        raise SettingsError(f"unknown memory backend {settings.backend!r}")
+    dsn = settings.pg_dsn.reveal()
+    if not dsn:
+        return EmbeddedPostgresMemoryStore(
+            settings.embedded_pg_dir,
+            dims=settings.dims,
+            table=settings.pg_table,
+            text_config=settings.pg_text_config,
+            max_pool_size=settings.pg_pool_size,
+        )
+    return PostgresMemoryStore(
+        dsn,
+        dims=settings.dims,
+        table=settings.pg_table,
+        text_config=settings.pg_text_config,
+        max_pool_size=settings.pg_pool_size,
+    )
+
+
+__all__ = ["BACKENDS", "EmbeddedPostgresMemoryStore", "StoreSettings", "open_store"]

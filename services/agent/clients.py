@@ -1,0 +1,182 @@
+"""The agent's view of the persister (history) and memory (recall).
+
+Both are optional for a turn: if a service is down, the agent retries briefly, then generates
+without it and logs a warning. Losing context makes a worse answer; losing the turn is worse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Self, TypeVar
+
+import grpc
+from chat.common.v1 import conversation_pb2
+from chat.memory.v1 import memory_pb2, memory_service_pb2_grpc
+from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
+from grpc import aio
+
+from mesh.server import channel
+from services.agent.prompt import ASSISTANT, USER, ChatMessage
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# The memory service bounds query length; the start of a long message is the best query anyway.
+MAX_QUERY_CHARS = 4000
+
+# Codes worth another try: the service is starting, restarting, overloaded or slow.
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+}
+
+
+async def _call_with_retries(
+    what: str,
+    call: Callable[[], Awaitable[_T]],
+    *,
+    attempts: int,
+    backoff_s: float,
+    missing_ok: bool = False,
+) -> tuple[_T | None, bool]:
+    """Run ``call``; return ``(result, ok)``. NOT_FOUND with ``missing_ok`` is ``(None, True)``."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call(), True
+        except aio.AioRpcError as error:
+            code = error.code()
+            if missing_ok and code == grpc.StatusCode.NOT_FOUND:
+                return None, True
+            if code not in _RETRYABLE or attempt == attempts:
+                log.warning(
+                    "%s failed (%s: %s) after %d attempt(s); continuing without it",
+                    what,
+                    code.name,
+                    error.details(),
+                    attempt,
+                )
+                return None, False
+            await asyncio.sleep(backoff_s * 2 ** (attempt - 1))
+    return None, False  # pragma: no cover - the loop always returns
+
+
+class DependencyClients:
+    """Channels to the persister and memory services, with degrade-on-failure calls.
+
+    Args:
+        persister_addr, memory_addr: ``host:port``; an empty address disables that source.
+        timeout_s: deadline of one call.
+        attempts: tries of one call before giving up on it for this turn.
+    """
+
+    def __init__(
+        self,
+        *,
+        persister_addr: str,
+        memory_addr: str,
+        timeout_s: float = 10.0,
+        attempts: int = 3,
+        backoff_s: float = 0.2,
+    ) -> None:
+        self._persister_addr = persister_addr
+        self._memory_addr = memory_addr
+        self._timeout_s = timeout_s
+        self._attempts = attempts
+        self._backoff_s = backoff_s
+        self._channels: list[aio.Channel] = []
+        self._persister: persister_service_pb2_grpc.PersisterServiceStub | None = None
+        self._memory: memory_service_pb2_grpc.MemoryServiceStub | None = None
+
+    async def start(self) -> None:
+        if self._persister_addr:
+            persister_channel = channel(self._persister_addr)
+            self._channels.append(persister_channel)
+            self._persister = persister_service_pb2_grpc.PersisterServiceStub(  # type: ignore[no-untyped-call]
+                persister_channel
+            )
+        if self._memory_addr:
+            memory_channel = channel(self._memory_addr)
+            self._channels.append(memory_channel)
+            self._memory = memory_service_pb2_grpc.MemoryServiceStub(  # type: ignore[no-untyped-call]
+                memory_channel
+            )
+
+    async def stop(self) -> None:
+        channels, self._channels = self._channels, []
+        for ch in channels:
+            await ch.close()
+        self._persister = self._memory = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def history(
+        self, tenant_id: str, conversation_id: str, *, exclude_turn_id: str = ""
+    ) -> tuple[list[ChatMessage], bool]:
+        """The conversation's messages, oldest first, and whether the read succeeded.
+
+        A conversation the persister does not know is a new one: empty history. Messages of
+        ``exclude_turn_id`` (the turn being generated) are left out.
+        """
+        stub = self._persister
+        if stub is None:
+            return [], False
+        request = persister_pb2.GetConversationRequest(
+            tenant_id=tenant_id, conversation_id=conversation_id, consistent=True
+        )
+
+        async def call() -> persister_pb2.GetConversationResponse:
+            response: persister_pb2.GetConversationResponse = await stub.GetConversation(
+                request, timeout=self._timeout_s
+            )
+            return response
+
+        response, ok = await _call_with_retries(
+            "history (persister GetConversation)",
+            call,
+            attempts=self._attempts,
+            backoff_s=self._backoff_s,
+            missing_ok=True,
+        )
+        if response is None:
+            return [], ok
+        messages: list[ChatMessage] = []
+        for message in response.conversation.messages:
+            if exclude_turn_id and message.turn_id == exclude_turn_id:
+                continue
+            if message.role == conversation_pb2.ROLE_USER:
+                messages.append(ChatMessage(USER, message.text))
+            elif message.role == conversation_pb2.ROLE_ASSISTANT:
+                messages.append(ChatMessage(ASSISTANT, message.text))
+        return messages, True
+
+    async def recall(self, tenant_id: str, query: str, top_k: int) -> tuple[list[str], bool]:
+        """Texts of the tenant's best-matching memory chunks, best first; and success."""
+        stub = self._memory
+        if stub is None or top_k <= 0:
+            return [], stub is not None
+        request = memory_pb2.RecallRequest(
+            tenant_id=tenant_id, query=query[:MAX_QUERY_CHARS], top_k=top_k
+        )
+
+        async def call() -> memory_pb2.RecallResponse:
+            response: memory_pb2.RecallResponse = await stub.Recall(
+                request, timeout=self._timeout_s
+            )
+            return response
+
+        response, ok = await _call_with_retries(
+            "recall (memory Recall)", call, attempts=self._attempts, backoff_s=self._backoff_s
+        )
+        if response is None:
+            return [], ok
+        return [chunk.text for chunk in response.chunks if chunk.text.strip()], True

@@ -1,0 +1,381 @@
+"""Turns from the request log: claim, recall, generate, append token events, commit.
+
+The worker is one member of the ``agents`` group on the request topic and handles one turn at a
+time (docs/protocol.md, "The life of a turn"). A turn's request is committed only after its
+``TurnFinished`` is durable, so if this process dies mid-turn the request is redelivered and the
+next agent continues after the tokens already in the log. A tail of the event topic (every
+partition, from its end at start) catches ``TurnCancelled`` while a turn generates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+
+from mesh import metrics
+from mesh.errors import InvalidArgument, MeshError
+from mesh.llm.engine import FinishReason
+from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, LogError, Record
+from services.agent import codec
+from services.agent.clients import DependencyClients
+from services.agent.core import (
+    METRICS_SERVICE,
+    AgentCore,
+    Finished,
+    Token,
+    resolve_options,
+)
+from services.agent.prompt import PromptRequest
+
+log = logging.getLogger(__name__)
+
+GROUP = "agents"
+
+# Cancels remembered for turns this agent may claim later (their events are re-read anyway).
+_CANCELS_REMEMBERED = 10_000
+_REJOIN_DELAY_S = 1.0
+
+
+@contextlib.asynccontextmanager
+async def _closing(iterator: AsyncIterator[Record]) -> AsyncGenerator[AsyncIterator[Record], None]:
+    """Close a log iterator (an async generator in every driver) when the block ends."""
+    try:
+        yield iterator
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+@dataclass
+class _PriorEvents:
+    """What the log already holds for a turn."""
+
+    finished: bool = False
+    cancelled: bool = False
+    tokens: dict[int, str] = field(default_factory=dict)  # first record per seq wins
+
+    @property
+    def last_seq(self) -> int:
+        return max(self.tokens, default=0)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens[seq] for seq in sorted(self.tokens))
+
+
+@dataclass
+class _Current:
+    turn_id: str
+    cancel: asyncio.Event
+
+
+class TurnWorker:
+    """Consumes turns for one agent.
+
+    Args:
+        log: a started event log.
+        core: generation.
+        clients: history and recall (degrade when unavailable).
+        agent_id: member id in the group and ``agent_id`` of ``TurnStarted``.
+        partitions: partitions of both topics, created if missing.
+        recall_top_k: chunks to recall per turn (0: none).
+    """
+
+    def __init__(
+        self,
+        *,
+        log: EventLog,
+        core: AgentCore,
+        clients: DependencyClients,
+        agent_id: str,
+        partitions: int,
+        recall_top_k: int,
+    ) -> None:
+        self._log = log
+        self._core = core
+        self._clients = clients
+        self._agent_id = agent_id
+        self._partitions = partitions
+        self._recall_top_k = recall_top_k
+        self._cancels: OrderedDict[str, None] = OrderedDict()
+        self._current: _Current | None = None
+        self._tails: list[asyncio.Task[None]] = []
+        self._loop_task: asyncio.Task[None] | None = None
+        self._turn_done: asyncio.Event = asyncio.Event()
+        self._turn_done.set()
+        self._stopping = False
+        self.turns_finished = 0
+
+    # Lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._log.ensure_topic(TURN_REQUESTS, self._partitions)
+        await self._log.ensure_topic(TURN_EVENTS, self._partitions)
+        # Tails start at the current end before any turn is claimed: every cancel appended
+        # later is seen by a tail, every earlier one by the claim's read of the turn's events.
+        for partition in range(await self._log.partition_count(TURN_EVENTS)):
+            start = await self._log.end_offset(TURN_EVENTS, partition)
+            self._tails.append(
+                asyncio.create_task(self._tail(partition, start), name=f"agent-tail-{partition}")
+            )
+        self._loop_task = asyncio.create_task(self._consume_loop(), name="agent-worker")
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stop claiming; let the current turn finish within ``grace_s``, else hand it back.
+
+        A handed-back turn is not committed and gets no ``TurnFinished``: the group gives the
+        request to another agent, which continues after the tokens already in the log.
+        """
+        self._stopping = True
+        if self._loop_task is not None:
+            if not self._turn_done.is_set() and grace_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._turn_done.wait(), grace_s)
+            if not self._turn_done.is_set():
+                log.warning("handing back turn %s uncommitted", self._current_id())
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        tails, self._tails = self._tails, []
+        for task in tails:
+            task.cancel()
+        for task in tails:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def __aenter__(self) -> TurnWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _current_id(self) -> str:
+        return self._current.turn_id if self._current is not None else "-"
+
+    # Cancels ------------------------------------------------------------------------------
+
+    async def _tail(self, partition: int, start: int) -> None:
+        while True:
+            try:
+                async with _closing(self._log.read(TURN_EVENTS, partition, start)) as records:
+                    async for record in records:
+                        start = record.offset + 1
+                        event = codec.decode_turn_event(record.value)
+                        if event is not None and event.kind == "cancelled":
+                            self._note_cancel(event.turn_id)
+            except LogError as error:
+                log.warning("event tail of partition %d failed (%s); retrying", partition, error)
+                await asyncio.sleep(_REJOIN_DELAY_S)
+
+    def _note_cancel(self, turn_id: str) -> None:
+        self._cancels[turn_id] = None
+        self._cancels.move_to_end(turn_id)
+        while len(self._cancels) > _CANCELS_REMEMBERED:
+            self._cancels.popitem(last=False)
+        current = self._current
+        if current is not None and current.turn_id == turn_id:
+            log.info("turn %s cancelled", turn_id)
+            current.cancel.set()
+
+    # Consuming ----------------------------------------------------------------------------
+
+    async def _consume_loop(self) -> None:
+        while not self._stopping:
+            consumer = self._log.consumer(TURN_REQUESTS, GROUP, self._agent_id)
+            try:
+                async with _closing(aiter(consumer)) as records:
+                    async for record in records:
+                        if self._stopping:
+                            break  # not committed: another agent gets it
+                        self._turn_done.clear()
+                        try:
+                            await self._handle(record)
+                        finally:
+                            self._turn_done.set()
+                        await consumer.commit(record)
+            except LogError as error:
+                # Rejoining makes the group redeliver whatever was not committed.
+                log.warning("request log failed (%s); rejoining in %.1fs", error, _REJOIN_DELAY_S)
+                await asyncio.sleep(_REJOIN_DELAY_S)
+            except Exception:
+                log.exception("turn handling failed; rejoining in %.1fs", _REJOIN_DELAY_S)
+                await asyncio.sleep(_REJOIN_DELAY_S)
+            finally:
+                with contextlib.suppress(LogError):
+                    await asyncio.shield(consumer.close())
+
+    async def _handle(self, record: Record) -> None:
+        turn = codec.decode_turn_requested(record.value)
+        if turn is None:
+            return
+        claimed_wall = time.time()
+        claimed = time.monotonic()
+        metrics.QUEUE_DEPTH.labels(METRICS_SERVICE).inc()
+        generating = False
+        try:
+            prior = await self._prior_events(turn)
+            if prior.finished:
+                log.info("turn %s already finished; skipping", turn.turn_id)
+                return
+            cancel = asyncio.Event()
+            if prior.cancelled or turn.turn_id in self._cancels:
+                cancel.set()
+            self._current = _Current(turn.turn_id, cancel)
+            generating = True
+            metrics.QUEUE_DEPTH.labels(METRICS_SERVICE).dec()
+            await self._run_turn(turn, record, prior, cancel, claimed, claimed_wall)
+        finally:
+            self._current = None
+            if not generating:
+                metrics.QUEUE_DEPTH.labels(METRICS_SERVICE).dec()
+
+    async def _prior_events(self, turn: codec.TurnRequest) -> _PriorEvents:
+        prior = _PriorEvents()
+        end = await self._log.end_offset(TURN_EVENTS, turn.events_partition)
+        records = await self._log.read_range(
+            TURN_EVENTS, turn.events_partition, turn.events_start, end
+        )
+        for record in records:
+            event = codec.decode_turn_event(record.value)
+            if event is None or event.turn_id != turn.turn_id:
+                continue
+            if event.kind == "finished":
+                prior.finished = True
+            elif event.kind == "cancelled":
+                prior.cancelled = True
+            elif event.kind == "token" and event.seq > 0:
+                prior.tokens.setdefault(event.seq, event.text)
+        return prior
+
+    async def _run_turn(
+        self,
+        turn: codec.TurnRequest,
+        record: Record,
+        prior: _PriorEvents,
+        cancel: asyncio.Event,
+        claimed: float,
+        claimed_wall: float,
+    ) -> None:
+        appends: list[asyncio.Future[int]] = []
+        partition = turn.events_partition
+        key = turn.conversation_id.encode()
+
+        def append(value: bytes) -> None:
+            appends.append(self._log.append(TURN_EVENTS, partition, key, value))
+
+        # Timings count from the gateway's acceptance; fall back to our claim.
+        accepted_wall = turn.accepted_at_s or claimed_wall
+
+        def since_accepted_ms(monotonic_at: float) -> float:
+            return max(0.0, (claimed_wall + (monotonic_at - claimed) - accepted_wall) * 1000)
+
+        last_seq = prior.last_seq
+        if last_seq:
+            log.info("turn %s: continuing after seq %d", turn.turn_id, last_seq)
+        append(
+            codec.encode_started(
+                turn,
+                agent_id=self._agent_id,
+                request_partition=record.partition,
+                request_offset=record.offset,
+                resumed_after_seq=last_seq,
+            )
+        )
+        options = resolve_options(turn.options, self._core.limits)
+        remaining = options.max_tokens - last_seq
+        retrieval_ms = 0.0
+        first_token_at: float | None = None
+        error: MeshError | None = None
+        prompt_tokens = 0
+        new_tokens = 0
+        if cancel.is_set():
+            reason = FinishReason.CANCELLED
+        elif remaining <= 0:
+            reason = FinishReason.LENGTH
+        else:
+            t_retrieval = time.monotonic()
+            (history, _), (passages, _) = await asyncio.gather(
+                self._clients.history(
+                    turn.tenant_id, turn.conversation_id, exclude_turn_id=turn.turn_id
+                ),
+                self._clients.recall(turn.tenant_id, turn.user_text, self._recall_top_k),
+            )
+            retrieval_ms = (time.monotonic() - t_retrieval) * 1000
+            prompt = PromptRequest(
+                user_text=turn.user_text,
+                history=history,
+                context_passages=passages,
+                assistant_prefix=prior.text,
+            )
+            step_options = dataclasses.replace(options, max_tokens=remaining)
+            finished: Finished | None = None
+            try:
+                async with contextlib.aclosing(
+                    self._core.stream(prompt, step_options, cancel, started_at=claimed)
+                ) as events:
+                    async for event in events:
+                        if isinstance(event, Token):
+                            last_seq += 1
+                            if first_token_at is None:
+                                first_token_at = time.monotonic()
+                            append(codec.encode_token(turn, last_seq, event.text))
+                        else:
+                            finished = event
+            except InvalidArgument as invalid:  # the prompt cannot fit the context
+                error = invalid
+            except Exception as failure:  # a bug or a broken model must not wedge the queue
+                log.exception("turn %s: generation failed", turn.turn_id)
+                error = MeshError(f"generation failed: {failure}", reason="GENERATION_FAILED")
+            if finished is not None:
+                reason = finished.finish_reason
+                prompt_tokens = finished.prompt_tokens
+                new_tokens = finished.completion_tokens
+                if finished.error:
+                    error = MeshError(finished.error, reason="GENERATION_FAILED")
+            else:
+                reason = FinishReason.ERROR
+        if error is not None:
+            reason = FinishReason.ERROR
+        now = time.monotonic()
+        append(
+            codec.encode_finished(
+                turn,
+                reason=reason,
+                usage=codec.Usage(prompt_tokens, len(prior.tokens) + new_tokens),
+                timings=codec.Timings(
+                    queued_ms=max(0.0, (claimed_wall - accepted_wall) * 1000),
+                    retrieval_ms=retrieval_ms,
+                    time_to_first_token_ms=(
+                        since_accepted_ms(first_token_at) if first_token_at is not None else 0.0
+                    ),
+                    total_ms=since_accepted_ms(now),
+                ),
+                last_seq=last_seq,
+                model=self._core.model_name,
+                error=error,
+            )
+        )
+        # The request is committed by the caller only once everything above is durable.
+        await self._log.flush()
+        results = await asyncio.gather(*appends, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise LogError(f"{len(failed)} appends of turn {turn.turn_id} failed: {failed[0]}")
+        metrics.TURNS.labels(METRICS_SERVICE, reason.value).inc()
+        self.turns_finished += 1
+        log.info(
+            "turn %s finished: %s, %d tokens (seq %d)",
+            turn.turn_id,
+            reason.value,
+            new_tokens,
+            last_seq,
+        )

@@ -1,0 +1,243 @@
+"""One shared tail per turn-event partition, fanned out to per-turn subscribers.
+
+Every stream on this gateway watches one turn. Rather than one log reader per stream, the hub
+runs one tail per partition (started at the partitions' end offsets when the gateway starts) and
+hands each record to the subscribers of its turn.
+
+Subscribers have bounded buffers. One that falls ``capacity`` events behind (a slow client, a
+Chat stream out of credit) is not buffered further: it is marked lagging and, once its consumer
+has drained what it holds, reads the missed records back from the log with ``read_range`` until
+it reaches the tail again. A slow stream therefore costs log reads, never unbounded memory, and
+never slows the tail that every other stream depends on.
+
+The same catch-up path replays history: a resume subscribes at the turn's ``events_start``
+(behind the tail), so it starts lagging and reads its past from the log before going live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+from mesh.log import TURN_EVENTS, EventLog
+from services.gateway.codec import decode_turn_event
+from services.gateway.model import TurnEventView
+
+_log = logging.getLogger(__name__)
+
+# Records read per catch-up call; a partition holds many conversations' events interleaved.
+CATCH_UP_CHUNK = 1000
+
+
+class Subscription:
+    """One consumer's view of one turn's events, in log order, each record at most once.
+
+    Only the consumer that created it calls ``take``; the hub calls ``_push`` from its tail.
+    """
+
+    __slots__ = (
+        "turn_id",
+        "partition",
+        "next_offset",
+        "overflows",
+        "notify",
+        "_hub",
+        "_buffer",
+        "_capacity",
+        "_lagging",
+        "_closed",
+        "_wanted",
+    )
+
+    def __init__(
+        self,
+        hub: TurnHub,
+        turn_id: str,
+        partition: int,
+        from_offset: int,
+        capacity: int,
+        notify: asyncio.Event,
+    ) -> None:
+        self.turn_id = turn_id
+        self.partition = partition
+        # Offset of the first record this subscription has not handed out yet.
+        self.next_offset = from_offset
+        self.overflows = 0
+        self.notify = notify
+        self._hub = hub
+        self._buffer: deque[TurnEventView] = deque()
+        self._capacity = capacity
+        self._lagging = from_offset < hub.position(partition)
+        self._closed = False
+        self._wanted = frozenset((turn_id,))
+
+    @property
+    def lagging(self) -> bool:
+        return self._lagging
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def ready(self) -> bool:
+        """Whether ``take`` has something to do right now."""
+        return not self._closed and (bool(self._buffer) or self._lagging)
+
+    def _push(self, view: TurnEventView) -> None:
+        # Records below next_offset were handed out already (by a catch-up read); records that
+        # arrive while lagging will be read back from the log instead.
+        if self._lagging or view.offset < self.next_offset:
+            return
+        if len(self._buffer) >= self._capacity:
+            self._lagging = True
+            self.overflows += 1
+        else:
+            self._buffer.append(view)
+        self.notify.set()
+
+    async def take(self, limit: int = 1024) -> list[TurnEventView]:
+        """Up to ``limit`` events in log order; empty when nothing is ready (wait on ``notify``)."""
+        buffer = self._buffer
+        if buffer:
+            count = min(limit, len(buffer))
+            out = [buffer.popleft() for _ in range(count)]
+            self.next_offset = out[-1].offset + 1
+            return out
+        if self._lagging and not self._closed:
+            return await self._catch_up(limit)
+        return []
+
+    async def _catch_up(self, limit: int) -> list[TurnEventView]:
+        hub, out = self._hub, []
+        while self._lagging and not self._closed:
+            end = hub.position(self.partition)
+            if self.next_offset >= end:
+                # No await between reading the tail's position and clearing the flag: every
+                # record below ``end`` was read here, every one from ``end`` on reaches _push.
+                self._lagging = False
+                break
+            stop = min(end, self.next_offset + CATCH_UP_CHUNK)
+            records = await hub.log.read_range(TURN_EVENTS, self.partition, self.next_offset, stop)
+            for record in records:
+                view = decode_turn_event(record.value, record.offset, self._wanted)
+                if view is not None:
+                    out.append(view)
+            self.next_offset = stop
+            if len(out) >= limit:
+                break
+        return out
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._buffer.clear()
+            self._hub._unsubscribe(self)
+            # Wakes a consumer blocked on notify so it sees the subscription is gone.
+            self.notify.set()
+
+
+class TurnHub:
+    """Shared tails of the turn-event partitions. Use ``async with`` or ``start``/``stop``."""
+
+    def __init__(self, log: EventLog, *, partitions: int, capacity: int = 2048) -> None:
+        if partitions < 1 or capacity < 1:
+            raise ValueError("partitions and capacity must be >= 1")
+        self.log = log
+        self.partitions = partitions
+        self.capacity = capacity
+        self._positions = [0] * partitions
+        self._subs: list[dict[str, list[Subscription]]] = [{} for _ in range(partitions)]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        for partition in range(self.partitions):
+            self._positions[partition] = await self.log.end_offset(TURN_EVENTS, partition)
+        self._tasks = [
+            asyncio.create_task(self._tail(partition), name=f"gateway-hub-tail-{partition}")
+            for partition in range(self.partitions)
+        ]
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for subs in self._subs:
+            for group in list(subs.values()):
+                for sub in list(group):
+                    sub.close()
+
+    async def __aenter__(self) -> TurnHub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def position(self, partition: int) -> int:
+        """Offset of the next record the partition's tail will dispatch."""
+        return self._positions[partition]
+
+    def subscriber_count(self) -> int:
+        return sum(len(group) for subs in self._subs for group in subs.values())
+
+    def subscribe(
+        self,
+        turn_id: str,
+        partition: int,
+        from_offset: int,
+        notify: asyncio.Event | None = None,
+    ) -> Subscription:
+        """Watch ``turn_id``'s events from ``from_offset`` on (behind the tail: replayed first)."""
+        if not 0 <= partition < self.partitions:
+            raise ValueError(f"partition {partition} out of range")
+        sub = Subscription(
+            self, turn_id, partition, from_offset, self.capacity, notify or asyncio.Event()
+        )
+        self._subs[partition].setdefault(turn_id, []).append(sub)
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subs[sub.partition]
+        group = subs.get(sub.turn_id)
+        if group is None:
+            return
+        with contextlib.suppress(ValueError):
+            group.remove(sub)
+        if not group:
+            del subs[sub.turn_id]
+
+    async def _tail(self, partition: int) -> None:
+        subs = self._subs[partition]
+        positions = self._positions
+        backoff = 0.1
+        while True:
+            try:
+                async for record in self.log.read(TURN_EVENTS, partition, positions[partition]):
+                    if subs:
+                        view = decode_turn_event(record.value, record.offset, subs)
+                        if view is not None:
+                            for sub in subs.get(view.turn_id, ()):
+                                sub._push(view)
+                    # Advanced after the pushes: catch-up relies on "position moved" meaning
+                    # "a record was dispatched that I may have missed".
+                    positions[partition] = record.offset + 1
+                    backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception(
+                    "tail of %s/%d failed at offset %d; retrying in %.1fs",
+                    TURN_EVENTS,
+                    partition,
+                    positions[partition],
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)

@@ -1,0 +1,122 @@
+"""The gateway's client of the persister: conversation checks and history reads for a tenant."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from chat.common.v1 import conversation_pb2
+from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc import aio
+
+from mesh.errors import InvalidArgument, MeshError, NotFound, ResourceExhausted, Unavailable
+from mesh.server import channel
+
+MAX_PAGE_SIZE = 100
+
+
+def _error_info_reason(error: aio.AioRpcError) -> str | None:
+    for key, value in error.trailing_metadata() or ():
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status()
+        try:
+            status.ParseFromString(value)
+        except Exception:  # noqa: BLE001 - a malformed detail only loses the reason
+            return None
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                return str(info.reason) or None
+    return None
+
+
+def map_persister_error(error: aio.AioRpcError, *, what: str) -> MeshError:
+    """The error the gateway's caller sees when the persister answers ``error``."""
+    code = error.code()
+    reason = _error_info_reason(error)
+    details = error.details() or code.name
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(details, reason=reason or "CONVERSATION_NOT_FOUND")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(details, reason=reason or "INVALID_ARGUMENT")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(
+            f"conversation store is overloaded: {details}",
+            reason=reason or "PERSISTER_OVERLOADED",
+            retry_after_s=1.0,
+        )
+    return Unavailable(
+        f"conversation store could not {what} ({code.name}: {details}); retry shortly",
+        reason="PERSISTER_UNAVAILABLE",
+        retry_after_s=1.0,
+    )
+
+
+class PersisterClient:
+    """A channel to ``MESH_PERSISTER_ADDR``. ``async with`` or start/stop."""
+
+    def __init__(self, addr: str, *, timeout_s: float = 15.0) -> None:
+        self.addr = addr
+        self._timeout_s = timeout_s
+        self._channel: aio.Channel | None = None
+        self._stub: Any = None
+
+    async def start(self) -> None:
+        if self._channel is None:
+            self._channel = channel(self.addr)
+            self._stub = persister_service_pb2_grpc.PersisterServiceStub(self._channel)  # type: ignore[no-untyped-call]
+
+    async def stop(self) -> None:
+        channel_, self._channel = self._channel, None
+        self._stub = None
+        if channel_ is not None:
+            await channel_.close()
+
+    async def __aenter__(self) -> PersisterClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _require(self) -> Any:
+        if self._stub is None:
+            raise Unavailable("persister client is not started", reason="PERSISTER_UNAVAILABLE")
+        return self._stub
+
+    async def get_conversation(
+        self, tenant_id: str, conversation_id: str, *, consistent: bool = True
+    ) -> conversation_pb2.Conversation:
+        stub = self._require()
+        try:
+            reply = await stub.GetConversation(
+                persister_pb2.GetConversationRequest(
+                    tenant_id=tenant_id, conversation_id=conversation_id, consistent=consistent
+                ),
+                timeout=self._timeout_s,
+            )
+        except aio.AioRpcError as error:
+            raise map_persister_error(error, what="read the conversation") from None
+        conversation: conversation_pb2.Conversation = reply.conversation
+        return conversation
+
+    async def require_conversation(self, tenant_id: str, conversation_id: str) -> None:
+        # consistent=True: a conversation whose first turn was accepted a moment ago exists.
+        await self.get_conversation(tenant_id, conversation_id, consistent=True)
+
+    async def list_conversations(
+        self, tenant_id: str, page_size: int, page_token: str
+    ) -> tuple[list[conversation_pb2.Conversation], str]:
+        stub = self._require()
+        try:
+            reply = await stub.ListConversations(
+                persister_pb2.ListConversationsRequest(
+                    tenant_id=tenant_id, page_size=page_size, page_token=page_token
+                ),
+                timeout=self._timeout_s,
+            )
+        except aio.AioRpcError as error:
+            raise map_persister_error(error, what="list conversations") from None
+        return list(reply.conversations), str(reply.next_page_token)

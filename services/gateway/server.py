@@ -1,0 +1,333 @@
+"""The gateway's gRPC face: proto <-> core values, server assembly, and ``main``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from chat.common.v1 import common_pb2
+from chat.gateway.v1 import gateway_pb2, gateway_service_pb2, gateway_service_pb2_grpc
+from google.rpc import status_pb2
+from grpc import aio
+from grpc_health.v1 import health
+
+from mesh.auth import AuthInterceptor, KeyFileError, KeyStore, current_principal
+from mesh.errors import InvalidArgument, to_status_proto
+from mesh.log import open_log
+from mesh.metrics import start_metrics_server
+from mesh.server import (
+    add_health_and_reflection,
+    bind,
+    configure_logging,
+    new_server,
+    serve_until_signalled,
+)
+from mesh.settings import SettingsError
+from services.gateway.codec import options_from_proto
+from services.gateway.core import GatewayCore, validate_conversation_id, validate_page_size
+from services.gateway.model import (
+    Accepted,
+    CancelFrame,
+    CreditFrame,
+    EmptyFrame,
+    Finished,
+    Frame,
+    FrameError,
+    Output,
+    ResumeFrame,
+    StartFrame,
+    StartRequest,
+    TokenOut,
+    TurnError,
+)
+from services.gateway.persister import PersisterClient
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger("services.gateway")
+
+SERVICE_NAME: str = gateway_service_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+METRICS_SERVICE = "gateway"
+
+Context = aio.ServicerContext[Any, Any]
+
+# The generated registration function is untyped; give it a type once, here.
+_add_servicer: Callable[[Any, aio.Server], None] = (
+    gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server
+)
+
+
+@dataclass
+class GatewayDeps:
+    """What the server runs on; the caller starts and stops them.
+
+    ``build_server`` fills ``health`` with the server's health servicer, for
+    ``serve_until_signalled``.
+    """
+
+    core: GatewayCore
+    persister: PersisterClient
+    keys: KeyStore
+    health: health.aio.HealthServicer | None = None
+
+
+# -- proto -> core ----------------------------------------------------------------------------
+
+
+def start_from_proto(message: gateway_pb2.StartTurn) -> StartRequest:
+    return StartRequest(
+        conversation_id=message.conversation_id,
+        text=message.text,
+        options=options_from_proto(message.options),
+        request_id=message.request_id,
+    )
+
+
+def frame_from_proto(request: gateway_pb2.ChatRequest) -> Frame:
+    kind = request.WhichOneof("frame")
+    if kind == "credit":
+        return CreditFrame(request.credit.tokens)
+    if kind == "start":
+        return StartFrame(start_from_proto(request.start))
+    if kind == "cancel":
+        return CancelFrame(request.cancel.turn_id)
+    if kind == "resume":
+        return ResumeFrame(request.resume.turn_id, request.resume.after_seq)
+    return EmptyFrame()
+
+
+# -- core -> proto ----------------------------------------------------------------------------
+
+
+def accepted_to_proto(output: Accepted) -> gateway_pb2.TurnAccepted:
+    return gateway_pb2.TurnAccepted(
+        turn_id=output.turn_id,
+        conversation_id=output.conversation_id,
+        queue_position=output.queue_position,
+    )
+
+
+def finished_to_proto(output: Finished) -> gateway_pb2.TurnFinished:
+    message = gateway_pb2.TurnFinished(
+        turn_id=output.turn_id,
+        finish_reason=int(output.finish_reason),  # type: ignore[arg-type]
+        last_seq=output.last_seq,
+    )
+    if output.usage is not None:
+        message.usage.CopyFrom(
+            common_pb2.TokenUsage(
+                prompt_tokens=output.usage.prompt_tokens,
+                completion_tokens=output.usage.completion_tokens,
+            )
+        )
+    if output.timings is not None:
+        message.timings.CopyFrom(
+            common_pb2.TurnTimings(
+                queued_ms=output.timings.queued_ms,
+                retrieval_ms=output.timings.retrieval_ms,
+                time_to_first_token_ms=output.timings.time_to_first_token_ms,
+                total_ms=output.timings.total_ms,
+            )
+        )
+    return message
+
+
+def chat_response(output: Output) -> gateway_pb2.ChatResponse | None:
+    if type(output) is TokenOut:
+        return gateway_pb2.ChatResponse(
+            token=gateway_pb2.Token(turn_id=output.turn_id, seq=output.seq, text=output.text)
+        )
+    if isinstance(output, Accepted):
+        return gateway_pb2.ChatResponse(accepted=accepted_to_proto(output))
+    if isinstance(output, Finished):
+        return gateway_pb2.ChatResponse(finished=finished_to_proto(output))
+    if isinstance(output, FrameError):
+        return gateway_pb2.ChatResponse(
+            error=gateway_pb2.ChatError(
+                status=to_status_proto(output.error), turn_id=output.turn_id
+            )
+        )
+    if isinstance(output, TurnError):
+        return gateway_pb2.ChatResponse(
+            error=gateway_pb2.ChatError(
+                status=status_pb2.Status.FromString(output.status), turn_id=output.turn_id
+            )
+        )
+    return None
+
+
+def _stream_frame(output: Output, cls: Any) -> Any:
+    """A StreamTurnResponse or ResumeTurnResponse (same oneof); None for Chat-only outputs."""
+    if type(output) is TokenOut:
+        return cls(
+            token=gateway_pb2.Token(turn_id=output.turn_id, seq=output.seq, text=output.text)
+        )
+    if isinstance(output, Accepted):
+        return cls(accepted=accepted_to_proto(output))
+    if isinstance(output, Finished):
+        return cls(finished=finished_to_proto(output))
+    # The agent's error status has no frame here; FINISH_REASON_ERROR tells the client.
+    return None
+
+
+# -- the servicer -----------------------------------------------------------------------------
+
+
+class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
+    """Thin handlers over ``GatewayCore``; errors are ``MeshError``s mapped by the interceptor."""
+
+    def __init__(self, core: GatewayCore, persister: PersisterClient) -> None:
+        self._core = core
+        self._persister = persister
+
+    async def Chat(  # noqa: N802 - gRPC method names are PascalCase
+        self, request_iterator: AsyncIterator[gateway_pb2.ChatRequest], context: Context
+    ) -> AsyncIterator[gateway_pb2.ChatResponse]:
+        principal = current_principal()
+        with self._core.stream_slot():
+
+            async def frames() -> AsyncIterator[Frame]:
+                async for request in request_iterator:
+                    yield frame_from_proto(request)
+
+            async for output in self._core.chat_session(principal).run(frames()):
+                response = chat_response(output)
+                if response is not None:
+                    yield response
+
+    async def StreamTurn(  # noqa: N802
+        self, request: gateway_pb2.StreamTurnRequest, context: Context
+    ) -> AsyncIterator[gateway_pb2.StreamTurnResponse]:
+        principal = current_principal()
+        with self._core.stream_slot():
+            if not request.HasField("start"):
+                raise InvalidArgument(
+                    "StreamTurnRequest.start is required", reason="START_MISSING", field="start"
+                )
+            turn = await self._core.start_turn(principal, start_from_proto(request.start))
+            cls = gateway_pb2.StreamTurnResponse
+            async for output in self._core.follow(turn):
+                frame = _stream_frame(output, cls)
+                if frame is not None:
+                    yield frame
+
+    async def ResumeTurn(  # noqa: N802
+        self, request: gateway_pb2.ResumeTurnRequest, context: Context
+    ) -> AsyncIterator[gateway_pb2.ResumeTurnResponse]:
+        principal = current_principal()
+        with self._core.stream_slot():
+            turn = await self._core.resume_turn(principal, request.turn_id, request.after_seq)
+            cls = gateway_pb2.ResumeTurnResponse
+            async for output in self._core.follow(turn):
+                frame = _stream_frame(output, cls)
+                if frame is not None:
+                    yield frame
+
+    async def CancelTurn(  # noqa: N802
+        self, request: gateway_pb2.CancelTurnRequest, context: Context
+    ) -> gateway_pb2.CancelTurnResponse:
+        turn_id = await self._core.cancel_turn(current_principal(), request.turn_id)
+        return gateway_pb2.CancelTurnResponse(turn_id=turn_id)
+
+    async def GetConversation(  # noqa: N802
+        self, request: gateway_pb2.GetConversationRequest, context: Context
+    ) -> gateway_pb2.GetConversationResponse:
+        principal = current_principal()
+        validate_conversation_id(request.conversation_id)
+        conversation = await self._persister.get_conversation(
+            principal.tenant_id, request.conversation_id, consistent=True
+        )
+        return gateway_pb2.GetConversationResponse(conversation=conversation)
+
+    async def ListConversations(  # noqa: N802
+        self, request: gateway_pb2.ListConversationsRequest, context: Context
+    ) -> gateway_pb2.ListConversationsResponse:
+        principal = current_principal()
+        validate_page_size(request.page_size)
+        conversations, token = await self._persister.list_conversations(
+            principal.tenant_id, request.page_size, request.page_token
+        )
+        return gateway_pb2.ListConversationsResponse(
+            conversations=conversations, next_page_token=token
+        )
+
+
+# -- assembly ---------------------------------------------------------------------------------
+
+
+def build_server(settings: GatewaySettings, deps: GatewayDeps) -> tuple[aio.Server, int]:
+    """The gateway's gRPC server (not started), bound to ``settings.host:port``."""
+    server = new_server(METRICS_SERVICE, extra_interceptors=[AuthInterceptor(deps.keys)])
+    _add_servicer(GatewayServicer(deps.core, deps.persister), server)
+    deps.health = add_health_and_reflection(server, [SERVICE_NAME])
+    port = bind(server, settings.host, settings.port)
+    return server, port
+
+
+async def serve(settings: GatewaySettings) -> None:
+    """Open the log and the persister channel, serve until SIGTERM/SIGINT, then drain."""
+    keys = KeyStore(settings.api_keys_file)
+    if len(keys) == 0:
+        log.warning(
+            "no API keys in %s: every call will be UNAUTHENTICATED until keys are added "
+            "(mesh keys create --tenant NAME)",
+            settings.api_keys_file,
+        )
+    if settings.metrics_port >= 0:
+        metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+        log.info("metrics on http://%s:%d/metrics", settings.host, metrics_port)
+    async with AsyncExitStack() as stack:
+        event_log = await stack.enter_async_context(open_log(settings.log))
+        persister = await stack.enter_async_context(
+            PersisterClient(settings.persister_addr, timeout_s=settings.persister_timeout_s)
+        )
+        core = await stack.enter_async_context(
+            GatewayCore(settings, log=event_log, conversations=persister)
+        )
+        deps = GatewayDeps(core=core, persister=persister, keys=keys)
+        server, port = build_server(settings, deps)
+        assert deps.health is not None
+        # Supervisors and tests read this line to find the port when they asked for port 0.
+        log.info("gateway listening on %s:%d", settings.host, port)
+
+        async def drain() -> None:
+            # New turns go elsewhere; open streams get the grace period, then clients resume.
+            core.begin_drain()
+            log.info("draining %d open streams", core.open_streams)
+
+        await serve_until_signalled(
+            server, deps.health, [SERVICE_NAME], grace_s=settings.grace_s, on_drain=drain
+        )
+    log.info("gateway stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m services.gateway``; configuration comes from the environment."""
+    del argv  # no flags: the environment is the single source of configuration
+    try:
+        settings = GatewaySettings.from_env(os.environ)
+        KeyStore(settings.api_keys_file)
+    except (SettingsError, KeyFileError) as error:
+        print(f"gateway: bad configuration: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+__all__ = [
+    "SERVICE_NAME",
+    "GatewayDeps",
+    "GatewayServicer",
+    "build_server",
+    "main",
+    "serve",
+]

@@ -1,0 +1,5 @@
+"""``python -m services.memory``: the retrieval memory service."""
+
+from services.memory.server import main
+
+raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""``python -m services.persister``: run the persister, configured by the environment."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from contextlib import AsyncExitStack
+
+from mesh.log import open_log
+from mesh.metrics import start_metrics_server
+from mesh.pg import EmbeddedPostgres
+from mesh.server import configure_logging, serve_until_signalled
+from services.persister.codec import decode
+from services.persister.core import Persister
+from services.persister.memory_client import MemoryIndexer
+from services.persister.server import SERVICE_NAME, PersisterDeps, build_server
+from services.persister.settings import PersisterSettings
+from services.persister.store import PgStore
+
+log = logging.getLogger("services.persister")
+
+
+def member_id() -> str:
+    """Unique per process, readable in the log's group tables."""
+    return f"persister-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def run(settings: PersisterSettings) -> None:
+    dsn = settings.pg_dsn.reveal()
+    if not dsn:
+        # The embedded server outlives this process on purpose: the memory service shares it.
+        log.info(
+            "MESH_PG_DSN is empty; using the embedded PostgreSQL in %s", settings.embedded_pg_dir
+        )
+        dsn = await asyncio.to_thread(EmbeddedPostgres(settings.embedded_pg_dir).start)
+    if settings.metrics_port >= 0:
+        metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+        log.info("metrics on http://%s:%d/metrics", settings.host, metrics_port)
+    if not settings.memory_addr:
+        log.warning("MESH_MEMORY_ADDR is empty: finished turns are not indexed into memory")
+
+    async with AsyncExitStack() as stack:
+        event_log = await stack.enter_async_context(open_log(settings.log))
+        store = await stack.enter_async_context(PgStore(dsn, pool_size=settings.pg_pool_size))
+        memory = None
+        if settings.memory_addr:
+            memory = await stack.enter_async_context(MemoryIndexer(settings.memory_addr))
+        persister = await stack.enter_async_context(
+            Persister(
+                log=event_log,
+                store=store,
+                decode=decode,
+                partitions=settings.log.partitions,
+                memory=memory,
+                member_id=member_id(),
+                batch_size=settings.batch_size,
+                linger_s=settings.linger_ms / 1000,
+                barrier_timeout_s=settings.barrier_timeout_s,
+            )
+        )
+        deps = PersisterDeps(persister=persister)
+        server, port = build_server(settings, deps)
+        assert deps.health is not None
+        log.info("persister listening on %s:%d", settings.host, port)
+
+        async def drain() -> None:
+            # Write and commit what was consumed; whatever misses the grace period is
+            # redelivered to the next persister and absorbed by the idempotent writes.
+            try:
+                await asyncio.wait_for(persister.drain(), settings.grace_s)
+            except TimeoutError:
+                log.warning("drain did not finish within %.1fs", settings.grace_s)
+
+        await serve_until_signalled(
+            server, deps.health, [SERVICE_NAME], grace_s=settings.grace_s, on_drain=drain
+        )
+
+
+def main() -> None:
+    settings = PersisterSettings.from_env()
+    configure_logging(settings.log_level)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Batched (COPY + INSERT ... SELECT) vs one-INSERT-per-row token writes, side by side.
+
+    python -m services.persister.bench_tokens [--rows 20000] [--repeat 3]
+
+Uses ``MESH_PG_DSN`` when set, otherwise starts a throwaway embedded PostgreSQL. Rows get fresh
+turn ids each round (so every row is a real insert) and are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import psycopg
+
+from mesh.pg import EmbeddedPostgres
+from services.persister.core import TokenRow
+from services.persister.store import (
+    Conn,
+    create_schema,
+    write_tokens_batched,
+    write_tokens_per_row,
+)
+
+Writer = Callable[[Conn, Sequence[TokenRow]], Awaitable[int]]
+
+
+def make_rows(count: int, tokens_per_turn: int = 200) -> list[TokenRow]:
+    prefix = secrets.token_hex(4)
+    return [
+        TokenRow(f"bench-{prefix}-{i // tokens_per_turn}", i % tokens_per_turn + 1, " token")
+        for i in range(count)
+    ]
+
+
+async def _time(conn: Conn, writer: Writer, count: int) -> float:
+    rows = make_rows(count)
+    started = time.perf_counter()
+    inserted = await writer(conn, rows)
+    elapsed = time.perf_counter() - started
+    if inserted != count:
+        raise RuntimeError(f"{writer.__name__} inserted {inserted} of {count} rows")
+    await conn.execute("DELETE FROM tokens WHERE turn_id LIKE 'bench-%'")
+    return elapsed
+
+
+async def bench(dsn: str, count: int, repeat: int) -> list[tuple[str, float]]:
+    """Median seconds per method; the methods alternate so drift hits both alike."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await create_schema(conn)
+        writers: list[Writer] = [write_tokens_batched, write_tokens_per_row]
+        await _time(conn, write_tokens_batched, min(count, 1000))  # warm up the session
+        times: dict[str, list[float]] = {w.__name__: [] for w in writers}
+        for _ in range(repeat):
+            for writer in writers:
+                times[writer.__name__].append(await _time(conn, writer, count))
+    return [(name, statistics.median(values)) for name, values in times.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    dsn = os.environ.get("MESH_PG_DSN", "")
+    with tempfile.TemporaryDirectory(prefix="persister-bench-") as tmp:
+        server = None
+        if not dsn:
+            os.chmod(tmp, 0o755)  # pgserver runs the server as its own user when we are root
+            server = EmbeddedPostgres(Path(tmp) / "pg")
+            dsn = server.start()
+        try:
+            results = asyncio.run(bench(dsn, args.rows, args.repeat))
+        finally:
+            if server is not None:
+                server.stop()
+    slowest = max(seconds for _, seconds in results)
+    print(f"{'method':<24}{'rows':>8}{'seconds':>10}{'rows/s':>12}{'speedup':>9}")
+    for name, seconds in results:
+        print(
+            f"{name:<24}{args.rows:>8}{seconds:>10.3f}{args.rows / seconds:>12,.0f}"
+            f"{slowest / seconds:>8.1f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The gRPC face of the persister: proto <-> plain values around ``core.Persister``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from chat.common.v1 import conversation_pb2
+from chat.persister.v1 import persister_pb2, persister_service_pb2, persister_service_pb2_grpc
+from google.protobuf import timestamp_pb2
+from grpc import aio
+from grpc_health.v1 import health
+
+from mesh.server import add_health_and_reflection, bind, new_server
+from services.persister.core import Conversation, Message, Persister
+from services.persister.settings import PersisterSettings
+
+SERVICE_NAME: str = persister_service_pb2.DESCRIPTOR.services_by_name["PersisterService"].full_name
+
+Context = aio.ServicerContext[Any, Any]
+
+# The generated registration function is untyped; give it a type once, here.
+_add_servicer: Callable[[Any, aio.Server], None] = (
+    persister_service_pb2_grpc.add_PersisterServiceServicer_to_server
+)
+
+
+@dataclass
+class PersisterDeps:
+    """What the server runs on. ``persister`` is started and stopped by the caller.
+
+    ``build_server`` fills ``health`` with the server's health servicer, for
+    ``serve_until_signalled``.
+    """
+
+    persister: Persister
+    health: health.aio.HealthServicer | None = None
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _message(message: Message) -> conversation_pb2.Message:
+    return conversation_pb2.Message(
+        turn_id=message.turn_id,
+        role=int(message.role),  # type: ignore[arg-type]
+        text=message.text,
+        create_time=_timestamp(message.created_at),
+        finish_reason=message.finish_reason,  # type: ignore[arg-type]
+    )
+
+
+def _conversation(conversation: Conversation) -> conversation_pb2.Conversation:
+    return conversation_pb2.Conversation(
+        conversation_id=conversation.conversation_id,
+        title=conversation.title,
+        create_time=_timestamp(conversation.created_at),
+        update_time=_timestamp(conversation.updated_at),
+        messages=[_message(m) for m in conversation.messages],
+    )
+
+
+class PersisterServicer(persister_service_pb2_grpc.PersisterServiceServicer):
+    """Thin handlers; validation and errors come from the core (mapped by the interceptor)."""
+
+    def __init__(self, persister: Persister) -> None:
+        self._persister = persister
+
+    async def GetConversation(
+        self, request: persister_pb2.GetConversationRequest, context: Context
+    ) -> persister_pb2.GetConversationResponse:
+        conversation = await self._persister.get_conversation(
+            request.tenant_id, request.conversation_id, consistent=request.consistent
+        )
+        return persister_pb2.GetConversationResponse(conversation=_conversation(conversation))
+
+    async def ListConversations(
+        self, request: persister_pb2.ListConversationsRequest, context: Context
+    ) -> persister_pb2.ListConversationsResponse:
+        page = await self._persister.list_conversations(
+            request.tenant_id, request.page_size, request.page_token
+        )
+        return persister_pb2.ListConversationsResponse(
+            conversations=[_conversation(c) for c in page.conversations],
+            next_page_token=page.next_page_token,
+        )
+
+    async def ListMessages(
+        self, request: persister_pb2.ListMessagesRequest, context: Context
+    ) -> AsyncIterator[persister_pb2.ListMessagesResponse]:
+        async for message in self._persister.list_messages(
+            request.tenant_id, request.conversation_id
+        ):
+            yield persister_pb2.ListMessagesResponse(message=_message(message))
+
+    async def Flush(
+        self, request: persister_pb2.FlushRequest, context: Context
+    ) -> persister_pb2.FlushResponse:
+        rows = await self._persister.barrier()
+        return persister_pb2.FlushResponse(rows_written=rows)
+
+    async def GetStats(
+        self, request: persister_pb2.GetStatsRequest, context: Context
+    ) -> persister_pb2.GetStatsResponse:
+        stats = self._persister.stats()
+        return persister_pb2.GetStatsResponse(
+            events_consumed=stats.events_consumed,
+            batches_committed=stats.batches_committed,
+            tokens_written=stats.tokens_written,
+            messages_written=stats.messages_written,
+            duplicates_ignored=stats.duplicates_ignored,
+            pending_events=stats.pending_events,
+        )
+
+
+def build_server(settings: PersisterSettings, deps: PersisterDeps) -> tuple[aio.Server, int]:
+    """The persister's gRPC server (not started), bound to ``settings.host:port``."""
+    server = new_server("persister")
+    _add_servicer(PersisterServicer(deps.persister), server)
+    deps.health = add_health_and_reflection(server, [SERVICE_NAME])
+    port = bind(server, settings.host, settings.port)
+    return server, port

@@ -1,0 +1,382 @@
+"""PostgreSQL storage of conversations, messages and tokens.
+
+Every write is ``ON CONFLICT DO NOTHING`` on a natural key (``(turn_id, role)``, ``(turn_id,
+seq)``), so replaying a batch changes nothing and the first writer wins. A batch is one
+transaction: tokens go through ``COPY`` into a session temp table and one ``INSERT ... SELECT``,
+messages and conversations through one ``unnest`` statement each.
+
+``write_tokens_batched`` and ``write_tokens_per_row`` are the two token paths side by side, for
+the benchmark (``python -m services.persister.bench_tokens``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Self
+
+import psycopg
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
+
+from services.persister.core import (
+    BatchPlan,
+    BatchResult,
+    Conversation,
+    ConversationCursor,
+    FinishedTurn,
+    Message,
+    MessageCursor,
+    Role,
+    TokenRow,
+)
+
+Conn = psycopg.AsyncConnection[TupleRow]
+
+# Held while creating the schema so two persisters starting together do not race on the catalog.
+_SCHEMA_LOCK = 0x7065727369737400  # "persist\0"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    tenant_id       text        NOT NULL,
+    conversation_id text        NOT NULL,
+    title           text        NOT NULL,
+    created_at      timestamptz NOT NULL,
+    updated_at      timestamptz NOT NULL,
+    PRIMARY KEY (tenant_id, conversation_id)
+);
+CREATE INDEX IF NOT EXISTS conversations_by_recency
+    ON conversations (tenant_id, updated_at DESC, conversation_id DESC);
+
+CREATE TABLE IF NOT EXISTS messages (
+    turn_id         text        NOT NULL,
+    role            smallint    NOT NULL,
+    conversation_id text        NOT NULL,
+    tenant_id       text        NOT NULL,
+    text            text        NOT NULL,
+    finish_reason   smallint    NOT NULL DEFAULT 0,
+    created_at      timestamptz NOT NULL,
+    accepted_at     timestamptz NOT NULL,
+    PRIMARY KEY (turn_id, role)
+);
+CREATE INDEX IF NOT EXISTS messages_in_order
+    ON messages (tenant_id, conversation_id, accepted_at, turn_id, role);
+
+CREATE TABLE IF NOT EXISTS tokens (
+    turn_id text   NOT NULL,
+    seq     bigint NOT NULL,
+    text    text   NOT NULL,
+    PRIMARY KEY (turn_id, seq)
+);
+"""
+
+_TEMP_TOKENS = """
+CREATE TEMP TABLE IF NOT EXISTS persister_tokens_in (
+    ord bigint NOT NULL, turn_id text NOT NULL, seq bigint NOT NULL, text text NOT NULL
+) ON COMMIT DELETE ROWS
+"""
+
+# First in log order wins even if a caller passes duplicates: ``ord`` is the input position.
+_INSERT_TOKENS = """
+INSERT INTO tokens (turn_id, seq, text)
+SELECT DISTINCT ON (turn_id, seq) turn_id, seq, text
+FROM persister_tokens_in
+ORDER BY turn_id, seq, ord
+ON CONFLICT (turn_id, seq) DO NOTHING
+"""
+
+# The earliest turn names the conversation; GREATEST/LEAST make a replay a no-op.
+_UPSERT_CONVERSATIONS = """
+INSERT INTO conversations AS c (tenant_id, conversation_id, title, created_at, updated_at)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[])
+ON CONFLICT (tenant_id, conversation_id) DO UPDATE SET
+    title = CASE WHEN EXCLUDED.created_at < c.created_at THEN EXCLUDED.title ELSE c.title END,
+    created_at = LEAST(c.created_at, EXCLUDED.created_at),
+    updated_at = GREATEST(c.updated_at, EXCLUDED.updated_at)
+WHERE EXCLUDED.created_at < c.created_at OR EXCLUDED.updated_at > c.updated_at
+"""
+
+# An assistant message stored before its user message (the two topics are consumed
+# independently) sorts by its finish time until the user message arrives with the turn's
+# acceptance time; ``fix`` then moves it next to its user message.
+_INSERT_USER_MESSAGES = """
+WITH input AS (
+    SELECT * FROM unnest(
+        %s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[]
+    ) AS i(turn_id, conversation_id, tenant_id, text, accepted_at)
+), ins AS (
+    INSERT INTO messages
+        (turn_id, role, conversation_id, tenant_id, text, finish_reason, created_at, accepted_at)
+    SELECT turn_id, 1, conversation_id, tenant_id, text, 0, accepted_at, accepted_at FROM input
+    ON CONFLICT (turn_id, role) DO NOTHING
+    RETURNING turn_id, accepted_at
+), fix AS (
+    UPDATE messages a SET accepted_at = ins.accepted_at
+    FROM ins
+    WHERE a.turn_id = ins.turn_id AND a.role = 2 AND a.accepted_at <> ins.accepted_at
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ins)
+"""
+
+# Tokens of this batch were inserted by an earlier statement of the same transaction, so the
+# join sees them. Tokens past last_seq (a zombie agent's late output) are not part of the turn.
+_INSERT_ASSISTANT_MESSAGES = """
+WITH input AS (
+    SELECT * FROM unnest(
+        %s::text[], %s::text[], %s::text[], %s::smallint[], %s::bigint[], %s::timestamptz[]
+    ) AS f(turn_id, conversation_id, tenant_id, finish_reason, last_seq, finished_at)
+), ins AS (
+    INSERT INTO messages
+        (turn_id, role, conversation_id, tenant_id, text, finish_reason, created_at, accepted_at)
+    SELECT
+        f.turn_id, 2, f.conversation_id, f.tenant_id,
+        COALESCE((
+            SELECT string_agg(t.text, '' ORDER BY t.seq) FROM tokens t
+            WHERE t.turn_id = f.turn_id AND t.seq BETWEEN 1 AND f.last_seq
+        ), ''),
+        f.finish_reason, f.finished_at,
+        COALESCE((
+            SELECT u.accepted_at FROM messages u WHERE u.turn_id = f.turn_id AND u.role = 1
+        ), f.finished_at)
+    FROM input f
+    ON CONFLICT (turn_id, role) DO NOTHING
+    RETURNING tenant_id, conversation_id, created_at
+), bump AS (
+    UPDATE conversations c SET updated_at = x.ts
+    FROM (
+        SELECT tenant_id, conversation_id, max(created_at) AS ts FROM ins GROUP BY 1, 2
+    ) x
+    WHERE c.tenant_id = x.tenant_id AND c.conversation_id = x.conversation_id
+      AND c.updated_at < x.ts
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ins)
+"""
+
+_SELECT_FINISHED = """
+SELECT a.turn_id, a.tenant_id, a.conversation_id, u.text, a.text, a.finish_reason
+FROM messages a
+LEFT JOIN messages u ON u.turn_id = a.turn_id AND u.role = 1
+WHERE a.role = 2 AND a.turn_id = ANY(%s::text[])
+"""
+
+
+async def create_schema(conn: Conn) -> None:
+    """Create the tables and indexes if they do not exist (safe to run concurrently)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        await conn.execute(SCHEMA)
+
+
+async def _copy_tokens(conn: Conn, rows: Sequence[TokenRow]) -> int:
+    async with conn.cursor() as cur:
+        await cur.execute(_TEMP_TOKENS)
+        # A caller may run several batches in one outer transaction; start from empty.
+        await cur.execute("TRUNCATE persister_tokens_in")
+        async with cur.copy("COPY persister_tokens_in (ord, turn_id, seq, text) FROM STDIN") as cp:
+            for ord_, row in enumerate(rows):
+                await cp.write_row((ord_, row.turn_id, row.seq, row.text))
+        await cur.execute(_INSERT_TOKENS)
+        return max(cur.rowcount, 0)
+
+
+async def write_tokens_batched(conn: Conn, rows: Sequence[TokenRow]) -> int:
+    """Insert token rows with COPY + one INSERT ... SELECT in one transaction; returns inserted."""
+    if not rows:
+        return 0
+    async with conn.transaction():
+        return await _copy_tokens(conn, rows)
+
+
+async def write_tokens_per_row(conn: Conn, rows: Sequence[TokenRow]) -> int:
+    """Insert token rows with one INSERT (one round trip) per row in one transaction."""
+    inserted = 0
+    async with conn.transaction(), conn.cursor() as cur:
+        for row in rows:
+            await cur.execute(
+                "INSERT INTO tokens (turn_id, seq, text) VALUES (%s, %s, %s) "
+                "ON CONFLICT (turn_id, seq) DO NOTHING",
+                (row.turn_id, row.seq, row.text),
+            )
+            inserted += max(cur.rowcount, 0)
+    return inserted
+
+
+async def _count(conn: Conn, query: str, params: Sequence[Any]) -> int:
+    async with conn.cursor() as cur:
+        await cur.execute(query, params)
+        row = await cur.fetchone()
+        return int(row[0]) if row is not None else 0
+
+
+async def write_batch_on(conn: Conn, plan: BatchPlan) -> BatchResult:
+    """Write one batch in one transaction on ``conn``."""
+    async with conn.transaction():
+        if plan.conversations:
+            c = plan.conversations
+            await conn.execute(
+                _UPSERT_CONVERSATIONS,
+                (
+                    [r.tenant_id for r in c],
+                    [r.conversation_id for r in c],
+                    [r.title for r in c],
+                    [r.created_at for r in c],
+                    [r.updated_at for r in c],
+                ),
+            )
+        users = 0
+        if plan.user_messages:
+            u = plan.user_messages
+            users = await _count(
+                conn,
+                _INSERT_USER_MESSAGES,
+                (
+                    [r.turn_id for r in u],
+                    [r.conversation_id for r in u],
+                    [r.tenant_id for r in u],
+                    [r.text for r in u],
+                    [r.accepted_at for r in u],
+                ),
+            )
+        tokens = await _copy_tokens(conn, plan.tokens) if plan.tokens else 0
+        assistants = 0
+        finished: list[FinishedTurn] = []
+        if plan.finishes:
+            f = plan.finishes
+            assistants = await _count(
+                conn,
+                _INSERT_ASSISTANT_MESSAGES,
+                (
+                    [r.turn_id for r in f],
+                    [r.conversation_id for r in f],
+                    [r.tenant_id for r in f],
+                    [r.finish_reason for r in f],
+                    [r.last_seq for r in f],
+                    [r.finished_at for r in f],
+                ),
+            )
+            async with conn.cursor() as cur:
+                await cur.execute(_SELECT_FINISHED, ([r.turn_id for r in f],))
+                for turn_id, tenant_id, conv_id, user_text, text, reason in await cur.fetchall():
+                    finished.append(
+                        FinishedTurn(turn_id, tenant_id, conv_id, user_text, text, int(reason))
+                    )
+    return BatchResult(users, tokens, assistants, finished)
+
+
+class PgStore:
+    """The persister's PostgreSQL store: a small pool, schema created on ``start``."""
+
+    def __init__(self, dsn: str, *, pool_size: int = 4, connect_timeout_s: float = 30.0) -> None:
+        self._dsn = dsn
+        self._pool_size = pool_size
+        self._connect_timeout_s = connect_timeout_s
+        self._pool: AsyncConnectionPool[Conn] | None = None
+
+    async def start(self) -> None:
+        if self._pool is not None:
+            return
+        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            self._dsn,
+            min_size=1,
+            max_size=self._pool_size,
+            kwargs={"autocommit": True, "options": "-c timezone=UTC"},
+            check=AsyncConnectionPool.check_connection,
+            open=False,
+            name="persister",
+        )
+        await pool.open(wait=True, timeout=self._connect_timeout_s)
+        try:
+            async with pool.connection() as conn:
+                await create_schema(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def stop(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _require_pool(self) -> AsyncConnectionPool[Conn]:
+        if self._pool is None:
+            raise RuntimeError("PgStore is not started")
+        return self._pool
+
+    async def write_batch(self, plan: BatchPlan) -> BatchResult:
+        async with self._require_pool().connection() as conn:
+            return await write_batch_on(conn, plan)
+
+    async def get_conversation(self, tenant_id: str, conversation_id: str) -> Conversation | None:
+        async with self._require_pool().connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT conversation_id, title, created_at, updated_at FROM conversations "
+                "WHERE tenant_id = %s AND conversation_id = %s",
+                (tenant_id, conversation_id),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return Conversation(row[0], row[1], row[2], row[3])
+
+    async def list_messages(
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        *,
+        after: MessageCursor | None,
+        limit: int,
+    ) -> list[Message]:
+        query = (
+            "SELECT turn_id, role, text, created_at, finish_reason, accepted_at FROM messages "
+            "WHERE tenant_id = %s AND conversation_id = %s "
+        )
+        params: list[Any] = [tenant_id, conversation_id]
+        if after is not None:
+            query += "AND (accepted_at, turn_id, role) > (%s, %s, %s) "
+            params += [after.accepted_at, after.turn_id, after.role]
+        query += "ORDER BY accepted_at, turn_id, role LIMIT %s"
+        params.append(limit)
+        async with self._require_pool().connection() as conn, conn.cursor() as cur:
+            await cur.execute(query, params)
+            rows = await cur.fetchall()
+        return [
+            Message(turn_id, Role(role), text, created_at, int(reason), accepted_at)
+            for turn_id, role, text, created_at, reason, accepted_at in rows
+        ]
+
+    async def list_conversations(
+        self, tenant_id: str, *, after: ConversationCursor | None, limit: int
+    ) -> list[Conversation]:
+        query = (
+            "SELECT conversation_id, title, created_at, updated_at FROM conversations "
+            "WHERE tenant_id = %s "
+        )
+        params: list[Any] = [tenant_id]
+        if after is not None:
+            query += "AND (updated_at, conversation_id) < (%s, %s) "
+            params += [after.updated_at, after.conversation_id]
+        query += "ORDER BY updated_at DESC, conversation_id DESC LIMIT %s"
+        params.append(limit)
+        async with self._require_pool().connection() as conn, conn.cursor() as cur:
+            await cur.execute(query, params)
+            rows = await cur.fetchall()
+        return [Conversation(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def count_rows(self) -> dict[str, int]:
+        """Row counts per table (tests and operators' sanity checks)."""
+        counts: dict[str, int] = {}
+        async with self._require_pool().connection() as conn, conn.cursor() as cur:
+            for table in ("conversations", "messages", "tokens"):
+                await cur.execute(f"SELECT count(*) FROM {table}")
+                row = await cur.fetchone()
+                counts[table] = int(row[0]) if row is not None else 0
+        return counts

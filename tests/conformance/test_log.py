@@ -1,0 +1,363 @@
+"""One behavioural suite for every log driver, so the embedded one cannot drift from Kafka.
+
+Each test runs against the embedded SQLite driver and against a real Kafka broker (marked
+``infra``). Driver-specific guarantees (several OS processes on one SQLite file, a member killed
+without leaving) are in tests/unit/test_log_embedded.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mesh.log import EventLog, GroupConsumer, LogError, Record, partition_for
+from mesh.log.embedded import EmbeddedLog
+
+PARTITIONS = 4
+# Short sessions so leave/rebalance tests stay fast; the Kafka fixture's broker allows 1 s.
+SESSION_S = 2.0
+HEARTBEAT_S = 0.25
+
+
+@dataclass
+class Driver:
+    name: str
+    # A new, unstarted client on the same storage (a second process, or the same one reopened).
+    make: Callable[[], EventLog]
+
+
+@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.infra)])
+def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Driver:
+    if request.param == "kafka":
+        from mesh.log.kafka import KafkaLog
+
+        bootstrap: str = request.getfixturevalue("kafka_bootstrap")
+        return Driver(
+            "kafka",
+            lambda: KafkaLog(
+                bootstrap, session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S
+            ),
+        )
+    path = tmp_path / "log.sqlite3"
+    return Driver(
+        "embedded",
+        lambda: EmbeddedLog(path, session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S),
+    )
+
+
+@pytest.fixture
+async def event_log(driver: Driver) -> AsyncIterator[EventLog]:
+    async with driver.make() as log:
+        yield log
+
+
+@pytest.fixture
+async def topic(event_log: EventLog) -> str:
+    # Unique names: the Kafka broker is shared by the whole session.
+    name = f"conformance.{uuid.uuid4().hex[:12]}"
+    await event_log.ensure_topic(name, PARTITIONS)
+    return name
+
+
+def unique_group() -> str:
+    return f"group-{uuid.uuid4().hex[:12]}"
+
+
+async def wait_until(predicate: Callable[[], bool], within_s: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_offsets_start_at_zero_and_grow_by_one_per_partition(
+    event_log: EventLog, topic: str
+) -> None:
+    zero = [event_log.append(topic, 0, b"a", str(i).encode()) for i in range(10)]
+    one = [event_log.append(topic, 1, b"b", str(i).encode()) for i in range(5)]
+    assert [await f for f in zero] == list(range(10))
+    assert [await f for f in one] == list(range(5))
+    assert await event_log.end_offset(topic, 0) == 10
+    assert await event_log.end_offset(topic, 1) == 5
+    assert await event_log.end_offset(topic, 2) == 0
+
+
+async def test_records_keep_order_key_value_and_timestamp(event_log: EventLog, topic: str) -> None:
+    futures = [event_log.append(topic, 2, f"k{i}".encode(), f"v{i}".encode()) for i in range(50)]
+    await event_log.flush()
+    assert all(f.done() for f in futures)
+    records = await event_log.read_range(topic, 2, 0, 50)
+    assert [r.offset for r in records] == list(range(50))
+    assert [(r.key, r.value) for r in records] == [
+        (f"k{i}".encode(), f"v{i}".encode()) for i in range(50)
+    ]
+    assert all(r.topic == topic and r.partition == 2 for r in records)
+    assert all(r.timestamp_ms > 1_600_000_000_000 for r in records)
+    assert [r.timestamp_ms for r in records] == sorted(r.timestamp_ms for r in records)
+
+
+async def test_empty_keys_and_values_round_trip(event_log: EventLog, topic: str) -> None:
+    await event_log.append(topic, 0, b"", b"")
+    [record] = await event_log.read_range(topic, 0, 0, 1)
+    assert (record.key, record.value) == (b"", b"")
+
+
+async def test_read_range_returns_only_written_records_in_bounds(
+    event_log: EventLog, topic: str
+) -> None:
+    for i in range(6):
+        event_log.append(topic, 3, b"k", str(i).encode())
+    await event_log.flush()
+    assert [r.value for r in await event_log.read_range(topic, 3, 2, 5)] == [b"2", b"3", b"4"]
+    assert [r.offset for r in await event_log.read_range(topic, 3, 4, 100)] == [4, 5]
+    assert await event_log.read_range(topic, 3, 6, 10) == []
+    assert await event_log.read_range(topic, 3, 3, 3) == []
+
+
+async def test_read_tails_from_an_offset_and_wakes_on_new_records(
+    event_log: EventLog, topic: str
+) -> None:
+    for i in range(3):
+        await event_log.append(topic, 1, b"k", str(i).encode())
+    tail = aiter(event_log.read(topic, 1, 1))
+    assert (await asyncio.wait_for(anext(tail), 10)).value == b"1"
+    assert (await asyncio.wait_for(anext(tail), 10)).value == b"2"
+    waiting = asyncio.create_task(anext(tail))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # a tail waits for records that do not exist yet
+    await event_log.append(topic, 1, b"k", b"3")
+    record = await asyncio.wait_for(waiting, 10)
+    assert (record.offset, record.value) == (3, b"3")
+    await tail.aclose()  # type: ignore[attr-defined]
+
+
+async def test_tails_of_one_partition_are_independent(event_log: EventLog, topic: str) -> None:
+    for i in range(4):
+        event_log.append(topic, 0, b"k", str(i).encode())
+    await event_log.flush()
+    late = aiter(event_log.read(topic, 0, 3))
+    assert (await asyncio.wait_for(anext(late), 10)).offset == 3
+    early = aiter(event_log.read(topic, 0, 0))  # starts before the other tail's position
+    assert [(await asyncio.wait_for(anext(early), 10)).offset for _ in range(4)] == [0, 1, 2, 3]
+    await event_log.append(topic, 0, b"k", b"4")
+    assert (await asyncio.wait_for(anext(late), 10)).offset == 4
+    assert (await asyncio.wait_for(anext(early), 10)).offset == 4
+    for tail in (late, early):
+        await tail.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_second_client_sees_the_first_clients_records(
+    driver: Driver, event_log: EventLog, topic: str
+) -> None:
+    async with driver.make() as other:
+        tail = aiter(other.read(topic, 2, 0))
+        waiting = asyncio.create_task(anext(tail))
+        await event_log.append(topic, 2, b"k", b"from-first")
+        assert (await asyncio.wait_for(waiting, 10)).value == b"from-first"
+        assert await other.end_offset(topic, 2) == 1
+        await tail.aclose()  # type: ignore[attr-defined]
+
+
+async def test_ensure_topic_is_idempotent_and_counts_partitions(
+    event_log: EventLog, topic: str
+) -> None:
+    await event_log.ensure_topic(topic, PARTITIONS)
+    assert await event_log.partition_count(topic) == PARTITIONS
+    with pytest.raises(LogError):
+        await event_log.partition_count(f"missing.{uuid.uuid4().hex}")
+    with pytest.raises(LogError):
+        await event_log.end_offset(topic, PARTITIONS)
+
+
+async def test_flush_waits_for_every_append(event_log: EventLog, topic: str) -> None:
+    futures = [event_log.append(topic, i % PARTITIONS, b"k", b"v") for i in range(400)]
+    await event_log.flush()
+    assert all(f.done() and not f.exception() for f in futures)
+    assert sum([await event_log.end_offset(topic, p) for p in range(PARTITIONS)]) == 400
+
+
+async def test_partition_for_places_keys_identically_everywhere(
+    event_log: EventLog, topic: str
+) -> None:
+    # Fixed values: a change here would move existing conversations to other partitions.
+    keys = [f"conversation-{i}".encode() for i in range(8)]
+    assert [partition_for(key, 4) for key in keys] == [2, 0, 2, 0, 3, 1, 3, 1]
+    assert partition_for(b"conversation-0", 1) == 0
+    with pytest.raises(ValueError):
+        partition_for(b"x", 0)
+    key = b"conversation-5"
+    partition = partition_for(key, await event_log.partition_count(topic))
+    offset = await event_log.append(topic, partition, key, b"hello")
+    [record] = await event_log.read_range(topic, partition, offset, offset + 1)
+    assert record.key == key
+
+
+async def test_records_and_commits_survive_reopening(driver: Driver, topic: str) -> None:
+    group = unique_group()
+    async with driver.make() as first:
+        for i in range(5):
+            first.append(topic, 1, b"k", str(i).encode())
+        await first.flush()
+        member = first.consumer(topic, group, "m1")
+        seen: list[Record] = []
+        task = asyncio.create_task(collect(member, seen, commit_up_to=2))
+        await wait_until(lambda: len(seen) == 5)
+        await wait_until_committed(first, topic, group, 1, 3)
+        await member.close()
+        await asyncio.wait_for(task, 30)
+    async with driver.make() as reopened:
+        assert await reopened.end_offset(topic, 1) == 5
+        records = await reopened.read_range(topic, 1, 0, 5)
+        assert [r.value for r in records] == [str(i).encode() for i in range(5)]
+        assert await reopened.committed(topic, group, 1) == 3
+        assert await reopened.partition_count(topic) == PARTITIONS
+
+
+async def collect(
+    consumer: GroupConsumer, sink: list[Record], *, commit_up_to: int | None = None
+) -> None:
+    """Take records; commit those with offset <= commit_up_to (all when None)."""
+    async for record in consumer:
+        sink.append(record)
+        if commit_up_to is None or record.offset <= commit_up_to:
+            await consumer.commit(record)
+
+
+async def wait_until_committed(
+    log: EventLog, topic: str, group: str, partition: int, offset: int
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while await log.committed(topic, group, partition) != offset:
+        if loop.time() > deadline:
+            raise AssertionError(f"{group} never committed {offset} on {topic}/{partition}")
+        await asyncio.sleep(0.05)
+
+
+def settled(*members: GroupConsumer) -> bool:
+    """Every partition owned by exactly one member, and every member owning some."""
+    owned = [m.assignment() for m in members]
+    union: set[int] = set().union(*owned)
+    return (
+        all(owned) and union == set(range(PARTITIONS)) and sum(len(o) for o in owned) == PARTITIONS
+    )
+
+
+async def test_committed_is_zero_before_any_commit(event_log: EventLog, topic: str) -> None:
+    assert await event_log.committed(topic, unique_group(), 0) == 0
+
+
+async def test_group_spreads_partitions_and_delivers_each_record_once(
+    event_log: EventLog, topic: str
+) -> None:
+    group = unique_group()
+    a, b = event_log.consumer(topic, group, "a"), event_log.consumer(topic, group, "b")
+    a_seen: list[Record] = []
+    b_seen: list[Record] = []
+    tasks = [asyncio.create_task(collect(a, a_seen)), asyncio.create_task(collect(b, b_seen))]
+    try:
+        await wait_until(lambda: settled(a, b))
+        for partition in range(PARTITIONS):
+            for i in range(3):
+                event_log.append(topic, partition, b"k", f"{partition}:{i}".encode())
+        await event_log.flush()
+        await wait_until(lambda: len(a_seen) + len(b_seen) >= 3 * PARTITIONS)
+        await asyncio.sleep(0.5)  # nothing more must come
+        assert len(a_seen) + len(b_seen) == 3 * PARTITIONS
+        assert {r.partition for r in a_seen} == a.assignment()
+        assert {r.partition for r in b_seen} == b.assignment()
+        for seen in (a_seen, b_seen):
+            for partition in {r.partition for r in seen}:
+                offsets = [r.offset for r in seen if r.partition == partition]
+                assert offsets == [0, 1, 2]
+        for partition in range(PARTITIONS):
+            await wait_until_committed(event_log, topic, group, partition, 3)
+    finally:
+        await a.close()
+        await b.close()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+
+async def test_uncommitted_records_go_to_the_next_owner_when_a_member_leaves(
+    event_log: EventLog, topic: str
+) -> None:
+    group = unique_group()
+    stay, leave = event_log.consumer(topic, group, "a"), event_log.consumer(topic, group, "b")
+    stay_seen: list[Record] = []
+    leave_seen: list[Record] = []
+    stay_task = asyncio.create_task(collect(stay, stay_seen))
+    # The leaving member finishes only the first record of each of its partitions.
+    leave_task = asyncio.create_task(collect(leave, leave_seen, commit_up_to=0))
+    try:
+        await wait_until(lambda: settled(stay, leave))
+        handed_over = leave.assignment()
+        for partition in range(PARTITIONS):
+            for i in range(3):
+                event_log.append(topic, partition, b"k", f"{partition}:{i}".encode())
+        await event_log.flush()
+        await wait_until(lambda: len(leave_seen) == 3 * len(handed_over))
+        for partition in handed_over:
+            await wait_until_committed(event_log, topic, group, partition, 1)
+        await leave.close()
+        await asyncio.wait_for(leave_task, 30)
+        assert leave.assignment() == frozenset()
+        await wait_until(lambda: stay.assignment() == set(range(PARTITIONS)))
+        expected = sorted((p, offset) for p in handed_over for offset in (1, 2))
+        await wait_until(
+            lambda: (
+                sorted((r.partition, r.offset) for r in stay_seen if r.partition in handed_over)
+                == expected
+            )
+        )
+        for partition in range(PARTITIONS):
+            await wait_until_committed(event_log, topic, group, partition, 3)
+    finally:
+        await stay.close()
+        await leave.close()
+        await asyncio.wait_for(asyncio.gather(stay_task, leave_task), 30)
+
+
+async def test_a_member_stops_receiving_and_committing_partitions_it_lost(
+    event_log: EventLog, topic: str
+) -> None:
+    group = unique_group()
+    first = event_log.consumer(topic, group, "a")
+    first_seen: list[Record] = []
+    first_task = asyncio.create_task(collect(first, first_seen, commit_up_to=-1))
+    await wait_until(lambda: first.assignment() == set(range(PARTITIONS)))
+    for partition in range(PARTITIONS):
+        await event_log.append(topic, partition, b"k", b"before")
+    await wait_until(lambda: len(first_seen) == PARTITIONS)
+    second = event_log.consumer(topic, group, "b")
+    second_seen: list[Record] = []
+    second_task = asyncio.create_task(collect(second, second_seen, commit_up_to=-1))
+    try:
+        await wait_until(lambda: settled(first, second))
+        lost = second.assignment()
+        # A late commit of a lost partition must not move the new owner's offset.
+        for record in first_seen:
+            if record.partition in lost:
+                await first.commit(record)
+        for partition in lost:
+            assert await event_log.committed(topic, group, partition) == 0
+        # The new owner gets what was never committed; the old owner gets nothing new there.
+        await wait_until(
+            lambda: {(r.partition, r.offset) for r in second_seen} >= {(p, 0) for p in lost}
+        )
+        count_before = len(first_seen)
+        for partition in lost:
+            await event_log.append(topic, partition, b"k", b"after")
+        await wait_until(lambda: sum(r.offset == 1 for r in second_seen) == len(lost))
+        await asyncio.sleep(0.3)
+        assert len(first_seen) == count_before
+    finally:
+        await first.close()
+        await second.close()
+        await asyncio.wait_for(asyncio.gather(first_task, second_task), 30)

@@ -1,0 +1,560 @@
+"""The gateway core and hub over a real embedded log on a temporary file (no gRPC servers).
+
+The test plays the agent: it appends TurnStarted / TokenEmitted / TurnFinished records itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+import pytest
+from chat.events.v1 import events_pb2
+
+from mesh.auth import Principal, RateLimiter, hash_key
+from mesh.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from mesh.log import TURN_EVENTS, TURN_REQUESTS, LogSettings, partition_for
+from mesh.log.embedded import EmbeddedLog
+from services.gateway.core import GatewayCore, TurnStream
+from services.gateway.model import (
+    Accepted,
+    CancelFrame,
+    CreditFrame,
+    EmptyFrame,
+    Finished,
+    FinishReason,
+    Frame,
+    FrameError,
+    Output,
+    ResumeFrame,
+    StartFrame,
+    StartRequest,
+    TokenOut,
+    TurnInfo,
+)
+from services.gateway.settings import GatewaySettings
+
+ACME = Principal("acme", hash_key("acme-key"))
+GLOBEX = Principal("globex", hash_key("globex-key"))
+STEP_TIMEOUT_S = 10.0
+
+
+class KnownConversations:
+    """Conversations the fake directory knows, per tenant (the persister's answer)."""
+
+    def __init__(self) -> None:
+        self.known: set[tuple[str, str]] = set()
+
+    async def require_conversation(self, tenant_id: str, conversation_id: str) -> None:
+        if (tenant_id, conversation_id) not in self.known:
+            raise NotFound("no such conversation", reason="CONVERSATION_NOT_FOUND")
+
+
+class Agent:
+    """Appends a turn's events to the log, like an agent would."""
+
+    def __init__(self, log: EmbeddedLog, turn: TurnStream | TurnInfo) -> None:
+        info = turn.info if isinstance(turn, TurnStream) else turn
+        self.log = log
+        self.turn_id = info.turn_id
+        self.key = info.conversation_id.encode()
+        self.partition = info.partition
+
+    def _append(self, event: events_pb2.TurnEvent) -> asyncio.Future[int]:
+        return self.log.append(TURN_EVENTS, self.partition, self.key, event.SerializeToString())
+
+    async def started(self) -> None:
+        await self._append(
+            events_pb2.TurnEvent(started=events_pb2.TurnStarted(turn_id=self.turn_id))
+        )
+
+    async def tokens(self, seqs: Iterable[int], tag: str = "") -> None:
+        futures = [
+            self._append(
+                events_pb2.TurnEvent(
+                    token=events_pb2.TokenEmitted(
+                        turn_id=self.turn_id, seq=seq, text=f"{tag}{seq} "
+                    )
+                )
+            )
+            for seq in seqs
+        ]
+        await asyncio.gather(*futures)
+
+    async def finished(self, reason: int = 1, last_seq: int = 0, model: str = "tiny") -> None:
+        await self._append(
+            events_pb2.TurnEvent(
+                finished=events_pb2.TurnFinished(
+                    turn_id=self.turn_id, finish_reason=reason, last_seq=last_seq, model=model
+                )
+            )
+        )
+
+
+@pytest.fixture
+async def log(tmp_path: Path) -> AsyncIterator[EmbeddedLog]:
+    async with EmbeddedLog(tmp_path / "log.sqlite3") as opened:
+        yield opened
+
+
+def make_settings(tmp_path: Path, **changes: object) -> GatewaySettings:
+    base = GatewaySettings(log=LogSettings(path=tmp_path / "log.sqlite3"), queue_poll_s=0.05)
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def conversations() -> KnownConversations:
+    return KnownConversations()
+
+
+@pytest.fixture
+async def core(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> AsyncIterator[GatewayCore]:
+    async with GatewayCore(
+        make_settings(tmp_path), log=log, conversations=conversations
+    ) as started:
+        yield started
+
+
+async def collect(stream: AsyncIterator[Output], *, until_finished: bool = True) -> list[Output]:
+    out: list[Output] = []
+
+    async def run() -> None:
+        async for item in stream:
+            out.append(item)
+            if until_finished and isinstance(item, Finished):
+                return
+
+    await asyncio.wait_for(run(), STEP_TIMEOUT_S)
+    return out
+
+
+def tokens(outputs: list[Output]) -> list[tuple[int, str]]:
+    return [(o.seq, o.text) for o in outputs if isinstance(o, TokenOut)]
+
+
+def finished(outputs: list[Output]) -> Finished:
+    last = outputs[-1]
+    assert isinstance(last, Finished), outputs[-3:]
+    return last
+
+
+async def test_tokens_arrive_in_order_and_the_finish_ends_the_stream(
+    core: GatewayCore, log: EmbeddedLog
+) -> None:
+    turn = await core.start_turn(ACME, StartRequest("", "hello"))
+    assert turn.info.partition == partition_for(turn.info.conversation_id.encode(), 4)
+    agent = Agent(log, turn)
+    await agent.started()
+    await agent.tokens(range(1, 51))
+    await agent.finished(last_seq=50)
+    outputs = await collect(core.follow(turn))
+    assert isinstance(outputs[0], Accepted)
+    assert outputs[0].turn_id == turn.turn_id
+    assert tokens(outputs) == [(seq, f"{seq} ") for seq in range(1, 51)]
+    done = finished(outputs)
+    assert done.finish_reason is FinishReason.STOP
+    assert done.last_seq == 50
+    assert done.timings is not None and done.timings.total_ms > 0
+    assert core.hub.subscriber_count() == 0
+
+
+async def test_the_request_is_logged_with_the_turn(core: GatewayCore, log: EmbeddedLog) -> None:
+    turn = await core.start_turn(ACME, StartRequest("", "what is up?", request_id="r-1"))
+    records = await log.read_range(
+        TURN_REQUESTS, turn.info.partition, turn.info.request_offset, turn.info.request_offset + 1
+    )
+    request = events_pb2.TurnRequested.FromString(records[0].value)
+    assert request.turn_id == turn.turn_id
+    assert request.tenant_id == "acme"
+    assert request.user_text == "what is up?"
+    assert request.request_id == "r-1"
+    assert request.events_partition == turn.info.partition
+    assert request.events_start_offset == turn.info.events_start
+    assert records[0].key == turn.info.conversation_id.encode()
+    turn.close()
+
+
+async def test_replays_and_zombie_duplicates_are_dropped_first_record_wins(
+    core: GatewayCore, log: EmbeddedLog
+) -> None:
+    turn = await core.start_turn(ACME, StartRequest("", "hi"))
+    agent = Agent(log, turn)
+    await agent.started()
+    await agent.tokens([1, 2], "a")
+    await agent.tokens([2, 3, 1], "b")  # a second agent re-emitting
+    await agent.tokens([3, 4], "a")
+    await agent.finished(last_seq=4)
+    outputs = await collect(core.follow(turn))
+    assert tokens(outputs) == [(1, "a1 "), (2, "a2 "), (3, "b3 "), (4, "a4 ")]
+
+
+async def test_tokens_ahead_of_a_gap_wait_for_it(core: GatewayCore, log: EmbeddedLog) -> None:
+    turn = await core.start_turn(ACME, StartRequest("", "hi"))
+    agent = Agent(log, turn)
+    await agent.tokens([1, 3, 4, 2, 5])
+    await agent.finished(last_seq=5)
+    outputs = await collect(core.follow(turn))
+    assert [seq for seq, _ in tokens(outputs)] == [1, 2, 3, 4, 5]
+
+
+async def test_only_the_first_finish_counts(core: GatewayCore, log: EmbeddedLog) -> None:
+    turn = await core.start_turn(ACME, StartRequest("", "hi"))
+    agent = Agent(log, turn)
+    await agent.tokens([1])
+    await agent.finished(reason=1, last_seq=1)
+    await agent.tokens([2])
+    await agent.finished(reason=2, last_seq=2)
+    outputs = await collect(core.follow(turn))
+    assert tokens(outputs) == [(1, "1 ")]
+    assert finished(outputs).finish_reason is FinishReason.STOP
+
+
+async def test_cancel_of_a_queued_turn_ends_it_at_once(core: GatewayCore) -> None:
+    turn = await core.start_turn(ACME, StartRequest("", "hi"))
+    assert await core.cancel_turn(ACME, turn.turn_id) == turn.turn_id
+    outputs = await collect(core.follow(turn))
+    done = finished(outputs)
+    assert done.finish_reason is FinishReason.CANCELLED
+    assert done.last_seq == 0
+
+
+async def test_cancel_of_a_generating_turn_waits_for_the_agent(
+    core: GatewayCore, log: EmbeddedLog
+) -> None:
+    turn = await core.start_turn(ACME, StartRequest("", "hi"))
+    agent = Agent(log, turn)
+    await agent.started()
+    await agent.tokens([1, 2])
+    await core.cancel(turn.info)
+    await agent.tokens([3])  # the one token in flight when the cancel arrived
+    await agent.finished(reason=4, last_seq=3)
+    outputs = await collect(core.follow(turn))
+    assert [seq for seq, _ in tokens(outputs)] == [1, 2, 3]
+    assert finished(outputs).finish_reason is FinishReason.CANCELLED
+
+
+async def test_a_slow_subscriber_falls_back_to_the_log_without_gaps(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    settings = make_settings(tmp_path, subscriber_buffer=8)
+    async with GatewayCore(settings, log=log, conversations=conversations) as core:
+        turn = await core.start_turn(ACME, StartRequest("", "hi"))
+        fast = await core.resume_turn(ACME, turn.turn_id, 0)
+        agent = Agent(log, turn)
+        await agent.started()
+        fast_outputs = asyncio.create_task(collect(core.follow(fast)))
+        await agent.tokens(range(1, 301))
+        await agent.finished(last_seq=300)
+        # The fast reader finishes while the slow one has not read anything yet.
+        fast_result = await fast_outputs
+        assert [seq for seq, _ in tokens(fast_result)] == list(range(1, 301))
+        assert turn.sub.lagging and turn.sub.overflows >= 1
+        outputs = await collect(core.follow(turn))
+        assert [seq for seq, _ in tokens(outputs)] == list(range(1, 301))
+        assert finished(outputs).last_seq == 300
+
+
+async def test_resume_replays_history_after_seq_then_goes_live(
+    core: GatewayCore, log: EmbeddedLog
+) -> None:
+    turn = await core.start_turn(ACME, StartRequest("", "hi"))
+    agent = Agent(log, turn)
+    await agent.started()
+    await agent.tokens(range(1, 11))
+    turn.close()  # the client went away
+    resumed = await core.resume_turn(ACME, turn.turn_id, 4)
+    received: list[Output] = []
+
+    async def follow() -> None:
+        async for item in core.follow(resumed):
+            received.append(item)
+
+    task = asyncio.create_task(follow())
+    for _ in range(200):
+        if len(tokens(received)) >= 6:
+            break
+        await asyncio.sleep(0.01)
+    assert [seq for seq, _ in tokens(received)] == list(range(5, 11))
+    await agent.tokens(range(9, 16))  # overlaps the history: duplicates must not show
+    await agent.finished(last_seq=15)
+    await asyncio.wait_for(task, STEP_TIMEOUT_S)
+    assert isinstance(received[0], Accepted) and received[0].queue_position == 0
+    assert [seq for seq, _ in tokens(received)] == list(range(5, 16))
+    assert finished(received).last_seq == 15
+
+
+async def test_resume_of_a_finished_turn_replays_it(core: GatewayCore, log: EmbeddedLog) -> None:
+    turn = await core.start_turn(ACME, StartRequest("", "hi"))
+    agent = Agent(log, turn)
+    await agent.tokens(range(1, 4))
+    await agent.finished(last_seq=3)
+    await collect(core.follow(turn))
+    core._known = type(core._known)(10)  # forget it: the lookup must scan the log
+    outputs = await collect(core.follow(await core.resume_turn(ACME, turn.turn_id, 0)))
+    assert [seq for seq, _ in tokens(outputs)] == [1, 2, 3]
+
+
+async def test_resume_refuses_other_tenants_and_unknown_turns(core: GatewayCore) -> None:
+    turn = await core.start_turn(ACME, StartRequest("", "hi"))
+    turn.close()
+    with pytest.raises(NotFound) as other:
+        await core.resume_turn(GLOBEX, turn.turn_id, 0)
+    assert other.value.reason == "TURN_NOT_FOUND"
+    core._known = type(core._known)(10)
+    with pytest.raises(NotFound):
+        await core.resume_turn(GLOBEX, turn.turn_id, 0)
+    with pytest.raises(NotFound):
+        await core.cancel_turn(GLOBEX, turn.turn_id)
+    forged = turn.turn_id[:-16] + "0123456789abcdef"
+    with pytest.raises(NotFound):
+        await core.resume_turn(ACME, forged, 0)
+    with pytest.raises(NotFound):
+        await core.resume_turn(ACME, "t99.0.0.0123456789abcdef", 0)
+    with pytest.raises(InvalidArgument) as malformed:
+        await core.resume_turn(ACME, "not-a-turn", 0)
+    assert malformed.value.reason == "TURN_ID_MALFORMED"
+    with pytest.raises(InvalidArgument) as negative:
+        await core.resume_turn(ACME, turn.turn_id, -1)
+    assert negative.value.reason == "AFTER_SEQ_INVALID"
+
+
+async def test_queue_position_counts_turns_ahead_until_started(
+    core: GatewayCore, log: EmbeddedLog
+) -> None:
+    conversation = "c-queue"
+    core._conversations.known.add(("acme", conversation))  # type: ignore[attr-defined]
+    partition = partition_for(conversation.encode(), core.partitions)
+    for _ in range(3):  # three turns ahead, not yet claimed by any agent
+        await log.append(TURN_REQUESTS, partition, conversation.encode(), b"")
+    turn = await core.start_turn(ACME, StartRequest(conversation, "hi"))
+    received: list[Output] = []
+
+    async def follow() -> None:
+        async for item in core.follow(turn):
+            received.append(item)
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0.2)
+    first = received[0]
+    assert isinstance(first, Accepted) and first.queue_position == 3
+    agent = Agent(log, turn)
+    await agent.started()
+    await agent.tokens([1])
+    await agent.finished(last_seq=1)
+    await asyncio.wait_for(task, STEP_TIMEOUT_S)
+    positions = [o.queue_position for o in received if isinstance(o, Accepted)]
+    assert positions == [3, 0]
+
+
+async def test_unknown_conversation_is_not_found(core: GatewayCore) -> None:
+    with pytest.raises(NotFound) as missing:
+        await core.start_turn(ACME, StartRequest("nope", "hi"))
+    assert missing.value.reason == "CONVERSATION_NOT_FOUND"
+
+
+async def test_same_request_id_returns_the_same_turn(core: GatewayCore) -> None:
+    first = await core.start_turn(ACME, StartRequest("", "hi", request_id="once"))
+    again = await core.start_turn(ACME, StartRequest("", "hi", request_id="once"))
+    other_tenant = await core.start_turn(GLOBEX, StartRequest("", "hi", request_id="once"))
+    assert again.turn_id == first.turn_id and not again.owner
+    assert other_tenant.turn_id != first.turn_id
+    for turn in (first, again, other_tenant):
+        turn.close()
+
+
+async def test_concurrent_retries_with_one_request_id_make_one_turn(core: GatewayCore) -> None:
+    turns = await asyncio.gather(
+        *(core.start_turn(ACME, StartRequest("", "hi", request_id="burst")) for _ in range(5))
+    )
+    assert len({turn.turn_id for turn in turns}) == 1
+    for turn in turns:
+        turn.close()
+
+
+async def test_rate_limit_counts_turn_starts(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    limiter = RateLimiter(0.5, 2)
+    async with GatewayCore(
+        make_settings(tmp_path), log=log, conversations=conversations, limiter=limiter
+    ) as core:
+        for _ in range(2):
+            (await core.start_turn(ACME, StartRequest("", "hi"))).close()
+        with pytest.raises(ResourceExhausted) as limited:
+            await core.start_turn(ACME, StartRequest("", "hi"))
+        assert limited.value.reason == "RATE_LIMITED"
+        assert limited.value.retry_after_s is not None and 0 < limited.value.retry_after_s <= 2
+        (await core.start_turn(GLOBEX, StartRequest("", "hi"))).close()
+
+
+async def test_draining_refuses_new_turns(core: GatewayCore) -> None:
+    core.begin_drain()
+    with pytest.raises(Unavailable) as draining:
+        await core.start_turn(ACME, StartRequest("", "hi"))
+    assert draining.value.reason == "DRAINING"
+
+
+async def test_stream_slots_are_bounded(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    async with GatewayCore(
+        make_settings(tmp_path, max_streams=2), log=log, conversations=conversations
+    ) as core:
+        with core.stream_slot(), core.stream_slot():
+            with pytest.raises(ResourceExhausted) as full:
+                with core.stream_slot():
+                    pass
+            assert full.value.reason == "TOO_MANY_STREAMS"
+            assert full.value.retry_after_s is not None
+        with core.stream_slot():
+            assert core.open_streams == 1
+
+
+# -- the Chat session ----------------------------------------------------------------------------
+
+
+class Frames:
+    """The client side of a Chat session: frames go in, outputs come out."""
+
+    def __init__(self, core: GatewayCore, principal: Principal = ACME) -> None:
+        self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self.outputs: asyncio.Queue[Output] = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(core, principal))
+
+    async def _frames(self) -> AsyncIterator[Frame]:
+        while (frame := await self._queue.get()) is not None:
+            yield frame
+
+    async def _run(self, core: GatewayCore, principal: Principal) -> None:
+        async for output in core.chat_session(principal).run(self._frames()):
+            await self.outputs.put(output)
+
+    def send(self, frame: Frame) -> None:
+        self._queue.put_nowait(frame)
+
+    async def next(self) -> Output:
+        return await asyncio.wait_for(self.outputs.get(), STEP_TIMEOUT_S)
+
+    async def next_error(self) -> FrameError:
+        output = await self.next()
+        assert isinstance(output, FrameError), output
+        return output
+
+    async def nothing_for(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        assert self.outputs.empty(), self.outputs.get_nowait()
+
+    async def close(self) -> None:
+        self._queue.put_nowait(None)
+        await asyncio.wait_for(self._task, STEP_TIMEOUT_S)
+
+
+async def test_chat_frames_before_a_start_are_reported_and_the_stream_stays_usable(
+    core: GatewayCore, log: EmbeddedLog
+) -> None:
+    chat = Frames(core)
+    chat.send(CreditFrame(10))
+    assert (await chat.next_error()).error.reason == "NO_ACTIVE_TURN"
+    chat.send(CancelFrame())
+    assert (await chat.next_error()).error.reason == "NO_ACTIVE_TURN"
+    chat.send(EmptyFrame())
+    assert (await chat.next_error()).error.reason == "FRAME_EMPTY"
+    chat.send(StartFrame(StartRequest("", "")))
+    assert (await chat.next_error()).error.reason == "TEXT_EMPTY"
+    chat.send(StartFrame(StartRequest("", "hello")))
+    accepted = await chat.next()
+    assert isinstance(accepted, Accepted)
+    chat.send(StartFrame(StartRequest("", "again")))
+    busy = await chat.next_error()
+    assert busy.error.reason == "TURN_IN_PROGRESS" and busy.turn_id == accepted.turn_id
+    chat.send(CreditFrame(0))
+    assert (await chat.next_error()).error.reason == "CREDIT_INVALID"
+    chat.send(ResumeFrame("t0.0.0.zz", 0))
+    assert (await chat.next_error()).error.reason == "TURN_IN_PROGRESS"
+    chat.send(CancelFrame())
+    done = await chat.next()
+    assert isinstance(done, Finished) and done.finish_reason is FinishReason.CANCELLED
+    # The stream goes on: a second turn.
+    chat.send(StartFrame(StartRequest("", "second")))
+    second = await chat.next()
+    assert isinstance(second, Accepted) and second.turn_id != accepted.turn_id
+    chat.send(CancelFrame(second.turn_id))
+    assert isinstance(await chat.next(), Finished)
+    await chat.close()
+
+
+async def test_chat_credit_window_holds_tokens_back(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    async with GatewayCore(
+        make_settings(tmp_path, initial_window=3), log=log, conversations=conversations
+    ) as core:
+        chat = Frames(core)
+        chat.send(StartFrame(StartRequest("", "hello")))
+        accepted = await chat.next()
+        assert isinstance(accepted, Accepted)
+        info = core._known.get(accepted.turn_id)
+        assert info is not None
+        agent = Agent(log, info)
+        await agent.started()
+        await agent.tokens(range(1, 11))
+        await agent.finished(last_seq=10)
+        got = [await chat.next() for _ in range(3)]
+        assert [o.seq for o in got if isinstance(o, TokenOut)] == [1, 2, 3]
+        await chat.nothing_for(0.2)
+        chat.send(CreditFrame(5))
+        got = [await chat.next() for _ in range(5)]
+        assert [o.seq for o in got if isinstance(o, TokenOut)] == [4, 5, 6, 7, 8]
+        await chat.nothing_for(0.1)
+        chat.send(CreditFrame(100))
+        rest = [await chat.next() for _ in range(3)]
+        assert [o.seq for o in rest if isinstance(o, TokenOut)] == [9, 10]
+        assert isinstance(rest[-1], Finished)
+        await chat.close()
+
+
+async def test_chat_resume_frame_attaches_to_a_turn(core: GatewayCore, log: EmbeddedLog) -> None:
+    turn = await core.start_turn(ACME, StartRequest("", "hello"))
+    agent = Agent(log, turn)
+    await agent.tokens(range(1, 6))
+    await agent.finished(last_seq=5)
+    turn.close()
+    chat = Frames(core)
+    chat.send(ResumeFrame(turn.turn_id, 2))
+    outputs = [await chat.next() for _ in range(5)]
+    assert isinstance(outputs[0], Accepted)
+    assert [o.seq for o in outputs if isinstance(o, TokenOut)] == [3, 4, 5]
+    assert isinstance(outputs[-1], Finished)
+    other = Frames(core, GLOBEX)
+    other.send(ResumeFrame(turn.turn_id, 0))
+    assert (await other.next_error()).error.reason == "TURN_NOT_FOUND"
+    await chat.close()
+    await other.close()
+
+
+async def test_chat_half_close_lets_the_running_turn_finish(
+    core: GatewayCore, log: EmbeddedLog
+) -> None:
+    chat = Frames(core)
+    chat.send(StartFrame(StartRequest("", "hello")))
+    accepted = await chat.next()
+    assert isinstance(accepted, Accepted)
+    info = core._known.get(accepted.turn_id)
+    assert info is not None
+    closing = asyncio.create_task(chat.close())
+    agent = Agent(log, info)
+    await agent.tokens([1, 2])
+    await agent.finished(last_seq=2)
+    await closing
+    outputs = [chat.outputs.get_nowait() for _ in range(chat.outputs.qsize())]
+    assert [o.seq for o in outputs if isinstance(o, TokenOut)] == [1, 2]
+    assert isinstance(outputs[-1], Finished)
