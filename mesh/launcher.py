@@ -257,6 +257,8 @@ class Mesh:
 
     def describe(self) -> dict[str, object]:
         return {
+            "pid": os.getpid(),
+            "gateway_addr": self.gateway_addr if self.all("gateway") else "",
             "state_dir": str(self.config.state_dir),
             "pg_dsn": self.pg_dsn,
             "services": {s.name: {"addr": s.addr, "metrics_port": s.metrics_port,
@@ -274,6 +276,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=Path(".state"))
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--keys-file", type=Path, default=None)
+    parser.add_argument("--profile", default="embedded", choices=["embedded", "scale"])
     parser.add_argument("--log-driver", default="embedded", choices=["embedded", "kafka"])
     parser.add_argument("--kafka-bootstrap", default="")
     parser.add_argument("--memory-backend", default="postgres", choices=["postgres", "elasticsearch"])

