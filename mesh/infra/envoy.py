@@ -40,6 +40,7 @@ from mesh.settings import Env, SettingsError
 log = logging.getLogger(__name__)
 
 GATEWAY_SERVICE = "chat.gateway.v1.GatewayService"
+FILE_SERVER = "envoy.filters.http.file_server"
 # gRPC paths the listener forwards; everything else is the page (GET) or a 404.
 FORWARDED_PREFIXES = (f"/{GATEWAY_SERVICE}/", "/grpc.health.v1.Health/")
 # Headers gRPC-web (and Connect) clients send; the API key travels as x-api-key.
@@ -243,6 +244,7 @@ def _gateway_cluster(config: EnvoyConfig) -> Any:
 def _route_configuration(config: EnvoyConfig) -> Any:
     from envoy_data_plane.envoy.config.route.v3 import (
         DirectResponseAction,
+        FilterConfig,
         Route,
         RouteAction,
         RouteActionMaxStreamDuration,
@@ -262,12 +264,18 @@ def _route_configuration(config: EnvoyConfig) -> Any:
         timeout=timedelta(0),
         max_stream_duration=RouteActionMaxStreamDuration(grpc_timeout_header_max=timedelta(0)),
     )
+    # file_server answers every request under its prefix (a POST with 405), so gRPC routes
+    # switch it off; it then serves only what falls through to the catch-all route.
+    grpc_filters = (
+        {FILE_SERVER: AnyProto.pack(FilterConfig(disabled=True))}
+        if config.web_root is not None
+        else {}
+    )
     routes = [
-        Route(match=RouteMatch(prefix=prefix), route=forward)
+        Route(match=RouteMatch(prefix=prefix), route=forward, typed_per_filter_config=grpc_filters)
         for prefix in (*FORWARDED_PREFIXES, *config.extra_forwarded_prefixes)
     ]
-    # GETs for the page are answered by the file_server filter before routing; anything else
-    # (a POST to an unknown service, a page request when no page is configured) is a plain 404.
+    # The page's GETs never get here (file_server answers them); what does is a plain 404.
     routes.append(
         Route(
             match=RouteMatch(prefix="/"),
@@ -336,7 +344,7 @@ def _http_filters(config: EnvoyConfig) -> list[Any]:
         )
         filters.append(
             HttpFilter(
-                name="envoy.filters.http.file_server", typed_config=AnyProto.pack(file_server)
+                name=FILE_SERVER, typed_config=AnyProto.pack(file_server)
             )
         )
     filters.append(HttpFilter(name="envoy.filters.http.router", typed_config=AnyProto.pack(Router())))

@@ -71,16 +71,13 @@ CREATE TABLE IF NOT EXISTS tokens (
 
 _TEMP_TOKENS = """
 CREATE TEMP TABLE IF NOT EXISTS persister_tokens_in (
-    ord bigint NOT NULL, turn_id text NOT NULL, seq bigint NOT NULL, text text NOT NULL
+    turn_id text NOT NULL, seq bigint NOT NULL, text text NOT NULL
 ) ON COMMIT DELETE ROWS
 """
 
-# First in log order wins even if a caller passes duplicates: ``ord`` is the input position.
 _INSERT_TOKENS = """
 INSERT INTO tokens (turn_id, seq, text)
-SELECT DISTINCT ON (turn_id, seq) turn_id, seq, text
-FROM persister_tokens_in
-ORDER BY turn_id, seq, ord
+SELECT turn_id, seq, text FROM persister_tokens_in
 ON CONFLICT (turn_id, seq) DO NOTHING
 """
 
@@ -169,13 +166,18 @@ async def create_schema(conn: Conn) -> None:
 
 
 async def _copy_tokens(conn: Conn, rows: Sequence[TokenRow]) -> int:
+    # First in input order wins. Deduplicating here is cheaper than making the database sort,
+    # and leaves no two rows with one key in the statement below.
+    unique: dict[tuple[str, int], TokenRow] = {}
+    for row in rows:
+        unique.setdefault((row.turn_id, row.seq), row)
     async with conn.cursor() as cur:
         await cur.execute(_TEMP_TOKENS)
         # A caller may run several batches in one outer transaction; start from empty.
         await cur.execute("TRUNCATE persister_tokens_in")
-        async with cur.copy("COPY persister_tokens_in (ord, turn_id, seq, text) FROM STDIN") as cp:
-            for ord_, row in enumerate(rows):
-                await cp.write_row((ord_, row.turn_id, row.seq, row.text))
+        async with cur.copy("COPY persister_tokens_in (turn_id, seq, text) FROM STDIN") as cp:
+            for row in unique.values():
+                await cp.write_row((row.turn_id, row.seq, row.text))
         await cur.execute(_INSERT_TOKENS)
         return max(cur.rowcount, 0)
 
