@@ -117,6 +117,9 @@ def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry
     for digest, value in data.items():
         if not isinstance(digest, str) or not _HEX_DIGEST.match(digest):
             raise KeyFileError(f"{source}: {digest!r} is not a lowercase sha256 hex digest")
+        tenant: object
+        rate: object
+        burst: object
         if isinstance(value, str):
             tenant, rate, burst = value, None, None
         elif isinstance(value, dict):
@@ -231,7 +234,10 @@ def add_key_to_file(
     data: dict[str, Any] = {}
     if path.exists():
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if text.strip() else {}
+        try:
+            data = json.loads(text) if text.strip() else {}
+        except ValueError as error:
+            raise KeyFileError(f"{path}: not valid JSON ({error})") from None
         parse_keys(data, source=str(path))
     key = new_api_key()
     entry: dict[str, Any] = {
@@ -376,7 +382,7 @@ def _metadata_value(metadata: Sequence[tuple[str, Any]] | None, name: str) -> st
     return None
 
 
-class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc,unused-ignore]
     """Resolves ``x-api-key`` to a ``Principal`` and runs the handler with it set.
 
     A missing or unknown key aborts the RPC with UNAUTHENTICATED before the handler runs.
@@ -390,9 +396,11 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
         if method.startswith(self._public_prefixes):

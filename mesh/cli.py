@@ -115,7 +115,7 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
 
 
 def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
-    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    trailing: Any = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     for key, value in trailing or ():
         if key == "grpc-status-details-bin" and isinstance(value, bytes):
             status = status_pb2.Status()
@@ -181,7 +181,7 @@ class ChatApp:
 
     def __init__(
         self,
-        stub: Any,
+        connect: Callable[[], grpc.Channel],
         *,
         api_key: str,
         options: ChatOptions,
@@ -189,10 +189,10 @@ class ChatApp:
         out: TextIO = sys.stdout,
         err: TextIO = sys.stderr,
         handle_sigint: bool = True,
-        make_stub: Callable[[], Any] | None = None,
     ) -> None:
-        self._stub = stub
-        self._make_stub = make_stub
+        # A fresh channel per reconnect: an old one may sit in its own reconnect backoff.
+        self._connect = connect
+        self._channel: grpc.Channel | None = None
         self._metadata = ((API_KEY_HEADER, api_key),)
         self._options = options
         self._conversation_id = options.conversation_id
@@ -236,7 +236,7 @@ class ChatApp:
                     continue
                 self.turn(line)
         finally:
-            self._close_stream()
+            self.close()
 
     def _note(self, message: str) -> None:
         self._err.write(message + "\n")
@@ -244,13 +244,21 @@ class ChatApp:
 
     def _open_stream(self) -> _Stream:
         if self._stream is None:
-            self._stream = _Stream(self._stub, self._metadata)
+            if self._channel is None:
+                self._channel = self._connect()
+            self._stream = _Stream(_stub(self._channel), self._metadata)
         return self._stream
 
-    def _close_stream(self) -> None:
+    def _close_stream(self, *, reconnect: bool = False) -> None:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+        if reconnect and self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def close(self) -> None:
+        self._close_stream(reconnect=True)
 
     def _start_request(self, text: str, request_id: str) -> gateway_pb2.ChatRequest:
         options = common_pb2.GenerationOptions(max_tokens=self._options.max_tokens)
@@ -268,15 +276,26 @@ class ChatApp:
         )
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if not self.interrupt():
+            raise _TurnInterrupted()
+
+    def interrupt(self) -> bool:
+        """What Ctrl-C does during a turn.
+
+        The first call cancels the turn and returns True; later ones return False, meaning the
+        user wants to stop waiting for the cancelled turn.
+        """
         self._interrupts += 1
-        if self._interrupts == 1 and self._stream is not None:
-            # First Ctrl-C: ask the gateway to stop; the turn ends with FINISH_REASON_CANCELLED.
-            self._stream.requests.send(
+        if self._interrupts > 1:
+            return False
+        stream = self._stream
+        if stream is not None:
+            # The turn then ends with FINISH_REASON_CANCELLED from the agent.
+            stream.requests.send(
                 gateway_pb2.ChatRequest(cancel=gateway_pb2.CancelTurn(turn_id=self.last_turn_id))
             )
             self._cancel_sent = True
-            return
-        raise _TurnInterrupted()
+        return True
 
     def turn(self, text: str) -> bool:
         """Send one message and print the answer; True if the turn finished."""
@@ -383,7 +402,7 @@ class ChatApp:
                 else:
                     reason = str(error)
                 reconnects += 1
-                self._close_stream()
+                self._close_stream(reconnect=True)
                 if reconnects > MAX_RECONNECTS:
                     if last_seq:
                         self._out.write("\n")
@@ -394,8 +413,6 @@ class ChatApp:
                         )
                     return False
                 time.sleep(min(0.25 * 2 ** (reconnects - 1), 4.0))
-                if self._make_stub is not None:
-                    self._stub = self._make_stub()
                 stream = self._open_stream()
                 attached = False
                 if self.last_turn_id:
@@ -523,9 +540,8 @@ def health(targets: Sequence[tuple[str, str]], *, timeout_s: float, out: TextIO)
     for name, addr in targets:
         try:
             with grpc.insecure_channel(addr) as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[no-untyped-call]
-                    health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
-                )
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
             state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         except grpc.RpcError as error:
             code = error.code() if hasattr(error, "code") else None
@@ -650,22 +666,23 @@ def main(
             targets = health_addresses(environ, args.gateway, args.service)
             return health(targets, timeout_s=args.timeout, out=out)
         api_key = _require_key(args)
+        if args.command == "chat":
+            if args.max_tokens < 0:
+                raise CliError("--max-tokens must be >= 0")
+            gateway = args.gateway
+            app = ChatApp(
+                lambda: grpc.insecure_channel(gateway),
+                api_key=api_key,
+                options=ChatOptions(
+                    args.conversation, args.max_tokens, args.temperature, args.seed
+                ),
+                read_line=_readline_input,
+                out=out,
+                err=err,
+            )
+            return app.run()
         with grpc.insecure_channel(args.gateway) as channel:
             stub = _stub(channel)
-            if args.command == "chat":
-                if args.max_tokens < 0:
-                    raise CliError("--max-tokens must be >= 0")
-                app = ChatApp(
-                    stub,
-                    api_key=api_key,
-                    options=ChatOptions(
-                        args.conversation, args.max_tokens, args.temperature, args.seed
-                    ),
-                    read_line=_readline_input,
-                    out=out,
-                    err=err,
-                )
-                return app.run()
             if args.command == "resume":
                 return resume(
                     stub,

@@ -27,14 +27,19 @@ def _method_name(full: str) -> tuple[str, str]:
     return service.lstrip("/").rsplit(".", 1)[-1], method
 
 
+# grpc's stubs type method handlers for the sync server; under grpc.aio the same objects hold
+# coroutine functions, so handlers and continuations are typed as Any here.
+Handler = Any
+
+
 def wrap_handler(
-    handler: grpc.RpcMethodHandler | None,
+    handler: Handler,
     method: str,
     unary: Callable[[Callable[[], Awaitable[Any]], aio.ServicerContext[Any, Any]], Awaitable[Any]],
     streaming: Callable[
         [Callable[[], AsyncIterator[Any]], aio.ServicerContext[Any, Any]], AsyncIterator[Any]
     ],
-) -> grpc.RpcMethodHandler | None:
+) -> Handler:
     """Return ``handler`` with its behaviour run inside ``unary`` or ``streaming`` wrappers."""
     if handler is None:
         return None
@@ -87,14 +92,14 @@ async def abort_with(context: aio.ServicerContext[Any, Any], error: MeshError) -
     )
 
 
-class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+class ErrorInterceptor(aio.ServerInterceptor):
     """Maps ``MeshError`` to its status; any other exception becomes INTERNAL without details."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Any,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
 
@@ -139,7 +144,7 @@ def _code_of(ctx: aio.ServicerContext[Any, Any], error: BaseException | None) ->
     return "OK"
 
 
-class MetricsInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+class MetricsInterceptor(aio.ServerInterceptor):
     """Counts RPCs by final code and tracks open streams. Put it before ErrorInterceptor."""
 
     def __init__(self, service: str) -> None:
@@ -147,9 +152,9 @@ class MetricsInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Any,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         _, method = _method_name(handler_call_details.method)
         service = self._service

@@ -27,9 +27,9 @@ class EmbeddedPostgres:
         self._data_dir.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import pgserver
+            from pgserver import get_server  # type: ignore[attr-defined]
 
-            self._server = pgserver.get_server(str(self._data_dir), cleanup_mode=None)
+            self._server = get_server(str(self._data_dir), cleanup_mode="stop")
         return str(self._server.get_uri())
 
     def stop(self) -> None:

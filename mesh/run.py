@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from mesh import cli
 from mesh.auth import KeyStore, add_key_to_file
@@ -65,7 +66,7 @@ def _launcher_args(args: argparse.Namespace, model: Path, keys_file: Path) -> li
     ]
 
 
-def _wait_for_mesh(process: subprocess.Popen[bytes], info_path: Path, timeout_s: float) -> dict:
+def _wait_for_mesh(process: subprocess.Popen[bytes], info_path: Path, timeout_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -73,7 +74,7 @@ def _wait_for_mesh(process: subprocess.Popen[bytes], info_path: Path, timeout_s:
                 f"the mesh failed to start (exit {process.returncode}); see {STATE_DIR}/logs/"
             )
         if info_path.exists():
-            info: dict = json.loads(info_path.read_text())
+            info: dict[str, Any] = json.loads(info_path.read_text())
             if info.get("pid") == process.pid:
                 return info
         time.sleep(0.3)

@@ -7,6 +7,7 @@ import time.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,21 +35,21 @@ class Secret:
 class Env:
     """Typed access to variables sharing a prefix, e.g. ``Env(os.environ, "MESH_GATEWAY_")``."""
 
-    def __init__(self, environ: Mapping[str, str], prefix: str) -> None:
+    def __init__(self, environ: Mapping[str, str], prefix: builtins.str) -> None:
         self._environ = environ
         self._prefix = prefix
 
-    def _raw(self, name: str) -> str | None:
+    def _raw(self, name: builtins.str) -> builtins.str | None:
         return self._environ.get(self._prefix + name)
 
-    def str(self, name: str, default: str) -> str:
+    def str(self, name: builtins.str, default: builtins.str) -> builtins.str:
         value = self._raw(name)
         return default if value is None or value == "" else value
 
-    def secret(self, name: str, default: str = "") -> Secret:
+    def secret(self, name: builtins.str, default: builtins.str = "") -> Secret:
         return Secret(self.str(name, default))
 
-    def int(self, name: str, default: int, *, minimum: int | None = None) -> int:
+    def int(self, name: builtins.str, default: builtins.int, *, minimum: builtins.int | None = None) -> builtins.int:
         value = self._raw(name)
         if value is None or value == "":
             return default
@@ -60,7 +61,7 @@ class Env:
             raise SettingsError(f"{self._prefix}{name}={parsed} must be >= {minimum}")
         return parsed
 
-    def float(self, name: str, default: float) -> float:
+    def float(self, name: builtins.str, default: builtins.float) -> builtins.float:
         value = self._raw(name)
         if value is None or value == "":
             return default
@@ -69,7 +70,7 @@ class Env:
         except ValueError:
             raise SettingsError(f"{self._prefix}{name}={value!r} is not a number") from None
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self._raw(name)
         if value is None or value == "":
             return default
@@ -80,11 +81,11 @@ class Env:
             return False
         raise SettingsError(f"{self._prefix}{name}={value!r} is not a boolean")
 
-    def path(self, name: str, default: Path) -> Path:
+    def path(self, name: builtins.str, default: Path) -> Path:
         value = self._raw(name)
         return default if value is None or value == "" else Path(value)
 
-    def list(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+    def list(self, name: builtins.str, default: tuple[builtins.str, ...] = ()) -> tuple[builtins.str, ...]:
         value = self._raw(name)
         if value is None or value.strip() == "":
             return default

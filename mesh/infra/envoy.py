@@ -377,6 +377,9 @@ def build_bootstrap(config: EnvoyConfig, *, admin_port: int) -> Any:
     listener = Listener(
         name="mesh",
         address=_address(config.listen_host, config.listen_port),
+        # With SO_REUSEPORT (Envoy's default) a second Envoy, e.g. a leftover one, would share
+        # the port and answer half the requests with its old config; fail to bind instead.
+        enable_reuse_port=False,
         filter_chains=[
             FilterChain(
                 filters=[
@@ -455,6 +458,19 @@ async def _http_get(host: str, port: int, path: str, *, timeout_s: float = 2.0) 
     return await asyncio.wait_for(fetch(), timeout_s)
 
 
+def _die_with_parent() -> list[str]:
+    """A prefix making Envoy exit when the process that started it dies without stopping it.
+
+    A killed test run or launcher would otherwise leave Envoy holding its port. ``setpriv``
+    (util-linux, on every Debian) sets the parent-death signal without a ``preexec_fn``, which
+    is unsafe in a process with threads (grpc has several).
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or not sys.platform.startswith("linux"):
+        return []
+    return [setpriv, "--pdeathsig", "TERM", "--"]
+
+
 class EnvoyProxy:
     """Runs Envoy with a bootstrap built from ``config``; ``start`` returns once it is ready.
 
@@ -531,6 +547,7 @@ class EnvoyProxy:
         admin_path.unlink(missing_ok=True)
         binary = self._binary or envoy_binary()
         command = [
+            *_die_with_parent(),
             str(binary),
             "-c",
             str(config_path),

@@ -17,10 +17,12 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import ctypes
 import enum
+import functools
 import logging
 import threading
 import time
@@ -239,8 +241,7 @@ class LlamaEngine:
             self._slots.append(slot)
             self._free.put_nowait(slot)
         first = self._slots[0].llama
-        import llama_cpp
-
+        llama_cpp = _llama_cpp()
         self._vocab = llama_cpp.llama_model_get_vocab(first.model)
         self._eos = int(first.token_eos())
         self._bos = int(first.token_bos())
@@ -258,12 +259,7 @@ class LlamaEngine:
         )
 
     def _load(self) -> Any:
-        try:
-            import llama_cpp
-        except ImportError as error:  # pragma: no cover - depends on the install
-            raise EngineError(
-                "llama-cpp-python is not installed; `pip install llama-cpp-python`"
-            ) from error
+        llama_cpp = _llama_cpp()
         try:
             return llama_cpp.Llama(
                 model_path=str(self.model_path),
@@ -314,8 +310,7 @@ class LlamaEngine:
 
     def token_bytes(self, token: int) -> bytes:
         """Bytes of one token as generated text (special tokens render as nothing)."""
-        import llama_cpp
-
+        llama_cpp = _llama_cpp()
         size = 64
         while True:
             buffer = ctypes.create_string_buffer(size)
@@ -325,16 +320,12 @@ class LlamaEngine:
             size = -n
 
     def is_end_of_generation(self, token: int) -> bool:
-        import llama_cpp
-
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return bool(_llama_cpp().llama_vocab_is_eog(self._vocab, token))
 
     def _token_text(self, token: int) -> str:
         if token < 0 or self._vocab is None:
             return ""
-        import llama_cpp
-
-        raw = llama_cpp.llama_vocab_get_text(self._vocab, token)
+        raw = _llama_cpp().llama_vocab_get_text(self._vocab, token)
         return raw.decode("utf-8", errors="replace") if raw else ""
 
     def _any_llama(self) -> Any:
@@ -453,8 +444,23 @@ class LlamaEngine:
 
 def gpu_offload_supported() -> bool:
     """Whether this llama.cpp build can offload layers to a GPU."""
+    return bool(_llama_cpp().llama_supports_gpu_offload())
+
+
+@functools.cache
+def _llama_cpp() -> Any:
+    """The llama_cpp module, imported on first use so the rest of the mesh runs without it."""
     try:
         import llama_cpp
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(llama_cpp.llama_supports_gpu_offload())
+        import llama_cpp._utils as utils
+    except ImportError as error:  # pragma: no cover - depends on the install
+        raise EngineError(
+            "llama-cpp-python is not installed; `pip install llama-cpp-python`"
+        ) from error
+    # llama_cpp opens /dev/null twice at import and never closes it, which shows up as
+    # ResourceWarnings at exit; close them once nothing can load a model any more.
+    for name in ("outnull_file", "errnull_file"):
+        handle = getattr(utils, name, None)
+        if handle is not None:
+            atexit.register(handle.close)
+    return llama_cpp

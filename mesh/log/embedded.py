@@ -118,6 +118,8 @@ class _DbThread:
             return await loop.run_in_executor(self._executor, self._invoke, fn)
         except sqlite3.Error as error:
             raise LogError(f"embedded log {self._path}: {error}") from error
+        except RuntimeError as error:  # the executor was shut down by stop()
+            raise LogError(f"embedded log {self._path} is stopped") from error
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -141,6 +143,9 @@ class _Changes:
 
     def versions(self, keys: Iterable[_Key]) -> dict[_Key, int]:
         return {key: self._versions.get(key, 0) for key in keys}
+
+    def wake_all(self) -> None:
+        self.wake(list(self._waiters))
 
     def wake(self, keys: Iterable[_Key]) -> None:
         for key in keys:
@@ -355,6 +360,7 @@ class EmbeddedLog:
         self._writer_task: asyncio.Task[None] | None = None
         self._partition_counts: dict[str, int] = {}
         self._consumers: set[_EmbeddedConsumer] = set()
+        self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -362,6 +368,7 @@ class EmbeddedLog:
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self._stopping = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = _DbThread(self.path, "mesh-log-write", self._busy_timeout_s)
         self._reader = _DbThread(self.path, "mesh-log-read", self._busy_timeout_s)
@@ -383,6 +390,7 @@ class EmbeddedLog:
     async def stop(self) -> None:
         if self._loop is None:
             return
+        self._stopping = True
         for consumer in list(self._consumers):
             await consumer.close()
         with contextlib.suppress(LogError):
@@ -395,6 +403,8 @@ class EmbeddedLog:
             if not item.future.done():
                 item.future.set_exception(LogError("embedded log stopped"))
         self._pending.clear()
+        if self._changes is not None:
+            self._changes.wake_all()  # tails notice _stopping and raise
         if self._poller is not None:
             self._poller.stop()
             await asyncio.to_thread(self._poller.join, 5.0)
@@ -548,6 +558,8 @@ class EmbeddedLog:
         key = (topic, partition)
         position = start_offset
         while True:
+            if self._stopping:
+                raise LogError("embedded log stopped while a tail was open")
             seen = changes.versions([key])
             records = await reader.call(
                 functools.partial(_fetch, topic, partition, position, None, _READ_BATCH)

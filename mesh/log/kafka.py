@@ -45,7 +45,6 @@ from mesh.log.base import LogError, Record
 _log = logging.getLogger(__name__)
 
 _Key = tuple[str, int]
-_Setting = str | int | float | bool
 
 # Commit failures that mean "this member's view of the group is stale": the partition's next
 # owner gets the record again, so they are dropped like the embedded driver drops them.
@@ -121,12 +120,14 @@ class KafkaLog:
         self._partition_counts: dict[str, int] = {}
         self._consumers: set[_KafkaGroupConsumer] = set()
 
-    def client_config(self, extra: Mapping[str, _Setting] | None = None) -> dict[str, _Setting]:
+    def client_config(self, extra: Mapping[str, object] | None = None) -> dict[str, Any]:
         """librdkafka settings shared by every client of this log, plus ``extra``."""
         return {
             "bootstrap.servers": self.bootstrap,
             "client.id": self.client_id,
             "socket.nagle.disable": True,
+            # librdkafka's errors (broker down, ...) go to our logging, not raw to stderr. Only
+            # clients that are polled deliver them, so the admin client keeps librdkafka's own.
             "log_level": 3,
             **self.config,
             **(extra or {}),
@@ -140,6 +141,7 @@ class KafkaLog:
         self._loop = asyncio.get_running_loop()
         self._stopping.clear()
         self._admin = AdminClient(self.client_config())
+        rdkafka_log = logging.getLogger("mesh.log.kafka.librdkafka")
         self._producer = Producer(
             self.client_config(
                 {
@@ -149,6 +151,7 @@ class KafkaLog:
                     "linger.ms": 0,
                     "delivery.timeout.ms": int(self.request_timeout_s * 1000),
                     "queue.buffering.max.messages": 1_000_000,
+                    "logger": rdkafka_log,
                 }
             )
         )
@@ -340,7 +343,10 @@ class KafkaLog:
         reader = tail.subscribe((topic, partition), start_offset)
         try:
             while True:
-                yield await reader.records.get()
+                record = await reader.records.get()
+                if record is None:
+                    raise LogError("Kafka log stopped while a tail was open")
+                yield record
         finally:
             tail.unsubscribe(reader)
 
@@ -357,6 +363,8 @@ class KafkaLog:
             async with asyncio.timeout(self.request_timeout_s):
                 while not records or records[-1].offset < end - 1:
                     record = await reader.records.get()
+                    if record is None:
+                        raise LogError("Kafka log stopped during read_range")
                     if record.offset < end:
                         records.append(record)
                     else:
@@ -404,7 +412,8 @@ def _fail(future: asyncio.Future[int], error: LogError) -> None:
 class _Reader:
     key: _Key
     position: int
-    records: asyncio.Queue[Record] = field(default_factory=asyncio.Queue)
+    # None: the log stopped.
+    records: asyncio.Queue[Record | None] = field(default_factory=asyncio.Queue)
     # False until the tail thread has placed its fetch position at or before ``position``:
     # records delivered before that may skip some of ours, so they are ignored.
     synced: bool = False
@@ -430,6 +439,7 @@ class _Tail:
                     # long a newly assigned partition waits for the fetch in flight to return.
                     "fetch.wait.max.ms": 20,
                     "enable.partition.eof": False,
+                    "logger": logging.getLogger("mesh.log.kafka.librdkafka"),
                 }
             )
         )
@@ -446,6 +456,9 @@ class _Tail:
         self._thread.start()
 
     async def stop(self) -> None:
+        for readers in self._readers.values():
+            for reader in readers:
+                reader.records.put_nowait(None)
         self._stopping = True
         self._wakeup.set()
         await asyncio.to_thread(self._thread.join, 10)
@@ -566,7 +579,7 @@ class _KafkaGroupConsumer:
     def assignment(self) -> frozenset[int]:
         return self._assignment
 
-    def _config(self) -> dict[str, str | int | float | bool]:
+    def _config(self) -> dict[str, Any]:
         log = self._log
         return log.client_config(
             {
@@ -583,6 +596,7 @@ class _KafkaGroupConsumer:
                 "max.poll.interval.ms": 86_400_000,
                 "fetch.wait.max.ms": 20,
                 "enable.partition.eof": False,
+                "logger": logging.getLogger("mesh.log.kafka.librdkafka"),
             }
         )
 

@@ -62,6 +62,9 @@ async def _call_with_retries(
                 )
                 return None, False
             await asyncio.sleep(backoff_s * 2 ** (attempt - 1))
+        except Exception as error:  # a bad address or a client bug: same outcome, no context
+            log.warning("%s failed (%r); continuing without it", what, error)
+            return None, False
     return None, False  # pragma: no cover - the loop always returns
 
 

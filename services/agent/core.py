@@ -253,6 +253,7 @@ class AgentCore:
         first_at: float | None = None
         last_at = 0.0
         pieces = 0
+        emitted_tokens = 0
         async with contextlib.AsyncExitStack() as stack:
             self._waiting += 1
             try:
@@ -264,6 +265,10 @@ class AgentCore:
             watcher = asyncio.create_task(_cancel_when_set(cancel, generation.cancel))
             stack.callback(watcher.cancel)
             async for piece in generation:
+                # Pieces may already wait in the queue; a cancel wins over every one of them.
+                if cancel.is_set():
+                    generation.cancel()
+                    break
                 now = time.monotonic()
                 if first_at is None:
                     first_at = now
@@ -277,13 +282,16 @@ class AgentCore:
                 last_at = now
                 if piece.tokens:
                     metrics.TOKENS_GENERATED.labels(model).inc(piece.tokens)
+                    emitted_tokens += piece.tokens
                 pieces += 1
                 yield Token(pieces, piece.text)
-        reason = generation.finish_reason or FinishReason.ERROR
+        reason = generation.finish_reason or (
+            FinishReason.CANCELLED if cancel.is_set() else FinishReason.ERROR
+        )
         yield _finished(
             reason,
             generation.prompt_tokens or built.prompt_tokens,
-            generation.completion_tokens,
+            emitted_tokens,
             pieces,
             t0,
             first_at,

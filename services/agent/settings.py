@@ -39,7 +39,7 @@ class AgentSettings:
         system_prompt: optional instructions put before every conversation
             (``MESH_AGENT_SYSTEM_PROMPT``).
         memory_addr, persister_addr: where memory and persister listen (``MESH_MEMORY_ADDR``,
-            ``MESH_PERSISTER_ADDR``).
+            ``MESH_PERSISTER_ADDR``; set but empty: turns go without recall or history).
         dependency_timeout_s: deadline of one history or recall call
             (``MESH_AGENT_DEPENDENCY_TIMEOUT_S``).
         dependency_attempts: tries before generating without history or recall
@@ -134,8 +134,8 @@ class AgentSettings:
             default_top_p=top_p,
             recall_top_k=env.int("RECALL_TOP_K", 4, minimum=0),
             system_prompt=env.str("SYSTEM_PROMPT", ""),
-            memory_addr=Env(env_map, "MESH_").str("MEMORY_ADDR", "127.0.0.1:50053"),
-            persister_addr=Env(env_map, "MESH_").str("PERSISTER_ADDR", "127.0.0.1:50054"),
+            memory_addr=env_map.get("MESH_MEMORY_ADDR", "127.0.0.1:50053").strip(),
+            persister_addr=env_map.get("MESH_PERSISTER_ADDR", "127.0.0.1:50054").strip(),
             dependency_timeout_s=dep_timeout,
             dependency_attempts=env.int("DEPENDENCY_ATTEMPTS", 3, minimum=1),
             worker=env.bool("WORKER", True),

@@ -370,7 +370,7 @@ class TurnWorker:
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise LogError(f"{len(failed)} appends of turn {turn.turn_id} failed: {failed[0]}")
-        metrics.TURNS.labels(METRICS_SERVICE, reason.value).inc()
+        metrics.TURNS.labels(METRICS_SERVICE, reason.value.lower()).inc()
         self.turns_finished += 1
         log.info(
             "turn %s finished: %s, %d tokens (seq %d)",

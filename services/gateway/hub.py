@@ -164,10 +164,13 @@ class TurnHub:
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Cancel until done: on Python 3.11 a wait_for deep in a driver can swallow one
+            # cancellation when its inner future completes at the same moment.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=0.5)
+            if not task.cancelled() and task.exception() is not None:
+                _log.warning("tail task ended with %r", task.exception())
         for subs in self._subs:
             for group in list(subs.values()):
                 for sub in list(group):

@@ -1,0 +1,1 @@
+"""The persister: assembles turns from the logs into PostgreSQL and serves history."""

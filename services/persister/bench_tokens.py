@@ -2,8 +2,8 @@
 
     python -m services.persister.bench_tokens [--rows 20000] [--repeat 3]
 
-Uses ``MESH_PG_DSN`` when set, otherwise starts a throwaway embedded PostgreSQL. Rows get fresh
-turn ids each round (so every row is a real insert) and are deleted afterwards.
+Uses ``MESH_PG_DSN`` when set, otherwise a throwaway PostgreSQL (pgserver) removed afterwards.
+Rows get fresh turn ids each round (so every row is a real insert) and are deleted afterwards.
 """
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import psycopg
+from pgserver.postgres_server import get_server
 
-from mesh.pg import EmbeddedPostgres
 from services.persister.core import TokenRow
 from services.persister.store import (
     Conn,
@@ -70,17 +72,22 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     dsn = os.environ.get("MESH_PG_DSN", "")
-    with tempfile.TemporaryDirectory(prefix="persister-bench-") as tmp:
-        server = None
-        if not dsn:
-            os.chmod(tmp, 0o755)  # pgserver runs the server as its own user when we are root
-            server = EmbeddedPostgres(Path(tmp) / "pg")
-            dsn = server.start()
-        try:
-            results = asyncio.run(bench(dsn, args.rows, args.repeat))
-        finally:
-            if server is not None:
-                server.stop()
+    server = None
+    tmp = Path(tempfile.mkdtemp(prefix="persister-bench-"))
+    if not dsn:
+        tmp.chmod(0o755)  # pgserver runs the server as its own user when we are root
+        os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # "delete": a throwaway server, stopped and removed with its last handle.
+            server = get_server(tmp / "pg", cleanup_mode="delete")
+        dsn = str(server.get_uri())
+    try:
+        results = asyncio.run(bench(dsn, args.rows, args.repeat))
+    finally:
+        if server is not None:
+            server.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
     slowest = max(seconds for _, seconds in results)
     print(f"{'method':<24}{'rows':>8}{'seconds':>10}{'rows/s':>12}{'speedup':>9}")
     for name, seconds in results:

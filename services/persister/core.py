@@ -506,6 +506,7 @@ class Persister:
     async def start(self) -> None:
         if self._started:
             return
+        self._draining = False
         for topic in TOPICS:
             await self._log.ensure_topic(topic, self._partitions)
             # An existing topic keeps its partition count, whatever the settings say now.
@@ -784,6 +785,12 @@ class Persister:
                             pass
                     if await self._reached(targets):
                         return self._rows_written - rows_before
+                    if self._draining and (self._batcher is None or self._batcher.done()):
+                        raise Unavailable(
+                            "the persister is shutting down; retry against another instance",
+                            reason="PERSISTER_DRAINING",
+                            retry_after_s=1.0,
+                        )
             finally:
                 self._urgent -= 1
         except LogError as error:

@@ -8,6 +8,10 @@ without leaving) are in tests/unit/test_log_embedded.py.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ import pytest
 from mesh.log import EventLog, GroupConsumer, LogError, Record, partition_for
 from mesh.log.embedded import EmbeddedLog
 
+ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
 # Short sessions so leave/rebalance tests stay fast; the Kafka fixture's broker allows 1 s.
 SESSION_S = 2.0
@@ -29,6 +34,8 @@ class Driver:
     name: str
     # A new, unstarted client on the same storage (a second process, or the same one reopened).
     make: Callable[[], EventLog]
+    # The SQLite file or the bootstrap address, for clients in other processes.
+    location: str
 
 
 @pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.infra)])
@@ -42,11 +49,13 @@ def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Driver:
             lambda: KafkaLog(
                 bootstrap, session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S
             ),
+            bootstrap,
         )
     path = tmp_path / "log.sqlite3"
     return Driver(
         "embedded",
         lambda: EmbeddedLog(path, session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S),
+        str(path),
     )
 
 
@@ -163,6 +172,17 @@ async def test_a_second_client_sees_the_first_clients_records(
         assert (await asyncio.wait_for(waiting, 10)).value == b"from-first"
         assert await other.end_offset(topic, 2) == 1
         await tail.aclose()  # type: ignore[attr-defined]
+
+
+async def test_stopping_the_log_ends_open_tails_with_an_error(driver: Driver, topic: str) -> None:
+    log = driver.make()
+    await log.start()
+    tail = aiter(log.read(topic, 0, 0))
+    waiting = asyncio.create_task(anext(tail))
+    await asyncio.sleep(0.2)
+    await log.stop()
+    with pytest.raises(LogError, match="stopped"):
+        await asyncio.wait_for(waiting, 10)
 
 
 async def test_ensure_topic_is_idempotent_and_counts_partitions(
@@ -361,3 +381,91 @@ async def test_a_member_stops_receiving_and_committing_partitions_it_lost(
         await first.close()
         await second.close()
         await asyncio.wait_for(asyncio.gather(first_task, second_task), 30)
+
+
+MEMBER = """
+import asyncio, json, sys
+from pathlib import Path
+
+async def main(driver: str, location: str, topic: str, group: str) -> None:
+    if driver == "kafka":
+        from mesh.log.kafka import KafkaLog
+        log = KafkaLog(location, session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S)
+    else:
+        from mesh.log.embedded import EmbeddedLog
+        log = EmbeddedLog(
+            Path(location), session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S
+        )
+    async with log:
+        member = log.consumer(topic, group, "doomed")
+        async for record in member:
+            if record.offset == 0:
+                await member.commit(record)  # only the first record of a partition is done
+            print(json.dumps([record.partition, record.offset]), flush=True)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_a_killed_member_loses_its_partitions_and_its_uncommitted_records_move(
+    driver: Driver, event_log: EventLog, topic: str
+) -> None:
+    group = unique_group()
+    code = f"SESSION_S = {SESSION_S}\nHEARTBEAT_S = {HEARTBEAT_S}\n{MEMBER}"
+    doomed = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        driver.name,
+        driver.location,
+        topic,
+        group,
+        env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen' / 'python'}"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert doomed.stdout is not None
+    survivor = event_log.consumer(topic, group, "survivor")
+    survivor_seen: list[Record] = []
+    task = asyncio.create_task(collect(survivor, survivor_seen))
+    try:
+        # The other member is live once the survivor owns only part of the topic.
+        await wait_until(lambda: 0 < len(survivor.assignment()) < PARTITIONS, within_s=60)
+        await asyncio.sleep(3 * HEARTBEAT_S)
+        doomed_partitions = set(range(PARTITIONS)) - survivor.assignment()
+        for partition in range(PARTITIONS):
+            for i in range(3):
+                event_log.append(topic, partition, b"k", f"{partition}:{i}".encode())
+        await event_log.flush()
+        doomed_seen: set[tuple[int, int]] = set()
+        while len(doomed_seen) < 3 * len(doomed_partitions):
+            line = await asyncio.wait_for(doomed.stdout.readline(), 30)
+            assert line, "the member process ended early"
+            partition, offset = json.loads(line)
+            doomed_seen.add((partition, offset))
+        assert {p for p, _ in doomed_seen} == doomed_partitions
+        for partition in doomed_partitions:
+            await wait_until_committed(event_log, topic, group, partition, 1)
+        doomed.send_signal(signal.SIGKILL)  # no leave: only the session timeout tells
+        await doomed.wait()
+        loop = asyncio.get_running_loop()
+        killed_at = loop.time()
+        await wait_until(lambda: survivor.assignment() == set(range(PARTITIONS)), within_s=30)
+        moved_after = loop.time() - killed_at
+        assert moved_after < SESSION_S + 5, f"partitions moved only after {moved_after:.1f} s"
+        expected = sorted((p, offset) for p in doomed_partitions for offset in (1, 2))
+        await wait_until(
+            lambda: (
+                sorted(
+                    (r.partition, r.offset)
+                    for r in survivor_seen
+                    if r.partition in doomed_partitions
+                )
+                == expected
+            )
+        )
+    finally:
+        if doomed.returncode is None:
+            doomed.kill()
+            await doomed.wait()
+        await survivor.close()
+        await asyncio.wait_for(task, 30)

@@ -85,7 +85,9 @@ class TurnResult:
             self.finished = frame.finished  # type: ignore[attr-defined]
 
 
-def stream_turn(stub: object, key: str, start: gateway_pb2.StartTurn, timeout: float = 60) -> TurnResult:
+def stream_turn(
+    stub: object, key: str, start: gateway_pb2.StartTurn, timeout: float = 60
+) -> TurnResult:
     result = TurnResult()
     for frame in stub.StreamTurn(  # type: ignore[attr-defined]
         gateway_pb2.StreamTurnRequest(start=start), metadata=auth(key), timeout=timeout
@@ -97,8 +99,9 @@ def stream_turn(stub: object, key: str, start: gateway_pb2.StartTurn, timeout: f
 class ChatSession:
     """A Chat bidi stream driven frame by frame from a test."""
 
-    def __init__(self, stub: gateway_service_pb2_grpc.GatewayServiceStub, key: str,
-                 timeout: float = 60) -> None:
+    def __init__(
+        self, stub: gateway_service_pb2_grpc.GatewayServiceStub, key: str, timeout: float = 60
+    ) -> None:
         self._outbox: queue.Queue[gateway_pb2.ChatRequest | None] = queue.Queue()
         self.call = stub.Chat(self._requests(), metadata=auth(key), timeout=timeout)
         self._lock = threading.Lock()

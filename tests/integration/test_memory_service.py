@@ -7,11 +7,14 @@ and an ErrorInfo reason in ``grpc-status-details-bin``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -430,3 +433,41 @@ def test_bad_configuration_exits_with_a_clear_message(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "MESH_MEMORY_BACKEND" in result.stderr
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    """A state directory outside pytest's tmp root, whose permissions pytest resets."""
+    path = Path(tempfile.mkdtemp(prefix="mesh-memory-state-"))
+    yield path
+    # The embedded server outlives the service by design (services share it); stop ours.
+    pid_file = path / "postgres" / "postmaster.pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text().split()[0])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and pid_file.exists():
+            time.sleep(0.1)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_without_a_dsn_it_runs_on_embedded_postgres(state_dir: Path) -> None:
+    service = start_memory_service("", state_dir / "service.log", MESH_STATE_DIR=str(state_dir))
+    try:
+        async with channel(f"127.0.0.1:{service.port}") as chan:
+            stub = memory_service_pb2_grpc.MemoryServiceStub(chan)
+            stored = await stub.Remember(
+                memory_pb2.RememberRequest(
+                    tenant_id="t", conversation_id="c", text="embedded works", request_id="r"
+                ),
+                timeout=RPC_TIMEOUT_S,
+            )
+            assert stored.chunks_stored == 1
+            hits = await stub.Recall(
+                memory_pb2.RecallRequest(tenant_id="t", query="embedded"), timeout=RPC_TIMEOUT_S
+            )
+            assert [c.text for c in hits.chunks] == ["embedded works"]
+    finally:
+        assert stop(service) == 0, service.log()
+    assert (state_dir / "postgres" / "PG_VERSION").exists()

@@ -66,7 +66,9 @@ def turn_events(running_mesh: RunningMesh, turn_id: str) -> list[events_pb2.Turn
 
 
 def test_full_turn_streams_gap_free_tokens(running_mesh: RunningMesh, stub: object) -> None:
-    result = stream_turn(stub, running_mesh.api_key, start_request("Hello there", max_tokens=12, seed=7))
+    result = stream_turn(
+        stub, running_mesh.api_key, start_request("Hello there", max_tokens=12, seed=7)
+    )
     assert result.turn_id and result.conversation_id
     assert result.tokens, "no tokens streamed"
     assert_gap_free(result)
@@ -84,7 +86,9 @@ def test_chat_stream_runs_consecutive_turns(running_mesh: RunningMesh, stub: obj
     try:
         conversation = ""
         for text in ("first question", "second question"):
-            session.send(gateway_pb2.ChatRequest(start=start_request(text, conversation, max_tokens=6)))
+            session.send(
+                gateway_pb2.ChatRequest(start=start_request(text, conversation, max_tokens=6))
+            )
             result = TurnResult()
             while result.finished is None:
                 result.add(session.next())
@@ -95,8 +99,10 @@ def test_chat_stream_runs_consecutive_turns(running_mesh: RunningMesh, stub: obj
             metadata=auth(running_mesh.api_key),
         ).conversation
         assert [m.role for m in history.messages] == [
-            conversation_pb2.ROLE_USER, conversation_pb2.ROLE_ASSISTANT,
-            conversation_pb2.ROLE_USER, conversation_pb2.ROLE_ASSISTANT,
+            conversation_pb2.ROLE_USER,
+            conversation_pb2.ROLE_ASSISTANT,
+            conversation_pb2.ROLE_USER,
+            conversation_pb2.ROLE_ASSISTANT,
         ]
     finally:
         session.close()
@@ -105,7 +111,9 @@ def test_chat_stream_runs_consecutive_turns(running_mesh: RunningMesh, stub: obj
 def test_cancel_stops_generation_within_one_token(running_mesh: RunningMesh, stub: object) -> None:
     session = ChatSession(stub, running_mesh.api_key)  # type: ignore[arg-type]
     try:
-        session.send(gateway_pb2.ChatRequest(start=start_request("talk for a long time", max_tokens=2000)))
+        session.send(
+            gateway_pb2.ChatRequest(start=start_request("talk for a long time", max_tokens=2000))
+        )
         result = TurnResult()
         while len(result.tokens) < 3:
             result.add(session.next())
@@ -121,16 +129,21 @@ def test_cancel_stops_generation_within_one_token(running_mesh: RunningMesh, stu
     events = turn_events(running_mesh, result.turn_id)
     kinds = [event.WhichOneof("event") for event in events]
     assert "cancelled" in kinds
-    after_cancel = kinds[kinds.index("cancelled"):]
+    after_cancel = kinds[kinds.index("cancelled") :]
     finished = [e.finished for e in events if e.WhichOneof("event") == "finished"]
     assert finished and finished[0].finish_reason == common_pb2.FINISH_REASON_CANCELLED
     assert after_cancel.count("token") <= 1, kinds
 
 
-def test_dropped_client_resumes_without_gap_or_duplicate(running_mesh: RunningMesh, stub: object) -> None:
+def test_dropped_client_resumes_without_gap_or_duplicate(
+    running_mesh: RunningMesh, stub: object
+) -> None:
     call = stub.StreamTurn(  # type: ignore[attr-defined]
-        gateway_pb2.StreamTurnRequest(start=start_request("tell me a story", max_tokens=40, seed=3)),
-        metadata=auth(running_mesh.api_key), timeout=60,
+        gateway_pb2.StreamTurnRequest(
+            start=start_request("tell me a story", max_tokens=40, seed=3)
+        ),
+        metadata=auth(running_mesh.api_key),
+        timeout=60,
     )
     first = TurnResult()
     for frame in call:
@@ -141,7 +154,8 @@ def test_dropped_client_resumes_without_gap_or_duplicate(running_mesh: RunningMe
     resumed = TurnResult()
     for frame in stub.ResumeTurn(  # type: ignore[attr-defined]
         gateway_pb2.ResumeTurnRequest(turn_id=first.turn_id, after_seq=5),
-        metadata=auth(running_mesh.api_key), timeout=60,
+        metadata=auth(running_mesh.api_key),
+        timeout=60,
     ):
         resumed.add(frame)
     assert first.seqs == [1, 2, 3, 4, 5]
@@ -152,14 +166,17 @@ def test_dropped_client_resumes_without_gap_or_duplicate(running_mesh: RunningMe
     replay = TurnResult()
     for frame in stub.ResumeTurn(  # type: ignore[attr-defined]
         gateway_pb2.ResumeTurnRequest(turn_id=first.turn_id, after_seq=0),
-        metadata=auth(running_mesh.api_key), timeout=60,
+        metadata=auth(running_mesh.api_key),
+        timeout=60,
     ):
         replay.add(frame)
     assert replay.text == first.text + resumed.text
 
 
 def test_persisted_conversation_equals_stream(running_mesh: RunningMesh, stub: object) -> None:
-    result = stream_turn(stub, running_mesh.api_key, start_request("persist me", max_tokens=20, seed=11))
+    result = stream_turn(
+        stub, running_mesh.api_key, start_request("persist me", max_tokens=20, seed=11)
+    )
     deadline = time.monotonic() + 20
     while True:
         conversation = stub.GetConversation(  # type: ignore[attr-defined]
@@ -180,17 +197,29 @@ def test_fact_from_earlier_turn_is_recalled_into_later_prompt(
     running_mesh: RunningMesh, stub: object
 ) -> None:
     fact = "my locker code is zebra4711"
-    stream_turn(stub, running_mesh.api_key, start_request(f"Please remember: {fact}.", max_tokens=4))
+    stream_turn(
+        stub, running_mesh.api_key, start_request(f"Please remember: {fact}.", max_tokens=4)
+    )
     # A new conversation: the fact can only come from memory, not from history.
-    later = stream_turn(stub, running_mesh.api_key, start_request("What is my locker code zebra4711?", max_tokens=4))
-    prompts = [json.loads(line) for line in
-               (running_mesh.state_dir / "prompts.jsonl").read_text().splitlines()]
+    later = stream_turn(
+        stub, running_mesh.api_key, start_request("What is my locker code zebra4711?", max_tokens=4)
+    )
+    prompts = [
+        json.loads(line)
+        for line in (running_mesh.state_dir / "prompts.jsonl").read_text().splitlines()
+    ]
     prompt = next(p["prompt"] for p in prompts if p["turn_id"] == later.turn_id)
     assert fact in prompt
     # Tenant isolation: the other tenant asking the same never gets the fact.
-    other = stream_turn(stub, running_mesh.other_api_key, start_request("What is my locker code zebra4711?", max_tokens=4))
-    prompts = [json.loads(line) for line in
-               (running_mesh.state_dir / "prompts.jsonl").read_text().splitlines()]
+    other = stream_turn(
+        stub,
+        running_mesh.other_api_key,
+        start_request("What is my locker code zebra4711?", max_tokens=4),
+    )
+    prompts = [
+        json.loads(line)
+        for line in (running_mesh.state_dir / "prompts.jsonl").read_text().splitlines()
+    ]
     other_prompt = next(p["prompt"] for p in prompts if p["turn_id"] == other.turn_id)
     assert fact not in other_prompt
 
@@ -225,11 +254,14 @@ def test_invalid_start_is_invalid_argument(
 ) -> None:
     expect_error(
         lambda: stream_turn(stub, running_mesh.api_key, start),
-        grpc.StatusCode.INVALID_ARGUMENT, reason,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        reason,
     )
 
 
-def test_unknown_and_foreign_conversation_are_not_found(running_mesh: RunningMesh, stub: object) -> None:
+def test_unknown_and_foreign_conversation_are_not_found(
+    running_mesh: RunningMesh, stub: object
+) -> None:
     mine = stream_turn(stub, running_mesh.api_key, start_request("mine", max_tokens=2))
     for key, conversation in (
         (running_mesh.api_key, "c-does-not-exist"),
@@ -237,7 +269,8 @@ def test_unknown_and_foreign_conversation_are_not_found(running_mesh: RunningMes
     ):
         expect_error(
             lambda: stream_turn(stub, key, start_request("hi", conversation, max_tokens=2)),
-            grpc.StatusCode.NOT_FOUND, "CONVERSATION_NOT_FOUND",
+            grpc.StatusCode.NOT_FOUND,
+            "CONVERSATION_NOT_FOUND",
         )
         expect_error(
             lambda: stub.GetConversation(  # type: ignore[attr-defined]
@@ -246,7 +279,8 @@ def test_unknown_and_foreign_conversation_are_not_found(running_mesh: RunningMes
             grpc.StatusCode.NOT_FOUND,
         )
     listed = stub.ListConversations(  # type: ignore[attr-defined]
-        gateway_pb2.ListConversationsRequest(page_size=100), metadata=auth(running_mesh.other_api_key)
+        gateway_pb2.ListConversationsRequest(page_size=100),
+        metadata=auth(running_mesh.other_api_key),
     )
     assert mine.conversation_id not in {c.conversation_id for c in listed.conversations}
 
@@ -278,15 +312,19 @@ def test_unknown_foreign_and_malformed_turns(running_mesh: RunningMesh, stub: ob
 def test_missing_and_invalid_api_key(running_mesh: RunningMesh, stub: object) -> None:
     expect_error(
         lambda: stub.StreamTurn(gateway_pb2.StreamTurnRequest(start=start_request("hi"))),  # type: ignore[attr-defined]
-        grpc.StatusCode.UNAUTHENTICATED, "API_KEY_MISSING",
+        grpc.StatusCode.UNAUTHENTICATED,
+        "API_KEY_MISSING",
     )
     expect_error(
         lambda: stream_turn(stub, "not-a-real-key", start_request("hi")),
-        grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID",
+        grpc.StatusCode.UNAUTHENTICATED,
+        "API_KEY_INVALID",
     )
 
 
-def test_rate_limit_is_resource_exhausted_with_retry_info(running_mesh: RunningMesh, stub: object) -> None:
+def test_rate_limit_is_resource_exhausted_with_retry_info(
+    running_mesh: RunningMesh, stub: object
+) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         for _ in range(5):  # burst 2 at 0.2 turns/s
             stream_turn(stub, running_mesh.limited_api_key, start_request("hi", max_tokens=1))

@@ -253,7 +253,8 @@ async def test_turns_are_assembled_and_served(pg_dsn: str, log: EmbeddedLog) -> 
     first = await w.turn("conv-1", "Explain   the mesh\nplease", ["The ", "mesh ", "works."])
     second = await w.turn("conv-1", "And then?", ["Then ", "done."], at=T0 + timedelta(seconds=9))
     await w.turn("conv-2", "Other chat", ["ok"], at=T0 + timedelta(seconds=5))
-    async with persister_running(pg_dsn, log) as run:
+    # A small page size makes reads walk several keyset pages.
+    async with persister_running(pg_dsn, log, message_page_size=3) as run:
         flushed = await run.stub.Flush(persister_pb2.FlushRequest(), timeout=15)
         assert flushed.rows_written == 6 + 6  # messages + tokens
 
@@ -291,6 +292,37 @@ async def test_turns_are_assembled_and_served(pg_dsn: str, log: EmbeddedLog) -> 
 
         # Offsets were committed up to the end of the log.
         assert await committed(log) == await ends(log)
+
+
+async def test_assistant_message_stored_before_its_request_is_put_in_place(
+    pg_dsn: str, log: EmbeddedLog
+) -> None:
+    # The two topics are consumed independently: a turn's TurnFinished may be stored before
+    # its TurnRequested. Once the request arrives, the turn sorts by its acceptance time.
+    w = Writer(log)
+    later = await w.turn("conv-o", "second question", ["second answer"], at=T0 + timedelta(hours=1))
+    async with persister_running(pg_dsn, log) as run:
+        await run.stub.Flush(persister_pb2.FlushRequest(), timeout=15)
+        early = str(new_turn_ref(0, 0, 0))
+        await w.tokens("conv-o", early, ["first answer"])
+        await w.finish("conv-o", early, 1)
+        await run.stub.Flush(persister_pb2.FlushRequest(), timeout=15)
+        await w.request("conv-o", "first question", at=T0, turn=early)
+        got = await run.stub.GetConversation(
+            persister_pb2.GetConversationRequest(
+                tenant_id="acme", conversation_id="conv-o", consistent=True
+            ),
+            timeout=15,
+        )
+    conv = got.conversation
+    assert [(m.turn_id, m.text) for m in conv.messages] == [
+        (early, "first question"),
+        (early, "first answer"),
+        (later, "second question"),
+        (later, "second answer"),
+    ]
+    assert conv.title == "first question"
+    assert conv.create_time.ToDatetime(tzinfo=UTC) == T0
 
 
 async def test_list_conversations_pages_newest_first(pg_dsn: str, log: EmbeddedLog) -> None:

@@ -76,6 +76,18 @@ def test_everything_from_the_environment(model_file: Path, tmp_path: Path) -> No
     assert settings.log.partitions == 2
 
 
+def test_empty_dependency_address_disables_it(model_file: Path) -> None:
+    settings = AgentSettings.from_env(
+        {
+            "MESH_AGENT_MODEL_PATH": str(model_file),
+            "MESH_MEMORY_ADDR": "",
+            "MESH_PERSISTER_ADDR": "",
+        }
+    )
+    assert settings.memory_addr == ""
+    assert settings.persister_addr == ""
+
+
 def test_model_path_is_required() -> None:
     with pytest.raises(SettingsError, match="MESH_AGENT_MODEL_PATH is required"):
         AgentSettings.from_env({})

@@ -223,7 +223,11 @@ class Rig:
     make: RecordMaker
 
     def persister(self, **kwargs: object) -> Persister:
-        options: dict[str, object] = {"batch_size": 500, "linger_s": 0.01}
+        options: dict[str, object] = {
+            "batch_size": 500,
+            "linger_s": 0.01,
+            "barrier_timeout_s": 2.0,
+        }
         options.update(kwargs)
         return Persister(
             log=self.log,  # type: ignore[arg-type]
@@ -232,7 +236,6 @@ class Rig:
             partitions=PARTITIONS,
             memory=self.memory,
             member_id="m1",
-            barrier_timeout_s=2.0,
             **options,  # type: ignore[arg-type]
         )
 
@@ -345,9 +348,9 @@ async def test_barrier_waits_for_records_appended_before_it(rig: Rig) -> None:
 async def test_barrier_times_out_with_unavailable(rig: Rig) -> None:
     rig.store.gate = asyncio.Event()
     rig.turn("t1", "hi", ["x"])
-    async with rig.persister() as persister:
+    async with rig.persister(barrier_timeout_s=0.2) as persister:
         with pytest.raises(Unavailable) as caught:
-            await persister.barrier(timeout_s=0.2)
+            await persister.barrier()
         assert caught.value.reason == "PERSISTER_BEHIND"
         with pytest.raises(Unavailable):
             await persister.get_conversation("a", "c1", consistent=True)

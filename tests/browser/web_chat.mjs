@@ -1,0 +1,178 @@
+// Drives the chat page in headless Chromium (playwright-core + Debian's chromium) through one
+// scenario and prints what it saw as one JSON object; test_web_chat.py makes the assertions.
+//
+//   node tests/browser/web_chat.mjs '{"url": "...", "apiKey": "...", "scenario": "stream",
+//                                     "screenshot": "artifacts/web-chat-stream.png"}'
+//
+// Scenarios: stream (send, watch tokens arrive), cancel (send, cancel after some tokens),
+// reload (send, reload the page mid-turn, watch it resume).
+import { chromium } from "playwright-core";
+
+const CHROMIUM_FLAGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+];
+
+const options = JSON.parse(process.argv[2] ?? "{}");
+const timeout = options.timeoutMs ?? 120_000;
+const prompt = options.prompt ?? "Tell me about gRPC streaming.";
+
+// Records every change of the last assistant bubble with a timestamp, and every status change.
+function installObserver() {
+  window.__bubbles = [];
+  window.__statuses = [];
+  const messages = document.getElementById("messages");
+  const status = document.getElementById("status");
+  const snapshot = () => {
+    const bubbles = messages.querySelectorAll(".msg.assistant");
+    const bubble = bubbles[bubbles.length - 1];
+    if (!bubble) return;
+    const text = bubble.textContent ?? "";
+    const last = window.__bubbles[window.__bubbles.length - 1];
+    if (last && last.length === text.length && last.finish === (bubble.dataset.finish ?? "")) return;
+    window.__bubbles.push({
+      t: performance.now(),
+      length: text.length,
+      lastSeq: Number(bubble.dataset.lastSeq ?? 0),
+      finish: bubble.dataset.finish ?? "",
+    });
+  };
+  new MutationObserver(snapshot).observe(messages, {
+    subtree: true,
+    childList: true,
+    characterData: true,
+    attributes: true,
+  });
+  new MutationObserver(() => {
+    window.__statuses.push({
+      t: performance.now(),
+      state: status.dataset.state ?? "",
+      queuePosition: status.dataset.queuePosition ?? "",
+      text: status.textContent ?? "",
+    });
+  }).observe(status, { attributes: true, childList: true, characterData: true, subtree: true });
+}
+
+async function bubbleState(page) {
+  return page.evaluate(() => {
+    const bubbles = document.querySelectorAll(".msg.assistant");
+    const bubble = bubbles[bubbles.length - 1];
+    return {
+      text: bubble?.textContent ?? null,
+      turnId: bubble?.dataset.turnId ?? "",
+      lastSeq: Number(bubble?.dataset.lastSeq ?? 0),
+      finish: bubble?.dataset.finish ?? "",
+      resumedAfter: bubble?.dataset.resumedAfter ?? null,
+      status: document.getElementById("status")?.dataset.state ?? "",
+      statusText: document.getElementById("status")?.textContent ?? "",
+      active: sessionStorage.getItem("mesh.activeTurn"),
+    };
+  });
+}
+
+async function observations(page) {
+  return page.evaluate(() => ({ bubbles: window.__bubbles, statuses: window.__statuses }));
+}
+
+async function openAndSend(page) {
+  await page.goto(options.url, { waitUntil: "load" });
+  await page.fill("#api-key", options.apiKey);
+  await page.click("#save-key");
+  if (options.maxTokens) await page.fill("#max-tokens", String(options.maxTokens));
+  await page.evaluate(installObserver);
+  await page.fill("#prompt", prompt);
+  await page.click("#send");
+}
+
+async function waitForSeq(page, seq) {
+  await page.waitForFunction(
+    (target) => {
+      const bubbles = document.querySelectorAll(".msg.assistant");
+      const bubble = bubbles[bubbles.length - 1];
+      return Number(bubble?.dataset.lastSeq ?? 0) >= target || Boolean(bubble?.dataset.finish);
+    },
+    seq,
+    { timeout },
+  );
+}
+
+async function waitForFinish(page) {
+  await page.waitForSelector(".msg.assistant[data-finish]", { timeout });
+}
+
+const scenarios = {
+  async stream(page) {
+    await openAndSend(page);
+    await waitForFinish(page);
+    return { final: await bubbleState(page), seen: await observations(page) };
+  },
+
+  async cancel(page) {
+    await openAndSend(page);
+    await waitForSeq(page, options.cancelAfterSeq ?? 3);
+    const atCancel = await bubbleState(page);
+    await page.click("#cancel");
+    await waitForFinish(page);
+    const final = await bubbleState(page);
+    // Anything still arriving after the finish would be a bug: look again a moment later.
+    await page.waitForTimeout(options.settleMs ?? 1500);
+    return { atCancel, final, later: await bubbleState(page), seen: await observations(page) };
+  },
+
+  async reload(page) {
+    await openAndSend(page);
+    await waitForSeq(page, options.reloadAfterSeq ?? 3);
+    const beforeReload = await bubbleState(page);
+    const seenBefore = await observations(page);
+    await page.reload({ waitUntil: "load" });
+    await page.evaluate(installObserver);
+    const afterReload = await bubbleState(page);
+    await waitForFinish(page);
+    return {
+      beforeReload,
+      afterReload,
+      final: await bubbleState(page),
+      seenBefore,
+      seen: await observations(page),
+    };
+  },
+};
+
+async function main() {
+  const scenario = scenarios[options.scenario];
+  if (!scenario) throw new Error(`unknown scenario ${options.scenario}`);
+  const browser = await chromium.launch({
+    executablePath: options.chromium ?? "/usr/bin/chromium",
+    args: CHROMIUM_FLAGS,
+    timeout: 60_000,
+  });
+  const consoleErrors = [];
+  try {
+    const page = await browser.newPage({ viewport: { width: 1100, height: 720 } });
+    page.setDefaultTimeout(timeout);
+    page.on("console", (message) => {
+      if (message.type() === "error") consoleErrors.push(message.text());
+    });
+    page.on("pageerror", (error) => consoleErrors.push(String(error)));
+    let result;
+    try {
+      result = await scenario(page);
+    } finally {
+      if (options.screenshot) await page.screenshot({ path: options.screenshot, fullPage: true });
+    }
+    process.stdout.write(`${JSON.stringify({ ok: true, browser: browser.version(), consoleErrors, ...result })}\n`);
+  } finally {
+    await browser.close();
+  }
+}
+
+main().catch((error) => {
+  process.stdout.write(`${JSON.stringify({ ok: false, error: String(error?.stack ?? error) })}\n`);
+  process.exit(1);
+});
