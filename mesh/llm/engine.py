@@ -26,7 +26,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -105,7 +105,9 @@ class Generation:
         self._prompt = prompt
         self.options = options
         self._cancel = threading.Event()
-        self._queue: asyncio.Queue[Piece | _Done] = asyncio.Queue(_QUEUE_SIZE)
+        # Pieces waiting for the consumer; ``_room`` bounds them (the end marker needs no room).
+        self._queue: asyncio.Queue[Piece | _Done] = asyncio.Queue()
+        self._room = threading.Semaphore(_QUEUE_SIZE)
         self._ended = False
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -139,6 +141,7 @@ class Generation:
         if isinstance(item, _Done):
             self._end(item.reason, item.error)
             raise StopAsyncIteration
+        self._room.release()
         self.completion_tokens += item.tokens
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
@@ -364,16 +367,13 @@ class LlamaEngine:
     def _run(self, slot: _Slot, generation: Generation, loop: asyncio.AbstractEventLoop) -> None:
         """Thread body: decode tokens and hand pieces to the loop until done or cancelled."""
 
-        def put(item: Piece | _Done) -> bool:
-            future = asyncio.run_coroutine_threadsafe(generation._queue.put(item), loop)
-            while True:
-                try:
-                    future.result(timeout=_PUT_POLL_S)
-                    return True
-                except TimeoutError:
-                    if generation.cancelled:
-                        future.cancel()
-                        return False
+        def put(item: Piece) -> bool:
+            # Wait for room without involving the loop, so a busy loop does not slow decoding.
+            while not generation._room.acquire(timeout=_PUT_POLL_S):
+                if generation.cancelled:
+                    return False
+            loop.call_soon_threadsafe(generation._queue.put_nowait, item)
+            return True
 
         try:
             done = self._generate_tokens(slot.llama, generation, put)
@@ -381,9 +381,11 @@ class LlamaEngine:
             log.exception("generation failed")
             done = _Done(FinishReason.ERROR, f"generation failed: {error}")
         with contextlib.suppress(RuntimeError):  # the loop may be gone at shutdown
-            put(done)
+            loop.call_soon_threadsafe(generation._queue.put_nowait, done)
 
-    def _generate_tokens(self, llama: Any, generation: Generation, put: Any) -> _Done:
+    def _generate_tokens(
+        self, llama: Any, generation: Generation, put: Callable[[Piece], bool]
+    ) -> _Done:
         options = generation.options
         prompt = generation._prompt
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)

@@ -19,7 +19,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from chat.common.v1 import common_pb2
 from chat.events.v1 import events_pb2
 from chat.gateway.v1 import gateway_pb2, gateway_service_pb2_grpc
 from grpc import aio
@@ -71,20 +73,24 @@ async def _play(log: EmbeddedLog, turn_id: str, conversation_id: str, tokens: in
             log.append(TURN_EVENTS, partition, key, event.SerializeToString())
         await log.flush()
     done = events_pb2.TurnEvent(
-        finished=events_pb2.TurnFinished(turn_id=turn_id, finish_reason=1, last_seq=tokens)
+        finished=events_pb2.TurnFinished(
+            turn_id=turn_id, finish_reason=common_pb2.FINISH_REASON_STOP, last_seq=tokens
+        )
     )
     await log.append(TURN_EVENTS, partition, key, done.SerializeToString())
 
 
-async def _read_stream(call: aio.UnaryStreamCall, first: object) -> int:  # type: ignore[type-arg]
+async def _read_stream(call: Any) -> int:
     count = 0
-    async for response in call:
+    while True:
+        response = await call.read()
+        if response is aio.EOF:
+            return count
         kind = response.WhichOneof("frame")
         if kind == "token":
             count += 1
         elif kind == "finished":
-            break
-    return count
+            return count
 
 
 async def run(streams: int, tokens: int, rpc: str) -> dict[str, float]:
@@ -132,7 +138,7 @@ async def run(streams: int, tokens: int, rpc: str) -> dict[str, float]:
                 accepted.append(first.accepted)
             cpu_before = _cpu_seconds(process.pid)
             began = time.perf_counter()
-            readers = [asyncio.create_task(_read_stream(call, None)) for call in calls]
+            readers = [asyncio.create_task(_read_stream(call)) for call in calls]
             await asyncio.gather(
                 *(_play(log, a.turn_id, a.conversation_id, tokens) for a in accepted)
             )
