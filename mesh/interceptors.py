@@ -6,6 +6,7 @@ interceptor uses it too.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -61,6 +62,17 @@ def wrap_handler(
         return grpc.stream_unary_rpc_method_handler(
             su, handler.request_deserializer, handler.response_serializer
         )
+    # A streaming handler written as a coroutine that calls ``context.write`` (the aio health
+    # servicer's Watch) is wrapped like a unary one: it has nothing to iterate.
+    if handler.unary_stream and not inspect.isasyncgenfunction(handler.unary_stream):
+        inner_uw = handler.unary_stream
+
+        async def uw(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            return await unary(lambda: inner_uw(request, context), context)
+
+        return grpc.unary_stream_rpc_method_handler(
+            uw, handler.request_deserializer, handler.response_serializer
+        )
     if handler.unary_stream:
         inner_us = handler.unary_stream
 
@@ -103,7 +115,9 @@ class ErrorInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
 
-        async def unary(run: Callable[[], Awaitable[Any]], ctx: aio.ServicerContext[Any, Any]) -> Any:
+        async def unary(
+            run: Callable[[], Awaitable[Any]], ctx: aio.ServicerContext[Any, Any]
+        ) -> Any:
             try:
                 return await run()
             except MeshError as error:
@@ -138,9 +152,11 @@ def _code_of(ctx: aio.ServicerContext[Any, Any], error: BaseException | None) ->
     if isinstance(code, grpc.StatusCode):
         return code.name
     if error is not None:
-        return "CANCELLED" if isinstance(error, BaseException) and not isinstance(
-            error, Exception
-        ) else "INTERNAL"
+        return (
+            "CANCELLED"
+            if isinstance(error, BaseException) and not isinstance(error, Exception)
+            else "INTERNAL"
+        )
     return "OK"
 
 
@@ -165,7 +181,9 @@ class MetricsInterceptor(aio.ServerInterceptor):
             if code != "OK":
                 metrics.RPC_ERRORS.labels(service, method, code).inc()
 
-        async def unary(run: Callable[[], Awaitable[Any]], ctx: aio.ServicerContext[Any, Any]) -> Any:
+        async def unary(
+            run: Callable[[], Awaitable[Any]], ctx: aio.ServicerContext[Any, Any]
+        ) -> Any:
             try:
                 result = await run()
             except BaseException as error:

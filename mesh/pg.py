@@ -7,10 +7,47 @@ the data directory, so nothing listens on the network. When running as root it d
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
+
+
+log = logging.getLogger(__name__)
+
+# Where the data lives when running as root and the requested directory is out of reach of
+# pgserver's unprivileged user (e.g. under /root or pytest's 0700 temp dirs).
+ROOT_FALLBACK_DIR = Path("/var/lib/llm-mesh/pg")
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """Whether every existing ancestor of ``path`` can be traversed by another user."""
+    for ancestor in [path, *path.parents]:
+        if ancestor.exists() and not ancestor.stat().st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def server_data_dir(data_dir: Path) -> Path:
+    """The directory pgserver actually uses for ``data_dir``.
+
+    PostgreSQL never runs as root, so as root pgserver runs it as its own user, which must be able
+    to reach the data directory; when it cannot, the data goes to a stable per-path directory
+    under ROOT_FALLBACK_DIR instead of loosening permissions on the caller's directories.
+    """
+    data_dir = data_dir.absolute()
+    if os.geteuid() != 0 or _reachable_by_others(data_dir.parent):
+        return data_dir
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+    ROOT_FALLBACK_DIR.mkdir(parents=True, exist_ok=True)
+    for directory in (ROOT_FALLBACK_DIR, *ROOT_FALLBACK_DIR.parents):
+        if directory == Path("/"):
+            break
+        directory.chmod(directory.stat().st_mode | stat.S_IXOTH)
+    return ROOT_FALLBACK_DIR / digest
 
 
 class EmbeddedPostgres:
@@ -25,11 +62,16 @@ class EmbeddedPostgres:
         # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, root shells); the fallback is fine.
         os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
         self._data_dir.parent.mkdir(parents=True, exist_ok=True)
+        actual = server_data_dir(self._data_dir)
+        if actual != self._data_dir.absolute():
+            log.info(
+                "PostgreSQL data for %s lives in %s (reachable as pgserver)", self._data_dir, actual
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from pgserver import get_server  # type: ignore[attr-defined]
 
-            self._server = get_server(str(self._data_dir), cleanup_mode="stop")
+            self._server = get_server(str(actual), cleanup_mode="stop")
         return str(self._server.get_uri())
 
     def stop(self) -> None:

@@ -358,6 +358,9 @@ class ElasticsearchServer:
             "ES_PATH_CONF": str(config_dir),
             "ES_TMPDIR": str(tmp_dir),
             "ES_JAVA_OPTS": f"-Xms{self.heap} -Xmx{self.heap}",
+            # The launcher JVM probes the JVM flags through temp files; keep them in the node dir
+            # instead of leaving one in /tmp per start.
+            "CLI_JAVA_OPTS": f"-Djava.io.tmpdir={tmp_dir}",
         }
 
     def _hand_over(self, run_as: RunAs) -> None:
@@ -435,10 +438,15 @@ class ElasticsearchServer:
         self.started_in_s = time.monotonic() - started
         return self.url
 
-    def _log_tail(self, lines: int = 40) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-lines:])
-        return "(no console output)"
+    def _log_tail(self, head: int = 15, tail: int = 40) -> str:
+        """The console output, its start and end: the cause is often a stack trace's first line."""
+        try:
+            lines = self.console_log.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no console output)"
+        if len(lines) <= head + tail:
+            return "\n".join(lines)
+        return "\n".join([*lines[:head], "[...]", *lines[-tail:]])
 
     def _group_alive(self, pgid: int) -> bool:
         try:

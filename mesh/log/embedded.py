@@ -165,8 +165,9 @@ class _Changes:
         if self._waiting == 1:
             self._on_waiting(True)
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, within_s)
+            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancellation that races
+            # the waiter's completion, which hangs whoever is stopping the reading task.
+            await asyncio.wait({waiter}, timeout=within_s)
         finally:
             self._waiting -= 1
             if self._waiting == 0:

@@ -368,8 +368,10 @@ class ElasticsearchMemoryStore:
                     {"update": {"_index": self._index, "_id": doc_id, "retry_on_conflict": 3}}
                 )
                 operations.append({"doc": source, "doc_as_upsert": True})
+            # A refresh makes every earlier batch visible too; one per call is enough.
+            last = start + _BULK_BATCH >= len(items)
             async with _Unavailable():
-                response = await self._es().bulk(operations=operations, refresh=True)
+                response = await self._es().bulk(operations=operations, refresh=last)
             _raise_item_errors(response.body, "update")
 
     async def replace_document(

@@ -18,6 +18,7 @@ from typing import Self
 from mesh.memory.base import ChunkHit, MemoryStore, StoredChunk
 from mesh.memory.embedding import DEFAULT_DIMS
 from mesh.memory.postgres import PostgresMemoryStore
+from mesh.pg import EmbeddedPostgres
 from mesh.settings import Env, Secret, SettingsError, default_state_dir
 
 BACKENDS = ("postgres", "elasticsearch")
@@ -83,7 +84,8 @@ class StoreSettings:
 class EmbeddedPostgresMemoryStore:
     """A ``PostgresMemoryStore`` on the embedded PostgreSQL server, started with the store.
 
-    The embedded server outlives the store on purpose: other services of the machine share it.
+    Other services of the machine may share the server; ``stop`` leaves it running while
+    they still use it (pgserver counts the processes attached to a data directory).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class EmbeddedPostgresMemoryStore:
         self._text_config = text_config
         self._max_pool_size = max_pool_size
         self._store: PostgresMemoryStore | None = None
+        self._server: EmbeddedPostgres | None = None
 
     def _inner(self) -> PostgresMemoryStore:
         if self._store is None:
@@ -110,10 +113,10 @@ class EmbeddedPostgresMemoryStore:
     async def start(self) -> None:
         if self._store is not None:
             return
-        from mesh.pg import EmbeddedPostgres
-
+        server = EmbeddedPostgres(self._data_dir)
         # initdb and server start block for seconds; keep the event loop free meanwhile.
-        dsn = await asyncio.to_thread(EmbeddedPostgres(self._data_dir).start)
+        dsn = await asyncio.to_thread(server.start)
+        self._server = server
         store = PostgresMemoryStore(
             dsn,
             dims=self._dims,
@@ -121,13 +124,20 @@ class EmbeddedPostgresMemoryStore:
             text_config=self._text_config,
             max_pool_size=self._max_pool_size,
         )
-        await store.start()
+        try:
+            await store.start()
+        except BaseException:
+            await self.stop()
+            raise
         self._store = store
 
     async def stop(self) -> None:
         if self._store is not None:
             store, self._store = self._store, None
             await store.stop()
+        if self._server is not None:
+            server, self._server = self._server, None
+            await asyncio.to_thread(server.stop)
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -15,7 +15,9 @@ half is exact either way.
 from __future__ import annotations
 
 import logging
+import math
 import re
+import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Self
@@ -56,21 +58,20 @@ def _vector_literal(vector: Sequence[float], dims: int) -> str:
     return "[" + ",".join(f"{value:.7g}" for value in array.tolist()) + "]"
 
 
-def _or_terms(query_text: str) -> str:
-    """The query's words joined with ``or`` for ``websearch_to_tsquery``.
+def _query_words(query_text: str) -> list[str]:
+    """The query's distinct lower-cased words, in order, at most ``_MAX_QUERY_TERMS``.
 
-    Plain and websearch queries AND their terms, so a question phrased in more words than the
-    fact it is after would match nothing; OR-ing them lets ``ts_rank`` order chunks by how many
-    terms they share. Only word characters survive, so quotes and minus signs in user text
-    cannot turn into search operators.
+    Only word characters survive, so quotes and minus signs in user text cannot turn into
+    search operators; ``or``, the one word ``websearch_to_tsquery`` reads as an operator, is
+    dropped.
     """
     seen: dict[str, None] = {}
     for word in _QUERY_WORD.findall(query_text.lower()):
-        if word != "or":  # the one word websearch_to_tsquery treats as an operator
+        if word != "or":
             seen.setdefault(word, None)
         if len(seen) >= _MAX_QUERY_TERMS:
             break
-    return " or ".join(seen)
+    return list(seen)
 
 
 def _require_tenant(tenant_id: str) -> None:
@@ -93,6 +94,9 @@ class PostgresMemoryStore:
         min_pool_size: connections kept open.
         max_pool_size: most connections at once.
         connect_timeout_s: how long ``start`` and each operation wait for a connection.
+        common_term_fraction: words whose lexemes occur in more than this fraction of all
+            chunks are left out of the full-text half of a search (1.0 keeps every word).
+        stats_refresh_s: how often the list of common lexemes is re-read.
     """
 
     def __init__(
@@ -105,6 +109,8 @@ class PostgresMemoryStore:
         min_pool_size: int = 1,
         max_pool_size: int = 8,
         connect_timeout_s: float = 30.0,
+        common_term_fraction: float = 0.05,
+        stats_refresh_s: float = 60.0,
     ) -> None:
         if dims < 1:
             raise ValueError(f"dims must be positive, got {dims}")
@@ -120,6 +126,10 @@ class PostgresMemoryStore:
         self._text_config = text_config
         self._timeout_s = connect_timeout_s
         self._iterative_scan = False
+        self._common_term_fraction = common_term_fraction
+        self._stats_refresh_s = stats_refresh_s
+        self._common_terms: list[str] = []
+        self._common_checked_at = -math.inf
         self._pool = AsyncConnectionPool(
             dsn,
             min_size=min_pool_size,
@@ -315,7 +325,16 @@ class PostgresMemoryStore:
     def _search_sql(self) -> sql.Composed:
         return sql.SQL(
             """WITH
-               q AS (SELECT websearch_to_tsquery({cfg}, %(terms)s) AS query),
+               q AS (
+                   -- Plain and websearch queries AND their terms, so a question phrased in more
+                   -- words than the fact it is after would match nothing: OR them, and let
+                   -- ts_rank order chunks by the terms they share. Words whose lexemes are all
+                   -- common (see _refresh_common_terms) are left to the vector half.
+                   SELECT websearch_to_tsquery({cfg}, coalesce(string_agg(w.word, ' or '), ''))
+                          AS query
+                   FROM unnest(%(words)s::text[]) AS w(word)
+                   WHERE NOT (tsvector_to_array(to_tsvector({cfg}, w.word)) <@ %(common)s::text[])
+               ),
                by_vector AS (
                    SELECT chunk_id, row_number() OVER (ORDER BY distance, chunk_id) AS rank
                    FROM (
@@ -340,16 +359,47 @@ class PostgresMemoryStore:
                    ) matching
                ),
                fused AS (
-                   SELECT chunk_id, sum(1.0 / ({rrf_k} + rank)) AS score
-                   FROM (SELECT * FROM by_vector UNION ALL SELECT * FROM by_text) ranks
+                   SELECT chunk_id, sum(1.0 / ({rrf_k} + rank)) AS score,
+                          min(text_rank) AS text_rank
+                   FROM (
+                       SELECT chunk_id, rank, NULL::bigint AS text_rank FROM by_vector
+                       UNION ALL
+                       SELECT chunk_id, rank, rank AS text_rank FROM by_text
+                   ) ranks
                    GROUP BY chunk_id
                )
                SELECT c.chunk_id, c.text, f.score::float8, c.conversation_id, c.document_id
                FROM fused f
                JOIN {t} c ON c.tenant_id = %(tenant)s AND c.chunk_id = f.chunk_id
-               ORDER BY f.score DESC, c.chunk_id
+               -- Equal scores mean each chunk was found by one ranker at the same rank; the
+               -- one that contains query terms verbatim goes first.
+               ORDER BY f.score DESC, f.text_rank NULLS LAST, c.chunk_id
                LIMIT %(top_k)s"""
         ).format(t=self._table, cfg=sql.Literal(self._text_config), rrf_k=sql.Literal(RRF_K))
+
+    async def _refresh_common_terms(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
+        """Cache the lexemes found in more than ``common_term_fraction`` of the chunks.
+
+        An OR-ed query with a word that nearly every chunk contains makes ``ts_rank`` score
+        most of the tenant's rows, which grows linearly with memory size, while such a word
+        barely changes the ranking (the vector half still sees it). Like a common-terms query in
+        Lucene, the full-text half leaves them out. Frequencies come from the planner's
+        statistics (``ANALYZE``/autovacuum collect them for tsvector columns), so this costs one
+        catalog read per refresh; before the first ``ANALYZE`` nothing is left out.
+        """
+        self._common_checked_at = time.monotonic()
+        if self._common_term_fraction >= 1.0:
+            return
+        cur = await conn.execute(
+            """SELECT e.lexeme
+               FROM pg_stats s,
+                    unnest(s.most_common_elems::text::text[], s.most_common_elem_freqs)
+                        AS e(lexeme, fraction)
+               WHERE s.schemaname = current_schema() AND s.tablename = %s
+                 AND s.attname = 'tsv' AND e.lexeme IS NOT NULL AND e.fraction > %s""",
+            (self._table_name, self._common_term_fraction),
+        )
+        self._common_terms = sorted(str(row[0]) for row in await cur.fetchall())
 
     async def search(
         self,
@@ -366,12 +416,16 @@ class PostgresMemoryStore:
         params = {
             "tenant": tenant_id,
             "conversation": conversation_id,
-            "terms": _or_terms(query_text),
+            "words": _query_words(query_text),
+            "common": self._common_terms,
             "vector": _vector_literal(query_vector, self._dims),
             "candidates": candidates,
             "top_k": top_k,
         }
         async with self._guard(), self._connection() as conn, conn.transaction():
+            if time.monotonic() - self._common_checked_at > self._stats_refresh_s:
+                await self._refresh_common_terms(conn)
+                params["common"] = self._common_terms
             # SET LOCAL scope: the pooled connection goes back with the server defaults.
             if self._iterative_scan:
                 await conn.execute(

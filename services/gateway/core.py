@@ -288,6 +288,30 @@ class _Lru:
             self._items.popitem(last=False)
 
 
+class _Seen:
+    """Conversations known to exist, per tenant: the persister is asked once per conversation.
+
+    Conversations are never deleted, so a positive answer stays true; a conversation this
+    gateway minted exists once its first request is on the log.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def __contains__(self, item: tuple[str, str]) -> bool:
+        if item in self._items:
+            self._items.move_to_end(item)
+            return True
+        return False
+
+    def add(self, item: tuple[str, str]) -> None:
+        self._items[item] = None
+        self._items.move_to_end(item)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+
 # -- one turn as seen by one stream -------------------------------------------------------------
 
 
@@ -524,6 +548,7 @@ class GatewayCore:
             ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max
         )
         self._known = _Lru(10_000)
+        self._seen = _Seen(50_000)
         self._hub: TurnHub | None = None
         self.partitions = 0
         self.draining = False
@@ -620,10 +645,11 @@ class GatewayCore:
                     return await self._attach(info, after_seq=0, notify=notify)
         self.limiter.acquire(principal)
         conversation_id = request.conversation_id
-        if conversation_id:
-            await self._conversations.require_conversation(principal.tenant_id, conversation_id)
-        else:
+        if not conversation_id:
             conversation_id = str(uuid.uuid4())
+        elif (principal.tenant_id, conversation_id) not in self._seen:
+            await self._conversations.require_conversation(principal.tenant_id, conversation_id)
+            self._seen.add((principal.tenant_id, conversation_id))
         decided: asyncio.Future[TurnInfo | None] = asyncio.get_running_loop().create_future()
         if key is not None:
             self.idempotency.put(key, decided)
@@ -650,30 +676,34 @@ class GatewayCore:
         log = self.log
         key = conversation_id.encode()
         partition = partition_for(key, self.partitions)
+        sub: Subscription | None = None
         try:
             request_start = await log.end_offset(TURN_REQUESTS, partition)
             events_start = await log.end_offset(TURN_EVENTS, partition)
+            turn_id = str(new_turn_ref(partition, request_start, events_start))
+            # Subscribed before the request exists, so no event of this turn can slip past us.
+            sub = self.hub.subscribe(turn_id, partition, events_start, notify)
+            value = encode_turn_requested(
+                turn_id=turn_id,
+                conversation_id=conversation_id,
+                tenant_id=principal.tenant_id,
+                text=request.text,
+                options=request.options,
+                request_id=request.request_id,
+                events_partition=partition,
+                events_start=events_start,
+                accepted_at_ns=time.time_ns(),
+            )
+            appended = log.append(TURN_REQUESTS, partition, key, value)
         except BaseException as error:
-            decided.set_result(None)
+            # Nothing was logged: a retry with the same request_id must start afresh.
+            if sub is not None:
+                sub.close()
+            if not decided.done():
+                decided.set_result(None)
             if isinstance(error, LogError):
                 raise _log_unavailable(error) from error
             raise
-        ref = new_turn_ref(partition, request_start, events_start)
-        turn_id = str(ref)
-        # Subscribed before the request exists, so no event of this turn can slip past us.
-        sub = self.hub.subscribe(turn_id, partition, events_start, notify)
-        value = encode_turn_requested(
-            turn_id=turn_id,
-            conversation_id=conversation_id,
-            tenant_id=principal.tenant_id,
-            text=request.text,
-            options=request.options,
-            request_id=request.request_id,
-            events_partition=partition,
-            events_start=events_start,
-            accepted_at_ns=time.time_ns(),
-        )
-        appended = log.append(TURN_REQUESTS, partition, key, value)
 
         def on_durable(future: asyncio.Future[int]) -> None:
             # Runs even if the client went away meanwhile: a retry with the same request_id then
@@ -692,6 +722,7 @@ class GatewayCore:
                 events_start,
             )
             self._known.put(info)
+            self._seen.add((principal.tenant_id, conversation_id))
             decided.set_result(info)
 
         appended.add_done_callback(on_durable)

@@ -211,10 +211,13 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 )
             turn = await self._core.start_turn(principal, start_from_proto(request.start))
             cls = gateway_pb2.StreamTurnResponse
-            async for output in self._core.follow(turn):
-                frame = _stream_frame(output, cls)
-                if frame is not None:
-                    yield frame
+            try:
+                async for output in self._core.follow(turn):
+                    frame = _stream_frame(output, cls)
+                    if frame is not None:
+                        yield frame
+            finally:
+                turn.close()
 
     async def ResumeTurn(  # noqa: N802
         self, request: gateway_pb2.ResumeTurnRequest, context: Context
@@ -223,10 +226,13 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         with self._core.stream_slot():
             turn = await self._core.resume_turn(principal, request.turn_id, request.after_seq)
             cls = gateway_pb2.ResumeTurnResponse
-            async for output in self._core.follow(turn):
-                frame = _stream_frame(output, cls)
-                if frame is not None:
-                    yield frame
+            try:
+                async for output in self._core.follow(turn):
+                    frame = _stream_frame(output, cls)
+                    if frame is not None:
+                        yield frame
+            finally:
+                turn.close()
 
     async def CancelTurn(  # noqa: N802
         self, request: gateway_pb2.CancelTurnRequest, context: Context

@@ -84,7 +84,10 @@ async function openAndSend(page) {
   await page.goto(options.url, { waitUntil: "load" });
   await page.fill("#api-key", options.apiKey);
   await page.click("#save-key");
-  if (options.maxTokens) await page.fill("#max-tokens", String(options.maxTokens));
+  if (options.maxTokens) {
+    await page.click(".options summary");
+    await page.fill("#max-tokens", String(options.maxTokens));
+  }
   await page.evaluate(installObserver);
   await page.fill("#prompt", prompt);
   await page.click("#send");
@@ -155,7 +158,8 @@ async function main() {
   const consoleErrors = [];
   try {
     const page = await browser.newPage({ viewport: { width: 1100, height: 720 } });
-    page.setDefaultTimeout(timeout);
+    // Page steps are quick; only the waits for tokens get the long timeout.
+    page.setDefaultTimeout(15_000);
     page.on("console", (message) => {
       if (message.type() === "error") consoleErrors.push(message.text());
     });

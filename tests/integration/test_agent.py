@@ -498,6 +498,7 @@ async def test_cancel_frame_stops_generation(running: Running) -> None:
         (start_frame(temperature=-1.0), "TEMPERATURE_OUT_OF_RANGE"),
         (start_frame(top_p=0.0), "TOP_P_OUT_OF_RANGE"),
         (start_frame(top_p=1.5), "TOP_P_OUT_OF_RANGE"),
+        (start_frame(user_text="the " * N_CTX), "PROMPT_TOO_LONG"),
     ],
 )
 async def test_bad_start_frames_are_invalid_argument(

@@ -741,11 +741,6 @@ async def test_draining_gateway_finishes_open_streams_and_refuses_new_ones(
         assert "draining" in await asyncio.to_thread(other.log_file.read_text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mesh.interceptors.wrap_handler iterates every stream handler with `async for`, "
-    "which breaks handlers that write with context.write() like grpc.health.v1 Watch",
-)
 async def test_health_watch_reports_not_serving_when_draining(
     keys: Keys, log_path: Path, closed_addr: str, tmp_path: Path, agent_log: EmbeddedLog
 ) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from chat.memory.v1 import memory_pb2, memory_service_pb2_grpc
 from google.protobuf.message import Message
@@ -31,7 +32,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh.errors import DOMAIN
+from mesh.errors import DOMAIN, Unavailable
+from mesh.memory.base import StoredChunk
+from mesh.memory.chunking import chunk_id
+from mesh.memory.embedding import HashingEmbedder
+from mesh.memory.postgres import PostgresMemoryStore
 from mesh.server import channel
 from tests.fixtures.postgres import create_database
 
@@ -471,3 +476,59 @@ async def test_without_a_dsn_it_runs_on_embedded_postgres(state_dir: Path) -> No
     finally:
         assert stop(service) == 0, service.log()
     assert (state_dir / "postgres" / "PG_VERSION").exists()
+
+
+# -- PostgreSQL store specifics (the conformance suite covers the shared behaviour) ----------
+
+
+async def test_postgres_store_leaves_very_common_words_to_the_vector_half(pg_dsn: str) -> None:
+    embedder = HashingEmbedder(64)
+    filler = [f"Weekly meeting notes number {i} about topic {i % 7}." for i in range(300)]
+    fact = "At the meeting we agreed the zirconium supplier is Halvorsen."
+    chunks = [
+        StoredChunk(
+            chunk_id("t", f"s{i}", 0), "t", text, embedder.embed_one(text), "c", "", f"s{i}"
+        )
+        for i, text in enumerate([*filler, fact])
+    ]
+    async with PostgresMemoryStore(pg_dsn, dims=64) as store:
+        await store.upsert(chunks)
+    async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+        await conn.execute("ANALYZE memory_chunks")
+    async with PostgresMemoryStore(pg_dsn, dims=64) as store:
+        query = "meeting notes about the zirconium supplier"
+        hits = await store.search("t", query, embedder.embed_one(query), 5)
+        assert "meet" in store._common_terms and "note" in store._common_terms
+        assert "zirconium" not in store._common_terms
+        assert hits[0].text == fact
+        # Only common words: the vector half still answers.
+        hits = await store.search("t", "meeting notes", embedder.embed_one("meeting notes"), 5)
+        assert len(hits) == 5
+    async with PostgresMemoryStore(pg_dsn, dims=64, common_term_fraction=1.0) as store:
+        await store.search("t", "meeting", embedder.embed_one("meeting"), 5)
+        assert store._common_terms == []
+
+
+async def test_postgres_store_refuses_a_table_of_another_dimension(pg_dsn: str) -> None:
+    async with PostgresMemoryStore(pg_dsn, dims=64):
+        pass
+    with pytest.raises(RuntimeError, match=r"vector\(64\).*vector\(128\)"):
+        async with PostgresMemoryStore(pg_dsn, dims=128):
+            pass
+
+
+async def test_postgres_stores_starting_together_create_the_schema_once(pg_dsn: str) -> None:
+    stores = [PostgresMemoryStore(pg_dsn, dims=64) for _ in range(4)]
+    await asyncio.gather(*(store.start() for store in stores))
+    await asyncio.gather(*(store.stop() for store in stores))
+
+
+async def test_postgres_store_reports_an_unreachable_database_as_unavailable(
+    tmp_path: Path,
+) -> None:
+    store = PostgresMemoryStore(
+        f"postgresql://postgres@/postgres?host={tmp_path}", connect_timeout_s=1
+    )
+    with pytest.raises(Unavailable) as caught:
+        await store.start()
+    assert caught.value.reason == "MEMORY_STORE_UNAVAILABLE"

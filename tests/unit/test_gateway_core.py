@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from chat.events.v1 import events_pb2
+from prometheus_client import REGISTRY
 
 from mesh.auth import Principal, RateLimiter, hash_key
 from mesh.errors import (
@@ -51,8 +52,10 @@ class KnownConversations:
 
     def __init__(self) -> None:
         self.known: set[tuple[str, str]] = set()
+        self.asked: list[tuple[str, str]] = []
 
     async def require_conversation(self, tenant_id: str, conversation_id: str) -> None:
+        self.asked.append((tenant_id, conversation_id))
         if (tenant_id, conversation_id) not in self.known:
             raise NotFound("no such conversation", reason="CONVERSATION_NOT_FOUND")
 
@@ -147,10 +150,19 @@ def finished(outputs: list[Output]) -> Finished:
     return last
 
 
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, {"service": "gateway", **labels}) or 0.0
+
+
 async def test_tokens_arrive_in_order_and_the_finish_ends_the_stream(
     core: GatewayCore, log: EmbeddedLog
 ) -> None:
+    waiting = sample("mesh_queue_depth")
+    ttft = sample("mesh_time_to_first_token_seconds_count", model="tiny")
+    gaps = sample("mesh_inter_token_latency_seconds_count", model="tiny")
+    turns = sample("mesh_turns_total", finish_reason="stop")
     turn = await core.start_turn(ACME, StartRequest("", "hello"))
+    assert sample("mesh_queue_depth") == waiting + 1
     assert turn.info.partition == partition_for(turn.info.conversation_id.encode(), 4)
     agent = Agent(log, turn)
     await agent.started()
@@ -165,6 +177,10 @@ async def test_tokens_arrive_in_order_and_the_finish_ends_the_stream(
     assert done.last_seq == 50
     assert done.timings is not None and done.timings.total_ms > 0
     assert core.hub.subscriber_count() == 0
+    assert sample("mesh_queue_depth") == waiting
+    assert sample("mesh_time_to_first_token_seconds_count", model="tiny") == ttft + 1
+    assert sample("mesh_inter_token_latency_seconds_count", model="tiny") == gaps + 49
+    assert sample("mesh_turns_total", finish_reason="stop") == turns + 1
 
 
 async def test_the_request_is_logged_with_the_turn(core: GatewayCore, log: EmbeddedLog) -> None:
@@ -359,6 +375,22 @@ async def test_unknown_conversation_is_not_found(core: GatewayCore) -> None:
     with pytest.raises(NotFound) as missing:
         await core.start_turn(ACME, StartRequest("nope", "hi"))
     assert missing.value.reason == "CONVERSATION_NOT_FOUND"
+
+
+async def test_the_directory_is_asked_once_per_conversation_and_tenant(
+    core: GatewayCore, conversations: KnownConversations
+) -> None:
+    minted = await core.start_turn(ACME, StartRequest("", "first"))
+    minted.close()
+    conversation = minted.info.conversation_id
+    (await core.start_turn(ACME, StartRequest(conversation, "second"))).close()
+    assert conversations.asked == []  # minted here and logged: it exists
+    with pytest.raises(NotFound):
+        await core.start_turn(GLOBEX, StartRequest(conversation, "not yours"))
+    conversations.known.add(("acme", "c-old"))
+    for _ in range(3):
+        (await core.start_turn(ACME, StartRequest("c-old", "again"))).close()
+    assert conversations.asked == [("globex", conversation), ("acme", "c-old")]
 
 
 async def test_same_request_id_returns_the_same_turn(core: GatewayCore) -> None:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.memory.postgres import PostgresMemoryStore, _or_terms, _vector_literal, _version_tuple
+from mesh.memory.postgres import PostgresMemoryStore, _query_words, _vector_literal, _version_tuple
 
 
-def test_query_terms_are_or_ed_deduplicated_and_stripped_of_operators() -> None:
-    assert (
-        _or_terms('What is the "door code"? -lab OR lab')
-        == "what or is or the or door or code or lab"
-    )
-    assert _or_terms("?!") == ""
-    assert len(_or_terms(" ".join(f"w{i}" for i in range(500))).split(" or ")) == 64
+def test_query_words_are_deduplicated_and_stripped_of_operators() -> None:
+    assert _query_words('What is the "door code"? -lab OR lab') == [
+        "what",
+        "is",
+        "the",
+        "door",
+        "code",
+        "lab",
+    ]
+    assert _query_words("?!") == []
+    assert len(_query_words(" ".join(f"w{i}" for i in range(500)))) == 64
 
 
 def test_vector_literal_checks_shape_and_values() -> None:

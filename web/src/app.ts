@@ -150,7 +150,8 @@ function apply(response: StreamTurnResponse | ResumeTurnResponse, bubble: HTMLLI
       active.text += frame.value.text;
       bubble.append(frame.value.text);
       bubble.dataset.lastSeq = String(seq);
-      if (ui.status.dataset.state !== "generating") setStatus("generating", "Generating…");
+      const state = ui.status.dataset.state;
+      if (state !== "generating" && state !== "cancelling") setStatus("generating", "Generating…");
       saveActive();
       ui.messages.scrollTop = ui.messages.scrollHeight;
       return false;

@@ -1,0 +1,56 @@
+"""Row ``persistence``: the persister's batched token writes (COPY into a staging table, then
+one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``) vs one ``INSERT`` per row.
+
+Both are the persister's own functions (``services.persister.store``, timed by
+``services.persister.bench_tokens``), on a fresh database of the run's PostgreSQL; the two
+methods alternate round by round so drift hits both alike.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from bench.common import Context, Row, verdict
+
+TARGET_SPEEDUP = 10.0
+
+
+async def run(ctx: Context, *, rows: int | None = None) -> list[Row]:
+    count = rows or (1000 if ctx.quick else 20_000)
+    repeat = 1 if ctx.quick else 3
+    with warnings.catch_warnings():
+        # pgserver (imported by the persister's benchmark) warns about XDG_RUNTIME_DIR on import.
+        warnings.simplefilter("ignore")
+        from services.persister.bench_tokens import bench
+
+    dsn = ctx.database("persistence")
+    ctx.progress(f"persistence: {count} token rows x {repeat} rounds, batched vs per-row")
+    results = dict(await bench(dsn, count, repeat))
+    batched_s = results["write_tokens_batched"]
+    per_row_s = results["write_tokens_per_row"]
+    speedup = per_row_s / batched_s if batched_s > 0 else 0.0
+    batched_rate, per_row_rate = count / batched_s, count / per_row_s
+    return [
+        Row(
+            row="persistence",
+            variant=f"{count:,} token rows",
+            baseline=f"one INSERT per row {per_row_rate:,.0f} rows/s",
+            subject=f"batched (COPY) {batched_rate:,.0f} rows/s",
+            comparison=f"{speedup:.1f}x",
+            target=f">= {TARGET_SPEEDUP:.0f}x",
+            verdict=verdict(speedup >= TARGET_SPEEDUP),
+            metrics={
+                "rows": count,
+                "rounds": repeat,
+                "batched_rows_per_s": batched_rate,
+                "per_row_rows_per_s": per_row_rate,
+                "batched_s": batched_s,
+                "per_row_s": per_row_s,
+                "speedup": speedup,
+            },
+            note="median of rounds; fresh turn ids every round, so every row is a real insert",
+        )
+    ]
+
+
+__all__ = ["run"]
