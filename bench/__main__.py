@@ -1,9 +1,9 @@
 """``python -m bench``: run the side-by-side benchmarks, print the table, write JSON.
 
-    python -m bench                       # every row, full sizes (minutes)
-    python -m bench --quick               # tiny sizes, seconds (what the smoke test runs)
-    python -m bench --only relay --only log
-    python -m bench --kafka --es          # add the Kafka and Elasticsearch variants
+python -m bench                       # every row, full sizes (minutes)
+python -m bench --quick               # tiny sizes, seconds (what the smoke test runs)
+python -m bench --only relay --only log
+python -m bench --kafka --es          # add the Kafka and Elasticsearch variants
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas: {text!r}"
+        ) from None
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
     return values
@@ -52,7 +54,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     parser.add_argument(
-        "--only", type=_rows, action="append", metavar="ROW",
+        "--only",
+        type=_rows,
+        action="append",
+        metavar="ROW",
         help=f"run only these rows (repeat or comma-separate): {', '.join(ROWS)}",
     )
     parser.add_argument("--kafka", action="store_true", help="also measure the Kafka log")
@@ -62,12 +67,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=None, help="generation runs per side")
     parser.add_argument("--max-tokens", type=int, default=None, help="tokens per generation")
     parser.add_argument(
-        "--relay-streams", type=_int_list, default=None, metavar="N,N",
+        "--relay-streams",
+        type=_int_list,
+        default=None,
+        metavar="N,N",
         help="relay concurrency levels (default 1,100,1000)",
     )
     parser.add_argument("--persist-rows", type=int, default=None, help="rows per persistence round")
     parser.add_argument(
-        "--recall-sizes", type=_int_list, default=None, metavar="N,N",
+        "--recall-sizes",
+        type=_int_list,
+        default=None,
+        metavar="N,N",
         help="chunk counts for recall (default 10000,100000)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
@@ -106,9 +117,9 @@ class LoadSampler:
         }
 
 
-async def run_rows(args: argparse.Namespace, ctx: Context, selected: list[str]) -> tuple[
-    list[Row], dict[str, str], dict[str, float]
-]:
+async def run_rows(
+    args: argparse.Namespace, ctx: Context, selected: list[str]
+) -> tuple[list[Row], dict[str, str], dict[str, float]]:
     rows: list[Row] = []
     errors: dict[str, str] = {}
     loads: dict[str, float] = {}
@@ -134,7 +145,10 @@ async def run_rows(args: argparse.Namespace, ctx: Context, selected: list[str]) 
         await family(
             ("ttft", "throughput"),
             generation.run(
-                ctx, kafka=args.kafka, model=args.model, runs=args.runs,
+                ctx,
+                kafka=args.kafka,
+                model=args.model,
+                runs=args.runs,
                 max_tokens=args.max_tokens,
             ),
         )
@@ -196,8 +210,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "load_average_1m": sampler.summary(),
         "load_at_row_start": loads,
         "rows": [
-            {**r.to_json(), "metrics": {k: _finite(v) for k, v in r.metrics.items()}}
-            for r in rows
+            {**r.to_json(), "metrics": {k: _finite(v) for k, v in r.metrics.items()}} for r in rows
         ],
         "errors": errors,
     }

@@ -56,6 +56,8 @@ class Sample:
     pieces: int
     total_ms: float
     text: str
+    # Mesh turns only: where the time to the first token went (see ``mesh_run``).
+    parts: dict[str, float] = field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -77,6 +79,9 @@ class Series:
 
     def tokens_per_s(self) -> float:
         return median([s.decode_tokens_per_s for s in self.samples])
+
+    def part(self, name: str) -> float:
+        return median([s.parts[name] for s in self.samples if name in s.parts])
 
 
 def choose_model(ctx: Context, model: Path | None) -> tuple[Path, str]:
@@ -126,8 +131,9 @@ async def direct_run(engine: LlamaEngine, prompt: str, max_tokens: int, seed: in
             pieces.append(piece.text)
     if not pieces:
         raise RuntimeError(f"the direct generation produced nothing ({generation.error})")
-    return Sample((first - started) * 1000, gaps, len(pieces), (last - started) * 1000,
-                  "".join(pieces))
+    return Sample(
+        (first - started) * 1000, gaps, len(pieces), (last - started) * 1000, "".join(pieces)
+    )
 
 
 async def mesh_run(
@@ -149,11 +155,13 @@ async def mesh_run(
     gaps: list[float] = []
     finished: gateway_pb2.TurnFinished | None = None
     started = time.perf_counter()
-    first = last = 0.0
+    first = last = accepted = 0.0
     call = stub.StreamTurn(request, metadata=(("x-api-key", api_key),), timeout=timeout_s)
     async for frame in call:
         kind = frame.WhichOneof("frame")
-        if kind == "token":
+        if kind == "accepted" and not accepted:
+            accepted = time.perf_counter()
+        elif kind == "token":
             now = time.perf_counter()
             if not pieces:
                 first = now
@@ -172,8 +180,19 @@ async def mesh_run(
         raise RuntimeError(f"the mesh turn did not finish normally: {finished}")
     if not pieces:
         raise RuntimeError("the mesh turn produced no tokens")
-    return Sample((first - started) * 1000, gaps, len(pieces), (last - started) * 1000,
-                  "".join(pieces))
+    timings = finished.timings
+    # The agent's timings count from the gateway's acceptance: TTFT = accept + queued (until an
+    # agent claimed the turn) + retrieval (history and recall) + the rest (prompt, llama.cpp's
+    # prompt processing and first token, the token's way back through log and gateway).
+    parts = {
+        "accept_ms": (accepted - started) * 1000,
+        "queued_ms": timings.queued_ms,
+        "retrieval_ms": timings.retrieval_ms,
+        "agent_first_token_ms": timings.time_to_first_token_ms,
+    }
+    return Sample(
+        (first - started) * 1000, gaps, len(pieces), (last - started) * 1000, "".join(pieces), parts
+    )
 
 
 async def _flush_persister(addr: str) -> None:
@@ -277,8 +296,18 @@ def rows_for(
             "mesh_itl_p50_ms": mg50,
             "mesh_itl_p99_ms": mg99,
             "identical_outputs": same,
+            "mesh_accept_p50_ms": through_mesh.part("accept_ms"),
+            "mesh_queued_p50_ms": through_mesh.part("queued_ms"),
+            "mesh_retrieval_p50_ms": through_mesh.part("retrieval_ms"),
+            "mesh_agent_first_token_p50_ms": through_mesh.part("agent_first_token_ms"),
         },
-        note=note,
+        note=note
+        + (
+            f"; mesh TTFT p50 parts: accept {through_mesh.part('accept_ms'):.1f} ms, queued "
+            f"{through_mesh.part('queued_ms'):.1f}, history+recall "
+            f"{through_mesh.part('retrieval_ms'):.1f}, agent's first token at "
+            f"{through_mesh.part('agent_first_token_ms'):.1f} after acceptance"
+        ),
     )
     d_tps, m_tps = direct.tokens_per_s(), through_mesh.tokens_per_s()
     ratio = m_tps / d_tps if d_tps > 0 else 0.0

@@ -72,7 +72,7 @@ async def hop_pipe(ctx: Context, count: int) -> list[float]:
 async def run(ctx: Context, *, kafka: bool) -> list[Row]:
     from mesh.log.embedded import EmbeddedLog
 
-    count = 100 if ctx.quick else 1000
+    count = 50 if ctx.quick else 1000
     rows: list[Row] = []
     drivers = ["embedded", "kafka"] if kafka else ["embedded"]
     for driver in drivers:

@@ -16,7 +16,7 @@ TARGET_SPEEDUP = 10.0
 
 
 async def run(ctx: Context, *, rows: int | None = None) -> list[Row]:
-    count = rows or (1000 if ctx.quick else 20_000)
+    count = rows or (500 if ctx.quick else 20_000)
     repeat = 1 if ctx.quick else 3
     with warnings.catch_warnings():
         # pgserver (imported by the persister's benchmark) warns about XDG_RUNTIME_DIR on import.

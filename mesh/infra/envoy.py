@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import importlib
 import ipaddress
 import json
 import logging
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -156,6 +159,41 @@ class EnvoyConfig:
             stream_idle_timeout_s=env.float("STREAM_IDLE_TIMEOUT_S", 300.0),
             concurrency=env.int("CONCURRENCY", 2, minimum=1),
         )
+
+
+# Every envoy-data-plane module the bootstrap uses; imported together by _import_models.
+_MODEL_MODULES = (
+    "envoy_data_plane.google.protobuf",
+    "envoy_data_plane.envoy.config.core.v3",
+    "envoy_data_plane.envoy.config.cluster.v3",
+    "envoy_data_plane.envoy.config.endpoint.v3",
+    "envoy_data_plane.envoy.config.route.v3",
+    "envoy_data_plane.envoy.config.listener.v3",
+    "envoy_data_plane.envoy.config.bootstrap.v3",
+    "envoy_data_plane.envoy.type.matcher.v3",
+    "envoy_data_plane.envoy.extensions.upstreams.http.v3",
+    "envoy_data_plane.envoy.extensions.common.async_files.v3",
+    "envoy_data_plane.envoy.extensions.filters.http.cors.v3",
+    "envoy_data_plane.envoy.extensions.filters.http.file_server.v3",
+    "envoy_data_plane.envoy.extensions.filters.http.grpc_web.v3",
+    "envoy_data_plane.envoy.extensions.filters.http.router.v3",
+    "envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3",
+)
+
+
+@functools.cache
+def _import_models() -> None:
+    """Import the typed models once, quietly.
+
+    Their generated classes use a pydantic idiom deprecated since pydantic 2.12, which warns at
+    class creation; under ``-W error`` (our tests) that would abort the import half way and
+    leave the package's message pool half registered. The imports are also slow (seconds),
+    which is why nothing imports them before a bootstrap is actually built.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in _MODEL_MODULES:
+            importlib.import_module(name)
 
 
 def _seconds(value: float) -> timedelta:
@@ -353,6 +391,7 @@ def _http_filters(config: EnvoyConfig) -> list[Any]:
 
 def build_bootstrap(config: EnvoyConfig, *, admin_port: int) -> Any:
     """The Envoy bootstrap (a typed ``envoy.config.bootstrap.v3.Bootstrap``) for ``config``."""
+    _import_models()
     from envoy_data_plane.envoy.config.bootstrap.v3 import (
         Admin,
         Bootstrap,

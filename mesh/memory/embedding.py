@@ -57,8 +57,9 @@ class HashingEmbedder:
 
     Each lower-cased word adds ``1 + log(count)`` at one hashed position, and its character
     trigrams (of ``#word#``, so prefixes and suffixes count) share ``trigram_weight`` between
-    them (as much as the word itself by default, so "embedding" and "embeddings" are close). A hash bit picks the sign, so colliding features cancel on average instead of piling
-    up. Texts without any word still get a non-zero vector (from their raw characters), because
+    them (as much as the word itself by default, so "embedding" and "embeddings" are close).
+    A hash bit picks the sign, so colliding features cancel on average instead of piling up.
+    Texts without any word still get a non-zero vector (from their raw characters), because
     cosine similarity is undefined for the zero vector.
     """
 

@@ -5,6 +5,11 @@ Search is one SQL statement: the tenant's top candidates by cosine distance (HNS
 one only a single ranker likes. Every statement filters by ``tenant_id``; there is no code path
 that reads or deletes rows without it.
 
+The full-text half ORs the query's words (a question has more words than the fact it is after)
+and leaves out words found in more than ``common_term_fraction`` of all chunks, which would
+make it score most of a tenant's rows for little ranking value; the vector half still sees
+them. This keeps recall latency flat as memory grows (see ``_refresh_common_terms``).
+
 Works with pgvector >= 0.5 (HNSW). Up to 0.7, HNSW applies the tenant filter after the index
 scan, so the vector half sees at most ``hnsw.ef_search`` candidates before filtering; the store
 raises ``ef_search`` per query to compensate, and on pgvector >= 0.8 it turns on iterative index

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mesh import metrics
 from mesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -176,12 +178,21 @@ class AgentCore:
         prompts: PromptBuilder,
         agent_id: str,
         limits: Limits,
+        prompt_log: Path | None = None,
     ) -> None:
         self.engine = engine
         self.prompts = prompts
         self.agent_id = agent_id
         self.limits = limits
+        self._prompt_log = prompt_log
         self._waiting = 0
+
+    def _audit_prompt(self, label: str, text: str) -> None:
+        if self._prompt_log is None:
+            return
+        line = json.dumps({"turn_id": label, "agent_id": self.agent_id, "prompt": text})
+        with self._prompt_log.open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
 
     @property
     def model_name(self) -> str:
@@ -228,6 +239,7 @@ class AgentCore:
         cancel: asyncio.Event,
         *,
         started_at: float | None = None,
+        label: str = "",
     ) -> AsyncGenerator[Token | Finished, None]:
         """Generate for ``prompt``; yields ``Token``s, then exactly one ``Finished``.
 
@@ -239,6 +251,7 @@ class AgentCore:
         t0 = time.monotonic()
         metric_t0 = t0 if started_at is None else started_at
         built = self.prompts.build(prompt, options.max_tokens)
+        self._audit_prompt(label, built.text)
         sampling = SamplingOptions(
             max_tokens=built.max_tokens,
             temperature=options.temperature,

@@ -177,7 +177,13 @@ def build_core(settings: AgentSettings, engine: LlamaEngine) -> AgentCore:
         default_top_p=settings.default_top_p,
         max_waiting=settings.max_waiting,
     )
-    return AgentCore(engine=engine, prompts=prompts, agent_id=settings.agent_id, limits=limits)
+    return AgentCore(
+        engine=engine,
+        prompts=prompts,
+        agent_id=settings.agent_id,
+        limits=limits,
+        prompt_log=settings.prompt_log,
+    )
 
 
 def build_server_with_health(

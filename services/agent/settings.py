@@ -44,6 +44,8 @@ class AgentSettings:
             (``MESH_AGENT_DEPENDENCY_TIMEOUT_S``).
         dependency_attempts: tries before generating without history or recall
             (``MESH_AGENT_DEPENDENCY_ATTEMPTS``).
+        prompt_log: when set, every prompt is appended to this JSON-lines file (an audit and
+            debugging aid: it holds user text, so keep it off in production)
         worker: consume turns from the request log; false serves only the direct RPCs
             (``MESH_AGENT_WORKER``).
         max_waiting: direct Generate calls that may wait for a slot before
@@ -75,6 +77,7 @@ class AgentSettings:
     dependency_attempts: int = 3
     worker: bool = True
     max_waiting: int = 16
+    prompt_log: Path | None = None
     log: LogSettings = field(default_factory=LogSettings)
 
     @classmethod
@@ -140,6 +143,7 @@ class AgentSettings:
             dependency_attempts=env.int("DEPENDENCY_ATTEMPTS", 3, minimum=1),
             worker=env.bool("WORKER", True),
             max_waiting=env.int("MAX_WAITING", 16, minimum=0),
+            prompt_log=Path(p) if (p := env.str("PROMPT_LOG", "")) else None,
             log=LogSettings.from_env(env_map),
         )
 

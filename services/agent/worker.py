@@ -320,7 +320,9 @@ class TurnWorker:
             finished: Finished | None = None
             try:
                 async with contextlib.aclosing(
-                    self._core.stream(prompt, step_options, cancel, started_at=claimed)
+                    self._core.stream(
+                        prompt, step_options, cancel, started_at=claimed, label=turn.turn_id
+                    )
                 ) as events:
                     async for event in events:
                         if isinstance(event, Token):

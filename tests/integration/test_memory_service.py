@@ -37,6 +37,7 @@ from mesh.memory.base import StoredChunk
 from mesh.memory.chunking import chunk_id
 from mesh.memory.embedding import HashingEmbedder
 from mesh.memory.postgres import PostgresMemoryStore
+from mesh.pg import server_data_dir
 from mesh.server import channel
 from tests.fixtures.postgres import create_database
 
@@ -442,18 +443,19 @@ def test_bad_configuration_exits_with_a_clear_message(tmp_path: Path) -> None:
 
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
-    """A state directory outside pytest's tmp root, whose permissions pytest resets."""
+    """A fresh state directory; afterwards, its embedded PostgreSQL is stopped and removed."""
     path = Path(tempfile.mkdtemp(prefix="mesh-memory-state-"))
     yield path
-    # The embedded server outlives the service by design (services share it); stop ours.
-    pid_file = path / "postgres" / "postmaster.pid"
-    if pid_file.exists():
+    data_dir = server_data_dir(path / "postgres")
+    pid_file = data_dir / "postmaster.pid"
+    if pid_file.exists():  # the service did not stop it: do it, so nothing outlives the test
         pid = int(pid_file.read_text().split()[0])
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGINT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and pid_file.exists():
             time.sleep(0.1)
+    shutil.rmtree(data_dir, ignore_errors=True)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -475,7 +477,10 @@ async def test_without_a_dsn_it_runs_on_embedded_postgres(state_dir: Path) -> No
             assert [c.text for c in hits.chunks] == ["embedded works"]
     finally:
         assert stop(service) == 0, service.log()
-    assert (state_dir / "postgres" / "PG_VERSION").exists()
+    data_dir = server_data_dir(state_dir / "postgres")
+    assert (data_dir / "PG_VERSION").exists()
+    # The service was the server's only user, so stopping the service stopped the server.
+    assert not (data_dir / "postmaster.pid").exists(), service.log()
 
 
 # -- PostgreSQL store specifics (the conformance suite covers the shared behaviour) ----------

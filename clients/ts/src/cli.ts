@@ -6,7 +6,7 @@
 //
 // --json prints one JSON object per frame (the same shape as the Go client's).
 import { parseArgs } from "node:util";
-import { ConnectError } from "@connectrpc/connect";
+import { Code, ConnectError } from "@connectrpc/connect";
 import {
   cancelTurn,
   connectGateway,
@@ -149,14 +149,17 @@ async function main(): Promise<number> {
   return 1;
 }
 
+function exit(code: number): void {
+  clearTimeout(timer);
+  process.exitCode = code;
+  // A pooled HTTP/2 session can outlive the last call; don't let it keep a finished CLI alive.
+  setTimeout(() => process.exit(code), 200).unref();
+}
+
 main()
-  .then((code) => {
-    clearTimeout(timer);
-    process.exitCode = code;
-  })
+  .then(exit)
   .catch((error: unknown) => {
-    clearTimeout(timer);
-    const message = error instanceof ConnectError ? `${error.code}: ${error.rawMessage}` : String(error);
+    const message = error instanceof ConnectError ? `${Code[error.code]}: ${error.rawMessage}` : String(error);
     emit("error", { message }, `mesh-chat: ${message}`);
-    process.exitCode = 1;
+    exit(1);
   });

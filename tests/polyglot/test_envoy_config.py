@@ -1,0 +1,137 @@
+"""The Envoy bootstrap built from typed envoy-data-plane models (no Envoy process needed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.infra.envoy import (
+    EXPOSED_HEADERS,
+    EnvoyConfig,
+    build_bootstrap,
+    render,
+)
+from mesh.settings import SettingsError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def rendered(config: EnvoyConfig) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(render(config, admin_port=9901))
+    return document
+
+
+def manager(document: dict[str, Any]) -> dict[str, Any]:
+    [listener] = document["staticResources"]["listeners"]
+    [chain] = listener["filterChains"]
+    [hcm] = chain["filters"]
+    config: dict[str, Any] = hcm["typedConfig"]
+    return config
+
+
+def test_bootstrap_is_a_typed_model() -> None:
+    bootstrap = build_bootstrap(EnvoyConfig(upstreams=("127.0.0.1:50051",)), admin_port=0)
+    from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
+
+    assert isinstance(bootstrap, Bootstrap)
+    # It survives the binary encoding Envoy itself would read.
+    assert Bootstrap.parse(bytes(bootstrap)).to_dict() == bootstrap.to_dict()
+
+
+def test_filters_in_order_and_long_stream_timeouts() -> None:
+    document = rendered(EnvoyConfig(upstreams=("127.0.0.1:50051",), web_root=REPO / "web"))
+    hcm = manager(document)
+    names = [f["name"] for f in hcm["httpFilters"]]
+    assert names == [
+        "envoy.filters.http.cors",
+        "envoy.filters.http.grpc_web",
+        "envoy.filters.http.file_server",
+        "envoy.filters.http.router",
+    ]
+    assert hcm["streamIdleTimeout"] == "300s"
+    [vhost] = hcm["routeConfig"]["virtualHosts"]
+    gateway_route = vhost["routes"][0]
+    assert gateway_route["match"]["prefix"] == "/chat.gateway.v1.GatewayService/"
+    assert gateway_route["route"]["cluster"] == "gateway"
+    assert gateway_route["route"]["timeout"] == "0s"
+    # file_server answers every method under "/", so gRPC routes switch it off.
+    assert gateway_route["typedPerFilterConfig"]["envoy.filters.http.file_server"]["disabled"]
+
+
+def test_cors_policy_lists_exact_origins_and_exposes_grpc_headers() -> None:
+    origins = ("http://localhost:5173", "https://chat.example.com")
+    hcm = manager(rendered(EnvoyConfig(upstreams=("127.0.0.1:50051",), allowed_origins=origins)))
+    [vhost] = hcm["routeConfig"]["virtualHosts"]
+    cors = vhost["typedPerFilterConfig"]["envoy.filters.http.cors"]
+    assert [m["exact"] for m in cors["allowOriginStringMatch"]] == list(origins)
+    assert cors["exposeHeaders"].split(",") == list(EXPOSED_HEADERS)
+    assert "x-api-key" in cors["allowHeaders"].split(",")
+
+
+def test_cluster_is_http2_and_grpc_health_checked() -> None:
+    document = rendered(EnvoyConfig(upstreams=("127.0.0.1:50051", "127.0.0.1:50061")))
+    [cluster] = document["staticResources"]["clusters"]
+    assert cluster["type"] == "STATIC"
+    protocol = cluster["typedExtensionProtocolOptions"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert "http2ProtocolOptions" in protocol["explicitHttpConfig"]
+    [check] = cluster["healthChecks"]
+    assert check["grpcHealthCheck"]["serviceName"] == "chat.gateway.v1.GatewayService"
+    endpoints = cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"]
+    ports = [e["endpoint"]["address"]["socketAddress"]["portValue"] for e in endpoints]
+    assert ports == [50051, 50061]
+
+
+def test_host_names_use_dns_and_no_page_means_no_file_server() -> None:
+    document = rendered(EnvoyConfig(upstreams=("gateway.internal:50051",), web_root=None))
+    [cluster] = document["staticResources"]["clusters"]
+    assert cluster["type"] == "STRICT_DNS"
+    names = [f["name"] for f in manager(document)["httpFilters"]]
+    assert "envoy.filters.http.file_server" not in names
+
+
+@pytest.mark.parametrize(
+    ("environ", "fragment"),
+    [
+        ({"MESH_ENVOY_UPSTREAMS": "no-port"}, "host:port"),
+        ({"MESH_ENVOY_UPSTREAMS": "127.0.0.1:99999"}, "host:port"),
+        ({"MESH_ENVOY_ALLOWED_ORIGINS": "localhost:3000"}, "http(s)://"),
+        ({"MESH_ENVOY_ALLOWED_ORIGINS": "http://x.example/"}, "no path"),
+        ({"MESH_ENVOY_PORT": "eighty"}, "MESH_ENVOY_PORT"),
+    ],
+)
+def test_bad_settings_say_what_is_wrong(environ: dict[str, str], fragment: str) -> None:
+    with pytest.raises(SettingsError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        EnvoyConfig.from_env(environ)
+
+
+def test_from_env_defaults_to_the_gateway_address() -> None:
+    config = EnvoyConfig.from_env({"MESH_GATEWAY_PORT": "6000", "MESH_ENVOY_PORT": "0"})
+    assert config.upstreams == ("127.0.0.1:6000",)
+    assert config.listen_port == 0
+
+
+def test_render_command_prints_the_bootstrap() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mesh.infra.envoy", "render", "--admin-port", "9999"],
+        cwd=REPO,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": f"{REPO}:{REPO / 'gen' / 'python'}",
+            "MESH_ENVOY_UPSTREAMS": "127.0.0.1:7000",
+            "MESH_ENVOY_ALLOWED_ORIGINS": "http://localhost:5173",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["admin"]["address"]["socketAddress"]["portValue"] == 9999
