@@ -138,7 +138,8 @@ func chat(ctx context.Context, client gatewayv1.GatewayServiceClient, o options,
 			// Each token consumed frees one slot of the gateway's window; granting them one by
 			// one keeps the window constant whatever its initial size.
 			credit := &gatewayv1.ChatRequest{Frame: &gatewayv1.ChatRequest_Credit{Credit: &gatewayv1.FlowCredit{Tokens: 1}}}
-			if err := stream.Send(credit); err != nil {
+			// io.EOF means the server ended the stream; Recv then reports how.
+			if err := stream.Send(credit); err != nil && !errors.Is(err, io.EOF) {
 				return "", err
 			}
 			if o.stopAfter > 0 && tokens >= o.stopAfter {

@@ -303,11 +303,13 @@ class TurnWorker:
             reason = FinishReason.LENGTH
         else:
             t_retrieval = time.monotonic()
-            (history, _), (passages, _) = await asyncio.gather(
-                self._clients.history(
-                    turn.tenant_id, turn.conversation_id, exclude_turn_id=turn.turn_id
-                ),
-                self._clients.recall(turn.tenant_id, turn.user_text, self._recall_top_k),
+            # History first: its consistent read waits until the persister has committed (and
+            # indexed into memory) every earlier turn, so the recall that follows sees them too.
+            history, _ = await self._clients.history(
+                turn.tenant_id, turn.conversation_id, exclude_turn_id=turn.turn_id
+            )
+            passages, _ = await self._clients.recall(
+                turn.tenant_id, turn.user_text, self._recall_top_k
             )
             retrieval_ms = (time.monotonic() - t_retrieval) * 1000
             prompt = PromptRequest(

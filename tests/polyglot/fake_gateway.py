@@ -202,6 +202,8 @@ class FakeGateway(gateway_service_pb2_grpc.GatewayServiceServicer):
         try:
             async for frame in self._follow(turn, after):
                 yield _frame(gateway_pb2.ChatResponse, frame)
+            # Like the real gateway, the stream outlives the turn until the client half-closes.
+            await reader
         finally:
             reader.cancel()
 
