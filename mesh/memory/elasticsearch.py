@@ -173,9 +173,9 @@ def search_bodies(
             {
                 "size": candidates,
                 "query": {"bool": {"must": [{"match": {"text": terms}}], "filter": filters}},
-                # The tie-break decides which equal scores make the window at its edge.
-                "sort": ["_score", {"chunk_id": "asc"}],
-                "track_scores": True,
+                # No sort clause (not even _score + chunk_id as a tie-break): any sort turns off
+                # Lucene's skipping of non-competitive documents (WAND), which made queries with
+                # common words 4x slower at 10k chunks. Ties are ordered in _ranking instead.
                 "_source": _SOURCE_FIELDS,
                 "track_total_hits": False,
             }
@@ -285,12 +285,7 @@ class ElasticsearchMemoryStore:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
     async def _create_index(self, client: AsyncElasticsearch) -> None:

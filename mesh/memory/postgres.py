@@ -418,7 +418,7 @@ class PostgresMemoryStore:
         if top_k < 1:
             raise ValueError(f"top_k must be positive, got {top_k}")
         candidates = max(_MIN_CANDIDATES, top_k * _CANDIDATES_PER_RESULT)
-        params = {
+        params: dict[str, object] = {
             "tenant": tenant_id,
             "conversation": conversation_id,
             "words": _query_words(query_text),
@@ -427,10 +427,30 @@ class PostgresMemoryStore:
             "candidates": candidates,
             "top_k": top_k,
         }
-        async with self._guard(), self._connection() as conn, conn.transaction():
+        async with self._guard(), self._connection() as conn:
             if time.monotonic() - self._common_checked_at > self._stats_refresh_s:
                 await self._refresh_common_terms(conn)
                 params["common"] = self._common_terms
+            rows = await self._run_search(conn, params, candidates)
+        return [
+            ChunkHit(
+                chunk_id=row[0],
+                text=row[1],
+                score=float(row[2]),
+                conversation_id=row[3],
+                document_id=row[4],
+            )
+            for row in rows
+        ]
+
+    async def _run_search(
+        self,
+        conn: psycopg.AsyncConnection[TupleRow],
+        params: dict[str, object],
+        candidates: int,
+    ) -> list[TupleRow]:
+        # Pipelined: BEGIN, the settings, the search and COMMIT cost one round trip.
+        async with conn.pipeline(), conn.transaction():
             # SET LOCAL scope: the pooled connection goes back with the server defaults.
             if self._iterative_scan:
                 await conn.execute(
@@ -442,17 +462,7 @@ class PostgresMemoryStore:
             )
             async with conn.cursor() as cur:
                 await cur.execute(self._search_sql(), params)
-                rows = await cur.fetchall()
-        return [
-            ChunkHit(
-                chunk_id=row[0],
-                text=row[1],
-                score=float(row[2]),
-                conversation_id=row[3],
-                document_id=row[4],
-            )
-            for row in rows
-        ]
+                return await cur.fetchall()
 
     async def delete(self, tenant_id: str, conversation_id: str = "") -> int:
         _require_tenant(tenant_id)

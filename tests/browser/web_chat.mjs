@@ -80,7 +80,7 @@ async function observations(page) {
   return page.evaluate(() => ({ bubbles: window.__bubbles, statuses: window.__statuses }));
 }
 
-async function openAndSend(page) {
+async function openAndSend(page, trigger, beforeSend) {
   await page.goto(options.url, { waitUntil: "load" });
   await page.fill("#api-key", options.apiKey);
   await page.click("#save-key");
@@ -89,20 +89,38 @@ async function openAndSend(page) {
     await page.fill("#max-tokens", String(options.maxTokens));
   }
   await page.evaluate(installObserver);
+  if (trigger) await page.evaluate(installTrigger, trigger);
+  beforeSend?.();
   await page.fill("#prompt", prompt);
   await page.click("#send");
 }
 
-async function waitForSeq(page, seq) {
-  await page.waitForFunction(
-    (target) => {
-      const bubbles = document.querySelectorAll(".msg.assistant");
-      const bubble = bubbles[bubbles.length - 1];
-      return Number(bubble?.dataset.lastSeq ?? 0) >= target || Boolean(bubble?.dataset.finish);
-    },
-    seq,
-    { timeout },
-  );
+// Acts inside the page the moment the bubble reaches `seq`: a round trip to the driver would
+// let a fast model finish the turn first. The state at that moment is kept in sessionStorage,
+// which survives the reload.
+function installTrigger({ seq, action }) {
+  const messages = document.getElementById("messages");
+  let fired = false;
+  new MutationObserver(() => {
+    const bubbles = messages.querySelectorAll(".msg.assistant");
+    const bubble = bubbles[bubbles.length - 1];
+    if (fired || !bubble || bubble.dataset.finish) return;
+    if (Number(bubble.dataset.lastSeq ?? 0) < seq) return;
+    fired = true;
+    const snapshot = {
+      text: bubble.textContent ?? "",
+      turnId: bubble.dataset.turnId ?? "",
+      lastSeq: Number(bubble.dataset.lastSeq ?? 0),
+      finish: bubble.dataset.finish ?? "",
+    };
+    sessionStorage.setItem("test.trigger", JSON.stringify(snapshot));
+    if (action === "cancel") document.getElementById("cancel").click();
+    else window.location.reload();
+  }).observe(messages, { subtree: true, childList: true, characterData: true, attributes: true });
+}
+
+async function triggered(page) {
+  return page.evaluate(() => JSON.parse(sessionStorage.getItem("test.trigger") ?? "null"));
 }
 
 async function waitForFinish(page) {
@@ -117,11 +135,9 @@ const scenarios = {
   },
 
   async cancel(page) {
-    await openAndSend(page);
-    await waitForSeq(page, options.cancelAfterSeq ?? 3);
-    const atCancel = await bubbleState(page);
-    await page.click("#cancel");
+    await openAndSend(page, { seq: options.cancelAfterSeq ?? 3, action: "cancel" });
     await waitForFinish(page);
+    const atCancel = await triggered(page);
     const final = await bubbleState(page);
     // Anything still arriving after the finish would be a bug: look again a moment later.
     await page.waitForTimeout(options.settleMs ?? 1500);
@@ -129,19 +145,19 @@ const scenarios = {
   },
 
   async reload(page) {
-    await openAndSend(page);
-    await waitForSeq(page, options.reloadAfterSeq ?? 3);
-    const beforeReload = await bubbleState(page);
-    const seenBefore = await observations(page);
-    await page.reload({ waitUntil: "load" });
+    let reloaded;
+    await openAndSend(page, { seq: options.reloadAfterSeq ?? 3, action: "reload" }, () => {
+      // Registered after the first load, before the send that leads to the reload.
+      reloaded = page.waitForEvent("load", { timeout });
+    });
+    await reloaded;
     await page.evaluate(installObserver);
     const afterReload = await bubbleState(page);
     await waitForFinish(page);
     return {
-      beforeReload,
+      beforeReload: await triggered(page),
       afterReload,
       final: await bubbleState(page),
-      seenBefore,
       seen: await observations(page),
     };
   },

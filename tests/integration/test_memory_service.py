@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -481,6 +482,43 @@ async def test_without_a_dsn_it_runs_on_embedded_postgres(state_dir: Path) -> No
     assert (data_dir / "PG_VERSION").exists()
     # The service was the server's only user, so stopping the service stopped the server.
     assert not (data_dir / "postmaster.pid").exists(), service.log()
+
+
+@pytest.mark.infra
+async def test_service_on_the_elasticsearch_backend(elasticsearch_url: str, tmp_path: Path) -> None:
+    service = start_memory_service(
+        "",
+        tmp_path / "service-es.log",
+        MESH_MEMORY_BACKEND="elasticsearch",
+        MESH_ES_URL=elasticsearch_url,
+        MESH_MEMORY_ES_INDEX_PREFIX=f"svc-{uuid.uuid4().hex[:12]}",
+    )
+    try:
+        async with channel(f"127.0.0.1:{service.port}") as chan:
+            stub = memory_service_pb2_grpc.MemoryServiceStub(chan)
+            for i, fact in enumerate(["The vault combination is 31-7-22.", "Lunch is at noon."]):
+                stored = await stub.Remember(
+                    memory_pb2.RememberRequest(
+                        tenant_id="t", conversation_id="c", text=fact, request_id=f"r{i}"
+                    ),
+                    timeout=RPC_TIMEOUT_S,
+                )
+                assert stored.chunks_stored == 1
+            hits = await stub.Recall(
+                memory_pb2.RecallRequest(tenant_id="t", query="vault combination", top_k=1),
+                timeout=RPC_TIMEOUT_S,
+            )
+            assert [c.text for c in hits.chunks] == ["The vault combination is 31-7-22."]
+            other = await stub.Recall(
+                memory_pb2.RecallRequest(tenant_id="u", query="vault"), timeout=RPC_TIMEOUT_S
+            )
+            assert list(other.chunks) == []
+            forgot = await stub.Forget(
+                memory_pb2.ForgetRequest(tenant_id="t"), timeout=RPC_TIMEOUT_S
+            )
+            assert forgot.chunks_deleted == 2
+    finally:
+        assert stop(service) == 0, service.log()
 
 
 # -- PostgreSQL store specifics (the conformance suite covers the shared behaviour) ----------

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest_asyncio
 import pytest
+import pytest_asyncio
 
 from tests.polyglot.helpers import REPO, run
 
@@ -19,7 +19,9 @@ async def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail("no Go toolchain on PATH: the Go client test needs `go` (1.24 or newer)")
     binary = tmp_path_factory.mktemp("go") / "mesh-chat"
     # A cold build compiles grpc-go: minutes on two cores, so the timeout is generous.
-    result = await run([go, "build", "-o", str(binary), "."], cwd=REPO / "clients" / "go", timeout_s=540)
+    result = await run(
+        [go, "build", "-o", str(binary), "."], cwd=REPO / "clients" / "go", timeout_s=540
+    )
     assert result.returncode == 0, f"go build failed:\n{result.describe()}"
     return binary
 

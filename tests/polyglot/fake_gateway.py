@@ -118,9 +118,9 @@ class FakeGateway(gateway_service_pb2_grpc.GatewayServiceServicer):
         while True:
             async with turn.changed:
                 await turn.changed.wait_for(
-                    lambda: turn.queue_position != position
-                    or len(turn.tokens) > sent
-                    or turn.finished
+                    lambda position=position, sent=sent: (
+                        turn.queue_position != position or len(turn.tokens) > sent or turn.finished
+                    )
                 )
                 queue_position, tokens, finished = (
                     turn.queue_position,

@@ -23,7 +23,8 @@ class Finished:
     stderr: str
 
     def describe(self) -> str:
-        return f"exit {self.returncode}\nstdout:\n{self.stdout[-3000:]}\nstderr:\n{self.stderr[-3000:]}"
+        out, err = self.stdout[-3000:], self.stderr[-3000:]
+        return f"exit {self.returncode}\nstdout:\n{out}\nstderr:\n{err}"
 
 
 async def run(

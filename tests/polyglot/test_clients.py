@@ -63,10 +63,20 @@ async def check_resumed_turn(
         assert replay.finish_reason == "FINISH_REASON_LENGTH"
 
 
-async def test_go_client_chats_drops_and_resumes(chat_backend: ChatBackend, go_client: Path) -> None:
+async def test_go_client_chats_drops_and_resumes(
+    chat_backend: ChatBackend, go_client: Path
+) -> None:
     common = [str(go_client), "-addr", chat_backend.grpc_addr, "-api-key", chat_backend.api_key]
     first = await run(
-        [*common, "-json", "-max-tokens", str(MAX_TOKENS), "-stop-after", str(DROP_AFTER), "Hi from Go"]
+        [
+            *common,
+            "-json",
+            "-max-tokens",
+            str(MAX_TOKENS),
+            "-stop-after",
+            str(DROP_AFTER),
+            "Hi from Go",
+        ]
     )
     assert first.returncode == 0, first.describe()
     turn_id, before = split_run(json_events(first))

@@ -78,7 +78,9 @@ def _grpc_web_call(url: str, path: str, message: bytes, headers: dict[str, str])
         connection.close()
 
 
-async def grpc_web_stream_turn(url: str, text: str, max_tokens: int, **headers: str) -> GrpcWebReply:
+async def grpc_web_stream_turn(
+    url: str, text: str, max_tokens: int, **headers: str
+) -> GrpcWebReply:
     request = gateway_pb2.StreamTurnRequest(
         start=gateway_pb2.StartTurn(text=text, options={"max_tokens": max_tokens})
     )
@@ -112,7 +114,9 @@ async def test_grpc_web_streams_tokens_as_they_are_generated(fake_envoy: EnvoyPr
     assert frames[-1].WhichOneof("frame") == "finished"
     # The fake emits a token every 50 ms: a proxy that buffered the response would deliver
     # them all at once at the end.
-    arrivals = [at for (at, _), f in zip(reply.messages, frames, strict=True) if f.HasField("token")]
+    arrivals = [
+        at for (at, _), f in zip(reply.messages, frames, strict=True) if f.HasField("token")
+    ]
     assert arrivals[-1] - arrivals[0] > 0.2, arrivals
 
 
@@ -140,9 +144,7 @@ async def test_cors_allows_configured_origins_only(fake_envoy: EnvoyProxy) -> No
     assert {"grpc-status", "grpc-message", "grpc-status-details-bin"} <= exposed
 
     stranger = {**preflight, "Origin": "http://evil.example"}
-    _, headers, _ = await asyncio.to_thread(
-        _get, fake_envoy.url, STREAM_TURN, "OPTIONS", stranger
-    )
+    _, headers, _ = await asyncio.to_thread(_get, fake_envoy.url, STREAM_TURN, "OPTIONS", stranger)
     assert "access-control-allow-origin" not in headers
 
     # The actual call from an allowed origin exposes the gRPC status headers to the page.

@@ -84,6 +84,12 @@ function describe(error: unknown): string {
   }
 }
 
+/** 128 random bits in hex; crypto.randomUUID needs a secure context, this does not. */
+function newRequestId(): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 function saveActive(): void {
   if (active) sessionStorage.setItem(STORE_ACTIVE, JSON.stringify(active));
   else sessionStorage.removeItem(STORE_ACTIVE);
@@ -175,6 +181,7 @@ function apply(response: StreamTurnResponse | ResumeTurnResponse, bubble: HTMLLI
 async function follow(
   first: AsyncIterable<StreamTurnResponse | ResumeTurnResponse>,
   bubble: HTMLLIElement,
+  restart?: () => AsyncIterable<StreamTurnResponse>,
 ): Promise<void> {
   let stream = first;
   let resumes = 0;
@@ -189,9 +196,13 @@ async function follow(
         throw new ConnectError("the stream ended before the turn finished", Code.Unavailable);
       } catch (error) {
         const connect = ConnectError.from(error);
-        if (!active?.turnId || !RETRYABLE.has(connect.code) || resumes >= MAX_RESUMES) {
+        // Before the turn is accepted there is nothing to resume, but the start can be sent
+        // again: its request id makes the gateway answer with the same turn, not a second one.
+        const turn = active;
+        const canRetry = turn !== null && (turn.turnId !== "" || restart !== undefined);
+        if (!canRetry || !RETRYABLE.has(connect.code) || resumes >= MAX_RESUMES) {
           setStatus("error", describe(connect));
-          if (!active?.turnId) {
+          if (!turn?.turnId) {
             active = null;
             saveActive();
           }
@@ -200,7 +211,10 @@ async function follow(
         resumes += 1;
         setStatus("reconnecting", `Connection lost; resuming (attempt ${resumes})…`);
         await new Promise((resolve) => setTimeout(resolve, Math.min(4000, 250 * 2 ** resumes)));
-        stream = client.resumeTurn({ turnId: active.turnId, afterSeq: BigInt(active.lastSeq) });
+        stream =
+          turn.turnId || !restart
+            ? client.resumeTurn({ turnId: turn.turnId, afterSeq: BigInt(turn.lastSeq) })
+            : restart();
       }
     }
   } finally {
@@ -221,7 +235,8 @@ async function send(text: string): Promise<void> {
   setStatus("sending", "Sending…");
   const maxTokens = Number.parseInt(ui.maxTokens.value, 10);
   const options = Number.isInteger(maxTokens) && maxTokens > 0 ? { maxTokens } : undefined;
-  await follow(client.streamTurn({ start: { text, conversationId, options } }), bubble);
+  const request = { start: { text, conversationId, options, requestId: newRequestId() } };
+  await follow(client.streamTurn(request), bubble, () => client.streamTurn(request));
 }
 
 async function cancel(): Promise<void> {

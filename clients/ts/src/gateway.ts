@@ -1,6 +1,7 @@
 // A small client for the mesh gateway: start a turn and follow its tokens, resuming after a
 // dropped connection from the last sequence number seen, over native gRPC (HTTP/2) or over
 // gRPC-web through Envoy (fetch, the same transport a browser uses).
+import { randomUUID } from "node:crypto";
 import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
@@ -87,7 +88,7 @@ export async function* streamTurn(
     start: {
       text,
       conversationId: options.conversationId ?? "",
-      requestId: options.requestId ?? "",
+      requestId: options.requestId ?? randomUUID(),
       options: options.maxTokens ? { maxTokens: options.maxTokens } : undefined,
     },
   };
@@ -119,7 +120,7 @@ const RETRYABLE = new Set([Code.Unavailable, Code.Internal, Code.Unknown, Code.D
 export interface FollowOptions extends StartOptions {
   /** Reconnect attempts after a dropped stream (each one resumes after the last seq seen). */
   maxResumes?: number;
-  /** Called before each resume, with the turn and the last seq already delivered. */
+  /** Called before each retry, with the turn (empty if not yet accepted) and the last seq. */
   onResume?: (turnId: string, afterSeq: number, error: ConnectError) => void;
 }
 
@@ -136,7 +137,10 @@ export async function* followTurn(
   let turnId = "";
   let lastSeq = 0;
   let resumes = 0;
-  let source: AsyncGenerator<TurnEvent> = streamTurn(client, text, options);
+  // One request id for every attempt: a start retried before its acceptance arrived gets the
+  // same turn back instead of a second one.
+  const started = { ...options, requestId: options.requestId ?? randomUUID() };
+  let source: AsyncGenerator<TurnEvent> = streamTurn(client, text, started);
   for (;;) {
     try {
       for await (const event of source) {
@@ -151,13 +155,15 @@ export async function* followTurn(
       throw new ConnectError("stream ended before the turn finished", Code.Unavailable);
     } catch (caught) {
       const error = ConnectError.from(caught);
-      if (!turnId || !RETRYABLE.has(error.code) || resumes >= (options.maxResumes ?? 5)) {
+      if (!RETRYABLE.has(error.code) || resumes >= (options.maxResumes ?? 5)) {
         throw error;
       }
       resumes += 1;
       options.onResume?.(turnId, lastSeq, error);
       await new Promise((resolve) => setTimeout(resolve, Math.min(2000, 100 * 2 ** resumes)));
-      source = resumeTurn(client, turnId, lastSeq, options.signal);
+      source = turnId
+        ? resumeTurn(client, turnId, lastSeq, options.signal)
+        : streamTurn(client, text, started);
     }
   }
 }
