@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-
 log = logging.getLogger(__name__)
 
 # Where the data lives when running as root and the requested directory is out of reach of

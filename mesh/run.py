@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=["embedded", "scale"], default="embedded")
     parser.add_argument("--detach", action="store_true", help="leave the mesh running (make up)")
     parser.add_argument("--down", action="store_true", help="stop a detached mesh (make down)")
-    parser.add_argument("--gpu-layers", type=int, default=int(os.environ.get("MESH_AGENT_GPU_LAYERS", "0")))
+    parser.add_argument(
+        "--gpu-layers", type=int, default=int(os.environ.get("MESH_AGENT_GPU_LAYERS", "0"))
+    )
     args = parser.parse_args(argv)
     if args.down:
         return down()

@@ -49,7 +49,9 @@ class Env:
     def secret(self, name: builtins.str, default: builtins.str = "") -> Secret:
         return Secret(self.str(name, default))
 
-    def int(self, name: builtins.str, default: builtins.int, *, minimum: builtins.int | None = None) -> builtins.int:
+    def int(
+        self, name: builtins.str, default: builtins.int, *, minimum: builtins.int | None = None
+    ) -> builtins.int:
         value = self._raw(name)
         if value is None or value == "":
             return default
@@ -85,7 +87,9 @@ class Env:
         value = self._raw(name)
         return default if value is None or value == "" else Path(value)
 
-    def list(self, name: builtins.str, default: tuple[builtins.str, ...] = ()) -> tuple[builtins.str, ...]:
+    def list(
+        self, name: builtins.str, default: tuple[builtins.str, ...] = ()
+    ) -> tuple[builtins.str, ...]:
         value = self._raw(name)
         if value is None or value.strip() == "":
             return default

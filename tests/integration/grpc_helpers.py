@@ -8,10 +8,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
-
 from chat.common.v1 import common_pb2
 from chat.gateway.v1 import gateway_pb2, gateway_service_pb2_grpc
+from google.rpc import error_details_pb2, status_pb2
 
 
 def auth(key: str) -> tuple[tuple[str, str], ...]:

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-
 from chat.common.v1 import common_pb2, conversation_pb2
 from chat.events.v1 import events_pb2
 from chat.gateway.v1 import gateway_pb2
+
 from mesh.log import TURN_EVENTS
 from mesh.log.embedded import EmbeddedLog
 from mesh.turn_ids import parse_turn_id
@@ -268,13 +268,16 @@ def test_unknown_and_foreign_conversation_are_not_found(
         (running_mesh.other_api_key, mine.conversation_id),
     ):
         expect_error(
-            lambda: stream_turn(stub, key, start_request("hi", conversation, max_tokens=2)),
+            lambda key=key, conversation=conversation: stream_turn(
+                stub, key, start_request("hi", conversation, max_tokens=2)
+            ),
             grpc.StatusCode.NOT_FOUND,
             "CONVERSATION_NOT_FOUND",
         )
         expect_error(
-            lambda: stub.GetConversation(  # type: ignore[attr-defined]
-                gateway_pb2.GetConversationRequest(conversation_id=conversation), metadata=auth(key)
+            lambda key=key, conversation=conversation: stub.GetConversation(  # type: ignore[attr-defined]
+                gateway_pb2.GetConversationRequest(conversation_id=conversation),
+                metadata=auth(key),
             ),
             grpc.StatusCode.NOT_FOUND,
         )
@@ -296,13 +299,13 @@ def test_unknown_foreign_and_malformed_turns(running_mesh: RunningMesh, stub: ob
     ]
     for key, turn_id, code in cases:
         expect_error(
-            lambda: stub.ResumeTurn(  # type: ignore[attr-defined]
+            lambda key=key, turn_id=turn_id: stub.ResumeTurn(  # type: ignore[attr-defined]
                 gateway_pb2.ResumeTurnRequest(turn_id=turn_id), metadata=auth(key), timeout=20
             ),
             code,
         )
         expect_error(
-            lambda: stub.CancelTurn(  # type: ignore[attr-defined]
+            lambda key=key, turn_id=turn_id: stub.CancelTurn(  # type: ignore[attr-defined]
                 gateway_pb2.CancelTurnRequest(turn_id=turn_id), metadata=auth(key), timeout=20
             ),
             code,
