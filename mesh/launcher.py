@@ -1,5 +1,12 @@
-"""Starts and stops a whole mesh on one machine: PostgreSQL (unless a DSN is given) and the four
-services as separate processes, each checked healthy before the next one starts.
+"""Starts and stops a whole mesh on one machine: its servers, then the four services as separate
+processes, each checked healthy before the next one starts.
+
+Two profiles. ``embedded`` (the default): PostgreSQL from the pgserver wheel (unless a DSN is
+given), the embedded log, memory on PostgreSQL. ``scale``: a real Kafka as the log, Elasticsearch
+as memory, a standalone PostgreSQL server, several gateways and agents, and Envoy in front of the
+gateways serving gRPC-web and the chat page. In the scale profile every server whose address is
+configured (``MESH_KAFKA_BOOTSTRAP``, ``MESH_ES_URL``, ``MESH_PG_DSN``) is used as is; only the
+missing ones are started here (see docs/scale-out.md).
 
 Used by ``make run`` / ``make up`` (``python -m mesh.launcher``), the integration tests and the
 benchmarks, so all three run the mesh the same way.
@@ -15,15 +22,22 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mesh.infra.postgres import redact_dsn
 from mesh.pg import EmbeddedPostgres
 
 _ROOT = Path(__file__).resolve().parent.parent
+
+
+PROFILES = ("embedded", "scale")
 
 
 def free_port() -> int:
@@ -35,7 +49,15 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """What to start. Empty ``pg_dsn`` starts the embedded PostgreSQL under ``state_dir``."""
+    """What to start.
+
+    Servers are started only where no address is given: an empty ``pg_dsn`` starts PostgreSQL
+    (pgserver when ``pg_server`` is ``embedded``, the system's standalone server when it is
+    ``debian``); the ``kafka`` log driver with an empty ``kafka_bootstrap`` starts a Kafka
+    broker; the ``elasticsearch`` memory backend with an empty ``es_url`` starts a node. Their
+    data lives under ``infra_dir`` (default ``state_dir/infra``); downloads (Kafka jars, the
+    Elasticsearch distribution) are cached under ``cache_dir`` (default ``state_dir``).
+    """
 
     state_dir: Path
     model_path: Path
@@ -45,14 +67,61 @@ class MeshConfig:
     memory_backend: str = "postgres"
     es_url: str = ""
     pg_dsn: str = ""
+    pg_server: str = "embedded"
     partitions: int = 4
     gateways: int = 1
     agents: int = 1
     gpu_layers: int = 0
     agent_threads: int = 2
     n_ctx: int = 2048
+    envoy: bool = False
+    envoy_port: int = 0
+    infra_dir: Path | None = None
+    cache_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.pg_server not in ("embedded", "debian"):
+            raise ValueError(f"pg_server must be 'embedded' or 'debian', got {self.pg_server!r}")
+        if self.gateways < 1 or self.agents < 1:
+            raise ValueError("a mesh needs at least one gateway and one agent")
+        if self.envoy_port < 0:
+            raise ValueError(
+                f"envoy_port must be >= 0 (0 picks a free port), got {self.envoy_port}"
+            )
+
+
+def scale_config(
+    *,
+    state_dir: Path,
+    model_path: Path,
+    api_keys_file: Path,
+    environ: Mapping[str, str] = os.environ,
+    **overrides: object,
+) -> MeshConfig:
+    """The scale-out profile: Kafka, Elasticsearch, a PostgreSQL server, Envoy, 2+2 services.
+
+    Addresses of existing servers come from ``MESH_KAFKA_BOOTSTRAP``, ``MESH_ES_URL`` and
+    ``MESH_PG_DSN`` (``overrides`` win); the partition count from ``MESH_LOG_PARTITIONS``.
+    """
+    config = MeshConfig(
+        state_dir=state_dir,
+        model_path=model_path,
+        api_keys_file=api_keys_file,
+        log_driver="kafka",
+        kafka_bootstrap=environ.get("MESH_KAFKA_BOOTSTRAP", ""),
+        memory_backend="elasticsearch",
+        es_url=environ.get("MESH_ES_URL", ""),
+        pg_dsn=environ.get("MESH_PG_DSN", ""),
+        pg_server="debian",
+        partitions=int(environ.get("MESH_LOG_PARTITIONS") or 4),
+        gateways=2,
+        agents=2,
+        envoy=True,
+        envoy_port=int(environ.get("MESH_ENVOY_PORT") or 0),
+    )
+    return replace(config, **overrides)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -83,11 +152,35 @@ class Service:
 
 
 class MeshStartError(RuntimeError):
-    """A service did not become healthy; the message includes the tail of its log."""
+    """A server or service did not start; the message includes the tail of its log."""
 
 
-def wait_healthy(addr: str, *, timeout_s: float, process: subprocess.Popen[bytes] | None = None,
-                 log_path: Path | None = None, name: str = "service") -> None:
+class _Server(Protocol):
+    """What the launcher needs of Kafka, Elasticsearch and PostgreSQL launchers."""
+
+    def start(self) -> str: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class InfraServer:
+    """A server the launcher started (as opposed to one it was pointed at)."""
+
+    name: str
+    server: _Server
+    address: str = ""
+    started_in_s: float = 0.0
+
+
+def wait_healthy(
+    addr: str,
+    *,
+    timeout_s: float,
+    process: subprocess.Popen[bytes] | None = None,
+    log_path: Path | None = None,
+    name: str = "service",
+) -> None:
     """Poll grpc.health.v1 on ``addr`` until SERVING, or raise with the service's log tail."""
     deadline = time.monotonic() + timeout_s
     last_error = "no answer"
@@ -118,6 +211,11 @@ class Mesh:
         self.config = config
         self.services: list[Service] = []
         self.pg_dsn = config.pg_dsn
+        self.kafka_bootstrap = config.kafka_bootstrap
+        self.es_url = config.es_url
+        # Servers this mesh started, in start order (stopped in reverse).
+        self.infra: list[InfraServer] = []
+        self._infra_starts: list[Future[str]] = []
         self._pg: EmbeddedPostgres | None = None
         self._log_dir = config.log_dir or config.state_dir / "logs"
 
@@ -148,6 +246,17 @@ class Mesh:
     def agents(self) -> list[Service]:
         return self.all("agent")
 
+    @property
+    def envoy(self) -> Service | None:
+        found = self.all("envoy")
+        return found[0] if found else None
+
+    @property
+    def envoy_url(self) -> str:
+        """The page and gRPC-web (and native gRPC) through Envoy; empty without Envoy."""
+        envoy = self.envoy
+        return f"http://{envoy.addr}" if envoy is not None else ""
+
     # -- lifecycle ---------------------------------------------------------------------------
     def base_env(self) -> dict[str, str]:
         cfg = self.config
@@ -162,9 +271,9 @@ class Mesh:
             "MESH_LOG_DRIVER": cfg.log_driver,
             "MESH_LOG_PATH": str(cfg.state_dir / "log" / "mesh-log.sqlite3"),
             "MESH_LOG_PARTITIONS": str(cfg.partitions),
-            "MESH_KAFKA_BOOTSTRAP": cfg.kafka_bootstrap,
+            "MESH_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
             "MESH_MEMORY_BACKEND": cfg.memory_backend,
-            "MESH_ES_URL": cfg.es_url,
+            "MESH_ES_URL": self.es_url,
             "MESH_PG_DSN": self.pg_dsn,
             "MESH_AGENT_MODEL_PATH": str(cfg.model_path),
             "MESH_AGENT_GPU_LAYERS": str(cfg.gpu_layers),
@@ -176,23 +285,14 @@ class Mesh:
         env.update(cfg.extra_env)
         return env
 
-    def _spawn(self, kind: str, name: str, env: dict[str, str]) -> Service:
-        port, metrics_port = free_port(), free_port()
-        prefix = f"MESH_{kind.upper()}_"
-        env = {
-            **env,
-            prefix + "HOST": "127.0.0.1",
-            prefix + "PORT": str(port),
-            prefix + "METRICS_PORT": str(metrics_port),
-        }
-        if kind == "agent":
-            env.setdefault("MESH_AGENT_ID", name)
-            env["MESH_AGENT_ID"] = name
+    def _spawn_process(
+        self, name: str, argv: list[str], env: dict[str, str], port: int, metrics_port: int
+    ) -> Service:
         self._log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self._log_dir / f"{name}.log"
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", f"services.{kind}"],
+                argv,
                 env=env,
                 cwd=_ROOT,
                 stdout=log_file,
@@ -203,10 +303,107 @@ class Mesh:
         self.services.append(service)
         return service
 
+    def _spawn(self, kind: str, name: str, env: dict[str, str]) -> Service:
+        port, metrics_port = free_port(), free_port()
+        prefix = f"MESH_{kind.upper()}_"
+        env = {
+            **env,
+            prefix + "HOST": "127.0.0.1",
+            prefix + "PORT": str(port),
+            prefix + "METRICS_PORT": str(metrics_port),
+        }
+        if kind == "agent":
+            env["MESH_AGENT_ID"] = name
+        argv = [sys.executable, "-m", f"services.{kind}"]
+        return self._spawn_process(name, argv, env, port, metrics_port)
+
+    def _spawn_envoy(self, env: dict[str, str]) -> Service:
+        port = self.config.envoy_port or free_port()
+        admin_port = free_port()  # Envoy's admin also serves its Prometheus stats
+        env = {
+            **env,
+            "MESH_ENVOY_UPSTREAMS": ",".join(self.gateway_addrs),
+            "MESH_ENVOY_HOST": "127.0.0.1",
+            "MESH_ENVOY_PORT": str(port),
+        }
+        # A dead gateway should leave the pool within a second or two.
+        env.setdefault("MESH_ENVOY_HEALTH_INTERVAL_S", "1")
+        argv = [sys.executable, "-m", "mesh.infra.envoy", "run", "--admin-port", str(admin_port)]
+        return self._spawn_process("envoy", argv, env, port, admin_port)
+
+    def _servers_to_start(self) -> list[tuple[str, _Server]]:
+        """The servers this config needs and has no address for (none of them started)."""
+        cfg = self.config
+        infra_dir = (cfg.infra_dir or cfg.state_dir / "infra").absolute()
+        cache_dir = (cfg.cache_dir or cfg.state_dir).absolute()
+        wanted: list[tuple[str, _Server]] = []
+        if not self.pg_dsn and cfg.pg_server == "debian":
+            from mesh.infra.postgres import PostgresServer
+
+            wanted.append(
+                ("postgres", PostgresServer(cfg.state_dir, root_dir=infra_dir / "postgres"))
+            )
+        if cfg.log_driver == "kafka" and not self.kafka_bootstrap:
+            from mesh.infra.kafka import KafkaServer, default_jars_dir
+
+            kafka = KafkaServer(
+                cfg.state_dir,
+                jars_dir=default_jars_dir(cache_dir),
+                data_dir=infra_dir / "kafka" / "broker",
+            )
+            wanted.append(("kafka", kafka))
+        if cfg.memory_backend == "elasticsearch" and not self.es_url:
+            from mesh.infra.elasticsearch import ElasticsearchServer, default_home_dir
+
+            elasticsearch = ElasticsearchServer(
+                cfg.state_dir,
+                home_dir=default_home_dir(cache_dir),
+                node_dir=infra_dir / "elasticsearch" / "node",
+            )
+            wanted.append(("elasticsearch", elasticsearch))
+        return wanted
+
+    def _start_infra(self) -> None:
+        """Start the missing servers side by side (JVM start-ups dominate: overlap them)."""
+        wanted = self._servers_to_start()
+        if not wanted:
+            return
+        self.infra = [InfraServer(name, server) for name, server in wanted]
+
+        def start(entry: InfraServer) -> str:
+            began = time.monotonic()
+            address = entry.server.start()
+            # The launchers that time themselves know better (e.g. without the jar fetch).
+            own: float | None = getattr(entry.server, "started_in_s", None)
+            entry.started_in_s = own if own is not None else time.monotonic() - began
+            return address
+
+        pool = ThreadPoolExecutor(len(self.infra), thread_name_prefix="infra")
+        self._infra_starts = [pool.submit(start, entry) for entry in self.infra]
+        pool.shutdown(wait=False)
+        wait(self._infra_starts)
+        errors = []
+        for entry, future in zip(self.infra, self._infra_starts, strict=True):
+            error = future.exception()
+            if error is not None:
+                errors.append(f"{entry.name}: {error}")
+            else:
+                entry.address = future.result()
+        if errors:
+            raise MeshStartError("could not start the servers:\n" + "\n".join(errors))
+        for entry in self.infra:
+            if entry.name == "postgres":
+                self.pg_dsn = entry.address
+            elif entry.name == "kafka":
+                self.kafka_bootstrap = entry.address
+            elif entry.name == "elasticsearch":
+                self.es_url = entry.address
+
     def start(self, *, timeout_s: float = 120.0) -> Mesh:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self._start_infra()
             if not self.pg_dsn:
                 self._pg = EmbeddedPostgres(cfg.state_dir / "pg")
                 self.pg_dsn = self._pg.start()
@@ -221,6 +418,9 @@ class Mesh:
                 self._wait(self._spawn("agent", f"agent-{index + 1}", env), timeout_s)
             for index in range(cfg.gateways):
                 self._wait(self._spawn("gateway", f"gateway-{index + 1}", env), timeout_s)
+            if cfg.envoy:
+                # Healthy through Envoy means: listening, and routing to a healthy gateway.
+                self._wait(self._spawn_envoy(env), timeout_s)
         except BaseException:
             self.stop()
             raise
@@ -236,18 +436,31 @@ class Mesh:
         return service
 
     def _wait(self, service: Service, timeout_s: float) -> None:
-        wait_healthy(service.addr, timeout_s=timeout_s, process=service.process,
-                     log_path=service.log_path, name=service.name)
+        wait_healthy(
+            service.addr,
+            timeout_s=timeout_s,
+            process=service.process,
+            log_path=service.log_path,
+            name=service.name,
+        )
 
     def stop(self) -> None:
-        # Gateways first so no new turns arrive; the persister last but one so it drains the log.
-        order = {"gateway": 0, "agent": 1, "persister": 2, "memory": 3}
+        # Envoy and the gateways first so no new turns arrive; the persister last but one so it
+        # drains the log; the servers the services used after all of them.
+        order = {"envoy": -1, "gateway": 0, "agent": 1, "persister": 2, "memory": 3}
         for service in sorted(self.services, key=lambda s: order.get(s.name.split("-")[0], 9)):
             service.terminate()
         self.services.clear()
         if self._pg is not None:
             self._pg.stop()
             self._pg = None
+        # A start interrupted by a signal keeps running in its thread: let it end, so that each
+        # server is either up (and stopped here) or not, never left running half-way.
+        wait(self._infra_starts)
+        for entry in reversed(self.infra):
+            entry.server.stop()
+        self.infra.clear()
+        self._infra_starts = []
 
     def __enter__(self) -> Mesh:
         return self.start()
@@ -258,12 +471,29 @@ class Mesh:
     def describe(self) -> dict[str, object]:
         return {
             "pid": os.getpid(),
+            "profile": "scale" if self.config.log_driver == "kafka" else "embedded",
             "gateway_addr": self.gateway_addr if self.all("gateway") else "",
+            "envoy_url": self.envoy_url,
             "state_dir": str(self.config.state_dir),
-            "pg_dsn": self.pg_dsn,
-            "services": {s.name: {"addr": s.addr, "metrics_port": s.metrics_port,
-                                  "pid": s.process.pid, "log": str(s.log_path)}
-                         for s in self.services},
+            "pg_dsn": redact_dsn(self.pg_dsn),
+            "kafka_bootstrap": self.kafka_bootstrap,
+            "es_url": self.es_url,
+            "started_here": {
+                entry.name: {
+                    "address": redact_dsn(entry.address),
+                    "started_in_s": round(entry.started_in_s, 1),
+                }
+                for entry in self.infra
+            },
+            "services": {
+                s.name: {
+                    "addr": s.addr,
+                    "metrics_port": s.metrics_port,
+                    "pid": s.process.pid,
+                    "log": str(s.log_path),
+                }
+                for s in self.services
+            },
         }
 
 
@@ -271,55 +501,108 @@ def with_overrides(config: MeshConfig, **changes: object) -> MeshConfig:
     return replace(config, **changes)  # type: ignore[arg-type]
 
 
-def _main(argv: list[str] | None = None) -> int:
+class _Interrupted(Exception):
+    """SIGTERM/SIGINT while starting: unwind through Mesh.start, which stops what it started."""
+
+
+def _config_from_args(args: argparse.Namespace) -> MeshConfig:
+    state_dir = args.state_dir.absolute()
+    common = {
+        "state_dir": state_dir,
+        "model_path": args.model.absolute(),
+        "api_keys_file": (args.keys_file or state_dir / "api-keys.json").absolute(),
+        "gpu_layers": args.gpu_layers,
+    }
+    # Only what was given on the command line overrides the profile's defaults.
+    given = {
+        key: value
+        for key, value in {
+            "log_driver": args.log_driver,
+            "kafka_bootstrap": args.kafka_bootstrap,
+            "memory_backend": args.memory_backend,
+            "es_url": args.es_url,
+            "pg_dsn": args.pg_dsn,
+            "partitions": args.partitions,
+            "gateways": args.gateways,
+            "agents": args.agents,
+            "envoy_port": args.envoy_port,
+        }.items()
+        if value is not None
+    }
+    if args.envoy:
+        given["envoy"] = True
+    if args.profile == "scale":
+        return scale_config(**common, **given)
+    return MeshConfig(**common, **given)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mesh.launcher", description=__doc__)
     parser.add_argument("--state-dir", type=Path, default=Path(".state"))
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--keys-file", type=Path, default=None)
-    parser.add_argument("--profile", default="embedded", choices=["embedded", "scale"])
-    parser.add_argument("--log-driver", default="embedded", choices=["embedded", "kafka"])
-    parser.add_argument("--kafka-bootstrap", default="")
-    parser.add_argument("--memory-backend", default="postgres", choices=["postgres", "elasticsearch"])
-    parser.add_argument("--es-url", default="")
-    parser.add_argument("--pg-dsn", default="")
-    parser.add_argument("--gateways", type=int, default=1)
-    parser.add_argument("--agents", type=int, default=1)
+    parser.add_argument("--profile", default="embedded", choices=PROFILES)
+    parser.add_argument("--log-driver", default=None, choices=["embedded", "kafka"])
+    parser.add_argument("--kafka-bootstrap", default=None)
+    parser.add_argument("--memory-backend", default=None, choices=["postgres", "elasticsearch"])
+    parser.add_argument("--es-url", default=None)
+    parser.add_argument("--pg-dsn", default=None)
+    parser.add_argument("--partitions", type=int, default=None)
+    parser.add_argument("--gateways", type=int, default=None)
+    parser.add_argument("--agents", type=int, default=None)
+    parser.add_argument("--envoy", action="store_true", help="Envoy in front (scale: always)")
+    parser.add_argument("--envoy-port", type=int, default=None, help="0 picks a free port")
     parser.add_argument("--gpu-layers", type=int, default=0)
-    args = parser.parse_args(argv)
-    state_dir = args.state_dir.absolute()
-    config = MeshConfig(
-        state_dir=state_dir,
-        model_path=args.model.absolute(),
-        api_keys_file=(args.keys_file or state_dir / "api-keys.json").absolute(),
-        log_driver=args.log_driver,
-        kafka_bootstrap=args.kafka_bootstrap,
-        memory_backend=args.memory_backend,
-        es_url=args.es_url,
-        pg_dsn=args.pg_dsn,
-        gateways=args.gateways,
-        agents=args.agents,
-        gpu_layers=args.gpu_layers,
-    )
-    mesh = Mesh(config).start()
-    (state_dir / "mesh.json").write_text(json.dumps(mesh.describe(), indent=2))
-    print(json.dumps(mesh.describe(), indent=2), flush=True)
+    return parser
+
+
+def _main(argv: list[str] | None = None) -> int:
+    config = _config_from_args(_parser().parse_args(argv))
+    state_dir = config.state_dir
+
     stop = False
+
+    def _interrupt(*_: object) -> None:
+        # Once: a second signal must not cut short the stop that this one starts.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise _Interrupted
 
     def _stop(*_: object) -> None:
         nonlocal stop
         stop = True
 
+    # Starting the scale profile takes a minute; `make down` meanwhile must not orphan Kafka,
+    # Elasticsearch or PostgreSQL, so a signal unwinds the start (which stops what it started).
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        mesh = Mesh(config).start()
+    except _Interrupted:
+        return 143
+    except MeshStartError as error:
+        print(error, file=sys.stderr, flush=True)
+        return 1
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
+        (state_dir / "mesh.json").write_text(json.dumps(mesh.describe(), indent=2))
+        print(json.dumps(mesh.describe(), indent=2), flush=True)
         while not stop:
             for service in mesh.services:
                 if service.process.poll() is not None:
-                    print(f"{service.name} exited ({service.process.returncode}); see "
-                          f"{service.log_path}", file=sys.stderr, flush=True)
+                    print(
+                        f"{service.name} exited ({service.process.returncode}); see "
+                        f"{service.log_path}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     stop = True
             time.sleep(0.5)
     finally:
+        # A second signal must not cut the shutdown short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         mesh.stop()
     return 0
 

@@ -56,14 +56,18 @@ def ensure_dev_key(state_dir: Path, keys_file: Path) -> str:
 
 
 def _launcher_args(args: argparse.Namespace, model: Path, keys_file: Path) -> list[str]:
-    return [
+    argv = [
         sys.executable, "-m", "mesh.launcher",
         "--state-dir", str(STATE_DIR),
         "--model", str(model),
         "--keys-file", str(keys_file),
         "--profile", args.profile,
         "--gpu-layers", str(args.gpu_layers),
-    ]
+    ]  # fmt: skip
+    for option in ("gateways", "agents"):
+        if getattr(args, option) is not None:
+            argv += [f"--{option}", str(getattr(args, option))]
+    return argv
 
 
 def _wait_for_mesh(process: subprocess.Popen[bytes], info_path: Path, timeout_s: float) -> dict[str, Any]:
@@ -92,7 +96,9 @@ def down() -> int:
     except ProcessLookupError:
         print("the mesh was not running")
     else:
-        for _ in range(300):
+        # The scale profile stops Envoy, the services, Elasticsearch, Kafka and PostgreSQL in
+        # turn: allow for each taking its time to shut down cleanly.
+        for _ in range(1200):
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
@@ -111,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gpu-layers", type=int, default=int(os.environ.get("MESH_AGENT_GPU_LAYERS", "0"))
     )
+    parser.add_argument("--gateways", type=int, default=None, help="default: 1, scale profile 2")
+    parser.add_argument("--agents", type=int, default=None, help="default: 1, scale profile 2")
     args = parser.parse_args(argv)
     if args.down:
         return down()
@@ -120,7 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     key = ensure_dev_key(STATE_DIR, keys_file)
     info_path = STATE_DIR / "mesh.json"
     info_path.unlink(missing_ok=True)
-    print("starting the mesh (PostgreSQL, memory, persister, agent, gateway)...", flush=True)
+    if args.profile == "scale":
+        print(
+            "starting the scale-out mesh (Kafka, Elasticsearch, PostgreSQL server, memory, "
+            "persister, agents, gateways, Envoy); a first start fetches Kafka and Elasticsearch "
+            "and may install PostgreSQL...",
+            flush=True,
+        )
+    else:
+        print("starting the mesh (PostgreSQL, memory, persister, agent, gateway)...", flush=True)
     log_path = STATE_DIR / "launcher.log"
     STATE_DIR.joinpath("logs").mkdir(exist_ok=True)
     with log_path.open("ab") as log_file:
@@ -133,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.detach:
         print(json.dumps(info, indent=2))
         print(f"gateway: {gateway}   API key: {STATE_DIR / 'dev-api-key'}   stop: make down")
+        if info.get("envoy_url"):
+            print(f"chat page and gRPC-web (Envoy): {info['envoy_url']}")
         return 0
     print(f"mesh up: gateway {gateway}, model {model.name}. Ctrl-C cancels a turn; Ctrl-D quits.")
     try:
@@ -140,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=60)
+            process.wait(timeout=120)
         except subprocess.TimeoutExpired:
             process.kill()
         info_path.unlink(missing_ok=True)

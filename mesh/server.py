@@ -8,6 +8,7 @@ import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from google.protobuf import descriptor_pool
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -37,6 +38,30 @@ def new_server(
     )
 
 
+class _MethodAwarePool:
+    """A descriptor pool view that also resolves ``pkg.Service.Method`` symbols.
+
+    grpcurl's ``describe pkg.Service.Method`` asks reflection for the file of a method symbol,
+    which the stock Python reflection servicer cannot resolve (grpc/grpc#34743).
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802 - the pool's API name
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service, _, method = symbol.rpartition(".")
+            descriptor = self._pool.FindServiceByName(service)  # KeyError when unknown too
+            if method not in descriptor.methods_by_name:
+                raise
+            return descriptor.file
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
 def add_health_and_reflection(
     server: aio.Server, service_names: Sequence[str]
 ) -> health.aio.HealthServicer:
@@ -44,7 +69,9 @@ def add_health_and_reflection(
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     reflection.enable_server_reflection(
-        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME],
+        server,
+        pool=_MethodAwarePool(descriptor_pool.Default()),
     )
     return servicer
 

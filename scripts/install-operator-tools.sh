@@ -2,11 +2,16 @@
 # Installs the operator probes into .build/bin: grpc_health_probe (grpc.health.v1 checks, as a
 # Kubernetes exec probe runs them) and grpcurl (lists and calls every service through reflection).
 #
-# Both are built from the Go module proxy at pinned versions, so CI and operators run the same
-# binaries. A binary that is already there with the pinned version (read from the Go build info
-# embedded in it) is kept, so running this again costs well under a second. The upstream release
-# binary is called grpc_health_probe while `go install` names it after the module path; we rename
-# it so the commands in docs/operators.md match the ones in upstream's documentation.
+# Both are built from the Go module proxy at pinned versions, checked against the Go checksum
+# database, so CI and operators run the same binaries. A binary already there with the pinned
+# version (read from the Go build info embedded in it) is kept: a second run takes well under a
+# second. Go 1.24 or later is needed only when something has to be built.
+#
+# Why not plain `go install module@version`: outside a module it also fetches the module's list
+# of versions to look for a deprecation notice, and proxies or mirrors that serve pinned versions
+# only (ours here does) refuse that list, which fails the install. Building from a one-line
+# module that requires the pinned version needs that version alone and resolves the same
+# dependencies, since the tool's own go.mod is the only other requirement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,50 +19,54 @@ GRPC_HEALTH_PROBE_VERSION=v0.4.53
 GRPCURL_VERSION=v1.9.4
 
 BIN_DIR=$PWD/.build/bin
-mkdir -p "$BIN_DIR"
+WORK_DIR=$PWD/.build/operator-tools
+mkdir -p "$BIN_DIR" "$WORK_DIR"
 
-# Tests on parallel sessions may call this at the same time; one installs, the others wait.
-exec 9>"$PWD/.build/operator-tools.lock"
+# Test sessions running side by side may call this at once: one builds, the others wait for it.
+exec 9>"$WORK_DIR/lock"
 flock 9
 
-if ! command -v go >/dev/null; then
-  if [[ -x $BIN_DIR/grpc_health_probe && -x $BIN_DIR/grpcurl ]]; then
-    echo "install-operator-tools: no Go toolchain to check versions; keeping .build/bin as is" >&2
-    exit 0
-  fi
-  echo "install-operator-tools: Go is needed to build grpc_health_probe and grpcurl" \
-    "(https://go.dev/dl/, any release from 1.24 on)" >&2
-  exit 1
-fi
-
-# The module version a Go binary was built from, or nothing if it is missing or not a Go binary.
+# The module version a Go binary was built from; empty if it is missing or not a Go binary.
 built_version() {
-  [[ -x $1 ]] || return 0
+  [[ -x $1 ]] && command -v go >/dev/null || return 0
   go version -m "$1" 2>/dev/null | awk '$1 == "mod" { print $3; exit }'
 }
 
-# install BINARY PACKAGE VERSION [NAME_GO_INSTALL_GIVES]
-install() {
-  local binary=$1 package=$2 version=$3 built_as=${4:-$1}
+# build BINARY MODULE PACKAGE VERSION LDFLAGS
+build() {
+  local binary=$1 module=$2 package=$3 version=$4 ldflags=$5
   if [[ $(built_version "$BIN_DIR/$binary") == "$version" ]]; then
     return
   fi
-  echo "install-operator-tools: go install $package@$version" >&2
-  local staging
-  staging=$(mktemp -d "$PWD/.build/operator-tools.XXXXXX")
-  # Build into a private directory and move into place, so an interrupted build never leaves a
-  # half-written binary that a later run would take for the right one.
-  if ! GOBIN=$staging go install "$package@$version"; then
-    rm -rf "$staging"
+  if ! command -v go >/dev/null; then
+    if [[ -x $BIN_DIR/$binary ]]; then
+      echo "install-operator-tools: no Go to check $binary's version; keeping it" >&2
+      return
+    fi
+    echo "install-operator-tools: Go (1.24 or later, https://go.dev/dl/) is needed to build" \
+      "$binary $version into .build/bin" >&2
     return 1
   fi
-  mv -f "$staging/$built_as" "$BIN_DIR/$binary"
-  rm -rf "$staging"
+  echo "install-operator-tools: building $binary from $module@$version" >&2
+  local dir=$WORK_DIR/$binary
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  printf 'module operator-tools/%s\n\ngo 1.24\n\nrequire %s %s\n' \
+    "$binary" "$module" "$version" >"$dir/go.mod"
+  # Write next to the target and rename, so an interrupted build never leaves a half-written
+  # binary that the version check above could mistake for a good one. -mod=mod lets go fill in
+  # go.sum from the checksum database.
+  (cd "$dir" && GOFLAGS=-mod=mod go build -trimpath -ldflags "$ldflags" \
+    -o "$BIN_DIR/.$binary.partial" "$package")
+  mv -f "$BIN_DIR/.$binary.partial" "$BIN_DIR/$binary"
 }
 
-install grpc_health_probe github.com/grpc-ecosystem/grpc-health-probe \
-  "$GRPC_HEALTH_PROBE_VERSION" grpc-health-probe
-install grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl "$GRPCURL_VERSION"
+# -X sets the version each tool prints with -version (upstream's release builds do the same).
+build grpc_health_probe github.com/grpc-ecosystem/grpc-health-probe \
+  github.com/grpc-ecosystem/grpc-health-probe "$GRPC_HEALTH_PROBE_VERSION" \
+  "-X main.versionTag=$GRPC_HEALTH_PROBE_VERSION"
+build grpcurl github.com/fullstorydev/grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl \
+  "$GRPCURL_VERSION" "-X main.version=$GRPCURL_VERSION"
 
-echo "install-operator-tools: grpc_health_probe $GRPC_HEALTH_PROBE_VERSION," \
-  "grpcurl $GRPCURL_VERSION in .build/bin" >&2
+echo "install-operator-tools: .build/bin has grpc_health_probe $GRPC_HEALTH_PROBE_VERSION" \
+  "and grpcurl $GRPCURL_VERSION" >&2

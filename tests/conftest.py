@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.elasticsearch",
     "tests.fixtures.envoy",
     "tests.fixtures.mesh",
+    "tests.fixtures.scale",
 ]

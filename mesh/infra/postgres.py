@@ -1,0 +1,490 @@
+"""A real standalone PostgreSQL server from Debian's packages, reached over TCP like any cluster.
+
+The embedded profile runs PostgreSQL from the pgserver wheel over a Unix socket. This is the
+other path: the distribution's own server (``apt-get install postgresql``), listening on a
+loopback TCP port with password authentication, so the services get a DSN of exactly the shape
+they would get for a remote server. Nothing is shared with the system's own clusters: data,
+socket and log live under the mesh state directory, and the port is picked at start.
+
+    python -m mesh.infra.postgres install   # apt-get install postgresql (+ pgvector if packaged)
+    python -m mesh.infra.postgres run       # start a server, print its DSN, stop on Ctrl-C
+
+PostgreSQL refuses to run as root. Run as root (CI containers, this machine), the server runs as
+the ``postgres`` system user the Debian package creates; the data and socket directories are
+handed to it, so every parent of the state directory must be traversable by others.
+
+Only for development, tests and single-machine use. Production points ``MESH_PG_DSN`` at a real
+server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+from urllib.parse import quote
+
+from mesh.settings import default_state_dir
+
+PG_ROOT = Path("/usr/lib/postgresql")
+RUN_AS_USER = "postgres"
+SUPERUSER = "postgres"
+DATABASE = "postgres"
+_APT_TIMEOUT_S = 900
+
+
+class PostgresError(RuntimeError):
+    """The server could not be installed, initialised or started; the message says why."""
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The unprivileged account the server runs as when we are root."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def _major(bin_dir: Path) -> int:
+    # /usr/lib/postgresql/<major>/bin
+    name = bin_dir.parent.name
+    return int(name) if name.isdigit() else -1
+
+
+def find_bin_dir(root: Path = PG_ROOT) -> Path | None:
+    """The newest installed server's ``bin`` directory (the one holding ``pg_ctl``), or None."""
+    candidates = [path.parent for path in root.glob("*/bin/pg_ctl") if path.is_file()]
+    # A client-only install has pg_ctl's directory without the server binary.
+    candidates = [path for path in candidates if (path / "postgres").is_file()]
+    return max(candidates, key=_major, default=None)
+
+
+def _apt_candidate(package: str) -> str | None:
+    """The version apt would install for ``package``, or None when no source has it."""
+    apt_cache = shutil.which("apt-cache")
+    if apt_cache is None:
+        return None
+    result = subprocess.run(
+        [apt_cache, "policy", package], capture_output=True, text=True, check=False, timeout=60
+    )
+    match = re.search(r"Candidate:\s*(\S+)", result.stdout)
+    if match is None or match.group(1) == "(none)":
+        return None
+    return match.group(1)
+
+
+def _apt_install(packages: list[str]) -> None:
+    apt_get = shutil.which("apt-get")
+    if apt_get is None:
+        raise PostgresError(
+            f"no apt-get here: install {' '.join(packages)} with the system's package manager"
+        )
+    if os.geteuid() != 0:
+        raise PostgresError(f"installing needs root: sudo apt-get install -y {' '.join(packages)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    command = [apt_get, "install", "-y", "-q", "--no-install-recommends", *packages]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, check=False, timeout=_APT_TIMEOUT_S
+    )
+    if result.returncode != 0:
+        # A fresh container has empty package lists; refresh them once and try again.
+        subprocess.run(
+            [apt_get, "update", "-q"],
+            capture_output=True,
+            env=env,
+            check=False,
+            timeout=_APT_TIMEOUT_S,
+        )
+        result = subprocess.run(
+            command, capture_output=True, text=True, env=env, check=False, timeout=_APT_TIMEOUT_S
+        )
+    if result.returncode != 0:
+        raise PostgresError(
+            f"{' '.join(command)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+        )
+
+
+def pgvector_package(bin_dir: Path) -> str:
+    return f"postgresql-{_major(bin_dir)}-pgvector"
+
+
+def has_pgvector(bin_dir: Path) -> bool:
+    """Whether the server of ``bin_dir`` has the ``vector`` extension installed."""
+    return Path(f"/usr/share/postgresql/{_major(bin_dir)}/extension/vector.control").is_file()
+
+
+def install_server(*, pgvector: bool = True) -> Path:
+    """Install Debian's ``postgresql`` unless a server is there; return its ``bin`` directory.
+
+    With ``pgvector`` the matching ``postgresql-<major>-pgvector`` is installed too when the
+    configured apt sources have it (Debian 12's main archive does not; PGDG's does). The mesh
+    needs it only for the memory service's PostgreSQL backend.
+    """
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        _apt_install(["postgresql"])
+        bin_dir = find_bin_dir()
+        if bin_dir is None:
+            raise PostgresError(f"apt-get installed postgresql but no server is in {PG_ROOT}")
+    if pgvector and not has_pgvector(bin_dir):
+        package = pgvector_package(bin_dir)
+        if _apt_candidate(package) is not None:
+            _apt_install([package])
+    return bin_dir
+
+
+def ensure_user(name: str = RUN_AS_USER) -> RunAs:
+    """The system user ``name`` (the Debian package creates ``postgres``), created if missing."""
+    with contextlib.suppress(KeyError):
+        entry = pwd.getpwnam(name)
+        return RunAs(name, entry.pw_uid, entry.pw_gid)
+    useradd = shutil.which("useradd")
+    if useradd is None:
+        raise PostgresError(
+            f"PostgreSQL refuses to run as root and there is no user {name!r} (nor useradd to "
+            "create it): create it, or run as a non-root user"
+        )
+    result = subprocess.run(
+        [useradd, "--system", "--user-group", "--no-create-home"]
+        + ["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if result.returncode not in (0, 9):  # 9: created meanwhile by someone else
+        raise PostgresError(f"useradd {name} failed: {result.stderr.strip()}")
+    entry = pwd.getpwnam(name)
+    return RunAs(name, entry.pw_uid, entry.pw_gid)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_dsn(password: str, port: int, *, host: str = "127.0.0.1", database: str = DATABASE) -> str:
+    """A TCP DSN (URI form) for the superuser; ``?`` always present so callers can swap the db."""
+    return (
+        f"postgresql://{SUPERUSER}:{quote(password, safe='')}@{host}:{port}/{database}"
+        "?connect_timeout=10"
+    )
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with its password replaced, for logs and status output."""
+    return re.sub(r"(postgresql://[^:/@]+:)[^@]*@", r"\1***@", dsn)
+
+
+def _can_connect(dsn: str) -> tuple[bool, str]:
+    """One real connection and query; (ok, why not)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(dsn, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as error:
+        return False, str(error).strip() or type(error).__name__
+    return True, ""
+
+
+class PostgresServer:
+    """One PostgreSQL server from the system's packages; ``start()`` returns its TCP DSN.
+
+    ``state_dir`` is the mesh state directory: data, socket directory, password and log go to
+    ``state_dir/infra/postgres`` unless ``root_dir`` says otherwise. Data survives restarts (the
+    port is picked anew at each start, so the DSN changes; the password does not).
+
+    Args:
+        state_dir: the mesh state directory (``MESH_STATE_DIR``).
+        root_dir: where this server keeps ``data/``, ``run/`` (socket), ``password`` and
+            ``postgres.log``. Run as root, its parents must be traversable by ``postgres``.
+        bin_dir: the server's ``bin`` directory; default the newest under /usr/lib/postgresql.
+        install: install Debian's ``postgresql`` with apt-get if no server is found.
+        settings: extra ``-c name=value`` server settings.
+        start_timeout_s: how long ``start`` waits for a real connection to succeed.
+        stop_timeout_s: how long ``stop`` waits after a fast shutdown request.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        root_dir: Path | None = None,
+        bin_dir: Path | None = None,
+        install: bool = True,
+        settings: dict[str, str] | None = None,
+        start_timeout_s: float = 60.0,
+        stop_timeout_s: float = 30.0,
+    ) -> None:
+        self.state_dir = state_dir.absolute()
+        self.root_dir = (root_dir or self.state_dir / "infra" / "postgres").absolute()
+        self.bin_dir = bin_dir
+        self.install = install
+        self.settings = dict(settings or {})
+        self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.dsn: str | None = None
+        self.port: int | None = None
+        self.started_in_s: float | None = None  # how long the last start took, initdb included
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root_dir / "data"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.root_dir / "run"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root_dir / "postgres.log"
+
+    @property
+    def password_file(self) -> Path:
+        return self.root_dir / "password"
+
+    def _binary(self, name: str) -> str:
+        assert self.bin_dir is not None
+        return str(self.bin_dir / name)
+
+    def _resolve_bin_dir(self) -> Path:
+        if self.bin_dir is None:
+            self.bin_dir = install_server() if self.install else find_bin_dir()
+        if self.bin_dir is None or not (self.bin_dir / "postgres").is_file():
+            raise PostgresError(
+                f"no PostgreSQL server in {self.bin_dir or PG_ROOT}: "
+                "apt-get install postgresql (or python -m mesh.infra.postgres install)"
+            )
+        return self.bin_dir
+
+    def _password(self) -> str:
+        # Only root (or the invoking user) reads it; the server keeps its own hash from initdb.
+        if self.password_file.exists():
+            return self.password_file.read_text().strip()
+        password = secrets.token_urlsafe(24)
+        self.password_file.touch(mode=0o600)
+        self.password_file.write_text(password + "\n")
+        return password
+
+    def _prepare_dirs(self, run_as: RunAs | None) -> None:
+        self.root_dir.mkdir(parents=True, exist_ok=True)
+        for path in (self.data_dir, self.socket_dir):
+            path.mkdir(exist_ok=True)
+            path.chmod(0o700)
+            if run_as is not None:
+                os.chown(path, run_as.uid, run_as.gid)
+        if run_as is None:
+            return
+        probe = subprocess.run(
+            ["/bin/sh", "-c", 'test -w "$1" && test -w "$2"', "probe"]
+            + [str(self.data_dir), str(self.socket_dir)],
+            user=run_as.uid,
+            group=run_as.gid,
+            extra_groups=[],
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
+        if probe.returncode != 0:
+            raise PostgresError(
+                f"user {run_as.name!r} cannot write {self.data_dir}: every parent directory must "
+                "be traversable by others (chmod o+x), e.g. keep the state dir outside /root"
+            )
+
+    def _initdb(self, run_as: RunAs | None, password: str) -> None:
+        version_file = self.data_dir / "PG_VERSION"
+        major = _major(self._resolve_bin_dir())
+        if version_file.exists():
+            existing = version_file.read_text().strip()
+            if existing != str(major):
+                raise PostgresError(
+                    f"{self.data_dir} holds a PostgreSQL {existing} cluster but the server here "
+                    f"is {major}: point the mesh at another state dir, or dump and remove it"
+                )
+            return
+        # initdb reads the superuser's password from a file the server user can read.
+        pwfile = self.socket_dir / "initdb-password"
+        pwfile.touch(mode=0o600)
+        pwfile.write_text(password + "\n")
+        if run_as is not None:
+            os.chown(pwfile, run_as.uid, run_as.gid)
+        try:
+            result = subprocess.run(
+                [
+                    self._binary("initdb"),
+                    "--pgdata",
+                    str(self.data_dir),
+                    "--username",
+                    SUPERUSER,
+                    f"--pwfile={pwfile}",
+                    # Password auth everywhere: the DSN works like a remote server's would.
+                    "--auth=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                    "--no-instructions",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=300,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
+                cwd=self.root_dir,
+                user=None if run_as is None else run_as.uid,
+                group=None if run_as is None else run_as.gid,
+                extra_groups=None if run_as is None else [],
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise PostgresError(f"initdb failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+
+    def start(self) -> str:
+        """Install if needed, initialise the cluster once, start it, wait for a real connection.
+
+        Returns the TCP DSN (``postgresql://postgres:...@127.0.0.1:<port>/postgres?...``).
+        """
+        if self.dsn is not None:
+            return self.dsn
+        started = time.monotonic()
+        self._resolve_bin_dir()
+        run_as = ensure_user() if os.geteuid() == 0 else None
+        self._prepare_dirs(run_as)
+        password = self._password()
+        self._initdb(run_as, password)
+        port = _free_port()
+        options = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(port),
+            # Debian's build defaults to /var/run/postgresql, which belongs to the system's
+            # own clusters.
+            "unix_socket_directories": str(self.socket_dir),
+            "cluster_name": "llm-mesh",
+            **self.settings,
+        }
+        command = [self._binary("postgres"), "-D", str(self.data_dir)]
+        for name, value in options.items():
+            command += ["-c", f"{name}={value}"]
+        self._log = self.log_file.open("ab")
+        self._process = subprocess.Popen(
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.root_dir,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
+            # Its own session: a Ctrl-C in our terminal reaches us, and we stop it cleanly.
+            start_new_session=True,
+            user=None if run_as is None else run_as.uid,
+            group=None if run_as is None else run_as.gid,
+            extra_groups=None if run_as is None else [],
+        )
+        dsn = make_dsn(password, port)
+        deadline = started + self.start_timeout_s
+        why = "no answer yet"
+        while True:
+            if self._process.poll() is not None:
+                code = self._process.returncode
+                self._cleanup()
+                raise PostgresError(
+                    f"PostgreSQL exited with {code} while starting:\n{self._log_tail()}"
+                )
+            ok, why = _can_connect(dsn)
+            if ok:
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise PostgresError(
+                    f"PostgreSQL did not accept connections on 127.0.0.1:{port} within "
+                    f"{self.start_timeout_s:.0f} s ({why}):\n{self._log_tail()}"
+                )
+            time.sleep(0.1)
+        self.dsn, self.port = dsn, port
+        self.started_in_s = time.monotonic() - started
+        return dsn
+
+    def _log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT: clients disconnected, a clean checkpoint); SIGKILL if stuck."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        self._process = None
+        self.dsn = None
+        self.port = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        dsn = redact_dsn(self.dsn) if self.dsn else None
+        return f"PostgresServer({self.root_dir}, dsn={dsn})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mesh.infra.postgres", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("install", help="apt-get install postgresql (and pgvector when packaged)")
+    sub.add_parser("run", help="start a server and keep it running until interrupted")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "install":
+            bin_dir = install_server()
+            vector = "with" if has_pgvector(bin_dir) else "without"
+            print(f"PostgreSQL {_major(bin_dir)} in {bin_dir} ({vector} pgvector)")
+            return 0
+        with PostgresServer(default_state_dir(os.environ)) as dsn:
+            print(f"MESH_PG_DSN={dsn}", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+                while True:
+                    time.sleep(3600)
+    except PostgresError as error:
+        print(error, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
