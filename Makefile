@@ -58,7 +58,8 @@ run: setup
 	$(PY) -m mesh.run
 
 up: setup
-	$(PY) -m mesh.run --detach $(if $(PROFILE),--profile $(PROFILE),)
+	$(PY) -m mesh.run --detach $(if $(PROFILE),--profile $(PROFILE),) \
+		$(if $(AGENTS),--agents $(AGENTS),) $(if $(GATEWAYS),--gateways $(GATEWAYS),)
 
 down:
 	$(PY) -m mesh.run --down

@@ -144,6 +144,10 @@ class Service:
         if self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)
+        self.wait_stopped(timeout_s)
+
+    def wait_stopped(self, timeout_s: float = 15.0) -> None:
+        """Wait for a signalled process to exit; SIGKILL if it does not drain in time."""
         try:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -414,10 +418,15 @@ class Mesh:
             persister = self._spawn("persister", "persister", env)
             self._wait(persister, timeout_s)
             env["MESH_PERSISTER_ADDR"] = persister.addr
-            for index in range(cfg.agents):
-                self._wait(self._spawn("agent", f"agent-{index + 1}", env), timeout_s)
-            for index in range(cfg.gateways):
-                self._wait(self._spawn("gateway", f"gateway-{index + 1}", env), timeout_s)
+            # Replicas of one kind need nothing from each other: start them together.
+            agents = [self._spawn("agent", f"agent-{i + 1}", env) for i in range(cfg.agents)]
+            for agent in agents:
+                self._wait(agent, timeout_s)
+            gateways = [
+                self._spawn("gateway", f"gateway-{i + 1}", env) for i in range(cfg.gateways)
+            ]
+            for gateway in gateways:
+                self._wait(gateway, timeout_s)
             if cfg.envoy:
                 # Healthy through Envoy means: listening, and routing to a healthy gateway.
                 self._wait(self._spawn_envoy(env), timeout_s)
@@ -447,9 +456,15 @@ class Mesh:
     def stop(self) -> None:
         # Envoy and the gateways first so no new turns arrive; the persister last but one so it
         # drains the log; the servers the services used after all of them.
-        order = {"envoy": -1, "gateway": 0, "agent": 1, "persister": 2, "memory": 3}
-        for service in sorted(self.services, key=lambda s: order.get(s.name.split("-")[0], 9)):
-            service.terminate()
+        order = {"envoy": 0, "gateway": 1, "agent": 2, "persister": 3, "memory": 4}
+        for rank in sorted({order.get(s.name.split("-")[0], 9) for s in self.services}):
+            # Replicas of one kind drain side by side.
+            group = [s for s in self.services if order.get(s.name.split("-")[0], 9) == rank]
+            for service in group:
+                if service.process.poll() is None:
+                    service.process.send_signal(signal.SIGTERM)
+            for service in group:
+                service.wait_stopped()
         self.services.clear()
         if self._pg is not None:
             self._pg.stop()
@@ -471,7 +486,8 @@ class Mesh:
     def describe(self) -> dict[str, object]:
         return {
             "pid": os.getpid(),
-            "profile": "scale" if self.config.log_driver == "kafka" else "embedded",
+            "log_driver": self.config.log_driver,
+            "memory_backend": self.config.memory_backend,
             "gateway_addr": self.gateway_addr if self.all("gateway") else "",
             "envoy_url": self.envoy_url,
             "state_dir": str(self.config.state_dir),

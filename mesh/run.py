@@ -55,6 +55,10 @@ def ensure_dev_key(state_dir: Path, keys_file: Path) -> str:
     return key
 
 
+def key_file_hint() -> str:
+    return str(STATE_DIR / "dev-api-key")
+
+
 def _launcher_args(args: argparse.Namespace, model: Path, keys_file: Path) -> list[str]:
     argv = [
         sys.executable, "-m", "mesh.launcher",
@@ -63,6 +67,8 @@ def _launcher_args(args: argparse.Namespace, model: Path, keys_file: Path) -> li
         "--keys-file", str(keys_file),
         "--profile", args.profile,
         "--gpu-layers", str(args.gpu_layers),
+        # Envoy in every profile: the chat page and gRPC-web for browsers.
+        "--envoy",
     ]  # fmt: skip
     for option in ("gateways", "agents"):
         if getattr(args, option) is not None:
@@ -70,7 +76,9 @@ def _launcher_args(args: argparse.Namespace, model: Path, keys_file: Path) -> li
     return argv
 
 
-def _wait_for_mesh(process: subprocess.Popen[bytes], info_path: Path, timeout_s: float) -> dict[str, Any]:
+def _wait_for_mesh(
+    process: subprocess.Popen[bytes], info_path: Path, timeout_s: float
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -136,13 +144,18 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     else:
-        print("starting the mesh (PostgreSQL, memory, persister, agent, gateway)...", flush=True)
+        print(
+            "starting the mesh (PostgreSQL, memory, persister, agent, gateway, Envoy)...",
+            flush=True,
+        )
     log_path = STATE_DIR / "launcher.log"
     STATE_DIR.joinpath("logs").mkdir(exist_ok=True)
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             _launcher_args(args, model, keys_file),
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     info = _wait_for_mesh(process, info_path, timeout_s=600)
     gateway = info["gateway_addr"]
@@ -153,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"chat page and gRPC-web (Envoy): {info['envoy_url']}")
         return 0
     print(f"mesh up: gateway {gateway}, model {model.name}. Ctrl-C cancels a turn; Ctrl-D quits.")
+    if info.get("envoy_url"):
+        print(f"the same chat in a browser: {info['envoy_url']} (API key in {key_file_hint()})")
     try:
         return cli.main(["chat", "--gateway", gateway, "--api-key", key])
     finally:

@@ -1,1 +1,4 @@
-"""Launchers for real servers: Kafka, Elasticsearch, Envoy (PostgreSQL is mesh.pg)."""
+"""Launchers for real servers: Kafka, Elasticsearch, a PostgreSQL server (Debian) and Envoy.
+
+The embedded profile's PostgreSQL (the pgserver wheel) is mesh.pg.
+"""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import pwd
 import re
@@ -38,6 +39,8 @@ from typing import IO
 from urllib.parse import quote
 
 from mesh.settings import default_state_dir
+
+log = logging.getLogger(__name__)
 
 PG_ROOT = Path("/usr/lib/postgresql")
 RUN_AS_USER = "postgres"
@@ -142,8 +145,14 @@ def install_server(*, pgvector: bool = True) -> Path:
             raise PostgresError(f"apt-get installed postgresql but no server is in {PG_ROOT}")
     if pgvector and not has_pgvector(bin_dir):
         package = pgvector_package(bin_dir)
-        if _apt_candidate(package) is not None:
-            _apt_install([package])
+        if _apt_candidate(package) is None:
+            log.info("%s is not in the configured apt sources; going on without it", package)
+        else:
+            try:
+                _apt_install([package])
+            except PostgresError as error:
+                # Optional: only the memory service's PostgreSQL backend needs it.
+                log.warning("could not install %s: %s", package, error)
     return bin_dir
 
 
@@ -267,7 +276,9 @@ class PostgresServer:
 
     def _resolve_bin_dir(self) -> Path:
         if self.bin_dir is None:
-            self.bin_dir = install_server() if self.install else find_bin_dir()
+            self.bin_dir = find_bin_dir()
+        if self.bin_dir is None and self.install:
+            self.bin_dir = install_server()
         if self.bin_dir is None or not (self.bin_dir / "postgres").is_file():
             raise PostgresError(
                 f"no PostgreSQL server in {self.bin_dir or PG_ROOT}: "

@@ -26,7 +26,6 @@ from chat.gateway.v1 import gateway_pb2
 
 from mesh.launcher import Mesh, MeshConfig, scale_config
 from mesh.log import TURN_EVENTS
-from mesh.log.kafka import KafkaLog
 from mesh.turn_ids import parse_turn_id
 from tests.fixtures.scale import SESSION_TIMEOUT_S, ScaleMesh
 from tests.integration.grpc_helpers import TurnResult, auth, gateway, start_request, stream_turn
@@ -84,6 +83,8 @@ def assert_gap_free(result: TurnResult, first: int = 1) -> None:
 
 def turn_events(scale: ScaleMesh, turn_id: str) -> list[events_pb2.TurnEvent]:
     """Every record of a turn on the Kafka event topic, in log order."""
+    from mesh.log.kafka import KafkaLog  # the scale extra (confluent-kafka)
+
     ref = parse_turn_id(turn_id)
 
     async def read() -> list[events_pb2.TurnEvent]:
