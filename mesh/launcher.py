@@ -6,7 +6,7 @@ given), the embedded log, memory on PostgreSQL. ``scale``: a real Kafka as the l
 as memory, a standalone PostgreSQL server, several gateways and agents, and Envoy in front of the
 gateways serving gRPC-web and the chat page. In the scale profile every server whose address is
 configured (``MESH_KAFKA_BOOTSTRAP``, ``MESH_ES_URL``, ``MESH_PG_DSN``) is used as is; only the
-missing ones are started here (see docs/scale-out.md).
+missing ones are started here (see the README, "Scale out").
 
 Used by ``make run`` / ``make up`` (``python -m mesh.launcher``), the integration tests and the
 benchmarks, so all three run the mesh the same way.
