@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,19 +31,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.infra.postgres import redact_dsn
+from mesh.infra.process import free_port as free_port  # re-exported: tests pick ports with it
+from mesh.infra.process import log_tail, spawn, wait_until
 from mesh.pg import EmbeddedPostgres
 
 _ROOT = Path(__file__).resolve().parent.parent
 
 
 PROFILES = ("embedded", "scale")
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (the service binds it right after)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -186,26 +180,23 @@ def wait_healthy(
     name: str = "service",
 ) -> None:
     """Poll grpc.health.v1 on ``addr`` until SERVING, or raise with the service's log tail."""
-    deadline = time.monotonic() + timeout_s
-    last_error = "no answer"
     with grpc.insecure_channel(addr) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process is not None and process.poll() is not None:
-                last_error = f"exited with code {process.returncode}"
-                break
+
+        def not_serving() -> str | None:
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last_error = f"health status {reply.status}"
             except grpc.RpcError as error:
-                last_error = f"{error.code().name}: {error.details()}"
-            time.sleep(0.1)
-    tail = ""
-    if log_path is not None and log_path.exists():
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-    raise MeshStartError(f"{name} at {addr} did not become healthy ({last_error}).\n{tail}")
+                return f"{error.code().name}: {error.details()}"
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return None
+            return f"health status {reply.status}"
+
+        failure = wait_until(not_serving, timeout_s=timeout_s, process=process, poll_s=0.1)
+    if failure is None:
+        return
+    tail = "" if log_path is None else log_tail(log_path)
+    raise MeshStartError(f"{name} at {addr} did not become healthy ({failure}).\n{tail}")
 
 
 class Mesh:
@@ -292,17 +283,9 @@ class Mesh:
     def _spawn_process(
         self, name: str, argv: list[str], env: dict[str, str], port: int, metrics_port: int
     ) -> Service:
-        self._log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self._log_dir / f"{name}.log"
-        with log_path.open("ab") as log_file:
-            process = subprocess.Popen(
-                argv,
-                env=env,
-                cwd=_ROOT,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C in the chat must not kill the services
-            )
+        # Its own session: a Ctrl-C in the chat must not kill the services.
+        process = spawn(argv, log_path=log_path, env=env, cwd=_ROOT)
         service = Service(name, f"127.0.0.1:{port}", metrics_port, process, log_path)
         self.services.append(service)
         return service

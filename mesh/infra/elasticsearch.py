@@ -26,26 +26,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
-import pwd
 import re
 import shutil
-import signal
 import stat
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import Self
 
+from mesh.infra.maven import fetch_once, run_maven
+from mesh.infra.process import RunAs, ServerProcess, block_until_signalled, user_can
+from mesh.infra.process import ensure_user as _ensure_user
 from mesh.settings import default_state_dir
 
 ES_VERSION = "8.19.9"
@@ -62,18 +60,6 @@ class ElasticsearchError(RuntimeError):
 def default_home_dir(state_dir: Path) -> Path:
     """Where this version's distribution is cached under a mesh state directory."""
     return state_dir / "infra" / "elasticsearch" / f"elasticsearch-{ES_VERSION}"
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    # Two test sessions (or CI jobs on one runner) fetching at once must not both unpack.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _extract(archive: Path, target: Path) -> None:
@@ -98,61 +84,34 @@ def _extract(archive: Path, target: Path) -> None:
 def fetch_distribution(home_dir: Path, *, quiet: bool = True) -> Path:
     """Fetch and unpack the distribution into ``home_dir`` unless a previous fetch completed.
 
-    The marker file is written last, so an interrupted fetch is redone and a completed one never
-    runs Maven again. Maven keeps the zip in its local repository (``~/.m2``), so a cache wiped
-    by ``make clean`` is rebuilt without the network too.
+    Maven keeps the zip in its local repository (``~/.m2``), so a cache wiped by ``make clean``
+    is rebuilt without the network.
     """
-    home_dir = home_dir.absolute()
-    if (home_dir / _MARKER).exists():
-        return home_dir
-    with _file_lock(home_dir.parent / f".{home_dir.name}.lock"):
-        if (home_dir / _MARKER).exists():
-            return home_dir
-        mvn = shutil.which("mvn")
-        if mvn is None:
-            raise ElasticsearchError(
-                "Maven (mvn) is needed once to fetch Elasticsearch: apt-get install maven"
-            )
-        download = home_dir.parent / f"{home_dir.name}.download"
-        staging = home_dir.parent / f"{home_dir.name}.partial"
-        for path in (download, staging):
-            shutil.rmtree(path, ignore_errors=True)
-            path.mkdir(parents=True)
-        command = [
-            mvn,
-            "-B",
-            *(["-q"] if quiet else []),
-            "-C",  # a checksum mismatch fails the fetch instead of warning
-            "-Dstyle.color=never",
-            "dependency:copy",
-            f"-Dartifact={MAVEN_ARTIFACT}",
-            f"-DoutputDirectory={download}",
-        ]
-        # cwd: an empty directory, so Maven runs standalone and never picks up someone's pom.xml.
-        result = subprocess.run(
-            command, cwd=download, capture_output=True, text=True, check=False, timeout=1800
+
+    def fetch(scratch: Path) -> tuple[Path, str]:
+        # cwd: the empty scratch dir, so Maven runs standalone and never picks up a pom.xml.
+        run_maven(
+            ["dependency:copy", f"-Dartifact={MAVEN_ARTIFACT}"]
+            + [f"-DoutputDirectory={scratch / 'download'}"],
+            cwd=scratch,
+            what=MAVEN_ARTIFACT,
+            error=ElasticsearchError,
+            quiet=quiet,
+            timeout_s=1800,
         )
-        archive = download / f"elasticsearch-{ES_VERSION}.zip"
-        if result.returncode != 0 or not archive.is_file():
-            raise ElasticsearchError(
-                f"fetching {MAVEN_ARTIFACT} failed ({' '.join(command)}):\n"
-                f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
-            )
-        _extract(archive, staging)
-        unpacked = staging / f"elasticsearch-{ES_VERSION}"
-        if not (unpacked / "bin" / "elasticsearch").is_file():
+        archive = scratch / "download" / f"elasticsearch-{ES_VERSION}.zip"
+        if not archive.is_file():
+            raise ElasticsearchError(f"fetching {MAVEN_ARTIFACT} left no {archive}")
+        _extract(archive, scratch / "unpacked")
+        home = scratch / "unpacked" / f"elasticsearch-{ES_VERSION}"
+        if not (home / "bin" / "elasticsearch").is_file():
             raise ElasticsearchError(
                 f"{archive} has no elasticsearch-{ES_VERSION}/bin/elasticsearch"
             )
-        shutil.rmtree(home_dir, ignore_errors=True)
-        unpacked.rename(home_dir)
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(download, ignore_errors=True)
-        modules = sorted(path.name for path in (home_dir / "modules").iterdir())
-        (home_dir / _MARKER).write_text(
-            json.dumps({"artifact": MAVEN_ARTIFACT, "modules": modules}, indent=2) + "\n"
-        )
-    return home_dir
+        summary = {"artifact": MAVEN_ARTIFACT, "modules": sorted(modules(home))}
+        return home, json.dumps(summary, indent=2) + "\n"
+
+    return fetch_once(home_dir, fetch, marker=_MARKER)
 
 
 def modules(home_dir: Path) -> frozenset[str]:
@@ -174,39 +133,11 @@ def java_home(environ: Mapping[str, str]) -> Path:
     return Path(java).resolve().parent.parent
 
 
-@dataclass(frozen=True)
-class RunAs:
-    """The unprivileged account the node runs as when we are root."""
-
-    name: str
-    uid: int
-    gid: int
-
-
 def ensure_user(name: str = RUN_AS_USER) -> RunAs:
-    """The system user ``name``, created (with its own group, no home, no login) if missing."""
-    with contextlib.suppress(KeyError):
-        entry = pwd.getpwnam(name)
-        return RunAs(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
-    useradd = shutil.which("useradd")
-    if useradd is None:
-        raise ElasticsearchError(
-            f"Elasticsearch refuses to run as root and there is no useradd to create the "
-            f"{name!r} user: create it, or run as a non-root user"
-        )
-    result = subprocess.run(
-        [useradd, "--system", "--user-group", "--no-create-home"]
-        + ["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
+    """The system user ``name`` the node runs as when we are root, created if missing."""
+    return _ensure_user(
+        name, refusal="Elasticsearch refuses to run as root", error=ElasticsearchError
     )
-    # Exit 9: another process created it meanwhile, which is just as good.
-    if result.returncode not in (0, 9):
-        raise ElasticsearchError(f"useradd {name} failed: {result.stderr.strip()}")
-    entry = pwd.getpwnam(name)
-    return RunAs(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
 
 
 def node_settings(
@@ -317,8 +248,7 @@ class ElasticsearchServer:
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.url: str | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._console: IO[bytes] | None = None
+        self._server: ServerProcess | None = None
         self.started_in_s: float | None = None  # how long the last start took
 
     @property
@@ -370,23 +300,7 @@ class ElasticsearchServer:
             for name in (*dirs, *files):
                 os.chown(os.path.join(root, name), run_as.uid, run_as.gid, follow_symlinks=False)
         jar = self.home_dir / "lib" / f"elasticsearch-{ES_VERSION}.jar"
-        probe = subprocess.run(
-            [
-                "/bin/sh",
-                "-c",
-                'test -r "$1" && test -w "$2"',
-                "probe",
-                str(jar),
-                str(self.node_dir),
-            ],
-            user=run_as.uid,
-            group=run_as.gid,
-            extra_groups=[],
-            capture_output=True,
-            check=False,
-            timeout=30,
-        )
-        if probe.returncode != 0:
+        if not user_can(run_as, read=[jar], write=[self.node_dir]):
             raise ElasticsearchError(
                 f"user {run_as.name!r} cannot read {jar} or write {self.node_dir}: every parent "
                 f"directory must be traversable by others (chmod o+x), e.g. put the node dir "
@@ -401,86 +315,35 @@ class ElasticsearchServer:
         run_as = ensure_user() if os.geteuid() == 0 else None
         env = self._prepare(run_as)
         started = time.monotonic()
-        self._console = self.console_log.open("ab")
-        self._process = subprocess.Popen(
-            [str(self.home_dir / "bin" / "elasticsearch")],
-            cwd=self.node_dir,
-            env=env,
-            stdout=self._console,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            # Its own process group: the launcher JVM forks the server JVM, and stop() signals
-            # both; a Ctrl-C in our terminal reaches us, not them.
-            start_new_session=True,
-            user=None if run_as is None else run_as.uid,
-            group=None if run_as is None else run_as.gid,
-            extra_groups=None if run_as is None else [],
+        # Stopped as a process group: the launcher JVM forks the server JVM.
+        self._server = ServerProcess(
+            "Elasticsearch",
+            self.console_log,
+            error=ElasticsearchError,
+            stop_timeout_s=self.stop_timeout_s,
         )
-        deadline = started + self.start_timeout_s
-        while True:
-            if self._process.poll() is not None:
-                code = self._process.returncode
-                self.stop()
-                raise ElasticsearchError(
-                    f"Elasticsearch exited with {code} while starting:\n{self._log_tail()}"
-                )
-            address = _read_ports_file(self.logs_dir / "http.ports")
-            if address is not None and cluster_ready(f"http://{address}"):
-                break
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ElasticsearchError(
-                    f"Elasticsearch was not ready within {self.start_timeout_s:.0f} s:\n"
-                    f"{self._log_tail()}"
-                )
-            time.sleep(0.25)
-        self.url = f"http://{address}"
+        self._server.spawn(
+            [str(self.home_dir / "bin" / "elasticsearch")], env=env, cwd=self.node_dir, user=run_as
+        )
+        self._server.wait_ready(self._not_ready, timeout_s=self.start_timeout_s, poll_s=0.25)
+        self.url = f"http://{_read_ports_file(self.logs_dir / 'http.ports')}"
         self.started_in_s = time.monotonic() - started
         return self.url
 
-    def _log_tail(self, head: int = 15, tail: int = 40) -> str:
-        """The console output, its start and end: the cause is often a stack trace's first line."""
-        try:
-            lines = self.console_log.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no console output)"
-        if len(lines) <= head + tail:
-            return "\n".join(lines)
-        return "\n".join([*lines[:head], "[...]", *lines[-tail:]])
-
-    def _group_alive(self, pgid: int) -> bool:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+    def _not_ready(self) -> str | None:
+        address = _read_ports_file(self.logs_dir / "http.ports")
+        if address is None:
+            return "no HTTP port published yet"
+        if not cluster_ready(f"http://{address}"):
+            return f"cluster health on {address} not yellow yet"
+        return None
 
     def stop(self) -> None:
         """SIGTERM to the node's process group (a clean shutdown), SIGKILL after the timeout."""
-        process = self._process
-        if process is not None:
-            pgid = process.pid  # start_new_session: the launcher leads its own group
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + self.stop_timeout_s
-            # Wait for the whole group: the server JVM may outlive the launcher by a moment.
-            while time.monotonic() < deadline:
-                process.poll()
-                if process.returncode is not None and not self._group_alive(pgid):
-                    break
-                time.sleep(0.1)
-            else:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pgid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(10)
-        self._process = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
         self.url = None
-        if self._console is not None:
-            self._console.close()
-            self._console = None
 
     def __enter__(self) -> str:
         return self.start()
@@ -528,10 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         with ElasticsearchServer(state_dir, heap=args.heap) as url:
             print(f"MESH_ES_URL={url}", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-                while True:
-                    time.sleep(3600)
+            block_until_signalled()
     except ElasticsearchError as error:
         print(error, file=sys.stderr)
         return 1

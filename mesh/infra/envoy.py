@@ -37,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from mesh.infra.process import ServerProcess
 from mesh.settings import Env, SettingsError
 
 log = logging.getLogger(__name__)
@@ -532,7 +533,7 @@ class EnvoyProxy:
         self._work_dir = work_dir
         self._log_level = log_level
         self._startup_timeout_s = startup_timeout_s
-        self._process: asyncio.subprocess.Process | None = None
+        self._server: ServerProcess | None = None
         self._temp: tempfile.TemporaryDirectory[str] | None = None
         self._admin: tuple[str, int] | None = None
         self._port: int | None = None
@@ -565,13 +566,6 @@ class EnvoyProxy:
         if self._temp is None:
             self._temp = tempfile.TemporaryDirectory(prefix="mesh-envoy-")
         return Path(self._temp.name)
-
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text("utf-8", "replace")
-        except OSError:
-            return "(no envoy.log)"
-        return "\n".join(text.splitlines()[-lines:])
 
     def _prepare(self) -> list[str]:
         """Write the bootstrap into the work directory and return Envoy's command line."""
@@ -613,40 +607,32 @@ class EnvoyProxy:
         return parse_hostport(text) if text else None
 
     async def start(self) -> None:
-        if self._process is not None:
+        if self._server is not None:
             raise RuntimeError("Envoy is already running")
         # Building the bootstrap imports the typed models (seconds): keep the loop serving.
         command = await asyncio.to_thread(self._prepare)
-        log_file = self.log_path.open("ab")  # noqa: ASYNC230 - opening a local file is instant
+        self._server = ServerProcess("envoy", self.log_path)
+        # Spawned from the loop's thread (a fork is instant): the parent-death signal follows
+        # the thread that forked, and a worker thread of to_thread may exit long before we do.
+        self._server.spawn(command, cwd=self._dir())
         try:
-            # Started from the loop's thread: the parent-death signal follows the thread that
-            # forked, and a worker thread of to_thread may exit long before we do.
-            self._process = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-                cwd=self._dir(),
-                start_new_session=True,
-            )
-        finally:
-            log_file.close()
-        try:
-            await self._wait_ready()
+            await self._wait_ready(self._server)
         except BaseException:
             await self.stop()
             raise
         log.info("envoy listening on %s (admin %s)", self.url, self.admin_url)
 
-    async def _wait_ready(self) -> None:
-        assert self._process is not None
+    async def _wait_ready(self, server: ServerProcess) -> None:
+        # Not ServerProcess.wait_ready: the checks here are async (the admin API).
+        assert server.process is not None
         deadline = time.monotonic() + self._startup_timeout_s
         last = "no answer yet"
         while time.monotonic() < deadline:
-            code = self._process.returncode
+            code = server.process.poll()
             if code is not None:
                 raise RuntimeError(
-                    f"envoy exited with status {code} while starting; log tail:\n{self._log_tail()}"
+                    f"envoy exited with status {code} while starting; log tail:\n"
+                    f"{server.log_tail()}"
                 )
             if self._admin is None:
                 self._admin = self._read_admin_address()
@@ -659,11 +645,10 @@ class EnvoyProxy:
                         return
                 except (OSError, TimeoutError, ValueError, IndexError) as error:
                     last = f"/ready failed: {error!r}"
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._process.wait(), 0.1)
+            await asyncio.sleep(0.1)
         raise RuntimeError(
             f"envoy not ready after {self._startup_timeout_s:.0f}s ({last}); "
-            f"log tail:\n{self._log_tail()}"
+            f"log tail:\n{server.log_tail()}"
         )
 
     async def _listener_port(self) -> int:
@@ -699,14 +684,9 @@ class EnvoyProxy:
         return result
 
     async def stop(self, timeout_s: float = 10.0) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), timeout_s)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        server, self._server = self._server, None
+        if server is not None:
+            await asyncio.to_thread(server.stop, timeout_s)
         self._admin = None
         self._port = None
         if self._temp is not None:
@@ -715,9 +695,10 @@ class EnvoyProxy:
 
     async def wait(self) -> int:
         """Wait for Envoy to exit on its own and return its status."""
-        if self._process is None:
+        process = None if self._server is None else self._server.process
+        if process is None:
             raise RuntimeError("Envoy is not running")
-        return await self._process.wait()
+        return await asyncio.to_thread(process.wait)
 
     async def __aenter__(self) -> EnvoyProxy:
         await self.start()

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
+from mesh.infra.maven import fetch_once, run_maven
+from mesh.infra.process import ServerProcess, block_until_signalled, free_port
 from mesh.settings import default_state_dir
 
 KAFKA_VERSION = "4.1.0"
@@ -88,54 +86,27 @@ def default_jars_dir(state_dir: Path) -> Path:
 
 
 def fetch_jars(jars_dir: Path, *, quiet: bool = True) -> Path:
-    """Fetch the broker jars into ``jars_dir`` unless a previous fetch completed there.
+    """Fetch the broker jars into ``jars_dir`` unless a previous fetch completed there."""
 
-    A marker file is written last, so an interrupted fetch is redone, and a completed one never
-    touches the network again (not even Maven's own update checks).
-    """
-    if (jars_dir / _MARKER).exists():
-        return jars_dir
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise KafkaError(
-            "Maven (mvn) is needed once to fetch the Kafka jars: apt-get install maven"
+    def fetch(scratch: Path) -> tuple[Path, str]:
+        (scratch / "pom.xml").write_text(
+            _POM.format(scala=SCALA_VERSION, kafka=KAFKA_VERSION, log4j=LOG4J_VERSION)
         )
-    build_dir = jars_dir.parent / "pom"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    (build_dir / "pom.xml").write_text(
-        _POM.format(scala=SCALA_VERSION, kafka=KAFKA_VERSION, log4j=LOG4J_VERSION)
-    )
-    staging = jars_dir.parent / "lib.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    command = [
-        mvn,
-        "-B",
-        *(["-q"] if quiet else []),
-        "-f",
-        str(build_dir / "pom.xml"),
-        "dependency:copy-dependencies",
-        "-DincludeScope=runtime",
-        f"-DoutputDirectory={staging}",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=900)
-    if result.returncode != 0:
-        raise KafkaError(
-            f"fetching Kafka {KAFKA_VERSION} jars failed ({' '.join(command)}):\n"
-            f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        run_maven(
+            ["dependency:copy-dependencies", "-DincludeScope=runtime"]
+            + [f"-DoutputDirectory={scratch / 'lib'}"],
+            cwd=scratch,
+            what=f"the Kafka {KAFKA_VERSION} jars",
+            error=KafkaError,
+            quiet=quiet,
+            timeout_s=900,
         )
-    jars = sorted(path.name for path in staging.glob("*.jar"))
-    if f"kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar" not in jars:
-        raise KafkaError(f"the Maven fetch did not produce the broker jar; got {jars}")
-    shutil.rmtree(jars_dir, ignore_errors=True)
-    staging.rename(jars_dir)
-    (jars_dir / _MARKER).write_text("\n".join(jars) + "\n")
-    return jars_dir
+        jars = sorted(path.name for path in (scratch / "lib").glob("*.jar"))
+        if f"kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar" not in jars:
+            raise KafkaError(f"the Maven fetch did not produce the broker jar; got {jars}")
+        return scratch / "lib", "\n".join(jars) + "\n"
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return fetch_once(jars_dir, fetch, marker=_MARKER)
 
 
 def _cluster_id() -> str:
@@ -157,21 +128,23 @@ def _java() -> str:
     return java
 
 
-def _metadata_ready(bootstrap: str) -> bool:
-    """One real metadata request; True once the broker answers it."""
+def _metadata_problem(bootstrap: str) -> str | None:
+    """One real metadata request; None once the broker answers it, else why not."""
     try:
         from confluent_kafka.admin import AdminClient
     except ImportError:  # the embedded profile has no Kafka client: a TCP accept must do
         host, port = bootstrap.rsplit(":", 1)
-        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), 1):
-            return True
-        return False
+        try:
+            with socket.create_connection((host, int(port)), 1):
+                return None
+        except OSError as error:
+            return f"no connection to {bootstrap}: {error}"
     admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
     try:
         metadata = admin.list_topics(timeout=2)
-    except Exception:  # KafkaException while the broker is still starting
-        return False
-    return bool(metadata.brokers)
+    except Exception as error:  # KafkaException while the broker is still starting
+        return f"no metadata from {bootstrap}: {error}"
+    return None if metadata.brokers else f"no broker in the metadata from {bootstrap}"
 
 
 class KafkaServer:
@@ -199,8 +172,7 @@ class KafkaServer:
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.bootstrap: str | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._console: IO[bytes] | None = None
+        self._server: ServerProcess | None = None
 
     @property
     def log_file(self) -> Path:
@@ -275,61 +247,32 @@ class KafkaServer:
         if self.bootstrap is not None:
             return self.bootstrap
         fetch_jars(self.jars_dir)
-        port, controller_port = _free_port(), _free_port()
+        port, controller_port = free_port(), free_port()
         while controller_port == port:
-            controller_port = _free_port()
+            controller_port = free_port()
         config = self._write_config(port, controller_port)
         self._format(config)
-        self._console = (self.data_dir / "logs" / "console.log").open("ab")
-        self._process = subprocess.Popen(
-            self._java_command("kafka.Kafka", str(config), heap=self.heap),
-            stdout=self._console,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # a Ctrl-C in the terminal goes to us, we stop it cleanly
-        )
         bootstrap = f"127.0.0.1:{port}"
-        deadline = time.monotonic() + self.start_timeout_s
-        while not _metadata_ready(bootstrap):
-            if self._process.poll() is not None:
-                code = self._process.returncode
-                self._cleanup()
-                raise KafkaError(f"Kafka exited with {code} while starting:\n{self._log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise KafkaError(
-                    f"Kafka did not answer on {bootstrap} within {self.start_timeout_s:.0f} s:\n"
-                    f"{self._log_tail()}"
-                )
-            time.sleep(0.2)
+        self._server = ServerProcess(
+            "Kafka",
+            self.data_dir / "logs" / "console.log",
+            error=KafkaError,
+            other_logs=(self.log_file,),
+            stop_timeout_s=self.stop_timeout_s,
+        )
+        self._server.spawn(self._java_command("kafka.Kafka", str(config), heap=self.heap))
+        self._server.wait_ready(
+            lambda: _metadata_problem(bootstrap), timeout_s=self.start_timeout_s
+        )
         self.bootstrap = bootstrap
         return bootstrap
 
-    def _log_tail(self, lines: int = 40) -> str:
-        parts = []
-        for path in (self.data_dir / "logs" / "console.log", self.log_file):
-            with contextlib.suppress(OSError):
-                parts.extend(path.read_text(errors="replace").splitlines()[-lines:])
-        return "\n".join(parts)
-
     def stop(self) -> None:
         """SIGTERM (a controlled shutdown), then SIGKILL if it takes too long."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        self._process = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
         self.bootstrap = None
-        if self._console is not None:
-            self._console.close()
-            self._console = None
 
     def __enter__(self) -> str:
         return self.start()
@@ -360,10 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         server = KafkaServer(state_dir)
         with server as bootstrap:
             print(f"MESH_KAFKA_BOOTSTRAP={bootstrap}", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-                while True:
-                    time.sleep(3600)
+            block_until_signalled()
     except KafkaError as error:
         print(error, file=sys.stderr)
         return 1

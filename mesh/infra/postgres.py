@@ -20,24 +20,21 @@ server.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import pwd
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 from urllib.parse import quote
 
+from mesh.infra.process import RunAs, ServerProcess, block_until_signalled, free_port, user_can
+from mesh.infra.process import ensure_user as _ensure_user
 from mesh.settings import default_state_dir
 
 log = logging.getLogger(__name__)
@@ -51,15 +48,6 @@ _APT_TIMEOUT_S = 900
 
 class PostgresError(RuntimeError):
     """The server could not be installed, initialised or started; the message says why."""
-
-
-@dataclass(frozen=True)
-class RunAs:
-    """The unprivileged account the server runs as when we are root."""
-
-    name: str
-    uid: int
-    gid: int
 
 
 def _major(bin_dir: Path) -> int:
@@ -158,33 +146,7 @@ def install_server(*, pgvector: bool = True) -> Path:
 
 def ensure_user(name: str = RUN_AS_USER) -> RunAs:
     """The system user ``name`` (the Debian package creates ``postgres``), created if missing."""
-    with contextlib.suppress(KeyError):
-        entry = pwd.getpwnam(name)
-        return RunAs(name, entry.pw_uid, entry.pw_gid)
-    useradd = shutil.which("useradd")
-    if useradd is None:
-        raise PostgresError(
-            f"PostgreSQL refuses to run as root and there is no user {name!r} (nor useradd to "
-            "create it): create it, or run as a non-root user"
-        )
-    result = subprocess.run(
-        [useradd, "--system", "--user-group", "--no-create-home"]
-        + ["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    if result.returncode not in (0, 9):  # 9: created meanwhile by someone else
-        raise PostgresError(f"useradd {name} failed: {result.stderr.strip()}")
-    entry = pwd.getpwnam(name)
-    return RunAs(name, entry.pw_uid, entry.pw_gid)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return _ensure_user(name, refusal="PostgreSQL refuses to run as root", error=PostgresError)
 
 
 def make_dsn(password: str, port: int, *, host: str = "127.0.0.1", database: str = DATABASE) -> str:
@@ -200,16 +162,16 @@ def redact_dsn(dsn: str) -> str:
     return re.sub(r"(postgresql://[^:/@]+:)[^@]*@", r"\1***@", dsn)
 
 
-def _can_connect(dsn: str) -> tuple[bool, str]:
-    """One real connection and query; (ok, why not)."""
+def _connect_problem(dsn: str) -> str | None:
+    """One real connection and query; None if they work, else why not."""
     import psycopg
 
     try:
         with psycopg.connect(dsn, connect_timeout=2) as conn:
             conn.execute("SELECT 1")
     except psycopg.Error as error:
-        return False, str(error).strip() or type(error).__name__
-    return True, ""
+        return str(error).strip() or type(error).__name__
+    return None
 
 
 class PostgresServer:
@@ -251,8 +213,7 @@ class PostgresServer:
         self.dsn: str | None = None
         self.port: int | None = None
         self.started_in_s: float | None = None  # how long the last start took, initdb included
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self._server: ServerProcess | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -304,17 +265,7 @@ class PostgresServer:
                 os.chown(path, run_as.uid, run_as.gid)
         if run_as is None:
             return
-        probe = subprocess.run(
-            ["/bin/sh", "-c", 'test -w "$1" && test -w "$2"', "probe"]
-            + [str(self.data_dir), str(self.socket_dir)],
-            user=run_as.uid,
-            group=run_as.gid,
-            extra_groups=[],
-            capture_output=True,
-            check=False,
-            timeout=30,
-        )
-        if probe.returncode != 0:
+        if not user_can(run_as, write=[self.data_dir, self.socket_dir]):
             raise PostgresError(
                 f"user {run_as.name!r} cannot write {self.data_dir}: every parent directory must "
                 "be traversable by others (chmod o+x), e.g. keep the state dir outside /root"
@@ -380,7 +331,7 @@ class PostgresServer:
         self._prepare_dirs(run_as)
         password = self._password()
         self._initdb(run_as, password)
-        port = _free_port()
+        port = free_port()
         options = {
             "listen_addresses": "127.0.0.1",
             "port": str(port),
@@ -393,69 +344,34 @@ class PostgresServer:
         command = [self._binary("postgres"), "-D", str(self.data_dir)]
         for name, value in options.items():
             command += ["-c", f"{name}={value}"]
-        self._log = self.log_file.open("ab")
-        self._process = subprocess.Popen(
+        self._server = ServerProcess(
+            "PostgreSQL",
+            self.log_file,
+            error=PostgresError,
+            stop_signal=signal.SIGINT,
+            stop_timeout_s=self.stop_timeout_s,
+        )
+        self._server.spawn(
             command,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=self.root_dir,
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
-            # Its own session: a Ctrl-C in our terminal reaches us, and we stop it cleanly.
-            start_new_session=True,
-            user=None if run_as is None else run_as.uid,
-            group=None if run_as is None else run_as.gid,
-            extra_groups=None if run_as is None else [],
+            cwd=self.root_dir,
+            user=run_as,
         )
         dsn = make_dsn(password, port)
-        deadline = started + self.start_timeout_s
-        why = "no answer yet"
-        while True:
-            if self._process.poll() is not None:
-                code = self._process.returncode
-                self._cleanup()
-                raise PostgresError(
-                    f"PostgreSQL exited with {code} while starting:\n{self._log_tail()}"
-                )
-            ok, why = _can_connect(dsn)
-            if ok:
-                break
-            if time.monotonic() > deadline:
-                self.stop()
-                raise PostgresError(
-                    f"PostgreSQL did not accept connections on 127.0.0.1:{port} within "
-                    f"{self.start_timeout_s:.0f} s ({why}):\n{self._log_tail()}"
-                )
-            time.sleep(0.1)
+        self._server.wait_ready(
+            lambda: _connect_problem(dsn), timeout_s=self.start_timeout_s, poll_s=0.1
+        )
         self.dsn, self.port = dsn, port
         self.started_in_s = time.monotonic() - started
         return dsn
 
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
     def stop(self) -> None:
         """Fast shutdown (SIGINT: clients disconnected, a clean checkpoint); SIGKILL if stuck."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        self._process = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
         self.dsn = None
         self.port = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     def __enter__(self) -> str:
         return self.start()
@@ -487,10 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         with PostgresServer(default_state_dir(os.environ)) as dsn:
             print(f"MESH_PG_DSN={dsn}", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-                while True:
-                    time.sleep(3600)
+            block_until_signalled()
     except PostgresError as error:
         print(error, file=sys.stderr)
         return 1

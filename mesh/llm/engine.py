@@ -32,6 +32,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+# Re-exported: ``mesh.llm`` offers it beside the engine whose results carry it.
+from mesh.generation import FinishReason as FinishReason
 from mesh.llm.text import StopMatcher, Utf8Decoder
 
 log = logging.getLogger(__name__)
@@ -45,16 +47,6 @@ _MIN_P = 0.05
 
 _QUEUE_SIZE = 32
 _PUT_POLL_S = 0.05
-
-
-class FinishReason(enum.Enum):
-    """Why a generation ended."""
-
-    STOP = "STOP"  # the model produced an end-of-generation token
-    LENGTH = "LENGTH"  # max_tokens (or the context window) was reached
-    STOP_SEQUENCE = "STOP_SEQUENCE"
-    CANCELLED = "CANCELLED"
-    ERROR = "ERROR"
 
 
 class Device(enum.Enum):

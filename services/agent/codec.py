@@ -9,9 +9,9 @@ from chat.common.v1 import common_pb2
 from chat.events.v1 import events_pb2
 from google.protobuf.message import DecodeError
 
+from mesh.codec import finish_reason_to_proto, options_from_proto
 from mesh.errors import MeshError, to_status_proto
-from mesh.llm.engine import FinishReason
-from services.agent.core import GenerationOptions
+from mesh.generation import FinishReason, GenerationOptions
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +53,6 @@ class Timings:
     retrieval_ms: float
     time_to_first_token_ms: float
     total_ms: float
-
-
-def options_from_proto(message: common_pb2.GenerationOptions) -> GenerationOptions:
-    return GenerationOptions(
-        max_tokens=message.max_tokens,
-        temperature=message.temperature if message.HasField("temperature") else None,
-        top_p=message.top_p if message.HasField("top_p") else None,
-        stop_sequences=tuple(message.stop_sequences),
-        seed=message.seed if message.HasField("seed") else None,
-    )
-
-
-_FINISH_REASONS: dict[FinishReason, common_pb2.FinishReason] = {
-    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
-    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
-    FinishReason.STOP_SEQUENCE: common_pb2.FINISH_REASON_STOP_SEQUENCE,
-    FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
-    FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
-}
-
-
-def finish_reason_to_proto(reason: FinishReason) -> common_pb2.FinishReason:
-    return _FINISH_REASONS[reason]
 
 
 def decode_turn_requested(value: bytes) -> TurnRequest | None:

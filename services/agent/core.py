@@ -17,7 +17,8 @@ from pathlib import Path
 
 from mesh import metrics
 from mesh.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from mesh.llm.engine import Device, FinishReason, LlamaEngine, SamplingOptions
+from mesh.generation import FinishReason, GenerationOptions, validate_options
+from mesh.llm.engine import Device, LlamaEngine, SamplingOptions
 from services.agent.prompt import ChatMessage, PromptBuilder, PromptRequest
 
 METRICS_SERVICE = "agent"
@@ -25,17 +26,6 @@ METRICS_SERVICE = "agent"
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
 MAX_ID_CHARS = 256
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationOptions:
-    """Options as the caller sent them; None and 0 mean "the agent's default"."""
-
-    max_tokens: int = 0
-    temperature: float | None = None
-    top_p: float | None = None
-    stop_sequences: tuple[str, ...] = ()
-    seed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,39 +82,6 @@ class NodeInfo:
     gpu_layers: int
 
 
-def validate_options(options: GenerationOptions, limits: Limits) -> None:
-    """Reject options outside the documented ranges (INVALID_ARGUMENT naming the field)."""
-    if options.max_tokens < 0 or options.max_tokens > limits.max_tokens_limit:
-        raise InvalidArgument(
-            f"options.max_tokens={options.max_tokens} must be between 0 (the agent's default) "
-            f"and {limits.max_tokens_limit}",
-            field="options.max_tokens",
-            reason="MAX_TOKENS_OUT_OF_RANGE",
-        )
-    if options.temperature is not None and not 0.0 <= options.temperature <= 2.0:
-        raise InvalidArgument(
-            f"options.temperature={options.temperature} must be in [0, 2]",
-            field="options.temperature",
-            reason="TEMPERATURE_OUT_OF_RANGE",
-        )
-    if options.top_p is not None and not 0.0 < options.top_p <= 1.0:
-        raise InvalidArgument(
-            f"options.top_p={options.top_p} must be in (0, 1]",
-            field="options.top_p",
-            reason="TOP_P_OUT_OF_RANGE",
-        )
-    stops = options.stop_sequences
-    if len(stops) > MAX_STOP_SEQUENCES or any(
-        not s or len(s) > MAX_STOP_SEQUENCE_CHARS for s in stops
-    ):
-        raise InvalidArgument(
-            f"options.stop_sequences must be at most {MAX_STOP_SEQUENCES} non-empty strings of "
-            f"at most {MAX_STOP_SEQUENCE_CHARS} characters",
-            field="options.stop_sequences",
-            reason="STOP_SEQUENCES_INVALID",
-        )
-
-
 def validate_request(request: GenerateRequest, limits: Limits) -> None:
     if not request.generation_id:
         raise InvalidArgument(
@@ -151,7 +108,13 @@ def validate_request(request: GenerateRequest, limits: Limits) -> None:
                 field="start.history",
                 reason="HISTORY_ROLE_INVALID",
             )
-    validate_options(request.options, limits)
+    validate_options(
+        request.options,
+        max_tokens_limit=limits.max_tokens_limit,
+        max_stop_sequences=MAX_STOP_SEQUENCES,
+        max_stop_sequence_chars=MAX_STOP_SEQUENCE_CHARS,
+        field_prefix="start.options",
+    )
 
 
 def resolve_options(options: GenerationOptions, limits: Limits) -> SamplingOptions:

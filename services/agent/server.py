@@ -16,6 +16,7 @@ from chat.common.v1 import common_pb2
 from grpc import aio
 from grpc_health.v1 import health
 
+from mesh.codec import finish_reason_to_proto, options_from_proto
 from mesh.errors import InvalidArgument, MeshError
 from mesh.llm.engine import Device, EngineError, LlamaEngine
 from mesh.log import EventLog, open_log
@@ -29,7 +30,6 @@ from mesh.server import (
 )
 from mesh.settings import SettingsError
 from services.agent.clients import DependencyClients
-from services.agent.codec import finish_reason_to_proto, options_from_proto
 from services.agent.core import (
     METRICS_SERVICE,
     AgentCore,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from mesh import metrics
 from mesh.errors import InvalidArgument, MeshError
-from mesh.llm.engine import FinishReason
+from mesh.generation import FinishReason
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, LogError, Record
 from services.agent import codec
 from services.agent.clients import DependencyClients
@@ -374,12 +374,12 @@ class TurnWorker:
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise LogError(f"{len(failed)} appends of turn {turn.turn_id} failed: {failed[0]}")
-        metrics.TURNS.labels(METRICS_SERVICE, reason.value.lower()).inc()
+        metrics.TURNS.labels(METRICS_SERVICE, reason.name.lower()).inc()
         self.turns_finished += 1
         log.info(
             "turn %s finished: %s, %d tokens (seq %d)",
             turn.turn_id,
-            reason.value,
+            reason.name,
             new_tokens,
             last_seq,
         )

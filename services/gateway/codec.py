@@ -5,43 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Container
 
-from chat.common.v1 import common_pb2
 from chat.events.v1 import events_pb2
 from google.protobuf.message import DecodeError
 
-from services.gateway.model import (
-    EventKind,
-    FinishReason,
-    GenerationOptions,
-    Timings,
-    TurnEventView,
-    Usage,
-)
+from mesh.codec import finish_reason_from_proto, options_to_proto
+from mesh.generation import GenerationOptions
+from services.gateway.model import EventKind, Timings, TurnEventView, Usage
 
 _log = logging.getLogger(__name__)
-
-
-def options_to_proto(options: GenerationOptions) -> common_pb2.GenerationOptions:
-    message = common_pb2.GenerationOptions(
-        max_tokens=options.max_tokens, stop_sequences=list(options.stop_sequences)
-    )
-    if options.temperature is not None:
-        message.temperature = options.temperature
-    if options.top_p is not None:
-        message.top_p = options.top_p
-    if options.seed is not None:
-        message.seed = options.seed
-    return message
-
-
-def options_from_proto(message: common_pb2.GenerationOptions) -> GenerationOptions:
-    return GenerationOptions(
-        max_tokens=message.max_tokens,
-        temperature=message.temperature if message.HasField("temperature") else None,
-        top_p=message.top_p if message.HasField("top_p") else None,
-        stop_sequences=tuple(message.stop_sequences),
-        seed=message.seed if message.HasField("seed") else None,
-    )
 
 
 def encode_turn_requested(
@@ -89,13 +60,6 @@ def encode_turn_cancelled(turn_id: str, conversation_id: str, tenant_id: str) ->
     return event.SerializeToString()
 
 
-def _finish_reason(value: int) -> FinishReason:
-    try:
-        return FinishReason(value)
-    except ValueError:
-        return FinishReason.UNSPECIFIED
-
-
 def decode_turn_event(
     value: bytes, offset: int, wanted: Container[str] | None = None
 ) -> TurnEventView | None:
@@ -130,7 +94,7 @@ def decode_turn_event(
         EventKind.FINISHED,
         body.turn_id,
         offset,
-        finish_reason=_finish_reason(body.finish_reason),
+        finish_reason=finish_reason_from_proto(body.finish_reason),
         usage=Usage(body.usage.prompt_tokens, body.usage.completion_tokens),
         timings=Timings(
             timings.queued_ms,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -26,6 +25,7 @@ from mesh.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from mesh.generation import FinishReason, validate_options
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, LogError, partition_for
 from mesh.turn_ids import new_turn_ref, parse_turn_id
 from services.gateway.codec import (
@@ -40,7 +40,6 @@ from services.gateway.model import (
     CreditFrame,
     EventKind,
     Finished,
-    FinishReason,
     Frame,
     FrameError,
     Output,
@@ -112,49 +111,13 @@ def validate_start(request: StartRequest, *, max_text_chars: int, max_tokens_lim
         _check_id(request.conversation_id, "start.conversation_id", "CONVERSATION_ID_INVALID")
     if request.request_id:
         _check_id(request.request_id, "start.request_id", "REQUEST_ID_INVALID")
-    options = request.options
-    if not 0 <= options.max_tokens <= max_tokens_limit:
-        raise InvalidArgument(
-            f"start.options.max_tokens={options.max_tokens} must be between 0 (agent default) "
-            f"and {max_tokens_limit}",
-            reason="MAX_TOKENS_INVALID",
-            field="start.options.max_tokens",
-        )
-    temperature = options.temperature
-    if temperature is not None and not (math.isfinite(temperature) and 0 <= temperature <= 2):
-        raise InvalidArgument(
-            f"start.options.temperature={temperature} must be within [0, 2]",
-            reason="TEMPERATURE_INVALID",
-            field="start.options.temperature",
-        )
-    top_p = options.top_p
-    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise InvalidArgument(
-            f"start.options.top_p={top_p} must be within (0, 1]",
-            reason="TOP_P_INVALID",
-            field="start.options.top_p",
-        )
-    if len(options.stop_sequences) > MAX_STOP_SEQUENCES:
-        raise InvalidArgument(
-            f"start.options.stop_sequences has {len(options.stop_sequences)} entries; "
-            f"at most {MAX_STOP_SEQUENCES} are allowed",
-            reason="STOP_SEQUENCES_TOO_MANY",
-            field="start.options.stop_sequences",
-        )
-    for index, stop in enumerate(options.stop_sequences):
-        field = f"start.options.stop_sequences[{index}]"
-        if not stop:
-            raise InvalidArgument(
-                f"{field} is empty; it would stop generation before the first token",
-                reason="STOP_SEQUENCE_EMPTY",
-                field=field,
-            )
-        if len(stop) > MAX_STOP_SEQUENCE_CHARS:
-            raise InvalidArgument(
-                f"{field} has {len(stop)} characters; the limit is {MAX_STOP_SEQUENCE_CHARS}",
-                reason="STOP_SEQUENCE_TOO_LONG",
-                field=field,
-            )
+    validate_options(
+        request.options,
+        max_tokens_limit=max_tokens_limit,
+        max_stop_sequences=MAX_STOP_SEQUENCES,
+        max_stop_sequence_chars=MAX_STOP_SEQUENCE_CHARS,
+        field_prefix="start.options",
+    )
 
 
 def validate_conversation_id(conversation_id: str) -> None:

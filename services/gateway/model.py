@@ -6,26 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from mesh.errors import MeshError
-
-
-class FinishReason(enum.IntEnum):
-    """Mirrors ``chat.common.v1.FinishReason`` (a unit test keeps the numbers in step)."""
-
-    UNSPECIFIED = 0
-    STOP = 1
-    LENGTH = 2
-    STOP_SEQUENCE = 3
-    CANCELLED = 4
-    ERROR = 5
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationOptions:
-    max_tokens: int = 0
-    temperature: float | None = None
-    top_p: float | None = None
-    stop_sequences: tuple[str, ...] = ()
-    seed: int | None = None
+from mesh.generation import FinishReason, GenerationOptions
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from grpc import aio
 from grpc_health.v1 import health
 
 from mesh.auth import AuthInterceptor, KeyFileError, KeyStore, current_principal
+from mesh.codec import finish_reason_to_proto, options_from_proto
 from mesh.errors import InvalidArgument, to_status_proto
 from mesh.log import open_log
 from mesh.metrics import start_metrics_server
@@ -29,7 +30,6 @@ from mesh.server import (
     serve_until_signalled,
 )
 from mesh.settings import SettingsError
-from services.gateway.codec import options_from_proto
 from services.gateway.core import GatewayCore, validate_conversation_id, validate_page_size
 from services.gateway.model import (
     Accepted,
@@ -115,7 +115,7 @@ def accepted_to_proto(output: Accepted) -> gateway_pb2.TurnAccepted:
 def finished_to_proto(output: Finished) -> gateway_pb2.TurnFinished:
     message = gateway_pb2.TurnFinished(
         turn_id=output.turn_id,
-        finish_reason=int(output.finish_reason),  # type: ignore[arg-type]
+        finish_reason=finish_reason_to_proto(output.finish_reason),
         last_seq=output.last_seq,
     )
     if output.usage is not None:

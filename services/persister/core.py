@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol, Self
 
 from mesh.errors import InvalidArgument, NotFound, Unavailable
+from mesh.generation import FinishReason
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, GroupConsumer, LogError, Record
 from services.persister import metrics
 
@@ -52,17 +53,6 @@ class Role(enum.IntEnum):
     UNSPECIFIED = 0
     USER = 1
     ASSISTANT = 2
-
-
-class FinishReason(enum.IntEnum):
-    """Why a turn ended; values match ``chat.common.v1.FinishReason``."""
-
-    UNSPECIFIED = 0
-    STOP = 1
-    LENGTH = 2
-    STOP_SEQUENCE = 3
-    CANCELLED = 4
-    ERROR = 5
 
 
 # ---------------------------------------------------------------------------------------------

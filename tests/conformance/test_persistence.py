@@ -26,11 +26,12 @@ from chat.common.v1 import common_pb2
 from chat.events.v1 import events_pb2
 
 from mesh.errors import NotFound
+from mesh.generation import FinishReason
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, Record, partition_for
 from mesh.turn_ids import new_turn_ref
 from services.persister import core
 from services.persister.codec import decode
-from services.persister.core import BatchPlan, BatchResult, FinishReason, Persister, Role
+from services.persister.core import BatchPlan, BatchResult, Persister, Role
 from services.persister.store import PgStore
 from tests.fixtures.postgres import create_database
 from tests.integration.test_persister import (

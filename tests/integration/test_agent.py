@@ -492,12 +492,12 @@ async def test_cancel_frame_stops_generation(running: Running) -> None:
     [
         (start_frame(generation_id=""), "GENERATION_ID_MISSING"),
         (start_frame(user_text=""), "USER_TEXT_MISSING"),
-        (start_frame(max_tokens=-1), "MAX_TOKENS_OUT_OF_RANGE"),
-        (start_frame(max_tokens=MAX_TOKENS_LIMIT + 1), "MAX_TOKENS_OUT_OF_RANGE"),
-        (start_frame(temperature=2.5), "TEMPERATURE_OUT_OF_RANGE"),
-        (start_frame(temperature=-1.0), "TEMPERATURE_OUT_OF_RANGE"),
-        (start_frame(top_p=0.0), "TOP_P_OUT_OF_RANGE"),
-        (start_frame(top_p=1.5), "TOP_P_OUT_OF_RANGE"),
+        (start_frame(max_tokens=-1), "MAX_TOKENS_INVALID"),
+        (start_frame(max_tokens=MAX_TOKENS_LIMIT + 1), "MAX_TOKENS_INVALID"),
+        (start_frame(temperature=2.5), "TEMPERATURE_INVALID"),
+        (start_frame(temperature=-1.0), "TEMPERATURE_INVALID"),
+        (start_frame(top_p=0.0), "TOP_P_INVALID"),
+        (start_frame(top_p=1.5), "TOP_P_INVALID"),
         (start_frame(user_text="the " * N_CTX), "PROMPT_TOO_LONG"),
     ],
 )

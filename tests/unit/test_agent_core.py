@@ -10,13 +10,13 @@ import pytest
 import pytest_asyncio
 
 from mesh.errors import InvalidArgument, ResourceExhausted
-from mesh.llm.engine import FinishReason, LlamaEngine, SamplingOptions
+from mesh.generation import FinishReason, GenerationOptions
+from mesh.llm.engine import LlamaEngine, SamplingOptions
 from mesh.llm.tiny_model import ensure_tiny_model
 from services.agent.core import (
     AgentCore,
     Finished,
     GenerateRequest,
-    GenerationOptions,
     Limits,
     Token,
     check_cancel_frame,
@@ -56,13 +56,13 @@ def request(**overrides: object) -> GenerateRequest:
     [
         (request(generation_id=""), "GENERATION_ID_MISSING"),
         (request(user_text="   "), "USER_TEXT_MISSING"),
-        (request(options=GenerationOptions(max_tokens=-1)), "MAX_TOKENS_OUT_OF_RANGE"),
-        (request(options=GenerationOptions(max_tokens=65)), "MAX_TOKENS_OUT_OF_RANGE"),
-        (request(options=GenerationOptions(temperature=-0.1)), "TEMPERATURE_OUT_OF_RANGE"),
-        (request(options=GenerationOptions(temperature=2.01)), "TEMPERATURE_OUT_OF_RANGE"),
-        (request(options=GenerationOptions(top_p=0.0)), "TOP_P_OUT_OF_RANGE"),
-        (request(options=GenerationOptions(top_p=1.5)), "TOP_P_OUT_OF_RANGE"),
-        (request(options=GenerationOptions(stop_sequences=("",))), "STOP_SEQUENCES_INVALID"),
+        (request(options=GenerationOptions(max_tokens=-1)), "MAX_TOKENS_INVALID"),
+        (request(options=GenerationOptions(max_tokens=65)), "MAX_TOKENS_INVALID"),
+        (request(options=GenerationOptions(temperature=-0.1)), "TEMPERATURE_INVALID"),
+        (request(options=GenerationOptions(temperature=2.01)), "TEMPERATURE_INVALID"),
+        (request(options=GenerationOptions(top_p=0.0)), "TOP_P_INVALID"),
+        (request(options=GenerationOptions(top_p=1.5)), "TOP_P_INVALID"),
+        (request(options=GenerationOptions(stop_sequences=("",))), "STOP_SEQUENCE_EMPTY"),
         (request(history=(ChatMessage("system", "x"),)), "HISTORY_ROLE_INVALID"),
     ],
 )

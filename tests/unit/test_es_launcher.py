@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def test_fetch_is_skipped_once_the_marker_exists(
     def no_network(*args: object, **kwargs: object) -> None:
         raise AssertionError("a completed fetch must not run Maven again")
 
-    monkeypatch.setattr(es.subprocess, "run", no_network)
+    monkeypatch.setattr(subprocess, "run", no_network)
     home.mkdir(parents=True)
     (home / es._MARKER).write_text(json.dumps({"modules": []}))
     assert fetch_distribution(home) == home

@@ -21,6 +21,7 @@ from mesh.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from mesh.generation import FinishReason
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, LogSettings, partition_for
 from mesh.log.embedded import EmbeddedLog
 from services.gateway.core import GatewayCore, TurnStream
@@ -30,7 +31,6 @@ from services.gateway.model import (
     CreditFrame,
     EmptyFrame,
     Finished,
-    FinishReason,
     Frame,
     FrameError,
     Output,

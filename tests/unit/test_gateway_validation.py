@@ -12,14 +12,13 @@ from chat.gateway.v1 import gateway_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from mesh.errors import InvalidArgument, ResourceExhausted
+from mesh.generation import FinishReason, GenerationOptions
 from mesh.settings import SettingsError
 from services.gateway.codec import (
     decode_turn_event,
     decode_turn_requested,
     encode_turn_cancelled,
     encode_turn_requested,
-    options_from_proto,
-    options_to_proto,
 )
 from services.gateway.core import validate_conversation_id, validate_page_size, validate_start
 from services.gateway.model import (
@@ -29,9 +28,7 @@ from services.gateway.model import (
     EmptyFrame,
     EventKind,
     Finished,
-    FinishReason,
     FrameError,
-    GenerationOptions,
     ResumeFrame,
     StartFrame,
     StartRequest,
@@ -176,20 +173,6 @@ def test_settings_from_env_defaults_and_overrides(tmp_path: Path) -> None:
     for bad in ({"MESH_GATEWAY_PORT": "x"}, {"MESH_GATEWAY_RATE_PER_S": "0"}):
         with pytest.raises(SettingsError):
             GatewaySettings.from_env(bad)
-
-
-def test_finish_reasons_mirror_the_proto_enum() -> None:
-    for reason in FinishReason:
-        assert common_pb2.FinishReason.Name(reason.value) == f"FINISH_REASON_{reason.name}"
-
-
-def test_options_round_trip_keeps_unset_fields_unset() -> None:
-    unset = options_from_proto(common_pb2.GenerationOptions())
-    assert unset == GenerationOptions()
-    full = GenerationOptions(
-        max_tokens=5, temperature=0.0, top_p=0.5, stop_sequences=("x",), seed=0
-    )
-    assert options_from_proto(options_to_proto(full)) == full
 
 
 def test_log_records_round_trip() -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from mesh.llm.engine import Device, FinishReason, LlamaEngine, Piece, SamplingOptions
+from mesh.generation import FinishReason
+from mesh.llm.engine import Device, LlamaEngine, Piece, SamplingOptions
 from mesh.llm.tiny_model import ensure_tiny_model
 
 PROMPT = "hello the model and the mesh"
