@@ -374,6 +374,8 @@ def _row(
             "throughput_ratio": ratio,
             "paced_rate_tokens_per_s": rate,
             "relay_paced_tokens": relay_paced.tokens,
+            # Near 1.0: the gateway had no CPU to spare at the paced rate (latency is queueing).
+            "relay_paced_gateway_cpu_share": relay_paced.cpu_s / max(relay_paced.seconds, 1e-9),
             "echo_paced_tokens": echo_paced.tokens,
             "relay_latency_p50_ms": r50,
             "relay_latency_p99_ms": r99,

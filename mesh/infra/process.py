@@ -139,12 +139,17 @@ def wait_until(
         time.sleep(poll_s)
 
 
-def log_tail(path: Path, *, lines: int = 40, head: int = 0) -> str:
-    """The last ``lines`` lines of ``path``, after its first ``head`` ones when it is longer."""
+def log_tail(path: Path, *, lines: int = 40, head: int = 0, start: int = 0) -> str:
+    """The last ``lines`` lines of ``path``, after its first ``head`` ones when it is longer.
+
+    ``start``: the byte offset where the part of interest begins (this run's, in a log that
+    earlier runs appended to); ignored if the file is shorter (it was truncated meanwhile).
+    """
     try:
-        text = path.read_text(errors="replace").splitlines()
+        data = path.read_bytes()
     except OSError:
         return f"(nothing in {path})"
+    text = data[start if start <= len(data) else 0 :].decode(errors="replace").splitlines()
     if len(text) <= head + lines:
         return "\n".join(text)
     return "\n".join([*text[:head], "[...]", *text[-lines:]])
@@ -162,7 +167,7 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # alive, and not ours to signal
     return True
 
 
@@ -195,6 +200,7 @@ class ServerProcess:
         self.stop_signal = stop_signal
         self.stop_timeout_s = stop_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_starts: dict[Path, int] = {}
 
     def spawn(
         self,
@@ -207,6 +213,11 @@ class ServerProcess:
         """Start the server (see ``spawn``); ``user`` is the account to run it as, if not us."""
         if self.process is not None:
             raise RuntimeError(f"{self.what} is already running (pid {self.process.pid})")
+        # Logs outlive runs: quote only what this one wrote.
+        self._log_starts = {
+            path: path.stat().st_size if path.exists() else 0
+            for path in (self.log_path, *self.other_logs)
+        }
         self.process = spawn(argv, log_path=self.log_path, env=env, cwd=cwd, user=user)
         return self.process
 
@@ -230,13 +241,17 @@ class ServerProcess:
             raise self.error(f"{self.what} did not start ({failure}):\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40, head: int = 15) -> str:
-        """Head and tail of each log: a JVM's first stack trace line is often the cause."""
-        paths = (self.log_path, *self.other_logs)
-        if len(paths) == 1:
-            return log_tail(self.log_path, lines=lines, head=head)
-        return "\n".join(
-            f"==> {path} <==\n{log_tail(path, lines=lines, head=head)}" for path in paths
-        )
+        """Head and tail of what the last spawn wrote to each log.
+
+        The head too: a JVM's first stack trace line is often the cause.
+        """
+        tails = {
+            path: log_tail(path, lines=lines, head=head, start=self._log_starts.get(path, 0))
+            for path in (self.log_path, *self.other_logs)
+        }
+        if len(tails) == 1:
+            return tails[self.log_path]
+        return "\n".join(f"==> {path} <==\n{tail}" for path, tail in tails.items())
 
     def stop(self, timeout_s: float | None = None) -> None:
         """``stop_signal`` to the process group; SIGKILL to it if any of it outlasts the timeout.
@@ -259,10 +274,6 @@ class ServerProcess:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(10)
 
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
-
 
 def block_until_signalled() -> None:
     """Sleep until SIGINT or SIGTERM: how the ``run`` commands keep their server up.
@@ -271,10 +282,9 @@ def block_until_signalled() -> None:
     """
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)

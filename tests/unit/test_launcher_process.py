@@ -58,13 +58,14 @@ def test_wait_ready_returns_once_the_check_passes(tmp_path: Path) -> None:
 
 
 def test_an_early_exit_raises_with_the_log_and_the_exit_code(tmp_path: Path) -> None:
-    server = ServerProcess("crasher", tmp_path / "c.log", error=StartError)
+    log = tmp_path / "c.log"
+    log.write_text("an old run's output\n")
+    server = ServerProcess("crasher", log, error=StartError)
     server.spawn(_shell("echo 'bad config: port'; exit 3"))
     with pytest.raises(StartError) as raised:
         server.wait_ready(lambda: "not yet", timeout_s=10, poll_s=0.01)
     message = str(raised.value)
-    assert "crasher did not start (exited with code 3)" in message
-    assert "bad config: port" in message
+    assert message == "crasher did not start (exited with code 3):\nbad config: port"
     assert server.process is None
 
 
