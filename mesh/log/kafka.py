@@ -720,6 +720,13 @@ class _KafkaGroupConsumer:
         self._commits.put((TopicPartition(self._topic, partition, offset), done))
         try:
             await asyncio.wrap_future(done)
+        except LogError:
+            if self._closed:
+                # close() raced this commit: like a lost partition, the records are redelivered
+                # to the next owner, which the protocol's dedupe absorbs.
+                _log.warning("commit by %s dropped: the member closed first", self._member_id)
+                return
+            raise
         except KafkaException as error:
             if error.args[0].code() in _STALE_GENERATION:
                 _log.warning("commit by %s dropped: %s", self._member_id, error.args[0])
