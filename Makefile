@@ -10,7 +10,7 @@ STATE := .state
 # wheel cache keeps the result, so only the first install on a machine compiles (~7 min, 2 cores).
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DGGML_NATIVE=OFF
 
-.PHONY: help setup proto proto-check lint typecheck test test-unit test-integration bench run up down clean
+.PHONY: help setup proto proto-deps proto-check lint typecheck test test-unit test-integration bench run up down clean
 
 help:
 	@echo "make run       install everything, start the mesh, chat in the terminal"
@@ -37,7 +37,11 @@ proto: setup
 proto-check: proto
 	git diff --exit-code -- gen/ || (echo "generated code is stale: run make proto and commit" >&2; exit 1)
 
-lint: setup
+# The google/rpc protos that proto/ imports, copied from the installed googleapis-common-protos.
+proto-deps: setup
+	scripts/protogen.sh --deps-only
+
+lint: proto-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	npx buf lint

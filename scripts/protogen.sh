@@ -18,6 +18,8 @@ py=${PYTHON:-.venv/bin/python}
 gapi=$("$py" -c 'import google.rpc.status_pb2 as m, os; print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
 mkdir -p .build/proto-deps/google/rpc
 cp "$gapi"/google/rpc/status.proto "$gapi"/google/rpc/error_details.proto .build/proto-deps/google/rpc/
+# `--deps-only`: just the imported google/rpc protos, which `buf lint` and `buf breaking` need.
+[[ "${1:-}" == "--deps-only" ]] && exit 0
 rm -rf gen/python && mkdir -p gen/python
 mapfile -t files < <(cd proto && find chat -name '*.proto' | sort)
 "$py" -m grpc_tools.protoc -Iproto -I"$gapi" \
