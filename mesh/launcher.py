@@ -149,6 +149,17 @@ class Service:
             self.process.wait(timeout=10)
 
 
+_PORT_RACE_ATTEMPTS = 3
+
+
+def _lost_port_race(service: Service) -> bool:
+    """Whether ``service`` exited because a port picked for it was taken meanwhile."""
+    if service.process.poll() is None or not service.log_path.exists():
+        return False
+    tail = service.log_path.read_text(errors="replace")[-4000:]
+    return "Address already in use" in tail or "could not bind" in tail
+
+
 class MeshStartError(RuntimeError):
     """A server or service did not start; the message includes the tail of its log."""
 
@@ -395,21 +406,14 @@ class Mesh:
                 self._pg = EmbeddedPostgres(cfg.state_dir / "pg")
                 self.pg_dsn = self._pg.start()
             env = self.base_env()
-            memory = self._spawn("memory", "memory", env)
-            self._wait(memory, timeout_s)
+            (memory,) = self._start_group("memory", ["memory"], env, timeout_s)
             env["MESH_MEMORY_ADDR"] = memory.addr
-            persister = self._spawn("persister", "persister", env)
-            self._wait(persister, timeout_s)
+            (persister,) = self._start_group("persister", ["persister"], env, timeout_s)
             env["MESH_PERSISTER_ADDR"] = persister.addr
-            # Replicas of one kind need nothing from each other: start them together.
-            agents = [self._spawn("agent", f"agent-{i + 1}", env) for i in range(cfg.agents)]
-            for agent in agents:
-                self._wait(agent, timeout_s)
-            gateways = [
-                self._spawn("gateway", f"gateway-{i + 1}", env) for i in range(cfg.gateways)
-            ]
-            for gateway in gateways:
-                self._wait(gateway, timeout_s)
+            agent_names = [f"agent-{i + 1}" for i in range(cfg.agents)]
+            self._start_group("agent", agent_names, env, timeout_s)
+            gateway_names = [f"gateway-{i + 1}" for i in range(cfg.gateways)]
+            self._start_group("gateway", gateway_names, env, timeout_s)
             if cfg.envoy:
                 # Healthy through Envoy means: listening, and routing to a healthy gateway.
                 self._wait(self._spawn_envoy(env), timeout_s)
@@ -423,9 +427,31 @@ class Mesh:
         env = self.base_env()
         env["MESH_MEMORY_ADDR"] = self.memory_addr
         env["MESH_PERSISTER_ADDR"] = self.persister_addr
-        service = self._spawn("agent", f"agent-{len(self.agents) + 1}", env)
-        self._wait(service, timeout_s)
+        (service,) = self._start_group("agent", [f"agent-{len(self.agents) + 1}"], env, timeout_s)
         return service
+
+    def _start_group(
+        self, kind: str, names: list[str], env: dict[str, str], timeout_s: float
+    ) -> list[Service]:
+        """Start replicas of one kind together (they need nothing from each other), healthy."""
+        services = [self._spawn(kind, name, env) for name in names]
+        return [self._wait_or_respawn(kind, service, env, timeout_s) for service in services]
+
+    def _wait_or_respawn(
+        self, kind: str, service: Service, env: dict[str, str], timeout_s: float
+    ) -> Service:
+        # free_port() only says a port was free a moment ago; when another process took it
+        # before the service bound it, the service exits at once and gets fresh ports.
+        for attempt in range(1, _PORT_RACE_ATTEMPTS + 1):
+            try:
+                self._wait(service, timeout_s)
+                return service
+            except MeshStartError:
+                if attempt == _PORT_RACE_ATTEMPTS or not _lost_port_race(service):
+                    raise
+                self.services.remove(service)
+                service = self._spawn(kind, service.name, env)
+        raise AssertionError("unreachable")
 
     def _wait(self, service: Service, timeout_s: float) -> None:
         wait_healthy(

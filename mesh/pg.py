@@ -7,10 +7,11 @@ the data directory, so nothing listens on the network. When running as root it d
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import shutil
 import stat
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,19 +35,43 @@ def server_data_dir(data_dir: Path) -> Path:
     """The directory pgserver actually uses for ``data_dir``.
 
     PostgreSQL never runs as root, so as root pgserver runs it as its own user, which must be able
-    to reach the data directory; when it cannot, the data goes to a stable per-path directory
-    under ROOT_FALLBACK_DIR instead of loosening permissions on the caller's directories.
+    to reach the data directory. When it cannot, the data goes to a directory under
+    ROOT_FALLBACK_DIR instead of loosening permissions on the caller's directories. The requested
+    directory keeps a link file naming it, so the data lives exactly as long as the requested
+    directory does: delete that and the next start gets a fresh database, as it would without
+    the fallback.
     """
     data_dir = data_dir.absolute()
     if os.geteuid() != 0 or _reachable_by_others(data_dir.parent):
         return data_dir
-    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
     ROOT_FALLBACK_DIR.mkdir(parents=True, exist_ok=True)
     for directory in (ROOT_FALLBACK_DIR, *ROOT_FALLBACK_DIR.parents):
         if directory == Path("/"):
             break
         directory.chmod(directory.stat().st_mode | stat.S_IXOTH)
-    return ROOT_FALLBACK_DIR / digest
+    link = data_dir / _FALLBACK_LINK
+    if link.exists():
+        return Path(link.read_text().strip())
+    _remove_orphans()
+    actual = ROOT_FALLBACK_DIR / uuid.uuid4().hex
+    data_dir.mkdir(parents=True, exist_ok=True)
+    link.write_text(str(actual) + "\n")
+    (ROOT_FALLBACK_DIR / f"{actual.name}.owner").write_text(str(data_dir) + "\n")
+    return actual
+
+
+_FALLBACK_LINK = "pgserver-data-dir"
+
+
+def _remove_orphans() -> None:
+    """Delete fallback data whose requested directory is gone and whose server is stopped."""
+    for owner_file in ROOT_FALLBACK_DIR.glob("*.owner"):
+        data = ROOT_FALLBACK_DIR / owner_file.stem
+        owner = Path(owner_file.read_text().strip())
+        if (owner / _FALLBACK_LINK).exists() or (data / "postmaster.pid").exists():
+            continue
+        shutil.rmtree(data, ignore_errors=True)
+        owner_file.unlink(missing_ok=True)
 
 
 class EmbeddedPostgres:

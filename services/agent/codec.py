@@ -140,6 +140,7 @@ def encode_finished(
     last_seq: int,
     model: str,
     error: MeshError | None = None,
+    cancel_seen_at_seq: int = 0,
 ) -> bytes:
     finished = events_pb2.TurnFinished(
         turn_id=turn.turn_id,
@@ -157,6 +158,7 @@ def encode_finished(
         tenant_id=turn.tenant_id,
         last_seq=last_seq,
         model=model,
+        cancel_seen_at_seq=cancel_seen_at_seq,
     )
     if error is not None:
         finished.error.CopyFrom(to_status_proto(error))

@@ -74,6 +74,8 @@ class _PriorEvents:
 class _Current:
     turn_id: str
     cancel: asyncio.Event
+    last_seq: int = 0  # the last seq appended so far
+    cancel_seen_at_seq: int = 0  # last_seq when the cancel arrived
 
 
 class TurnWorker:
@@ -183,7 +185,9 @@ class TurnWorker:
             self._cancels.popitem(last=False)
         current = self._current
         if current is not None and current.turn_id == turn_id:
-            log.info("turn %s cancelled", turn_id)
+            if not current.cancel.is_set():
+                current.cancel_seen_at_seq = current.last_seq
+            log.info("turn %s cancelled after seq %d", turn_id, current.last_seq)
             current.cancel.set()
 
     # Consuming ----------------------------------------------------------------------------
@@ -229,7 +233,9 @@ class TurnWorker:
             cancel = asyncio.Event()
             if prior.cancelled or turn.turn_id in self._cancels:
                 cancel.set()
-            self._current = _Current(turn.turn_id, cancel)
+            self._current = _Current(
+                turn.turn_id, cancel, last_seq=prior.last_seq, cancel_seen_at_seq=prior.last_seq
+            )
             generating = True
             metrics.QUEUE_DEPTH.labels(METRICS_SERVICE).dec()
             await self._run_turn(turn, record, prior, cancel, claimed, claimed_wall)
@@ -332,6 +338,8 @@ class TurnWorker:
                             if first_token_at is None:
                                 first_token_at = time.monotonic()
                             append(codec.encode_token(turn, last_seq, event.text))
+                            if self._current is not None:
+                                self._current.last_seq = last_seq
                         else:
                             finished = event
             except InvalidArgument as invalid:  # the prompt cannot fit the context
@@ -366,6 +374,11 @@ class TurnWorker:
                 last_seq=last_seq,
                 model=self._core.model_name,
                 error=error,
+                cancel_seen_at_seq=(
+                    self._current.cancel_seen_at_seq
+                    if reason is FinishReason.CANCELLED and self._current is not None
+                    else 0
+                ),
             )
         )
         # The request is committed by the caller only once everything above is durable.

@@ -125,14 +125,17 @@ def test_cancel_stops_generation_within_one_token(running_mesh: RunningMesh, stu
     assert result.finished.finish_reason == common_pb2.FINISH_REASON_CANCELLED
     assert result.finished.last_seq < 2000
     assert_gap_free(result)
-    # On the log: once the agent saw the cancel it emitted at most one more token.
+    # On the log: the turn ends cancelled, and once the agent saw the cancel it emitted at most
+    # one more token (how many were emitted while the cancel travelled the log depends on the
+    # model's speed, not on the agent).
     events = turn_events(running_mesh, result.turn_id)
     kinds = [event.WhichOneof("event") for event in events]
     assert "cancelled" in kinds
-    after_cancel = kinds[kinds.index("cancelled") :]
     finished = [e.finished for e in events if e.WhichOneof("event") == "finished"]
     assert finished and finished[0].finish_reason == common_pb2.FINISH_REASON_CANCELLED
-    assert after_cancel.count("token") <= 1, kinds
+    assert finished[0].cancel_seen_at_seq >= 3
+    assert finished[0].last_seq - finished[0].cancel_seen_at_seq <= 1, finished[0]
+    assert kinds[-1] == "finished"
 
 
 def test_dropped_client_resumes_without_gap_or_duplicate(

@@ -345,9 +345,12 @@ type TurnFinished struct {
 	// Sequence number of the last token of the turn (0 when none was emitted).
 	LastSeq int64 `protobuf:"varint,8,opt,name=last_seq,json=lastSeq,proto3" json:"last_seq,omitempty"`
 	// Name of the model that generated the turn.
-	Model         string `protobuf:"bytes,9,opt,name=model,proto3" json:"model,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Model string `protobuf:"bytes,9,opt,name=model,proto3" json:"model,omitempty"`
+	// For cancelled turns: the last seq the agent had emitted when it saw the cancel (so operators
+	// and tests can check that generation stopped within one token of it); 0 otherwise.
+	CancelSeenAtSeq int64 `protobuf:"varint,10,opt,name=cancel_seen_at_seq,json=cancelSeenAtSeq,proto3" json:"cancel_seen_at_seq,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *TurnFinished) Reset() {
@@ -441,6 +444,13 @@ func (x *TurnFinished) GetModel() string {
 		return x.Model
 	}
 	return ""
+}
+
+func (x *TurnFinished) GetCancelSeenAtSeq() int64 {
+	if x != nil {
+		return x.CancelSeenAtSeq
+	}
+	return 0
 }
 
 // TurnCancelled asks whichever agent holds the turn to stop; it is appended to the turn-event log.
@@ -658,7 +668,7 @@ const file_chat_events_v1_events_proto_rawDesc = "" +
 	"\x03seq\x18\x02 \x01(\x03R\x03seq\x12\x12\n" +
 	"\x04text\x18\x03 \x01(\tR\x04text\x12'\n" +
 	"\x0fconversation_id\x18\x04 \x01(\tR\x0econversationId\x12\x1b\n" +
-	"\ttenant_id\x18\x05 \x01(\tR\btenantId\"\xf4\x02\n" +
+	"\ttenant_id\x18\x05 \x01(\tR\btenantId\"\xa1\x03\n" +
 	"\fTurnFinished\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12A\n" +
 	"\rfinish_reason\x18\x02 \x01(\x0e2\x1c.chat.common.v1.FinishReasonR\ffinishReason\x120\n" +
@@ -668,7 +678,9 @@ const file_chat_events_v1_events_proto_rawDesc = "" +
 	"\x0fconversation_id\x18\x06 \x01(\tR\x0econversationId\x12\x1b\n" +
 	"\ttenant_id\x18\a \x01(\tR\btenantId\x12\x19\n" +
 	"\blast_seq\x18\b \x01(\x03R\alastSeq\x12\x14\n" +
-	"\x05model\x18\t \x01(\tR\x05model\"n\n" +
+	"\x05model\x18\t \x01(\tR\x05model\x12+\n" +
+	"\x12cancel_seen_at_seq\x18\n" +
+	" \x01(\x03R\x0fcancelSeenAtSeq\"n\n" +
 	"\rTurnCancelled\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12'\n" +
 	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x1b\n" +
