@@ -36,6 +36,25 @@ class ChunkHit:
     document_id: str
 
 
+def require_tenant(tenant_id: str) -> None:
+    """Every store call is tenant-scoped; an empty tenant is a caller bug, never "all tenants"."""
+    if not tenant_id:
+        raise ValueError("tenant_id is required: memory is never read or written across tenants")
+
+
+def check_document_chunks(tenant_id: str, document_id: str, chunks: Sequence[StoredChunk]) -> None:
+    """The arguments of ``replace_document``: every chunk belongs to that tenant and document."""
+    require_tenant(tenant_id)
+    if not document_id:
+        raise ValueError("document_id is required")
+    for chunk in chunks:
+        if chunk.tenant_id != tenant_id or chunk.document_id != document_id:
+            raise ValueError(
+                f"chunk {chunk.chunk_id} belongs to tenant {chunk.tenant_id!r} / document "
+                f"{chunk.document_id!r}, not {tenant_id!r} / {document_id!r}"
+            )
+
+
 class MemoryStore(Protocol):
     """Tenant-scoped chunk storage with hybrid (vector + full-text) search."""
 

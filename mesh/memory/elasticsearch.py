@@ -35,7 +35,7 @@ from elasticsearch import (
 )
 
 from mesh.errors import Unavailable
-from mesh.memory.base import ChunkHit, StoredChunk
+from mesh.memory.base import ChunkHit, StoredChunk, check_document_chunks, require_tenant
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +142,6 @@ def _vector(vector: Sequence[float], dims: int) -> list[float] | None:
         return None
     # float32 precision, printed short: half the JSON of full float64 reprs.
     return [float(f"{value:.7g}") for value in array.tolist()]
-
-
-def _require_tenant(tenant_id: str) -> None:
-    if not tenant_id:
-        raise ValueError("tenant_id is required: memory is never read or written across tenants")
 
 
 def _filters(tenant_id: str, conversation_id: str = "") -> list[dict[str, Any]]:
@@ -322,7 +317,7 @@ class ElasticsearchMemoryStore:
         return self._client
 
     async def has_source(self, tenant_id: str, source_id: str) -> bool:
-        _require_tenant(tenant_id)
+        require_tenant(tenant_id)
         query = {"bool": {"filter": [*_filters(tenant_id), {"term": {"source_id": source_id}}]}}
         async with _Unavailable():
             response = await self._es().search(
@@ -333,7 +328,7 @@ class ElasticsearchMemoryStore:
     def _documents(self, chunks: Sequence[StoredChunk]) -> dict[str, dict[str, Any]]:
         documents: dict[str, dict[str, Any]] = {}
         for chunk in chunks:
-            _require_tenant(chunk.tenant_id)
+            require_tenant(chunk.tenant_id)
             # The last of equal ids wins, as it would with separate upserts.
             documents[chunk_doc_id(chunk.tenant_id, chunk.chunk_id)] = {
                 "tenant_id": chunk.tenant_id,
@@ -372,15 +367,7 @@ class ElasticsearchMemoryStore:
     async def replace_document(
         self, tenant_id: str, document_id: str, chunks: Sequence[StoredChunk]
     ) -> int:
-        _require_tenant(tenant_id)
-        if not document_id:
-            raise ValueError("document_id is required")
-        for chunk in chunks:
-            if chunk.tenant_id != tenant_id or chunk.document_id != document_id:
-                raise ValueError(
-                    f"chunk {chunk.chunk_id} belongs to tenant {chunk.tenant_id!r} / document "
-                    f"{chunk.document_id!r}, not {tenant_id!r} / {document_id!r}"
-                )
+        check_document_chunks(tenant_id, document_id, chunks)
         documents = self._documents(chunks)
         # No transactions here: write the new chunks first, then drop the old ones that are not
         # among them, so a reader sees old and new side by side for a moment, never nothing.
@@ -402,7 +389,7 @@ class ElasticsearchMemoryStore:
         top_k: int,
         conversation_id: str = "",
     ) -> list[ChunkHit]:
-        _require_tenant(tenant_id)
+        require_tenant(tenant_id)
         if top_k < 1:
             raise ValueError(f"top_k must be positive, got {top_k}")
         bodies = search_bodies(
@@ -440,7 +427,7 @@ class ElasticsearchMemoryStore:
         ]
 
     async def delete(self, tenant_id: str, conversation_id: str = "") -> int:
-        _require_tenant(tenant_id)
+        require_tenant(tenant_id)
         return await self._delete_matching(
             {"bool": {"filter": _filters(tenant_id, conversation_id)}}
         )

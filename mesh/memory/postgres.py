@@ -34,7 +34,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from mesh.errors import Unavailable
-from mesh.memory.base import ChunkHit, StoredChunk
+from mesh.memory.base import ChunkHit, StoredChunk, check_document_chunks, require_tenant
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,6 @@ def _query_words(query_text: str) -> list[str]:
         if len(seen) >= _MAX_QUERY_TERMS:
             break
     return list(seen)
-
-
-def _require_tenant(tenant_id: str) -> None:
-    if not tenant_id:
-        raise ValueError("tenant_id is required: memory is never read or written across tenants")
 
 
 class PostgresMemoryStore:
@@ -250,7 +245,7 @@ class PostgresMemoryStore:
         return self._pool.connection()
 
     async def has_source(self, tenant_id: str, source_id: str) -> bool:
-        _require_tenant(tenant_id)
+        require_tenant(tenant_id)
         query = sql.SQL(
             "SELECT EXISTS (SELECT 1 FROM {t} WHERE tenant_id = %s AND source_id = %s)"
         ).format(t=self._table)
@@ -261,7 +256,7 @@ class PostgresMemoryStore:
     def _rows(self, chunks: Sequence[StoredChunk]) -> list[tuple[str, ...]]:
         rows: dict[tuple[str, str], tuple[str, ...]] = {}
         for chunk in chunks:
-            _require_tenant(chunk.tenant_id)
+            require_tenant(chunk.tenant_id)
             # The last of equal ids wins, as it would with separate upserts.
             rows[(chunk.tenant_id, chunk.chunk_id)] = (
                 chunk.tenant_id,
@@ -306,15 +301,7 @@ class PostgresMemoryStore:
     async def replace_document(
         self, tenant_id: str, document_id: str, chunks: Sequence[StoredChunk]
     ) -> int:
-        _require_tenant(tenant_id)
-        if not document_id:
-            raise ValueError("document_id is required")
-        for chunk in chunks:
-            if chunk.tenant_id != tenant_id or chunk.document_id != document_id:
-                raise ValueError(
-                    f"chunk {chunk.chunk_id} belongs to tenant {chunk.tenant_id!r} / document "
-                    f"{chunk.document_id!r}, not {tenant_id!r} / {document_id!r}"
-                )
+        check_document_chunks(tenant_id, document_id, chunks)
         rows = self._rows(chunks)
         delete = sql.SQL("DELETE FROM {t} WHERE tenant_id = %s AND document_id = %s").format(
             t=self._table
@@ -414,7 +401,7 @@ class PostgresMemoryStore:
         top_k: int,
         conversation_id: str = "",
     ) -> list[ChunkHit]:
-        _require_tenant(tenant_id)
+        require_tenant(tenant_id)
         if top_k < 1:
             raise ValueError(f"top_k must be positive, got {top_k}")
         candidates = max(_MIN_CANDIDATES, top_k * _CANDIDATES_PER_RESULT)
@@ -465,7 +452,7 @@ class PostgresMemoryStore:
                 return await cur.fetchall()
 
     async def delete(self, tenant_id: str, conversation_id: str = "") -> int:
-        _require_tenant(tenant_id)
+        require_tenant(tenant_id)
         if conversation_id:
             query = sql.SQL("DELETE FROM {t} WHERE tenant_id = %s AND conversation_id = %s")
             params: tuple[str, ...] = (tenant_id, conversation_id)
