@@ -163,6 +163,10 @@ class LlamaEngine:
         n_gpu_layers: layers to offload to a GPU (-1 for all; 0 keeps everything on the CPU).
         seed: sampling seed for generations that do not set one; None means random.
         slots: concurrent generations; each slot holds its own llama context.
+        min_token_interval_s: the least time between two tokens of one generation; 0 (the
+            default) decodes as fast as the model can. A pace for demos and for client tests
+            that need a fast test model to stream at a real model's speed; a cancel still
+            stops the generation at once.
     """
 
     def __init__(
@@ -175,15 +179,19 @@ class LlamaEngine:
         seed: int | None = None,
         slots: int = 1,
         n_batch: int = 512,
+        min_token_interval_s: float = 0.0,
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be >= 1")
+        if min_token_interval_s < 0:
+            raise ValueError("min_token_interval_s must be >= 0")
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.n_gpu_layers = n_gpu_layers
         self.seed = seed
         self.total_slots = slots
+        self.min_token_interval_s = min_token_interval_s
         self._n_batch = n_batch
         self._slots: list[_Slot] = []
         self._free: asyncio.Queue[_Slot] | None = None
@@ -359,12 +367,21 @@ class LlamaEngine:
     def _run(self, slot: _Slot, generation: Generation, loop: asyncio.AbstractEventLoop) -> None:
         """Thread body: decode tokens and hand pieces to the loop until done or cancelled."""
 
+        last_put = 0.0
+
         def put(item: Piece) -> bool:
+            nonlocal last_put
+            if self.min_token_interval_s > 0:
+                # The pace: waiting on the cancel event keeps a cancel immediate.
+                wait_s = last_put + self.min_token_interval_s - time.monotonic()
+                if wait_s > 0 and generation._cancel.wait(wait_s):
+                    return False
             # Wait for room without involving the loop, so a busy loop does not slow decoding.
             while not generation._room.acquire(timeout=_PUT_POLL_S):
                 if generation.cancelled:
                     return False
             loop.call_soon_threadsafe(generation._queue.put_nowait, item)
+            last_put = time.monotonic()
             return True
 
         try:

@@ -215,6 +215,7 @@ async def serve(settings: AgentSettings) -> None:
         n_gpu_layers=settings.gpu_layers,
         seed=settings.seed,
         slots=settings.slots,
+        min_token_interval_s=settings.min_token_interval_ms / 1000,
     )
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(engine)

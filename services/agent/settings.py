@@ -50,6 +50,9 @@ class AgentSettings:
             (``MESH_AGENT_WORKER``).
         max_waiting: direct Generate calls that may wait for a slot before
             RESOURCE_EXHAUSTED (``MESH_AGENT_MAX_WAITING``).
+        min_token_interval_ms: the least time between two tokens of a turn, 0 for none
+            (``MESH_AGENT_MIN_TOKEN_INTERVAL_MS``): paces a fast model like a slower one, for
+            demos and client tests; cancels stay immediate.
         log: the shared log settings (``MESH_LOG_*``).
     """
 
@@ -78,6 +81,7 @@ class AgentSettings:
     worker: bool = True
     max_waiting: int = 16
     prompt_log: Path | None = None
+    min_token_interval_ms: float = 0.0
     log: LogSettings = field(default_factory=LogSettings)
 
     @classmethod
@@ -117,6 +121,11 @@ class AgentSettings:
         dep_timeout = env.float("DEPENDENCY_TIMEOUT_S", 10.0)
         if dep_timeout <= 0:
             raise SettingsError(f"MESH_AGENT_DEPENDENCY_TIMEOUT_S={dep_timeout} must be > 0")
+        min_interval_ms = env.float("MIN_TOKEN_INTERVAL_MS", 0.0)
+        if not 0.0 <= min_interval_ms <= 10_000.0:
+            raise SettingsError(
+                f"MESH_AGENT_MIN_TOKEN_INTERVAL_MS={min_interval_ms} must be in [0, 10000]"
+            )
         agent_id = env.str("ID", "") or f"{socket.gethostname()}-{os.getpid()}"
         return cls(
             model_path=model_path,
@@ -144,6 +153,7 @@ class AgentSettings:
             worker=env.bool("WORKER", True),
             max_waiting=env.int("MAX_WAITING", 16, minimum=0),
             prompt_log=Path(p) if (p := env.str("PROMPT_LOG", "")) else None,
+            min_token_interval_ms=min_interval_ms,
             log=LogSettings.from_env(env_map),
         )
 

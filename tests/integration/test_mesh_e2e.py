@@ -351,7 +351,7 @@ def test_malformed_frame_order_on_chat_stream(running_mesh: RunningMesh, stub: o
         assert frame.error.status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
         assert error_reason(frame.error.status) == "NO_ACTIVE_TURN"
         # The stream stays usable: a start, then a second start while the first runs.
-        session.send(gateway_pb2.ChatRequest(start=start_request("one", max_tokens=200)))
+        session.send(gateway_pb2.ChatRequest(start=start_request("one", max_tokens=50)))
         session.send(gateway_pb2.ChatRequest(start=start_request("two", max_tokens=2)))
         result, errors = TurnResult(), []
         while result.finished is None:

@@ -153,5 +153,6 @@ async def test_ts_client_cancels_through_envoy(
     assert finished[0]["finish_reason"] == "FINISH_REASON_CANCELLED", finished
     tokens = tokens_of(events)
     assert_contiguous(tokens, 1)
-    assert len(tokens) < planned
+    # Generation stops at its next token once the cancel lands; 1 s of slack for the round trip.
+    assert len(tokens) < 2 + round(1.0 / chat_backend.token_interval_s), len(tokens)
     assert finished[0]["last_seq"] == len(tokens)

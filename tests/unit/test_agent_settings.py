@@ -56,6 +56,7 @@ def test_everything_from_the_environment(model_file: Path, tmp_path: Path) -> No
             "MESH_PERSISTER_ADDR": "10.0.0.2:2",
             "MESH_LOG_PATH": str(tmp_path / "log.sqlite3"),
             "MESH_LOG_PARTITIONS": "2",
+            "MESH_AGENT_MIN_TOKEN_INTERVAL_MS": "25",
         }
     )
     assert settings.host == "0.0.0.0" and settings.port == 0
@@ -74,6 +75,7 @@ def test_everything_from_the_environment(model_file: Path, tmp_path: Path) -> No
     assert settings.persister_addr == "10.0.0.2:2"
     assert settings.log.path == tmp_path / "log.sqlite3"
     assert settings.log.partitions == 2
+    assert settings.min_token_interval_ms == 25.0
 
 
 def test_empty_dependency_address_disables_it(model_file: Path) -> None:
@@ -108,6 +110,8 @@ def test_missing_model_file_is_named(tmp_path: Path) -> None:
         ("MESH_AGENT_WORKER", "maybe"),
         ("MESH_AGENT_DEFAULT_MAX_TOKENS", "5000"),
         ("MESH_AGENT_THREADS", "0"),
+        ("MESH_AGENT_MIN_TOKEN_INTERVAL_MS", "-5"),
+        ("MESH_AGENT_MIN_TOKEN_INTERVAL_MS", "20000"),
     ],
 )
 def test_bad_values_name_the_variable(model_file: Path, name: str, value: str) -> None:

@@ -198,3 +198,35 @@ async def test_missing_model_file_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(EngineError, match="does not exist"):
         await LlamaEngine(tmp_path / "nope.gguf").start()
+
+
+async def test_pace_spaces_tokens_and_a_cancel_still_stops_at_once(tiny_model: Path) -> None:
+    """``min_token_interval_s`` slows a fast model to a pace; cancelling does not wait for it."""
+    interval = 0.05
+    async with LlamaEngine(
+        tiny_model, n_ctx=512, n_threads=1, min_token_interval_s=interval
+    ) as paced:
+        arrivals: list[float] = []
+        loop = asyncio.get_running_loop()
+        async with paced.generate(PROMPT, SamplingOptions(max_tokens=6, seed=2)) as generation:
+            async for _ in generation:
+                arrivals.append(loop.time())
+        assert generation.finish_reason is FinishReason.LENGTH
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+        assert len(gaps) == 5
+        assert min(gaps) >= interval * 0.9, gaps
+
+        slow = 2.0  # a pace far longer than any cancel may take
+        paced.min_token_interval_s = slow
+        async with paced.generate(PROMPT, SamplingOptions(max_tokens=50, seed=2)) as generation:
+            await anext(generation)
+            cancelled_at = loop.time()
+            generation.cancel()
+        # Leaving the block waited for the thread: it left its pace wait at once.
+        assert loop.time() - cancelled_at < slow / 2
+        assert generation.completion_tokens == 1
+
+
+def test_a_negative_pace_is_refused(tiny_model: Path) -> None:
+    with pytest.raises(ValueError, match="min_token_interval_s"):
+        LlamaEngine(tiny_model, min_token_interval_s=-1)
