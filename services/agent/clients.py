@@ -123,18 +123,22 @@ class DependencyClients:
         await self.stop()
 
     async def history(
-        self, tenant_id: str, conversation_id: str, *, exclude_turn_id: str = ""
+        self, tenant_id: str, conversation_id: str, *, for_turn_id: str = ""
     ) -> tuple[list[ChatMessage], bool]:
         """The conversation's messages, oldest first, and whether the read succeeded.
 
         A conversation the persister does not know is a new one: empty history. Messages of
-        ``exclude_turn_id`` (the turn being generated) are left out.
+        ``for_turn_id`` (the turn being generated) are left out, and the read waits only for
+        the records logged before that turn.
         """
         stub = self._persister
         if stub is None:
             return [], False
         request = persister_pb2.GetConversationRequest(
-            tenant_id=tenant_id, conversation_id=conversation_id, consistent=True
+            tenant_id=tenant_id,
+            conversation_id=conversation_id,
+            consistent=True,
+            consistent_before_turn_id=for_turn_id,
         )
 
         async def call() -> persister_pb2.GetConversationResponse:
@@ -154,7 +158,7 @@ class DependencyClients:
             return [], ok
         messages: list[ChatMessage] = []
         for message in response.conversation.messages:
-            if exclude_turn_id and message.turn_id == exclude_turn_id:
+            if for_turn_id and message.turn_id == for_turn_id:
                 continue
             if message.role == conversation_pb2.ROLE_USER:
                 messages.append(ChatMessage(USER, message.text))

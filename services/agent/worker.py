@@ -312,7 +312,7 @@ class TurnWorker:
             # History first: its consistent read waits until the persister has committed (and
             # indexed into memory) every earlier turn, so the recall that follows sees them too.
             history, _ = await self._clients.history(
-                turn.tenant_id, turn.conversation_id, exclude_turn_id=turn.turn_id
+                turn.tenant_id, turn.conversation_id, for_turn_id=turn.turn_id
             )
             passages, _ = await self._clients.recall(
                 turn.tenant_id, turn.user_text, self._recall_top_k

@@ -33,6 +33,7 @@ from typing import Protocol, Self
 from mesh.errors import InvalidArgument, NotFound, Unavailable
 from mesh.generation import FinishReason
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, GroupConsumer, LogError, Record
+from mesh.turn_ids import TurnRef
 from services.persister import metrics
 
 log = logging.getLogger(__name__)
@@ -711,11 +712,15 @@ class Persister:
 
     # -- the flush barrier --------------------------------------------------------------------
 
-    async def _snapshot(self) -> dict[tuple[str, int], int]:
+    async def _snapshot(self, before: TurnRef | None) -> dict[tuple[str, int], int]:
+        """End offsets to wait for; on ``before``'s partition, only the records before it."""
         targets: dict[tuple[str, int], int] = {}
         for topic, count in self._topic_partitions.items():
             for partition in range(count):
                 end = await self._log.end_offset(topic, partition)
+                if before is not None and partition == before.partition:
+                    start = before.request_start if topic == TURN_REQUESTS else before.events_start
+                    end = min(end, start)
                 if end > 0:
                     targets[(topic, partition)] = end
         return targets
@@ -732,8 +737,14 @@ class Persister:
                 return False
         return True
 
-    async def barrier(self, timeout_s: float | None = None) -> int:
+    async def barrier(
+        self, timeout_s: float | None = None, *, before: TurnRef | None = None
+    ) -> int:
         """Wait until every record on the logs now is committed; return rows written meanwhile.
+
+        With ``before``, the turn's own partition needs only the records logged before that
+        turn: an agent reading history for the turn it is about to generate must not wait for
+        the persister to write the turn's own request (a batch linger on every first token).
 
         Raises ``Unavailable`` when that takes longer than the timeout (the database or the
         memory service is down, or the persister is far behind).
@@ -744,7 +755,7 @@ class Persister:
         started = time.perf_counter()
         rows_before = self._rows_written
         try:
-            targets = await self._snapshot()
+            targets = await self._snapshot(before)
         except LogError as error:
             raise Unavailable(
                 f"the log is unavailable: {error}", reason="LOG_UNAVAILABLE", retry_after_s=1.0
@@ -796,12 +807,18 @@ class Persister:
     # -- reads --------------------------------------------------------------------------------
 
     async def get_conversation(
-        self, tenant_id: str, conversation_id: str, *, consistent: bool = False
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        *,
+        consistent: bool = False,
+        before: TurnRef | None = None,
     ) -> Conversation:
+        """The conversation; ``consistent`` first waits for the log (``before``: see barrier)."""
         _require(tenant_id, "tenant_id")
         _require(conversation_id, "conversation_id")
-        if consistent:
-            await self.barrier()
+        if consistent or before is not None:
+            await self.barrier(before=before)
         found = await self._store.get_conversation(tenant_id, conversation_id)
         if found is None:
             raise _not_found(conversation_id)

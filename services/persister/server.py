@@ -14,6 +14,7 @@ from grpc import aio
 from grpc_health.v1 import health
 
 from mesh.server import add_health_and_reflection, bind, new_server
+from mesh.turn_ids import parse_turn_id
 from services.persister.core import Conversation, Message, Persister
 from services.persister.settings import PersisterSettings
 
@@ -74,8 +75,16 @@ class PersisterServicer(persister_service_pb2_grpc.PersisterServiceServicer):
     async def GetConversation(
         self, request: persister_pb2.GetConversationRequest, context: Context
     ) -> persister_pb2.GetConversationResponse:
+        before = (
+            parse_turn_id(request.consistent_before_turn_id, field="consistent_before_turn_id")
+            if request.consistent_before_turn_id
+            else None
+        )
         conversation = await self._persister.get_conversation(
-            request.tenant_id, request.conversation_id, consistent=request.consistent
+            request.tenant_id,
+            request.conversation_id,
+            consistent=request.consistent,
+            before=before,
         )
         return persister_pb2.GetConversationResponse(conversation=_conversation(conversation))
 

@@ -589,6 +589,15 @@ async def test_bad_inputs_are_invalid_argument(pg_dsn: str, log: EmbeddedLog) ->
                 "CONVERSATION_ID_MISSING",
             ),
             (
+                run.stub.GetConversation(
+                    persister_pb2.GetConversationRequest(
+                        tenant_id="acme", conversation_id="c", consistent_before_turn_id="t1"
+                    ),
+                    timeout=5,
+                ),
+                "TURN_ID_MALFORMED",
+            ),
+            (
                 run.stub.ListConversations(persister_pb2.ListConversationsRequest(), timeout=5),
                 "TENANT_ID_MISSING",
             ),

@@ -11,6 +11,7 @@ import pytest
 
 from mesh.errors import InvalidArgument, NotFound, Unavailable
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, Record
+from mesh.turn_ids import TurnRef
 from services.persister import codec
 from services.persister.core import (
     BatchPlan,
@@ -343,6 +344,28 @@ async def test_barrier_waits_for_records_appended_before_it(rig: Rig) -> None:
         rows = await asyncio.wait_for(persister.barrier(), 2)
         assert rows == 3
         assert ("t1", 2) in rig.store.messages
+
+
+async def test_barrier_before_a_turn_does_not_wait_for_that_turn(rig: Rig) -> None:
+    rig.turn("t1", "hi", ["x"])  # an earlier turn: request 0, events 0-1 on partition 0
+    async with rig.persister(barrier_timeout_s=0.3) as persister:
+        await asyncio.wait_for(persister.barrier(), 5)
+        rig.store.gate = asyncio.Event()  # from now on nothing gets written
+        rig.log.add(rig.make.request("t2", "next"))
+        t2 = TurnRef(partition=0, request_start=1, events_start=2, nonce="0" * 16)
+        # The agent about to generate t2 reads history consistent up to t2, at once.
+        assert await asyncio.wait_for(persister.barrier(before=t2), 1) == 0
+        conversation = await persister.get_conversation("a", "c1", before=t2)
+        assert [m.text for m in conversation.messages] == ["hi", "x"]
+        # A plain consistent read still needs t2's request, which cannot be written now.
+        with pytest.raises(Unavailable):
+            await persister.get_conversation("a", "c1", consistent=True)
+        # A later turn's read does wait for t2, which was logged before it.
+        t3 = TurnRef(partition=0, request_start=2, events_start=2, nonce="1" * 16)
+        with pytest.raises(Unavailable):
+            await persister.barrier(before=t3)
+        rig.store.gate.set()
+        await asyncio.wait_for(persister.barrier(before=t3), 5)
 
 
 async def test_barrier_times_out_with_unavailable(rig: Rig) -> None:

@@ -30,9 +30,13 @@ type GetConversationRequest struct {
 	// The conversation.
 	ConversationId string `protobuf:"bytes,2,opt,name=conversation_id,json=conversationId,proto3" json:"conversation_id,omitempty"`
 	// When true, first wait until every event already on the log is committed (read-your-writes).
-	Consistent    bool `protobuf:"varint,3,opt,name=consistent,proto3" json:"consistent,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Consistent bool `protobuf:"varint,3,opt,name=consistent,proto3" json:"consistent,omitempty"`
+	// A consistent read for generating this turn: like consistent, except that on the turn's own
+	// partition it waits only for the records logged before the turn (the id says where those
+	// end), not for the turn's own request. Setting it implies consistent.
+	ConsistentBeforeTurnId string `protobuf:"bytes,4,opt,name=consistent_before_turn_id,json=consistentBeforeTurnId,proto3" json:"consistent_before_turn_id,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *GetConversationRequest) Reset() {
@@ -84,6 +88,13 @@ func (x *GetConversationRequest) GetConsistent() bool {
 		return x.Consistent
 	}
 	return false
+}
+
+func (x *GetConversationRequest) GetConsistentBeforeTurnId() string {
+	if x != nil {
+		return x.ConsistentBeforeTurnId
+	}
+	return ""
 }
 
 // GetConversationResponse holds the conversation.
@@ -567,13 +578,14 @@ var File_chat_persister_v1_persister_proto protoreflect.FileDescriptor
 
 const file_chat_persister_v1_persister_proto_rawDesc = "" +
 	"\n" +
-	"!chat/persister/v1/persister.proto\x12\x11chat.persister.v1\x1a!chat/common/v1/conversation.proto\"~\n" +
+	"!chat/persister/v1/persister.proto\x12\x11chat.persister.v1\x1a!chat/common/v1/conversation.proto\"\xb9\x01\n" +
 	"\x16GetConversationRequest\x12\x1b\n" +
 	"\ttenant_id\x18\x01 \x01(\tR\btenantId\x12'\n" +
 	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x1e\n" +
 	"\n" +
 	"consistent\x18\x03 \x01(\bR\n" +
-	"consistent\"[\n" +
+	"consistent\x129\n" +
+	"\x19consistent_before_turn_id\x18\x04 \x01(\tR\x16consistentBeforeTurnId\"[\n" +
 	"\x17GetConversationResponse\x12@\n" +
 	"\fconversation\x18\x01 \x01(\v2\x1c.chat.common.v1.ConversationR\fconversation\"s\n" +
 	"\x18ListConversationsRequest\x12\x1b\n" +
