@@ -453,14 +453,18 @@ def _stub(channel: grpc.Channel) -> Any:
 def resume(
     stub: Any, *, api_key: str, turn_id: str, after_seq: int, out: TextIO, err: TextIO
 ) -> int:
+    # A replay of a finished turn is all on the log: coalesced, it comes in a few frames.
     responses = stub.ResumeTurn(
-        gateway_pb2.ResumeTurnRequest(turn_id=turn_id, after_seq=after_seq),
+        gateway_pb2.ResumeTurnRequest(turn_id=turn_id, after_seq=after_seq, coalesce_tokens=True),
         metadata=((API_KEY_HEADER, api_key),),
     )
     for response in responses:
         kind = response.WhichOneof("frame")
         if kind == "token":
             out.write(response.token.text)
+            out.flush()
+        elif kind == "token_run":
+            out.write("".join(response.token_run.texts))
             out.flush()
         elif kind == "accepted" and response.accepted.queue_position > 0:
             err.write(f"[queued: {response.accepted.queue_position} ahead]\n")

@@ -48,6 +48,7 @@ from services.gateway.model import (
     StartRequest,
     Timings,
     TokenOut,
+    TokenRunOut,
     TurnError,
     TurnEventView,
     TurnInfo,
@@ -69,6 +70,8 @@ MAX_CREDIT = 2**31 - 1
 MAX_EARLY_TOKENS = 4096
 # Events moved from a subscription to a stream per step: large enough to coalesce bursts.
 TAKE_BATCH = 1024
+# Most tokens in one TokenRun frame, which keeps a replayed turn's frames small.
+MAX_TOKENS_PER_RUN = 256
 UNLIMITED = MAX_CREDIT
 # Chat frames read ahead of the session; beyond that, gRPC flow control pushes back on the client.
 CONTROL_QUEUE = 64
@@ -295,8 +298,10 @@ class TurnStream:
         position: int,
         owner: bool,
         accepted_at: float | None = None,
+        coalesce: bool = False,
     ) -> None:
         self.info = info
+        self.coalesce = coalesce
         self.sub = sub
         self.last_seq = after_seq
         self.owner = owner
@@ -409,7 +414,15 @@ class TurnStream:
             self._gaps.append(now - self._last_token_at)
         self._last_token_at = now
         self.last_seq = event.seq
-        out.append(TokenOut(self.info.turn_id, event.seq, event.text))
+        if not self.coalesce:
+            out.append(TokenOut(self.info.turn_id, event.seq, event.text))
+            return
+        # Tokens drained together leave together; drain never waits for more to arrive.
+        run = out[-1] if out else None
+        if type(run) is TokenRunOut and len(run.texts) < MAX_TOKENS_PER_RUN:
+            run.texts.append(event.text)
+        else:
+            out.append(TokenRunOut(self.info.turn_id, event.seq, [event.text]))
 
     def _on_started(self, out: list[Output]) -> None:
         self.started = True
@@ -605,7 +618,9 @@ class GatewayCore:
             if earlier is not None:
                 info = await asyncio.shield(earlier)
                 if info is not None:
-                    return await self._attach(info, after_seq=0, notify=notify)
+                    return await self._attach(
+                        info, after_seq=0, notify=notify, coalesce=request.coalesce_tokens
+                    )
         self.limiter.acquire(principal)
         conversation_id = request.conversation_id
         if not conversation_id:
@@ -724,6 +739,7 @@ class GatewayCore:
             position=position,
             owner=True,
             accepted_at=accepted_at,
+            coalesce=request.coalesce_tokens,
         )
 
     # -- resume and cancel ---------------------------------------------------------------------
@@ -780,6 +796,7 @@ class GatewayCore:
         after_seq: int,
         *,
         notify: asyncio.Event | None = None,
+        coalesce: bool = False,
     ) -> TurnStream:
         """Attach to a turn of the tenant: history after ``after_seq`` from the log, then live."""
         if after_seq < 0:
@@ -787,10 +804,10 @@ class GatewayCore:
                 f"after_seq={after_seq} must be >= 0", reason="AFTER_SEQ_INVALID", field="after_seq"
             )
         info = await self.find_turn(principal, turn_id)
-        return await self._attach(info, after_seq=after_seq, notify=notify)
+        return await self._attach(info, after_seq=after_seq, notify=notify, coalesce=coalesce)
 
     async def _attach(
-        self, info: TurnInfo, *, after_seq: int, notify: asyncio.Event | None
+        self, info: TurnInfo, *, after_seq: int, notify: asyncio.Event | None, coalesce: bool
     ) -> TurnStream:
         sub = self.hub.subscribe(info.turn_id, info.partition, info.events_start, notify)
         try:
@@ -805,6 +822,7 @@ class GatewayCore:
             after_seq=after_seq,
             position=position,
             owner=False,
+            coalesce=coalesce,
         )
 
     async def cancel_turn(self, principal: Principal, turn_id: str) -> str:
@@ -1006,7 +1024,11 @@ class ChatSession:
                 new = await core.start_turn(principal, frame.start, notify=self._wake)
             else:
                 new = await core.resume_turn(
-                    principal, frame.turn_id, frame.after_seq, notify=self._wake
+                    principal,
+                    frame.turn_id,
+                    frame.after_seq,
+                    notify=self._wake,
+                    coalesce=frame.coalesce_tokens,
                 )
             self._turn = new
             self._had_turn = True

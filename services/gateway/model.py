@@ -15,6 +15,8 @@ class StartRequest:
     text: str
     options: GenerationOptions = field(default_factory=GenerationOptions)
     request_id: str = ""
+    # Send the tokens that are ready together as one TokenRun frame.
+    coalesce_tokens: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,15 @@ class TokenOut:
     text: str
 
 
+@dataclass(slots=True)
+class TokenRunOut:
+    """Consecutive tokens for a stream that coalesces: ``texts[i]`` has seq ``first_seq + i``."""
+
+    turn_id: str
+    first_seq: int
+    texts: list[str]
+
+
 @dataclass(frozen=True, slots=True)
 class Finished:
     turn_id: str
@@ -114,7 +125,7 @@ class TurnError:
     turn_id: str
 
 
-Output = Accepted | TokenOut | Finished | FrameError | TurnError
+Output = Accepted | TokenOut | TokenRunOut | Finished | FrameError | TurnError
 
 
 # -- Chat frames coming in -------------------------------------------------------------------------
@@ -134,6 +145,7 @@ class CancelFrame:
 class ResumeFrame:
     turn_id: str
     after_seq: int = 0
+    coalesce_tokens: bool = False
 
 
 @dataclass(frozen=True, slots=True)

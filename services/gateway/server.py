@@ -44,6 +44,7 @@ from services.gateway.model import (
     StartFrame,
     StartRequest,
     TokenOut,
+    TokenRunOut,
     TurnError,
 )
 from services.gateway.persister import PersisterClient
@@ -85,6 +86,7 @@ def start_from_proto(message: gateway_pb2.StartTurn) -> StartRequest:
         text=message.text,
         options=options_from_proto(message.options),
         request_id=message.request_id,
+        coalesce_tokens=message.coalesce_tokens,
     )
 
 
@@ -97,7 +99,9 @@ def frame_from_proto(request: gateway_pb2.ChatRequest) -> Frame:
     if kind == "cancel":
         return CancelFrame(request.cancel.turn_id)
     if kind == "resume":
-        return ResumeFrame(request.resume.turn_id, request.resume.after_seq)
+        return ResumeFrame(
+            request.resume.turn_id, request.resume.after_seq, request.resume.coalesce_tokens
+        )
     return EmptyFrame()
 
 
@@ -137,11 +141,19 @@ def finished_to_proto(output: Finished) -> gateway_pb2.TurnFinished:
     return message
 
 
+def token_run_to_proto(output: TokenRunOut) -> gateway_pb2.TokenRun:
+    return gateway_pb2.TokenRun(
+        turn_id=output.turn_id, first_seq=output.first_seq, texts=output.texts
+    )
+
+
 def chat_response(output: Output) -> gateway_pb2.ChatResponse | None:
     if type(output) is TokenOut:
         return gateway_pb2.ChatResponse(
             token=gateway_pb2.Token(turn_id=output.turn_id, seq=output.seq, text=output.text)
         )
+    if type(output) is TokenRunOut:
+        return gateway_pb2.ChatResponse(token_run=token_run_to_proto(output))
     if isinstance(output, Accepted):
         return gateway_pb2.ChatResponse(accepted=accepted_to_proto(output))
     if isinstance(output, Finished):
@@ -167,6 +179,8 @@ def _stream_frame(output: Output, cls: Any) -> Any:
         return cls(
             token=gateway_pb2.Token(turn_id=output.turn_id, seq=output.seq, text=output.text)
         )
+    if type(output) is TokenRunOut:
+        return cls(token_run=token_run_to_proto(output))
     if isinstance(output, Accepted):
         return cls(accepted=accepted_to_proto(output))
     if isinstance(output, Finished):
@@ -224,7 +238,9 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
     ) -> AsyncIterator[gateway_pb2.ResumeTurnResponse]:
         principal = current_principal()
         with self._core.stream_slot():
-            turn = await self._core.resume_turn(principal, request.turn_id, request.after_seq)
+            turn = await self._core.resume_turn(
+                principal, request.turn_id, request.after_seq, coalesce=request.coalesce_tokens
+            )
             cls = gateway_pb2.ResumeTurnResponse
             try:
                 async for output in self._core.follow(turn):

@@ -63,6 +63,8 @@ class TurnResult:
     tokens: list[gateway_pb2.Token] = field(default_factory=list)
     finished: gateway_pb2.TurnFinished | None = None
     positions: list[int] = field(default_factory=list)
+    # Frames that carried tokens: one per token, fewer when the stream coalesces.
+    token_frames: int = 0
 
     @property
     def text(self) -> str:
@@ -80,6 +82,14 @@ class TurnResult:
             self.positions.append(frame.accepted.queue_position)  # type: ignore[attr-defined]
         elif which == "token":
             self.tokens.append(frame.token)  # type: ignore[attr-defined]
+            self.token_frames += 1
+        elif which == "token_run":
+            run = frame.token_run  # type: ignore[attr-defined]
+            self.tokens.extend(
+                gateway_pb2.Token(turn_id=run.turn_id, seq=run.first_seq + i, text=text)
+                for i, text in enumerate(run.texts)
+            )
+            self.token_frames += 1
         elif which == "finished":
             self.finished = frame.finished  # type: ignore[attr-defined]
 

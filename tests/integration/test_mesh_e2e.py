@@ -176,6 +176,45 @@ def test_dropped_client_resumes_without_gap_or_duplicate(
     assert replay.text == first.text + resumed.text
 
 
+def test_coalescing_streams_carry_the_same_tokens_in_fewer_frames(
+    running_mesh: RunningMesh, stub: object
+) -> None:
+    start = start_request("coalesce me", max_tokens=40, seed=5)
+    start.coalesce_tokens = True
+    live = stream_turn(stub, running_mesh.api_key, start)
+    assert live.finished is not None
+    assert_gap_free(live)
+    assert live.finished.last_seq == len(live.tokens) > 10, live.finished
+    # The finished turn is all on the log: a coalescing replay needs a single frame for it.
+    replay = TurnResult()
+    for frame in stub.ResumeTurn(  # type: ignore[attr-defined]
+        gateway_pb2.ResumeTurnRequest(turn_id=live.turn_id, after_seq=0, coalesce_tokens=True),
+        metadata=auth(running_mesh.api_key),
+        timeout=60,
+    ):
+        assert frame.WhichOneof("frame") != "token", "a coalescing stream got a Token frame"
+        replay.add(frame)
+    assert [(t.seq, t.text) for t in replay.tokens] == [(t.seq, t.text) for t in live.tokens]
+    assert replay.token_frames == 1, replay.token_frames
+    # The same through a Chat stream's resume frame, from the middle.
+    session = ChatSession(stub, running_mesh.api_key)  # type: ignore[arg-type]
+    try:
+        session.send(
+            gateway_pb2.ChatRequest(
+                resume=gateway_pb2.ResumeTurn(
+                    turn_id=live.turn_id, after_seq=10, coalesce_tokens=True
+                )
+            )
+        )
+        tail = TurnResult()
+        while tail.finished is None:
+            tail.add(session.next())
+    finally:
+        session.close()
+    assert [(t.seq, t.text) for t in tail.tokens] == [(t.seq, t.text) for t in live.tokens[10:]]
+    assert tail.token_frames == 1
+
+
 def test_persisted_conversation_equals_stream(running_mesh: RunningMesh, stub: object) -> None:
     result = stream_turn(
         stub, running_mesh.api_key, start_request("persist me", max_tokens=20, seed=11)

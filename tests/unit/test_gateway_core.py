@@ -38,6 +38,7 @@ from services.gateway.model import (
     StartFrame,
     StartRequest,
     TokenOut,
+    TokenRunOut,
     TurnInfo,
 )
 from services.gateway.settings import GatewaySettings
@@ -319,6 +320,61 @@ async def test_resume_of_a_finished_turn_replays_it(core: GatewayCore, log: Embe
     assert [seq for seq, _ in tokens(outputs)] == [1, 2, 3]
 
 
+def runs(outputs: list[Output]) -> list[TokenRunOut]:
+    assert not any(isinstance(o, TokenOut) for o in outputs), "a coalescing stream got a Token"
+    return [o for o in outputs if isinstance(o, TokenRunOut)]
+
+
+def run_tokens(outputs: list[Output]) -> list[tuple[int, str]]:
+    return [
+        (run.first_seq + i, text) for run in runs(outputs) for i, text in enumerate(run.texts)
+    ]
+
+
+async def test_a_coalescing_resume_sends_a_finished_turn_in_few_runs(
+    core: GatewayCore, log: EmbeddedLog
+) -> None:
+    turn = await core.start_turn(ACME, StartRequest("", "hi"))
+    agent = Agent(log, turn)
+    await agent.tokens(range(1, 601))
+    await agent.finished(last_seq=600)
+    await collect(core.follow(turn))
+    resumed = await core.resume_turn(ACME, turn.turn_id, 100, coalesce=True)
+    outputs = await collect(core.follow(resumed))
+    assert run_tokens(outputs) == [(seq, f"{seq} ") for seq in range(101, 601)]
+    # Everything was on the log already: runs are as full as the cap allows.
+    assert len(runs(outputs)) <= 4, [len(r.texts) for r in runs(outputs)]
+    assert max(len(r.texts) for r in runs(outputs)) <= 256
+    assert finished(outputs).last_seq == 600
+
+
+async def test_a_coalescing_start_streams_live_tokens_in_runs(
+    core: GatewayCore, log: EmbeddedLog
+) -> None:
+    turn = await core.start_turn(ACME, StartRequest("", "hello", coalesce_tokens=True))
+    agent = Agent(log, turn)
+    received: list[Output] = []
+
+    async def follow() -> None:
+        async for item in core.follow(turn):
+            received.append(item)
+
+    task = asyncio.create_task(follow())
+    await agent.started()
+    await agent.tokens([1])  # alone: a run of one, sent without waiting for company
+    for _ in range(200):
+        if run_tokens(received):
+            break
+        await asyncio.sleep(0.01)
+    assert run_tokens(received) == [(1, "1 ")]
+    await agent.tokens(range(2, 41))
+    await agent.finished(last_seq=40)
+    await asyncio.wait_for(task, STEP_TIMEOUT_S)
+    assert run_tokens(received) == [(seq, f"{seq} ") for seq in range(1, 41)]
+    assert len(runs(received)) < 40
+    assert finished(received).last_seq == 40
+
+
 async def test_resume_refuses_other_tenants_and_unknown_turns(core: GatewayCore) -> None:
     turn = await core.start_turn(ACME, StartRequest("", "hi"))
     turn.close()
@@ -551,6 +607,35 @@ async def test_chat_credit_window_holds_tokens_back(
         rest = [await chat.next() for _ in range(3)]
         assert [o.seq for o in rest if isinstance(o, TokenOut)] == [9, 10]
         assert isinstance(rest[-1], Finished)
+        await chat.close()
+
+
+async def test_chat_runs_respect_the_credit_window(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    async with GatewayCore(
+        make_settings(tmp_path, initial_window=3), log=log, conversations=conversations
+    ) as core:
+        chat = Frames(core)
+        chat.send(StartFrame(StartRequest("", "hello", coalesce_tokens=True)))
+        accepted = await chat.next()
+        assert isinstance(accepted, Accepted)
+        info = core._known.get(accepted.turn_id)
+        assert info is not None
+        agent = Agent(log, info)
+        await agent.started()
+        await agent.tokens(range(1, 11))
+        await agent.finished(last_seq=10)
+        got: list[Output] = []
+        while sum(len(r.texts) for r in runs(got)) < 3:
+            got.append(await chat.next())
+        assert run_tokens(got) == [(1, "1 "), (2, "2 "), (3, "3 ")]
+        await chat.nothing_for(0.2)
+        chat.send(CreditFrame(100))
+        rest: list[Output] = []
+        while not rest or not isinstance(rest[-1], Finished):
+            rest.append(await chat.next())
+        assert [seq for seq, _ in run_tokens(rest)] == list(range(4, 11))
         await chat.close()
 
 

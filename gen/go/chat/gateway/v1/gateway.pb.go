@@ -33,9 +33,12 @@ type StartTurn struct {
 	// Generation options; unset fields take the agent's defaults.
 	Options *v1.GenerationOptions `protobuf:"bytes,3,opt,name=options,proto3" json:"options,omitempty"`
 	// Idempotency key: a retried start with the same request_id returns the same turn.
-	RequestId     string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	RequestId string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// When true, tokens that are ready together arrive together in TokenRun frames instead of
+	// one Token frame each (fewer messages under load; never waits to fill a frame).
+	CoalesceTokens bool `protobuf:"varint,5,opt,name=coalesce_tokens,json=coalesceTokens,proto3" json:"coalesce_tokens,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *StartTurn) Reset() {
@@ -96,6 +99,13 @@ func (x *StartTurn) GetRequestId() string {
 	return ""
 }
 
+func (x *StartTurn) GetCoalesceTokens() bool {
+	if x != nil {
+		return x.CoalesceTokens
+	}
+	return false
+}
+
 // CancelTurn stops a turn that is queued or generating.
 type CancelTurn struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -148,9 +158,11 @@ type ResumeTurn struct {
 	// The turn to resume.
 	TurnId string `protobuf:"bytes,1,opt,name=turn_id,json=turnId,proto3" json:"turn_id,omitempty"`
 	// Last sequence number the client already has; 0 replays from the start.
-	AfterSeq      int64 `protobuf:"varint,2,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	AfterSeq int64 `protobuf:"varint,2,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
+	// As StartTurn.coalesce_tokens.
+	CoalesceTokens bool `protobuf:"varint,3,opt,name=coalesce_tokens,json=coalesceTokens,proto3" json:"coalesce_tokens,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *ResumeTurn) Reset() {
@@ -195,6 +207,13 @@ func (x *ResumeTurn) GetAfterSeq() int64 {
 		return x.AfterSeq
 	}
 	return 0
+}
+
+func (x *ResumeTurn) GetCoalesceTokens() bool {
+	if x != nil {
+		return x.CoalesceTokens
+	}
+	return false
 }
 
 // FlowCredit grants the server permission to send more tokens on a Chat stream.
@@ -371,6 +390,70 @@ func (x *Token) GetText() string {
 	return ""
 }
 
+// TokenRun is consecutive tokens sent in one frame, for clients that asked to coalesce.
+type TokenRun struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The turn the tokens belong to.
+	TurnId string `protobuf:"bytes,1,opt,name=turn_id,json=turnId,proto3" json:"turn_id,omitempty"`
+	// Sequence number of the first token; the others follow without gaps.
+	FirstSeq int64 `protobuf:"varint,2,opt,name=first_seq,json=firstSeq,proto3" json:"first_seq,omitempty"`
+	// Text of each token, in order: texts[i] has seq first_seq + i.
+	Texts         []string `protobuf:"bytes,3,rep,name=texts,proto3" json:"texts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TokenRun) Reset() {
+	*x = TokenRun{}
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TokenRun) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TokenRun) ProtoMessage() {}
+
+func (x *TokenRun) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TokenRun.ProtoReflect.Descriptor instead.
+func (*TokenRun) Descriptor() ([]byte, []int) {
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *TokenRun) GetTurnId() string {
+	if x != nil {
+		return x.TurnId
+	}
+	return ""
+}
+
+func (x *TokenRun) GetFirstSeq() int64 {
+	if x != nil {
+		return x.FirstSeq
+	}
+	return 0
+}
+
+func (x *TokenRun) GetTexts() []string {
+	if x != nil {
+		return x.Texts
+	}
+	return nil
+}
+
 // TurnFinished ends a turn.
 type TurnFinished struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -390,7 +473,7 @@ type TurnFinished struct {
 
 func (x *TurnFinished) Reset() {
 	*x = TurnFinished{}
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[6]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -402,7 +485,7 @@ func (x *TurnFinished) String() string {
 func (*TurnFinished) ProtoMessage() {}
 
 func (x *TurnFinished) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[6]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -415,7 +498,7 @@ func (x *TurnFinished) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TurnFinished.ProtoReflect.Descriptor instead.
 func (*TurnFinished) Descriptor() ([]byte, []int) {
-	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{6}
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *TurnFinished) GetTurnId() string {
@@ -466,7 +549,7 @@ type ChatError struct {
 
 func (x *ChatError) Reset() {
 	*x = ChatError{}
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[7]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -478,7 +561,7 @@ func (x *ChatError) String() string {
 func (*ChatError) ProtoMessage() {}
 
 func (x *ChatError) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[7]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -491,7 +574,7 @@ func (x *ChatError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatError.ProtoReflect.Descriptor instead.
 func (*ChatError) Descriptor() ([]byte, []int) {
-	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{7}
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ChatError) GetStatus() *status.Status {
@@ -526,7 +609,7 @@ type ChatRequest struct {
 
 func (x *ChatRequest) Reset() {
 	*x = ChatRequest{}
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[8]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -538,7 +621,7 @@ func (x *ChatRequest) String() string {
 func (*ChatRequest) ProtoMessage() {}
 
 func (x *ChatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[8]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -551,7 +634,7 @@ func (x *ChatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatRequest.ProtoReflect.Descriptor instead.
 func (*ChatRequest) Descriptor() ([]byte, []int) {
-	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{8}
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ChatRequest) GetFrame() isChatRequest_Frame {
@@ -640,6 +723,7 @@ type ChatResponse struct {
 	//	*ChatResponse_Token
 	//	*ChatResponse_Finished
 	//	*ChatResponse_Error
+	//	*ChatResponse_TokenRun
 	Frame         isChatResponse_Frame `protobuf_oneof:"frame"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -647,7 +731,7 @@ type ChatResponse struct {
 
 func (x *ChatResponse) Reset() {
 	*x = ChatResponse{}
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[9]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -659,7 +743,7 @@ func (x *ChatResponse) String() string {
 func (*ChatResponse) ProtoMessage() {}
 
 func (x *ChatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[9]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -672,7 +756,7 @@ func (x *ChatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChatResponse.ProtoReflect.Descriptor instead.
 func (*ChatResponse) Descriptor() ([]byte, []int) {
-	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{9}
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ChatResponse) GetFrame() isChatResponse_Frame {
@@ -718,6 +802,15 @@ func (x *ChatResponse) GetError() *ChatError {
 	return nil
 }
 
+func (x *ChatResponse) GetTokenRun() *TokenRun {
+	if x != nil {
+		if x, ok := x.Frame.(*ChatResponse_TokenRun); ok {
+			return x.TokenRun
+		}
+	}
+	return nil
+}
+
 type isChatResponse_Frame interface {
 	isChatResponse_Frame()
 }
@@ -742,6 +835,11 @@ type ChatResponse_Error struct {
 	Error *ChatError `protobuf:"bytes,4,opt,name=error,proto3,oneof"`
 }
 
+type ChatResponse_TokenRun struct {
+	// Tokens generated, several at once (when the turn asked to coalesce).
+	TokenRun *TokenRun `protobuf:"bytes,5,opt,name=token_run,json=tokenRun,proto3,oneof"`
+}
+
 func (*ChatResponse_Accepted) isChatResponse_Frame() {}
 
 func (*ChatResponse_Token) isChatResponse_Frame() {}
@@ -749,6 +847,8 @@ func (*ChatResponse_Token) isChatResponse_Frame() {}
 func (*ChatResponse_Finished) isChatResponse_Frame() {}
 
 func (*ChatResponse_Error) isChatResponse_Frame() {}
+
+func (*ChatResponse_TokenRun) isChatResponse_Frame() {}
 
 // StreamTurnRequest starts a turn and streams its answer (for clients without bidi, e.g. browsers).
 type StreamTurnRequest struct {
@@ -761,7 +861,7 @@ type StreamTurnRequest struct {
 
 func (x *StreamTurnRequest) Reset() {
 	*x = StreamTurnRequest{}
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[10]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -773,7 +873,7 @@ func (x *StreamTurnRequest) String() string {
 func (*StreamTurnRequest) ProtoMessage() {}
 
 func (x *StreamTurnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[10]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -786,7 +886,7 @@ func (x *StreamTurnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamTurnRequest.ProtoReflect.Descriptor instead.
 func (*StreamTurnRequest) Descriptor() ([]byte, []int) {
-	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{10}
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *StreamTurnRequest) GetStart() *StartTurn {
@@ -806,6 +906,7 @@ type StreamTurnResponse struct {
 	//	*StreamTurnResponse_Accepted
 	//	*StreamTurnResponse_Token
 	//	*StreamTurnResponse_Finished
+	//	*StreamTurnResponse_TokenRun
 	Frame         isStreamTurnResponse_Frame `protobuf_oneof:"frame"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -813,7 +914,7 @@ type StreamTurnResponse struct {
 
 func (x *StreamTurnResponse) Reset() {
 	*x = StreamTurnResponse{}
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[11]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -825,7 +926,7 @@ func (x *StreamTurnResponse) String() string {
 func (*StreamTurnResponse) ProtoMessage() {}
 
 func (x *StreamTurnResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[11]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -838,7 +939,7 @@ func (x *StreamTurnResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamTurnResponse.ProtoReflect.Descriptor instead.
 func (*StreamTurnResponse) Descriptor() ([]byte, []int) {
-	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{11}
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *StreamTurnResponse) GetFrame() isStreamTurnResponse_Frame {
@@ -875,6 +976,15 @@ func (x *StreamTurnResponse) GetFinished() *TurnFinished {
 	return nil
 }
 
+func (x *StreamTurnResponse) GetTokenRun() *TokenRun {
+	if x != nil {
+		if x, ok := x.Frame.(*StreamTurnResponse_TokenRun); ok {
+			return x.TokenRun
+		}
+	}
+	return nil
+}
+
 type isStreamTurnResponse_Frame interface {
 	isStreamTurnResponse_Frame()
 }
@@ -894,11 +1004,18 @@ type StreamTurnResponse_Finished struct {
 	Finished *TurnFinished `protobuf:"bytes,3,opt,name=finished,proto3,oneof"`
 }
 
+type StreamTurnResponse_TokenRun struct {
+	// Tokens generated, several at once (when the turn asked to coalesce).
+	TokenRun *TokenRun `protobuf:"bytes,4,opt,name=token_run,json=tokenRun,proto3,oneof"`
+}
+
 func (*StreamTurnResponse_Accepted) isStreamTurnResponse_Frame() {}
 
 func (*StreamTurnResponse_Token) isStreamTurnResponse_Frame() {}
 
 func (*StreamTurnResponse_Finished) isStreamTurnResponse_Frame() {}
+
+func (*StreamTurnResponse_TokenRun) isStreamTurnResponse_Frame() {}
 
 // ResumeTurnRequest re-attaches to a turn from any gateway.
 type ResumeTurnRequest struct {
@@ -906,14 +1023,16 @@ type ResumeTurnRequest struct {
 	// The turn to resume.
 	TurnId string `protobuf:"bytes,1,opt,name=turn_id,json=turnId,proto3" json:"turn_id,omitempty"`
 	// Last sequence number the client already has; 0 replays from the start.
-	AfterSeq      int64 `protobuf:"varint,2,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	AfterSeq int64 `protobuf:"varint,2,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
+	// As StartTurn.coalesce_tokens.
+	CoalesceTokens bool `protobuf:"varint,3,opt,name=coalesce_tokens,json=coalesceTokens,proto3" json:"coalesce_tokens,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *ResumeTurnRequest) Reset() {
 	*x = ResumeTurnRequest{}
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[12]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -925,7 +1044,7 @@ func (x *ResumeTurnRequest) String() string {
 func (*ResumeTurnRequest) ProtoMessage() {}
 
 func (x *ResumeTurnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[12]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -938,7 +1057,7 @@ func (x *ResumeTurnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeTurnRequest.ProtoReflect.Descriptor instead.
 func (*ResumeTurnRequest) Descriptor() ([]byte, []int) {
-	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{12}
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ResumeTurnRequest) GetTurnId() string {
@@ -955,6 +1074,13 @@ func (x *ResumeTurnRequest) GetAfterSeq() int64 {
 	return 0
 }
 
+func (x *ResumeTurnRequest) GetCoalesceTokens() bool {
+	if x != nil {
+		return x.CoalesceTokens
+	}
+	return false
+}
+
 // ResumeTurnResponse is one frame of a resumed turn.
 type ResumeTurnResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -965,6 +1091,7 @@ type ResumeTurnResponse struct {
 	//	*ResumeTurnResponse_Accepted
 	//	*ResumeTurnResponse_Token
 	//	*ResumeTurnResponse_Finished
+	//	*ResumeTurnResponse_TokenRun
 	Frame         isResumeTurnResponse_Frame `protobuf_oneof:"frame"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -972,7 +1099,7 @@ type ResumeTurnResponse struct {
 
 func (x *ResumeTurnResponse) Reset() {
 	*x = ResumeTurnResponse{}
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[13]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -984,7 +1111,7 @@ func (x *ResumeTurnResponse) String() string {
 func (*ResumeTurnResponse) ProtoMessage() {}
 
 func (x *ResumeTurnResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[13]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -997,7 +1124,7 @@ func (x *ResumeTurnResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeTurnResponse.ProtoReflect.Descriptor instead.
 func (*ResumeTurnResponse) Descriptor() ([]byte, []int) {
-	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{13}
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ResumeTurnResponse) GetFrame() isResumeTurnResponse_Frame {
@@ -1034,6 +1161,15 @@ func (x *ResumeTurnResponse) GetFinished() *TurnFinished {
 	return nil
 }
 
+func (x *ResumeTurnResponse) GetTokenRun() *TokenRun {
+	if x != nil {
+		if x, ok := x.Frame.(*ResumeTurnResponse_TokenRun); ok {
+			return x.TokenRun
+		}
+	}
+	return nil
+}
+
 type isResumeTurnResponse_Frame interface {
 	isResumeTurnResponse_Frame()
 }
@@ -1053,11 +1189,18 @@ type ResumeTurnResponse_Finished struct {
 	Finished *TurnFinished `protobuf:"bytes,3,opt,name=finished,proto3,oneof"`
 }
 
+type ResumeTurnResponse_TokenRun struct {
+	// Tokens after after_seq, several at once (when the request asked to coalesce).
+	TokenRun *TokenRun `protobuf:"bytes,4,opt,name=token_run,json=tokenRun,proto3,oneof"`
+}
+
 func (*ResumeTurnResponse_Accepted) isResumeTurnResponse_Frame() {}
 
 func (*ResumeTurnResponse_Token) isResumeTurnResponse_Frame() {}
 
 func (*ResumeTurnResponse_Finished) isResumeTurnResponse_Frame() {}
+
+func (*ResumeTurnResponse_TokenRun) isResumeTurnResponse_Frame() {}
 
 // CancelTurnRequest stops a turn.
 type CancelTurnRequest struct {
@@ -1070,7 +1213,7 @@ type CancelTurnRequest struct {
 
 func (x *CancelTurnRequest) Reset() {
 	*x = CancelTurnRequest{}
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[14]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1082,7 +1225,7 @@ func (x *CancelTurnRequest) String() string {
 func (*CancelTurnRequest) ProtoMessage() {}
 
 func (x *CancelTurnRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[14]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1095,7 +1238,7 @@ func (x *CancelTurnRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTurnRequest.ProtoReflect.Descriptor instead.
 func (*CancelTurnRequest) Descriptor() ([]byte, []int) {
-	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{14}
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CancelTurnRequest) GetTurnId() string {
@@ -1116,7 +1259,7 @@ type CancelTurnResponse struct {
 
 func (x *CancelTurnResponse) Reset() {
 	*x = CancelTurnResponse{}
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[15]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1128,7 +1271,7 @@ func (x *CancelTurnResponse) String() string {
 func (*CancelTurnResponse) ProtoMessage() {}
 
 func (x *CancelTurnResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[15]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1141,7 +1284,7 @@ func (x *CancelTurnResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTurnResponse.ProtoReflect.Descriptor instead.
 func (*CancelTurnResponse) Descriptor() ([]byte, []int) {
-	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{15}
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CancelTurnResponse) GetTurnId() string {
@@ -1162,7 +1305,7 @@ type GetConversationRequest struct {
 
 func (x *GetConversationRequest) Reset() {
 	*x = GetConversationRequest{}
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[16]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1174,7 +1317,7 @@ func (x *GetConversationRequest) String() string {
 func (*GetConversationRequest) ProtoMessage() {}
 
 func (x *GetConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[16]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1187,7 +1330,7 @@ func (x *GetConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetConversationRequest.ProtoReflect.Descriptor instead.
 func (*GetConversationRequest) Descriptor() ([]byte, []int) {
-	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{16}
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GetConversationRequest) GetConversationId() string {
@@ -1208,7 +1351,7 @@ type GetConversationResponse struct {
 
 func (x *GetConversationResponse) Reset() {
 	*x = GetConversationResponse{}
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[17]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1220,7 +1363,7 @@ func (x *GetConversationResponse) String() string {
 func (*GetConversationResponse) ProtoMessage() {}
 
 func (x *GetConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[17]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1233,7 +1376,7 @@ func (x *GetConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetConversationResponse.ProtoReflect.Descriptor instead.
 func (*GetConversationResponse) Descriptor() ([]byte, []int) {
-	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{17}
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GetConversationResponse) GetConversation() *v1.Conversation {
@@ -1256,7 +1399,7 @@ type ListConversationsRequest struct {
 
 func (x *ListConversationsRequest) Reset() {
 	*x = ListConversationsRequest{}
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[18]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1268,7 +1411,7 @@ func (x *ListConversationsRequest) String() string {
 func (*ListConversationsRequest) ProtoMessage() {}
 
 func (x *ListConversationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[18]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1281,7 +1424,7 @@ func (x *ListConversationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListConversationsRequest.ProtoReflect.Descriptor instead.
 func (*ListConversationsRequest) Descriptor() ([]byte, []int) {
-	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{18}
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListConversationsRequest) GetPageSize() int32 {
@@ -1311,7 +1454,7 @@ type ListConversationsResponse struct {
 
 func (x *ListConversationsResponse) Reset() {
 	*x = ListConversationsResponse{}
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[19]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1323,7 +1466,7 @@ func (x *ListConversationsResponse) String() string {
 func (*ListConversationsResponse) ProtoMessage() {}
 
 func (x *ListConversationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[19]
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1336,7 +1479,7 @@ func (x *ListConversationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListConversationsResponse.ProtoReflect.Descriptor instead.
 func (*ListConversationsResponse) Descriptor() ([]byte, []int) {
-	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{19}
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListConversationsResponse) GetConversations() []*v1.Conversation {
@@ -1357,20 +1500,22 @@ var File_chat_gateway_v1_gateway_proto protoreflect.FileDescriptor
 
 const file_chat_gateway_v1_gateway_proto_rawDesc = "" +
 	"\n" +
-	"\x1dchat/gateway/v1/gateway.proto\x12\x0fchat.gateway.v1\x1a\x1bchat/common/v1/common.proto\x1a!chat/common/v1/conversation.proto\x1a\x17google/rpc/status.proto\"\xa4\x01\n" +
+	"\x1dchat/gateway/v1/gateway.proto\x12\x0fchat.gateway.v1\x1a\x1bchat/common/v1/common.proto\x1a!chat/common/v1/conversation.proto\x1a\x17google/rpc/status.proto\"\xcd\x01\n" +
 	"\tStartTurn\x12'\n" +
 	"\x0fconversation_id\x18\x01 \x01(\tR\x0econversationId\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12;\n" +
 	"\aoptions\x18\x03 \x01(\v2!.chat.common.v1.GenerationOptionsR\aoptions\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x04 \x01(\tR\trequestId\"%\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\x12'\n" +
+	"\x0fcoalesce_tokens\x18\x05 \x01(\bR\x0ecoalesceTokens\"%\n" +
 	"\n" +
 	"CancelTurn\x12\x17\n" +
-	"\aturn_id\x18\x01 \x01(\tR\x06turnId\"B\n" +
+	"\aturn_id\x18\x01 \x01(\tR\x06turnId\"k\n" +
 	"\n" +
 	"ResumeTurn\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12\x1b\n" +
-	"\tafter_seq\x18\x02 \x01(\x03R\bafterSeq\"$\n" +
+	"\tafter_seq\x18\x02 \x01(\x03R\bafterSeq\x12'\n" +
+	"\x0fcoalesce_tokens\x18\x03 \x01(\bR\x0ecoalesceTokens\"$\n" +
 	"\n" +
 	"FlowCredit\x12\x16\n" +
 	"\x06tokens\x18\x01 \x01(\x05R\x06tokens\"w\n" +
@@ -1381,7 +1526,11 @@ const file_chat_gateway_v1_gateway_proto_rawDesc = "" +
 	"\x05Token\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x03R\x03seq\x12\x12\n" +
-	"\x04text\x18\x03 \x01(\tR\x04text\"\xee\x01\n" +
+	"\x04text\x18\x03 \x01(\tR\x04text\"V\n" +
+	"\bTokenRun\x12\x17\n" +
+	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12\x1b\n" +
+	"\tfirst_seq\x18\x02 \x01(\x03R\bfirstSeq\x12\x14\n" +
+	"\x05texts\x18\x03 \x03(\tR\x05texts\"\xee\x01\n" +
 	"\fTurnFinished\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12A\n" +
 	"\rfinish_reason\x18\x02 \x01(\x0e2\x1c.chat.common.v1.FinishReasonR\ffinishReason\x120\n" +
@@ -1396,27 +1545,31 @@ const file_chat_gateway_v1_gateway_proto_rawDesc = "" +
 	"\x06cancel\x18\x02 \x01(\v2\x1b.chat.gateway.v1.CancelTurnH\x00R\x06cancel\x125\n" +
 	"\x06resume\x18\x03 \x01(\v2\x1b.chat.gateway.v1.ResumeTurnH\x00R\x06resume\x125\n" +
 	"\x06credit\x18\x04 \x01(\v2\x1b.chat.gateway.v1.FlowCreditH\x00R\x06creditB\a\n" +
-	"\x05frame\"\xf5\x01\n" +
+	"\x05frame\"\xaf\x02\n" +
 	"\fChatResponse\x12;\n" +
 	"\baccepted\x18\x01 \x01(\v2\x1d.chat.gateway.v1.TurnAcceptedH\x00R\baccepted\x12.\n" +
 	"\x05token\x18\x02 \x01(\v2\x16.chat.gateway.v1.TokenH\x00R\x05token\x12;\n" +
 	"\bfinished\x18\x03 \x01(\v2\x1d.chat.gateway.v1.TurnFinishedH\x00R\bfinished\x122\n" +
-	"\x05error\x18\x04 \x01(\v2\x1a.chat.gateway.v1.ChatErrorH\x00R\x05errorB\a\n" +
+	"\x05error\x18\x04 \x01(\v2\x1a.chat.gateway.v1.ChatErrorH\x00R\x05error\x128\n" +
+	"\ttoken_run\x18\x05 \x01(\v2\x19.chat.gateway.v1.TokenRunH\x00R\btokenRunB\a\n" +
 	"\x05frame\"E\n" +
 	"\x11StreamTurnRequest\x120\n" +
-	"\x05start\x18\x01 \x01(\v2\x1a.chat.gateway.v1.StartTurnR\x05start\"\xc7\x01\n" +
+	"\x05start\x18\x01 \x01(\v2\x1a.chat.gateway.v1.StartTurnR\x05start\"\x81\x02\n" +
 	"\x12StreamTurnResponse\x12;\n" +
 	"\baccepted\x18\x01 \x01(\v2\x1d.chat.gateway.v1.TurnAcceptedH\x00R\baccepted\x12.\n" +
 	"\x05token\x18\x02 \x01(\v2\x16.chat.gateway.v1.TokenH\x00R\x05token\x12;\n" +
-	"\bfinished\x18\x03 \x01(\v2\x1d.chat.gateway.v1.TurnFinishedH\x00R\bfinishedB\a\n" +
-	"\x05frame\"I\n" +
+	"\bfinished\x18\x03 \x01(\v2\x1d.chat.gateway.v1.TurnFinishedH\x00R\bfinished\x128\n" +
+	"\ttoken_run\x18\x04 \x01(\v2\x19.chat.gateway.v1.TokenRunH\x00R\btokenRunB\a\n" +
+	"\x05frame\"r\n" +
 	"\x11ResumeTurnRequest\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12\x1b\n" +
-	"\tafter_seq\x18\x02 \x01(\x03R\bafterSeq\"\xc7\x01\n" +
+	"\tafter_seq\x18\x02 \x01(\x03R\bafterSeq\x12'\n" +
+	"\x0fcoalesce_tokens\x18\x03 \x01(\bR\x0ecoalesceTokens\"\x81\x02\n" +
 	"\x12ResumeTurnResponse\x12;\n" +
 	"\baccepted\x18\x01 \x01(\v2\x1d.chat.gateway.v1.TurnAcceptedH\x00R\baccepted\x12.\n" +
 	"\x05token\x18\x02 \x01(\v2\x16.chat.gateway.v1.TokenH\x00R\x05token\x12;\n" +
-	"\bfinished\x18\x03 \x01(\v2\x1d.chat.gateway.v1.TurnFinishedH\x00R\bfinishedB\a\n" +
+	"\bfinished\x18\x03 \x01(\v2\x1d.chat.gateway.v1.TurnFinishedH\x00R\bfinished\x128\n" +
+	"\ttoken_run\x18\x04 \x01(\v2\x19.chat.gateway.v1.TokenRunH\x00R\btokenRunB\a\n" +
 	"\x05frame\",\n" +
 	"\x11CancelTurnRequest\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\"-\n" +
@@ -1447,7 +1600,7 @@ func file_chat_gateway_v1_gateway_proto_rawDescGZIP() []byte {
 	return file_chat_gateway_v1_gateway_proto_rawDescData
 }
 
-var file_chat_gateway_v1_gateway_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_chat_gateway_v1_gateway_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_chat_gateway_v1_gateway_proto_goTypes = []any{
 	(*StartTurn)(nil),                 // 0: chat.gateway.v1.StartTurn
 	(*CancelTurn)(nil),                // 1: chat.gateway.v1.CancelTurn
@@ -1455,55 +1608,59 @@ var file_chat_gateway_v1_gateway_proto_goTypes = []any{
 	(*FlowCredit)(nil),                // 3: chat.gateway.v1.FlowCredit
 	(*TurnAccepted)(nil),              // 4: chat.gateway.v1.TurnAccepted
 	(*Token)(nil),                     // 5: chat.gateway.v1.Token
-	(*TurnFinished)(nil),              // 6: chat.gateway.v1.TurnFinished
-	(*ChatError)(nil),                 // 7: chat.gateway.v1.ChatError
-	(*ChatRequest)(nil),               // 8: chat.gateway.v1.ChatRequest
-	(*ChatResponse)(nil),              // 9: chat.gateway.v1.ChatResponse
-	(*StreamTurnRequest)(nil),         // 10: chat.gateway.v1.StreamTurnRequest
-	(*StreamTurnResponse)(nil),        // 11: chat.gateway.v1.StreamTurnResponse
-	(*ResumeTurnRequest)(nil),         // 12: chat.gateway.v1.ResumeTurnRequest
-	(*ResumeTurnResponse)(nil),        // 13: chat.gateway.v1.ResumeTurnResponse
-	(*CancelTurnRequest)(nil),         // 14: chat.gateway.v1.CancelTurnRequest
-	(*CancelTurnResponse)(nil),        // 15: chat.gateway.v1.CancelTurnResponse
-	(*GetConversationRequest)(nil),    // 16: chat.gateway.v1.GetConversationRequest
-	(*GetConversationResponse)(nil),   // 17: chat.gateway.v1.GetConversationResponse
-	(*ListConversationsRequest)(nil),  // 18: chat.gateway.v1.ListConversationsRequest
-	(*ListConversationsResponse)(nil), // 19: chat.gateway.v1.ListConversationsResponse
-	(*v1.GenerationOptions)(nil),      // 20: chat.common.v1.GenerationOptions
-	(v1.FinishReason)(0),              // 21: chat.common.v1.FinishReason
-	(*v1.TokenUsage)(nil),             // 22: chat.common.v1.TokenUsage
-	(*v1.TurnTimings)(nil),            // 23: chat.common.v1.TurnTimings
-	(*status.Status)(nil),             // 24: google.rpc.Status
-	(*v1.Conversation)(nil),           // 25: chat.common.v1.Conversation
+	(*TokenRun)(nil),                  // 6: chat.gateway.v1.TokenRun
+	(*TurnFinished)(nil),              // 7: chat.gateway.v1.TurnFinished
+	(*ChatError)(nil),                 // 8: chat.gateway.v1.ChatError
+	(*ChatRequest)(nil),               // 9: chat.gateway.v1.ChatRequest
+	(*ChatResponse)(nil),              // 10: chat.gateway.v1.ChatResponse
+	(*StreamTurnRequest)(nil),         // 11: chat.gateway.v1.StreamTurnRequest
+	(*StreamTurnResponse)(nil),        // 12: chat.gateway.v1.StreamTurnResponse
+	(*ResumeTurnRequest)(nil),         // 13: chat.gateway.v1.ResumeTurnRequest
+	(*ResumeTurnResponse)(nil),        // 14: chat.gateway.v1.ResumeTurnResponse
+	(*CancelTurnRequest)(nil),         // 15: chat.gateway.v1.CancelTurnRequest
+	(*CancelTurnResponse)(nil),        // 16: chat.gateway.v1.CancelTurnResponse
+	(*GetConversationRequest)(nil),    // 17: chat.gateway.v1.GetConversationRequest
+	(*GetConversationResponse)(nil),   // 18: chat.gateway.v1.GetConversationResponse
+	(*ListConversationsRequest)(nil),  // 19: chat.gateway.v1.ListConversationsRequest
+	(*ListConversationsResponse)(nil), // 20: chat.gateway.v1.ListConversationsResponse
+	(*v1.GenerationOptions)(nil),      // 21: chat.common.v1.GenerationOptions
+	(v1.FinishReason)(0),              // 22: chat.common.v1.FinishReason
+	(*v1.TokenUsage)(nil),             // 23: chat.common.v1.TokenUsage
+	(*v1.TurnTimings)(nil),            // 24: chat.common.v1.TurnTimings
+	(*status.Status)(nil),             // 25: google.rpc.Status
+	(*v1.Conversation)(nil),           // 26: chat.common.v1.Conversation
 }
 var file_chat_gateway_v1_gateway_proto_depIdxs = []int32{
-	20, // 0: chat.gateway.v1.StartTurn.options:type_name -> chat.common.v1.GenerationOptions
-	21, // 1: chat.gateway.v1.TurnFinished.finish_reason:type_name -> chat.common.v1.FinishReason
-	22, // 2: chat.gateway.v1.TurnFinished.usage:type_name -> chat.common.v1.TokenUsage
-	23, // 3: chat.gateway.v1.TurnFinished.timings:type_name -> chat.common.v1.TurnTimings
-	24, // 4: chat.gateway.v1.ChatError.status:type_name -> google.rpc.Status
+	21, // 0: chat.gateway.v1.StartTurn.options:type_name -> chat.common.v1.GenerationOptions
+	22, // 1: chat.gateway.v1.TurnFinished.finish_reason:type_name -> chat.common.v1.FinishReason
+	23, // 2: chat.gateway.v1.TurnFinished.usage:type_name -> chat.common.v1.TokenUsage
+	24, // 3: chat.gateway.v1.TurnFinished.timings:type_name -> chat.common.v1.TurnTimings
+	25, // 4: chat.gateway.v1.ChatError.status:type_name -> google.rpc.Status
 	0,  // 5: chat.gateway.v1.ChatRequest.start:type_name -> chat.gateway.v1.StartTurn
 	1,  // 6: chat.gateway.v1.ChatRequest.cancel:type_name -> chat.gateway.v1.CancelTurn
 	2,  // 7: chat.gateway.v1.ChatRequest.resume:type_name -> chat.gateway.v1.ResumeTurn
 	3,  // 8: chat.gateway.v1.ChatRequest.credit:type_name -> chat.gateway.v1.FlowCredit
 	4,  // 9: chat.gateway.v1.ChatResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
 	5,  // 10: chat.gateway.v1.ChatResponse.token:type_name -> chat.gateway.v1.Token
-	6,  // 11: chat.gateway.v1.ChatResponse.finished:type_name -> chat.gateway.v1.TurnFinished
-	7,  // 12: chat.gateway.v1.ChatResponse.error:type_name -> chat.gateway.v1.ChatError
-	0,  // 13: chat.gateway.v1.StreamTurnRequest.start:type_name -> chat.gateway.v1.StartTurn
-	4,  // 14: chat.gateway.v1.StreamTurnResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
-	5,  // 15: chat.gateway.v1.StreamTurnResponse.token:type_name -> chat.gateway.v1.Token
-	6,  // 16: chat.gateway.v1.StreamTurnResponse.finished:type_name -> chat.gateway.v1.TurnFinished
-	4,  // 17: chat.gateway.v1.ResumeTurnResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
-	5,  // 18: chat.gateway.v1.ResumeTurnResponse.token:type_name -> chat.gateway.v1.Token
-	6,  // 19: chat.gateway.v1.ResumeTurnResponse.finished:type_name -> chat.gateway.v1.TurnFinished
-	25, // 20: chat.gateway.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
-	25, // 21: chat.gateway.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
-	22, // [22:22] is the sub-list for method output_type
-	22, // [22:22] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	7,  // 11: chat.gateway.v1.ChatResponse.finished:type_name -> chat.gateway.v1.TurnFinished
+	8,  // 12: chat.gateway.v1.ChatResponse.error:type_name -> chat.gateway.v1.ChatError
+	6,  // 13: chat.gateway.v1.ChatResponse.token_run:type_name -> chat.gateway.v1.TokenRun
+	0,  // 14: chat.gateway.v1.StreamTurnRequest.start:type_name -> chat.gateway.v1.StartTurn
+	4,  // 15: chat.gateway.v1.StreamTurnResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
+	5,  // 16: chat.gateway.v1.StreamTurnResponse.token:type_name -> chat.gateway.v1.Token
+	7,  // 17: chat.gateway.v1.StreamTurnResponse.finished:type_name -> chat.gateway.v1.TurnFinished
+	6,  // 18: chat.gateway.v1.StreamTurnResponse.token_run:type_name -> chat.gateway.v1.TokenRun
+	4,  // 19: chat.gateway.v1.ResumeTurnResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
+	5,  // 20: chat.gateway.v1.ResumeTurnResponse.token:type_name -> chat.gateway.v1.Token
+	7,  // 21: chat.gateway.v1.ResumeTurnResponse.finished:type_name -> chat.gateway.v1.TurnFinished
+	6,  // 22: chat.gateway.v1.ResumeTurnResponse.token_run:type_name -> chat.gateway.v1.TokenRun
+	26, // 23: chat.gateway.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
+	26, // 24: chat.gateway.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
+	25, // [25:25] is the sub-list for method output_type
+	25, // [25:25] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_chat_gateway_v1_gateway_proto_init() }
@@ -1511,27 +1668,30 @@ func file_chat_gateway_v1_gateway_proto_init() {
 	if File_chat_gateway_v1_gateway_proto != nil {
 		return
 	}
-	file_chat_gateway_v1_gateway_proto_msgTypes[8].OneofWrappers = []any{
+	file_chat_gateway_v1_gateway_proto_msgTypes[9].OneofWrappers = []any{
 		(*ChatRequest_Start)(nil),
 		(*ChatRequest_Cancel)(nil),
 		(*ChatRequest_Resume)(nil),
 		(*ChatRequest_Credit)(nil),
 	}
-	file_chat_gateway_v1_gateway_proto_msgTypes[9].OneofWrappers = []any{
+	file_chat_gateway_v1_gateway_proto_msgTypes[10].OneofWrappers = []any{
 		(*ChatResponse_Accepted)(nil),
 		(*ChatResponse_Token)(nil),
 		(*ChatResponse_Finished)(nil),
 		(*ChatResponse_Error)(nil),
+		(*ChatResponse_TokenRun)(nil),
 	}
-	file_chat_gateway_v1_gateway_proto_msgTypes[11].OneofWrappers = []any{
+	file_chat_gateway_v1_gateway_proto_msgTypes[12].OneofWrappers = []any{
 		(*StreamTurnResponse_Accepted)(nil),
 		(*StreamTurnResponse_Token)(nil),
 		(*StreamTurnResponse_Finished)(nil),
+		(*StreamTurnResponse_TokenRun)(nil),
 	}
-	file_chat_gateway_v1_gateway_proto_msgTypes[13].OneofWrappers = []any{
+	file_chat_gateway_v1_gateway_proto_msgTypes[14].OneofWrappers = []any{
 		(*ResumeTurnResponse_Accepted)(nil),
 		(*ResumeTurnResponse_Token)(nil),
 		(*ResumeTurnResponse_Finished)(nil),
+		(*ResumeTurnResponse_TokenRun)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1539,7 +1699,7 @@ func file_chat_gateway_v1_gateway_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chat_gateway_v1_gateway_proto_rawDesc), len(file_chat_gateway_v1_gateway_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   20,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

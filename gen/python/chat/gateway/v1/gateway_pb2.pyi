@@ -10,16 +10,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartTurn(_message.Message):
-    __slots__ = ("conversation_id", "text", "options", "request_id")
+    __slots__ = ("conversation_id", "text", "options", "request_id", "coalesce_tokens")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    COALESCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     text: str
     options: _common_pb2.GenerationOptions
     request_id: str
-    def __init__(self, conversation_id: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[_common_pb2.GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    coalesce_tokens: bool
+    def __init__(self, conversation_id: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[_common_pb2.GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., coalesce_tokens: _Optional[bool] = ...) -> None: ...
 
 class CancelTurn(_message.Message):
     __slots__ = ("turn_id",)
@@ -28,12 +30,14 @@ class CancelTurn(_message.Message):
     def __init__(self, turn_id: _Optional[str] = ...) -> None: ...
 
 class ResumeTurn(_message.Message):
-    __slots__ = ("turn_id", "after_seq")
+    __slots__ = ("turn_id", "after_seq", "coalesce_tokens")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    COALESCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     after_seq: int
-    def __init__(self, turn_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
+    coalesce_tokens: bool
+    def __init__(self, turn_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., coalesce_tokens: _Optional[bool] = ...) -> None: ...
 
 class FlowCredit(_message.Message):
     __slots__ = ("tokens",)
@@ -60,6 +64,16 @@ class Token(_message.Message):
     seq: int
     text: str
     def __init__(self, turn_id: _Optional[str] = ..., seq: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
+class TokenRun(_message.Message):
+    __slots__ = ("turn_id", "first_seq", "texts")
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    turn_id: str
+    first_seq: int
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, turn_id: _Optional[str] = ..., first_seq: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TurnFinished(_message.Message):
     __slots__ = ("turn_id", "finish_reason", "usage", "timings", "last_seq")
@@ -96,16 +110,18 @@ class ChatRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[StartTurn, _Mapping]] = ..., cancel: _Optional[_Union[CancelTurn, _Mapping]] = ..., resume: _Optional[_Union[ResumeTurn, _Mapping]] = ..., credit: _Optional[_Union[FlowCredit, _Mapping]] = ...) -> None: ...
 
 class ChatResponse(_message.Message):
-    __slots__ = ("accepted", "token", "finished", "error")
+    __slots__ = ("accepted", "token", "finished", "error", "token_run")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_RUN_FIELD_NUMBER: _ClassVar[int]
     accepted: TurnAccepted
     token: Token
     finished: TurnFinished
     error: ChatError
-    def __init__(self, accepted: _Optional[_Union[TurnAccepted, _Mapping]] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., finished: _Optional[_Union[TurnFinished, _Mapping]] = ..., error: _Optional[_Union[ChatError, _Mapping]] = ...) -> None: ...
+    token_run: TokenRun
+    def __init__(self, accepted: _Optional[_Union[TurnAccepted, _Mapping]] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., finished: _Optional[_Union[TurnFinished, _Mapping]] = ..., error: _Optional[_Union[ChatError, _Mapping]] = ..., token_run: _Optional[_Union[TokenRun, _Mapping]] = ...) -> None: ...
 
 class StreamTurnRequest(_message.Message):
     __slots__ = ("start",)
@@ -114,32 +130,38 @@ class StreamTurnRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[StartTurn, _Mapping]] = ...) -> None: ...
 
 class StreamTurnResponse(_message.Message):
-    __slots__ = ("accepted", "token", "finished")
+    __slots__ = ("accepted", "token", "finished", "token_run")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_RUN_FIELD_NUMBER: _ClassVar[int]
     accepted: TurnAccepted
     token: Token
     finished: TurnFinished
-    def __init__(self, accepted: _Optional[_Union[TurnAccepted, _Mapping]] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., finished: _Optional[_Union[TurnFinished, _Mapping]] = ...) -> None: ...
+    token_run: TokenRun
+    def __init__(self, accepted: _Optional[_Union[TurnAccepted, _Mapping]] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., finished: _Optional[_Union[TurnFinished, _Mapping]] = ..., token_run: _Optional[_Union[TokenRun, _Mapping]] = ...) -> None: ...
 
 class ResumeTurnRequest(_message.Message):
-    __slots__ = ("turn_id", "after_seq")
+    __slots__ = ("turn_id", "after_seq", "coalesce_tokens")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    COALESCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     after_seq: int
-    def __init__(self, turn_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
+    coalesce_tokens: bool
+    def __init__(self, turn_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., coalesce_tokens: _Optional[bool] = ...) -> None: ...
 
 class ResumeTurnResponse(_message.Message):
-    __slots__ = ("accepted", "token", "finished")
+    __slots__ = ("accepted", "token", "finished", "token_run")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_RUN_FIELD_NUMBER: _ClassVar[int]
     accepted: TurnAccepted
     token: Token
     finished: TurnFinished
-    def __init__(self, accepted: _Optional[_Union[TurnAccepted, _Mapping]] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., finished: _Optional[_Union[TurnFinished, _Mapping]] = ...) -> None: ...
+    token_run: TokenRun
+    def __init__(self, accepted: _Optional[_Union[TurnAccepted, _Mapping]] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., finished: _Optional[_Union[TurnFinished, _Mapping]] = ..., token_run: _Optional[_Union[TokenRun, _Mapping]] = ...) -> None: ...
 
 class CancelTurnRequest(_message.Message):
     __slots__ = ("turn_id",)

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file chat/gateway/v1/gateway.proto.
  */
 export const file_chat_gateway_v1_gateway: GenFile = /*@__PURE__*/
-  fileDesc("Ch1jaGF0L2dhdGV3YXkvdjEvZ2F0ZXdheS5wcm90bxIPY2hhdC5nYXRld2F5LnYxInoKCVN0YXJ0VHVybhIXCg9jb252ZXJzYXRpb25faWQYASABKAkSDAoEdGV4dBgCIAEoCRIyCgdvcHRpb25zGAMgASgLMiEuY2hhdC5jb21tb24udjEuR2VuZXJhdGlvbk9wdGlvbnMSEgoKcmVxdWVzdF9pZBgEIAEoCSIdCgpDYW5jZWxUdXJuEg8KB3R1cm5faWQYASABKAkiMAoKUmVzdW1lVHVybhIPCgd0dXJuX2lkGAEgASgJEhEKCWFmdGVyX3NlcRgCIAEoAyIcCgpGbG93Q3JlZGl0Eg4KBnRva2VucxgBIAEoBSJQCgxUdXJuQWNjZXB0ZWQSDwoHdHVybl9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkSFgoOcXVldWVfcG9zaXRpb24YAyABKAUiMwoFVG9rZW4SDwoHdHVybl9pZBgBIAEoCRILCgNzZXEYAiABKAMSDAoEdGV4dBgDIAEoCSK/AQoMVHVybkZpbmlzaGVkEg8KB3R1cm5faWQYASABKAkSMwoNZmluaXNoX3JlYXNvbhgCIAEoDjIcLmNoYXQuY29tbW9uLnYxLkZpbmlzaFJlYXNvbhIpCgV1c2FnZRgDIAEoCzIaLmNoYXQuY29tbW9uLnYxLlRva2VuVXNhZ2USLAoHdGltaW5ncxgEIAEoCzIbLmNoYXQuY29tbW9uLnYxLlR1cm5UaW1pbmdzEhAKCGxhc3Rfc2VxGAUgASgDIkAKCUNoYXRFcnJvchIiCgZzdGF0dXMYASABKAsyEi5nb29nbGUucnBjLlN0YXR1cxIPCgd0dXJuX2lkGAIgASgJItABCgtDaGF0UmVxdWVzdBIrCgVzdGFydBgBIAEoCzIaLmNoYXQuZ2F0ZXdheS52MS5TdGFydFR1cm5IABItCgZjYW5jZWwYAiABKAsyGy5jaGF0LmdhdGV3YXkudjEuQ2FuY2VsVHVybkgAEi0KBnJlc3VtZRgDIAEoCzIbLmNoYXQuZ2F0ZXdheS52MS5SZXN1bWVUdXJuSAASLQoGY3JlZGl0GAQgASgLMhsuY2hhdC5nYXRld2F5LnYxLkZsb3dDcmVkaXRIAEIHCgVmcmFtZSLTAQoMQ2hhdFJlc3BvbnNlEjEKCGFjY2VwdGVkGAEgASgLMh0uY2hhdC5nYXRld2F5LnYxLlR1cm5BY2NlcHRlZEgAEicKBXRva2VuGAIgASgLMhYuY2hhdC5nYXRld2F5LnYxLlRva2VuSAASMQoIZmluaXNoZWQYAyABKAsyHS5jaGF0LmdhdGV3YXkudjEuVHVybkZpbmlzaGVkSAASKwoFZXJyb3IYBCABKAsyGi5jaGF0LmdhdGV3YXkudjEuQ2hhdEVycm9ySABCBwoFZnJhbWUiPgoRU3RyZWFtVHVyblJlcXVlc3QSKQoFc3RhcnQYASABKAsyGi5jaGF0LmdhdGV3YXkudjEuU3RhcnRUdXJuIqwBChJTdHJlYW1UdXJuUmVzcG9uc2USMQoIYWNjZXB0ZWQYASABKAsyHS5jaGF0LmdhdGV3YXkudjEuVHVybkFjY2VwdGVkSAASJwoFdG9rZW4YAiABKAsyFi5jaGF0LmdhdGV3YXkudjEuVG9rZW5IABIxCghmaW5pc2hlZBgDIAEoCzIdLmNoYXQuZ2F0ZXdheS52MS5UdXJuRmluaXNoZWRIAEIHCgVmcmFtZSI3ChFSZXN1bWVUdXJuUmVxdWVzdBIPCgd0dXJuX2lkGAEgASgJEhEKCWFmdGVyX3NlcRgCIAEoAyKsAQoSUmVzdW1lVHVyblJlc3BvbnNlEjEKCGFjY2VwdGVkGAEgASgLMh0uY2hhdC5nYXRld2F5LnYxLlR1cm5BY2NlcHRlZEgAEicKBXRva2VuGAIgASgLMhYuY2hhdC5nYXRld2F5LnYxLlRva2VuSAASMQoIZmluaXNoZWQYAyABKAsyHS5jaGF0LmdhdGV3YXkudjEuVHVybkZpbmlzaGVkSABCBwoFZnJhbWUiJAoRQ2FuY2VsVHVyblJlcXVlc3QSDwoHdHVybl9pZBgBIAEoCSIlChJDYW5jZWxUdXJuUmVzcG9uc2USDwoHdHVybl9pZBgBIAEoCSIxChZHZXRDb252ZXJzYXRpb25SZXF1ZXN0EhcKD2NvbnZlcnNhdGlvbl9pZBgBIAEoCSJNChdHZXRDb252ZXJzYXRpb25SZXNwb25zZRIyCgxjb252ZXJzYXRpb24YASABKAsyHC5jaGF0LmNvbW1vbi52MS5Db252ZXJzYXRpb24iQQoYTGlzdENvbnZlcnNhdGlvbnNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJImkKGUxpc3RDb252ZXJzYXRpb25zUmVzcG9uc2USMwoNY29udmVyc2F0aW9ucxgBIAMoCzIcLmNoYXQuY29tbW9uLnYxLkNvbnZlcnNhdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAlCwAEKE2NvbS5jaGF0LmdhdGV3YXkudjFCDEdhdGV3YXlQcm90b1ABWj1naXRodWIuY29tL2xsbS1tZXNoL2xsbS1tZXNoL2dlbi9nby9jaGF0L2dhdGV3YXkvdjE7Z2F0ZXdheXYxogIDQ0dYqgIPQ2hhdC5HYXRld2F5LlYxygIPQ2hhdFxHYXRld2F5XFYx4gIbQ2hhdFxHYXRld2F5XFYxXEdQQk1ldGFkYXRh6gIRQ2hhdDo6R2F0ZXdheTo6VjFiBnByb3RvMw", [file_chat_common_v1_common, file_chat_common_v1_conversation, file_google_rpc_status]);
+  fileDesc("Ch1jaGF0L2dhdGV3YXkvdjEvZ2F0ZXdheS5wcm90bxIPY2hhdC5nYXRld2F5LnYxIpMBCglTdGFydFR1cm4SFwoPY29udmVyc2F0aW9uX2lkGAEgASgJEgwKBHRleHQYAiABKAkSMgoHb3B0aW9ucxgDIAEoCzIhLmNoYXQuY29tbW9uLnYxLkdlbmVyYXRpb25PcHRpb25zEhIKCnJlcXVlc3RfaWQYBCABKAkSFwoPY29hbGVzY2VfdG9rZW5zGAUgASgIIh0KCkNhbmNlbFR1cm4SDwoHdHVybl9pZBgBIAEoCSJJCgpSZXN1bWVUdXJuEg8KB3R1cm5faWQYASABKAkSEQoJYWZ0ZXJfc2VxGAIgASgDEhcKD2NvYWxlc2NlX3Rva2VucxgDIAEoCCIcCgpGbG93Q3JlZGl0Eg4KBnRva2VucxgBIAEoBSJQCgxUdXJuQWNjZXB0ZWQSDwoHdHVybl9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkSFgoOcXVldWVfcG9zaXRpb24YAyABKAUiMwoFVG9rZW4SDwoHdHVybl9pZBgBIAEoCRILCgNzZXEYAiABKAMSDAoEdGV4dBgDIAEoCSI9CghUb2tlblJ1bhIPCgd0dXJuX2lkGAEgASgJEhEKCWZpcnN0X3NlcRgCIAEoAxINCgV0ZXh0cxgDIAMoCSK/AQoMVHVybkZpbmlzaGVkEg8KB3R1cm5faWQYASABKAkSMwoNZmluaXNoX3JlYXNvbhgCIAEoDjIcLmNoYXQuY29tbW9uLnYxLkZpbmlzaFJlYXNvbhIpCgV1c2FnZRgDIAEoCzIaLmNoYXQuY29tbW9uLnYxLlRva2VuVXNhZ2USLAoHdGltaW5ncxgEIAEoCzIbLmNoYXQuY29tbW9uLnYxLlR1cm5UaW1pbmdzEhAKCGxhc3Rfc2VxGAUgASgDIkAKCUNoYXRFcnJvchIiCgZzdGF0dXMYASABKAsyEi5nb29nbGUucnBjLlN0YXR1cxIPCgd0dXJuX2lkGAIgASgJItABCgtDaGF0UmVxdWVzdBIrCgVzdGFydBgBIAEoCzIaLmNoYXQuZ2F0ZXdheS52MS5TdGFydFR1cm5IABItCgZjYW5jZWwYAiABKAsyGy5jaGF0LmdhdGV3YXkudjEuQ2FuY2VsVHVybkgAEi0KBnJlc3VtZRgDIAEoCzIbLmNoYXQuZ2F0ZXdheS52MS5SZXN1bWVUdXJuSAASLQoGY3JlZGl0GAQgASgLMhsuY2hhdC5nYXRld2F5LnYxLkZsb3dDcmVkaXRIAEIHCgVmcmFtZSKDAgoMQ2hhdFJlc3BvbnNlEjEKCGFjY2VwdGVkGAEgASgLMh0uY2hhdC5nYXRld2F5LnYxLlR1cm5BY2NlcHRlZEgAEicKBXRva2VuGAIgASgLMhYuY2hhdC5nYXRld2F5LnYxLlRva2VuSAASMQoIZmluaXNoZWQYAyABKAsyHS5jaGF0LmdhdGV3YXkudjEuVHVybkZpbmlzaGVkSAASKwoFZXJyb3IYBCABKAsyGi5jaGF0LmdhdGV3YXkudjEuQ2hhdEVycm9ySAASLgoJdG9rZW5fcnVuGAUgASgLMhkuY2hhdC5nYXRld2F5LnYxLlRva2VuUnVuSABCBwoFZnJhbWUiPgoRU3RyZWFtVHVyblJlcXVlc3QSKQoFc3RhcnQYASABKAsyGi5jaGF0LmdhdGV3YXkudjEuU3RhcnRUdXJuItwBChJTdHJlYW1UdXJuUmVzcG9uc2USMQoIYWNjZXB0ZWQYASABKAsyHS5jaGF0LmdhdGV3YXkudjEuVHVybkFjY2VwdGVkSAASJwoFdG9rZW4YAiABKAsyFi5jaGF0LmdhdGV3YXkudjEuVG9rZW5IABIxCghmaW5pc2hlZBgDIAEoCzIdLmNoYXQuZ2F0ZXdheS52MS5UdXJuRmluaXNoZWRIABIuCgl0b2tlbl9ydW4YBCABKAsyGS5jaGF0LmdhdGV3YXkudjEuVG9rZW5SdW5IAEIHCgVmcmFtZSJQChFSZXN1bWVUdXJuUmVxdWVzdBIPCgd0dXJuX2lkGAEgASgJEhEKCWFmdGVyX3NlcRgCIAEoAxIXCg9jb2FsZXNjZV90b2tlbnMYAyABKAgi3AEKElJlc3VtZVR1cm5SZXNwb25zZRIxCghhY2NlcHRlZBgBIAEoCzIdLmNoYXQuZ2F0ZXdheS52MS5UdXJuQWNjZXB0ZWRIABInCgV0b2tlbhgCIAEoCzIWLmNoYXQuZ2F0ZXdheS52MS5Ub2tlbkgAEjEKCGZpbmlzaGVkGAMgASgLMh0uY2hhdC5nYXRld2F5LnYxLlR1cm5GaW5pc2hlZEgAEi4KCXRva2VuX3J1bhgEIAEoCzIZLmNoYXQuZ2F0ZXdheS52MS5Ub2tlblJ1bkgAQgcKBWZyYW1lIiQKEUNhbmNlbFR1cm5SZXF1ZXN0Eg8KB3R1cm5faWQYASABKAkiJQoSQ2FuY2VsVHVyblJlc3BvbnNlEg8KB3R1cm5faWQYASABKAkiMQoWR2V0Q29udmVyc2F0aW9uUmVxdWVzdBIXCg9jb252ZXJzYXRpb25faWQYASABKAkiTQoXR2V0Q29udmVyc2F0aW9uUmVzcG9uc2USMgoMY29udmVyc2F0aW9uGAEgASgLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uIkEKGExpc3RDb252ZXJzYXRpb25zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJpChlMaXN0Q29udmVyc2F0aW9uc1Jlc3BvbnNlEjMKDWNvbnZlcnNhdGlvbnMYASADKAsyHC5jaGF0LmNvbW1vbi52MS5Db252ZXJzYXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJQsABChNjb20uY2hhdC5nYXRld2F5LnYxQgxHYXRld2F5UHJvdG9QAVo9Z2l0aHViLmNvbS9sbG0tbWVzaC9sbG0tbWVzaC9nZW4vZ28vY2hhdC9nYXRld2F5L3YxO2dhdGV3YXl2MaICA0NHWKoCD0NoYXQuR2F0ZXdheS5WMcoCD0NoYXRcR2F0ZXdheVxWMeICG0NoYXRcR2F0ZXdheVxWMVxHUEJNZXRhZGF0YeoCEUNoYXQ6OkdhdGV3YXk6OlYxYgZwcm90bzM", [file_chat_common_v1_common, file_chat_common_v1_conversation, file_google_rpc_status]);
 
 /**
  * StartTurn begins a turn: the user's message and how to answer it.
@@ -51,6 +51,14 @@ export type StartTurn = Message<"chat.gateway.v1.StartTurn"> & {
    * @generated from field: string request_id = 4;
    */
   requestId: string;
+
+  /**
+   * When true, tokens that are ready together arrive together in TokenRun frames instead of
+   * one Token frame each (fewer messages under load; never waits to fill a frame).
+   *
+   * @generated from field: bool coalesce_tokens = 5;
+   */
+  coalesceTokens: boolean;
 };
 
 /**
@@ -100,6 +108,13 @@ export type ResumeTurn = Message<"chat.gateway.v1.ResumeTurn"> & {
    * @generated from field: int64 after_seq = 2;
    */
   afterSeq: bigint;
+
+  /**
+   * As StartTurn.coalesce_tokens.
+   *
+   * @generated from field: bool coalesce_tokens = 3;
+   */
+  coalesceTokens: boolean;
 };
 
 /**
@@ -201,6 +216,41 @@ export const TokenSchema: GenMessage<Token> = /*@__PURE__*/
   messageDesc(file_chat_gateway_v1_gateway, 5);
 
 /**
+ * TokenRun is consecutive tokens sent in one frame, for clients that asked to coalesce.
+ *
+ * @generated from message chat.gateway.v1.TokenRun
+ */
+export type TokenRun = Message<"chat.gateway.v1.TokenRun"> & {
+  /**
+   * The turn the tokens belong to.
+   *
+   * @generated from field: string turn_id = 1;
+   */
+  turnId: string;
+
+  /**
+   * Sequence number of the first token; the others follow without gaps.
+   *
+   * @generated from field: int64 first_seq = 2;
+   */
+  firstSeq: bigint;
+
+  /**
+   * Text of each token, in order: texts[i] has seq first_seq + i.
+   *
+   * @generated from field: repeated string texts = 3;
+   */
+  texts: string[];
+};
+
+/**
+ * Describes the message chat.gateway.v1.TokenRun.
+ * Use `create(TokenRunSchema)` to create a new message.
+ */
+export const TokenRunSchema: GenMessage<TokenRun> = /*@__PURE__*/
+  messageDesc(file_chat_gateway_v1_gateway, 6);
+
+/**
  * TurnFinished ends a turn.
  *
  * @generated from message chat.gateway.v1.TurnFinished
@@ -247,7 +297,7 @@ export type TurnFinished = Message<"chat.gateway.v1.TurnFinished"> & {
  * Use `create(TurnFinishedSchema)` to create a new message.
  */
 export const TurnFinishedSchema: GenMessage<TurnFinished> = /*@__PURE__*/
-  messageDesc(file_chat_gateway_v1_gateway, 6);
+  messageDesc(file_chat_gateway_v1_gateway, 7);
 
 /**
  * ChatError reports a failure that ends the current turn but not the stream.
@@ -275,7 +325,7 @@ export type ChatError = Message<"chat.gateway.v1.ChatError"> & {
  * Use `create(ChatErrorSchema)` to create a new message.
  */
 export const ChatErrorSchema: GenMessage<ChatError> = /*@__PURE__*/
-  messageDesc(file_chat_gateway_v1_gateway, 7);
+  messageDesc(file_chat_gateway_v1_gateway, 8);
 
 /**
  * ChatRequest is one client frame on the Chat stream.
@@ -328,7 +378,7 @@ export type ChatRequest = Message<"chat.gateway.v1.ChatRequest"> & {
  * Use `create(ChatRequestSchema)` to create a new message.
  */
 export const ChatRequestSchema: GenMessage<ChatRequest> = /*@__PURE__*/
-  messageDesc(file_chat_gateway_v1_gateway, 8);
+  messageDesc(file_chat_gateway_v1_gateway, 9);
 
 /**
  * ChatResponse is one server frame on the Chat stream.
@@ -373,6 +423,14 @@ export type ChatResponse = Message<"chat.gateway.v1.ChatResponse"> & {
      */
     value: ChatError;
     case: "error";
+  } | {
+    /**
+     * Tokens generated, several at once (when the turn asked to coalesce).
+     *
+     * @generated from field: chat.gateway.v1.TokenRun token_run = 5;
+     */
+    value: TokenRun;
+    case: "tokenRun";
   } | { case: undefined; value?: undefined };
 };
 
@@ -381,7 +439,7 @@ export type ChatResponse = Message<"chat.gateway.v1.ChatResponse"> & {
  * Use `create(ChatResponseSchema)` to create a new message.
  */
 export const ChatResponseSchema: GenMessage<ChatResponse> = /*@__PURE__*/
-  messageDesc(file_chat_gateway_v1_gateway, 9);
+  messageDesc(file_chat_gateway_v1_gateway, 10);
 
 /**
  * StreamTurnRequest starts a turn and streams its answer (for clients without bidi, e.g. browsers).
@@ -402,7 +460,7 @@ export type StreamTurnRequest = Message<"chat.gateway.v1.StreamTurnRequest"> & {
  * Use `create(StreamTurnRequestSchema)` to create a new message.
  */
 export const StreamTurnRequestSchema: GenMessage<StreamTurnRequest> = /*@__PURE__*/
-  messageDesc(file_chat_gateway_v1_gateway, 10);
+  messageDesc(file_chat_gateway_v1_gateway, 11);
 
 /**
  * StreamTurnResponse is one frame of a streamed turn.
@@ -439,6 +497,14 @@ export type StreamTurnResponse = Message<"chat.gateway.v1.StreamTurnResponse"> &
      */
     value: TurnFinished;
     case: "finished";
+  } | {
+    /**
+     * Tokens generated, several at once (when the turn asked to coalesce).
+     *
+     * @generated from field: chat.gateway.v1.TokenRun token_run = 4;
+     */
+    value: TokenRun;
+    case: "tokenRun";
   } | { case: undefined; value?: undefined };
 };
 
@@ -447,7 +513,7 @@ export type StreamTurnResponse = Message<"chat.gateway.v1.StreamTurnResponse"> &
  * Use `create(StreamTurnResponseSchema)` to create a new message.
  */
 export const StreamTurnResponseSchema: GenMessage<StreamTurnResponse> = /*@__PURE__*/
-  messageDesc(file_chat_gateway_v1_gateway, 11);
+  messageDesc(file_chat_gateway_v1_gateway, 12);
 
 /**
  * ResumeTurnRequest re-attaches to a turn from any gateway.
@@ -468,6 +534,13 @@ export type ResumeTurnRequest = Message<"chat.gateway.v1.ResumeTurnRequest"> & {
    * @generated from field: int64 after_seq = 2;
    */
   afterSeq: bigint;
+
+  /**
+   * As StartTurn.coalesce_tokens.
+   *
+   * @generated from field: bool coalesce_tokens = 3;
+   */
+  coalesceTokens: boolean;
 };
 
 /**
@@ -475,7 +548,7 @@ export type ResumeTurnRequest = Message<"chat.gateway.v1.ResumeTurnRequest"> & {
  * Use `create(ResumeTurnRequestSchema)` to create a new message.
  */
 export const ResumeTurnRequestSchema: GenMessage<ResumeTurnRequest> = /*@__PURE__*/
-  messageDesc(file_chat_gateway_v1_gateway, 12);
+  messageDesc(file_chat_gateway_v1_gateway, 13);
 
 /**
  * ResumeTurnResponse is one frame of a resumed turn.
@@ -512,6 +585,14 @@ export type ResumeTurnResponse = Message<"chat.gateway.v1.ResumeTurnResponse"> &
      */
     value: TurnFinished;
     case: "finished";
+  } | {
+    /**
+     * Tokens after after_seq, several at once (when the request asked to coalesce).
+     *
+     * @generated from field: chat.gateway.v1.TokenRun token_run = 4;
+     */
+    value: TokenRun;
+    case: "tokenRun";
   } | { case: undefined; value?: undefined };
 };
 
@@ -520,7 +601,7 @@ export type ResumeTurnResponse = Message<"chat.gateway.v1.ResumeTurnResponse"> &
  * Use `create(ResumeTurnResponseSchema)` to create a new message.
  */
 export const ResumeTurnResponseSchema: GenMessage<ResumeTurnResponse> = /*@__PURE__*/
-  messageDesc(file_chat_gateway_v1_gateway, 13);
+  messageDesc(file_chat_gateway_v1_gateway, 14);
 
 /**
  * CancelTurnRequest stops a turn.
@@ -541,7 +622,7 @@ export type CancelTurnRequest = Message<"chat.gateway.v1.CancelTurnRequest"> & {
  * Use `create(CancelTurnRequestSchema)` to create a new message.
  */
 export const CancelTurnRequestSchema: GenMessage<CancelTurnRequest> = /*@__PURE__*/
-  messageDesc(file_chat_gateway_v1_gateway, 14);
+  messageDesc(file_chat_gateway_v1_gateway, 15);
 
 /**
  * CancelTurnResponse confirms the cancel was logged; the stream then ends with FINISH_REASON_CANCELLED.
@@ -562,7 +643,7 @@ export type CancelTurnResponse = Message<"chat.gateway.v1.CancelTurnResponse"> &
  * Use `create(CancelTurnResponseSchema)` to create a new message.
  */
 export const CancelTurnResponseSchema: GenMessage<CancelTurnResponse> = /*@__PURE__*/
-  messageDesc(file_chat_gateway_v1_gateway, 15);
+  messageDesc(file_chat_gateway_v1_gateway, 16);
 
 /**
  * GetConversationRequest reads one conversation of the caller's tenant.
@@ -583,7 +664,7 @@ export type GetConversationRequest = Message<"chat.gateway.v1.GetConversationReq
  * Use `create(GetConversationRequestSchema)` to create a new message.
  */
 export const GetConversationRequestSchema: GenMessage<GetConversationRequest> = /*@__PURE__*/
-  messageDesc(file_chat_gateway_v1_gateway, 16);
+  messageDesc(file_chat_gateway_v1_gateway, 17);
 
 /**
  * GetConversationResponse holds the conversation.
@@ -604,7 +685,7 @@ export type GetConversationResponse = Message<"chat.gateway.v1.GetConversationRe
  * Use `create(GetConversationResponseSchema)` to create a new message.
  */
 export const GetConversationResponseSchema: GenMessage<GetConversationResponse> = /*@__PURE__*/
-  messageDesc(file_chat_gateway_v1_gateway, 17);
+  messageDesc(file_chat_gateway_v1_gateway, 18);
 
 /**
  * ListConversationsRequest pages through the caller's conversations, newest first.
@@ -632,7 +713,7 @@ export type ListConversationsRequest = Message<"chat.gateway.v1.ListConversation
  * Use `create(ListConversationsRequestSchema)` to create a new message.
  */
 export const ListConversationsRequestSchema: GenMessage<ListConversationsRequest> = /*@__PURE__*/
-  messageDesc(file_chat_gateway_v1_gateway, 18);
+  messageDesc(file_chat_gateway_v1_gateway, 19);
 
 /**
  * ListConversationsResponse is one page of conversations (without messages).
@@ -660,5 +741,5 @@ export type ListConversationsResponse = Message<"chat.gateway.v1.ListConversatio
  * Use `create(ListConversationsResponseSchema)` to create a new message.
  */
 export const ListConversationsResponseSchema: GenMessage<ListConversationsResponse> = /*@__PURE__*/
-  messageDesc(file_chat_gateway_v1_gateway, 19);
+  messageDesc(file_chat_gateway_v1_gateway, 20);
 
