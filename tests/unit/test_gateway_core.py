@@ -326,9 +326,7 @@ def runs(outputs: list[Output]) -> list[TokenRunOut]:
 
 
 def run_tokens(outputs: list[Output]) -> list[tuple[int, str]]:
-    return [
-        (run.first_seq + i, text) for run in runs(outputs) for i, text in enumerate(run.texts)
-    ]
+    return [(run.first_seq + i, text) for run in runs(outputs) for i, text in enumerate(run.texts)]
 
 
 async def test_a_coalescing_resume_sends_a_finished_turn_in_few_runs(
