@@ -7,9 +7,11 @@ hand out the same offset and a partition never has gaps.
 
 Threads: sqlite3 calls block, so they never run on the event loop. Writes (appends, heartbeats,
 commits) go through one writer thread with its own connection; reads through one reader thread;
-a third thread notices other processes' commits by polling ``PRAGMA data_version`` (a counter
+a third thread notices other processes' commits through ``PRAGMA data_version`` (a counter
 that changes whenever another connection commits; checking it costs microseconds) and only then
-looks at the partitions' next offsets to wake the tails of the partitions that grew.
+looks at the partitions' next offsets to wake the tails of the partitions that grew. It checks
+as soon as inotify reports a write in the log's directory (``mesh.log.fs_watch``), with a slow
+re-check in case a report is lost; without inotify it polls every ``poll_interval_s``.
 
 Durability: ``synchronous=NORMAL`` in WAL mode keeps every commit across a crash of any process;
 only an OS crash or power loss can drop the last commits before a checkpoint. That is the
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Self, TypeVar
 
 from mesh.log.base import LogError, Record
+from mesh.log.fs_watch import DirectoryWatch
 
 _log = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ _SCHEMA = (
 )
 
 _READ_BATCH = 500
+# With inotify, commits are checked when reported and also this often, to catch a lost report.
+_WATCH_RECHECK_S = 0.1
 
 
 def _now_ms() -> int:
@@ -189,9 +194,12 @@ class _Poller:
         interval_s: float,
         busy_timeout_s: float,
         report: Callable[[list[_Key]], None],
+        *,
+        use_inotify: bool = True,
     ) -> None:
         self._path = path
         self._interval_s = interval_s
+        self._watch = DirectoryWatch.open(path.parent) if use_inotify else None
         self._busy_timeout_s = busy_timeout_s
         self._report = report
         # Set while some task waits for records: polling costs nothing when nobody listens.
@@ -210,30 +218,59 @@ class _Poller:
         rows = self._conn.execute("SELECT topic, part, next_pos FROM heads").fetchall()
         return {(topic, part): next_pos for topic, part, next_pos in rows}
 
-    def _poll(self) -> None:
+    @property
+    def watching(self) -> bool:
+        """Whether inotify drives the checks (else they run every ``interval_s``)."""
+        return self._watch is not None
+
+    def _poll(self) -> bool:
+        """Report grown partitions; True if anything was committed since the last check."""
         version = self._conn.execute("PRAGMA data_version").fetchone()[0]
         if version == self._data_version:
-            return
+            return False
         heads = self._read_heads()
         grown = [key for key, head in heads.items() if self._heads.get(key) != head]
         self._heads = heads
         if grown:
             self._report(grown)
+        return True
+
+    def _wait(self) -> bool:
+        """Wait for the next check; True if inotify reported a write."""
+        if self._watch is None:
+            time.sleep(self._interval_s)
+            return False
+        return self._watch.wait(_WATCH_RECHECK_S)
+
+    def _missed(self) -> None:
+        """A commit came without a report: this filesystem's inotify is not to be trusted."""
+        if self._watch is None or self._watch.wait(0):
+            return  # the report was merely racing the re-check
+        _log.warning(
+            "inotify missed a commit to %s; the embedded log polls every %.1f ms from now on",
+            self._path,
+            self._interval_s * 1000,
+        )
+        self._watch.close()
+        self._watch = None
 
     def _run(self) -> None:
         try:
             while not self._stopping:
                 if not self.active.wait(timeout=0.5):
                     continue
-                time.sleep(self._interval_s)
+                reported = self._wait()
                 try:
-                    self._poll()
+                    if self._poll() and not reported:
+                        self._missed()
                 except sqlite3.Error as error:
                     # A locked or busy file is transient; tails also re-check on a timeout.
                     _log.warning("embedded log poll failed: %s", error)
                     time.sleep(0.1)
         finally:
             self._conn.close()
+            if self._watch is not None:
+                self._watch.close()
 
     def stop(self) -> None:
         self._stopping = True
@@ -341,11 +378,14 @@ class EmbeddedLog:
         heartbeat_interval_s: float = 0.5,
         busy_timeout_s: float = 30.0,
         max_batch: int = 2000,
+        watch_writes: bool = True,
     ) -> None:
         if heartbeat_interval_s >= session_timeout_s:
             raise ValueError("heartbeat_interval_s must be shorter than session_timeout_s")
         self.path = path
         self.poll_interval_s = poll_interval_s
+        # Check for other processes' commits when inotify reports a write (else poll).
+        self.watch_writes = watch_writes
         self.session_timeout_s = session_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self._busy_timeout_s = busy_timeout_s
@@ -381,7 +421,14 @@ class EmbeddedLog:
 
         await self._writer.call(create_schema)
         self._poller = await asyncio.to_thread(
-            _Poller, self.path, self.poll_interval_s, self._busy_timeout_s, self._report_grown
+            functools.partial(
+                _Poller,
+                self.path,
+                self.poll_interval_s,
+                self._busy_timeout_s,
+                self._report_grown,
+                use_inotify=self.watch_writes,
+            )
         )
         self._changes = _Changes(self._set_polling)
         self._poller.start()

@@ -25,8 +25,10 @@ class LogSettings:
     # driver's default: 3 s embedded, 6 s on Kafka (brokers refuse less unless configured to).
     session_timeout_s: float | None = None
     heartbeat_interval_s: float = 0.5
-    # Embedded only: how often a tail checks the file for other processes' appends.
+    # Embedded only: how often a tail checks the file for other processes' appends, where
+    # inotify cannot report them (or ``watch_writes`` is off).
     poll_interval_s: float = 0.002
+    watch_writes: bool = True
 
     def __post_init__(self) -> None:
         if self.driver not in DRIVERS:
@@ -48,6 +50,7 @@ class LogSettings:
             session_timeout_s=_optional_float(log, "SESSION_TIMEOUT_S"),
             heartbeat_interval_s=log.float("HEARTBEAT_INTERVAL_S", 0.5),
             poll_interval_s=log.float("POLL_INTERVAL_S", 0.002),
+            watch_writes=log.bool("WATCH_WRITES", True),
         )
 
 
@@ -67,6 +70,7 @@ def open_log(settings: LogSettings) -> EventLog:
     return EmbeddedLog(
         settings.path,
         poll_interval_s=settings.poll_interval_s,
+        watch_writes=settings.watch_writes,
         session_timeout_s=settings.session_timeout_s or 3.0,
         heartbeat_interval_s=settings.heartbeat_interval_s,
     )

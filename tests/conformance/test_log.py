@@ -38,7 +38,9 @@ class Driver:
     location: str
 
 
-@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.infra)])
+@pytest.fixture(
+    params=["embedded", "embedded-polling", pytest.param("kafka", marks=pytest.mark.infra)]
+)
 def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Driver:
     if request.param == "kafka":
         from mesh.log.kafka import KafkaLog
@@ -52,9 +54,16 @@ def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Driver:
             bootstrap,
         )
     path = tmp_path / "log.sqlite3"
+    # "embedded" learns of other processes' appends from inotify; "embedded-polling" by polling.
+    watch = request.param == "embedded"
     return Driver(
-        "embedded",
-        lambda: EmbeddedLog(path, session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S),
+        request.param,
+        lambda: EmbeddedLog(
+            path,
+            session_timeout_s=SESSION_S,
+            heartbeat_interval_s=HEARTBEAT_S,
+            watch_writes=watch,
+        ),
         str(path),
     )
 

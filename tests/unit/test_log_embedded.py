@@ -20,6 +20,7 @@ import pytest
 
 from mesh.log import GroupConsumer, LogError, Record
 from mesh.log.embedded import EmbeddedLog, assign
+from mesh.log.fs_watch import DirectoryWatch
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"session_timeout_s": 1.0, "heartbeat_interval_s": 0.1}
@@ -104,6 +105,60 @@ async def test_tail_sees_records_appended_by_another_process(
     record = await asyncio.wait_for(first, 5)
     assert (record.key, record.value, record.offset) == (b"other", b"0", 0)
     assert [(await asyncio.wait_for(anext(tail), 5)).value for _ in range(2)] == [b"1", b"2"]
+
+
+async def test_other_processes_appends_are_noticed_through_inotify(log: EmbeddedLog) -> None:
+    """On Linux the poller sleeps until a write is reported, and no report goes missing."""
+    poller = log._poller
+    assert poller is not None and poller.watching, "inotify is not in use on this machine"
+    tail = log.read("t", 1, 0).__aiter__()
+    first = asyncio.create_task(anext(tail))
+    await asyncio.sleep(0.05)
+    async with EmbeddedLog(log.path) as other:  # its own connection: a second process to SQLite
+        for i in range(20):
+            await other.append("t", 1, b"k", str(i).encode())
+            await asyncio.sleep(0.005)
+    assert (await asyncio.wait_for(first, 5)).value == b"0"
+    assert [(await asyncio.wait_for(anext(tail), 5)).value for _ in range(19)][-1] == b"19"
+    assert poller.watching, "a commit arrived without an inotify report"
+
+
+async def test_a_lost_inotify_report_falls_back_to_polling(
+    tmp_path: Path, log: EmbeddedLog
+) -> None:
+    poller = log._poller
+    assert poller is not None and poller._watch is not None
+    # Watch a directory nobody writes to: every commit now arrives unreported.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    quiet = DirectoryWatch.open(elsewhere)
+    assert quiet is not None
+    poller._watch.close()
+    poller._watch = quiet
+    tail = log.read("t", 2, 0).__aiter__()
+    first = asyncio.create_task(anext(tail))
+    await asyncio.sleep(0.05)
+    async with EmbeddedLog(log.path) as other:
+        await other.append("t", 2, b"k", b"late")
+    # Found by the slow re-check; from then on the poller polls.
+    assert (await asyncio.wait_for(first, 5)).value == b"late"
+    assert not poller.watching
+
+
+def test_directory_watch_reports_writes_and_times_out(tmp_path: Path) -> None:
+    watch = DirectoryWatch.open(tmp_path)
+    assert watch is not None
+    try:
+        assert watch.wait(0.05) is False
+        (tmp_path / "f").write_bytes(b"x")
+        with (tmp_path / "f").open("ab") as handle:
+            for _ in range(100):
+                handle.write(b"y")
+                handle.flush()
+        assert watch.wait(1.0) is True
+        assert watch.wait(0.05) is False, "one wait consumes every pending report"
+    finally:
+        watch.close()
 
 
 async def test_append_to_missing_partition_fails_only_that_record(log: EmbeddedLog) -> None:
