@@ -656,8 +656,10 @@ class GatewayCore:
         partition = partition_for(key, self.partitions)
         sub: Subscription | None = None
         try:
-            request_start = await log.end_offset(TURN_REQUESTS, partition)
-            events_start = await log.end_offset(TURN_EVENTS, partition)
+            # Both at once: on Kafka each is a broker round trip on the way to TurnAccepted.
+            request_start, events_start = await asyncio.gather(
+                log.end_offset(TURN_REQUESTS, partition), log.end_offset(TURN_EVENTS, partition)
+            )
             turn_id = str(new_turn_ref(partition, request_start, events_start))
             # Subscribed before the request exists, so no event of this turn can slip past us.
             sub = self.hub.subscribe(turn_id, partition, events_start, notify)

@@ -714,15 +714,20 @@ class Persister:
 
     async def _snapshot(self, before: TurnRef | None) -> dict[tuple[str, int], int]:
         """End offsets to wait for; on ``before``'s partition, only the records before it."""
+        keys = [
+            (topic, partition)
+            for topic, count in self._topic_partitions.items()
+            for partition in range(count)
+        ]
+        # Asked all at once: on Kafka each answer is a broker round trip.
+        ends = await asyncio.gather(*(self._log.end_offset(*key) for key in keys))
         targets: dict[tuple[str, int], int] = {}
-        for topic, count in self._topic_partitions.items():
-            for partition in range(count):
-                end = await self._log.end_offset(topic, partition)
-                if before is not None and partition == before.partition:
-                    start = before.request_start if topic == TURN_REQUESTS else before.events_start
-                    end = min(end, start)
-                if end > 0:
-                    targets[(topic, partition)] = end
+        for (topic, partition), end in zip(keys, ends, strict=True):
+            if before is not None and partition == before.partition:
+                start = before.request_start if topic == TURN_REQUESTS else before.events_start
+                end = min(end, start)
+            if end > 0:
+                targets[(topic, partition)] = end
         return targets
 
     async def _reached(self, targets: dict[tuple[str, int], int]) -> bool:
