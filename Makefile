@@ -32,6 +32,7 @@ setup: $(VENV)/.installed node_modules/.installed
 
 proto: setup
 	scripts/protogen.sh
+	npm run build:web  # the page bundles the generated TypeScript
 
 # CI: regenerated stubs must equal the committed ones.
 proto-check: proto
