@@ -124,25 +124,34 @@ async def test_other_processes_appends_are_noticed_through_inotify(log: Embedded
 
 
 async def test_a_lost_inotify_report_falls_back_to_polling(
-    tmp_path: Path, log: EmbeddedLog
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    poller = log._poller
-    assert poller is not None and poller._watch is not None
-    # Watch a directory nobody writes to: every commit now arrives unreported.
+    # The poller watches a directory nobody writes to: every commit arrives unreported.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    quiet = DirectoryWatch.open(elsewhere)
-    assert quiet is not None
-    poller._watch.close()
-    poller._watch = quiet
-    tail = log.read("t", 2, 0).__aiter__()
-    first = asyncio.create_task(anext(tail))
-    await asyncio.sleep(0.05)
-    async with EmbeddedLog(log.path) as other:
-        await other.append("t", 2, b"k", b"late")
-    # Found by the slow re-check; from then on the poller polls.
-    assert (await asyncio.wait_for(first, 5)).value == b"late"
-    assert not poller.watching
+    real_open = DirectoryWatch.open
+    monkeypatch.setattr(
+        DirectoryWatch, "open", classmethod(lambda cls, directory: real_open(elsewhere))
+    )
+    async with EmbeddedLog(tmp_path / "log.sqlite3", **FAST) as log:
+        await log.ensure_topic("t", 4)
+        poller = log._poller
+        assert poller is not None and poller.watching
+        tail = log.read("t", 2, 0).__aiter__()
+        first = asyncio.create_task(anext(tail))
+        await asyncio.sleep(0.05)
+        async with EmbeddedLog(log.path) as other:
+            await other.append("t", 2, b"k", b"late")
+        # Found by the slow re-check; from then on the poller polls.
+        assert (await asyncio.wait_for(first, 5)).value == b"late"
+        for _ in range(100):
+            if not poller.watching:
+                break
+            await asyncio.sleep(0.02)
+        assert not poller.watching
+        async with EmbeddedLog(log.path) as other:
+            await other.append("t", 2, b"k", b"polled")
+        assert (await asyncio.wait_for(anext(tail), 5)).value == b"polled"
 
 
 def test_directory_watch_reports_writes_and_times_out(tmp_path: Path) -> None:
