@@ -288,7 +288,7 @@ def rows_for(
         variant=f"mesh ({profile} log)",
         baseline=f"direct TTFT p50 {d50:.1f} / p99 {d99:.1f} ms; ITL {dg50:.1f} / {dg99:.1f}",
         subject=f"mesh TTFT p50 {m50:.1f} / p99 {m99:.1f} ms; ITL {mg50:.1f} / {mg99:.1f}",
-        comparison=f"TTFT +{add50:.1f} ms p50, +{add99:.1f} ms p99",
+        comparison=f"TTFT {add50:+.1f} ms p50, {add99:+.1f} ms p99",
         target=f"<= +{TTFT_TARGET_P50_MS:.0f} ms p50, <= +{TTFT_TARGET_P99_MS:.0f} ms p99",
         verdict=verdict(add50 <= TTFT_TARGET_P50_MS and add99 <= TTFT_TARGET_P99_MS),
         metrics={

@@ -98,7 +98,7 @@ async def run(ctx: Context, *, kafka: bool) -> list[Row]:
                 variant=f"{driver} log",
                 baseline=f"pipe p50 {b50:.2f} / p99 {b99:.2f} ms",
                 subject=f"{driver} p50 {l50:.2f} / p99 {l99:.2f} ms",
-                comparison=f"+{l50 - b50:.2f} ms p50, +{l99 - b99:.2f} ms p99",
+                comparison=f"{l50 - b50:+.2f} ms p50, {l99 - b99:+.2f} ms p99",
                 target="none (informational)",
                 verdict=NOT_APPLICABLE,
                 metrics={

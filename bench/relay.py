@@ -367,7 +367,7 @@ def _row(
             f"gateway {relay_sat.tokens_per_s:,.0f} tok/s ({per_cpu:,.0f}/cpu-s); "
             f"paced p50 {r50:.2f} / p99 {r99:.2f} ms"
         ),
-        comparison=f"{ratio:.2f}x echo tok/s; added +{added50:.2f} ms p50, +{added99:.2f} ms p99",
+        comparison=f"{ratio:.2f}x echo tok/s; added {added50:+.2f} ms p50, {added99:+.2f} ms p99",
         target=(
             f">= {TARGET_TOKENS_PER_CPU_S:,.0f} tok per gateway cpu-s; "
             f"<= +{TARGET_ADDED_P99_MS:.0f} ms p99"
