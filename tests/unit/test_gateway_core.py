@@ -578,22 +578,30 @@ async def test_chat_frames_before_a_start_are_reported_and_the_stream_stays_usab
     await chat.close()
 
 
+async def chat_with_ten_logged_tokens(
+    core: GatewayCore, log: EmbeddedLog, start: StartRequest
+) -> Frames:
+    """A Chat session that started a turn whose ten tokens and finish are already logged."""
+    chat = Frames(core)
+    chat.send(StartFrame(start))
+    accepted = await chat.next()
+    assert isinstance(accepted, Accepted)
+    info = core._known.get(accepted.turn_id)
+    assert info is not None
+    agent = Agent(log, info)
+    await agent.started()
+    await agent.tokens(range(1, 11))
+    await agent.finished(last_seq=10)
+    return chat
+
+
 async def test_chat_credit_window_holds_tokens_back(
     tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
 ) -> None:
     async with GatewayCore(
         make_settings(tmp_path, initial_window=3), log=log, conversations=conversations
     ) as core:
-        chat = Frames(core)
-        chat.send(StartFrame(StartRequest("", "hello")))
-        accepted = await chat.next()
-        assert isinstance(accepted, Accepted)
-        info = core._known.get(accepted.turn_id)
-        assert info is not None
-        agent = Agent(log, info)
-        await agent.started()
-        await agent.tokens(range(1, 11))
-        await agent.finished(last_seq=10)
+        chat = await chat_with_ten_logged_tokens(core, log, StartRequest("", "hello"))
         got = [await chat.next() for _ in range(3)]
         assert [o.seq for o in got if isinstance(o, TokenOut)] == [1, 2, 3]
         await chat.nothing_for(0.2)
@@ -614,16 +622,8 @@ async def test_chat_runs_respect_the_credit_window(
     async with GatewayCore(
         make_settings(tmp_path, initial_window=3), log=log, conversations=conversations
     ) as core:
-        chat = Frames(core)
-        chat.send(StartFrame(StartRequest("", "hello", coalesce_tokens=True)))
-        accepted = await chat.next()
-        assert isinstance(accepted, Accepted)
-        info = core._known.get(accepted.turn_id)
-        assert info is not None
-        agent = Agent(log, info)
-        await agent.started()
-        await agent.tokens(range(1, 11))
-        await agent.finished(last_seq=10)
+        start = StartRequest("", "hello", coalesce_tokens=True)
+        chat = await chat_with_ten_logged_tokens(core, log, start)
         got: list[Output] = []
         while sum(len(r.texts) for r in runs(got)) < 3:
             got.append(await chat.next())
