@@ -3,7 +3,7 @@
     mesh chat [--conversation ID] [--max-tokens N] [--temperature T] [--seed S]
     mesh resume TURN_ID [--after N]
     mesh history [CONVERSATION_ID]
-    mesh health
+    mesh health [--state [FILE]]
     mesh keys create --tenant T [--file F]
 
 The gateway address comes from ``--gateway`` or ``MESH_GATEWAY_ADDR`` (default
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import queue
 import signal
@@ -36,6 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.auth import API_KEY_HEADER, KeyFileError, add_key_to_file, default_keys_file
 from mesh.errors import MeshError
+from mesh.settings import default_state_dir
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 # Where `mesh health` looks when no address is configured (docs/protocol.md's default ports).
@@ -522,13 +524,32 @@ def history(
     return 0
 
 
+def started_services(state_file: Path) -> dict[str, str]:
+    """Name -> address of every service `make up` started, from the mesh.json it wrote."""
+    try:
+        described = json.loads(state_file.read_text())
+        services = described["services"]
+        return {str(name): str(info["addr"]) for name, info in services.items()}
+    except FileNotFoundError:
+        raise CliError(f"{state_file} does not exist: is a mesh running (`make up`)?") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CliError(f"{state_file} is not a mesh description: {error}") from None
+
+
 def health_addresses(
-    environ: Mapping[str, str], gateway: str | None, extra: Sequence[str]
+    environ: Mapping[str, str],
+    gateway: str | None,
+    extra: Sequence[str],
+    state_file: Path | None = None,
 ) -> list[tuple[str, str]]:
-    """Every service address to probe: the defaults/env, ``--gateway``, then NAME=ADDR pairs."""
-    targets = {name: environ.get(var) or default for name, var, default in SERVICE_ADDRS}
-    if gateway:
-        targets["gateway"] = gateway
+    """Every service address to probe: the services in ``state_file`` if given, else the
+    defaults/env and ``--gateway``; then NAME=ADDR pairs."""
+    if state_file is not None:
+        targets = started_services(state_file)
+    else:
+        targets = {name: environ.get(var) or default for name, var, default in SERVICE_ADDRS}
+        if gateway:
+            targets["gateway"] = gateway
     for item in extra:
         name, sep, addr = item.partition("=")
         if not sep or not name or not addr:
@@ -620,6 +641,16 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         metavar="NAME=ADDR",
         help="check another (or override a) service address",
     )
+    health_cmd.add_argument(
+        "--state",
+        nargs="?",
+        type=Path,
+        const=default_state_dir(environ) / "mesh.json",
+        default=None,
+        metavar="FILE",
+        help="check every service `make up` started, as listed in FILE "
+        "(default: $MESH_STATE_DIR/mesh.json)",
+    )
     health_cmd.add_argument("--timeout", type=float, default=2.0, help="seconds per check")
 
     keys = sub.add_parser("keys", help="manage API keys")
@@ -667,7 +698,7 @@ def main(
         if args.command == "keys":
             return keys_create(args.file, args.tenant, args.rate_per_s, args.burst, out, err)
         if args.command == "health":
-            targets = health_addresses(environ, args.gateway, args.service)
+            targets = health_addresses(environ, args.gateway, args.service, args.state)
             return health(targets, timeout_s=args.timeout, out=out)
         api_key = _require_key(args)
         if args.command == "chat":

@@ -141,6 +141,35 @@ def test_health_addresses_follow_env_flags_and_pairs() -> None:
         health_addresses({}, None, ["no-equals"])
 
 
+def test_health_addresses_from_the_state_file_of_make_up(tmp_path: Path) -> None:
+    state = tmp_path / "mesh.json"
+    state.write_text(
+        json.dumps(
+            {
+                "gateway_addr": "127.0.0.1:1",
+                "services": {
+                    "gateway": {"addr": "127.0.0.1:1", "pid": 10},
+                    "agent-1": {"addr": "127.0.0.1:2", "pid": 11},
+                    "agent-2": {"addr": "127.0.0.1:3", "pid": 12},
+                },
+            }
+        )
+    )
+    env = {"MESH_AGENT_ADDR": "ignored:9"}  # the file says what make up started
+    targets = health_addresses(env, None, ["extra=e:3"], state)
+    assert targets == [
+        ("gateway", "127.0.0.1:1"),
+        ("agent-1", "127.0.0.1:2"),
+        ("agent-2", "127.0.0.1:3"),
+        ("extra", "e:3"),
+    ]
+    with pytest.raises(CliError, match="make up"):
+        health_addresses({}, None, [], tmp_path / "missing.json")
+    state.write_text("{not json")
+    with pytest.raises(CliError, match="not a mesh description"):
+        health_addresses({}, None, [], state)
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
