@@ -38,11 +38,9 @@ import urllib.request
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from mesh.infra.maven import fetch_once, run_maven
-from mesh.infra.process import RunAs, ServerProcess, block_until_signalled, user_can
+from mesh.infra.process import RunAs, ServerProcess, StartStop, block_until_signalled, user_can
 from mesh.infra.process import ensure_user as _ensure_user
 from mesh.settings import default_state_dir
 
@@ -211,7 +209,7 @@ def cluster_ready(url: str, timeout_s: float = 5.0) -> bool:
     return body.get("status") in ("yellow", "green")
 
 
-class ElasticsearchServer:
+class ElasticsearchServer(StartStop):
     """One Elasticsearch node; ``start()`` returns its URL (``http://127.0.0.1:<port>``).
 
     ``state_dir`` is the mesh state directory: the distribution is cached under
@@ -344,29 +342,6 @@ class ElasticsearchServer:
             self._server.stop()
             self._server = None
         self.url = None
-
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        import asyncio
-
-        # Starting blocks for tens of seconds; keep the event loop serving meanwhile.
-        await asyncio.to_thread(self.start)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        import asyncio
-
-        await asyncio.to_thread(self.stop)
 
     def __repr__(self) -> str:
         return f"ElasticsearchServer({self.node_dir}, url={self.url})"

@@ -23,10 +23,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import TracebackType
 
 from mesh.infra.maven import fetch_once, run_maven
-from mesh.infra.process import ServerProcess, block_until_signalled, free_port
+from mesh.infra.process import ServerProcess, StartStop, block_until_signalled, free_port
 from mesh.settings import default_state_dir
 
 KAFKA_VERSION = "4.1.0"
@@ -147,7 +146,7 @@ def _metadata_problem(bootstrap: str) -> str | None:
     return None if metadata.brokers else f"no broker in the metadata from {bootstrap}"
 
 
-class KafkaServer:
+class KafkaServer(StartStop):
     """One Kafka broker+controller; ``start()`` returns the bootstrap address.
 
     ``state_dir`` is the mesh state directory: the broker's data and logs go to
@@ -273,17 +272,6 @@ class KafkaServer:
             self._server.stop()
             self._server = None
         self.bootstrap = None
-
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"KafkaServer({self.data_dir}, bootstrap={self.bootstrap})"

@@ -30,10 +30,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import quote
 
-from mesh.infra.process import RunAs, ServerProcess, block_until_signalled, free_port, user_can
+from mesh.infra.process import (
+    RunAs,
+    ServerProcess,
+    StartStop,
+    block_until_signalled,
+    free_port,
+    user_can,
+)
 from mesh.infra.process import ensure_user as _ensure_user
 from mesh.settings import default_state_dir
 
@@ -174,7 +180,7 @@ def _connect_problem(dsn: str) -> str | None:
     return None
 
 
-class PostgresServer:
+class PostgresServer(StartStop):
     """One PostgreSQL server from the system's packages; ``start()`` returns its TCP DSN.
 
     ``state_dir`` is the mesh state directory: data, socket directory, password and log go to
@@ -372,17 +378,6 @@ class PostgresServer:
             self._server = None
         self.dsn = None
         self.port = None
-
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         dsn = redact_dsn(self.dsn) if self.dsn else None

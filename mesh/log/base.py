@@ -120,3 +120,14 @@ class EventLog(Protocol):
 
 class LogError(RuntimeError):
     """The log failed (broker unreachable, disk error); callers treat it as UNAVAILABLE."""
+
+
+async def await_appends(pending: list[asyncio.Future[int]]) -> None:
+    """Wait for appends in flight (a driver's ``flush``); LogError if any of them failed."""
+    if not pending:
+        return
+    # asyncio.wait, not gather: cancelling a flush must not cancel the appends themselves.
+    await asyncio.wait(pending)
+    for future in pending:
+        if not future.cancelled() and future.exception() is not None:
+            raise LogError(f"append failed: {future.exception()}")

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self, TypeVar
 
-from mesh.log.base import LogError, Record
+from mesh.log.base import LogError, Record, await_appends
 from mesh.log.fs_watch import DirectoryWatch
 
 _log = logging.getLogger(__name__)
@@ -581,14 +581,7 @@ class EmbeddedLog:
         return future
 
     async def flush(self) -> None:
-        pending = list(self._inflight)
-        if not pending:
-            return
-        # asyncio.wait, not gather: cancelling a flush must not cancel the appends themselves.
-        await asyncio.wait(pending)
-        for future in pending:
-            if not future.cancelled() and future.exception() is not None:
-                raise LogError(f"append failed: {future.exception()}")
+        await await_appends(list(self._inflight))
 
     async def end_offset(self, topic: str, partition: int) -> int:
         await self._check_partition(topic, partition)

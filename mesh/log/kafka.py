@@ -40,7 +40,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from confluent_kafka.admin._listoffsets import OffsetSpec
 
-from mesh.log.base import LogError, Record
+from mesh.log.base import LogError, Record, await_appends
 
 _log = logging.getLogger(__name__)
 
@@ -245,14 +245,7 @@ class KafkaLog:
         return future
 
     async def flush(self) -> None:
-        pending = list(self._inflight)
-        if not pending:
-            return
-        # asyncio.wait, not gather: cancelling a flush must not cancel the appends themselves.
-        await asyncio.wait(pending)
-        for future in pending:
-            if not future.cancelled() and future.exception() is not None:
-                raise LogError(f"append failed: {future.exception()}")
+        await await_appends(list(self._inflight))
 
     # -- topics and offsets ------------------------------------------------------------------
 

@@ -42,6 +42,13 @@ def require_tenant(tenant_id: str) -> None:
         raise ValueError("tenant_id is required: memory is never read or written across tenants")
 
 
+def check_search(tenant_id: str, top_k: int) -> None:
+    """The arguments of ``search``: a tenant and at least one hit wanted."""
+    require_tenant(tenant_id)
+    if top_k < 1:
+        raise ValueError(f"top_k must be positive, got {top_k}")
+
+
 def check_document_chunks(tenant_id: str, document_id: str, chunks: Sequence[StoredChunk]) -> None:
     """The arguments of ``replace_document``: every chunk belongs to that tenant and document."""
     require_tenant(tenant_id)

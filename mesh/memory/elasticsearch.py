@@ -35,7 +35,13 @@ from elasticsearch import (
 )
 
 from mesh.errors import Unavailable
-from mesh.memory.base import ChunkHit, StoredChunk, check_document_chunks, require_tenant
+from mesh.memory.base import (
+    ChunkHit,
+    StoredChunk,
+    check_document_chunks,
+    check_search,
+    require_tenant,
+)
 
 log = logging.getLogger(__name__)
 
@@ -389,9 +395,7 @@ class ElasticsearchMemoryStore:
         top_k: int,
         conversation_id: str = "",
     ) -> list[ChunkHit]:
-        require_tenant(tenant_id)
-        if top_k < 1:
-            raise ValueError(f"top_k must be positive, got {top_k}")
+        check_search(tenant_id, top_k)
         bodies = search_bodies(
             tenant_id=tenant_id,
             terms=query_terms(query_text),

@@ -34,7 +34,13 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from mesh.errors import Unavailable
-from mesh.memory.base import ChunkHit, StoredChunk, check_document_chunks, require_tenant
+from mesh.memory.base import (
+    ChunkHit,
+    StoredChunk,
+    check_document_chunks,
+    check_search,
+    require_tenant,
+)
 
 log = logging.getLogger(__name__)
 
@@ -401,9 +407,7 @@ class PostgresMemoryStore:
         top_k: int,
         conversation_id: str = "",
     ) -> list[ChunkHit]:
-        require_tenant(tenant_id)
-        if top_k < 1:
-            raise ValueError(f"top_k must be positive, got {top_k}")
+        check_search(tenant_id, top_k)
         candidates = max(_MIN_CANDIDATES, top_k * _CANDIDATES_PER_RESULT)
         params: dict[str, object] = {
             "tenant": tenant_id,

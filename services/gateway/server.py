@@ -30,7 +30,12 @@ from mesh.server import (
     serve_until_signalled,
 )
 from mesh.settings import SettingsError
-from services.gateway.core import GatewayCore, validate_conversation_id, validate_page_size
+from services.gateway.core import (
+    GatewayCore,
+    TurnStream,
+    validate_conversation_id,
+    validate_page_size,
+)
 from services.gateway.model import (
     Accepted,
     CancelFrame,
@@ -148,16 +153,10 @@ def token_run_to_proto(output: TokenRunOut) -> gateway_pb2.TokenRun:
 
 
 def chat_response(output: Output) -> gateway_pb2.ChatResponse | None:
-    if type(output) is TokenOut:
-        return gateway_pb2.ChatResponse(
-            token=gateway_pb2.Token(turn_id=output.turn_id, seq=output.seq, text=output.text)
-        )
-    if type(output) is TokenRunOut:
-        return gateway_pb2.ChatResponse(token_run=token_run_to_proto(output))
-    if isinstance(output, Accepted):
-        return gateway_pb2.ChatResponse(accepted=accepted_to_proto(output))
-    if isinstance(output, Finished):
-        return gateway_pb2.ChatResponse(finished=finished_to_proto(output))
+    """The Chat frame: the streaming frames, plus errors (only Chat has an error frame)."""
+    response: gateway_pb2.ChatResponse | None = _stream_frame(output, gateway_pb2.ChatResponse)
+    if response is not None:
+        return response
     if isinstance(output, FrameError):
         return gateway_pb2.ChatResponse(
             error=gateway_pb2.ChatError(
@@ -174,7 +173,8 @@ def chat_response(output: Output) -> gateway_pb2.ChatResponse | None:
 
 
 def _stream_frame(output: Output, cls: Any) -> Any:
-    """A StreamTurnResponse or ResumeTurnResponse (same oneof); None for Chat-only outputs."""
+    """A ChatResponse, StreamTurnResponse or ResumeTurnResponse frame (their oneofs share these
+    names); None for Chat-only outputs."""
     if type(output) is TokenOut:
         return cls(
             token=gateway_pb2.Token(turn_id=output.turn_id, seq=output.seq, text=output.text)
@@ -224,14 +224,8 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                     "StreamTurnRequest.start is required", reason="START_MISSING", field="start"
                 )
             turn = await self._core.start_turn(principal, start_from_proto(request.start))
-            cls = gateway_pb2.StreamTurnResponse
-            try:
-                async for output in self._core.follow(turn):
-                    frame = _stream_frame(output, cls)
-                    if frame is not None:
-                        yield frame
-            finally:
-                turn.close()
+            async for frame in self._frames(turn, gateway_pb2.StreamTurnResponse):
+                yield frame
 
     async def ResumeTurn(  # noqa: N802
         self, request: gateway_pb2.ResumeTurnRequest, context: Context
@@ -241,14 +235,18 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             turn = await self._core.resume_turn(
                 principal, request.turn_id, request.after_seq, coalesce=request.coalesce_tokens
             )
-            cls = gateway_pb2.ResumeTurnResponse
-            try:
-                async for output in self._core.follow(turn):
-                    frame = _stream_frame(output, cls)
-                    if frame is not None:
-                        yield frame
-            finally:
-                turn.close()
+            async for frame in self._frames(turn, gateway_pb2.ResumeTurnResponse):
+                yield frame
+
+    async def _frames(self, turn: TurnStream, cls: Any) -> AsyncIterator[Any]:
+        """A server-streaming turn's frames; the turn is closed however the call ends."""
+        try:
+            async for output in self._core.follow(turn):
+                frame = _stream_frame(output, cls)
+                if frame is not None:
+                    yield frame
+        finally:
+            turn.close()
 
     async def CancelTurn(  # noqa: N802
         self, request: gateway_pb2.CancelTurnRequest, context: Context
