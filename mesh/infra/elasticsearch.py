@@ -39,7 +39,8 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from mesh.infra.maven import fetch_once, run_maven
+from mesh.infra.digests import ELASTICSEARCH_ZIP
+from mesh.infra.maven import fetch_once, maven_repository, run_maven, verify_digests
 from mesh.infra.process import RunAs, ServerProcess, StartStop, block_until_signalled, user_can
 from mesh.infra.process import ensure_user as _ensure_user
 from mesh.settings import default_state_dir
@@ -79,27 +80,35 @@ def _extract(archive: Path, target: Path) -> None:
                 destination.chmod(mode | 0o444)
 
 
-def fetch_distribution(home_dir: Path, *, quiet: bool = True) -> Path:
+def fetch_distribution(home_dir: Path, *, quiet: bool = True, fresh: bool = False) -> Path:
     """Fetch and unpack the distribution into ``home_dir`` unless a previous fetch completed.
 
     Maven keeps the zip in its local repository (``~/.m2``), so a cache wiped by ``make clean``
-    is rebuilt without the network.
+    is rebuilt without the network. The zip is checked against its pinned digest before it is
+    unpacked. ``fresh`` fetches again through an empty, throwaway Maven repository (CI does).
     """
 
     def fetch(scratch: Path) -> tuple[Path, str]:
         # cwd: the empty scratch dir, so Maven runs standalone and never picks up a pom.xml.
-        run_maven(
-            ["dependency:copy", f"-Dartifact={MAVEN_ARTIFACT}"]
-            + [f"-DoutputDirectory={scratch / 'download'}"],
-            cwd=scratch,
+        with maven_repository(fresh) as repository:
+            run_maven(
+                ["dependency:copy", f"-Dartifact={MAVEN_ARTIFACT}"]
+                + [f"-DoutputDirectory={scratch / 'download'}"],
+                cwd=scratch,
+                what=MAVEN_ARTIFACT,
+                error=ElasticsearchError,
+                quiet=quiet,
+                timeout_s=1800,
+                local_repository=repository,
+            )
+        verify_digests(
+            scratch / "download",
+            ELASTICSEARCH_ZIP,
+            pattern="*.zip",
             what=MAVEN_ARTIFACT,
             error=ElasticsearchError,
-            quiet=quiet,
-            timeout_s=1800,
         )
         archive = scratch / "download" / f"elasticsearch-{ES_VERSION}.zip"
-        if not archive.is_file():
-            raise ElasticsearchError(f"fetching {MAVEN_ARTIFACT} left no {archive}")
         _extract(archive, scratch / "unpacked")
         home = scratch / "unpacked" / f"elasticsearch-{ES_VERSION}"
         if not (home / "bin" / "elasticsearch").is_file():
@@ -109,7 +118,7 @@ def fetch_distribution(home_dir: Path, *, quiet: bool = True) -> Path:
         summary = {"artifact": MAVEN_ARTIFACT, "modules": sorted(modules(home))}
         return home, json.dumps(summary, indent=2) + "\n"
 
-    return fetch_once(home_dir, fetch, marker=_MARKER)
+    return fetch_once(home_dir, fetch, marker=_MARKER, fresh=fresh)
 
 
 def modules(home_dir: Path) -> frozenset[str]:
@@ -354,14 +363,21 @@ def _size(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mesh.infra.elasticsearch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("fetch", help="fetch the distribution into the state dir (once per machine)")
+    fetch = sub.add_parser(
+        "fetch", help="fetch the distribution into the state dir (once per machine)"
+    )
+    fetch.add_argument(
+        "--fresh",
+        action="store_true",
+        help="fetch again through an empty Maven repository, as a new machine would",
+    )
     run = sub.add_parser("run", help="start a node and keep it running until interrupted")
     run.add_argument("--heap", default="512m")
     args = parser.parse_args(argv)
     state_dir = default_state_dir(os.environ)
     try:
         if args.command == "fetch":
-            home = fetch_distribution(default_home_dir(state_dir), quiet=False)
+            home = fetch_distribution(default_home_dir(state_dir), quiet=False, fresh=args.fresh)
             print(f"{home} ({_size(home) / 1e6:.0f} MB)")
             return 0
         with ElasticsearchServer(state_dir, heap=args.heap) as url:

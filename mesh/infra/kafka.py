@@ -24,7 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mesh.infra.maven import fetch_once, run_maven
+from mesh.infra.digests import KAFKA_JARS
+from mesh.infra.maven import fetch_once, maven_repository, run_maven, verify_digests
 from mesh.infra.process import ServerProcess, StartStop, block_until_signalled, free_port
 from mesh.settings import default_state_dir
 
@@ -84,28 +85,34 @@ def default_jars_dir(state_dir: Path) -> Path:
     return state_dir / "infra" / "kafka" / f"kafka-{KAFKA_VERSION}" / "lib"
 
 
-def fetch_jars(jars_dir: Path, *, quiet: bool = True) -> Path:
-    """Fetch the broker jars into ``jars_dir`` unless a previous fetch completed there."""
+def fetch_jars(jars_dir: Path, *, quiet: bool = True, fresh: bool = False) -> Path:
+    """Fetch the broker jars into ``jars_dir`` unless a previous fetch completed there.
+
+    Every jar is checked against its pinned digest before anything is installed. ``fresh``
+    fetches again through an empty, throwaway Maven repository (what CI does on every run).
+    """
+    what = f"the Kafka {KAFKA_VERSION} jars"
 
     def fetch(scratch: Path) -> tuple[Path, str]:
         (scratch / "pom.xml").write_text(
             _POM.format(scala=SCALA_VERSION, kafka=KAFKA_VERSION, log4j=LOG4J_VERSION)
         )
-        run_maven(
-            ["dependency:copy-dependencies", "-DincludeScope=runtime"]
-            + [f"-DoutputDirectory={scratch / 'lib'}"],
-            cwd=scratch,
-            what=f"the Kafka {KAFKA_VERSION} jars",
-            error=KafkaError,
-            quiet=quiet,
-            timeout_s=900,
-        )
+        with maven_repository(fresh) as repository:
+            run_maven(
+                ["dependency:copy-dependencies", "-DincludeScope=runtime"]
+                + [f"-DoutputDirectory={scratch / 'lib'}"],
+                cwd=scratch,
+                what=what,
+                error=KafkaError,
+                quiet=quiet,
+                timeout_s=900,
+                local_repository=repository,
+            )
+        verify_digests(scratch / "lib", KAFKA_JARS, pattern="*.jar", what=what, error=KafkaError)
         jars = sorted(path.name for path in (scratch / "lib").glob("*.jar"))
-        if f"kafka_{SCALA_VERSION}-{KAFKA_VERSION}.jar" not in jars:
-            raise KafkaError(f"the Maven fetch did not produce the broker jar; got {jars}")
         return scratch / "lib", "\n".join(jars) + "\n"
 
-    return fetch_once(jars_dir, fetch, marker=_MARKER)
+    return fetch_once(jars_dir, fetch, marker=_MARKER, fresh=fresh)
 
 
 def _cluster_id() -> str:
@@ -280,13 +287,20 @@ class KafkaServer(StartStop):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mesh.infra.kafka", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("fetch", help="fetch the broker jars into the state dir (once per machine)")
+    fetch = sub.add_parser(
+        "fetch", help="fetch the broker jars into the state dir (once per machine)"
+    )
+    fetch.add_argument(
+        "--fresh",
+        action="store_true",
+        help="fetch again through an empty Maven repository, as a new machine would",
+    )
     sub.add_parser("run", help="start a broker and keep it running until interrupted")
     args = parser.parse_args(argv)
     state_dir = default_state_dir(os.environ)
     try:
         if args.command == "fetch":
-            print(fetch_jars(default_jars_dir(state_dir), quiet=False))
+            print(fetch_jars(default_jars_dir(state_dir), quiet=False, fresh=args.fresh))
             return 0
         server = KafkaServer(state_dir)
         with server as bootstrap:

@@ -1,19 +1,28 @@
 """Fetching from Maven Central once per machine: Kafka's broker jars, Elasticsearch's distribution.
 
 Both come through the ``mvn`` client, whose local repository (``~/.m2``) doubles as a download
-cache. A fetch works in a scratch directory and moves its result into place; a marker file,
-written last, makes an interrupted fetch be redone and a completed one never run Maven again
-(not even its update checks); a file lock keeps two test sessions (or CI jobs on one runner)
-from fetching into the same place at once.
+cache. Maven's own checksum policy is not what we rely on: Central serves no checksum file for
+some artifacts (the Elasticsearch zip), and a mirror may serve none at all. Instead every file a
+fetch produces is checked against the SHA-256 digests pinned in ``mesh.infra.digests``, and a
+missing, extra or different file fails the fetch.
+
+A fetch works in a scratch directory and moves its result into place only once verified; a
+marker file, written last, makes an interrupted fetch be redone and a completed one never run
+Maven again (not even its update checks); a file lock keeps two test sessions (or CI jobs on one
+runner) from fetching into the same place at once. ``fresh=True`` fetches again into an empty,
+throwaway Maven repository, as a machine that never ran the project would: CI does that on every
+run so the cold path cannot rot unnoticed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 
@@ -29,17 +38,20 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def fetch_once(target: Path, fetch: Callable[[Path], tuple[Path, str]], *, marker: str) -> Path:
+def fetch_once(
+    target: Path, fetch: Callable[[Path], tuple[Path, str]], *, marker: str, fresh: bool = False
+) -> Path:
     """``target`` as ``fetch`` builds it, built only if its ``marker`` file is missing.
 
     ``fetch(scratch)`` works in the empty directory ``scratch`` and returns the directory (inside
     it) to install as ``target`` and the text of the marker file. Returns ``target``, absolute.
+    ``fresh`` builds it again even when complete; the old one stays until the new one is ready.
     """
     target = target.absolute()
-    if (target / marker).exists():
+    if (target / marker).exists() and not fresh:
         return target
     with file_lock(target.parent / f".{target.name}.lock"):
-        if (target / marker).exists():
+        if (target / marker).exists() and not fresh:
             return target  # fetched by whoever held the lock before us
         scratch = target.parent / f"{target.name}.partial"
         shutil.rmtree(scratch, ignore_errors=True)
@@ -62,10 +74,12 @@ def run_maven(
     error: type[Exception],
     quiet: bool = True,
     timeout_s: float = 1800.0,
+    local_repository: Path | None = None,
 ) -> None:
     """Run ``mvn args`` in batch mode in ``cwd``; raise ``error`` with its output if it fails.
 
-    ``what`` names what is being fetched, in messages.
+    ``what`` names what is being fetched, in messages. ``local_repository`` replaces ``~/.m2``
+    for this run (an empty one makes Maven download everything, plugins included).
     """
     mvn = shutil.which("mvn")
     if mvn is None:
@@ -74,8 +88,10 @@ def run_maven(
         mvn,
         "-B",
         *(["-q"] if quiet else []),
-        "-C",  # a checksum mismatch fails the fetch instead of warning
+        # Lax: a missing checksum file only warns. verify_digests below is the check that counts.
+        "-c",
         "-Dstyle.color=never",
+        *([f"-Dmaven.repo.local={local_repository}"] if local_repository else []),
         *args,
     ]
     try:
@@ -88,4 +104,57 @@ def run_maven(
         raise error(
             f"fetching {what} failed ({' '.join(command)}):\n"
             f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        )
+
+
+@contextlib.contextmanager
+def maven_repository(fresh: bool) -> Iterator[Path | None]:
+    """The local repository for a fetch: ``~/.m2`` (None), or a throwaway empty one if ``fresh``."""
+    if not fresh:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="mesh-m2-") as empty:
+        yield Path(empty)
+
+
+def sha256_file(path: Path) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_digests(
+    directory: Path,
+    pinned: Mapping[str, str],
+    *,
+    pattern: str,
+    what: str,
+    error: type[Exception],
+) -> None:
+    """Check that the files matching ``pattern`` in ``directory`` are exactly ``pinned``.
+
+    Raise ``error`` naming each missing, unexpected or different file (with the expected and
+    actual SHA-256), so that a person can tell a corrupt download from a changed dependency.
+    """
+    found = {path.name: path for path in directory.glob(pattern) if path.is_file()}
+    problems = [f"missing: {name}" for name in sorted(pinned.keys() - found.keys())]
+    problems += [
+        f"not pinned (the dependency set changed?): {name}"
+        for name in sorted(found.keys() - pinned.keys())
+    ]
+    for name in sorted(found.keys() & pinned.keys()):
+        got = sha256_file(found[name])
+        if got != pinned[name]:
+            problems.append(f"{name}: expected sha256 {pinned[name]}, got {got}")
+    if problems:
+        raise error(
+            f"{what}: the download does not match the digests pinned in mesh/infra/digests.py, "
+            "so nothing was installed:\n  "
+            + "\n  ".join(problems)
+            + "\nA corrupt or tampered download: run the fetch again with --fresh (an empty"
+            " Maven repository). A deliberate version change: pin the new digests in"
+            " mesh/infra/digests.py."
         )

@@ -122,6 +122,22 @@ def test_fetch_is_skipped_once_the_marker_exists(
     assert fetch_distribution(home) == home
 
 
+def test_a_zip_that_differs_from_its_pinned_digest_is_never_unpacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fake_maven(args: list[str], **kwargs: object) -> None:
+        out = Path(next(a for a in args if a.startswith("-DoutputDirectory=")).split("=", 1)[1])
+        out.mkdir(parents=True)
+        with zipfile.ZipFile(out / f"elasticsearch-{ES_VERSION}.zip", "w") as zipped:
+            zipped.writestr(f"elasticsearch-{ES_VERSION}/bin/elasticsearch", "#!/bin/sh\n")
+
+    monkeypatch.setattr(es, "run_maven", fake_maven)
+    with pytest.raises(ElasticsearchError, match=r"elasticsearch-[0-9.]+zip: expected sha256"):
+        fetch_distribution(tmp_path / "home")
+    assert not (tmp_path / "home").exists()
+    assert not (tmp_path / "home.partial").exists()
+
+
 def test_fetch_without_maven_says_how_to_get_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

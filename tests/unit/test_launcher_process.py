@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.infra.maven import fetch_once, run_maven
+from mesh.infra.maven import fetch_once, run_maven, sha256_file, verify_digests
 from mesh.infra.process import ServerProcess, log_tail, spawn, wait_until
 
 
@@ -186,3 +186,51 @@ def test_run_maven_failures_quote_its_output(
         StartError, match=r"(?s)fetching the widget failed .*could not resolve .*x:y"
     ):
         run_maven(["x:y"], cwd=tmp_path, what="the widget", error=StartError)
+
+
+def test_fetch_once_fresh_rebuilds_and_keeps_the_old_copy_until_the_new_one_is_ready(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "thing"
+
+    def build(text: str) -> object:
+        def fetch(scratch: Path) -> tuple[Path, str]:
+            (scratch / "out").mkdir()
+            (scratch / "out" / "a.jar").write_text(text)
+            return scratch / "out", text
+
+        return fetch
+
+    def broken(scratch: Path) -> tuple[Path, str]:
+        raise StartError("digest mismatch")
+
+    fetch_once(target, build("one"), marker=".done")  # type: ignore[arg-type]
+    with pytest.raises(StartError):
+        fetch_once(target, broken, marker=".done", fresh=True)
+    assert (target / "a.jar").read_text() == "one"  # a failed refetch removes nothing
+    fetch_once(target, build("two"), marker=".done", fresh=True)  # type: ignore[arg-type]
+    assert (target / "a.jar").read_text() == "two"
+
+
+def test_verify_digests_names_every_missing_extra_and_different_file(tmp_path: Path) -> None:
+    (tmp_path / "good.jar").write_bytes(b"good")
+    (tmp_path / "bad.jar").write_bytes(b"tampered")
+    (tmp_path / "extra.jar").write_bytes(b"extra")
+    (tmp_path / "notes.txt").write_bytes(b"not matched by the pattern")
+    good = sha256_file(tmp_path / "good.jar")
+    assert good == "770e607624d689265ca6c44884d0807d9b054d23c473c106c72be9de08b7376c"
+    pinned = {"good.jar": good, "bad.jar": "0" * 64, "gone.jar": "1" * 64}
+    with pytest.raises(StartError) as caught:
+        verify_digests(tmp_path, pinned, pattern="*.jar", what="the widget", error=StartError)
+    message = str(caught.value)
+    assert message.startswith("the widget: the download does not match")
+    assert "missing: gone.jar" in message
+    assert "not pinned (the dependency set changed?): extra.jar" in message
+    bad = sha256_file(tmp_path / "bad.jar")
+    assert f"bad.jar: expected sha256 {'0' * 64}, got {bad}" in message
+    assert "good.jar" not in message.split("\n", 1)[1]
+    assert "mesh/infra/digests.py" in message
+    del pinned["gone.jar"], pinned["bad.jar"]
+    (tmp_path / "bad.jar").unlink()
+    (tmp_path / "extra.jar").unlink()
+    verify_digests(tmp_path, pinned, pattern="*.jar", what="the widget", error=StartError)

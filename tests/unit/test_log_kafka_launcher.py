@@ -27,6 +27,41 @@ def test_fetch_without_maven_says_how_to_get_it(
         fetch_jars(tmp_path / "lib")
 
 
+def _fake_maven(bin_dir: Path, jar_text: str) -> Path:
+    """An ``mvn`` that writes every pinned jar name, with ``jar_text`` as the broker jar's bytes."""
+    bin_dir.mkdir()
+    names = " ".join(kafka.KAFKA_JARS)
+    script = bin_dir / "mvn"
+    script.write_text(
+        "#!/bin/sh\n"
+        'for arg in "$@"; do case $arg in -DoutputDirectory=*) out=${arg#*=};; '
+        '-Dmaven.repo.local=*) echo "$arg" > "$MVN_ARGS_LOG";; esac; done\n'
+        'mkdir -p "$out"\n'
+        f'for name in {names}; do echo "$name" > "$out/$name"; done\n'
+        f'printf %s "{jar_text}" > "$out/kafka_2.13-{kafka.KAFKA_VERSION}.jar"\n'
+    )
+    script.chmod(0o755)
+    return bin_dir
+
+
+def test_a_jar_that_differs_from_its_pinned_digest_installs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", f"{_fake_maven(tmp_path / 'bin', 'tampered')}:/usr/bin:/bin")
+    monkeypatch.setenv("MVN_ARGS_LOG", str(tmp_path / "args"))
+    with pytest.raises(KafkaError) as caught:
+        fetch_jars(tmp_path / "lib", fresh=True)
+    message = str(caught.value)
+    assert f"kafka_2.13-{kafka.KAFKA_VERSION}.jar: expected sha256 " in message
+    assert kafka.KAFKA_JARS[f"kafka_2.13-{kafka.KAFKA_VERSION}.jar"] in message
+    assert not (tmp_path / "lib").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lib.lock", "args", "bin"]
+    # --fresh used a throwaway repository, gone once the fetch ended.
+    repository = (tmp_path / "args").read_text().strip().split("=", 1)[1]
+    assert repository.rsplit("/", 1)[1].startswith("mesh-m2-")
+    assert not Path(repository).exists()
+
+
 def test_jars_are_cached_per_version_under_the_state_dir(tmp_path: Path) -> None:
     assert default_jars_dir(tmp_path) == (
         tmp_path / "infra" / "kafka" / f"kafka-{kafka.KAFKA_VERSION}" / "lib"
