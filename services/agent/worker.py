@@ -18,23 +18,10 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
-from mesh import metrics
+from mesh import metrics, turnlog
 from mesh.errors import InvalidArgument, MeshError, to_status_proto
 from mesh.generation import FinishReason, TokenUsage, TurnTimings
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, LogError, Record
-from mesh.turnlog import (
-    FirstWins,
-    TokenEmitted,
-    TurnCancelled,
-    TurnEvent,
-    TurnFinished,
-    TurnRequested,
-    TurnStarted,
-    UndecodableRecord,
-    decode_event,
-    decode_request,
-    encode,
-)
 from services.agent.clients import DependencyClients
 from services.agent.core import (
     METRICS_SERVICE,
@@ -65,11 +52,11 @@ async def _closing(iterator: AsyncIterator[Record]) -> AsyncGenerator[AsyncItera
             await aclose()
 
 
-def _read_request(value: bytes) -> TurnRequested | None:
+def _read_request(value: bytes) -> turnlog.TurnRequested | None:
     """The request in a record; None (and a log line) if it is not a readable TurnRequested."""
     try:
-        turn = decode_request(value)
-    except UndecodableRecord:
+        turn = turnlog.decode_request(value)
+    except turnlog.UndecodableRecord:
         log.error("unreadable TurnRequested record (%d bytes); skipping it", len(value))
         return None
     if not turn.turn_id or not turn.conversation_id:
@@ -78,10 +65,10 @@ def _read_request(value: bytes) -> TurnRequested | None:
     return turn
 
 
-def _read_event(value: bytes) -> TurnEvent | None:
+def _read_event(value: bytes) -> turnlog.TurnEvent | None:
     try:
-        return decode_event(value)
-    except UndecodableRecord:
+        return turnlog.decode_event(value)
+    except turnlog.UndecodableRecord:
         return None
 
 
@@ -91,7 +78,7 @@ class _PriorEvents:
 
     finished: bool = False
     cancelled: bool = False
-    tokens: FirstWins[int, str] = field(default_factory=FirstWins)
+    tokens: turnlog.FirstWins[int, str] = field(default_factory=turnlog.FirstWins)
 
     @property
     def last_seq(self) -> int:
@@ -204,7 +191,7 @@ class TurnWorker:
                     async for record in records:
                         start = record.offset + 1
                         event = _read_event(record.value)
-                        if isinstance(event, TurnCancelled):
+                        if isinstance(event, turnlog.TurnCancelled):
                             self._note_cancel(event.turn_id)
             except LogError as error:
                 log.warning("event tail of partition %d failed (%s); retrying", partition, error)
@@ -276,7 +263,7 @@ class TurnWorker:
             if not generating:
                 metrics.QUEUE_DEPTH.labels(METRICS_SERVICE).dec()
 
-    async def _prior_events(self, turn: TurnRequested) -> _PriorEvents:
+    async def _prior_events(self, turn: turnlog.TurnRequested) -> _PriorEvents:
         prior = _PriorEvents()
         end = await self._log.end_offset(TURN_EVENTS, turn.events_partition)
         records = await self._log.read_range(
@@ -286,17 +273,17 @@ class TurnWorker:
             event = _read_event(record.value)
             if event is None or event.turn_id != turn.turn_id:
                 continue
-            if isinstance(event, TurnFinished):
+            if isinstance(event, turnlog.TurnFinished):
                 prior.finished = True
-            elif isinstance(event, TurnCancelled):
+            elif isinstance(event, turnlog.TurnCancelled):
                 prior.cancelled = True
-            elif isinstance(event, TokenEmitted) and event.seq > 0:
+            elif isinstance(event, turnlog.TokenEmitted) and event.seq > 0:
                 prior.tokens.offer(event.seq, event.text)
         return prior
 
     async def _run_turn(
         self,
-        turn: TurnRequested,
+        turn: turnlog.TurnRequested,
         record: Record,
         prior: _PriorEvents,
         cancel: asyncio.Event,
@@ -321,8 +308,8 @@ class TurnWorker:
         if last_seq:
             log.info("turn %s: continuing after seq %d", turn.turn_id, last_seq)
         append(
-            encode(
-                TurnStarted(
+            turnlog.encode(
+                turnlog.TurnStarted(
                     turn.turn_id,
                     turn.conversation_id,
                     turn.tenant_id,
@@ -375,8 +362,8 @@ class TurnWorker:
                             if first_token_at is None:
                                 first_token_at = time.monotonic()
                             append(
-                                encode(
-                                    TokenEmitted(
+                                turnlog.encode(
+                                    turnlog.TokenEmitted(
                                         turn.turn_id,
                                         last_seq,
                                         event.text,
@@ -406,8 +393,8 @@ class TurnWorker:
             reason = FinishReason.ERROR
         now = time.monotonic()
         append(
-            encode(
-                TurnFinished(
+            turnlog.encode(
+                turnlog.TurnFinished(
                     turn.turn_id,
                     finish_reason=reason,
                     usage=TokenUsage(prompt_tokens, len(prior.tokens) + new_tokens),

@@ -16,7 +16,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Protocol
 
-from mesh import metrics
+from mesh import metrics, turnlog
 from mesh.auth import Principal, RateLimiter
 from mesh.codec import finish_reason_from_proto
 from mesh.errors import (
@@ -30,18 +30,6 @@ from mesh.errors import (
 from mesh.generation import FinishReason, TurnTimings, validate_options
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, LogError, partition_for
 from mesh.turn_ids import new_turn_ref, parse_turn_id
-from mesh.turnlog import (
-    FirstWins,
-    TokenEmitted,
-    TurnCancelled,
-    TurnEvent,
-    TurnFinished,
-    TurnRequested,
-    TurnStarted,
-    UndecodableRecord,
-    decode_request,
-    encode,
-)
 from services.gateway.hub import Subscription, TurnHub
 from services.gateway.model import (
     Accepted,
@@ -314,8 +302,8 @@ class TurnStream:
         self.started = False
         self.done = False
         self._queue = queue
-        self._pending: deque[TurnEvent] = deque()
-        self._early: FirstWins[int, TokenEmitted] = FirstWins()
+        self._pending: deque[turnlog.TurnEvent] = deque()
+        self._early: turnlog.FirstWins[int, turnlog.TokenEmitted] = turnlog.FirstWins()
         self._outbox: list[Output] = [
             Accepted(info.turn_id, info.conversation_id, max(position, 0))
         ]
@@ -348,7 +336,7 @@ class TurnStream:
             return True
         if self._pending:
             head = self._pending[0]
-            return type(head) is not TokenEmitted or credit > 0 or head.seq <= self.last_seq
+            return type(head) is not turnlog.TokenEmitted or credit > 0 or head.seq <= self.last_seq
         if credit > 0 and (self.last_seq + 1) in self._early:
             return True
         return self.sub.ready()
@@ -380,7 +368,7 @@ class TurnStream:
             if not pending:
                 break
             event = pending[0]
-            if type(event) is TokenEmitted:
+            if type(event) is turnlog.TokenEmitted:
                 seq = event.seq
                 if seq <= self.last_seq:
                     # A replay, or a zombie agent's copy: the first record in log order won.
@@ -398,18 +386,18 @@ class TurnStream:
                     early.offer(seq, event)
                 continue
             pending.popleft()
-            if isinstance(event, TurnStarted):
+            if isinstance(event, turnlog.TurnStarted):
                 self._on_started(out)
-            elif isinstance(event, TurnCancelled):
+            elif isinstance(event, turnlog.TurnCancelled):
                 if not self.started:
                     # Cancelled while queued: no agent will generate it (the one that claims it
                     # finds the cancel first), so the stream ends now instead of waiting for one.
                     self._finish(FinishReason.CANCELLED, out)
-            elif isinstance(event, TurnFinished):
+            elif isinstance(event, turnlog.TurnFinished):
                 self._finish(finish_reason_from_proto(event.finish_reason), out, event)
         return out, used
 
-    def _emit(self, event: TokenEmitted, out: list[Output]) -> None:
+    def _emit(self, event: turnlog.TokenEmitted, out: list[Output]) -> None:
         now = time.perf_counter()
         if self._first_token_at is None:
             self._first_token_at = now
@@ -439,7 +427,7 @@ class TurnStream:
                 out.append(Accepted(self.info.turn_id, self.info.conversation_id, 0))
 
     def _finish(
-        self, reason: FinishReason, out: list[Output], event: TurnFinished | None = None
+        self, reason: FinishReason, out: list[Output], event: turnlog.TurnFinished | None = None
     ) -> None:
         timings = event.timings if event is not None else None
         if self.owner and self._accepted_at is not None:
@@ -668,8 +656,8 @@ class GatewayCore:
             turn_id = str(new_turn_ref(partition, request_start, events_start))
             # Subscribed before the request exists, so no event of this turn can slip past us.
             sub = self.hub.subscribe(turn_id, partition, events_start, notify)
-            value = encode(
-                TurnRequested(
+            value = turnlog.encode(
+                turnlog.TurnRequested(
                     turn_id=turn_id,
                     conversation_id=conversation_id,
                     tenant_id=principal.tenant_id,
@@ -791,8 +779,8 @@ class GatewayCore:
                 raise _log_unavailable(error) from error
             for record in records:
                 try:
-                    decoded = decode_request(record.value)
-                except UndecodableRecord:
+                    decoded = turnlog.decode_request(record.value)
+                except turnlog.UndecodableRecord:
                     continue
                 if decoded.turn_id == turn_id:
                     return TurnInfo(
@@ -849,7 +837,9 @@ class GatewayCore:
 
     async def cancel(self, info: TurnInfo) -> None:
         """Log a TurnCancelled for the turn and wait until it is durable."""
-        value = encode(TurnCancelled(info.turn_id, info.conversation_id, info.tenant_id))
+        value = turnlog.encode(
+            turnlog.TurnCancelled(info.turn_id, info.conversation_id, info.tenant_id)
+        )
         try:
             await asyncio.shield(
                 self.log.append(TURN_EVENTS, info.partition, info.conversation_id.encode(), value)

@@ -22,8 +22,8 @@ import logging
 from collections import deque
 from collections.abc import Container
 
+from mesh import turnlog
 from mesh.log import TURN_EVENTS, EventLog, Record
-from mesh.turnlog import TurnEvent, UndecodableRecord, decode_event
 
 _log = logging.getLogger(__name__)
 
@@ -31,11 +31,11 @@ _log = logging.getLogger(__name__)
 CATCH_UP_CHUNK = 1000
 
 
-def _decode(record: Record, wanted: Container[str]) -> TurnEvent | None:
+def _decode(record: Record, wanted: Container[str]) -> turnlog.TurnEvent | None:
     """The record's event if it belongs to a wanted turn; None for others and for garbage."""
     try:
-        return decode_event(record.value, turns=wanted)
-    except UndecodableRecord:
+        return turnlog.decode_event(record.value, turns=wanted)
+    except turnlog.UndecodableRecord:
         _log.warning("undecodable turn event at offset %d skipped", record.offset)
         return None
 
@@ -77,7 +77,7 @@ class Subscription:
         self.notify = notify
         self._hub = hub
         # (offset, event): the offset is where a later catch-up read resumes.
-        self._buffer: deque[tuple[int, TurnEvent]] = deque()
+        self._buffer: deque[tuple[int, turnlog.TurnEvent]] = deque()
         self._capacity = capacity
         self._lagging = from_offset < hub.position(partition)
         self._closed = False
@@ -95,7 +95,7 @@ class Subscription:
         """Whether ``take`` has something to do right now."""
         return not self._closed and (bool(self._buffer) or self._lagging)
 
-    def _push(self, offset: int, event: TurnEvent) -> None:
+    def _push(self, offset: int, event: turnlog.TurnEvent) -> None:
         # Records below next_offset were handed out already (by a catch-up read); records that
         # arrive while lagging will be read back from the log instead.
         if self._lagging or offset < self.next_offset:
@@ -107,7 +107,7 @@ class Subscription:
             self._buffer.append((offset, event))
         self.notify.set()
 
-    async def take(self, limit: int = 1024) -> list[TurnEvent]:
+    async def take(self, limit: int = 1024) -> list[turnlog.TurnEvent]:
         """Up to ``limit`` events in log order; empty when nothing is ready (wait on ``notify``)."""
         buffer = self._buffer
         if buffer:
@@ -119,7 +119,7 @@ class Subscription:
             return await self._catch_up(limit)
         return []
 
-    async def _catch_up(self, limit: int) -> list[TurnEvent]:
+    async def _catch_up(self, limit: int) -> list[turnlog.TurnEvent]:
         hub, out = self._hub, []
         while self._lagging and not self._closed:
             end = hub.position(self.partition)

@@ -5,14 +5,8 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
+from mesh import turnlog
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, Record
-from mesh.turnlog import (
-    TokenEmitted,
-    TurnFinished,
-    UndecodableRecord,
-    decode_event,
-    decode_request,
-)
 from services.persister.core import EPOCH, Event, TokenEvent, TurnEnd, UserTurn, utc_from_ms
 
 log = logging.getLogger(__name__)
@@ -34,7 +28,7 @@ def decode(record: Record) -> Event | None:
             return _request(record)
         if record.topic == TURN_EVENTS:
             return _event(record)
-    except UndecodableRecord as error:
+    except turnlog.UndecodableRecord as error:
         log.warning(
             "skipping %s[%d]@%d: not a valid protobuf record (%s)",
             record.topic,
@@ -56,7 +50,7 @@ def _skip(record: Record, what: str) -> None:
 
 
 def _request(record: Record) -> Event | None:
-    req = decode_request(record.value)
+    req = turnlog.decode_request(record.value)
     if not (req.turn_id and req.conversation_id and req.tenant_id):
         _skip(record, "TurnRequested without turn, conversation or tenant id")
         return None
@@ -71,13 +65,13 @@ def _request(record: Record) -> Event | None:
 
 
 def _event(record: Record) -> Event | None:
-    event = decode_event(record.value)
-    if isinstance(event, TokenEmitted):
+    event = turnlog.decode_event(record.value)
+    if isinstance(event, turnlog.TokenEmitted):
         if not event.turn_id or event.seq < 1:
             _skip(record, "TokenEmitted without turn id or with seq < 1")
             return None
         return TokenEvent(event.turn_id, event.seq, _clean(event.text))
-    if isinstance(event, TurnFinished):
+    if isinstance(event, turnlog.TurnFinished):
         if not (event.turn_id and event.conversation_id and event.tenant_id):
             _skip(record, "TurnFinished without turn, conversation or tenant id")
             return None

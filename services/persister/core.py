@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, Self
 
+from mesh import turnlog
 from mesh.errors import InvalidArgument, NotFound, Unavailable
 from mesh.generation import FinishReason
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, GroupConsumer, LogError, Record
 from mesh.turn_ids import TurnRef
-from mesh.turnlog import FirstWins
 from services.persister import metrics
 
 log = logging.getLogger(__name__)
@@ -295,9 +295,9 @@ def assemble(records: Iterable[Record], decode: Decoder) -> BatchPlan:
     a turn's records share a partition, so consumption order is log order for each turn.
     """
     plan = BatchPlan()
-    seen_users: FirstWins[str, UserTurn] = FirstWins()
-    seen_tokens: FirstWins[tuple[str, int], TokenEvent] = FirstWins()
-    seen_finishes: FirstWins[str, TurnEnd] = FirstWins()
+    seen_users: turnlog.FirstWins[str, UserTurn] = turnlog.FirstWins()
+    seen_tokens: turnlog.FirstWins[tuple[str, int], TokenEvent] = turnlog.FirstWins()
+    seen_finishes: turnlog.FirstWins[str, TurnEnd] = turnlog.FirstWins()
     conversations: dict[tuple[str, str], ConversationRow] = {}
     for record in records:
         plan.events += 1
