@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from chat.common.v1 import common_pb2
 
-from mesh.generation import FinishReason, GenerationOptions
+from mesh.generation import FinishReason, GenerationOptions, TokenUsage, TurnTimings
 
 __all__ = [
     "finish_reason_from_proto",
     "finish_reason_to_proto",
     "options_from_proto",
     "options_to_proto",
+    "timings_from_proto",
+    "timings_to_proto",
+    "usage_from_proto",
+    "usage_to_proto",
 ]
 
 _FINISH_REASONS: dict[FinishReason, common_pb2.FinishReason] = {
@@ -60,4 +64,32 @@ def options_from_proto(message: common_pb2.GenerationOptions) -> GenerationOptio
         top_p=message.top_p if message.HasField("top_p") else None,
         stop_sequences=tuple(message.stop_sequences),
         seed=message.seed if message.HasField("seed") else None,
+    )
+
+
+def usage_to_proto(usage: TokenUsage) -> common_pb2.TokenUsage:
+    return common_pb2.TokenUsage(
+        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens
+    )
+
+
+def usage_from_proto(message: common_pb2.TokenUsage) -> TokenUsage:
+    return TokenUsage(message.prompt_tokens, message.completion_tokens)
+
+
+def timings_to_proto(timings: TurnTimings) -> common_pb2.TurnTimings:
+    return common_pb2.TurnTimings(
+        queued_ms=timings.queued_ms,
+        retrieval_ms=timings.retrieval_ms,
+        time_to_first_token_ms=timings.time_to_first_token_ms,
+        total_ms=timings.total_ms,
+    )
+
+
+def timings_from_proto(message: common_pb2.TurnTimings) -> TurnTimings:
+    return TurnTimings(
+        message.queued_ms,
+        message.retrieval_ms,
+        message.time_to_first_token_ms,
+        message.total_ms,
     )

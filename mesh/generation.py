@@ -1,4 +1,5 @@
-"""Plain values every service shares about a generation: why it ended and how to sample it.
+"""Plain values every service shares about a generation: how to sample it, why it ended, what
+it used and how long it took.
 
 No protobuf here, so core modules can use it; ``mesh.codec`` converts to and from
 ``chat.common.v1``.
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 from mesh.errors import InvalidArgument
 
-__all__ = ["FinishReason", "GenerationOptions", "validate_options"]
+__all__ = ["FinishReason", "GenerationOptions", "TokenUsage", "TurnTimings", "validate_options"]
 
 
 class FinishReason(enum.IntEnum):
@@ -39,6 +40,24 @@ class GenerationOptions:
     top_p: float | None = None
     stop_sequences: tuple[str, ...] = ()
     seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Token counts of a turn (``chat.common.v1.TokenUsage``)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TurnTimings:
+    """Phases of a turn in milliseconds (``chat.common.v1.TurnTimings``)."""
+
+    queued_ms: float = 0.0
+    retrieval_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    total_ms: float = 0.0
 
 
 def validate_options(

@@ -59,7 +59,7 @@ class Token:
 
 
 @dataclass(frozen=True, slots=True)
-class Finished:
+class GenerationFinished:
     """The end of a generation. Times are milliseconds from the start of ``stream``."""
 
     finish_reason: FinishReason
@@ -174,7 +174,7 @@ class AgentCore:
 
     async def generate(
         self, request: GenerateRequest, cancel: asyncio.Event
-    ) -> AsyncGenerator[Token | Finished, None]:
+    ) -> AsyncGenerator[Token | GenerationFinished, None]:
         """A direct generation: validate, refuse when too many wait, then ``stream``."""
         validate_request(request, self.limits)
         if self.engine.free_slots == 0 and self._waiting >= self.limits.max_waiting:
@@ -203,8 +203,8 @@ class AgentCore:
         *,
         started_at: float | None = None,
         label: str = "",
-    ) -> AsyncGenerator[Token | Finished, None]:
-        """Generate for ``prompt``; yields ``Token``s, then exactly one ``Finished``.
+    ) -> AsyncGenerator[Token | GenerationFinished, None]:
+        """Generate for ``prompt``; yields ``Token``s, then exactly one ``GenerationFinished``.
 
         Setting ``cancel`` stops generation before the next token. ``started_at``
         (``time.monotonic()``) is where the time-to-first-token metric counts from.
@@ -283,9 +283,9 @@ def _finished(
     t0: float,
     first_at: float | None,
     error: str | None = None,
-) -> Finished:
+) -> GenerationFinished:
     now = time.monotonic()
-    return Finished(
+    return GenerationFinished(
         finish_reason=reason,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,

@@ -33,8 +33,8 @@ from services.agent.clients import DependencyClients
 from services.agent.core import (
     METRICS_SERVICE,
     AgentCore,
-    Finished,
     GenerateRequest,
+    GenerationFinished,
     Limits,
     Token,
     check_cancel_frame,
@@ -64,7 +64,7 @@ def _start_request(start: agent_pb2.StartGeneration) -> GenerateRequest:
     )
 
 
-def _finished_frame(event: Finished) -> agent_pb2.GenerateResponse:
+def _finished_frame(event: GenerationFinished) -> agent_pb2.GenerateResponse:
     return agent_pb2.GenerateResponse(
         finished=agent_pb2.GenerationFinished(
             finish_reason=finish_reason_to_proto(event.finish_reason),

@@ -18,16 +18,15 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
-from mesh import metrics
-from mesh.errors import InvalidArgument, MeshError
-from mesh.generation import FinishReason
+from mesh import metrics, turnlog
+from mesh.errors import InvalidArgument, MeshError, to_status_proto
+from mesh.generation import FinishReason, TokenUsage, TurnTimings
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, LogError, Record
-from services.agent import codec
 from services.agent.clients import DependencyClients
 from services.agent.core import (
     METRICS_SERVICE,
     AgentCore,
-    Finished,
+    GenerationFinished,
     Token,
     resolve_options,
 )
@@ -53,13 +52,33 @@ async def _closing(iterator: AsyncIterator[Record]) -> AsyncGenerator[AsyncItera
             await aclose()
 
 
+def _read_request(value: bytes) -> turnlog.TurnRequested | None:
+    """The request in a record; None (and a log line) if it is not a readable TurnRequested."""
+    try:
+        turn = turnlog.decode_request(value)
+    except turnlog.UndecodableRecord:
+        log.error("unreadable TurnRequested record (%d bytes); skipping it", len(value))
+        return None
+    if not turn.turn_id or not turn.conversation_id:
+        log.error("TurnRequested without turn or conversation id; skipping it")
+        return None
+    return turn
+
+
+def _read_event(value: bytes) -> turnlog.TurnEvent | None:
+    try:
+        return turnlog.decode_event(value)
+    except turnlog.UndecodableRecord:
+        return None
+
+
 @dataclass
 class _PriorEvents:
     """What the log already holds for a turn."""
 
     finished: bool = False
     cancelled: bool = False
-    tokens: dict[int, str] = field(default_factory=dict)  # first record per seq wins
+    tokens: turnlog.FirstWins[int, str] = field(default_factory=turnlog.FirstWins)
 
     @property
     def last_seq(self) -> int:
@@ -171,8 +190,8 @@ class TurnWorker:
                 async with _closing(self._log.read(TURN_EVENTS, partition, start)) as records:
                     async for record in records:
                         start = record.offset + 1
-                        event = codec.decode_turn_event(record.value)
-                        if event is not None and event.kind == "cancelled":
+                        event = _read_event(record.value)
+                        if isinstance(event, turnlog.TurnCancelled):
                             self._note_cancel(event.turn_id)
             except LogError as error:
                 log.warning("event tail of partition %d failed (%s); retrying", partition, error)
@@ -218,7 +237,7 @@ class TurnWorker:
                     await asyncio.shield(consumer.close())
 
     async def _handle(self, record: Record) -> None:
-        turn = codec.decode_turn_requested(record.value)
+        turn = _read_request(record.value)
         if turn is None:
             return
         claimed_wall = time.time()
@@ -244,27 +263,27 @@ class TurnWorker:
             if not generating:
                 metrics.QUEUE_DEPTH.labels(METRICS_SERVICE).dec()
 
-    async def _prior_events(self, turn: codec.TurnRequest) -> _PriorEvents:
+    async def _prior_events(self, turn: turnlog.TurnRequested) -> _PriorEvents:
         prior = _PriorEvents()
         end = await self._log.end_offset(TURN_EVENTS, turn.events_partition)
         records = await self._log.read_range(
-            TURN_EVENTS, turn.events_partition, turn.events_start, end
+            TURN_EVENTS, turn.events_partition, turn.events_start_offset, end
         )
         for record in records:
-            event = codec.decode_turn_event(record.value)
+            event = _read_event(record.value)
             if event is None or event.turn_id != turn.turn_id:
                 continue
-            if event.kind == "finished":
+            if isinstance(event, turnlog.TurnFinished):
                 prior.finished = True
-            elif event.kind == "cancelled":
+            elif isinstance(event, turnlog.TurnCancelled):
                 prior.cancelled = True
-            elif event.kind == "token" and event.seq > 0:
-                prior.tokens.setdefault(event.seq, event.text)
+            elif isinstance(event, turnlog.TokenEmitted) and event.seq > 0:
+                prior.tokens.offer(event.seq, event.text)
         return prior
 
     async def _run_turn(
         self,
-        turn: codec.TurnRequest,
+        turn: turnlog.TurnRequested,
         record: Record,
         prior: _PriorEvents,
         cancel: asyncio.Event,
@@ -278,8 +297,9 @@ class TurnWorker:
         def append(value: bytes) -> None:
             appends.append(self._log.append(TURN_EVENTS, partition, key, value))
 
-        # Timings count from the gateway's acceptance; fall back to our claim.
-        accepted_wall = turn.accepted_at_s or claimed_wall
+        # Timings count from the gateway's acceptance; fall back to our claim (also when the
+        # gateway left accepted_at unset or zero).
+        accepted_wall = (turn.accepted_at_ns or 0) / 1e9 or claimed_wall
 
         def since_accepted_ms(monotonic_at: float) -> float:
             return max(0.0, (claimed_wall + (monotonic_at - claimed) - accepted_wall) * 1000)
@@ -288,12 +308,16 @@ class TurnWorker:
         if last_seq:
             log.info("turn %s: continuing after seq %d", turn.turn_id, last_seq)
         append(
-            codec.encode_started(
-                turn,
-                agent_id=self._agent_id,
-                request_partition=record.partition,
-                request_offset=record.offset,
-                resumed_after_seq=last_seq,
+            turnlog.encode(
+                turnlog.TurnStarted(
+                    turn.turn_id,
+                    turn.conversation_id,
+                    turn.tenant_id,
+                    agent_id=self._agent_id,
+                    request_partition=record.partition,
+                    request_offset=record.offset,
+                    resumed_after_seq=last_seq,
+                )
             )
         )
         options = resolve_options(turn.options, self._core.limits)
@@ -325,7 +349,7 @@ class TurnWorker:
                 assistant_prefix=prior.text,
             )
             step_options = dataclasses.replace(options, max_tokens=remaining)
-            finished: Finished | None = None
+            finished: GenerationFinished | None = None
             try:
                 async with contextlib.aclosing(
                     self._core.stream(
@@ -337,7 +361,17 @@ class TurnWorker:
                             last_seq += 1
                             if first_token_at is None:
                                 first_token_at = time.monotonic()
-                            append(codec.encode_token(turn, last_seq, event.text))
+                            append(
+                                turnlog.encode(
+                                    turnlog.TokenEmitted(
+                                        turn.turn_id,
+                                        last_seq,
+                                        event.text,
+                                        turn.conversation_id,
+                                        turn.tenant_id,
+                                    )
+                                )
+                            )
                             if self._current is not None:
                                 self._current.last_seq = last_seq
                         else:
@@ -359,26 +393,32 @@ class TurnWorker:
             reason = FinishReason.ERROR
         now = time.monotonic()
         append(
-            codec.encode_finished(
-                turn,
-                reason=reason,
-                usage=codec.Usage(prompt_tokens, len(prior.tokens) + new_tokens),
-                timings=codec.Timings(
-                    queued_ms=max(0.0, (claimed_wall - accepted_wall) * 1000),
-                    retrieval_ms=retrieval_ms,
-                    time_to_first_token_ms=(
-                        since_accepted_ms(first_token_at) if first_token_at is not None else 0.0
+            turnlog.encode(
+                turnlog.TurnFinished(
+                    turn.turn_id,
+                    finish_reason=reason,
+                    usage=TokenUsage(prompt_tokens, len(prior.tokens) + new_tokens),
+                    timings=TurnTimings(
+                        queued_ms=max(0.0, (claimed_wall - accepted_wall) * 1000),
+                        retrieval_ms=retrieval_ms,
+                        time_to_first_token_ms=(
+                            since_accepted_ms(first_token_at) if first_token_at is not None else 0.0
+                        ),
+                        total_ms=since_accepted_ms(now),
                     ),
-                    total_ms=since_accepted_ms(now),
-                ),
-                last_seq=last_seq,
-                model=self._core.model_name,
-                error=error,
-                cancel_seen_at_seq=(
-                    self._current.cancel_seen_at_seq
-                    if reason is FinishReason.CANCELLED and self._current is not None
-                    else 0
-                ),
+                    error_status=(
+                        to_status_proto(error).SerializeToString() if error is not None else b""
+                    ),
+                    conversation_id=turn.conversation_id,
+                    tenant_id=turn.tenant_id,
+                    last_seq=last_seq,
+                    model=self._core.model_name,
+                    cancel_seen_at_seq=(
+                        self._current.cancel_seen_at_seq
+                        if reason is FinishReason.CANCELLED and self._current is not None
+                        else 0
+                    ),
+                )
             )
         )
         # The request is committed by the caller only once everything above is durable.

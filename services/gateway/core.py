@@ -1,7 +1,8 @@
 """The gateway's logic: validation, accepting turns, resume, cancel, and the Chat session.
 
 No protobuf here: the servicer converts messages to the plain values of ``model`` and back, and
-``codec`` turns log records into those values. See docs/protocol.md for the life of a turn.
+log records are read and written as ``mesh.turnlog`` events. See docs/protocol.md for the life of
+a turn.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Protocol
 
-from mesh import metrics
+from mesh import metrics, turnlog
 from mesh.auth import Principal, RateLimiter
+from mesh.codec import finish_reason_from_proto
 from mesh.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -25,32 +27,24 @@ from mesh.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from mesh.generation import FinishReason, validate_options
+from mesh.generation import FinishReason, TurnTimings, validate_options
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, LogError, partition_for
 from mesh.turn_ids import new_turn_ref, parse_turn_id
-from services.gateway.codec import (
-    decode_turn_requested,
-    encode_turn_cancelled,
-    encode_turn_requested,
-)
 from services.gateway.hub import Subscription, TurnHub
 from services.gateway.model import (
     Accepted,
     CancelFrame,
     CreditFrame,
-    EventKind,
-    Finished,
+    FinishedOut,
     Frame,
     FrameError,
     Output,
     ResumeFrame,
     StartFrame,
     StartRequest,
-    Timings,
     TokenOut,
     TokenRunOut,
     TurnError,
-    TurnEventView,
     TurnInfo,
 )
 from services.gateway.settings import GatewaySettings
@@ -308,8 +302,8 @@ class TurnStream:
         self.started = False
         self.done = False
         self._queue = queue
-        self._pending: deque[TurnEventView] = deque()
-        self._early: dict[int, TurnEventView] = {}
+        self._pending: deque[turnlog.TurnEvent] = deque()
+        self._early: turnlog.FirstWins[int, turnlog.TokenEmitted] = turnlog.FirstWins()
         self._outbox: list[Output] = [
             Accepted(info.turn_id, info.conversation_id, max(position, 0))
         ]
@@ -342,7 +336,7 @@ class TurnStream:
             return True
         if self._pending:
             head = self._pending[0]
-            return head.kind is not EventKind.TOKEN or credit > 0 or head.seq <= self.last_seq
+            return type(head) is not turnlog.TokenEmitted or credit > 0 or head.seq <= self.last_seq
         if credit > 0 and (self.last_seq + 1) in self._early:
             return True
         return self.sub.ready()
@@ -374,8 +368,7 @@ class TurnStream:
             if not pending:
                 break
             event = pending[0]
-            kind = event.kind
-            if kind is EventKind.TOKEN:
+            if type(event) is turnlog.TokenEmitted:
                 seq = event.seq
                 if seq <= self.last_seq:
                     # A replay, or a zombie agent's copy: the first record in log order won.
@@ -390,21 +383,21 @@ class TurnStream:
                     continue
                 pending.popleft()
                 if len(early) < MAX_EARLY_TOKENS:
-                    early.setdefault(seq, event)
+                    early.offer(seq, event)
                 continue
             pending.popleft()
-            if kind is EventKind.STARTED:
+            if isinstance(event, turnlog.TurnStarted):
                 self._on_started(out)
-            elif kind is EventKind.CANCELLED:
+            elif isinstance(event, turnlog.TurnCancelled):
                 if not self.started:
                     # Cancelled while queued: no agent will generate it (the one that claims it
                     # finds the cancel first), so the stream ends now instead of waiting for one.
                     self._finish(FinishReason.CANCELLED, out)
-            elif kind is EventKind.FINISHED:
-                self._finish(event.finish_reason, out, event)
+            elif isinstance(event, turnlog.TurnFinished):
+                self._finish(finish_reason_from_proto(event.finish_reason), out, event)
         return out, used
 
-    def _emit(self, event: TurnEventView, out: list[Output]) -> None:
+    def _emit(self, event: turnlog.TokenEmitted, out: list[Output]) -> None:
         now = time.perf_counter()
         if self._first_token_at is None:
             self._first_token_at = now
@@ -434,24 +427,24 @@ class TurnStream:
                 out.append(Accepted(self.info.turn_id, self.info.conversation_id, 0))
 
     def _finish(
-        self, reason: FinishReason, out: list[Output], event: TurnEventView | None = None
+        self, reason: FinishReason, out: list[Output], event: turnlog.TurnFinished | None = None
     ) -> None:
         timings = event.timings if event is not None else None
         if self.owner and self._accepted_at is not None:
             # What the client saw from this gateway, rather than what the agent measured.
             now = time.perf_counter()
-            base = timings or Timings()
+            base = timings or TurnTimings()
             ttft = base.time_to_first_token_ms
             if self._first_token_at is not None:
                 ttft = (self._first_token_at - self._accepted_at) * 1000
-            timings = Timings(
+            timings = TurnTimings(
                 base.queued_ms, base.retrieval_ms, ttft, (now - self._accepted_at) * 1000
             )
         error_status = event.error_status if event is not None else b""
         if reason is FinishReason.ERROR and error_status:
             out.append(TurnError(error_status, self.info.turn_id))
         out.append(
-            Finished(
+            FinishedOut(
                 self.info.turn_id,
                 reason,
                 self.last_seq,
@@ -663,16 +656,18 @@ class GatewayCore:
             turn_id = str(new_turn_ref(partition, request_start, events_start))
             # Subscribed before the request exists, so no event of this turn can slip past us.
             sub = self.hub.subscribe(turn_id, partition, events_start, notify)
-            value = encode_turn_requested(
-                turn_id=turn_id,
-                conversation_id=conversation_id,
-                tenant_id=principal.tenant_id,
-                text=request.text,
-                options=request.options,
-                request_id=request.request_id,
-                events_partition=partition,
-                events_start=events_start,
-                accepted_at_ns=time.time_ns(),
+            value = turnlog.encode(
+                turnlog.TurnRequested(
+                    turn_id=turn_id,
+                    conversation_id=conversation_id,
+                    tenant_id=principal.tenant_id,
+                    user_text=request.text,
+                    options=request.options,
+                    request_id=request.request_id,
+                    accepted_at_ns=time.time_ns(),
+                    events_start_offset=events_start,
+                    events_partition=partition,
+                )
             )
             appended = log.append(TURN_REQUESTS, partition, key, value)
         except BaseException as error:
@@ -783,10 +778,18 @@ class GatewayCore:
             except LogError as error:
                 raise _log_unavailable(error) from error
             for record in records:
-                decoded = decode_turn_requested(record.value)
-                if decoded is not None and decoded[0] == turn_id:
+                try:
+                    decoded = turnlog.decode_request(record.value)
+                except turnlog.UndecodableRecord:
+                    continue
+                if decoded.turn_id == turn_id:
                     return TurnInfo(
-                        turn_id, decoded[1], decoded[2], partition, record.offset, events_start
+                        turn_id,
+                        decoded.conversation_id,
+                        decoded.tenant_id,
+                        partition,
+                        record.offset,
+                        events_start,
                     )
             position = stop
         return None
@@ -834,7 +837,9 @@ class GatewayCore:
 
     async def cancel(self, info: TurnInfo) -> None:
         """Log a TurnCancelled for the turn and wait until it is durable."""
-        value = encode_turn_cancelled(info.turn_id, info.conversation_id, info.tenant_id)
+        value = turnlog.encode(
+            turnlog.TurnCancelled(info.turn_id, info.conversation_id, info.tenant_id)
+        )
         try:
             await asyncio.shield(
                 self.log.append(TURN_EVENTS, info.partition, info.conversation_id.encode(), value)

@@ -20,15 +20,24 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Container
 
-from mesh.log import TURN_EVENTS, EventLog
-from services.gateway.codec import decode_turn_event
-from services.gateway.model import TurnEventView
+from mesh import turnlog
+from mesh.log import TURN_EVENTS, EventLog, Record
 
 _log = logging.getLogger(__name__)
 
 # Records read per catch-up call; a partition holds many conversations' events interleaved.
 CATCH_UP_CHUNK = 1000
+
+
+def _decode(record: Record, wanted: Container[str]) -> turnlog.TurnEvent | None:
+    """The record's event if it belongs to a wanted turn; None for others and for garbage."""
+    try:
+        return turnlog.decode_event(record.value, turns=wanted)
+    except turnlog.UndecodableRecord:
+        _log.warning("undecodable turn event at offset %d skipped", record.offset)
+        return None
 
 
 class Subscription:
@@ -67,7 +76,8 @@ class Subscription:
         self.overflows = 0
         self.notify = notify
         self._hub = hub
-        self._buffer: deque[TurnEventView] = deque()
+        # (offset, event): the offset is where a later catch-up read resumes.
+        self._buffer: deque[tuple[int, turnlog.TurnEvent]] = deque()
         self._capacity = capacity
         self._lagging = from_offset < hub.position(partition)
         self._closed = False
@@ -85,31 +95,31 @@ class Subscription:
         """Whether ``take`` has something to do right now."""
         return not self._closed and (bool(self._buffer) or self._lagging)
 
-    def _push(self, view: TurnEventView) -> None:
+    def _push(self, offset: int, event: turnlog.TurnEvent) -> None:
         # Records below next_offset were handed out already (by a catch-up read); records that
         # arrive while lagging will be read back from the log instead.
-        if self._lagging or view.offset < self.next_offset:
+        if self._lagging or offset < self.next_offset:
             return
         if len(self._buffer) >= self._capacity:
             self._lagging = True
             self.overflows += 1
         else:
-            self._buffer.append(view)
+            self._buffer.append((offset, event))
         self.notify.set()
 
-    async def take(self, limit: int = 1024) -> list[TurnEventView]:
+    async def take(self, limit: int = 1024) -> list[turnlog.TurnEvent]:
         """Up to ``limit`` events in log order; empty when nothing is ready (wait on ``notify``)."""
         buffer = self._buffer
         if buffer:
             count = min(limit, len(buffer))
-            out = [buffer.popleft() for _ in range(count)]
-            self.next_offset = out[-1].offset + 1
-            return out
+            taken = [buffer.popleft() for _ in range(count)]
+            self.next_offset = taken[-1][0] + 1
+            return [event for _, event in taken]
         if self._lagging and not self._closed:
             return await self._catch_up(limit)
         return []
 
-    async def _catch_up(self, limit: int) -> list[TurnEventView]:
+    async def _catch_up(self, limit: int) -> list[turnlog.TurnEvent]:
         hub, out = self._hub, []
         while self._lagging and not self._closed:
             end = hub.position(self.partition)
@@ -121,9 +131,9 @@ class Subscription:
             stop = min(end, self.next_offset + CATCH_UP_CHUNK)
             records = await hub.log.read_range(TURN_EVENTS, self.partition, self.next_offset, stop)
             for record in records:
-                view = decode_turn_event(record.value, record.offset, self._wanted)
-                if view is not None:
-                    out.append(view)
+                event = _decode(record, self._wanted)
+                if event is not None:
+                    out.append(event)
             self.next_offset = stop
             if len(out) >= limit:
                 break
@@ -224,10 +234,10 @@ class TurnHub:
             try:
                 async for record in self.log.read(TURN_EVENTS, partition, positions[partition]):
                     if subs:
-                        view = decode_turn_event(record.value, record.offset, subs)
-                        if view is not None:
-                            for sub in subs.get(view.turn_id, ()):
-                                sub._push(view)
+                        event = _decode(record, subs)
+                        if event is not None:
+                            for sub in subs.get(event.turn_id, ()):
+                                sub._push(record.offset, event)
                     # Advanced after the pushes: catch-up relies on "position moved" meaning
                     # "a record was dispatched that I may have missed".
                     positions[partition] = record.offset + 1

@@ -1,12 +1,14 @@
-"""Plain values the gateway core works with; the servicer and codec convert protos to these."""
+"""Plain values the gateway core works with; the servicer converts protos to these.
+
+Log records are ``mesh.turnlog`` dataclasses; the core reads them as they are.
+"""
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from mesh.errors import MeshError
-from mesh.generation import FinishReason, GenerationOptions
+from mesh.generation import FinishReason, GenerationOptions, TokenUsage, TurnTimings
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,48 +31,6 @@ class TurnInfo:
     partition: int
     request_offset: int
     events_start: int
-
-
-# -- events read from the turn-event log ---------------------------------------------------------
-
-
-class EventKind(enum.IntEnum):
-    STARTED = 1
-    TOKEN = 2
-    FINISHED = 3
-    CANCELLED = 4
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Timings:
-    queued_ms: float = 0.0
-    retrieval_ms: float = 0.0
-    time_to_first_token_ms: float = 0.0
-    total_ms: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class TurnEventView:
-    """One decoded record of the turn-event log; immutable and shared between subscribers."""
-
-    kind: EventKind
-    turn_id: str
-    offset: int
-    seq: int = 0
-    text: str = ""
-    finish_reason: FinishReason = FinishReason.UNSPECIFIED
-    usage: Usage | None = None
-    timings: Timings | None = None
-    last_seq: int = 0
-    model: str = ""
-    # Serialized google.rpc.Status of a FINISH_REASON_ERROR turn (bytes keep the core pb-free).
-    error_status: bytes = b""
 
 
 # -- what a stream sends out -----------------------------------------------------------------------
@@ -100,12 +60,14 @@ class TokenRunOut:
 
 
 @dataclass(frozen=True, slots=True)
-class Finished:
+class FinishedOut:
+    """The stream's last frame for a turn (``chat.gateway.v1.TurnFinished``)."""
+
     turn_id: str
     finish_reason: FinishReason
     last_seq: int
-    usage: Usage | None = None
-    timings: Timings | None = None
+    usage: TokenUsage | None = None
+    timings: TurnTimings | None = None
     error_status: bytes = b""
 
 
@@ -125,7 +87,7 @@ class TurnError:
     turn_id: str
 
 
-Output = Accepted | TokenOut | TokenRunOut | Finished | FrameError | TurnError
+Output = Accepted | TokenOut | TokenRunOut | FinishedOut | FrameError | TurnError
 
 
 # -- Chat frames coming in -------------------------------------------------------------------------

@@ -11,14 +11,18 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from chat.common.v1 import common_pb2
 from chat.gateway.v1 import gateway_pb2, gateway_service_pb2, gateway_service_pb2_grpc
 from google.rpc import status_pb2
 from grpc import aio
 from grpc_health.v1 import health
 
 from mesh.auth import AuthInterceptor, KeyFileError, KeyStore, current_principal
-from mesh.codec import finish_reason_to_proto, options_from_proto
+from mesh.codec import (
+    finish_reason_to_proto,
+    options_from_proto,
+    timings_to_proto,
+    usage_to_proto,
+)
 from mesh.errors import InvalidArgument, to_status_proto
 from mesh.log import open_log
 from mesh.metrics import start_metrics_server
@@ -41,7 +45,7 @@ from services.gateway.model import (
     CancelFrame,
     CreditFrame,
     EmptyFrame,
-    Finished,
+    FinishedOut,
     Frame,
     FrameError,
     Output,
@@ -121,28 +125,16 @@ def accepted_to_proto(output: Accepted) -> gateway_pb2.TurnAccepted:
     )
 
 
-def finished_to_proto(output: Finished) -> gateway_pb2.TurnFinished:
+def finished_to_proto(output: FinishedOut) -> gateway_pb2.TurnFinished:
     message = gateway_pb2.TurnFinished(
         turn_id=output.turn_id,
         finish_reason=finish_reason_to_proto(output.finish_reason),
         last_seq=output.last_seq,
     )
     if output.usage is not None:
-        message.usage.CopyFrom(
-            common_pb2.TokenUsage(
-                prompt_tokens=output.usage.prompt_tokens,
-                completion_tokens=output.usage.completion_tokens,
-            )
-        )
+        message.usage.CopyFrom(usage_to_proto(output.usage))
     if output.timings is not None:
-        message.timings.CopyFrom(
-            common_pb2.TurnTimings(
-                queued_ms=output.timings.queued_ms,
-                retrieval_ms=output.timings.retrieval_ms,
-                time_to_first_token_ms=output.timings.time_to_first_token_ms,
-                total_ms=output.timings.total_ms,
-            )
-        )
+        message.timings.CopyFrom(timings_to_proto(output.timings))
     return message
 
 
@@ -183,7 +175,7 @@ def _stream_frame(output: Output, cls: Any) -> Any:
         return cls(token_run=token_run_to_proto(output))
     if isinstance(output, Accepted):
         return cls(accepted=accepted_to_proto(output))
-    if isinstance(output, Finished):
+    if isinstance(output, FinishedOut):
         return cls(finished=finished_to_proto(output))
     # The agent's error status has no frame here; FINISH_REASON_ERROR tells the client.
     return None

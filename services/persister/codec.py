@@ -1,15 +1,13 @@
-"""Log records (``chat.events.v1`` protobufs) to the persister's plain events."""
+"""Log records to the persister's plain events, read through ``mesh.turnlog``."""
 
 from __future__ import annotations
 
 import logging
-from datetime import UTC
+from datetime import datetime, timedelta
 
-from chat.events.v1 import events_pb2
-from google.protobuf.message import DecodeError
-
+from mesh import turnlog
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, Record
-from services.persister.core import Event, TokenEvent, TurnEnd, UserTurn, utc_from_ms
+from services.persister.core import EPOCH, Event, TokenEvent, TurnEnd, UserTurn, utc_from_ms
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +28,7 @@ def decode(record: Record) -> Event | None:
             return _request(record)
         if record.topic == TURN_EVENTS:
             return _event(record)
-    except DecodeError as error:
+    except turnlog.UndecodableRecord as error:
         log.warning(
             "skipping %s[%d]@%d: not a valid protobuf record (%s)",
             record.topic,
@@ -42,18 +40,23 @@ def decode(record: Record) -> Event | None:
     return None
 
 
+def _utc_from_ns(ns: int) -> datetime:
+    # Nanoseconds are cut to microseconds, as protobuf's Timestamp.ToDatetime does.
+    return EPOCH + timedelta(microseconds=ns // 1000)
+
+
 def _skip(record: Record, what: str) -> None:
     log.warning("skipping %s[%d]@%d: %s", record.topic, record.partition, record.offset, what)
 
 
 def _request(record: Record) -> Event | None:
-    req = events_pb2.TurnRequested.FromString(record.value)
+    req = turnlog.decode_request(record.value)
     if not (req.turn_id and req.conversation_id and req.tenant_id):
         _skip(record, "TurnRequested without turn, conversation or tenant id")
         return None
     accepted_at = (
-        req.accepted_at.ToDatetime(tzinfo=UTC)
-        if req.HasField("accepted_at")
+        _utc_from_ns(req.accepted_at_ns)
+        if req.accepted_at_ns is not None
         else utc_from_ms(record.timestamp_ms)
     )
     return UserTurn(
@@ -62,25 +65,22 @@ def _request(record: Record) -> Event | None:
 
 
 def _event(record: Record) -> Event | None:
-    event = events_pb2.TurnEvent.FromString(record.value)
-    kind = event.WhichOneof("event")
-    if kind == "token":
-        token = event.token
-        if not token.turn_id or token.seq < 1:
+    event = turnlog.decode_event(record.value)
+    if isinstance(event, turnlog.TokenEmitted):
+        if not event.turn_id or event.seq < 1:
             _skip(record, "TokenEmitted without turn id or with seq < 1")
             return None
-        return TokenEvent(token.turn_id, token.seq, _clean(token.text))
-    if kind == "finished":
-        done = event.finished
-        if not (done.turn_id and done.conversation_id and done.tenant_id):
+        return TokenEvent(event.turn_id, event.seq, _clean(event.text))
+    if isinstance(event, turnlog.TurnFinished):
+        if not (event.turn_id and event.conversation_id and event.tenant_id):
             _skip(record, "TurnFinished without turn, conversation or tenant id")
             return None
         return TurnEnd(
-            done.turn_id,
-            done.conversation_id,
-            done.tenant_id,
-            int(done.finish_reason),
-            max(done.last_seq, 0),
+            event.turn_id,
+            event.conversation_id,
+            event.tenant_id,
+            int(event.finish_reason),
+            max(event.last_seq, 0),
             utc_from_ms(record.timestamp_ms),
         )
     # TurnStarted and TurnCancelled change nothing stored: a cancel ends in a TurnFinished.

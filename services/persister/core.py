@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, Self
 
+from mesh import turnlog
 from mesh.errors import InvalidArgument, NotFound, Unavailable
 from mesh.generation import FinishReason
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, GroupConsumer, LogError, Record
@@ -294,26 +295,23 @@ def assemble(records: Iterable[Record], decode: Decoder) -> BatchPlan:
     a turn's records share a partition, so consumption order is log order for each turn.
     """
     plan = BatchPlan()
-    seen_users: set[str] = set()
-    seen_tokens: set[tuple[str, int]] = set()
-    seen_finishes: set[str] = set()
+    seen_users: turnlog.FirstWins[str, UserTurn] = turnlog.FirstWins()
+    seen_tokens: turnlog.FirstWins[tuple[str, int], TokenEvent] = turnlog.FirstWins()
+    seen_finishes: turnlog.FirstWins[str, TurnEnd] = turnlog.FirstWins()
     conversations: dict[tuple[str, str], ConversationRow] = {}
     for record in records:
         plan.events += 1
         plan.last_records[(record.topic, record.partition)] = record
         event = decode(record)
         if isinstance(event, TokenEvent):
-            key = (event.turn_id, event.seq)
-            if key in seen_tokens:
+            if not seen_tokens.offer((event.turn_id, event.seq), event):
                 plan.in_batch_duplicates += 1
                 continue
-            seen_tokens.add(key)
             plan.tokens.append(TokenRow(event.turn_id, event.seq, event.text))
         elif isinstance(event, UserTurn):
-            if event.turn_id in seen_users:
+            if not seen_users.offer(event.turn_id, event):
                 plan.in_batch_duplicates += 1
                 continue
-            seen_users.add(event.turn_id)
             plan.user_messages.append(
                 UserMessageRow(
                     event.turn_id,
@@ -343,10 +341,9 @@ def assemble(records: Iterable[Record], decode: Decoder) -> BatchPlan:
                     max(current.updated_at, event.accepted_at),
                 )
         elif isinstance(event, TurnEnd):
-            if event.turn_id in seen_finishes:
+            if not seen_finishes.offer(event.turn_id, event):
                 plan.in_batch_duplicates += 1
                 continue
-            seen_finishes.add(event.turn_id)
             plan.finishes.append(
                 FinishRow(
                     event.turn_id,

@@ -18,6 +18,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
+from mesh import turnlog
 from services.persister.core import (
     BatchPlan,
     BatchResult,
@@ -168,9 +169,9 @@ async def create_schema(conn: Conn) -> None:
 async def _copy_tokens(conn: Conn, rows: Sequence[TokenRow]) -> int:
     # First in input order wins. Deduplicating here is cheaper than making the database sort,
     # and leaves no two rows with one key in the statement below.
-    unique: dict[tuple[str, int], TokenRow] = {}
+    unique: turnlog.FirstWins[tuple[str, int], TokenRow] = turnlog.FirstWins()
     for row in rows:
-        unique.setdefault((row.turn_id, row.seq), row)
+        unique.offer((row.turn_id, row.seq), row)
     async with conn.cursor() as cur:
         await cur.execute(_TEMP_TOKENS)
         # A caller may run several batches in one outer transaction; start from empty.

@@ -15,8 +15,8 @@ from mesh.llm.engine import LlamaEngine, SamplingOptions
 from mesh.llm.tiny_model import ensure_tiny_model
 from services.agent.core import (
     AgentCore,
-    Finished,
     GenerateRequest,
+    GenerationFinished,
     Limits,
     Token,
     check_cancel_frame,
@@ -108,7 +108,7 @@ async def test_generate_streams_tokens_then_finished(core: AgentCore) -> None:
     ]
     tokens = [e for e in events if isinstance(e, Token)]
     finished = events[-1]
-    assert isinstance(finished, Finished)
+    assert isinstance(finished, GenerationFinished)
     assert [t.index for t in tokens] == list(range(1, 11))
     assert finished.finish_reason is FinishReason.LENGTH
     assert finished.completion_tokens == 10
@@ -119,7 +119,7 @@ async def test_generate_streams_tokens_then_finished(core: AgentCore) -> None:
 async def test_cancel_event_stops_the_stream(core: AgentCore) -> None:
     cancel = asyncio.Event()
     seen = 0
-    finished: Finished | None = None
+    finished: GenerationFinished | None = None
     async for event in core.generate(
         request(options=GenerationOptions(max_tokens=64, seed=1)), cancel
     ):
@@ -140,7 +140,7 @@ async def test_already_cancelled_generates_nothing(core: AgentCore) -> None:
     cancel.set()
     events = [e async for e in core.stream(PromptRequest(user_text="hi"), resolve(), cancel)]
     assert len(events) == 1
-    assert isinstance(events[0], Finished)
+    assert isinstance(events[0], GenerationFinished)
     assert events[0].finish_reason is FinishReason.CANCELLED
 
 
@@ -153,7 +153,7 @@ async def test_takeover_prefix_reaches_the_prompt(core: AgentCore) -> None:
         )
     ]
     assert "".join(e.text for e in events if isinstance(e, Token)) == " friend"
-    assert isinstance(events[-1], Finished)
+    assert isinstance(events[-1], GenerationFinished)
     assert events[-1].finish_reason is FinishReason.STOP
 
 

@@ -30,7 +30,7 @@ from services.gateway.model import (
     CancelFrame,
     CreditFrame,
     EmptyFrame,
-    Finished,
+    FinishedOut,
     Frame,
     FrameError,
     Output,
@@ -134,7 +134,7 @@ async def collect(stream: AsyncIterator[Output], *, until_finished: bool = True)
     async def run() -> None:
         async for item in stream:
             out.append(item)
-            if until_finished and isinstance(item, Finished):
+            if until_finished and isinstance(item, FinishedOut):
                 return
 
     await asyncio.wait_for(run(), STEP_TIMEOUT_S)
@@ -145,9 +145,9 @@ def tokens(outputs: list[Output]) -> list[tuple[int, str]]:
     return [(o.seq, o.text) for o in outputs if isinstance(o, TokenOut)]
 
 
-def finished(outputs: list[Output]) -> Finished:
+def finished(outputs: list[Output]) -> FinishedOut:
     last = outputs[-1]
-    assert isinstance(last, Finished), outputs[-3:]
+    assert isinstance(last, FinishedOut), outputs[-3:]
     return last
 
 
@@ -568,13 +568,13 @@ async def test_chat_frames_before_a_start_are_reported_and_the_stream_stays_usab
     assert (await chat.next_error()).error.reason == "TURN_IN_PROGRESS"
     chat.send(CancelFrame())
     done = await chat.next()
-    assert isinstance(done, Finished) and done.finish_reason is FinishReason.CANCELLED
+    assert isinstance(done, FinishedOut) and done.finish_reason is FinishReason.CANCELLED
     # The stream goes on: a second turn.
     chat.send(StartFrame(StartRequest("", "second")))
     second = await chat.next()
     assert isinstance(second, Accepted) and second.turn_id != accepted.turn_id
     chat.send(CancelFrame(second.turn_id))
-    assert isinstance(await chat.next(), Finished)
+    assert isinstance(await chat.next(), FinishedOut)
     await chat.close()
 
 
@@ -612,7 +612,7 @@ async def test_chat_credit_window_holds_tokens_back(
         chat.send(CreditFrame(100))
         rest = [await chat.next() for _ in range(3)]
         assert [o.seq for o in rest if isinstance(o, TokenOut)] == [9, 10]
-        assert isinstance(rest[-1], Finished)
+        assert isinstance(rest[-1], FinishedOut)
         await chat.close()
 
 
@@ -631,7 +631,7 @@ async def test_chat_runs_respect_the_credit_window(
         await chat.nothing_for(0.2)
         chat.send(CreditFrame(100))
         rest: list[Output] = []
-        while not rest or not isinstance(rest[-1], Finished):
+        while not rest or not isinstance(rest[-1], FinishedOut):
             rest.append(await chat.next())
         assert [seq for seq, _ in run_tokens(rest)] == list(range(4, 11))
         await chat.close()
@@ -648,7 +648,7 @@ async def test_chat_resume_frame_attaches_to_a_turn(core: GatewayCore, log: Embe
     outputs = [await chat.next() for _ in range(5)]
     assert isinstance(outputs[0], Accepted)
     assert [o.seq for o in outputs if isinstance(o, TokenOut)] == [3, 4, 5]
-    assert isinstance(outputs[-1], Finished)
+    assert isinstance(outputs[-1], FinishedOut)
     other = Frames(core, GLOBEX)
     other.send(ResumeFrame(turn.turn_id, 0))
     assert (await other.next_error()).error.reason == "TURN_NOT_FOUND"
@@ -672,4 +672,4 @@ async def test_chat_half_close_lets_the_running_turn_finish(
     await closing
     outputs = [chat.outputs.get_nowait() for _ in range(chat.outputs.qsize())]
     assert [o.seq for o in outputs if isinstance(o, TokenOut)] == [1, 2]
-    assert isinstance(outputs[-1], Finished)
+    assert isinstance(outputs[-1], FinishedOut)

@@ -7,35 +7,25 @@ from pathlib import Path
 
 import pytest
 from chat.common.v1 import common_pb2
-from chat.events.v1 import events_pb2
 from chat.gateway.v1 import gateway_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from mesh.errors import InvalidArgument, ResourceExhausted
-from mesh.generation import FinishReason, GenerationOptions
+from mesh.generation import FinishReason, GenerationOptions, TokenUsage, TurnTimings
 from mesh.settings import SettingsError
-from services.gateway.codec import (
-    decode_turn_event,
-    decode_turn_requested,
-    encode_turn_cancelled,
-    encode_turn_requested,
-)
 from services.gateway.core import validate_conversation_id, validate_page_size, validate_start
 from services.gateway.model import (
     Accepted,
     CancelFrame,
     CreditFrame,
     EmptyFrame,
-    EventKind,
-    Finished,
+    FinishedOut,
     FrameError,
     ResumeFrame,
     StartFrame,
     StartRequest,
-    Timings,
     TokenOut,
     TurnError,
-    Usage,
 )
 from services.gateway.server import chat_response, frame_from_proto
 from services.gateway.settings import GatewaySettings
@@ -175,40 +165,6 @@ def test_settings_from_env_defaults_and_overrides(tmp_path: Path) -> None:
             GatewaySettings.from_env(bad)
 
 
-def test_log_records_round_trip() -> None:
-    value = encode_turn_requested(
-        turn_id="t1.2.3.0123456789abcdef",
-        conversation_id="c",
-        tenant_id="acme",
-        text="hi",
-        options=GenerationOptions(max_tokens=3),
-        request_id="r",
-        events_partition=1,
-        events_start=3,
-        accepted_at_ns=1_700_000_000_000_000_000,
-    )
-    assert decode_turn_requested(value) == ("t1.2.3.0123456789abcdef", "c", "acme")
-    assert decode_turn_requested(b"\xff\xff") is None
-    message = events_pb2.TurnRequested.FromString(value)
-    assert message.accepted_at.seconds == 1_700_000_000 and message.options.max_tokens == 3
-    cancelled = decode_turn_event(encode_turn_cancelled("t", "c", "acme"), 9)
-    assert cancelled is not None and cancelled.kind is EventKind.CANCELLED
-    assert cancelled.offset == 9
-    token = events_pb2.TurnEvent(token=events_pb2.TokenEmitted(turn_id="t", seq=4, text="x"))
-    assert decode_turn_event(token.SerializeToString(), 1, {"other"}) is None
-    view = decode_turn_event(token.SerializeToString(), 1, {"t"})
-    assert view is not None and (view.seq, view.text) == (4, "x")
-    error = status_pb2.Status(code=13, message="boom")
-    finished = events_pb2.TurnEvent(
-        finished=events_pb2.TurnFinished(turn_id="t", finish_reason=5, last_seq=4, error=error)
-    )
-    done = decode_turn_event(finished.SerializeToString(), 2)
-    assert done is not None and done.finish_reason is FinishReason.ERROR
-    assert status_pb2.Status.FromString(done.error_status).message == "boom"
-    assert decode_turn_event(b"\xff\xff\xff", 3) is None
-    assert decode_turn_event(b"", 3) is None
-
-
 def test_chat_frames_and_responses_convert() -> None:
     start = gateway_pb2.ChatRequest(
         start=gateway_pb2.StartTurn(conversation_id="c", text="hi", request_id="r")
@@ -231,7 +187,7 @@ def test_chat_frames_and_responses_convert() -> None:
     accepted = chat_response(Accepted("t", "c", 2))
     assert accepted is not None and accepted.accepted.queue_position == 2
     done = chat_response(
-        Finished("t", FinishReason.LENGTH, 9, Usage(3, 9), Timings(1.0, 2.0, 3.0, 4.0))
+        FinishedOut("t", FinishReason.LENGTH, 9, TokenUsage(3, 9), TurnTimings(1.0, 2.0, 3.0, 4.0))
     )
     assert done is not None and done.finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert done.finished.usage.completion_tokens == 9 and done.finished.timings.total_ms == 4.0

@@ -12,9 +12,19 @@ from mesh.codec import (
     finish_reason_to_proto,
     options_from_proto,
     options_to_proto,
+    timings_from_proto,
+    timings_to_proto,
+    usage_from_proto,
+    usage_to_proto,
 )
 from mesh.errors import InvalidArgument
-from mesh.generation import FinishReason, GenerationOptions, validate_options
+from mesh.generation import (
+    FinishReason,
+    GenerationOptions,
+    TokenUsage,
+    TurnTimings,
+    validate_options,
+)
 
 
 def test_finish_reasons_mirror_the_proto_enum() -> None:
@@ -98,3 +108,12 @@ def test_limits_are_inclusive() -> None:
         )
     )
     check(GenerationOptions(temperature=0.0, top_p=1e-6))
+
+
+def test_usage_and_timings_round_trip() -> None:
+    usage = TokenUsage(3, 9)
+    timings = TurnTimings(1.0, 2.5, 3.0, 4.0)
+    assert usage_from_proto(usage_to_proto(usage)) == usage
+    assert timings_from_proto(timings_to_proto(timings)) == timings
+    assert usage_from_proto(common_pb2.TokenUsage()) == TokenUsage()
+    assert timings_from_proto(common_pb2.TurnTimings()) == TurnTimings()

@@ -108,6 +108,17 @@ def test_request_without_accepted_at_uses_the_record_time() -> None:
     assert event.accepted_at == datetime(1970, 1, 1, 0, 0, 1, 234000, tzinfo=UTC)
 
 
+def test_accepted_at_reads_as_protobuf_does() -> None:
+    stamp = timestamp_pb2.Timestamp(seconds=1_700_000_000, nanos=123_456_789)
+    msg = events_pb2.TurnRequested(
+        turn_id="t", conversation_id="c", tenant_id="a", user_text="x", accepted_at=stamp
+    )
+    event = codec.decode(Record(TURN_REQUESTS, 0, 0, b"c", msg.SerializeToString(), 1234))
+    assert isinstance(event, UserTurn)
+    assert event.accepted_at == stamp.ToDatetime(tzinfo=UTC)
+    assert event.accepted_at.tzinfo is UTC
+
+
 def test_utc_from_ms_is_exact() -> None:
     assert utc_from_ms(1_700_000_000_123) == datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)
 
