@@ -70,6 +70,11 @@ TURNS = Counter(
 
 
 def start_metrics_server(port: int, host: str = "127.0.0.1") -> int:
-    """Serve /metrics on ``host:port`` (0 picks a free port) and return the bound port."""
+    """Serve /metrics on ``host:port`` (0 picks a free port) and return the bound port.
+
+    A negative port (``MESH_<SERVICE>_METRICS_PORT=-1``) turns the endpoint off and returns -1.
+    """
+    if port < 0:
+        return -1
     server, _thread = start_http_server(port, addr=host)
     return int(server.server_address[1])

@@ -2,56 +2,40 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.log.base import EventLog
-from mesh.settings import Env, SettingsError, default_state_dir
+from mesh.settings import Settings, SettingsError, default_state_dir, setting
 
 DRIVERS = ("embedded", "kafka")
 
 
-@dataclass(frozen=True)
-class LogSettings:
+@dataclass(frozen=True, kw_only=True)
+class LogSettings(Settings):
     """Where the log lives. Shared by gateway, agent and persister (``MESH_LOG_*``)."""
 
-    driver: str = "embedded"
-    path: Path = field(default_factory=lambda: Path(".state/log/mesh-log.sqlite3").absolute())
-    kafka_bootstrap: str = ""
-    partitions: int = 4
-    # Group liveness: how fast a dead member's partitions move to the others. None picks the
-    # driver's default: 3 s embedded, 6 s on Kafka (brokers refuse less unless configured to).
-    session_timeout_s: float | None = None
-    heartbeat_interval_s: float = 0.5
+    env_prefix = "MESH_LOG_"
+
+    driver: str = setting("DRIVER", "embedded", choices=DRIVERS)
+    path: Path = setting(
+        "PATH", derive=lambda env: default_state_dir(env) / "log" / "mesh-log.sqlite3"
+    )
+    kafka_bootstrap: str = setting("MESH_KAFKA_BOOTSTRAP", "")
+    partitions: int = setting("PARTITIONS", 4, minimum=1)
+    # Group liveness: how fast a dead member's partitions move to the others. None (unset or
+    # negative) picks the driver's default: 3 s embedded, 6 s on Kafka (brokers refuse less
+    # unless configured to).
+    session_timeout_s: float | None = setting("SESSION_TIMEOUT_S", None)
+    heartbeat_interval_s: float = setting("HEARTBEAT_INTERVAL_S", 0.5)
     # Embedded only: how often a tail checks the file for other processes' appends, where
     # inotify cannot report them (or ``watch_writes`` is off).
-    poll_interval_s: float = 0.002
-    watch_writes: bool = True
+    poll_interval_s: float = setting("POLL_INTERVAL_S", 0.002)
+    watch_writes: bool = setting("WATCH_WRITES", True)
 
-    def __post_init__(self) -> None:
-        if self.driver not in DRIVERS:
-            raise SettingsError(f"MESH_LOG_DRIVER={self.driver!r} must be one of {DRIVERS}")
+    def check(self) -> None:
         if self.driver == "kafka" and not self.kafka_bootstrap:
             raise SettingsError("MESH_LOG_DRIVER=kafka needs MESH_KAFKA_BOOTSTRAP (host:port,...)")
-        if self.partitions < 1:
-            raise SettingsError(f"MESH_LOG_PARTITIONS={self.partitions} must be >= 1")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> LogSettings:
-        log = Env(environ, "MESH_LOG_")
-        default_path = default_state_dir(environ) / "log" / "mesh-log.sqlite3"
-        return cls(
-            driver=log.str("DRIVER", "embedded").strip().lower(),
-            path=log.path("PATH", default_path).absolute(),
-            kafka_bootstrap=Env(environ, "MESH_KAFKA_").str("BOOTSTRAP", ""),
-            partitions=log.int("PARTITIONS", 4, minimum=1),
-            session_timeout_s=_optional_float(log, "SESSION_TIMEOUT_S"),
-            heartbeat_interval_s=log.float("HEARTBEAT_INTERVAL_S", 0.5),
-            poll_interval_s=log.float("POLL_INTERVAL_S", 0.002),
-            watch_writes=log.bool("WATCH_WRITES", True),
-        )
 
 
 def open_log(settings: LogSettings) -> EventLog:
@@ -74,8 +58,3 @@ def open_log(settings: LogSettings) -> EventLog:
         session_timeout_s=settings.session_timeout_s or 3.0,
         heartbeat_interval_s=settings.heartbeat_interval_s,
     )
-
-
-def _optional_float(env: Env, name: str) -> float | None:
-    value = env.float(name, -1.0)
-    return None if value < 0 else value

@@ -9,8 +9,7 @@ imported when it is chosen.
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -19,21 +18,20 @@ from mesh.memory.base import ChunkHit, MemoryStore, StoredChunk
 from mesh.memory.embedding import DEFAULT_DIMS
 from mesh.memory.postgres import PostgresMemoryStore
 from mesh.pg import EmbeddedPostgres
-from mesh.settings import Env, Secret, SettingsError, default_state_dir
+from mesh.settings import PostgresSettings, SettingsError, setting
 
 BACKENDS = ("postgres", "elasticsearch")
 
 
-@dataclass(frozen=True)
-class StoreSettings:
+@dataclass(frozen=True, kw_only=True)
+class StoreSettings(PostgresSettings):
     """Which memory backend to use and how to reach it.
 
     Attributes:
         backend: ``postgres`` or ``elasticsearch`` (``MESH_MEMORY_BACKEND``).
-        pg_dsn: PostgreSQL DSN (``MESH_PG_DSN``); empty starts the embedded server in
-            ``embedded_pg_dir``.
-        embedded_pg_dir: data directory of the embedded PostgreSQL
-            (``$MESH_STATE_DIR/postgres``), shared with the other services of the machine.
+        pg_dsn, state_dir: PostgreSQL (see ``mesh.settings.PostgresSettings``); an empty DSN
+            starts the embedded server in ``embedded_pg_dir`` (``$MESH_STATE_DIR/postgres``),
+            shared with the other services of the machine.
         es_url: Elasticsearch URL (``MESH_ES_URL``).
         es_index_prefix: prefix of the Elasticsearch index names (``MESH_MEMORY_ES_INDEX_PREFIX``).
         dims: embedding dimension (``MESH_MEMORY_EMBEDDING_DIMS``); changing it needs re-ingest.
@@ -43,42 +41,15 @@ class StoreSettings:
         pg_pool_size: most PostgreSQL connections (``MESH_MEMORY_PG_POOL_SIZE``).
     """
 
-    backend: str = "postgres"
-    pg_dsn: Secret = Secret("")
-    embedded_pg_dir: Path = Path(".state/postgres")
-    es_url: str = "http://127.0.0.1:9200"
-    es_index_prefix: str = "mesh-memory"
-    dims: int = DEFAULT_DIMS
-    pg_table: str = "memory_chunks"
-    pg_text_config: str = "english"
-    pg_pool_size: int = 8
+    env_prefix = "MESH_MEMORY_"
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
-        env_map = os.environ if environ is None else environ
-        shared = Env(env_map, "MESH_")
-        memory = Env(env_map, "MESH_MEMORY_")
-        backend = memory.str("BACKEND", "postgres").strip().lower()
-        if backend not in BACKENDS:
-            raise SettingsError(
-                f"MESH_MEMORY_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}"
-            )
-        text_config = memory.str("PG_TEXT_CONFIG", "english").strip().lower()
-        if text_config not in ("simple", "english"):
-            raise SettingsError(
-                f"MESH_MEMORY_PG_TEXT_CONFIG={text_config!r} is not one of simple, english"
-            )
-        return cls(
-            backend=backend,
-            pg_dsn=shared.secret("PG_DSN"),
-            embedded_pg_dir=default_state_dir(env_map) / "postgres",
-            es_url=shared.str("ES_URL", "http://127.0.0.1:9200"),
-            es_index_prefix=memory.str("ES_INDEX_PREFIX", "mesh-memory"),
-            dims=memory.int("EMBEDDING_DIMS", DEFAULT_DIMS, minimum=8),
-            pg_table=memory.str("PG_TABLE", "memory_chunks"),
-            pg_text_config=text_config,
-            pg_pool_size=memory.int("PG_POOL_SIZE", 8, minimum=1),
-        )
+    backend: str = setting("BACKEND", "postgres", choices=BACKENDS)
+    es_url: str = setting("MESH_ES_URL", "http://127.0.0.1:9200")
+    es_index_prefix: str = setting("ES_INDEX_PREFIX", "mesh-memory")
+    dims: int = setting("EMBEDDING_DIMS", DEFAULT_DIMS, minimum=8)
+    pg_table: str = setting("PG_TABLE", "memory_chunks")
+    pg_text_config: str = setting("PG_TEXT_CONFIG", "english", choices=("simple", "english"))
+    pg_pool_size: int = setting("PG_POOL_SIZE", 8, minimum=1)
 
 
 class EmbeddedPostgresMemoryStore:

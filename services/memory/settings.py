@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Self
 
 from mesh.memory.chunking import ChunkingConfig
 from mesh.memory.factory import StoreSettings
-from mesh.settings import Env, SettingsError
+from mesh.settings import Env, ServiceSettings, Settings, SettingsError, port_setting, setting
+
+_CHUNK_WORDS = "MESH_MEMORY_CHUNK_WORDS"
+_CHUNK_OVERLAP_WORDS = "MESH_MEMORY_CHUNK_OVERLAP_WORDS"
 
 
-@dataclass(frozen=True)
-class Limits:
+@dataclass(frozen=True, kw_only=True)
+class Limits(Settings):
     """Input bounds; anything larger is rejected with INVALID_ARGUMENT before any work.
 
     Attributes:
@@ -25,68 +26,56 @@ class Limits:
             (``MESH_MEMORY_MAX_ID_CHARS``).
     """
 
-    max_text_chars: int = 256 * 1024
-    max_query_chars: int = 8 * 1024
-    max_document_chars: int = 16 * 1024 * 1024
-    max_id_chars: int = 256
+    env_prefix = "MESH_MEMORY_"
+
+    max_text_chars: int = setting("MAX_TEXT_CHARS", 256 * 1024, minimum=1)
+    max_query_chars: int = setting("MAX_QUERY_CHARS", 8 * 1024, minimum=1)
+    max_document_chars: int = setting("MAX_DOCUMENT_CHARS", 16 * 1024 * 1024, minimum=1)
+    max_id_chars: int = setting("MAX_ID_CHARS", 256, minimum=1)
 
 
-@dataclass(frozen=True)
-class MemorySettings:
+def _read_chunking(environ: Mapping[str, str]) -> ChunkingConfig:
+    # The default overlap depends on the chunk size (at most one word less), so the two
+    # variables are read together.
+    env, default = Env(environ, ""), ChunkingConfig()
+    words = env.int(_CHUNK_WORDS, default.max_words, minimum=1)
+    overlap = env.int(_CHUNK_OVERLAP_WORDS, min(default.overlap_words, words - 1), minimum=0)
+    if overlap >= words:
+        raise SettingsError(
+            f"{_CHUNK_OVERLAP_WORDS}={overlap} must be smaller than {_CHUNK_WORDS}={words}"
+        )
+    return ChunkingConfig(max_words=words, overlap_words=overlap)
+
+
+def _write_chunking(chunking: ChunkingConfig) -> dict[str, str]:
+    return {
+        _CHUNK_WORDS: str(chunking.max_words),
+        _CHUNK_OVERLAP_WORDS: str(chunking.overlap_words),
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemorySettings(ServiceSettings):
     """Everything the memory service reads from the environment, parsed once at start.
 
     Attributes:
-        host: gRPC listen host (``MESH_MEMORY_HOST``).
+        host, metrics_port, grace_s, log_level: see ``mesh.settings.ServiceSettings``.
         port: gRPC port, 0 picks one (``MESH_MEMORY_PORT``).
-        metrics_port: Prometheus port, 0 picks one (``MESH_MEMORY_METRICS_PORT``).
-        grace_s: drain time on SIGTERM (``MESH_MEMORY_GRACE_S``).
-        log_level: logging level (``MESH_MEMORY_LOG_LEVEL``).
         store: backend and connection (see ``StoreSettings``).
         chunking: chunk size and overlap in words (``MESH_MEMORY_CHUNK_WORDS``,
-            ``MESH_MEMORY_CHUNK_OVERLAP_WORDS``).
+            ``MESH_MEMORY_CHUNK_OVERLAP_WORDS``, default 120 and 30, the overlap at most one
+            word less than the chunk).
         limits: input bounds (see ``Limits``).
     """
 
-    host: str = "127.0.0.1"
-    port: int = 50053
-    metrics_port: int = 0
-    grace_s: float = 10.0
-    log_level: str = "INFO"
-    store: StoreSettings = field(default_factory=StoreSettings)
-    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
-    limits: Limits = field(default_factory=Limits)
+    env_prefix = "MESH_MEMORY_"
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
-        env_map = os.environ if environ is None else environ
-        env = Env(env_map, "MESH_MEMORY_")
-        grace_s = env.float("GRACE_S", 10.0)
-        if grace_s < 0:
-            raise SettingsError(f"MESH_MEMORY_GRACE_S={grace_s} must be >= 0")
-        chunk_words = env.int("CHUNK_WORDS", 120, minimum=1)
-        overlap_words = env.int("CHUNK_OVERLAP_WORDS", min(30, chunk_words - 1), minimum=0)
-        if overlap_words >= chunk_words:
-            raise SettingsError(
-                f"MESH_MEMORY_CHUNK_OVERLAP_WORDS={overlap_words} must be smaller than "
-                f"MESH_MEMORY_CHUNK_WORDS={chunk_words}"
-            )
-        return cls(
-            host=env.str("HOST", "127.0.0.1"),
-            port=env.int("PORT", 50053, minimum=0),
-            metrics_port=env.int("METRICS_PORT", 0, minimum=0),
-            grace_s=grace_s,
-            log_level=env.str("LOG_LEVEL", "INFO"),
-            store=StoreSettings.from_env(env_map),
-            chunking=ChunkingConfig(max_words=chunk_words, overlap_words=overlap_words),
-            limits=Limits(
-                max_text_chars=env.int("MAX_TEXT_CHARS", Limits.max_text_chars, minimum=1),
-                max_query_chars=env.int("MAX_QUERY_CHARS", Limits.max_query_chars, minimum=1),
-                max_document_chars=env.int(
-                    "MAX_DOCUMENT_CHARS", Limits.max_document_chars, minimum=1
-                ),
-                max_id_chars=env.int("MAX_ID_CHARS", Limits.max_id_chars, minimum=1),
-            ),
-        )
+    port: int = port_setting(50053)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    chunking: ChunkingConfig = setting(
+        _CHUNK_WORDS, default_factory=ChunkingConfig, read=_read_chunking, write=_write_chunking
+    )
+    limits: Limits = field(default_factory=Limits)
 
 
 __all__ = ["Limits", "MemorySettings"]

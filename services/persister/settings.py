@@ -2,31 +2,30 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mesh.log import LogSettings
-from mesh.settings import Env, Secret, SettingsError, default_state_dir
+from mesh.settings import (
+    PostgresSettings,
+    ServiceSettings,
+    memory_addr_setting,
+    port_setting,
+    setting,
+)
 
 
-@dataclass(frozen=True)
-class PersisterSettings:
+@dataclass(frozen=True, kw_only=True)
+class PersisterSettings(ServiceSettings, PostgresSettings):
     """Everything the persister needs; build with ``from_env``.
 
     Attributes:
-        host: gRPC listen host (``MESH_PERSISTER_HOST``).
+        host, metrics_port, grace_s, log_level: see ``mesh.settings.ServiceSettings``.
         port: gRPC port, 0 picks one (``MESH_PERSISTER_PORT``).
-        metrics_port: Prometheus port, 0 picks one, -1 turns it off
-            (``MESH_PERSISTER_METRICS_PORT``).
-        grace_s: drain time on SIGTERM (``MESH_PERSISTER_GRACE_S``).
-        log_level: logging level (``MESH_PERSISTER_LOG_LEVEL``).
-        pg_dsn: PostgreSQL DSN (``MESH_PG_DSN``); empty starts the embedded server in
-            ``embedded_pg_dir``.
-        embedded_pg_dir: data directory of the embedded PostgreSQL
-            (``$MESH_STATE_DIR/postgres``), shared with the memory service.
-        memory_addr: memory service address (``MESH_MEMORY_ADDR``); empty skips indexing.
+        pg_dsn, state_dir: PostgreSQL (see ``mesh.settings.PostgresSettings``); an empty DSN
+            starts the embedded server in ``embedded_pg_dir`` (``$MESH_STATE_DIR/postgres``),
+            shared with the memory service.
+        memory_addr: memory service address (``MESH_MEMORY_ADDR``, default 127.0.0.1:50053);
+            empty skips indexing.
         batch_size: most log records per batch (``MESH_PERSISTER_BATCH_SIZE``).
         linger_ms: how long a batch waits for more records (``MESH_PERSISTER_LINGER_MS``).
         barrier_timeout_s: longest wait of Flush and consistent reads before UNAVAILABLE
@@ -35,46 +34,15 @@ class PersisterSettings:
         log: the log driver (``MESH_LOG_*``).
     """
 
-    host: str = "127.0.0.1"
-    port: int = 50054
-    metrics_port: int = 0
-    grace_s: float = 10.0
-    log_level: str = "INFO"
-    pg_dsn: Secret = Secret("")
-    embedded_pg_dir: Path = field(default_factory=lambda: Path(".state/postgres").absolute())
-    memory_addr: str = ""
-    batch_size: int = 500
-    linger_ms: int = 50
-    barrier_timeout_s: float = 10.0
-    pg_pool_size: int = 4
+    env_prefix = "MESH_PERSISTER_"
+
+    port: int = port_setting(50054)
+    memory_addr: str = memory_addr_setting()
+    batch_size: int = setting("BATCH_SIZE", 500, minimum=1)
+    linger_ms: int = setting("LINGER_MS", 50, minimum=0)
+    barrier_timeout_s: float = setting("BARRIER_TIMEOUT_S", 10.0, above=0)
+    pg_pool_size: int = setting("PG_POOL_SIZE", 4, minimum=2)
     log: LogSettings = field(default_factory=LogSettings)
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise SettingsError(f"MESH_PERSISTER_PORT={self.port} must be a port number")
-        if self.grace_s < 0:
-            raise SettingsError(f"MESH_PERSISTER_GRACE_S={self.grace_s} must be >= 0")
-        if self.barrier_timeout_s <= 0:
-            raise SettingsError(
-                f"MESH_PERSISTER_BARRIER_TIMEOUT_S={self.barrier_timeout_s} must be > 0"
-            )
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> PersisterSettings:
-        env = Env(environ, "MESH_PERSISTER_")
-        shared = Env(environ, "MESH_")
-        return cls(
-            host=env.str("HOST", "127.0.0.1"),
-            port=env.int("PORT", 50054, minimum=0),
-            metrics_port=env.int("METRICS_PORT", 0, minimum=-1),
-            grace_s=env.float("GRACE_S", 10.0),
-            log_level=env.str("LOG_LEVEL", "INFO"),
-            pg_dsn=shared.secret("PG_DSN"),
-            embedded_pg_dir=default_state_dir(environ) / "postgres",
-            memory_addr=shared.str("MEMORY_ADDR", ""),
-            batch_size=env.int("BATCH_SIZE", 500, minimum=1),
-            linger_ms=env.int("LINGER_MS", 50, minimum=0),
-            barrier_timeout_s=env.float("BARRIER_TIMEOUT_S", 10.0),
-            pg_pool_size=env.int("PG_POOL_SIZE", 4, minimum=2),
-            log=LogSettings.from_env(environ),
-        )
+__all__ = ["PersisterSettings"]

@@ -244,4 +244,7 @@ def test_settings_from_env() -> None:
         500,
         50,
     )
-    assert defaults.memory_addr == ""
+    # MESH_MEMORY_ADDR means one thing to every service: unset is the default address, empty
+    # turns indexing off.
+    assert defaults.memory_addr == "127.0.0.1:50053"
+    assert PersisterSettings.from_env({"MESH_MEMORY_ADDR": ""}).memory_addr == ""
