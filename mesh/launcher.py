@@ -33,12 +33,27 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mesh.infra.postgres import redact_dsn
 from mesh.infra.process import free_port as free_port  # re-exported: tests pick ports with it
 from mesh.infra.process import log_tail, spawn, wait_until
-from mesh.pg import EmbeddedPostgres
+from mesh.log import LogSettings
+from mesh.memory.factory import StoreSettings
+from mesh.pg import ROOT_FALLBACK_DIR, EmbeddedPostgres
+from mesh.settings import Env, Secret, ServiceSettings, embedded_pg_dir
+from services.agent.settings import AgentSettings
+from services.gateway.settings import GatewaySettings
+from services.memory.settings import MemorySettings
+from services.persister.settings import PersisterSettings
 
 _ROOT = Path(__file__).resolve().parent.parent
 
 
 PROFILES = ("embedded", "scale")
+
+# The settings of each kind of service: the launcher writes their variables through them.
+SERVICE_SETTINGS: dict[str, type[ServiceSettings]] = {
+    "gateway": GatewaySettings,
+    "agent": AgentSettings,
+    "memory": MemorySettings,
+    "persister": PersisterSettings,
+}
 
 
 @dataclass(frozen=True)
@@ -62,12 +77,12 @@ class MeshConfig:
     es_url: str = ""
     pg_dsn: str = ""
     pg_server: str = "embedded"
-    partitions: int = 4
+    partitions: int = LogSettings.default("partitions")
     gateways: int = 1
     agents: int = 1
-    gpu_layers: int = 0
-    agent_threads: int = 2
-    n_ctx: int = 2048
+    gpu_layers: int = AgentSettings.default("gpu_layers")
+    agent_threads: int = AgentSettings.default("threads")
+    n_ctx: int = AgentSettings.default("n_ctx")
     envoy: bool = False
     envoy_port: int = 0
     infra_dir: Path | None = None
@@ -97,23 +112,25 @@ def scale_config(
     """The scale-out profile: Kafka, Elasticsearch, a PostgreSQL server, Envoy, 2+2 services.
 
     Addresses of existing servers come from ``MESH_KAFKA_BOOTSTRAP``, ``MESH_ES_URL`` and
-    ``MESH_PG_DSN`` (``overrides`` win); the partition count from ``MESH_LOG_PARTITIONS``.
+    ``MESH_PG_DSN`` (``overrides`` win); unset, the launcher starts that server (where a
+    service alone would use its default address). The partition count comes from
+    ``MESH_LOG_PARTITIONS``; Envoy's port from ``MESH_ENVOY_PORT`` (unset: a free port).
     """
     config = MeshConfig(
         state_dir=state_dir,
         model_path=model_path,
         api_keys_file=api_keys_file,
         log_driver="kafka",
-        kafka_bootstrap=environ.get("MESH_KAFKA_BOOTSTRAP", ""),
+        kafka_bootstrap=environ.get(LogSettings.var("kafka_bootstrap"), ""),
         memory_backend="elasticsearch",
-        es_url=environ.get("MESH_ES_URL", ""),
-        pg_dsn=environ.get("MESH_PG_DSN", ""),
+        es_url=environ.get(StoreSettings.var("es_url"), ""),
+        pg_dsn=environ.get(StoreSettings.var("pg_dsn"), ""),
         pg_server="debian",
-        partitions=int(environ.get("MESH_LOG_PARTITIONS") or 4),
+        partitions=LogSettings.value_from_env("partitions", environ),
         gateways=2,
         agents=2,
         envoy=True,
-        envoy_port=int(environ.get("MESH_ENVOY_PORT") or 0),
+        envoy_port=Env(environ, "MESH_ENVOY_").int("PORT", 0, minimum=0),
     )
     return replace(config, **overrides)  # type: ignore[arg-type]
 
@@ -273,19 +290,25 @@ class Mesh:
             **os.environ,
             "PYTHONPATH": pythonpath.rstrip(os.pathsep),
             "PYTHONUNBUFFERED": "1",
-            "MESH_STATE_DIR": str(cfg.state_dir),
-            "MESH_LOG_DRIVER": cfg.log_driver,
-            "MESH_LOG_PATH": str(cfg.state_dir / "log" / "mesh-log.sqlite3"),
-            "MESH_LOG_PARTITIONS": str(cfg.partitions),
-            "MESH_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
-            "MESH_MEMORY_BACKEND": cfg.memory_backend,
-            "MESH_ES_URL": self.es_url,
-            "MESH_PG_DSN": self.pg_dsn,
-            "MESH_AGENT_MODEL_PATH": str(cfg.model_path),
-            "MESH_AGENT_GPU_LAYERS": str(cfg.gpu_layers),
-            "MESH_AGENT_THREADS": str(cfg.agent_threads),
-            "MESH_AGENT_N_CTX": str(cfg.n_ctx),
-            "MESH_GATEWAY_API_KEYS_FILE": str(cfg.api_keys_file),
+            **StoreSettings.env_for(
+                state_dir=cfg.state_dir,
+                backend=cfg.memory_backend,
+                es_url=self.es_url,
+                pg_dsn=Secret(self.pg_dsn),
+            ),
+            **LogSettings.env_for(
+                driver=cfg.log_driver,
+                path=cfg.state_dir / "log" / "mesh-log.sqlite3",
+                partitions=cfg.partitions,
+                kafka_bootstrap=self.kafka_bootstrap,
+            ),
+            **AgentSettings.env_for(
+                model_path=cfg.model_path,
+                gpu_layers=cfg.gpu_layers,
+                threads=cfg.agent_threads,
+                n_ctx=cfg.n_ctx,
+            ),
+            **GatewaySettings.env_for(api_keys_file=cfg.api_keys_file),
             "XDG_RUNTIME_DIR": os.environ.get("XDG_RUNTIME_DIR", "/tmp"),
         }
         env.update(cfg.extra_env)
@@ -303,15 +326,10 @@ class Mesh:
 
     def _spawn(self, kind: str, name: str, env: dict[str, str]) -> Service:
         port, metrics_port = free_port(), free_port()
-        prefix = f"MESH_{kind.upper()}_"
-        env = {
-            **env,
-            prefix + "HOST": "127.0.0.1",
-            prefix + "PORT": str(port),
-            prefix + "METRICS_PORT": str(metrics_port),
-        }
+        settings = SERVICE_SETTINGS[kind]
+        env = {**env, **settings.env_for(host="127.0.0.1", port=port, metrics_port=metrics_port)}
         if kind == "agent":
-            env["MESH_AGENT_ID"] = name
+            env.update(AgentSettings.env_for(agent_id=name))
         argv = [sys.executable, "-m", f"services.{kind}"]
         return self._spawn_process(name, argv, env, port, metrics_port)
 
@@ -403,13 +421,13 @@ class Mesh:
         try:
             self._start_infra()
             if not self.pg_dsn:
-                self._pg = EmbeddedPostgres(cfg.state_dir / "pg")
+                self._pg = EmbeddedPostgres(_embedded_pg_dir(cfg.state_dir))
                 self.pg_dsn = self._pg.start()
             env = self.base_env()
             (memory,) = self._start_group("memory", ["memory"], env, timeout_s)
-            env["MESH_MEMORY_ADDR"] = memory.addr
+            env.update(AgentSettings.env_for(memory_addr=memory.addr))
             (persister,) = self._start_group("persister", ["persister"], env, timeout_s)
-            env["MESH_PERSISTER_ADDR"] = persister.addr
+            env.update(AgentSettings.env_for(persister_addr=persister.addr))
             agent_names = [f"agent-{i + 1}" for i in range(cfg.agents)]
             self._start_group("agent", agent_names, env, timeout_s)
             gateway_names = [f"gateway-{i + 1}" for i in range(cfg.gateways)]
@@ -424,9 +442,12 @@ class Mesh:
 
     def start_agent(self, *, timeout_s: float = 120.0) -> Service:
         """Add one more agent to a running mesh (scale-out and takeover tests)."""
-        env = self.base_env()
-        env["MESH_MEMORY_ADDR"] = self.memory_addr
-        env["MESH_PERSISTER_ADDR"] = self.persister_addr
+        env = {
+            **self.base_env(),
+            **AgentSettings.env_for(
+                memory_addr=self.memory_addr, persister_addr=self.persister_addr
+            ),
+        }
         (service,) = self._start_group("agent", [f"agent-{len(self.agents) + 1}"], env, timeout_s)
         return service
 
@@ -522,8 +543,29 @@ class Mesh:
         }
 
 
-def with_overrides(config: MeshConfig, **changes: object) -> MeshConfig:
-    return replace(config, **changes)  # type: ignore[arg-type]
+def _embedded_pg_dir(state_dir: Path) -> Path:
+    """The embedded PostgreSQL's data directory, the one the services use without a launcher.
+
+    Launchers before this one kept it in ``state_dir/pg``: a stopped server found there moves
+    once, with its conversations and memory, to ``state_dir/postgres``.
+    """
+    new, old = embedded_pg_dir(state_dir), state_dir / "pg"
+    if new.exists() or not old.is_dir():
+        return new
+    # As root, pgserver may keep the data elsewhere, with a record naming the directory it
+    # belongs to (see mesh.pg.server_data_dir).
+    owners = [
+        owner
+        for owner in (ROOT_FALLBACK_DIR.glob("*.owner") if ROOT_FALLBACK_DIR.is_dir() else ())
+        if owner.read_text().strip() == str(old)
+    ]
+    data_dirs = [old, *(owner.with_suffix("") for owner in owners)]
+    if any((data / "postmaster.pid").exists() for data in data_dirs):
+        return old  # still running: leave it where it is until it stops
+    old.rename(new)
+    for owner in owners:
+        owner.write_text(f"{new}\n")
+    return new
 
 
 class _Interrupted(Exception):

@@ -14,21 +14,22 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from mesh import cli
 from mesh.auth import KeyStore, add_key_to_file
 from mesh.llm.models import REQUIREMENT, ModelNotInstalled, default_model_path
+from mesh.settings import default_state_dir
+from services.agent.settings import AgentSettings
 
-STATE_DIR = Path(os.environ.get("MESH_STATE_DIR", ".state")).absolute()
 
-
-def ensure_model(state_dir: Path) -> Path:
+def ensure_model(state_dir: Path, environ: Mapping[str, str]) -> Path:
     """The model to serve: MESH_AGENT_MODEL_PATH, else the default Gemma 3 270M package."""
-    configured = os.environ.get("MESH_AGENT_MODEL_PATH")
+    configured = environ.get(AgentSettings.var("model_path"))
     if configured:
-        return Path(configured).absolute()
+        return Path(configured).expanduser().absolute()
     try:
         return default_model_path(state_dir / "models")
     except ModelNotInstalled:
@@ -58,14 +59,12 @@ def ensure_dev_key(state_dir: Path, keys_file: Path) -> str:
     return key
 
 
-def key_file_hint() -> str:
-    return str(STATE_DIR / "dev-api-key")
-
-
-def _launcher_args(args: argparse.Namespace, model: Path, keys_file: Path) -> list[str]:
+def _launcher_args(
+    args: argparse.Namespace, state_dir: Path, model: Path, keys_file: Path
+) -> list[str]:
     argv = [
         sys.executable, "-m", "mesh.launcher",
-        "--state-dir", str(STATE_DIR),
+        "--state-dir", str(state_dir),
         "--model", str(model),
         "--keys-file", str(keys_file),
         "--profile", args.profile,
@@ -80,24 +79,25 @@ def _launcher_args(args: argparse.Namespace, model: Path, keys_file: Path) -> li
 
 
 def _wait_for_mesh(
-    process: subprocess.Popen[bytes], info_path: Path, timeout_s: float
+    process: subprocess.Popen[bytes], state_dir: Path, timeout_s: float
 ) -> dict[str, Any]:
+    info_path = state_dir / "mesh.json"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(
-                f"the mesh failed to start (exit {process.returncode}); see {STATE_DIR}/logs/"
+                f"the mesh failed to start (exit {process.returncode}); see {state_dir}/logs/"
             )
         if info_path.exists():
             info: dict[str, Any] = json.loads(info_path.read_text())
             if info.get("pid") == process.pid:
                 return info
         time.sleep(0.3)
-    raise SystemExit(f"the mesh did not start within {timeout_s:.0f}s; see {STATE_DIR}/logs/")
+    raise SystemExit(f"the mesh did not start within {timeout_s:.0f}s; see {state_dir}/logs/")
 
 
-def down() -> int:
-    info_path = STATE_DIR / "mesh.json"
+def down(state_dir: Path) -> int:
+    info_path = state_dir / "mesh.json"
     if not info_path.exists():
         print("no mesh is running here")
         return 0
@@ -120,24 +120,26 @@ def down() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    state_dir = default_state_dir(env)
     parser = argparse.ArgumentParser(prog="python -m mesh.run", description=__doc__)
     parser.add_argument("--profile", choices=["embedded", "scale"], default="embedded")
     parser.add_argument("--detach", action="store_true", help="leave the mesh running (make up)")
     parser.add_argument("--down", action="store_true", help="stop a detached mesh (make down)")
     parser.add_argument(
-        "--gpu-layers", type=int, default=int(os.environ.get("MESH_AGENT_GPU_LAYERS", "0"))
+        "--gpu-layers", type=int, default=AgentSettings.value_from_env("gpu_layers", env)
     )
     parser.add_argument("--gateways", type=int, default=None, help="default: 1, scale profile 2")
     parser.add_argument("--agents", type=int, default=None, help="default: 1, scale profile 2")
     args = parser.parse_args(argv)
     if args.down:
-        return down()
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    model = ensure_model(STATE_DIR)
-    keys_file = STATE_DIR / "api-keys.json"
-    key = ensure_dev_key(STATE_DIR, keys_file)
-    info_path = STATE_DIR / "mesh.json"
+        return down(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    model = ensure_model(state_dir, env)
+    keys_file = state_dir / "api-keys.json"
+    key = ensure_dev_key(state_dir, keys_file)
+    info_path = state_dir / "mesh.json"
     info_path.unlink(missing_ok=True)
     if args.profile == "scale":
         print(
@@ -151,26 +153,27 @@ def main(argv: list[str] | None = None) -> int:
             "starting the mesh (PostgreSQL, memory, persister, agent, gateway, Envoy)...",
             flush=True,
         )
-    log_path = STATE_DIR / "launcher.log"
-    STATE_DIR.joinpath("logs").mkdir(exist_ok=True)
+    log_path = state_dir / "launcher.log"
+    state_dir.joinpath("logs").mkdir(exist_ok=True)
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
-            _launcher_args(args, model, keys_file),
+            _launcher_args(args, state_dir, model, keys_file),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    info = _wait_for_mesh(process, info_path, timeout_s=600)
+    info = _wait_for_mesh(process, state_dir, timeout_s=600)
     gateway = info["gateway_addr"]
+    key_path = state_dir / "dev-api-key"
     if args.detach:
         print(json.dumps(info, indent=2))
-        print(f"gateway: {gateway}   API key: {STATE_DIR / 'dev-api-key'}   stop: make down")
+        print(f"gateway: {gateway}   API key: {key_path}   stop: make down")
         if info.get("envoy_url"):
             print(f"chat page and gRPC-web (Envoy): {info['envoy_url']}")
         return 0
     print(f"mesh up: gateway {gateway}, model {model.name}. Ctrl-C cancels a turn; Ctrl-D quits.")
     if info.get("envoy_url"):
-        print(f"the same chat in a browser: {info['envoy_url']} (API key in {key_file_hint()})")
+        print(f"the same chat in a browser: {info['envoy_url']} (API key in {key_path})")
     try:
         return cli.main(["chat", "--gateway", gateway, "--api-key", key])
     finally:
