@@ -9,7 +9,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,9 @@ from typing import Any
 
 import psycopg
 
+from mesh.infra.process import free_port as free_port  # re-exported for the rows
 from mesh.pg import EmbeddedPostgres
+from mesh.settings import default_state_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,20 +91,16 @@ class Progress:
             print(f"[bench {elapsed:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def load_average() -> float:
-    return os.getloadavg()[0]
+def project_state_dir() -> Path:
+    """The project's state dir (``MESH_STATE_DIR``, else ``.state`` at the root), where the
+    Kafka jars and the Elasticsearch distribution are cached across runs, like the tests'."""
+    return default_state_dir({"MESH_STATE_DIR": str(ROOT / ".state"), **os.environ})
 
 
 def child_env() -> dict[str, str]:
@@ -250,13 +247,12 @@ class Context:
         """Bootstrap address of the run's Kafka broker (started on first use)."""
         if self._kafka is None:
             from mesh.infra.kafka import KafkaServer, default_jars_dir
-            from mesh.settings import default_state_dir
 
-            # The broker jars are cached under the project's state dir, like the test fixtures.
-            state = default_state_dir({"MESH_STATE_DIR": str(ROOT / ".state"), **os.environ})
             self.progress("starting Kafka")
             server = KafkaServer(
-                self.path("kafka"), jars_dir=default_jars_dir(state), data_dir=self.path("kafka")
+                self.path("kafka"),
+                jars_dir=default_jars_dir(project_state_dir()),
+                data_dir=self.path("kafka"),
             )
             bootstrap = await asyncio.to_thread(server.start)
             self._kafka = server

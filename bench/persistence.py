@@ -1,16 +1,15 @@
 """Row ``persistence``: the persister's batched token writes (COPY into a staging table, then
 one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``) vs one ``INSERT`` per row.
 
-Both are the persister's own functions (``services.persister.store``, timed by
-``services.persister.bench_tokens``), on a fresh database of the run's PostgreSQL; the two
-methods alternate round by round so drift hits both alike.
+The batched path is the persister's own (``services.persister.store``); the per-row baseline
+and the timing are ``bench.token_writes``. Both run on a fresh database of the run's
+PostgreSQL; the two methods alternate round by round so drift hits both alike.
 """
 
 from __future__ import annotations
 
-import warnings
-
 from bench.common import Context, Row, verdict
+from bench.token_writes import bench
 
 TARGET_SPEEDUP = 10.0
 
@@ -18,11 +17,6 @@ TARGET_SPEEDUP = 10.0
 async def run(ctx: Context, *, rows: int | None = None) -> list[Row]:
     count = rows or (500 if ctx.quick else 20_000)
     repeat = 1 if ctx.quick else 3
-    with warnings.catch_warnings():
-        # pgserver (imported by the persister's benchmark) warns about XDG_RUNTIME_DIR on import.
-        warnings.simplefilter("ignore")
-        from services.persister.bench_tokens import bench
-
     dsn = ctx.database("persistence")
     ctx.progress(f"persistence: {count} token rows x {repeat} rounds, batched vs per-row")
     results = dict(await bench(dsn, count, repeat))

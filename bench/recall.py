@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-from bench.common import ROOT, Context, Row, p50_p99, verdict
+from bench.common import Context, Row, p50_p99, project_state_dir, verdict
 from mesh.memory.base import MemoryStore, StoredChunk
 from mesh.memory.embedding import DEFAULT_DIMS, HashingEmbedder
 from mesh.memory.postgres import PostgresMemoryStore
-from mesh.settings import default_state_dir
 
 TENANT = "bench"
 VOCABULARY = 5000
@@ -119,8 +117,7 @@ async def _open_es(ctx: Context, stack: contextlib.AsyncExitStack) -> MemoryStor
     from mesh.infra.elasticsearch import ElasticsearchServer
     from mesh.memory.elasticsearch import ElasticsearchMemoryStore
 
-    state = default_state_dir({"MESH_STATE_DIR": str(ROOT / ".state"), **os.environ})
-    server = ElasticsearchServer(state, heap="1g", node_dir=ctx.path("es-node"))
+    server = ElasticsearchServer(project_state_dir(), heap="1g", node_dir=ctx.path("es-node"))
     ctx.progress("recall: starting Elasticsearch")
     try:
         url = await asyncio.to_thread(server.start)

@@ -47,8 +47,9 @@ from bench.common import (
 )
 from mesh.auth import add_key_to_file
 from mesh.launcher import wait_healthy
-from mesh.log import TURN_EVENTS, TURN_REQUESTS
+from mesh.log import TURN_EVENTS, TURN_REQUESTS, LogSettings
 from mesh.log.embedded import EmbeddedLog
+from services.gateway.settings import GatewaySettings
 
 PER_STREAM_RATE = 50.0  # tokens/s of one stream in the paced phase: a fast CPU model
 PACED_SHARE = 0.5  # paced load as a share of the gateway's saturated rate, at most
@@ -158,21 +159,19 @@ class RelaySide:
         async with EmbeddedLog(self.log_path) as log:
             await log.ensure_topic(TURN_REQUESTS, PARTITIONS)
             await log.ensure_topic(TURN_EVENTS, PARTITIONS)
-        env = {
-            **child_env(),
-            "MESH_STATE_DIR": str(self.work),
-            "MESH_LOG_DRIVER": "embedded",
-            "MESH_LOG_PATH": str(self.log_path),
-            "MESH_LOG_PARTITIONS": str(PARTITIONS),
-            "MESH_GATEWAY_HOST": "127.0.0.1",
-            "MESH_GATEWAY_PORT": str(self.port),
-            "MESH_GATEWAY_METRICS_PORT": "-1",
-            "MESH_GATEWAY_API_KEYS_FILE": str(keys),
-            "MESH_GATEWAY_LOG_LEVEL": "WARNING",
-            "MESH_GATEWAY_MAX_STREAMS": "5000",
+        gateway = GatewaySettings(
+            host="127.0.0.1",
+            port=self.port,
+            metrics_port=-1,
+            api_keys_file=keys,
+            log_level="WARNING",
+            max_streams=5000,
             # Nothing listens there: new conversations never ask the persister.
-            "MESH_PERSISTER_ADDR": f"127.0.0.1:{free_port()}",
-        }
+            persister_addr=f"127.0.0.1:{free_port()}",
+            log=LogSettings(driver="embedded", path=self.log_path, partitions=PARTITIONS),
+        )
+        # Every gateway variable, so none of the caller's MESH_GATEWAY_* leak into the row.
+        env = {**child_env(), **gateway.to_env()}
         log_file = self.work / "gateway.log"
         self.gateway = await ChildProcess.start(
             "gateway", [sys.executable, "-m", "services.gateway"], env, log_file, pipes=False

@@ -1,6 +1,6 @@
 """Batched (COPY + INSERT ... SELECT) vs one-INSERT-per-row token writes, side by side.
 
-    python -m services.persister.bench_tokens [--rows 20000] [--repeat 3]
+    python -m bench.token_writes [--rows 20000] [--repeat 3]
 
 Uses ``MESH_PG_DSN`` when set, otherwise a throwaway PostgreSQL (pgserver) removed afterwards.
 Rows get fresh turn ids each round (so every row is a real insert) and are deleted afterwards.
@@ -21,17 +21,26 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import psycopg
-from pgserver.postgres_server import get_server
 
+from mesh.settings import PostgresSettings
 from services.persister.core import TokenRow
-from services.persister.store import (
-    Conn,
-    create_schema,
-    write_tokens_batched,
-    write_tokens_per_row,
-)
+from services.persister.store import Conn, create_schema, write_tokens_batched
 
 Writer = Callable[[Conn, Sequence[TokenRow]], Awaitable[int]]
+
+
+async def write_tokens_per_row(conn: Conn, rows: Sequence[TokenRow]) -> int:
+    """The baseline: one INSERT (one round trip) per row, in one transaction."""
+    inserted = 0
+    async with conn.transaction(), conn.cursor() as cur:
+        for row in rows:
+            await cur.execute(
+                "INSERT INTO tokens (turn_id, seq, text) VALUES (%s, %s, %s) "
+                "ON CONFLICT (turn_id, seq) DO NOTHING",
+                (row.turn_id, row.seq, row.text),
+            )
+            inserted += max(cur.rowcount, 0)
+    return inserted
 
 
 def make_rows(count: int, tokens_per_turn: int = 200) -> list[TokenRow]:
@@ -71,7 +80,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    dsn = os.environ.get("MESH_PG_DSN", "")
+    dsn = PostgresSettings.value_from_env("pg_dsn", os.environ).reveal()
     server = None
     tmp = Path(tempfile.mkdtemp(prefix="persister-bench-"))
     if not dsn:
@@ -79,6 +88,8 @@ def main() -> None:
         os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            from pgserver.postgres_server import get_server
+
             # "delete": a throwaway server, stopped and removed with its last handle.
             server = get_server(tmp / "pg", cleanup_mode="delete")
         dsn = str(server.get_uri())

@@ -5,8 +5,8 @@ seq)``), so replaying a batch changes nothing and the first writer wins. A batch
 transaction: tokens go through ``COPY`` into a session temp table and one ``INSERT ... SELECT``,
 messages and conversations through one ``unnest`` statement each.
 
-``write_tokens_batched`` and ``write_tokens_per_row`` are the two token paths side by side, for
-the benchmark (``python -m services.persister.bench_tokens``).
+``write_tokens_batched`` is the token path on its own, for the benchmark (``python -m
+bench.token_writes``), which compares it with one INSERT per row.
 """
 
 from __future__ import annotations
@@ -189,20 +189,6 @@ async def write_tokens_batched(conn: Conn, rows: Sequence[TokenRow]) -> int:
         return 0
     async with conn.transaction():
         return await _copy_tokens(conn, rows)
-
-
-async def write_tokens_per_row(conn: Conn, rows: Sequence[TokenRow]) -> int:
-    """Insert token rows with one INSERT (one round trip) per row in one transaction."""
-    inserted = 0
-    async with conn.transaction(), conn.cursor() as cur:
-        for row in rows:
-            await cur.execute(
-                "INSERT INTO tokens (turn_id, seq, text) VALUES (%s, %s, %s) "
-                "ON CONFLICT (turn_id, seq) DO NOTHING",
-                (row.turn_id, row.seq, row.text),
-            )
-            inserted += max(cur.rowcount, 0)
-    return inserted
 
 
 async def _count(conn: Conn, query: str, params: Sequence[Any]) -> int:

@@ -31,6 +31,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from bench.token_writes import write_tokens_per_row
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, partition_for
 from mesh.log.embedded import EmbeddedLog
 from mesh.server import channel
@@ -44,7 +45,6 @@ from services.persister.store import (
     PgStore,
     create_schema,
     write_tokens_batched,
-    write_tokens_per_row,
 )
 
 pytestmark = pytest.mark.integration
