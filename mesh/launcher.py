@@ -290,27 +290,18 @@ class Mesh:
             **os.environ,
             "PYTHONPATH": pythonpath.rstrip(os.pathsep),
             "PYTHONUNBUFFERED": "1",
-            **StoreSettings.env_for(
-                state_dir=cfg.state_dir,
-                backend=cfg.memory_backend,
-                es_url=self.es_url,
-                pg_dsn=Secret(self.pg_dsn),
-            ),
-            **LogSettings.env_for(
-                driver=cfg.log_driver,
-                path=cfg.state_dir / "log" / "mesh-log.sqlite3",
-                partitions=cfg.partitions,
-                kafka_bootstrap=self.kafka_bootstrap,
-            ),
-            **AgentSettings.env_for(
-                model_path=cfg.model_path,
-                gpu_layers=cfg.gpu_layers,
-                threads=cfg.agent_threads,
-                n_ctx=cfg.n_ctx,
-            ),
-            **GatewaySettings.env_for(api_keys_file=cfg.api_keys_file),
-            "XDG_RUNTIME_DIR": os.environ.get("XDG_RUNTIME_DIR", "/tmp"),
         }
+        log_path = cfg.state_dir / "log" / "mesh-log.sqlite3"
+        env.update(StoreSettings.env_for(state_dir=cfg.state_dir, backend=cfg.memory_backend))
+        env.update(StoreSettings.env_for(es_url=self.es_url, pg_dsn=Secret(self.pg_dsn)))
+        env.update(LogSettings.env_for(driver=cfg.log_driver, path=log_path))
+        env.update(
+            LogSettings.env_for(partitions=cfg.partitions, kafka_bootstrap=self.kafka_bootstrap)
+        )
+        env.update(AgentSettings.env_for(model_path=cfg.model_path, gpu_layers=cfg.gpu_layers))
+        env.update(AgentSettings.env_for(threads=cfg.agent_threads, n_ctx=cfg.n_ctx))
+        env.update(GatewaySettings.env_for(api_keys_file=cfg.api_keys_file))
+        env["XDG_RUNTIME_DIR"] = os.environ.get("XDG_RUNTIME_DIR", "/tmp")
         env.update(cfg.extra_env)
         return env
 

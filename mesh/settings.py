@@ -103,18 +103,7 @@ def setting(
         hint: appended to the error of a missing required variable.
         read, write: custom conversion of a field spanning several variables.
     """
-    var = Var(
-        name,
-        minimum=minimum,
-        maximum=maximum,
-        above=above,
-        choices=choices,
-        blank=blank,
-        derive=derive,
-        hint=hint,
-        read=read,
-        write=write,
-    )
+    var = Var(name, minimum, maximum, above, choices, blank, derive, hint, read, write)
     metadata = {_META: var}
     if derive is not None:
         return field(default_factory=lambda: derive({}), metadata=metadata)
