@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from mesh.lifecycle import AsyncStartStop
 from mesh.memory.base import ChunkHit, MemoryStore, StoredChunk
 from mesh.memory.embedding import DEFAULT_DIMS
 from mesh.memory.postgres import PostgresMemoryStore
@@ -81,7 +82,7 @@ class StoreSettings:
         )
 
 
-class EmbeddedPostgresMemoryStore:
+class EmbeddedPostgresMemoryStore(AsyncStartStop):
     """A ``PostgresMemoryStore`` on the embedded PostgreSQL server, started with the store.
 
     Other services of the machine may share the server; ``stop`` leaves it running while
@@ -138,13 +139,6 @@ class EmbeddedPostgresMemoryStore:
         if self._server is not None:
             server, self._server = self._server, None
             await asyncio.to_thread(server.stop)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def has_source(self, tenant_id: str, source_id: str) -> bool:
         return await self._inner().has_source(tenant_id, source_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Self, TypeVar
+from typing import TypeVar
 
 import grpc
 from chat.common.v1 import conversation_pb2
@@ -17,6 +17,7 @@ from chat.memory.v1 import memory_pb2, memory_service_pb2_grpc
 from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
 from grpc import aio
 
+from mesh.lifecycle import AsyncStartStop
 from mesh.server import channel
 from services.agent.prompt import ASSISTANT, USER, ChatMessage
 
@@ -68,7 +69,7 @@ async def _call_with_retries(
     return None, False  # pragma: no cover - the loop always returns
 
 
-class DependencyClients:
+class DependencyClients(AsyncStartStop):
     """Channels to the persister and memory services, with degrade-on-failure calls.
 
     Args:
@@ -114,13 +115,6 @@ class DependencyClients:
         for ch in channels:
             await ch.close()
         self._persister = self._memory = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def history(
         self, tenant_id: str, conversation_id: str, *, for_turn_id: str = ""

@@ -21,6 +21,7 @@ import contextlib
 import logging
 from collections import deque
 
+from mesh.lifecycle import AsyncStartStop
 from mesh.log import TURN_EVENTS, EventLog
 from services.gateway.codec import decode_turn_event
 from services.gateway.model import TurnEventView
@@ -138,7 +139,7 @@ class Subscription:
             self.notify.set()
 
 
-class TurnHub:
+class TurnHub(AsyncStartStop):
     """Shared tails of the turn-event partitions. Use ``async with`` or ``start``/``stop``."""
 
     def __init__(self, log: EventLog, *, partitions: int, capacity: int = 2048) -> None:
@@ -175,13 +176,6 @@ class TurnHub:
             for group in list(subs.values()):
                 for sub in list(group):
                     sub.close()
-
-    async def __aenter__(self) -> TurnHub:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def position(self, partition: int) -> int:
         """Offset of the next record the partition's tail will dispatch."""

@@ -11,6 +11,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from mesh.errors import InvalidArgument, MeshError, NotFound, ResourceExhausted, Unavailable
+from mesh.lifecycle import AsyncStartStop
 from mesh.server import channel
 
 MAX_PAGE_SIZE = 100
@@ -54,7 +55,7 @@ def map_persister_error(error: aio.AioRpcError, *, what: str) -> MeshError:
     )
 
 
-class PersisterClient:
+class PersisterClient(AsyncStartStop):
     """A channel to ``MESH_PERSISTER_ADDR``. ``async with`` or start/stop."""
 
     def __init__(self, addr: str, *, timeout_s: float = 15.0) -> None:
@@ -73,13 +74,6 @@ class PersisterClient:
         self._stub = None
         if channel_ is not None:
             await channel_.close()
-
-    async def __aenter__(self) -> PersisterClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def _require(self) -> Any:
         if self._stub is None:

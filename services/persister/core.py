@@ -28,10 +28,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Protocol, Self
+from typing import Protocol
 
 from mesh.errors import InvalidArgument, NotFound, Unavailable
 from mesh.generation import FinishReason
+from mesh.lifecycle import AsyncStartStop
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, GroupConsumer, LogError, Record
 from mesh.turn_ids import TurnRef
 from services.persister import metrics
@@ -431,7 +432,7 @@ class Page:
     next_page_token: str
 
 
-class Persister:
+class Persister(AsyncStartStop):
     """Consumes both logs as group ``persister``, writes batches, serves reads.
 
     Use ``async with`` or ``start``/``stop``; ``drain`` writes and commits what was consumed
@@ -538,13 +539,6 @@ class Persister:
         self._readers.clear()
         self._batcher = None
         self._started = False
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     # -- consuming and writing ----------------------------------------------------------------
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, Self
+from typing import Any
 
 import grpc
 from chat.memory.v1 import memory_pb2, memory_service_pb2_grpc
 from grpc import aio
 
+from mesh.lifecycle import AsyncStartStop
 from mesh.server import channel as mesh_channel
 from services.persister import metrics
 
@@ -30,7 +31,7 @@ _TRANSIENT = frozenset(
 )
 
 
-class MemoryIndexer:
+class MemoryIndexer(AsyncStartStop):
     """A ``core.Rememberer`` over gRPC.
 
     Transient failures are retried with capped exponential backoff for as long as it takes:
@@ -63,13 +64,6 @@ class MemoryIndexer:
         if self._channel is not None:
             channel, self._channel, self._stub = self._channel, None, None
             await channel.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def remember(
         self, *, tenant_id: str, conversation_id: str, text: str, request_id: str
