@@ -23,6 +23,7 @@ from collections import deque
 
 from mesh.lifecycle import AsyncStartStop
 from mesh.log import TURN_EVENTS, EventLog
+from mesh.retry import Backoff
 from services.gateway.codec import decode_turn_event
 from services.gateway.model import TurnEventView
 
@@ -213,7 +214,7 @@ class TurnHub(AsyncStartStop):
     async def _tail(self, partition: int) -> None:
         subs = self._subs[partition]
         positions = self._positions
-        backoff = 0.1
+        backoff = Backoff(0.1, max_s=5.0)
         while True:
             try:
                 async for record in self.log.read(TURN_EVENTS, partition, positions[partition]):
@@ -225,7 +226,7 @@ class TurnHub(AsyncStartStop):
                     # Advanced after the pushes: catch-up relies on "position moved" meaning
                     # "a record was dispatched that I may have missed".
                     positions[partition] = record.offset + 1
-                    backoff = 0.1
+                    backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -234,7 +235,6 @@ class TurnHub(AsyncStartStop):
                     TURN_EVENTS,
                     partition,
                     positions[partition],
-                    backoff,
+                    backoff.delay,
                 )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await backoff.wait()
