@@ -7,36 +7,25 @@ from typing import Any
 import grpc
 from chat.common.v1 import conversation_pb2
 from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
-from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
-from mesh.errors import InvalidArgument, MeshError, NotFound, ResourceExhausted, Unavailable
+from mesh.errors import (
+    InvalidArgument,
+    MeshError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    error_info_reason,
+    rich_status,
+)
 from mesh.lifecycle import AsyncStartStop
 from mesh.server import channel
-
-MAX_PAGE_SIZE = 100
-
-
-def _error_info_reason(error: aio.AioRpcError) -> str | None:
-    for key, value in error.trailing_metadata() or ():
-        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
-            continue
-        status = status_pb2.Status()
-        try:
-            status.ParseFromString(value)
-        except Exception:  # noqa: BLE001 - a malformed detail only loses the reason
-            return None
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info):
-                return str(info.reason) or None
-    return None
 
 
 def map_persister_error(error: aio.AioRpcError, *, what: str) -> MeshError:
     """The error the gateway's caller sees when the persister answers ``error``."""
     code = error.code()
-    reason = _error_info_reason(error)
+    reason = error_info_reason(rich_status(error))
     details = error.details() or code.name
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(details, reason=reason or "CONVERSATION_NOT_FOUND")
