@@ -9,6 +9,7 @@ from chat.common.v1 import conversation_pb2
 from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
 from grpc import aio
 
+from mesh.client import ServiceClient
 from mesh.errors import (
     InvalidArgument,
     MeshError,
@@ -18,8 +19,6 @@ from mesh.errors import (
     error_info_reason,
     rich_status,
 )
-from mesh.lifecycle import AsyncStartStop
-from mesh.server import channel
 
 
 def map_persister_error(error: aio.AioRpcError, *, what: str) -> MeshError:
@@ -44,30 +43,18 @@ def map_persister_error(error: aio.AioRpcError, *, what: str) -> MeshError:
     )
 
 
-class PersisterClient(AsyncStartStop):
+class PersisterClient(ServiceClient):
     """A channel to ``MESH_PERSISTER_ADDR``. ``async with`` or start/stop."""
 
     def __init__(self, addr: str, *, timeout_s: float = 15.0) -> None:
+        super().__init__(addr, persister_service_pb2_grpc.PersisterServiceStub)
         self.addr = addr
         self._timeout_s = timeout_s
-        self._channel: aio.Channel | None = None
-        self._stub: Any = None
-
-    async def start(self) -> None:
-        if self._channel is None:
-            self._channel = channel(self.addr)
-            self._stub = persister_service_pb2_grpc.PersisterServiceStub(self._channel)  # type: ignore[no-untyped-call]
-
-    async def stop(self) -> None:
-        channel_, self._channel = self._channel, None
-        self._stub = None
-        if channel_ is not None:
-            await channel_.close()
 
     def _require(self) -> Any:
-        if self._stub is None:
+        if self.stub is None:
             raise Unavailable("persister client is not started", reason="PERSISTER_UNAVAILABLE")
-        return self._stub
+        return self.stub
 
     async def get_conversation(
         self, tenant_id: str, conversation_id: str, *, consistent: bool = True
