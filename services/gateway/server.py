@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +19,11 @@ from mesh.auth import AuthInterceptor, KeyFileError, KeyStore, current_principal
 from mesh.codec import finish_reason_to_proto, options_from_proto
 from mesh.errors import InvalidArgument, to_status_proto
 from mesh.log import open_log
-from mesh.metrics import start_metrics_server
 from mesh.server import (
-    add_health_and_reflection,
-    bind,
-    configure_logging,
-    new_server,
+    build_service_server,
+    run_main,
     serve_until_signalled,
+    start_metrics,
 )
 from mesh.settings import SettingsError
 from services.gateway.core import (
@@ -61,11 +57,6 @@ SERVICE_NAME: str = gateway_service_pb2.DESCRIPTOR.services_by_name["GatewayServ
 METRICS_SERVICE = "gateway"
 
 Context = aio.ServicerContext[Any, Any]
-
-# The generated registration function is untyped; give it a type once, here.
-_add_servicer: Callable[[Any, aio.Server], None] = (
-    gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server
-)
 
 
 @dataclass
@@ -282,10 +273,15 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
 
 def build_server(settings: GatewaySettings, deps: GatewayDeps) -> tuple[aio.Server, int]:
     """The gateway's gRPC server (not started), bound to ``settings.host:port``."""
-    server = new_server(METRICS_SERVICE, extra_interceptors=[AuthInterceptor(deps.keys)])
-    _add_servicer(GatewayServicer(deps.core, deps.persister), server)
-    deps.health = add_health_and_reflection(server, [SERVICE_NAME])
-    port = bind(server, settings.host, settings.port)
+    server, port, deps.health = build_service_server(
+        METRICS_SERVICE,
+        SERVICE_NAME,
+        gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server,
+        GatewayServicer(deps.core, deps.persister),
+        host=settings.host,
+        port=settings.port,
+        extra_interceptors=[AuthInterceptor(deps.keys)],
+    )
     return server, port
 
 
@@ -298,8 +294,8 @@ async def serve(settings: GatewaySettings) -> None:
             "(mesh keys create --tenant NAME)",
             settings.api_keys_file,
         )
-    if settings.metrics_port >= 0:
-        metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+    metrics_port = start_metrics(settings.metrics_port, settings.host)
+    if metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", settings.host, metrics_port)
     async with AsyncExitStack() as stack:
         event_log = await stack.enter_async_context(open_log(settings.log))
@@ -326,21 +322,16 @@ async def serve(settings: GatewaySettings) -> None:
     log.info("gateway stopped")
 
 
+def _load_settings() -> GatewaySettings:
+    settings = GatewaySettings.from_env(os.environ)
+    KeyStore(settings.api_keys_file)  # a broken key file is a bad configuration too
+    return settings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m services.gateway``; configuration comes from the environment."""
     del argv  # no flags: the environment is the single source of configuration
-    try:
-        settings = GatewaySettings.from_env(os.environ)
-        KeyStore(settings.api_keys_file)
-    except (SettingsError, KeyFileError) as error:
-        print(f"gateway: bad configuration: {error}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
-    try:
-        asyncio.run(serve(settings))
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_main("gateway", _load_settings, serve, config_errors=(SettingsError, KeyFileError))
 
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -13,7 +13,7 @@ from google.protobuf import timestamp_pb2
 from grpc import aio
 from grpc_health.v1 import health
 
-from mesh.server import add_health_and_reflection, bind, new_server
+from mesh.server import build_service_server
 from mesh.turn_ids import parse_turn_id
 from services.persister.core import Conversation, Message, Persister
 from services.persister.settings import PersisterSettings
@@ -21,11 +21,6 @@ from services.persister.settings import PersisterSettings
 SERVICE_NAME: str = persister_service_pb2.DESCRIPTOR.services_by_name["PersisterService"].full_name
 
 Context = aio.ServicerContext[Any, Any]
-
-# The generated registration function is untyped; give it a type once, here.
-_add_servicer: Callable[[Any, aio.Server], None] = (
-    persister_service_pb2_grpc.add_PersisterServiceServicer_to_server
-)
 
 
 @dataclass
@@ -129,8 +124,12 @@ class PersisterServicer(persister_service_pb2_grpc.PersisterServiceServicer):
 
 def build_server(settings: PersisterSettings, deps: PersisterDeps) -> tuple[aio.Server, int]:
     """The persister's gRPC server (not started), bound to ``settings.host:port``."""
-    server = new_server("persister")
-    _add_servicer(PersisterServicer(deps.persister), server)
-    deps.health = add_health_and_reflection(server, [SERVICE_NAME])
-    port = bind(server, settings.host, settings.port)
+    server, port, deps.health = build_service_server(
+        "persister",
+        SERVICE_NAME,
+        persister_service_pb2_grpc.add_PersisterServiceServicer_to_server,
+        PersisterServicer(deps.persister),
+        host=settings.host,
+        port=settings.port,
+    )
     return server, port
