@@ -7,7 +7,6 @@ on an ``AsyncExitStack``; tests use ``async with``.
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Protocol, Self
 
 
@@ -20,12 +19,7 @@ class AsyncResource(Protocol):
 
     async def __aenter__(self) -> Self: ...
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
+    async def __aexit__(self, *exc: object) -> None: ...
 
 
 class AsyncStartStop:
@@ -46,12 +40,7 @@ class AsyncStartStop:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
 

@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from google.protobuf import descriptor_pool
@@ -103,6 +104,17 @@ def bind(server: aio.Server, host: str, port: int) -> int:
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
     return bound
+
+
+@dataclass
+class ServiceDeps:
+    """Base of each service's deps (``XDeps``): what its server runs on, started by the caller.
+
+    ``build_server`` fills ``health`` with the server's health servicer, for
+    ``serve_until_signalled`` and for tests that flip it.
+    """
+
+    health: health.aio.HealthServicer | None = field(default=None, kw_only=True)
 
 
 def build_service_server(
@@ -241,6 +253,7 @@ def channel(target: str) -> aio.Channel:
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "ServiceDeps",
     "add_health_and_reflection",
     "bind",
     "build_service_server",

@@ -13,13 +13,18 @@ from typing import Any
 from chat.agent.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
 from chat.common.v1 import common_pb2
 from grpc import aio
-from grpc_health.v1 import health
 
 from mesh.codec import finish_reason_to_proto, options_from_proto
 from mesh.errors import InvalidArgument, MeshError
 from mesh.llm.engine import Device, EngineError, LlamaEngine
 from mesh.log import EventLog, open_log
-from mesh.server import build_service_server, run_main, serve_until_signalled, start_metrics
+from mesh.server import (
+    ServiceDeps,
+    build_service_server,
+    run_main,
+    serve_until_signalled,
+    start_metrics,
+)
 from services.agent.clients import DependencyClients
 from services.agent.core import (
     METRICS_SERVICE,
@@ -146,15 +151,10 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
 
 
 @dataclass
-class AgentDeps:
-    """What the server runs on: the core over a started engine (``build_core``).
-
-    ``build_server`` fills ``health`` with the server's health servicer, for
-    ``serve_until_signalled``.
-    """
+class AgentDeps(ServiceDeps):
+    """What the server runs on: the core over a started engine (``build_core``)."""
 
     core: AgentCore
-    health: health.aio.HealthServicer | None = None
 
 
 def build_core(settings: AgentSettings, engine: LlamaEngine) -> AgentCore:

@@ -51,24 +51,25 @@ class PersisterClient(ServiceClient):
         self.addr = addr
         self._timeout_s = timeout_s
 
-    def _require(self) -> Any:
+    async def _call(self, method: str, request: Any, *, what: str) -> Any:
+        """``method`` on the persister; its failure as the error the gateway's caller sees."""
         if self.stub is None:
             raise Unavailable("persister client is not started", reason="PERSISTER_UNAVAILABLE")
-        return self.stub
+        try:
+            return await getattr(self.stub, method)(request, timeout=self._timeout_s)
+        except aio.AioRpcError as error:
+            raise map_persister_error(error, what=what) from None
 
     async def get_conversation(
         self, tenant_id: str, conversation_id: str, *, consistent: bool = True
     ) -> conversation_pb2.Conversation:
-        stub = self._require()
-        try:
-            reply = await stub.GetConversation(
-                persister_pb2.GetConversationRequest(
-                    tenant_id=tenant_id, conversation_id=conversation_id, consistent=consistent
-                ),
-                timeout=self._timeout_s,
-            )
-        except aio.AioRpcError as error:
-            raise map_persister_error(error, what="read the conversation") from None
+        reply = await self._call(
+            "GetConversation",
+            persister_pb2.GetConversationRequest(
+                tenant_id=tenant_id, conversation_id=conversation_id, consistent=consistent
+            ),
+            what="read the conversation",
+        )
         conversation: conversation_pb2.Conversation = reply.conversation
         return conversation
 
@@ -79,14 +80,11 @@ class PersisterClient(ServiceClient):
     async def list_conversations(
         self, tenant_id: str, page_size: int, page_token: str
     ) -> tuple[list[conversation_pb2.Conversation], str]:
-        stub = self._require()
-        try:
-            reply = await stub.ListConversations(
-                persister_pb2.ListConversationsRequest(
-                    tenant_id=tenant_id, page_size=page_size, page_token=page_token
-                ),
-                timeout=self._timeout_s,
-            )
-        except aio.AioRpcError as error:
-            raise map_persister_error(error, what="list conversations") from None
+        reply = await self._call(
+            "ListConversations",
+            persister_pb2.ListConversationsRequest(
+                tenant_id=tenant_id, page_size=page_size, page_token=page_token
+            ),
+            what="list conversations",
+        )
         return list(reply.conversations), str(reply.next_page_token)

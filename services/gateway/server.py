@@ -13,13 +13,13 @@ from chat.common.v1 import common_pb2
 from chat.gateway.v1 import gateway_pb2, gateway_service_pb2, gateway_service_pb2_grpc
 from google.rpc import status_pb2
 from grpc import aio
-from grpc_health.v1 import health
 
 from mesh.auth import AuthInterceptor, KeyFileError, KeyStore, current_principal
 from mesh.codec import finish_reason_to_proto, options_from_proto
 from mesh.errors import InvalidArgument, to_status_proto
 from mesh.log import open_log
 from mesh.server import (
+    ServiceDeps,
     build_service_server,
     run_main,
     serve_until_signalled,
@@ -60,17 +60,12 @@ Context = aio.ServicerContext[Any, Any]
 
 
 @dataclass
-class GatewayDeps:
-    """What the server runs on; the caller starts and stops them.
-
-    ``build_server`` fills ``health`` with the server's health servicer, for
-    ``serve_until_signalled``.
-    """
+class GatewayDeps(ServiceDeps):
+    """What the server runs on; the caller starts and stops them."""
 
     core: GatewayCore
     persister: PersisterClient
     keys: KeyStore
-    health: health.aio.HealthServicer | None = None
 
 
 # -- proto -> core ----------------------------------------------------------------------------

@@ -10,12 +10,17 @@ from typing import Any
 
 from chat.memory.v1 import memory_pb2, memory_service_pb2, memory_service_pb2_grpc
 from grpc import aio
-from grpc_health.v1 import health
 
 from mesh.memory.base import MemoryStore
 from mesh.memory.embedding import Embedder, HashingEmbedder
 from mesh.memory.factory import open_store
-from mesh.server import build_service_server, run_main, serve_until_signalled, start_metrics
+from mesh.server import (
+    ServiceDeps,
+    build_service_server,
+    run_main,
+    serve_until_signalled,
+    start_metrics,
+)
 from services.memory.core import (
     DocumentHeader,
     EmptyFrame,
@@ -35,16 +40,11 @@ _Context = aio.ServicerContext[Any, Any]
 
 
 @dataclass
-class MemoryDeps:
-    """What the service needs from outside: a started store and an embedder of its dimension.
-
-    ``build_server`` fills ``health`` with the server's health servicer, for
-    ``serve_until_signalled``.
-    """
+class MemoryDeps(ServiceDeps):
+    """What the service needs from outside: a started store and an embedder of its dimension."""
 
     store: MemoryStore
     embedder: Embedder
-    health: health.aio.HealthServicer | None = None
 
 
 def _frame(request: memory_pb2.IngestRequest) -> IngestFrame:

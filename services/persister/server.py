@@ -11,9 +11,8 @@ from chat.common.v1 import conversation_pb2
 from chat.persister.v1 import persister_pb2, persister_service_pb2, persister_service_pb2_grpc
 from google.protobuf import timestamp_pb2
 from grpc import aio
-from grpc_health.v1 import health
 
-from mesh.server import build_service_server
+from mesh.server import ServiceDeps, build_service_server
 from mesh.turn_ids import parse_turn_id
 from services.persister.core import Conversation, Message, Persister
 from services.persister.settings import PersisterSettings
@@ -24,15 +23,10 @@ Context = aio.ServicerContext[Any, Any]
 
 
 @dataclass
-class PersisterDeps:
-    """What the server runs on. ``persister`` is started and stopped by the caller.
-
-    ``build_server`` fills ``health`` with the server's health servicer, for
-    ``serve_until_signalled``.
-    """
+class PersisterDeps(ServiceDeps):
+    """What the server runs on. ``persister`` is started and stopped by the caller."""
 
     persister: Persister
-    health: health.aio.HealthServicer | None = None
 
 
 def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
