@@ -36,7 +36,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.auth import API_KEY_HEADER, KeyFileError, add_key_to_file, default_keys_file
-from mesh.errors import MeshError
+from mesh.errors import MeshError, rich_status
 from mesh.settings import default_state_dir
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
@@ -105,7 +105,7 @@ def describe_status(status: status_pb2.Status) -> str:
 
 def describe_rpc_error(error: grpc.RpcError) -> str:
     """One readable line for a failed call, using its rich status when the server sent one."""
-    status = _rich_status(error)
+    status = rich_status(error)
     if status is not None:
         return describe_status(status)
     code = error.code() if hasattr(error, "code") else None
@@ -114,17 +114,6 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"UNAVAILABLE: cannot reach the service ({details})"
     return f"{name}: {details or 'no details'}"
-
-
-def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
-    trailing: Any = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    for key, value in trailing or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            status = status_pb2.Status()
-            with contextlib.suppress(Exception):
-                status.ParseFromString(value)
-                return status
-    return None
 
 
 # -- the chat loop --------------------------------------------------------------------------------

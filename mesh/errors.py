@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 DOMAIN = "llm-mesh"
 
@@ -45,11 +47,6 @@ class InvalidArgument(MeshError):
 class NotFound(MeshError):
     code = grpc.StatusCode.NOT_FOUND
     default_reason = "NOT_FOUND"
-
-
-class AlreadyExists(MeshError):
-    code = grpc.StatusCode.ALREADY_EXISTS
-    default_reason = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(MeshError):
@@ -113,9 +110,34 @@ def to_status_proto(error: MeshError) -> status_pb2.Status:
     return status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
 
 
-def internal_status(message: str) -> status_pb2.Status:
-    return to_status_proto(MeshError(message))
+def to_grpc_status(error: MeshError) -> grpc.Status:
+    """What a server aborts with: the code, the message, and the rich status in the trailers.
+
+    ``grpc_status.rpc_status`` writes the ``grpc-status-details-bin`` trailer, so every client
+    (grpcio-status, grpc-web in the browser, the polyglot tests) reads it with its stock helper.
+    """
+    status: grpc.Status = rpc_status.to_status(to_status_proto(error))
+    return status
 
 
-def status_code_name(status: status_pb2.Status) -> str:
-    return str(code_pb2.Code.Name(status.code))
+def rich_status(error: object) -> status_pb2.Status | None:
+    """The ``google.rpc.Status`` a failed call carried, or ``None``.
+
+    ``None`` also when the call carried no readable one (not a call, malformed bytes, or a code
+    or message that disagrees with the call's): the caller then falls back to the bare code.
+    """
+    try:
+        # The sync reader works on grpc.aio errors too: their accessors are plain methods.
+        status: status_pb2.Status | None = rpc_status.from_call(error)
+    except (AttributeError, ValueError, DecodeError):
+        return None
+    return status
+
+
+def error_info_reason(status: status_pb2.Status | None) -> str | None:
+    """The ``ErrorInfo.reason`` in ``status``'s details, or ``None`` (no status, no reason)."""
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason) or None
+    return None

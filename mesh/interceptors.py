@@ -15,7 +15,7 @@ import grpc
 from grpc import aio
 
 from mesh import metrics
-from mesh.errors import MeshError, to_status_proto
+from mesh.errors import MeshError, to_grpc_status
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +96,8 @@ def wrap_handler(
 
 async def abort_with(context: aio.ServicerContext[Any, Any], error: MeshError) -> None:
     """Abort the RPC with the rich status of ``error`` (raises ``grpc.aio.AbortError``)."""
-    status = to_status_proto(error)
-    await context.abort(
-        error.code,
-        error.message,
-        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
-    )
+    status = to_grpc_status(error)
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
 
 
 class ErrorInterceptor(aio.ServerInterceptor):

@@ -67,7 +67,10 @@ def _remove_orphans() -> None:
     """Delete fallback data whose requested directory is gone and whose server is stopped."""
     for owner_file in ROOT_FALLBACK_DIR.glob("*.owner"):
         data = ROOT_FALLBACK_DIR / owner_file.stem
-        owner = Path(owner_file.read_text().strip())
+        try:
+            owner = Path(owner_file.read_text().strip())
+        except FileNotFoundError:
+            continue  # another process (a parallel test session) removed it a moment ago
         if (owner / _FALLBACK_LINK).exists() or (data / "postmaster.pid").exists():
             continue
         shutil.rmtree(data, ignore_errors=True)

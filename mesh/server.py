@@ -1,12 +1,20 @@
-"""Scaffolding every service shares: health, reflection, metrics, interceptors, graceful drain."""
+"""Scaffolding every service shares: health, reflection, metrics, interceptors, graceful drain.
+
+One way to run a service: ``main`` calls ``run_main`` with the service's settings loader and
+``serve``; ``serve`` starts its resources, calls the service's ``build_server(settings, deps)``
+(which supplies only its servicer to ``build_service_server``), starts metrics and hands the
+server to ``serve_until_signalled``, which drains on SIGTERM/SIGINT.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 from google.protobuf import descriptor_pool
 from grpc import aio
@@ -14,6 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mesh.interceptors import ErrorInterceptor, MetricsInterceptor
+from mesh.metrics import start_metrics_server
+from mesh.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +106,61 @@ def bind(server: aio.Server, host: str, port: int) -> int:
     return bound
 
 
+@dataclass
+class ServiceDeps:
+    """Base of each service's deps (``XDeps``): what its server runs on, started by the caller.
+
+    ``build_server`` fills ``health`` with the server's health servicer, for
+    ``serve_until_signalled`` and for tests that flip it.
+    """
+
+    health: health.aio.HealthServicer | None = field(default=None, kw_only=True)
+
+
+def build_service_server(
+    metrics_label: str,
+    service_name: str,
+    add_servicer: Callable[[Any, aio.Server], None],
+    servicer: object,
+    *,
+    host: str,
+    port: int,
+    extra_interceptors: Sequence[aio.ServerInterceptor] = (),
+) -> tuple[aio.Server, int, health.aio.HealthServicer]:
+    """A service's gRPC server, bound to ``host:port`` but not started.
+
+    It carries the shared interceptors (``extra_interceptors`` between metrics and errors), the
+    servicer, health and reflection. Each service's ``build_server(settings, deps)`` is this call
+    with its own servicer; it keeps the health servicer in ``deps.health`` for
+    ``serve_until_signalled``.
+
+    Args:
+        metrics_label: the ``service`` label of the RPC metrics.
+        service_name: the full proto name, registered with health and reflection.
+        add_servicer: the generated ``add_XServicer_to_server``.
+        servicer: the service's servicer.
+        host, port: where to listen; port 0 picks a free one.
+        extra_interceptors: e.g. authentication.
+
+    Returns:
+        The server, the bound port and the health servicer.
+    """
+    server = new_server(metrics_label, extra_interceptors=extra_interceptors)
+    add_servicer(servicer, server)
+    health_servicer = add_health_and_reflection(server, [service_name])
+    return server, bind(server, host, port), health_servicer
+
+
+def start_metrics(port: int, host: str) -> int | None:
+    """Serve Prometheus ``/metrics`` on ``host:port`` and return the bound port.
+
+    Port 0 picks a free one; a negative port turns metrics off and returns ``None``.
+    """
+    if port < 0:
+        return None
+    return start_metrics_server(port, host)
+
+
 async def serve_until_signalled(
     server: aio.Server,
     health_servicer: health.aio.HealthServicer,
@@ -130,6 +195,50 @@ def configure_logging(level: str = "INFO") -> None:
     )
 
 
+class _Logged(Protocol):
+    @property
+    def log_level(self) -> str: ...
+
+
+_S = TypeVar("_S", bound=_Logged)
+
+
+def run_main(
+    name: str,
+    load: Callable[[], _S],
+    serve: Callable[[_S], Coroutine[Any, Any, None]],
+    *,
+    config_errors: tuple[type[Exception], ...] = (SettingsError,),
+    fatal_errors: tuple[type[Exception], ...] = (),
+) -> int:
+    """A service's ``main``: load its settings, configure logging, serve; return the exit status.
+
+    Exit status 2 for a bad configuration (one line on stderr, no traceback), 1 for one of
+    ``fatal_errors`` (likewise), 130 for a Ctrl-C before the signal handlers are in place, else 0.
+
+    Args:
+        name: the prefix of the error lines (``agent: ...``).
+        load: builds the settings from the environment; may raise ``config_errors``.
+        serve: runs the service until it is signalled.
+        config_errors: what ``load`` raises for a bad configuration.
+        fatal_errors: what ``serve`` raises for a failure the operator must fix (a bad model).
+    """
+    try:
+        settings = load()
+    except config_errors as error:
+        print(f"{name}: bad configuration: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except fatal_errors as error:
+        print(f"{name}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def channel(target: str) -> aio.Channel:
     """A client channel to another mesh service with the mesh's message limits."""
     return aio.insecure_channel(
@@ -144,11 +253,15 @@ def channel(target: str) -> aio.Channel:
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "ServiceDeps",
     "add_health_and_reflection",
     "bind",
+    "build_service_server",
     "channel",
     "configure_logging",
     "new_server",
+    "run_main",
     "serve_until_signalled",
     "set_serving",
+    "start_metrics",
 ]

@@ -34,10 +34,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from mesh.infra.process import ServerProcess
+from mesh.lifecycle import AsyncStartStop
 from mesh.settings import Env, SettingsError
 
 log = logging.getLogger(__name__)
@@ -509,7 +509,7 @@ def _die_with_parent() -> list[str]:
     return [setpriv, "--pdeathsig", "TERM", "--"]
 
 
-class EnvoyProxy:
+class EnvoyProxy(AsyncStartStop):
     """Runs Envoy with a bootstrap built from ``config``; ``start`` returns once it is ready.
 
     Ready means the admin ``/ready`` endpoint says ``LIVE`` (every static cluster has had its
@@ -699,18 +699,6 @@ class EnvoyProxy:
         if process is None:
             raise RuntimeError("Envoy is not running")
         return await asyncio.to_thread(process.wait)
-
-    async def __aenter__(self) -> EnvoyProxy:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 async def _run(config: EnvoyConfig, admin_port: int) -> int:

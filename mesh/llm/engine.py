@@ -29,11 +29,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 # Re-exported: ``mesh.llm`` offers it beside the engine whose results carry it.
 from mesh.generation import FinishReason as FinishReason
+from mesh.lifecycle import AsyncStartStop
 from mesh.llm.text import StopMatcher, Utf8Decoder
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class _Slot:
         self.executor = executor
 
 
-class LlamaEngine:
+class LlamaEngine(AsyncStartStop):
     """A GGUF model loaded with llama.cpp, serving ``slots`` generations at a time.
 
     Args:
@@ -284,18 +284,6 @@ class LlamaEngine:
             await asyncio.get_running_loop().run_in_executor(slot.executor, slot.llama.close)
             slot.executor.shutdown(wait=True)
         self._free = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # Tokens -------------------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Self
+from typing import Protocol
+
+from mesh.lifecycle import AsyncResource
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,16 +64,8 @@ def check_document_chunks(tenant_id: str, document_id: str, chunks: Sequence[Sto
             )
 
 
-class MemoryStore(Protocol):
+class MemoryStore(AsyncResource, Protocol):
     """Tenant-scoped chunk storage with hybrid (vector + full-text) search."""
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(self, *exc: object) -> None: ...
 
     async def has_source(self, tenant_id: str, source_id: str) -> bool:
         """Whether chunks with this source id were stored (idempotent Remember)."""

@@ -23,7 +23,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 from elasticsearch import (
@@ -35,6 +35,7 @@ from elasticsearch import (
 )
 
 from mesh.errors import Unavailable
+from mesh.lifecycle import AsyncStartStop
 from mesh.memory.base import (
     ChunkHit,
     StoredChunk,
@@ -209,7 +210,7 @@ def _ranking(hits: Sequence[Mapping[str, Any]]) -> list[str]:
     return [hit["_source"]["chunk_id"] for hit in ordered]
 
 
-class ElasticsearchMemoryStore:
+class ElasticsearchMemoryStore(AsyncStartStop):
     """``MemoryStore`` on Elasticsearch 8.x. Creates its index on ``start``.
 
     Args:
@@ -281,13 +282,6 @@ class ElasticsearchMemoryStore:
         client, self._client = self._client, None
         if client is not None:
             await client.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def _create_index(self, client: AsyncElasticsearch) -> None:
         if not (await client.indices.exists(index=self._index)).body:

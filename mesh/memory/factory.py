@@ -12,8 +12,8 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
 
+from mesh.lifecycle import AsyncStartStop
 from mesh.memory.base import ChunkHit, MemoryStore, StoredChunk
 from mesh.memory.embedding import DEFAULT_DIMS
 from mesh.memory.postgres import PostgresMemoryStore
@@ -52,7 +52,7 @@ class StoreSettings(PostgresSettings):
     pg_pool_size: int = setting("PG_POOL_SIZE", 8, minimum=1)
 
 
-class EmbeddedPostgresMemoryStore:
+class EmbeddedPostgresMemoryStore(AsyncStartStop):
     """A ``PostgresMemoryStore`` on the embedded PostgreSQL server, started with the store.
 
     Other services of the machine may share the server; ``stop`` leaves it running while
@@ -109,13 +109,6 @@ class EmbeddedPostgresMemoryStore:
         if self._server is not None:
             server, self._server = self._server, None
             await asyncio.to_thread(server.stop)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def has_source(self, tenant_id: str, source_id: str) -> bool:
         return await self._inner().has_source(tenant_id, source_id)

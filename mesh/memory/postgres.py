@@ -25,7 +25,6 @@ import re
 import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Self
 
 import numpy as np
 import psycopg
@@ -34,6 +33,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from mesh.errors import Unavailable
+from mesh.lifecycle import AsyncStartStop
 from mesh.memory.base import (
     ChunkHit,
     StoredChunk,
@@ -85,7 +85,7 @@ def _query_words(query_text: str) -> list[str]:
     return list(seen)
 
 
-class PostgresMemoryStore:
+class PostgresMemoryStore(AsyncStartStop):
     """``MemoryStore`` on PostgreSQL + pgvector. Creates its schema on ``start``.
 
     Args:
@@ -173,13 +173,6 @@ class PostgresMemoryStore:
     async def stop(self) -> None:
         self._started = False
         await self._pool.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def _create_schema(self) -> None:
         t = self._table

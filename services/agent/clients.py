@@ -6,10 +6,9 @@ without it and logs a warning. Losing context makes a worse answer; losing the t
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Self, TypeVar
+from typing import TypeVar
 
 import grpc
 from chat.common.v1 import conversation_pb2
@@ -17,7 +16,9 @@ from chat.memory.v1 import memory_pb2, memory_service_pb2_grpc
 from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
 from grpc import aio
 
-from mesh.server import channel
+from mesh.client import ServiceClient, is_retryable
+from mesh.lifecycle import AsyncStartStop
+from mesh.retry import Backoff, retry
 from services.agent.prompt import ASSISTANT, USER, ChatMessage
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,6 @@ _T = TypeVar("_T")
 
 # The memory service bounds query length; the start of a long message is the best query anyway.
 MAX_QUERY_CHARS = 4000
-
-# Codes worth another try: the service is starting, restarting, overloaded or slow.
-_RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED,
-}
 
 
 async def _call_with_retries(
@@ -45,30 +38,35 @@ async def _call_with_retries(
     missing_ok: bool = False,
 ) -> tuple[_T | None, bool]:
     """Run ``call``; return ``(result, ok)``. NOT_FOUND with ``missing_ok`` is ``(None, True)``."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return await call(), True
-        except aio.AioRpcError as error:
-            code = error.code()
-            if missing_ok and code == grpc.StatusCode.NOT_FOUND:
-                return None, True
-            if code not in _RETRYABLE or attempt == attempts:
-                log.warning(
-                    "%s failed (%s: %s) after %d attempt(s); continuing without it",
-                    what,
-                    code.name,
-                    error.details(),
-                    attempt,
-                )
-                return None, False
-            await asyncio.sleep(backoff_s * 2 ** (attempt - 1))
-        except Exception as error:  # a bad address or a client bug: same outcome, no context
-            log.warning("%s failed (%r); continuing without it", what, error)
-            return None, False
-    return None, False  # pragma: no cover - the loop always returns
+    tries = 0
+
+    async def counted() -> _T:
+        nonlocal tries
+        tries += 1
+        return await call()
+
+    try:
+        return await retry(
+            counted, backoff=Backoff(backoff_s), attempts=attempts, retry_if=is_retryable
+        ), True
+    except aio.AioRpcError as error:
+        code = error.code()
+        if missing_ok and code == grpc.StatusCode.NOT_FOUND:
+            return None, True
+        log.warning(
+            "%s failed (%s: %s) after %d attempt(s); continuing without it",
+            what,
+            code.name,
+            error.details(),
+            tries,
+        )
+        return None, False
+    except Exception as error:  # a bad address or a client bug: same outcome, no context
+        log.warning("%s failed (%r); continuing without it", what, error)
+        return None, False
 
 
-class DependencyClients:
+class DependencyClients(AsyncStartStop):
     """Channels to the persister and memory services, with degrade-on-failure calls.
 
     Args:
@@ -86,41 +84,30 @@ class DependencyClients:
         attempts: int = 3,
         backoff_s: float = 0.2,
     ) -> None:
-        self._persister_addr = persister_addr
-        self._memory_addr = memory_addr
         self._timeout_s = timeout_s
         self._attempts = attempts
         self._backoff_s = backoff_s
-        self._channels: list[aio.Channel] = []
-        self._persister: persister_service_pb2_grpc.PersisterServiceStub | None = None
-        self._memory: memory_service_pb2_grpc.MemoryServiceStub | None = None
+        self._persister = (
+            ServiceClient(persister_addr, persister_service_pb2_grpc.PersisterServiceStub)
+            if persister_addr
+            else None
+        )
+        self._memory = (
+            ServiceClient(memory_addr, memory_service_pb2_grpc.MemoryServiceStub)
+            if memory_addr
+            else None
+        )
 
     async def start(self) -> None:
-        if self._persister_addr:
-            persister_channel = channel(self._persister_addr)
-            self._channels.append(persister_channel)
-            self._persister = persister_service_pb2_grpc.PersisterServiceStub(  # type: ignore[no-untyped-call]
-                persister_channel
-            )
-        if self._memory_addr:
-            memory_channel = channel(self._memory_addr)
-            self._channels.append(memory_channel)
-            self._memory = memory_service_pb2_grpc.MemoryServiceStub(  # type: ignore[no-untyped-call]
-                memory_channel
-            )
+        for client in self._clients():
+            await client.start()
 
     async def stop(self) -> None:
-        channels, self._channels = self._channels, []
-        for ch in channels:
-            await ch.close()
-        self._persister = self._memory = None
+        for client in self._clients():
+            await client.stop()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+    def _clients(self) -> list[ServiceClient]:
+        return [c for c in (self._persister, self._memory) if c is not None]
 
     async def history(
         self, tenant_id: str, conversation_id: str, *, for_turn_id: str = ""
@@ -131,7 +118,7 @@ class DependencyClients:
         ``for_turn_id`` (the turn being generated) are left out, and the read waits only for
         the records logged before that turn.
         """
-        stub = self._persister
+        stub = self._persister.stub if self._persister is not None else None
         if stub is None:
             return [], False
         request = persister_pb2.GetConversationRequest(
@@ -168,7 +155,7 @@ class DependencyClients:
 
     async def recall(self, tenant_id: str, query: str, top_k: int) -> tuple[list[str], bool]:
         """Texts of the tenant's best-matching memory chunks, best first; and success."""
-        stub = self._memory
+        stub = self._memory.stub if self._memory is not None else None
         if stub is None or top_k <= 0:
             return [], stub is not None
         request = memory_pb2.RecallRequest(

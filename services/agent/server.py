@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,21 +13,18 @@ from typing import Any
 from chat.agent.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
 from chat.common.v1 import common_pb2
 from grpc import aio
-from grpc_health.v1 import health
 
 from mesh.codec import finish_reason_to_proto, options_from_proto
 from mesh.errors import InvalidArgument, MeshError
 from mesh.llm.engine import Device, EngineError, LlamaEngine
 from mesh.log import EventLog, open_log
-from mesh.metrics import start_metrics_server
 from mesh.server import (
-    add_health_and_reflection,
-    bind,
-    configure_logging,
-    new_server,
+    ServiceDeps,
+    build_service_server,
+    run_main,
     serve_until_signalled,
+    start_metrics,
 )
-from mesh.settings import SettingsError
 from services.agent.clients import DependencyClients
 from services.agent.core import (
     METRICS_SERVICE,
@@ -154,11 +150,11 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         )
 
 
-@dataclass(frozen=True)
-class AgentDeps:
-    """What the service needs from outside: a started engine."""
+@dataclass
+class AgentDeps(ServiceDeps):
+    """What the server runs on: the core over a started engine (``build_core``)."""
 
-    engine: LlamaEngine
+    core: AgentCore
 
 
 def build_core(settings: AgentSettings, engine: LlamaEngine) -> AgentCore:
@@ -186,23 +182,16 @@ def build_core(settings: AgentSettings, engine: LlamaEngine) -> AgentCore:
     )
 
 
-def build_server_with_health(
-    settings: AgentSettings, deps: AgentDeps
-) -> tuple[aio.Server, int, health.aio.HealthServicer, AgentCore]:
-    """Like ``build_server``, also returning the health servicer and the core."""
-    core = build_core(settings, deps.engine)
-    server = new_server(METRICS_SERVICE)
-    agent_service_pb2_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        AgentServicer(core), server
-    )
-    health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
-    port = bind(server, settings.host, settings.port)
-    return server, port, health_servicer, core
-
-
 def build_server(settings: AgentSettings, deps: AgentDeps) -> tuple[aio.Server, int]:
     """The agent gRPC server, bound but not started, and its port."""
-    server, port, _, _ = build_server_with_health(settings, deps)
+    server, port, deps.health = build_service_server(
+        METRICS_SERVICE,
+        SERVICE_NAME,
+        agent_service_pb2_grpc.add_AgentServiceServicer_to_server,
+        AgentServicer(deps.core),
+        host=settings.host,
+        port=settings.port,
+    )
     return server, port
 
 
@@ -219,9 +208,10 @@ async def serve(settings: AgentSettings) -> None:
     )
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(engine)
-        server, port, health_servicer, core = build_server_with_health(
-            settings, AgentDeps(engine=engine)
-        )
+        core = build_core(settings, engine)
+        deps = AgentDeps(core=core)
+        server, port = build_server(settings, deps)
+        assert deps.health is not None
         worker: TurnWorker | None = None
         if settings.worker:
             event_log: EventLog = await stack.enter_async_context(open_log(settings.log))
@@ -241,7 +231,7 @@ async def serve(settings: AgentSettings) -> None:
                 partitions=settings.log.partitions,
                 recall_top_k=settings.recall_top_k,
             )
-        metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+        metrics_port = start_metrics(settings.metrics_port, settings.host)
 
         async def drain() -> None:
             if worker is not None:
@@ -253,7 +243,7 @@ async def serve(settings: AgentSettings) -> None:
             stack.push_async_callback(worker.stop)
         # Tests and supervisors read this line to find the ports when they asked for port 0.
         log.info(
-            "agent service listening on %s:%d (metrics on port %d, model %s, device %s, "
+            "agent service listening on %s:%d (metrics on port %s, model %s, device %s, "
             "worker %s, id %s)",
             settings.host,
             port,
@@ -264,7 +254,7 @@ async def serve(settings: AgentSettings) -> None:
             settings.agent_id,
         )
         await serve_until_signalled(
-            server, health_servicer, [SERVICE_NAME], grace_s=settings.grace_s, on_drain=drain
+            server, deps.health, [SERVICE_NAME], grace_s=settings.grace_s, on_drain=drain
         )
     log.info("agent service stopped")
 
@@ -272,20 +262,9 @@ async def serve(settings: AgentSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m services.agent``; configuration comes from the environment."""
     del argv  # no flags: the environment is the single source of configuration
-    try:
-        settings = AgentSettings.from_env(os.environ)
-    except SettingsError as error:
-        print(f"agent: bad configuration: {error}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
-    try:
-        asyncio.run(serve(settings))
-    except EngineError as error:
-        print(f"agent: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_main(
+        "agent", lambda: AgentSettings.from_env(os.environ), serve, fatal_errors=(EngineError,)
+    )
 
 
 __all__ = [
@@ -294,7 +273,6 @@ __all__ = [
     "AgentServicer",
     "build_core",
     "build_server",
-    "build_server_with_health",
     "main",
     "serve",
 ]

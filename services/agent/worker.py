@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from mesh import metrics, turnlog
 from mesh.errors import InvalidArgument, MeshError, to_status_proto
 from mesh.generation import FinishReason, TokenUsage, TurnTimings
+from mesh.lifecycle import AsyncStartStop
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, LogError, Record
 from services.agent.clients import DependencyClients
 from services.agent.core import (
@@ -97,7 +98,7 @@ class _Current:
     cancel_seen_at_seq: int = 0  # last_seq when the cancel arrived
 
 
-class TurnWorker:
+class TurnWorker(AsyncStartStop):
     """Consumes turns for one agent.
 
     Args:
@@ -171,13 +172,6 @@ class TurnWorker:
         for task in tails:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-    async def __aenter__(self) -> TurnWorker:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def _current_id(self) -> str:
         return self._current.turn_id if self._current is not None else "-"

@@ -28,6 +28,7 @@ from mesh.errors import (
     Unavailable,
 )
 from mesh.generation import FinishReason, TurnTimings, validate_options
+from mesh.lifecycle import AsyncStartStop
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, LogError, partition_for
 from mesh.turn_ids import new_turn_ref, parse_turn_id
 from services.gateway.hub import Subscription, TurnHub
@@ -497,7 +498,7 @@ class TurnStream:
 # -- the core ------------------------------------------------------------------------------------
 
 
-class GatewayCore:
+class GatewayCore(AsyncStartStop):
     """Accepts, resumes and cancels turns and streams them. ``async with`` or start/stop."""
 
     def __init__(
@@ -545,13 +546,6 @@ class GatewayCore:
         hub, self._hub = self._hub, None
         if hub is not None:
             await hub.stop()
-
-    async def __aenter__(self) -> GatewayCore:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     @property
     def hub(self) -> TurnHub:

@@ -23,7 +23,9 @@ from collections import deque
 from collections.abc import Container
 
 from mesh import turnlog
+from mesh.lifecycle import AsyncStartStop
 from mesh.log import TURN_EVENTS, EventLog, Record
+from mesh.retry import Backoff
 
 _log = logging.getLogger(__name__)
 
@@ -148,7 +150,7 @@ class Subscription:
             self.notify.set()
 
 
-class TurnHub:
+class TurnHub(AsyncStartStop):
     """Shared tails of the turn-event partitions. Use ``async with`` or ``start``/``stop``."""
 
     def __init__(self, log: EventLog, *, partitions: int, capacity: int = 2048) -> None:
@@ -186,13 +188,6 @@ class TurnHub:
                 for sub in list(group):
                     sub.close()
 
-    async def __aenter__(self) -> TurnHub:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     def position(self, partition: int) -> int:
         """Offset of the next record the partition's tail will dispatch."""
         return self._positions[partition]
@@ -229,7 +224,7 @@ class TurnHub:
     async def _tail(self, partition: int) -> None:
         subs = self._subs[partition]
         positions = self._positions
-        backoff = 0.1
+        backoff = Backoff(0.1, max_s=5.0)
         while True:
             try:
                 async for record in self.log.read(TURN_EVENTS, partition, positions[partition]):
@@ -241,7 +236,7 @@ class TurnHub:
                     # Advanced after the pushes: catch-up relies on "position moved" meaning
                     # "a record was dispatched that I may have missed".
                     positions[partition] = record.offset + 1
-                    backoff = 0.1
+                    backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -250,7 +245,6 @@ class TurnHub:
                     TURN_EVENTS,
                     partition,
                     positions[partition],
-                    backoff,
+                    backoff.delay,
                 )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await backoff.wait()

@@ -7,35 +7,24 @@ from typing import Any
 import grpc
 from chat.common.v1 import conversation_pb2
 from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
-from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
-from mesh.errors import InvalidArgument, MeshError, NotFound, ResourceExhausted, Unavailable
-from mesh.server import channel
-
-MAX_PAGE_SIZE = 100
-
-
-def _error_info_reason(error: aio.AioRpcError) -> str | None:
-    for key, value in error.trailing_metadata() or ():
-        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
-            continue
-        status = status_pb2.Status()
-        try:
-            status.ParseFromString(value)
-        except Exception:  # noqa: BLE001 - a malformed detail only loses the reason
-            return None
-        for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info):
-                return str(info.reason) or None
-    return None
+from mesh.client import ServiceClient
+from mesh.errors import (
+    InvalidArgument,
+    MeshError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    error_info_reason,
+    rich_status,
+)
 
 
 def map_persister_error(error: aio.AioRpcError, *, what: str) -> MeshError:
     """The error the gateway's caller sees when the persister answers ``error``."""
     code = error.code()
-    reason = _error_info_reason(error)
+    reason = error_info_reason(rich_status(error))
     details = error.details() or code.name
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(details, reason=reason or "CONVERSATION_NOT_FOUND")
@@ -54,51 +43,33 @@ def map_persister_error(error: aio.AioRpcError, *, what: str) -> MeshError:
     )
 
 
-class PersisterClient:
+class PersisterClient(ServiceClient):
     """A channel to ``MESH_PERSISTER_ADDR``. ``async with`` or start/stop."""
 
     def __init__(self, addr: str, *, timeout_s: float = 15.0) -> None:
+        super().__init__(addr, persister_service_pb2_grpc.PersisterServiceStub)
         self.addr = addr
         self._timeout_s = timeout_s
-        self._channel: aio.Channel | None = None
-        self._stub: Any = None
 
-    async def start(self) -> None:
-        if self._channel is None:
-            self._channel = channel(self.addr)
-            self._stub = persister_service_pb2_grpc.PersisterServiceStub(self._channel)  # type: ignore[no-untyped-call]
-
-    async def stop(self) -> None:
-        channel_, self._channel = self._channel, None
-        self._stub = None
-        if channel_ is not None:
-            await channel_.close()
-
-    async def __aenter__(self) -> PersisterClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def _require(self) -> Any:
-        if self._stub is None:
+    async def _call(self, method: str, request: Any, *, what: str) -> Any:
+        """``method`` on the persister; its failure as the error the gateway's caller sees."""
+        if self.stub is None:
             raise Unavailable("persister client is not started", reason="PERSISTER_UNAVAILABLE")
-        return self._stub
+        try:
+            return await getattr(self.stub, method)(request, timeout=self._timeout_s)
+        except aio.AioRpcError as error:
+            raise map_persister_error(error, what=what) from None
 
     async def get_conversation(
         self, tenant_id: str, conversation_id: str, *, consistent: bool = True
     ) -> conversation_pb2.Conversation:
-        stub = self._require()
-        try:
-            reply = await stub.GetConversation(
-                persister_pb2.GetConversationRequest(
-                    tenant_id=tenant_id, conversation_id=conversation_id, consistent=consistent
-                ),
-                timeout=self._timeout_s,
-            )
-        except aio.AioRpcError as error:
-            raise map_persister_error(error, what="read the conversation") from None
+        reply = await self._call(
+            "GetConversation",
+            persister_pb2.GetConversationRequest(
+                tenant_id=tenant_id, conversation_id=conversation_id, consistent=consistent
+            ),
+            what="read the conversation",
+        )
         conversation: conversation_pb2.Conversation = reply.conversation
         return conversation
 
@@ -109,14 +80,11 @@ class PersisterClient:
     async def list_conversations(
         self, tenant_id: str, page_size: int, page_token: str
     ) -> tuple[list[conversation_pb2.Conversation], str]:
-        stub = self._require()
-        try:
-            reply = await stub.ListConversations(
-                persister_pb2.ListConversationsRequest(
-                    tenant_id=tenant_id, page_size=page_size, page_token=page_token
-                ),
-                timeout=self._timeout_s,
-            )
-        except aio.AioRpcError as error:
-            raise map_persister_error(error, what="list conversations") from None
+        reply = await self._call(
+            "ListConversations",
+            persister_pb2.ListConversationsRequest(
+                tenant_id=tenant_id, page_size=page_size, page_token=page_token
+            ),
+            what="list conversations",
+        )
         return list(reply.conversations), str(reply.next_page_token)

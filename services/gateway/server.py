@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +12,6 @@ from typing import Any
 from chat.gateway.v1 import gateway_pb2, gateway_service_pb2, gateway_service_pb2_grpc
 from google.rpc import status_pb2
 from grpc import aio
-from grpc_health.v1 import health
 
 from mesh.auth import AuthInterceptor, KeyFileError, KeyStore, current_principal
 from mesh.codec import (
@@ -25,13 +22,12 @@ from mesh.codec import (
 )
 from mesh.errors import InvalidArgument, to_status_proto
 from mesh.log import open_log
-from mesh.metrics import start_metrics_server
 from mesh.server import (
-    add_health_and_reflection,
-    bind,
-    configure_logging,
-    new_server,
+    ServiceDeps,
+    build_service_server,
+    run_main,
     serve_until_signalled,
+    start_metrics,
 )
 from mesh.settings import SettingsError
 from services.gateway.core import (
@@ -66,24 +62,14 @@ METRICS_SERVICE = "gateway"
 
 Context = aio.ServicerContext[Any, Any]
 
-# The generated registration function is untyped; give it a type once, here.
-_add_servicer: Callable[[Any, aio.Server], None] = (
-    gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server
-)
-
 
 @dataclass
-class GatewayDeps:
-    """What the server runs on; the caller starts and stops them.
-
-    ``build_server`` fills ``health`` with the server's health servicer, for
-    ``serve_until_signalled``.
-    """
+class GatewayDeps(ServiceDeps):
+    """What the server runs on; the caller starts and stops them."""
 
     core: GatewayCore
     persister: PersisterClient
     keys: KeyStore
-    health: health.aio.HealthServicer | None = None
 
 
 # -- proto -> core ----------------------------------------------------------------------------
@@ -274,10 +260,15 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
 
 def build_server(settings: GatewaySettings, deps: GatewayDeps) -> tuple[aio.Server, int]:
     """The gateway's gRPC server (not started), bound to ``settings.host:port``."""
-    server = new_server(METRICS_SERVICE, extra_interceptors=[AuthInterceptor(deps.keys)])
-    _add_servicer(GatewayServicer(deps.core, deps.persister), server)
-    deps.health = add_health_and_reflection(server, [SERVICE_NAME])
-    port = bind(server, settings.host, settings.port)
+    server, port, deps.health = build_service_server(
+        METRICS_SERVICE,
+        SERVICE_NAME,
+        gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server,
+        GatewayServicer(deps.core, deps.persister),
+        host=settings.host,
+        port=settings.port,
+        extra_interceptors=[AuthInterceptor(deps.keys)],
+    )
     return server, port
 
 
@@ -290,8 +281,8 @@ async def serve(settings: GatewaySettings) -> None:
             "(mesh keys create --tenant NAME)",
             settings.api_keys_file,
         )
-    if settings.metrics_port >= 0:
-        metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+    metrics_port = start_metrics(settings.metrics_port, settings.host)
+    if metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", settings.host, metrics_port)
     async with AsyncExitStack() as stack:
         event_log = await stack.enter_async_context(open_log(settings.log))
@@ -318,21 +309,16 @@ async def serve(settings: GatewaySettings) -> None:
     log.info("gateway stopped")
 
 
+def _load_settings() -> GatewaySettings:
+    settings = GatewaySettings.from_env(os.environ)
+    KeyStore(settings.api_keys_file)  # a broken key file is a bad configuration too
+    return settings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m services.gateway``; configuration comes from the environment."""
     del argv  # no flags: the environment is the single source of configuration
-    try:
-        settings = GatewaySettings.from_env(os.environ)
-        KeyStore(settings.api_keys_file)
-    except (SettingsError, KeyFileError) as error:
-        print(f"gateway: bad configuration: {error}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
-    try:
-        asyncio.run(serve(settings))
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_main("gateway", _load_settings, serve, config_errors=(SettingsError, KeyFileError))
 
 
 __all__ = [

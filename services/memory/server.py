@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from chat.memory.v1 import memory_pb2, memory_service_pb2, memory_service_pb2_grpc
 from grpc import aio
-from grpc_health.v1 import health
 
 from mesh.memory.base import MemoryStore
 from mesh.memory.embedding import Embedder, HashingEmbedder
 from mesh.memory.factory import open_store
-from mesh.metrics import start_metrics_server
 from mesh.server import (
-    add_health_and_reflection,
-    bind,
-    configure_logging,
-    new_server,
+    ServiceDeps,
+    build_service_server,
+    run_main,
     serve_until_signalled,
+    start_metrics,
 )
-from mesh.settings import SettingsError
 from services.memory.core import (
     DocumentHeader,
     EmptyFrame,
@@ -44,8 +39,8 @@ METRICS_SERVICE = "memory"
 _Context = aio.ServicerContext[Any, Any]
 
 
-@dataclass(frozen=True)
-class MemoryDeps:
+@dataclass
+class MemoryDeps(ServiceDeps):
     """What the service needs from outside: a started store and an embedder of its dimension."""
 
     store: MemoryStore
@@ -125,28 +120,22 @@ class MemoryServicer(memory_service_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.ForgetResponse(chunks_deleted=deleted)
 
 
-def build_server_with_health(
-    settings: MemorySettings, deps: MemoryDeps
-) -> tuple[aio.Server, int, health.aio.HealthServicer]:
-    """Like ``build_server``, also returning the health servicer that drain flips."""
+def build_server(settings: MemorySettings, deps: MemoryDeps) -> tuple[aio.Server, int]:
+    """The memory gRPC server, bound but not started, and its port."""
     core = MemoryCore(
         store=deps.store,
         embedder=deps.embedder,
         chunking=settings.chunking,
         limits=settings.limits,
     )
-    server = new_server(METRICS_SERVICE)
-    memory_service_pb2_grpc.add_MemoryServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        MemoryServicer(core), server
+    server, port, deps.health = build_service_server(
+        METRICS_SERVICE,
+        SERVICE_NAME,
+        memory_service_pb2_grpc.add_MemoryServiceServicer_to_server,
+        MemoryServicer(core),
+        host=settings.host,
+        port=settings.port,
     )
-    health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
-    port = bind(server, settings.host, settings.port)
-    return server, port, health_servicer
-
-
-def build_server(settings: MemorySettings, deps: MemoryDeps) -> tuple[aio.Server, int]:
-    """The memory gRPC server, bound but not started, and its port."""
-    server, port, _ = build_server_with_health(settings, deps)
     return server, port
 
 
@@ -154,38 +143,26 @@ async def serve(settings: MemorySettings) -> None:
     """Open the store, serve until SIGTERM/SIGINT, drain, close the store."""
     embedder = HashingEmbedder(settings.store.dims)
     async with open_store(settings.store) as store:
-        server, port, health_servicer = build_server_with_health(
-            settings, MemoryDeps(store=store, embedder=embedder)
-        )
-        metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+        deps = MemoryDeps(store=store, embedder=embedder)
+        server, port = build_server(settings, deps)
+        assert deps.health is not None
+        metrics_port = start_metrics(settings.metrics_port, settings.host)
         # Tests and supervisors read this line to find the ports when they asked for port 0.
         log.info(
-            "memory service listening on %s:%d (metrics on port %d, backend %s)",
+            "memory service listening on %s:%d (metrics on port %s, backend %s)",
             settings.host,
             port,
             metrics_port,
             settings.store.backend,
         )
-        await serve_until_signalled(
-            server, health_servicer, [SERVICE_NAME], grace_s=settings.grace_s
-        )
+        await serve_until_signalled(server, deps.health, [SERVICE_NAME], grace_s=settings.grace_s)
     log.info("memory service stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m services.memory``; configuration comes from the environment."""
     del argv  # no flags: the environment is the single source of configuration
-    try:
-        settings = MemorySettings.from_env(os.environ)
-    except SettingsError as error:
-        print(f"memory: bad configuration: {error}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
-    try:
-        asyncio.run(serve(settings))
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_main("memory", lambda: MemorySettings.from_env(os.environ), serve)
 
 
 __all__ = [
@@ -193,7 +170,6 @@ __all__ = [
     "MemoryDeps",
     "MemoryServicer",
     "build_server",
-    "build_server_with_health",
     "main",
     "serve",
 ]

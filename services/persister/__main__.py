@@ -10,9 +10,8 @@ import socket
 from contextlib import AsyncExitStack
 
 from mesh.log import open_log
-from mesh.metrics import start_metrics_server
 from mesh.pg import EmbeddedPostgres
-from mesh.server import configure_logging, serve_until_signalled
+from mesh.server import run_main, serve_until_signalled, start_metrics
 from services.persister.codec import decode
 from services.persister.core import Persister
 from services.persister.memory_client import MemoryIndexer
@@ -36,8 +35,8 @@ async def run(settings: PersisterSettings) -> None:
             "MESH_PG_DSN is empty; using the embedded PostgreSQL in %s", settings.embedded_pg_dir
         )
         dsn = await asyncio.to_thread(EmbeddedPostgres(settings.embedded_pg_dir).start)
-    if settings.metrics_port >= 0:
-        metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+    metrics_port = start_metrics(settings.metrics_port, settings.host)
+    if metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", settings.host, metrics_port)
     if not settings.memory_addr:
         log.warning("MESH_MEMORY_ADDR is empty: finished turns are not indexed into memory")
@@ -79,11 +78,10 @@ async def run(settings: PersisterSettings) -> None:
         )
 
 
-def main() -> None:
-    settings = PersisterSettings.from_env()
-    configure_logging(settings.log_level)
-    asyncio.run(run(settings))
+def main() -> int:
+    # config_errors=(): a bad configuration still ends in a traceback here, as it always has.
+    return run_main("persister", PersisterSettings.from_env, run, config_errors=())
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

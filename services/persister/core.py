@@ -21,6 +21,7 @@ import asyncio
 import base64
 import binascii
 import enum
+import functools
 import json
 import logging
 import time
@@ -28,12 +29,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Protocol, Self
+from typing import Protocol
 
 from mesh import turnlog
 from mesh.errors import InvalidArgument, NotFound, Unavailable
 from mesh.generation import FinishReason
+from mesh.lifecycle import AsyncStartStop
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, GroupConsumer, LogError, Record
+from mesh.retry import Backoff, retry
 from mesh.turn_ids import TurnRef
 from services.persister import metrics
 
@@ -428,7 +431,7 @@ class Page:
     next_page_token: str
 
 
-class Persister:
+class Persister(AsyncStartStop):
     """Consumes both logs as group ``persister``, writes batches, serves reads.
 
     Use ``async with`` or ``start``/``stop``; ``drain`` writes and commits what was consumed
@@ -536,17 +539,10 @@ class Persister:
         self._batcher = None
         self._started = False
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     # -- consuming and writing ----------------------------------------------------------------
 
     async def _read(self, topic: str) -> None:
-        backoff = 0.1
+        backoff = self._backoff()
         while True:
             consumer = self._consumers[topic]
             try:
@@ -558,18 +554,19 @@ class Persister:
                     self._events_consumed += 1
                     metrics.PENDING_EVENTS.set(self.pending_events)
                     self._has_data.set()
-                    backoff = 0.1
+                    backoff.reset()
                 log.warning("the %s consumer stopped; joining the group again", topic)
             except LogError as error:
-                log.warning("reading %s failed, joining again in %.1fs: %s", topic, backoff, error)
+                log.warning(
+                    "reading %s failed, joining again in %.1fs: %s", topic, backoff.delay, error
+                )
             # A consumer is iterated once; rejoin with a fresh one. Records it yielded but we
             # did not commit come back, and the idempotent writes absorb them.
             try:
                 await consumer.close()
             except LogError as error:
                 log.warning("closing the %s consumer failed: %s", topic, error)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._retry_max_s)
+            await backoff.wait()
             self._consumers[topic] = self._log.consumer(topic, GROUP, self._member_id)
 
     async def _collect(self) -> list[Record]:
@@ -604,18 +601,14 @@ class Persister:
             batch = await self._collect()
             if not batch:
                 return
-            backoff = 0.1
             try:
-                while True:
-                    try:
-                        await self._process(batch)
-                        break
-                    except Exception:
-                        # Unexpected (the store and memory paths retry their own failures):
-                        # redo the whole batch, which the idempotent writes make safe.
-                        log.exception("processing a batch failed; retrying it")
-                        await asyncio.sleep(backoff)
-                        backoff = min(backoff * 2, self._retry_max_s)
+                # Unexpected failures (the store and memory paths retry their own): redo the
+                # whole batch, which the idempotent writes make safe.
+                await retry(
+                    functools.partial(self._process, batch),
+                    backoff=self._backoff(),
+                    on_retry=lambda *_: log.exception("processing a batch failed; retrying it"),
+                )
             finally:
                 self._in_flight = 0
                 metrics.PENDING_EVENTS.set(self.pending_events)
@@ -640,27 +633,23 @@ class Persister:
         await self._commit_offsets(plan.last_records)
 
     async def _write_with_retry(self, plan: BatchPlan) -> BatchResult:
-        backoff = 0.1
-        while True:
+        async def write() -> BatchResult:
             started = time.perf_counter()
-            try:
-                result = await self._store.write_batch(plan)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                metrics.BATCH_FAILURES.inc()
-                log.warning(
-                    "writing a batch of %d events failed, retrying in %.1fs (offsets stay "
-                    "uncommitted): %r",
-                    plan.events,
-                    backoff,
-                    error,
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._retry_max_s)
-                continue
+            result = await self._store.write_batch(plan)
             metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
             return result
+
+        def failed(attempt: int, error: Exception, delay: float) -> None:
+            metrics.BATCH_FAILURES.inc()
+            log.warning(
+                "writing a batch of %d events failed, retrying in %.1fs (offsets stay "
+                "uncommitted): %r",
+                plan.events,
+                delay,
+                error,
+            )
+
+        return await retry(write, backoff=self._backoff(), on_retry=failed)
 
     async def _remember(self, finished: Sequence[FinishedTurn]) -> None:
         assert self._memory is not None
@@ -687,25 +676,29 @@ class Persister:
 
     async def _commit_offsets(self, last_records: dict[tuple[str, int], Record]) -> None:
         for (topic, partition), record in last_records.items():
-            backoff = 0.1
-            for attempt in range(5):
-                try:
-                    await self._consumers[topic].commit(record)
-                    break
-                except LogError as error:
-                    if attempt == 4:
-                        # The rows are stored; the records come back after a restart or a
-                        # rebalance and change nothing then.
-                        log.warning("committing %s[%d] failed: %s", topic, partition, error)
-                    else:
-                        await asyncio.sleep(backoff)
-                        backoff = min(backoff * 2, self._retry_max_s)
-            else:
+            try:
+                await retry(
+                    functools.partial(self._commit, topic, record),
+                    backoff=self._backoff(),
+                    attempts=5,
+                    retry_if=lambda error: isinstance(error, LogError),
+                )
+            except LogError as error:
+                # The rows are stored; the records come back after a restart or a rebalance
+                # and change nothing then.
+                log.warning("committing %s[%d] failed: %s", topic, partition, error)
                 continue
             key = (topic, partition)
             self._durable[key] = max(self._durable.get(key, 0), record.offset + 1)
         async with self._committed:
             self._committed.notify_all()
+
+    async def _commit(self, topic: str, record: Record) -> None:
+        # Looked up at each try: a rejoin in ``_read`` may have replaced the consumer.
+        await self._consumers[topic].commit(record)
+
+    def _backoff(self) -> Backoff:
+        return Backoff(0.1, max_s=self._retry_max_s)
 
     # -- the flush barrier --------------------------------------------------------------------
 

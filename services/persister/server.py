@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -11,9 +11,8 @@ from chat.common.v1 import conversation_pb2
 from chat.persister.v1 import persister_pb2, persister_service_pb2, persister_service_pb2_grpc
 from google.protobuf import timestamp_pb2
 from grpc import aio
-from grpc_health.v1 import health
 
-from mesh.server import add_health_and_reflection, bind, new_server
+from mesh.server import ServiceDeps, build_service_server
 from mesh.turn_ids import parse_turn_id
 from services.persister.core import Conversation, Message, Persister
 from services.persister.settings import PersisterSettings
@@ -22,22 +21,12 @@ SERVICE_NAME: str = persister_service_pb2.DESCRIPTOR.services_by_name["Persister
 
 Context = aio.ServicerContext[Any, Any]
 
-# The generated registration function is untyped; give it a type once, here.
-_add_servicer: Callable[[Any, aio.Server], None] = (
-    persister_service_pb2_grpc.add_PersisterServiceServicer_to_server
-)
-
 
 @dataclass
-class PersisterDeps:
-    """What the server runs on. ``persister`` is started and stopped by the caller.
-
-    ``build_server`` fills ``health`` with the server's health servicer, for
-    ``serve_until_signalled``.
-    """
+class PersisterDeps(ServiceDeps):
+    """What the server runs on. ``persister`` is started and stopped by the caller."""
 
     persister: Persister
-    health: health.aio.HealthServicer | None = None
 
 
 def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -129,8 +118,12 @@ class PersisterServicer(persister_service_pb2_grpc.PersisterServiceServicer):
 
 def build_server(settings: PersisterSettings, deps: PersisterDeps) -> tuple[aio.Server, int]:
     """The persister's gRPC server (not started), bound to ``settings.host:port``."""
-    server = new_server("persister")
-    _add_servicer(PersisterServicer(deps.persister), server)
-    deps.health = add_health_and_reflection(server, [SERVICE_NAME])
-    port = bind(server, settings.host, settings.port)
+    server, port, deps.health = build_service_server(
+        "persister",
+        SERVICE_NAME,
+        persister_service_pb2_grpc.add_PersisterServiceServicer_to_server,
+        PersisterServicer(deps.persister),
+        host=settings.host,
+        port=settings.port,
+    )
     return server, port

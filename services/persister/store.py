@@ -12,13 +12,14 @@ bench.token_writes``), which compares it with one INSERT per row.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import Any
 
 import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from mesh import turnlog
+from mesh.lifecycle import AsyncStartStop
 from services.persister.core import (
     BatchPlan,
     BatchResult,
@@ -253,7 +254,7 @@ async def write_batch_on(conn: Conn, plan: BatchPlan) -> BatchResult:
     return BatchResult(users, tokens, assistants, finished)
 
 
-class PgStore:
+class PgStore(AsyncStartStop):
     """The persister's PostgreSQL store: a small pool, schema created on ``start``."""
 
     def __init__(self, dsn: str, *, pool_size: int = 4, connect_timeout_s: float = 30.0) -> None:
@@ -287,13 +288,6 @@ class PgStore:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def _require_pool(self) -> AsyncConnectionPool[Conn]:
         if self._pool is None:
