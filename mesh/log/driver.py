@@ -2,7 +2,8 @@
 
 Each piece has one job: the ``async with`` lifecycle, the appends still in flight (``flush``),
 the cache of partition counts (which never change once a topic exists), the set of open group
-members a stopping log closes, and handing a result from a driver's thread to the event loop.
+members a stopping log closes, what a group member is and does alike in both drivers, and
+handing a result from a driver's thread to the event loop.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, Self, TypeVar
 
 from mesh.log.base import LogError, Record, await_appends
@@ -111,19 +113,62 @@ def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *a
         loop.call_soon_threadsafe(callback, *args)
 
 
-def log_owned(
-    log: logging.Logger, member_id: str, group: str, topic: str, owned: Iterable[int]
-) -> None:
-    log.info("member %s of %s/%s now owns %s", member_id, group, topic, sorted(owned))
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """Who a group member is, and how fast its group gives up on it once it goes quiet."""
+
+    topic: str
+    group: str
+    member_id: str
+    session_timeout_s: float
+    heartbeat_interval_s: float
 
 
-def log_commit_dropped(log: logging.Logger, member_id: str, topic: str, record: Record) -> None:
-    # Like Kafka refusing a commit from a stale generation: the partition's new owner will see
-    # the record again, and consumers are idempotent.
-    log.warning(
-        "member %s no longer owns %s/%d; commit of offset %d dropped",
-        member_id,
-        topic,
-        record.partition,
-        record.offset,
-    )
+class GroupMember:
+    """What the group members of both drivers do alike: who they are, iterating once, closing."""
+
+    def __init__(self, membership: Membership, on_close: Callable[[Self], None]) -> None:
+        self._topic = membership.topic
+        self._group = membership.group
+        self._member_id = membership.member_id
+        self._session_timeout_s = membership.session_timeout_s
+        self._heartbeat_interval_s = membership.heartbeat_interval_s
+        # Tells the log that opened this member to forget it.
+        self._on_close = on_close
+        self._iterating = False
+        self._closed = False
+
+    def _begin_iteration(self) -> bool:
+        """Mark the records taken; False if the member closed first, LogError the second time."""
+        if self._iterating:
+            raise LogError("a group consumer can be iterated only once")
+        self._iterating = True
+        return not self._closed
+
+    def _begin_close(self: Self) -> bool:
+        """Mark the member closed and have its log forget it; False if it was closed already."""
+        if self._closed:
+            return False
+        self._closed = True
+        self._on_close(self)
+        return True
+
+    def _log_owned(self, log: logging.Logger, owned: Iterable[int]) -> None:
+        log.info(
+            "member %s of %s/%s now owns %s",
+            self._member_id,
+            self._group,
+            self._topic,
+            sorted(owned),
+        )
+
+    def _log_commit_dropped(self, log: logging.Logger, record: Record) -> None:
+        # Like Kafka refusing a commit from a stale generation: the partition's new owner will
+        # see the record again, and consumers are idempotent.
+        log.warning(
+            "member %s no longer owns %s/%d; commit of offset %d dropped",
+            self._member_id,
+            self._topic,
+            record.partition,
+            record.offset,
+        )

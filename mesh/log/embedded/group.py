@@ -13,9 +13,10 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Self
 
 from mesh.log.base import LogError, Record
-from mesh.log.driver import log_commit_dropped, log_owned
+from mesh.log.driver import GroupMember, Membership
 from mesh.log.embedded.changes import Key
 from mesh.log.embedded.fetcher import fetch_many
 from mesh.log.embedded.store import Store, Tx, now_ms
@@ -50,7 +51,7 @@ def assign(members: list[str], member_id: str, partitions: int) -> frozenset[int
     return frozenset(p for p in range(partitions) if p % len(members) == index)
 
 
-class EmbeddedConsumer:
+class EmbeddedConsumer(GroupMember):
     """A group member. Membership is a heartbeat lease; assignment is computed, not negotiated.
 
     Every member sorts the live members of (group, topic) and takes partitions ``p`` with
@@ -62,31 +63,16 @@ class EmbeddedConsumer:
     """
 
     def __init__(
-        self,
-        store: Store,
-        topic: str,
-        group: str,
-        member_id: str,
-        *,
-        session_timeout_s: float,
-        heartbeat_interval_s: float,
-        on_close: Callable[[EmbeddedConsumer], None],
+        self, store: Store, membership: Membership, on_close: Callable[[Self], None]
     ) -> None:
+        super().__init__(membership, on_close)
         self._store = store
-        self._topic = topic
-        self._group = group
-        self._member_id = member_id
-        self._session_timeout_s = session_timeout_s
-        self._heartbeat_interval_s = heartbeat_interval_s
-        self._on_close = on_close
         self._owned: frozenset[int] = frozenset()
         self._positions: dict[int, int] = {}
         # Partitions whose position must be (re)loaded from the committed offset.
         self._reload: set[int] = set()
         self._last_heartbeat = 0.0  # time.monotonic() of the last successful heartbeat
         self._heartbeat_task: asyncio.Task[None] | None = None
-        self._iterating = False
-        self._closed = False
         self._wake_key: Key = (f"#member:{id(self)}", 0)
         self._partitions = 0
         # The loop and the iterator both heartbeat; one at a time keeps the view consistent.
@@ -139,7 +125,7 @@ class EmbeddedConsumer:
         else:
             self._reload |= owned - self._owned
         if owned != self._owned:
-            log_owned(_log, self._member_id, self._group, self._topic, owned)
+            self._log_owned(_log, owned)
         self._owned = owned
         self._positions = {p: pos for p, pos in self._positions.items() if p in owned}
         self._last_heartbeat = sent
@@ -158,10 +144,7 @@ class EmbeddedConsumer:
         return age < self._session_timeout_s - self._heartbeat_interval_s
 
     async def __aiter__(self) -> AsyncIterator[Record]:
-        if self._iterating:
-            raise LogError("a group consumer can be iterated only once")
-        self._iterating = True
-        if self._closed:
+        if not self._begin_iteration():
             return
         self._partitions = await self._store.partitions.get(self._topic)
         running = self._store.require()
@@ -224,14 +207,12 @@ class EmbeddedConsumer:
                 return True
 
         if not await writer.call(store):
-            log_commit_dropped(_log, me, topic, record)
+            self._log_commit_dropped(_log, record)
 
     async def close(self) -> None:
-        if self._closed:
+        if not self._begin_close():
             return
-        self._closed = True
         self._owned = frozenset()
-        self._on_close(self)
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

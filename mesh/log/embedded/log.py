@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 from mesh.log.base import LogError, Record
-from mesh.log.driver import Members, StartStop, call_soon
+from mesh.log.driver import Members, Membership, StartStop, call_soon
 from mesh.log.embedded.changes import Changes, Key
 from mesh.log.embedded.fetcher import Fetcher
 from mesh.log.embedded.group import EmbeddedConsumer, committed
@@ -164,17 +164,10 @@ class EmbeddedLog(StartStop):
 
     def consumer(self, topic: str, group: str, member_id: str) -> EmbeddedConsumer:
         self._store.require()
-        return self._consumers.add(
-            EmbeddedConsumer(
-                self._store,
-                topic,
-                group,
-                member_id,
-                session_timeout_s=self.session_timeout_s,
-                heartbeat_interval_s=self.heartbeat_interval_s,
-                on_close=self._consumers.discard,
-            )
+        member = Membership(
+            topic, group, member_id, self.session_timeout_s, self.heartbeat_interval_s
         )
+        return self._consumers.add(EmbeddedConsumer(self._store, member, self._consumers.discard))
 
     async def committed(self, topic: str, group: str, partition: int) -> int:
         await self._store.partitions.check(topic, partition)

@@ -13,12 +13,12 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Self
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from mesh.log.base import LogError, Record
-from mesh.log.driver import call_soon, log_commit_dropped, log_owned
+from mesh.log.driver import GroupMember, Membership, call_soon
 from mesh.log.kafka.admin import Admin
 from mesh.log.kafka.client import RDKAFKA_LOGGER, Client, poll_batch, to_record
 
@@ -35,7 +35,7 @@ _STALE_GENERATION = {
 }
 
 
-class KafkaGroupConsumer:
+class KafkaGroupConsumer(GroupMember):
     """A member of a Kafka consumer group (classic protocol, cooperative-sticky assignment)."""
 
     def __init__(
@@ -43,30 +43,19 @@ class KafkaGroupConsumer:
         client: Client,
         admin: Admin,
         loop: asyncio.AbstractEventLoop,
-        topic: str,
-        group: str,
-        member_id: str,
+        membership: Membership,
+        on_close: Callable[[Self], None],
         *,
-        session_timeout_s: float,
-        heartbeat_interval_s: float,
         prefetch: int,
-        on_close: Callable[[KafkaGroupConsumer], None],
     ) -> None:
+        super().__init__(membership, on_close)
         self._client = client
         self._admin = admin
         self._loop = loop
-        self._topic = topic
-        self._group = group
-        self._member_id = member_id
-        self._session_timeout_s = session_timeout_s
-        self._heartbeat_interval_s = heartbeat_interval_s
         self._prefetch = prefetch
-        self._on_close = on_close
         self._consumer: Consumer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._closed = False
-        self._iterating = False
         self._queue: asyncio.Queue[tuple[int, Record] | None] = asyncio.Queue()
         # Written by the consumer thread (in rebalance callbacks), read by the loop.
         self._assignment: frozenset[int] = frozenset()
@@ -107,7 +96,7 @@ class KafkaGroupConsumer:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assignment = self._assignment | {tp.partition for tp in partitions}
         self._paused = False  # new partitions start unpaused; the loop re-evaluates
-        log_owned(_log, self._member_id, self._group, self._topic, self._assignment)
+        self._log_owned(_log, self._assignment)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {tp.partition for tp in partitions}
@@ -177,10 +166,7 @@ class KafkaGroupConsumer:
                 done.set_result(None)
 
     async def __aiter__(self) -> AsyncIterator[Record]:
-        if self._iterating:
-            raise LogError("a group consumer can be iterated only once")
-        self._iterating = True
-        if self._closed:
+        if not self._begin_iteration():
             return
         await self._admin.partitions.check(self._topic, 0)
         self._consumer = Consumer(self._config())
@@ -203,7 +189,7 @@ class KafkaGroupConsumer:
     async def commit(self, record: Record) -> None:
         partition, offset = record.partition, record.offset + 1
         if self._thread is None or self._closed or partition not in self._assignment:
-            log_commit_dropped(_log, self._member_id, self._topic, record)
+            self._log_commit_dropped(_log, record)
             return
         if self._last_commit.get(partition, -1) >= offset:
             return  # commits only move forward, as in the embedded driver
@@ -226,10 +212,8 @@ class KafkaGroupConsumer:
         self._last_commit[partition] = max(self._last_commit.get(partition, -1), offset)
 
     async def close(self) -> None:
-        if self._closed:
+        if not self._begin_close():
             return
-        self._closed = True
-        self._on_close(self)
         self._stopping = True
         self._assignment = frozenset()
         if self._thread is not None:

@@ -15,7 +15,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from mesh.log.base import LogError, Record
-from mesh.log.driver import Members, StartStop
+from mesh.log.driver import Members, Membership, StartStop
 from mesh.log.kafka.admin import Admin
 from mesh.log.kafka.client import Client, Running
 from mesh.log.kafka.fetcher import Fetcher, Tail
@@ -120,17 +120,16 @@ class KafkaLog(StartStop):
 
     def consumer(self, topic: str, group: str, member_id: str) -> KafkaGroupConsumer:
         loop = self._client.require().loop
+        member = Membership(
+            topic, group, member_id, self.session_timeout_s, self.heartbeat_interval_s
+        )
         return self._consumers.add(
             KafkaGroupConsumer(
                 self._client,
                 self._admin,
                 loop,
-                topic,
-                group,
-                member_id,
-                session_timeout_s=self.session_timeout_s,
-                heartbeat_interval_s=self.heartbeat_interval_s,
+                member,
+                self._consumers.discard,
                 prefetch=self.prefetch,
-                on_close=self._consumers.discard,
             )
         )
