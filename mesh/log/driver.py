@@ -1,9 +1,9 @@
 """What both log drivers are built from, so the embedded one and Kafka behave alike by sharing it.
 
-Each piece has one job: the ``async with`` lifecycle, the appends still in flight (``flush``),
-the cache of partition counts (which never change once a topic exists), the set of open group
-members a stopping log closes, what a group member is and does alike in both drivers, and
-handing a result from a driver's thread to the event loop.
+Each piece has one job: the appends still in flight (``flush``), the cache of partition counts
+(which never change once a topic exists), the set of open group members a stopping log closes,
+what the two ``EventLog`` classes keep alike (``LogDriver``), what a group member is and does
+alike in both drivers (``GroupMember``), and handing a result from a driver's thread to the loop.
 """
 
 from __future__ import annotations
@@ -16,23 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, Self, TypeVar
 
 from mesh.log.base import LogError, Record, await_appends
-
-
-class StartStop:
-    """``async with log:`` for drivers that define ``start`` and ``stop``."""
-
-    async def start(self) -> None:
-        raise NotImplementedError
-
-    async def stop(self) -> None:
-        raise NotImplementedError
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
 
 class Inflight:
@@ -122,6 +105,34 @@ class Membership:
     member_id: str
     session_timeout_s: float
     heartbeat_interval_s: float
+
+
+class LogDriver(Generic[_C]):
+    """What both drivers' ``EventLog`` keep alike: ``async with``, group timing, open members."""
+
+    def __init__(self, *, session_timeout_s: float, heartbeat_interval_s: float) -> None:
+        self.session_timeout_s = session_timeout_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        # Stopping the log closes its members first.
+        self._consumers: Members[_C] = Members()
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _membership(self, topic: str, group: str, member_id: str) -> Membership:
+        return Membership(
+            topic, group, member_id, self.session_timeout_s, self.heartbeat_interval_s
+        )
 
 
 class GroupMember:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 from mesh.log.base import LogError, Record
-from mesh.log.driver import Members, Membership, StartStop, call_soon
+from mesh.log.driver import LogDriver, call_soon
 from mesh.log.embedded.changes import Changes, Key
 from mesh.log.embedded.fetcher import Fetcher
 from mesh.log.embedded.group import EmbeddedConsumer, committed
@@ -23,7 +23,7 @@ from mesh.log.embedded.producer import Producer
 from mesh.log.embedded.store import DbThread, Running, Store, Tx, create_schema, partition_row
 
 
-class EmbeddedLog(StartStop):
+class EmbeddedLog(LogDriver[EmbeddedConsumer]):
     """``EventLog`` on one SQLite file; several processes may open the same file at once."""
 
     def __init__(
@@ -39,16 +39,16 @@ class EmbeddedLog(StartStop):
     ) -> None:
         if heartbeat_interval_s >= session_timeout_s:
             raise ValueError("heartbeat_interval_s must be shorter than session_timeout_s")
+        super().__init__(
+            session_timeout_s=session_timeout_s, heartbeat_interval_s=heartbeat_interval_s
+        )
         self.path = path
         self.poll_interval_s = poll_interval_s
         # Check for other processes' commits when inotify reports a write (else poll).
         self.watch_writes = watch_writes
-        self.session_timeout_s = session_timeout_s
-        self.heartbeat_interval_s = heartbeat_interval_s
         self._store = Store(path, busy_timeout_s)
         self._producer = Producer(self._store, max_batch=max_batch)
         self._fetcher = Fetcher(self._store)
-        self._consumers: Members[EmbeddedConsumer] = Members()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: Poller | None = None
         self._threads: tuple[DbThread, ...] = ()
@@ -164,9 +164,7 @@ class EmbeddedLog(StartStop):
 
     def consumer(self, topic: str, group: str, member_id: str) -> EmbeddedConsumer:
         self._store.require()
-        member = Membership(
-            topic, group, member_id, self.session_timeout_s, self.heartbeat_interval_s
-        )
+        member = self._membership(topic, group, member_id)
         return self._consumers.add(EmbeddedConsumer(self._store, member, self._consumers.discard))
 
     async def committed(self, topic: str, group: str, partition: int) -> int:

@@ -15,7 +15,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from mesh.log.base import LogError, Record
-from mesh.log.driver import Members, Membership, StartStop
+from mesh.log.driver import LogDriver
 from mesh.log.kafka.admin import Admin
 from mesh.log.kafka.client import Client, Running
 from mesh.log.kafka.fetcher import Fetcher, Tail
@@ -23,7 +23,7 @@ from mesh.log.kafka.group import KafkaGroupConsumer
 from mesh.log.kafka.producer import Producer
 
 
-class KafkaLog(StartStop):
+class KafkaLog(LogDriver[KafkaGroupConsumer]):
     """``EventLog`` on an Apache Kafka cluster."""
 
     def __init__(
@@ -37,9 +37,10 @@ class KafkaLog(StartStop):
         prefetch: int = 500,
         config: Mapping[str, str] | None = None,
     ) -> None:
+        super().__init__(
+            session_timeout_s=session_timeout_s, heartbeat_interval_s=heartbeat_interval_s
+        )
         self.bootstrap = bootstrap
-        self.session_timeout_s = session_timeout_s
-        self.heartbeat_interval_s = heartbeat_interval_s
         self.client_id = client_id
         self.request_timeout_s = request_timeout_s
         self.prefetch = prefetch
@@ -49,7 +50,6 @@ class KafkaLog(StartStop):
         self._admin = Admin(self._client, request_timeout_s=request_timeout_s)
         self._producer = Producer(self._client, request_timeout_s=request_timeout_s)
         self._fetcher = Fetcher(self._client, self._admin, request_timeout_s=request_timeout_s)
-        self._consumers: Members[KafkaGroupConsumer] = Members()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tail: Tail | None = None
 
@@ -120,9 +120,7 @@ class KafkaLog(StartStop):
 
     def consumer(self, topic: str, group: str, member_id: str) -> KafkaGroupConsumer:
         loop = self._client.require().loop
-        member = Membership(
-            topic, group, member_id, self.session_timeout_s, self.heartbeat_interval_s
-        )
+        member = self._membership(topic, group, member_id)
         return self._consumers.add(
             KafkaGroupConsumer(
                 self._client,
