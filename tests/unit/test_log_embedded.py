@@ -20,7 +20,7 @@ import pytest
 
 from mesh.log import GroupConsumer, LogError, Record
 from mesh.log.embedded import EmbeddedLog, assign
-from mesh.log.fs_watch import DirectoryWatch
+from mesh.log.embedded.fs_watch import DirectoryWatch
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"session_timeout_s": 1.0, "heartbeat_interval_s": 0.1}

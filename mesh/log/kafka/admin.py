@@ -1,0 +1,87 @@
+"""Topics and offsets of the Kafka log, asked of the cluster through the admin client."""
+
+from __future__ import annotations
+
+import asyncio
+
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin._listoffsets import OffsetSpec
+
+from mesh.log.base import LogError
+from mesh.log.driver import PartitionCounts
+from mesh.log.kafka.client import Client, wait_future
+
+
+class Admin:
+    """``ensure_topic``, partition counts, ``end_offset`` and ``committed`` of a ``KafkaLog``."""
+
+    def __init__(self, client: Client, *, request_timeout_s: float) -> None:
+        self._client = client
+        self._request_timeout_s = request_timeout_s
+        self.partitions = PartitionCounts(self._fetch_partition_count)
+
+    async def ensure_topic(self, topic: str, partitions: int) -> None:
+        if partitions <= 0:
+            raise ValueError("partitions must be positive")
+        admin = self._client.require().admin
+        futures = admin.create_topics(
+            [NewTopic(topic, num_partitions=partitions)],
+            request_timeout=self._request_timeout_s,
+        )
+        try:
+            await asyncio.wrap_future(futures[topic])
+        except KafkaException as error:
+            if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise LogError(f"creating topic {topic!r} failed: {error.args[0]}") from error
+        # The controller answers before every broker knows the topic; wait until metadata shows
+        # all partitions with a leader, so the first append or read does not race it.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._request_timeout_s
+        while True:
+            count = await self._fetch_partition_count(topic)
+            if count is not None:
+                self.partitions.remember(topic, count)
+                return
+            if loop.time() > deadline:
+                raise LogError(f"topic {topic!r} did not become available")
+            await asyncio.sleep(0.05)
+
+    async def _fetch_partition_count(self, topic: str) -> int | None:
+        admin = self._client.require().admin
+        try:
+            metadata = await asyncio.to_thread(
+                admin.list_topics, topic, timeout=self._request_timeout_s
+            )
+        except KafkaException as error:
+            raise LogError(f"metadata of {topic!r}: {error.args[0]}") from error
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            return None
+        if any(p.leader < 0 for p in found.partitions.values()):
+            return None
+        return len(found.partitions)
+
+    async def end_offset(self, topic: str, partition: int) -> int:
+        await self.partitions.check(topic, partition)
+        admin = self._client.require().admin
+        tp = TopicPartition(topic, partition)
+        futures = admin.list_offsets(
+            {tp: OffsetSpec.latest()},  # type: ignore[no-untyped-call]
+            request_timeout=self._request_timeout_s,
+        )
+        result = await wait_future(futures[tp], f"end offset of {topic}/{partition}")
+        return int(result.offset)
+
+    async def committed(self, topic: str, group: str, partition: int) -> int:
+        await self.partitions.check(topic, partition)
+        admin = self._client.require().admin
+        request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, partition)])
+        futures = admin.list_consumer_group_offsets(
+            [request], request_timeout=self._request_timeout_s
+        )
+        result = await wait_future(futures[group], f"committed offset of {group}")
+        for tp in result.topic_partitions or []:
+            if tp.topic == topic and tp.partition == partition and tp.offset >= 0:
+                return int(tp.offset)
+        return 0  # nothing committed (librdkafka reports OFFSET_INVALID, -1001)
