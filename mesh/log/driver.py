@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, Self, TypeVar
 
+from mesh.lifecycle import AsyncStartStop
 from mesh.log.base import LogError, Record, await_appends
 
 
@@ -107,7 +108,7 @@ class Membership:
     heartbeat_interval_s: float
 
 
-class LogDriver(Generic[_C]):
+class LogDriver(AsyncStartStop, Generic[_C]):
     """What both drivers' ``EventLog`` keep alike: ``async with``, group timing, open members."""
 
     def __init__(self, *, session_timeout_s: float, heartbeat_interval_s: float) -> None:
@@ -115,19 +116,6 @@ class LogDriver(Generic[_C]):
         self.heartbeat_interval_s = heartbeat_interval_s
         # Stopping the log closes its members first.
         self._consumers: Members[_C] = Members()
-
-    async def start(self) -> None:
-        raise NotImplementedError
-
-    async def stop(self) -> None:
-        raise NotImplementedError
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     def _membership(self, topic: str, group: str, member_id: str) -> Membership:
         return Membership(
