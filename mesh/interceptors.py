@@ -33,65 +33,48 @@ def _method_name(full: str) -> tuple[str, str]:
 Handler = Any
 
 
-def wrap_handler(
-    handler: Handler,
-    method: str,
-    unary: Callable[[Callable[[], Awaitable[Any]], aio.ServicerContext[Any, Any]], Awaitable[Any]],
-    streaming: Callable[
-        [Callable[[], AsyncIterator[Any]], aio.ServicerContext[Any, Any]], AsyncIterator[Any]
-    ],
-) -> Handler:
+Unary = Callable[[Callable[[], Awaitable[Any]], aio.ServicerContext[Any, Any]], Awaitable[Any]]
+Streaming = Callable[
+    [Callable[[], AsyncIterator[Any]], aio.ServicerContext[Any, Any]], AsyncIterator[Any]
+]
+
+
+def _around_unary(inner: Any, unary: Unary) -> Any:
+    async def wrapped(arg: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        return await unary(lambda: inner(arg, context), context)
+
+    return wrapped
+
+
+def _around_streaming(inner: Any, streaming: Streaming) -> Any:
+    async def wrapped(arg: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async for item in streaming(lambda: inner(arg, context), context):
+            yield item
+
+    return wrapped
+
+
+def wrap_handler(handler: Handler, method: str, unary: Unary, streaming: Streaming) -> Handler:
     """Return ``handler`` with its behaviour run inside ``unary`` or ``streaming`` wrappers."""
     if handler is None:
         return None
+    serializers = (handler.request_deserializer, handler.response_serializer)
     if handler.unary_unary:
-        inner_uu = handler.unary_unary
-
-        async def uu(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            return await unary(lambda: inner_uu(request, context), context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            uu, handler.request_deserializer, handler.response_serializer
-        )
+        wrapped = _around_unary(handler.unary_unary, unary)
+        return grpc.unary_unary_rpc_method_handler(wrapped, *serializers)
     if handler.stream_unary:
-        inner_su = handler.stream_unary
-
-        async def su(requests: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            return await unary(lambda: inner_su(requests, context), context)
-
-        return grpc.stream_unary_rpc_method_handler(
-            su, handler.request_deserializer, handler.response_serializer
-        )
-    # A streaming handler written as a coroutine that calls ``context.write`` (the aio health
-    # servicer's Watch) is wrapped like a unary one: it has nothing to iterate.
-    if handler.unary_stream and not inspect.isasyncgenfunction(handler.unary_stream):
-        inner_uw = handler.unary_stream
-
-        async def uw(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            return await unary(lambda: inner_uw(request, context), context)
-
-        return grpc.unary_stream_rpc_method_handler(
-            uw, handler.request_deserializer, handler.response_serializer
-        )
+        wrapped = _around_unary(handler.stream_unary, unary)
+        return grpc.stream_unary_rpc_method_handler(wrapped, *serializers)
     if handler.unary_stream:
-        inner_us = handler.unary_stream
-
-        async def us(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            async for item in streaming(lambda: inner_us(request, context), context):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(
-            us, handler.request_deserializer, handler.response_serializer
-        )
-    inner_ss = handler.stream_stream
-
-    async def ss(requests: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        async for item in streaming(lambda: inner_ss(requests, context), context):
-            yield item
-
-    return grpc.stream_stream_rpc_method_handler(
-        ss, handler.request_deserializer, handler.response_serializer
-    )
+        # A streaming handler written as a coroutine that calls ``context.write`` (the aio
+        # health servicer's Watch) is wrapped like a unary one: it has nothing to iterate.
+        if inspect.isasyncgenfunction(handler.unary_stream):
+            wrapped = _around_streaming(handler.unary_stream, streaming)
+        else:
+            wrapped = _around_unary(handler.unary_stream, unary)
+        return grpc.unary_stream_rpc_method_handler(wrapped, *serializers)
+    wrapped = _around_streaming(handler.stream_stream, streaming)
+    return grpc.stream_stream_rpc_method_handler(wrapped, *serializers)
 
 
 async def abort_with(context: aio.ServicerContext[Any, Any], error: MeshError) -> None:

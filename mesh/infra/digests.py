@@ -15,6 +15,19 @@ replacing the digests here, on purpose.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
+
+def sha256_file(path: Path) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 # Kafka 4.1.0 (Scala 2.13) with log4j 2.24.3: the runtime closure of the broker pom in
 # mesh/infra/kafka.py, one entry per jar that lands in its lib directory.
 KAFKA_JARS: dict[str, str] = {

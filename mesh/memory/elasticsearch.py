@@ -37,21 +37,17 @@ from elasticsearch import (
 from mesh.errors import Unavailable
 from mesh.lifecycle import AsyncStartStop
 from mesh.memory.base import (
+    RRF_K,
     ChunkHit,
     StoredChunk,
     check_document_chunks,
     check_search,
+    fusion_candidates,
     require_tenant,
 )
 
 log = logging.getLogger(__name__)
 
-# Reciprocal rank fusion constant from Cormack et al. (2009), the same as the PostgreSQL store.
-RRF_K = 60
-# Candidates each ranker contributes to the fusion, relative to top_k, with a floor (as in the
-# PostgreSQL store, so both backends fuse comparable lists).
-_CANDIDATES_PER_RESULT = 4
-_MIN_CANDIDATES = 40
 _MAX_WINDOW = 10_000  # Elasticsearch's cap on kNN num_candidates and on from+size
 _BULK_BATCH = 500
 _DELETE_BATCH = 1_000
@@ -135,7 +131,7 @@ def reciprocal_rank_fusion(
 
 
 def _candidates(top_k: int) -> int:
-    return min(_MAX_WINDOW, max(_MIN_CANDIDATES, top_k * _CANDIDATES_PER_RESULT))
+    return fusion_candidates(top_k, cap=_MAX_WINDOW)
 
 
 def _vector(vector: Sequence[float], dims: int) -> list[float] | None:

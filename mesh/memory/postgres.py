@@ -35,21 +35,17 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from mesh.errors import Unavailable
 from mesh.lifecycle import AsyncStartStop
 from mesh.memory.base import (
+    RRF_K,
     ChunkHit,
     StoredChunk,
     check_document_chunks,
     check_search,
+    fusion_candidates,
     require_tenant,
 )
 
 log = logging.getLogger(__name__)
 
-# Reciprocal rank fusion constant from Cormack et al. (2009); damps the head of each list so one
-# ranker's first place does not drown the other's.
-RRF_K = 60
-# Candidates each ranker contributes to the fusion, relative to top_k, with a floor.
-_CANDIDATES_PER_RESULT = 4
-_MIN_CANDIDATES = 40
 _MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
 # Long queries add little to ranking and cost GIN lookups; keep the distinct terms bounded.
 _MAX_QUERY_TERMS = 64
@@ -401,7 +397,7 @@ class PostgresMemoryStore(AsyncStartStop):
         conversation_id: str = "",
     ) -> list[ChunkHit]:
         check_search(tenant_id, top_k)
-        candidates = max(_MIN_CANDIDATES, top_k * _CANDIDATES_PER_RESULT)
+        candidates = fusion_candidates(top_k)
         params: dict[str, object] = {
             "tenant": tenant_id,
             "conversation": conversation_id,

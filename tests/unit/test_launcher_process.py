@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.infra.maven import fetch_once, run_maven, sha256_file, verify_digests
+from mesh.infra.digests import sha256_file
+from mesh.infra.maven import fetch_once, run_maven, verify_digests
 from mesh.infra.process import ServerProcess, log_tail, spawn, wait_until
 
 
