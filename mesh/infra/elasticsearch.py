@@ -40,8 +40,21 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mesh.infra.digests import ELASTICSEARCH_ZIP
-from mesh.infra.maven import fetch_once, maven_repository, run_maven, verify_digests
-from mesh.infra.process import RunAs, ServerProcess, StartStop, block_until_signalled, user_can
+from mesh.infra.maven import (
+    add_fetch_command,
+    fetch_once,
+    maven_repository,
+    run_maven,
+    verify_digests,
+)
+from mesh.infra.process import (
+    RunAs,
+    ServerProcess,
+    StartStop,
+    run_command,
+    serve_until_signalled,
+    user_can,
+)
 from mesh.infra.process import ensure_user as _ensure_user
 from mesh.settings import default_state_dir
 
@@ -363,30 +376,21 @@ def _size(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mesh.infra.elasticsearch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser(
-        "fetch", help="fetch the distribution into the state dir (once per machine)"
-    )
-    fetch.add_argument(
-        "--fresh",
-        action="store_true",
-        help="fetch again through an empty Maven repository, as a new machine would",
-    )
+    add_fetch_command(sub, "the distribution")
     run = sub.add_parser("run", help="start a node and keep it running until interrupted")
     run.add_argument("--heap", default="512m")
     args = parser.parse_args(argv)
     state_dir = default_state_dir(os.environ)
-    try:
+
+    def command() -> None:
         if args.command == "fetch":
             home = fetch_distribution(default_home_dir(state_dir), quiet=False, fresh=args.fresh)
             print(f"{home} ({_size(home) / 1e6:.0f} MB)")
-            return 0
-        with ElasticsearchServer(state_dir, heap=args.heap) as url:
-            print(f"MESH_ES_URL={url}", flush=True)
-            block_until_signalled()
-    except ElasticsearchError as error:
-        print(error, file=sys.stderr)
-        return 1
-    return 0
+        else:
+            server = ElasticsearchServer(state_dir, heap=args.heap)
+            serve_until_signalled(server, "MESH_ES_URL")
+
+    return run_command(command, ElasticsearchError)
 
 
 if __name__ == "__main__":

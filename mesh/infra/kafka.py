@@ -25,8 +25,20 @@ import sys
 from pathlib import Path
 
 from mesh.infra.digests import KAFKA_JARS
-from mesh.infra.maven import fetch_once, maven_repository, run_maven, verify_digests
-from mesh.infra.process import ServerProcess, StartStop, block_until_signalled, free_port
+from mesh.infra.maven import (
+    add_fetch_command,
+    fetch_once,
+    maven_repository,
+    run_maven,
+    verify_digests,
+)
+from mesh.infra.process import (
+    ServerProcess,
+    StartStop,
+    free_port,
+    run_command,
+    serve_until_signalled,
+)
 from mesh.settings import default_state_dir
 
 KAFKA_VERSION = "4.1.0"
@@ -287,29 +299,18 @@ class KafkaServer(StartStop):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mesh.infra.kafka", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser(
-        "fetch", help="fetch the broker jars into the state dir (once per machine)"
-    )
-    fetch.add_argument(
-        "--fresh",
-        action="store_true",
-        help="fetch again through an empty Maven repository, as a new machine would",
-    )
+    add_fetch_command(sub, "the broker jars")
     sub.add_parser("run", help="start a broker and keep it running until interrupted")
     args = parser.parse_args(argv)
     state_dir = default_state_dir(os.environ)
-    try:
+
+    def command() -> None:
         if args.command == "fetch":
             print(fetch_jars(default_jars_dir(state_dir), quiet=False, fresh=args.fresh))
-            return 0
-        server = KafkaServer(state_dir)
-        with server as bootstrap:
-            print(f"MESH_KAFKA_BOOTSTRAP={bootstrap}", flush=True)
-            block_until_signalled()
-    except KafkaError as error:
-        print(error, file=sys.stderr)
-        return 1
-    return 0
+        else:
+            serve_until_signalled(KafkaServer(state_dir), "MESH_KAFKA_BOOTSTRAP")
+
+    return run_command(command, KafkaError)
 
 
 if __name__ == "__main__":

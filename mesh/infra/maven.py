@@ -16,6 +16,7 @@ run so the cold path cannot rot unnoticed.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import shutil
@@ -150,3 +151,15 @@ def verify_digests(
             " Maven repository). A deliberate version change: pin the new digests in"
             " mesh/infra/digests.py."
         )
+
+
+def add_fetch_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], what: str
+) -> None:
+    """The ``fetch [--fresh]`` subcommand of a launcher's command line."""
+    fetch = commands.add_parser("fetch", help=f"fetch {what} into the state dir (once per machine)")
+    fetch.add_argument(
+        "--fresh",
+        action="store_true",
+        help="fetch again through an empty Maven repository, as a new machine would",
+    )

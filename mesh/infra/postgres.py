@@ -36,8 +36,9 @@ from mesh.infra.process import (
     RunAs,
     ServerProcess,
     StartStop,
-    block_until_signalled,
     free_port,
+    run_command,
+    serve_until_signalled,
     user_can,
 )
 from mesh.infra.process import ensure_user as _ensure_user
@@ -390,19 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("install", help="apt-get install postgresql (and pgvector when packaged)")
     sub.add_parser("run", help="start a server and keep it running until interrupted")
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> None:
         if args.command == "install":
             bin_dir = install_server()
             vector = "with" if has_pgvector(bin_dir) else "without"
             print(f"PostgreSQL {_major(bin_dir)} in {bin_dir} ({vector} pgvector)")
-            return 0
-        with PostgresServer(default_state_dir(os.environ)) as dsn:
-            print(f"MESH_PG_DSN={dsn}", flush=True)
-            block_until_signalled()
-    except PostgresError as error:
-        print(error, file=sys.stderr)
-        return 1
-    return 0
+        else:
+            serve_until_signalled(PostgresServer(default_state_dir(os.environ)), "MESH_PG_DSN")
+
+    return run_command(command, PostgresError)
 
 
 if __name__ == "__main__":

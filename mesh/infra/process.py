@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -310,3 +311,20 @@ def block_until_signalled() -> None:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def serve_until_signalled(server: StartStop, variable: str) -> None:
+    """Start ``server``, print ``variable=<address>`` for a shell to read, stop on a signal."""
+    with server as address:
+        print(f"{variable}={address}", flush=True)
+        block_until_signalled()
+
+
+def run_command(command: Callable[[], object], error: type[Exception]) -> int:
+    """A launcher command's exit status: 0, or 1 with ``error``'s message on stderr."""
+    try:
+        command()
+    except error as failure:
+        print(failure, file=sys.stderr)
+        return 1
+    return 0
