@@ -22,6 +22,7 @@ from mesh.codec import (
 )
 from mesh.errors import InvalidArgument, to_status_proto
 from mesh.log import open_log
+from mesh.paging import validate_page_size
 from mesh.server import (
     ServiceDeps,
     build_service_server,
@@ -30,12 +31,7 @@ from mesh.server import (
     start_metrics,
 )
 from mesh.settings import SettingsError
-from services.gateway.core import (
-    GatewayCore,
-    TurnStream,
-    validate_conversation_id,
-    validate_page_size,
-)
+from services.gateway.core import GatewayCore
 from services.gateway.model import (
     Accepted,
     CancelFrame,
@@ -54,6 +50,8 @@ from services.gateway.model import (
 )
 from services.gateway.persister import PersisterClient
 from services.gateway.settings import GatewaySettings
+from services.gateway.turn_stream import TurnStream
+from services.gateway.validation import validate_conversation_id
 
 log = logging.getLogger("services.gateway")
 
