@@ -10,28 +10,19 @@ read-your-writes wait, ``reads`` the history queries; ``model`` holds the values
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 from mesh.lifecycle import AsyncStartStop
 from mesh.log import EventLog
 from mesh.turn_ids import TurnRef
 from services.persister.barrier import FlushBarrier
-from services.persister.model import (
-    Conversation,
-    Decoder,
-    Message,
-    Page,
-    Rememberer,
-    Stats,
-    Store,
-)
+from services.persister.model import Decoder, Rememberer, Stats, Store
 from services.persister.pipeline import WritePipeline
 from services.persister.reads import HistoryReader
 
 
-class Persister(AsyncStartStop):
+class Persister(HistoryReader, AsyncStartStop):
     """Consumes both logs as group ``persister``, writes batches, serves reads.
 
+    The reads are ``HistoryReader``'s; the writing is a ``WritePipeline`` this object runs.
     Use ``async with`` or ``start``/``stop``; ``drain`` writes and commits what was consumed
     before it returns, and is what a SIGTERM should run.
     """
@@ -62,10 +53,8 @@ class Persister(AsyncStartStop):
             linger_s=linger_s,
             retry_max_s=retry_max_s,
         )
-        self._barrier = FlushBarrier(log=log, pipeline=self._pipeline, timeout_s=barrier_timeout_s)
-        self._reader = HistoryReader(
-            store=store, barrier=self._barrier, message_page_size=message_page_size
-        )
+        barrier = FlushBarrier(log=log, pipeline=self._pipeline, timeout_s=barrier_timeout_s)
+        super().__init__(store=store, barrier=barrier, message_page_size=message_page_size)
 
     async def start(self) -> None:
         await self._pipeline.start()
@@ -82,27 +71,6 @@ class Persister(AsyncStartStop):
     ) -> int:
         """Wait until the log's records now are committed (``barrier.FlushBarrier.wait``)."""
         return await self._barrier.wait(timeout_s, before=before)
-
-    async def get_conversation(
-        self,
-        tenant_id: str,
-        conversation_id: str,
-        *,
-        consistent: bool = False,
-        before: TurnRef | None = None,
-    ) -> Conversation:
-        """The conversation and its messages (``reads.HistoryReader.get_conversation``)."""
-        return await self._reader.get_conversation(
-            tenant_id, conversation_id, consistent=consistent, before=before
-        )
-
-    def list_messages(self, tenant_id: str, conversation_id: str) -> AsyncIterator[Message]:
-        """A conversation's messages, oldest first (``reads.HistoryReader.list_messages``)."""
-        return self._reader.list_messages(tenant_id, conversation_id)
-
-    async def list_conversations(self, tenant_id: str, page_size: int, page_token: str) -> Page:
-        """A page of the tenant's conversations (``reads.HistoryReader.list_conversations``)."""
-        return await self._reader.list_conversations(tenant_id, page_size, page_token)
 
     @property
     def pending_events(self) -> int:
