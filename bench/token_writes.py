@@ -23,7 +23,7 @@ from pathlib import Path
 import psycopg
 
 from mesh.settings import PostgresSettings
-from services.persister.core import TokenRow
+from services.persister.model import TokenRow
 from services.persister.store import Conn, create_schema, write_tokens_batched
 
 Writer = Callable[[Conn, Sequence[TokenRow]], Awaitable[int]]

@@ -105,8 +105,6 @@ class Generation:
         self.completion_tokens = 0
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
-        self.started_at = time.monotonic()
-        self.first_token_at: float | None = None
 
     def cancel(self) -> None:
         """Stop before the next token; safe to call from any thread, any number of times."""
@@ -135,8 +133,6 @@ class Generation:
             raise StopAsyncIteration
         self._room.release()
         self.completion_tokens += item.tokens
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
         return item
 
     def _end(self, reason: FinishReason, error: str | None = None) -> None:
@@ -439,11 +435,6 @@ class LlamaEngine(AsyncStartStop):
                 close()
         # llama.generate only ends on its own when the context is full.
         return _Done(FinishReason.LENGTH)
-
-
-def gpu_offload_supported() -> bool:
-    """Whether this llama.cpp build can offload layers to a GPU."""
-    return bool(_llama_cpp().llama_supports_gpu_offload())
 
 
 @functools.cache

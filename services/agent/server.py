@@ -79,7 +79,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
     def __init__(self, core: AgentCore) -> None:
         self._core = core
 
-    async def Generate(  # noqa: N802 - gRPC method names are PascalCase
+    async def Generate(
         self, request_iterator: AsyncIterator[agent_pb2.GenerateRequest], context: _Context
     ) -> AsyncIterator[agent_pb2.GenerateResponse]:
         first = await anext(aiter(request_iterator), None)
@@ -135,7 +135,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
 
-    async def GetNodeInfo(  # noqa: N802
+    async def GetNodeInfo(
         self, request: agent_pb2.GetNodeInfoRequest, context: _Context
     ) -> agent_pb2.GetNodeInfoResponse:
         info = self._core.node_info()

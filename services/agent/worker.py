@@ -133,7 +133,6 @@ class TurnWorker(AsyncStartStop):
         self._turn_done: asyncio.Event = asyncio.Event()
         self._turn_done.set()
         self._stopping = False
-        self.turns_finished = 0
 
     # Lifecycle ----------------------------------------------------------------------------
 
@@ -422,7 +421,6 @@ class TurnWorker(AsyncStartStop):
         if failed:
             raise LogError(f"{len(failed)} appends of turn {turn.turn_id} failed: {failed[0]}")
         metrics.TURNS.labels(METRICS_SERVICE, reason.name.lower()).inc()
-        self.turns_finished += 1
         log.info(
             "turn %s finished: %s, %d tokens (seq %d)",
             turn.turn_id,

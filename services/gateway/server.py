@@ -22,6 +22,7 @@ from mesh.codec import (
 )
 from mesh.errors import InvalidArgument, to_status_proto
 from mesh.log import open_log
+from mesh.paging import validate_page_size
 from mesh.server import (
     ServiceDeps,
     build_service_server,
@@ -30,12 +31,7 @@ from mesh.server import (
     start_metrics,
 )
 from mesh.settings import SettingsError
-from services.gateway.core import (
-    GatewayCore,
-    TurnStream,
-    validate_conversation_id,
-    validate_page_size,
-)
+from services.gateway.core import GatewayCore
 from services.gateway.model import (
     Accepted,
     CancelFrame,
@@ -54,6 +50,8 @@ from services.gateway.model import (
 )
 from services.gateway.persister import PersisterClient
 from services.gateway.settings import GatewaySettings
+from services.gateway.turn_stream import TurnStream
+from services.gateway.validation import validate_conversation_id
 
 log = logging.getLogger("services.gateway")
 
@@ -177,7 +175,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         self._core = core
         self._persister = persister
 
-    async def Chat(  # noqa: N802 - gRPC method names are PascalCase
+    async def Chat(
         self, request_iterator: AsyncIterator[gateway_pb2.ChatRequest], context: Context
     ) -> AsyncIterator[gateway_pb2.ChatResponse]:
         principal = current_principal()
@@ -192,7 +190,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 if response is not None:
                     yield response
 
-    async def StreamTurn(  # noqa: N802
+    async def StreamTurn(
         self, request: gateway_pb2.StreamTurnRequest, context: Context
     ) -> AsyncIterator[gateway_pb2.StreamTurnResponse]:
         principal = current_principal()
@@ -205,7 +203,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             async for frame in self._frames(turn, gateway_pb2.StreamTurnResponse):
                 yield frame
 
-    async def ResumeTurn(  # noqa: N802
+    async def ResumeTurn(
         self, request: gateway_pb2.ResumeTurnRequest, context: Context
     ) -> AsyncIterator[gateway_pb2.ResumeTurnResponse]:
         principal = current_principal()
@@ -226,13 +224,13 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         finally:
             turn.close()
 
-    async def CancelTurn(  # noqa: N802
+    async def CancelTurn(
         self, request: gateway_pb2.CancelTurnRequest, context: Context
     ) -> gateway_pb2.CancelTurnResponse:
         turn_id = await self._core.cancel_turn(current_principal(), request.turn_id)
         return gateway_pb2.CancelTurnResponse(turn_id=turn_id)
 
-    async def GetConversation(  # noqa: N802
+    async def GetConversation(
         self, request: gateway_pb2.GetConversationRequest, context: Context
     ) -> gateway_pb2.GetConversationResponse:
         principal = current_principal()
@@ -242,7 +240,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         )
         return gateway_pb2.GetConversationResponse(conversation=conversation)
 
-    async def ListConversations(  # noqa: N802
+    async def ListConversations(
         self, request: gateway_pb2.ListConversationsRequest, context: Context
     ) -> gateway_pb2.ListConversationsResponse:
         principal = current_principal()

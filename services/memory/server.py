@@ -66,7 +66,7 @@ class MemoryServicer(memory_service_pb2_grpc.MemoryServiceServicer):
     def __init__(self, core: MemoryCore) -> None:
         self._core = core
 
-    async def Remember(  # noqa: N802 - gRPC method names are PascalCase
+    async def Remember(
         self, request: memory_pb2.RememberRequest, context: _Context
     ) -> memory_pb2.RememberResponse:
         stored = await self._core.remember(
@@ -77,7 +77,7 @@ class MemoryServicer(memory_service_pb2_grpc.MemoryServiceServicer):
         )
         return memory_pb2.RememberResponse(chunks_stored=stored)
 
-    async def Recall(  # noqa: N802
+    async def Recall(
         self, request: memory_pb2.RecallRequest, context: _Context
     ) -> memory_pb2.RecallResponse:
         hits = await self._core.recall(
@@ -99,7 +99,7 @@ class MemoryServicer(memory_service_pb2_grpc.MemoryServiceServicer):
             ]
         )
 
-    async def Ingest(  # noqa: N802
+    async def Ingest(
         self, request_iterator: AsyncIterator[memory_pb2.IngestRequest], context: _Context
     ) -> memory_pb2.IngestResponse:
         async def frames() -> AsyncIterator[IngestFrame]:
@@ -111,7 +111,7 @@ class MemoryServicer(memory_service_pb2_grpc.MemoryServiceServicer):
             document_id=result.document_id, chunks_stored=result.chunks_stored
         )
 
-    async def Forget(  # noqa: N802
+    async def Forget(
         self, request: memory_pb2.ForgetRequest, context: _Context
     ) -> memory_pb2.ForgetResponse:
         deleted = await self._core.forget(

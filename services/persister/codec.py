@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from mesh import turnlog
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, Record
-from services.persister.core import EPOCH, Event, TokenEvent, TurnEnd, UserTurn, utc_from_ms
+from services.persister.model import EPOCH, Event, TokenEvent, TurnEnd, UserTurn, utc_from_ms
 
 log = logging.getLogger(__name__)
 

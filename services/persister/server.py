@@ -14,7 +14,8 @@ from grpc import aio
 
 from mesh.server import ServiceDeps, build_service_server
 from mesh.turn_ids import parse_turn_id
-from services.persister.core import Conversation, Message, Persister
+from services.persister.core import Persister
+from services.persister.model import Conversation, Message
 from services.persister.settings import PersisterSettings
 
 SERVICE_NAME: str = persister_service_pb2.DESCRIPTOR.services_by_name["PersisterService"].full_name

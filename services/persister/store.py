@@ -20,7 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from mesh import turnlog
 from mesh.lifecycle import AsyncStartStop
-from services.persister.core import (
+from services.persister.model import (
     BatchPlan,
     BatchResult,
     Conversation,

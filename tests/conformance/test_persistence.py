@@ -7,7 +7,7 @@ below must not depend on which server is behind it: idempotent batched writes, f
 wins on a duplicate seq, assistant messages assembled from tokens, tenant-scoped reads, paging.
 
 Batches are built the way the persister builds them: real ``chat.events.v1`` records decoded by
-``services.persister.codec.decode`` and assembled by ``core.assemble``. The service-level
+``services.persister.codec.decode`` and assembled by ``batch.assemble``. The service-level
 behaviours (gRPC, offsets, outages, draining) are in tests/integration/test_persister.py.
 """
 
@@ -29,9 +29,10 @@ from mesh.errors import NotFound
 from mesh.generation import FinishReason
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, Record, partition_for
 from mesh.turn_ids import new_turn_ref
-from services.persister import core
+from services.persister.batch import assemble
 from services.persister.codec import decode
-from services.persister.core import BatchPlan, BatchResult, Persister, Role
+from services.persister.core import Persister
+from services.persister.model import EPOCH, BatchPlan, BatchResult, MessageCursor, Role
 from services.persister.store import PgStore
 from tests.fixtures.postgres import create_database
 from tests.integration.test_persister import (
@@ -84,7 +85,7 @@ def reader(store: PgStore, *, message_page_size: int = 256) -> Persister:
 
 
 def ms(at: datetime) -> int:
-    return (at - core.EPOCH) // timedelta(milliseconds=1)
+    return (at - EPOCH) // timedelta(milliseconds=1)
 
 
 class Events:
@@ -169,7 +170,7 @@ class Events:
 
 
 def plan(records: Iterable[Record]) -> BatchPlan:
-    return core.assemble(records, decode)
+    return assemble(records, decode)
 
 
 async def write(store: PgStore, records: Iterable[Record]) -> BatchResult:
@@ -415,7 +416,7 @@ async def test_paging_walks_every_row_once_in_order(store: PgStore) -> None:
     conversation = await persister.get_conversation("acme", "long")
     assert [m.text for m in conversation.messages] == [m.text for m in got]
     # The store's own cursor: everything after a message, nothing repeated.
-    after = core.MessageCursor(got[3].accepted_at, got[3].turn_id, int(got[3].role))
+    after = MessageCursor(got[3].accepted_at, got[3].turn_id, int(got[3].role))
     rest = await store.list_messages("acme", "long", after=after, limit=100)
     assert [(m.turn_id, m.role) for m in rest] == [(m.turn_id, m.role) for m in got[4:]]
 

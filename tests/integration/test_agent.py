@@ -65,7 +65,7 @@ class FakePersister(persister_service_pb2_grpc.PersisterServiceServicer):  # typ
     def __init__(self, fakes: Fakes) -> None:
         self._fakes = fakes
 
-    async def GetConversation(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def GetConversation(self, request: Any, context: Any) -> Any:
         self._fakes.history_calls.append(request)
         messages = self._fakes.conversations.get((request.tenant_id, request.conversation_id))
         if messages is None:
@@ -86,7 +86,7 @@ class FakeMemory(memory_service_pb2_grpc.MemoryServiceServicer):  # type: ignore
     def __init__(self, fakes: Fakes) -> None:
         self._fakes = fakes
 
-    async def Recall(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def Recall(self, request: Any, context: Any) -> Any:
         self._fakes.recall_calls.append(request)
         texts = self._fakes.chunks.get(request.tenant_id, [])[: request.top_k]
         return memory_pb2.RecallResponse(

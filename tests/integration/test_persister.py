@@ -37,8 +37,9 @@ from mesh.log.embedded import EmbeddedLog
 from mesh.server import channel
 from mesh.turn_ids import new_turn_ref
 from services.persister.codec import decode
-from services.persister.core import BatchPlan, BatchResult, Persister, TokenRow
+from services.persister.core import Persister
 from services.persister.memory_client import MemoryIndexer
+from services.persister.model import BatchPlan, BatchResult, TokenRow
 from services.persister.server import PersisterDeps, build_server
 from services.persister.settings import PersisterSettings
 from services.persister.store import (

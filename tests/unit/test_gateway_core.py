@@ -24,7 +24,7 @@ from mesh.errors import (
 from mesh.generation import FinishReason
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, LogSettings, partition_for
 from mesh.log.embedded import EmbeddedLog
-from services.gateway.core import GatewayCore, TurnStream
+from services.gateway.core import GatewayCore
 from services.gateway.model import (
     Accepted,
     CancelFrame,
@@ -42,6 +42,7 @@ from services.gateway.model import (
     TurnInfo,
 )
 from services.gateway.settings import GatewaySettings
+from services.gateway.turn_stream import TurnStream
 
 ACME = Principal("acme", hash_key("acme-key"))
 GLOBEX = Principal("globex", hash_key("globex-key"))

@@ -12,8 +12,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 from mesh.errors import InvalidArgument, ResourceExhausted
 from mesh.generation import FinishReason, GenerationOptions, TokenUsage, TurnTimings
+from mesh.paging import validate_page_size
 from mesh.settings import SettingsError
-from services.gateway.core import validate_conversation_id, validate_page_size, validate_start
 from services.gateway.model import (
     Accepted,
     CancelFrame,
@@ -29,6 +29,7 @@ from services.gateway.model import (
 )
 from services.gateway.server import chat_response, frame_from_proto
 from services.gateway.settings import GatewaySettings
+from services.gateway.validation import validate_conversation_id, validate_start
 
 
 def check(request: StartRequest) -> None:

@@ -12,19 +12,17 @@ from google.protobuf import timestamp_pb2
 from mesh.errors import InvalidArgument
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, Record
 from services.persister import codec
-from services.persister.core import (
+from services.persister.batch import assemble, make_title
+from services.persister.model import (
     ConversationCursor,
     FinishedTurn,
     TokenEvent,
     TurnEnd,
     UserTurn,
-    assemble,
-    decode_page_token,
-    encode_page_token,
-    make_title,
-    remember_text,
     utc_from_ms,
 )
+from services.persister.page_tokens import decode_page_token, encode_page_token
+from services.persister.pipeline import remember_text
 from services.persister.settings import PersisterSettings
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)

@@ -13,7 +13,8 @@ from mesh.errors import InvalidArgument, NotFound, Unavailable
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, Record
 from mesh.turn_ids import TurnRef
 from services.persister import codec
-from services.persister.core import (
+from services.persister.core import Persister
+from services.persister.model import (
     BatchPlan,
     BatchResult,
     Conversation,
@@ -21,7 +22,6 @@ from services.persister.core import (
     FinishedTurn,
     Message,
     MessageCursor,
-    Persister,
     Role,
 )
 from tests.unit.test_persister_core import Log as RecordMaker

@@ -1,0 +1,106 @@
+"""One batch's rows from the records consumed: the pure step of the write pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from mesh import turnlog
+from mesh.log import Record
+from services.persister.model import (
+    BatchPlan,
+    ConversationRow,
+    Decoder,
+    FinishRow,
+    TokenEvent,
+    TokenRow,
+    TurnEnd,
+    UserMessageRow,
+    UserTurn,
+)
+
+TITLE_CHARS = 60
+
+
+def make_title(text: str) -> str:
+    """A short one-line title from the first user message."""
+    flat = " ".join(text.split())
+    if len(flat) <= TITLE_CHARS:
+        return flat
+    cut = flat[:TITLE_CHARS]
+    # Prefer ending on a word boundary when one is reasonably close.
+    space = cut.rfind(" ")
+    if space >= TITLE_CHARS * 2 // 3:
+        cut = cut[:space]
+    return cut.rstrip() + "…"
+
+
+def assemble(records: Iterable[Record], decode: Decoder) -> BatchPlan:
+    """Turn records (in the order they were consumed) into the rows of one batch.
+
+    Within a batch the first record in log order wins: a repeated token seq or a second
+    ``TurnFinished`` of a turn is dropped here, and the database's ``ON CONFLICT DO NOTHING``
+    does the same against earlier batches. Records of one partition arrive in offset order, and
+    a turn's records share a partition, so consumption order is log order for each turn.
+    """
+    plan = BatchPlan()
+    seen_users: turnlog.FirstWins[str, UserTurn] = turnlog.FirstWins()
+    seen_tokens: turnlog.FirstWins[tuple[str, int], TokenEvent] = turnlog.FirstWins()
+    seen_finishes: turnlog.FirstWins[str, TurnEnd] = turnlog.FirstWins()
+    conversations: dict[tuple[str, str], ConversationRow] = {}
+    for record in records:
+        plan.events += 1
+        plan.last_records[(record.topic, record.partition)] = record
+        event = decode(record)
+        if isinstance(event, TokenEvent):
+            if not seen_tokens.offer((event.turn_id, event.seq), event):
+                plan.in_batch_duplicates += 1
+                continue
+            plan.tokens.append(TokenRow(event.turn_id, event.seq, event.text))
+        elif isinstance(event, UserTurn):
+            if not seen_users.offer(event.turn_id, event):
+                plan.in_batch_duplicates += 1
+                continue
+            plan.user_messages.append(
+                UserMessageRow(
+                    event.turn_id,
+                    event.conversation_id,
+                    event.tenant_id,
+                    event.text,
+                    event.accepted_at,
+                )
+            )
+            ckey = (event.tenant_id, event.conversation_id)
+            current = conversations.get(ckey)
+            if current is None:
+                conversations[ckey] = ConversationRow(
+                    event.tenant_id,
+                    event.conversation_id,
+                    make_title(event.text),
+                    event.accepted_at,
+                    event.accepted_at,
+                )
+            else:
+                earliest = event.accepted_at < current.created_at
+                conversations[ckey] = ConversationRow(
+                    current.tenant_id,
+                    current.conversation_id,
+                    make_title(event.text) if earliest else current.title,
+                    min(current.created_at, event.accepted_at),
+                    max(current.updated_at, event.accepted_at),
+                )
+        elif isinstance(event, TurnEnd):
+            if not seen_finishes.offer(event.turn_id, event):
+                plan.in_batch_duplicates += 1
+                continue
+            plan.finishes.append(
+                FinishRow(
+                    event.turn_id,
+                    event.conversation_id,
+                    event.tenant_id,
+                    event.finish_reason,
+                    event.last_seq,
+                    event.finished_at,
+                )
+            )
+    plan.conversations = list(conversations.values())
+    return plan
