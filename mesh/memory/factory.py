@@ -9,12 +9,11 @@ imported when it is chosen.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mesh.lifecycle import AsyncStartStop
-from mesh.memory.base import ChunkHit, MemoryStore, StoredChunk
+from mesh.memory.base import MemoryStore
 from mesh.memory.embedding import DEFAULT_DIMS
 from mesh.memory.postgres import PostgresMemoryStore
 from mesh.pg import EmbeddedPostgres
@@ -52,89 +51,36 @@ class StoreSettings(PostgresSettings):
     pg_pool_size: int = setting("PG_POOL_SIZE", 8, minimum=1)
 
 
-class EmbeddedPostgresMemoryStore(AsyncStartStop):
+class EmbeddedPostgresMemoryStore(PostgresMemoryStore):
     """A ``PostgresMemoryStore`` on the embedded PostgreSQL server, started with the store.
 
     Other services of the machine may share the server; ``stop`` leaves it running while
     they still use it (pgserver counts the processes attached to a data directory).
     """
 
-    def __init__(
-        self,
-        data_dir: Path,
-        *,
-        dims: int = DEFAULT_DIMS,
-        table: str = "memory_chunks",
-        text_config: str = "english",
-        max_pool_size: int = 8,
-    ) -> None:
+    def __init__(self, data_dir: Path, **options: Any) -> None:
+        # The server's DSN is known once it runs: the pool gets it in start().
+        super().__init__("", **options)
         self._data_dir = data_dir
-        self._dims = dims
-        self._table = table
-        self._text_config = text_config
-        self._max_pool_size = max_pool_size
-        self._store: PostgresMemoryStore | None = None
         self._server: EmbeddedPostgres | None = None
 
-    def _inner(self) -> PostgresMemoryStore:
-        if self._store is None:
-            raise RuntimeError("the memory store is not started; call start() or use async with")
-        return self._store
-
     async def start(self) -> None:
-        if self._store is not None:
-            return
-        server = EmbeddedPostgres(self._data_dir)
-        # initdb and server start block for seconds; keep the event loop free meanwhile.
-        dsn = await asyncio.to_thread(server.start)
-        self._server = server
-        store = PostgresMemoryStore(
-            dsn,
-            dims=self._dims,
-            table=self._table,
-            text_config=self._text_config,
-            max_pool_size=self._max_pool_size,
-        )
+        if self._server is None:
+            server = EmbeddedPostgres(self._data_dir)
+            # initdb and server start block for seconds; keep the event loop free meanwhile.
+            self._pool.conninfo = await asyncio.to_thread(server.start)
+            self._server = server
         try:
-            await store.start()
+            await super().start()
         except BaseException:
             await self.stop()
             raise
-        self._store = store
 
     async def stop(self) -> None:
-        if self._store is not None:
-            store, self._store = self._store, None
-            await store.stop()
+        await super().stop()
         if self._server is not None:
             server, self._server = self._server, None
             await asyncio.to_thread(server.stop)
-
-    async def has_source(self, tenant_id: str, source_id: str) -> bool:
-        return await self._inner().has_source(tenant_id, source_id)
-
-    async def upsert(self, chunks: Sequence[StoredChunk]) -> int:
-        return await self._inner().upsert(chunks)
-
-    async def replace_document(
-        self, tenant_id: str, document_id: str, chunks: Sequence[StoredChunk]
-    ) -> int:
-        return await self._inner().replace_document(tenant_id, document_id, chunks)
-
-    async def search(
-        self,
-        tenant_id: str,
-        query_text: str,
-        query_vector: Sequence[float],
-        top_k: int,
-        conversation_id: str = "",
-    ) -> list[ChunkHit]:
-        return await self._inner().search(
-            tenant_id, query_text, query_vector, top_k, conversation_id
-        )
-
-    async def delete(self, tenant_id: str, conversation_id: str = "") -> int:
-        return await self._inner().delete(tenant_id, conversation_id)
 
 
 def open_store(settings: StoreSettings) -> MemoryStore:
@@ -148,22 +94,16 @@ def open_store(settings: StoreSettings) -> MemoryStore:
         return es_store
     if settings.backend != "postgres":
         raise SettingsError(f"unknown memory backend {settings.backend!r}")
+    options: dict[str, Any] = {
+        "dims": settings.dims,
+        "table": settings.pg_table,
+        "text_config": settings.pg_text_config,
+        "max_pool_size": settings.pg_pool_size,
+    }
     dsn = settings.pg_dsn.reveal()
     if not dsn:
-        return EmbeddedPostgresMemoryStore(
-            settings.embedded_pg_dir,
-            dims=settings.dims,
-            table=settings.pg_table,
-            text_config=settings.pg_text_config,
-            max_pool_size=settings.pg_pool_size,
-        )
-    return PostgresMemoryStore(
-        dsn,
-        dims=settings.dims,
-        table=settings.pg_table,
-        text_config=settings.pg_text_config,
-        max_pool_size=settings.pg_pool_size,
-    )
+        return EmbeddedPostgresMemoryStore(settings.embedded_pg_dir, **options)
+    return PostgresMemoryStore(dsn, **options)
 
 
 __all__ = ["BACKENDS", "EmbeddedPostgresMemoryStore", "StoreSettings", "open_store"]
