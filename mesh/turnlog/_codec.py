@@ -7,9 +7,11 @@ records through here.
 from __future__ import annotations
 
 from collections.abc import Container
+from dataclasses import asdict, fields
+from typing import TypeVar
 
 from chat.events.v1 import events_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from mesh.codec import (
     options_from_proto,
@@ -27,6 +29,8 @@ from mesh.turnlog._events import (
     TurnRequested,
     TurnStarted,
 )
+
+_Flat = TypeVar("_Flat", TurnStarted, TurnCancelled)
 
 
 class UndecodableRecord(ValueError):
@@ -49,27 +53,11 @@ def encode(event: TurnRequested | TurnEvent) -> bytes:
             )
         )
     elif isinstance(event, TurnStarted):
-        envelope = events_pb2.TurnEvent(
-            started=events_pb2.TurnStarted(
-                turn_id=event.turn_id,
-                conversation_id=event.conversation_id,
-                tenant_id=event.tenant_id,
-                agent_id=event.agent_id,
-                request_partition=event.request_partition,
-                request_offset=event.request_offset,
-                resumed_after_seq=event.resumed_after_seq,
-            )
-        )
+        envelope = events_pb2.TurnEvent(started=events_pb2.TurnStarted(**asdict(event)))
     elif isinstance(event, TurnFinished):
         envelope = events_pb2.TurnEvent(finished=_finished_to_proto(event))
     else:
-        envelope = events_pb2.TurnEvent(
-            cancelled=events_pb2.TurnCancelled(
-                turn_id=event.turn_id,
-                conversation_id=event.conversation_id,
-                tenant_id=event.tenant_id,
-            )
-        )
+        envelope = events_pb2.TurnEvent(cancelled=events_pb2.TurnCancelled(**asdict(event)))
     return envelope.SerializeToString()
 
 
@@ -128,17 +116,9 @@ def decode_event(value: bytes, *, turns: Container[str] | None = None) -> TurnEv
     if turns is not None and body.turn_id not in turns:
         return None
     if which == "started":
-        return TurnStarted(
-            body.turn_id,
-            body.conversation_id,
-            body.tenant_id,
-            body.agent_id,
-            body.request_partition,
-            body.request_offset,
-            body.resumed_after_seq,
-        )
+        return _flat_from_proto(TurnStarted, body)
     if which == "cancelled":
-        return TurnCancelled(body.turn_id, body.conversation_id, body.tenant_id)
+        return _flat_from_proto(TurnCancelled, body)
     return TurnFinished(
         turn_id=body.turn_id,
         finish_reason=body.finish_reason,
@@ -151,6 +131,11 @@ def decode_event(value: bytes, *, turns: Container[str] | None = None) -> TurnEv
         model=body.model,
         cancel_seen_at_seq=body.cancel_seen_at_seq,
     )
+
+
+def _flat_from_proto(cls: type[_Flat], message: Message) -> _Flat:
+    """An event whose fields are scalars named as in its message: TurnStarted, TurnCancelled."""
+    return cls(**{field.name: getattr(message, field.name) for field in fields(cls)})
 
 
 def _requested_to_proto(event: TurnRequested) -> events_pb2.TurnRequested:

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from chat.agent.v1 import agent_pb2, agent_service_pb2, agent_service_pb2_grpc
@@ -139,15 +139,7 @@ class AgentServicer(agent_service_pb2_grpc.AgentServiceServicer):
         self, request: agent_pb2.GetNodeInfoRequest, context: _Context
     ) -> agent_pb2.GetNodeInfoResponse:
         info = self._core.node_info()
-        return agent_pb2.GetNodeInfoResponse(
-            agent_id=info.agent_id,
-            model=info.model,
-            device=_DEVICES[info.device],
-            context_size=info.context_size,
-            free_slots=info.free_slots,
-            total_slots=info.total_slots,
-            gpu_layers=info.gpu_layers,
-        )
+        return agent_pb2.GetNodeInfoResponse(**(asdict(info) | {"device": _DEVICES[info.device]}))
 
 
 @dataclass
@@ -166,13 +158,8 @@ def build_core(settings: AgentSettings, engine: LlamaEngine) -> AgentCore:
         eos_token=engine.eos_text,
         system_prompt=settings.system_prompt,
     )
-    limits = Limits(
-        default_max_tokens=settings.default_max_tokens,
-        max_tokens_limit=settings.max_tokens_limit,
-        default_temperature=settings.default_temperature,
-        default_top_p=settings.default_top_p,
-        max_waiting=settings.max_waiting,
-    )
+    # The agent's settings name each limit as Limits does.
+    limits = Limits(**{field.name: getattr(settings, field.name) for field in fields(Limits)})
     return AgentCore(
         engine=engine,
         prompts=prompts,

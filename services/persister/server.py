@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -106,15 +106,7 @@ class PersisterServicer(persister_service_pb2_grpc.PersisterServiceServicer):
     async def GetStats(
         self, request: persister_pb2.GetStatsRequest, context: Context
     ) -> persister_pb2.GetStatsResponse:
-        stats = self._persister.stats()
-        return persister_pb2.GetStatsResponse(
-            events_consumed=stats.events_consumed,
-            batches_committed=stats.batches_committed,
-            tokens_written=stats.tokens_written,
-            messages_written=stats.messages_written,
-            duplicates_ignored=stats.duplicates_ignored,
-            pending_events=stats.pending_events,
-        )
+        return persister_pb2.GetStatsResponse(**asdict(self._persister.stats()))
 
 
 def build_server(settings: PersisterSettings, deps: PersisterDeps) -> tuple[aio.Server, int]:
