@@ -23,13 +23,13 @@ from pathlib import Path
 import psycopg
 
 from mesh.settings import PostgresSettings
-from services.persister.model import TokenRow
+from services.persister.model import TokenEvent
 from services.persister.store import Conn, create_schema, write_tokens_batched
 
-Writer = Callable[[Conn, Sequence[TokenRow]], Awaitable[int]]
+Writer = Callable[[Conn, Sequence[TokenEvent]], Awaitable[int]]
 
 
-async def write_tokens_per_row(conn: Conn, rows: Sequence[TokenRow]) -> int:
+async def write_tokens_per_row(conn: Conn, rows: Sequence[TokenEvent]) -> int:
     """The baseline: one INSERT (one round trip) per row, in one transaction."""
     inserted = 0
     async with conn.transaction(), conn.cursor() as cur:
@@ -43,10 +43,10 @@ async def write_tokens_per_row(conn: Conn, rows: Sequence[TokenRow]) -> int:
     return inserted
 
 
-def make_rows(count: int, tokens_per_turn: int = 200) -> list[TokenRow]:
+def make_rows(count: int, tokens_per_turn: int = 200) -> list[TokenEvent]:
     prefix = secrets.token_hex(4)
     return [
-        TokenRow(f"bench-{prefix}-{i // tokens_per_turn}", i % tokens_per_turn + 1, " token")
+        TokenEvent(f"bench-{prefix}-{i // tokens_per_turn}", i % tokens_per_turn + 1, " token")
         for i in range(count)
     ]
 

@@ -10,11 +10,8 @@ from services.persister.model import (
     BatchPlan,
     ConversationRow,
     Decoder,
-    FinishRow,
     TokenEvent,
-    TokenRow,
     TurnEnd,
-    UserMessageRow,
     UserTurn,
 )
 
@@ -55,20 +52,12 @@ def assemble(records: Iterable[Record], decode: Decoder) -> BatchPlan:
             if not seen_tokens.offer((event.turn_id, event.seq), event):
                 plan.in_batch_duplicates += 1
                 continue
-            plan.tokens.append(TokenRow(event.turn_id, event.seq, event.text))
+            plan.tokens.append(event)
         elif isinstance(event, UserTurn):
             if not seen_users.offer(event.turn_id, event):
                 plan.in_batch_duplicates += 1
                 continue
-            plan.user_messages.append(
-                UserMessageRow(
-                    event.turn_id,
-                    event.conversation_id,
-                    event.tenant_id,
-                    event.text,
-                    event.accepted_at,
-                )
-            )
+            plan.user_messages.append(event)
             ckey = (event.tenant_id, event.conversation_id)
             current = conversations.get(ckey)
             if current is None:
@@ -92,15 +81,6 @@ def assemble(records: Iterable[Record], decode: Decoder) -> BatchPlan:
             if not seen_finishes.offer(event.turn_id, event):
                 plan.in_batch_duplicates += 1
                 continue
-            plan.finishes.append(
-                FinishRow(
-                    event.turn_id,
-                    event.conversation_id,
-                    event.tenant_id,
-                    event.finish_reason,
-                    event.last_seq,
-                    event.finished_at,
-                )
-            )
+            plan.finishes.append(event)
     plan.conversations = list(conversations.values())
     return plan

@@ -85,40 +85,15 @@ class ConversationRow:
     updated_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
-class UserMessageRow:
-    turn_id: str
-    conversation_id: str
-    tenant_id: str
-    text: str
-    accepted_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class TokenRow:
-    turn_id: str
-    seq: int
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class FinishRow:
-    turn_id: str
-    conversation_id: str
-    tenant_id: str
-    finish_reason: int
-    last_seq: int
-    finished_at: datetime
-
-
 @dataclass(slots=True)
 class BatchPlan:
     """The rows one batch writes, and the last record of each partition it covers."""
 
     conversations: list[ConversationRow] = field(default_factory=list)
-    user_messages: list[UserMessageRow] = field(default_factory=list)
-    tokens: list[TokenRow] = field(default_factory=list)
-    finishes: list[FinishRow] = field(default_factory=list)
+    # Each decoded event is written as one row.
+    user_messages: list[UserTurn] = field(default_factory=list)
+    tokens: list[TokenEvent] = field(default_factory=list)
+    finishes: list[TurnEnd] = field(default_factory=list)
     last_records: dict[tuple[str, int], Record] = field(default_factory=dict)
     events: int = 0
     # Records that repeated an earlier record of the same batch (same turn and seq, say).

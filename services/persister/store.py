@@ -29,7 +29,7 @@ from services.persister.model import (
     Message,
     MessageCursor,
     Role,
-    TokenRow,
+    TokenEvent,
 )
 
 Conn = psycopg.AsyncConnection[TupleRow]
@@ -167,10 +167,10 @@ async def create_schema(conn: Conn) -> None:
         await conn.execute(SCHEMA)
 
 
-async def _copy_tokens(conn: Conn, rows: Sequence[TokenRow]) -> int:
+async def _copy_tokens(conn: Conn, rows: Sequence[TokenEvent]) -> int:
     # First in input order wins. Deduplicating here is cheaper than making the database sort,
     # and leaves no two rows with one key in the statement below.
-    unique: turnlog.FirstWins[tuple[str, int], TokenRow] = turnlog.FirstWins()
+    unique: turnlog.FirstWins[tuple[str, int], TokenEvent] = turnlog.FirstWins()
     for row in rows:
         unique.offer((row.turn_id, row.seq), row)
     async with conn.cursor() as cur:
@@ -184,7 +184,7 @@ async def _copy_tokens(conn: Conn, rows: Sequence[TokenRow]) -> int:
         return max(cur.rowcount, 0)
 
 
-async def write_tokens_batched(conn: Conn, rows: Sequence[TokenRow]) -> int:
+async def write_tokens_batched(conn: Conn, rows: Sequence[TokenEvent]) -> int:
     """Insert token rows with COPY + one INSERT ... SELECT in one transaction; returns inserted."""
     if not rows:
         return 0

@@ -39,7 +39,7 @@ from mesh.turn_ids import new_turn_ref
 from services.persister.codec import decode
 from services.persister.core import Persister
 from services.persister.memory_client import MemoryIndexer
-from services.persister.model import BatchPlan, BatchResult, TokenRow
+from services.persister.model import BatchPlan, BatchResult, TokenEvent
 from services.persister.server import PersisterDeps, build_server
 from services.persister.settings import PersisterSettings
 from services.persister.store import (
@@ -756,11 +756,11 @@ async def test_service_process_serves_and_drains_on_sigterm(
 
 
 async def test_token_writers_agree_and_first_duplicate_wins(pg_dsn: str) -> None:
-    rows = [TokenRow("t1", 1, "a"), TokenRow("t1", 2, "b"), TokenRow("t1", 2, "B")]
+    rows = [TokenEvent("t1", 1, "a"), TokenEvent("t1", 2, "b"), TokenEvent("t1", 2, "B")]
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
         await create_schema(conn)
         assert await write_tokens_batched(conn, rows) == 2
         assert await write_tokens_batched(conn, rows) == 0
-        assert await write_tokens_per_row(conn, [*rows, TokenRow("t2", 1, "c")]) == 1
+        assert await write_tokens_per_row(conn, [*rows, TokenEvent("t2", 1, "c")]) == 1
         cur = await conn.execute("SELECT turn_id, seq, text FROM tokens ORDER BY 1, 2")
         assert await cur.fetchall() == [("t1", 1, "a"), ("t1", 2, "b"), ("t2", 1, "c")]
