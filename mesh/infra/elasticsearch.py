@@ -360,9 +360,7 @@ class ElasticsearchServer(StartStop):
 
     def stop(self) -> None:
         """SIGTERM to the node's process group (a clean shutdown), SIGKILL after the timeout."""
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        self._stop_process()
         self.url = None
 
     def __repr__(self) -> str:
@@ -382,15 +380,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     state_dir = default_state_dir(os.environ)
 
-    def command() -> None:
-        if args.command == "fetch":
-            home = fetch_distribution(default_home_dir(state_dir), quiet=False, fresh=args.fresh)
-            print(f"{home} ({_size(home) / 1e6:.0f} MB)")
-        else:
-            server = ElasticsearchServer(state_dir, heap=args.heap)
-            serve_until_signalled(server, "MESH_ES_URL")
+    def fetch() -> None:
+        home = fetch_distribution(default_home_dir(state_dir), quiet=False, fresh=args.fresh)
+        print(f"{home} ({_size(home) / 1e6:.0f} MB)")
 
-    return run_command(command, ElasticsearchError)
+    if args.command == "fetch":
+        return run_command(fetch, ElasticsearchError)
+    server = ElasticsearchServer(state_dir, heap=args.heap)
+    return run_command(lambda: serve_until_signalled(server, "MESH_ES_URL"), ElasticsearchError)
 
 
 if __name__ == "__main__":

@@ -287,9 +287,7 @@ class KafkaServer(StartStop):
 
     def stop(self) -> None:
         """SIGTERM (a controlled shutdown), then SIGKILL if it takes too long."""
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        self._stop_process()
         self.bootstrap = None
 
     def __repr__(self) -> str:
@@ -303,14 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help="start a broker and keep it running until interrupted")
     args = parser.parse_args(argv)
     state_dir = default_state_dir(os.environ)
-
-    def command() -> None:
-        if args.command == "fetch":
-            print(fetch_jars(default_jars_dir(state_dir), quiet=False, fresh=args.fresh))
-        else:
-            serve_until_signalled(KafkaServer(state_dir), "MESH_KAFKA_BOOTSTRAP")
-
-    return run_command(command, KafkaError)
+    if args.command == "fetch":
+        jars = default_jars_dir(state_dir)
+        return run_command(
+            lambda: print(fetch_jars(jars, quiet=False, fresh=args.fresh)), KafkaError
+        )
+    server = KafkaServer(state_dir)
+    return run_command(lambda: serve_until_signalled(server, "MESH_KAFKA_BOOTSTRAP"), KafkaError)
 
 
 if __name__ == "__main__":

@@ -374,9 +374,7 @@ class PostgresServer(StartStop):
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT: clients disconnected, a clean checkpoint); SIGKILL if stuck."""
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        self._stop_process()
         self.dsn = None
         self.port = None
 
@@ -392,15 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help="start a server and keep it running until interrupted")
     args = parser.parse_args(argv)
 
-    def command() -> None:
-        if args.command == "install":
-            bin_dir = install_server()
-            vector = "with" if has_pgvector(bin_dir) else "without"
-            print(f"PostgreSQL {_major(bin_dir)} in {bin_dir} ({vector} pgvector)")
-        else:
-            serve_until_signalled(PostgresServer(default_state_dir(os.environ)), "MESH_PG_DSN")
+    def install() -> None:
+        bin_dir = install_server()
+        vector = "with" if has_pgvector(bin_dir) else "without"
+        print(f"PostgreSQL {_major(bin_dir)} in {bin_dir} ({vector} pgvector)")
 
-    return run_command(command, PostgresError)
+    if args.command == "install":
+        return run_command(install, PostgresError)
+    server = PostgresServer(default_state_dir(os.environ))
+    return run_command(lambda: serve_until_signalled(server, "MESH_PG_DSN"), PostgresError)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,15 @@ class StartStop:
     def stop(self) -> None:
         raise NotImplementedError
 
+    _server: ServerProcess | None = None
+
+    def _stop_process(self) -> None:
+        """Stop the server's process (the signal it shuts down on, SIGKILL when it takes too
+        long), if one runs."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()
+
     def __enter__(self) -> str:
         return self.start()
 
