@@ -83,6 +83,18 @@ async def abort_with(context: aio.ServicerContext[Any, Any], error: MeshError) -
     await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
 
 
+async def _abort_for(ctx: aio.ServicerContext[Any, Any], error: Exception, method: str) -> None:
+    """Abort with ``error``'s status; an abort already under way passes through; anything else
+    is logged (with its traceback: call this from the ``except`` block) and becomes INTERNAL."""
+    if isinstance(error, MeshError):
+        await abort_with(ctx, error)
+    elif isinstance(error, (aio.AbortError, grpc.RpcError)):
+        raise error
+    else:
+        log.exception("unhandled error in %s", method)
+        await abort_with(ctx, MeshError(f"internal error in {method}; see server log"))
+
+
 class ErrorInterceptor(aio.ServerInterceptor):
     """Maps ``MeshError`` to its status; any other exception becomes INTERNAL without details."""
 
@@ -99,13 +111,8 @@ class ErrorInterceptor(aio.ServerInterceptor):
         ) -> Any:
             try:
                 return await run()
-            except MeshError as error:
-                await abort_with(ctx, error)
-            except (aio.AbortError, grpc.RpcError):
-                raise
-            except Exception:
-                log.exception("unhandled error in %s", method)
-                await abort_with(ctx, MeshError(f"internal error in {method}; see server log"))
+            except Exception as error:
+                await _abort_for(ctx, error, method)
 
         async def streaming(
             run: Callable[[], AsyncIterator[Any]], ctx: aio.ServicerContext[Any, Any]
@@ -113,13 +120,8 @@ class ErrorInterceptor(aio.ServerInterceptor):
             try:
                 async for item in run():
                     yield item
-            except MeshError as error:
-                await abort_with(ctx, error)
-            except (aio.AbortError, grpc.RpcError):
-                raise
-            except Exception:
-                log.exception("unhandled error in %s", method)
-                await abort_with(ctx, MeshError(f"internal error in {method}; see server log"))
+            except Exception as error:
+                await _abort_for(ctx, error, method)
 
         return wrap_handler(handler, method, unary, streaming)
 

@@ -67,11 +67,7 @@ def decode_request(value: bytes) -> TurnRequested:
     Raises:
         UndecodableRecord: ``value`` is not a ``TurnRequested``.
     """
-    message = events_pb2.TurnRequested()
-    try:
-        message.ParseFromString(value)
-    except DecodeError as error:
-        raise UndecodableRecord(str(error)) from error
+    message = _parse(events_pb2.TurnRequested(), value)
     return TurnRequested(
         turn_id=message.turn_id,
         conversation_id=message.conversation_id,
@@ -97,11 +93,7 @@ def decode_event(value: bytes, *, turns: Container[str] | None = None) -> TurnEv
     Raises:
         UndecodableRecord: ``value`` is not a ``TurnEvent``.
     """
-    envelope = events_pb2.TurnEvent()
-    try:
-        envelope.ParseFromString(value)
-    except DecodeError as error:
-        raise UndecodableRecord(str(error)) from error
+    envelope = _parse(events_pb2.TurnEvent(), value)
     which = envelope.WhichOneof("event")
     if which == "token":
         token = envelope.token
@@ -131,6 +123,17 @@ def decode_event(value: bytes, *, turns: Container[str] | None = None) -> TurnEv
         model=body.model,
         cancel_seen_at_seq=body.cancel_seen_at_seq,
     )
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+def _parse(message: _M, value: bytes) -> _M:
+    try:
+        message.ParseFromString(value)
+    except DecodeError as error:
+        raise UndecodableRecord(str(error)) from error
+    return message
 
 
 def _flat_from_proto(cls: type[_Flat], message: Message) -> _Flat:
