@@ -3,11 +3,13 @@
 streamed token of one question, as a user at the terminal would see them.
 
     scripts/time-make-run.py [CHECKOUT]          # default: this checkout
+    scripts/time-make-run.py --clone             # a fresh clone of HEAD, this machine's caches
     scripts/time-make-run.py --cold              # a fresh clone of HEAD with an empty HOME
 
-`--cold` clones HEAD into a scratch directory and points HOME at an empty one, so pip's wheel
-cache is empty (llama-cpp-python compiles) and the model package downloads, as on a machine that
-never ran the project. Without it, the checkout's own caches count. Prints one line per moment,
+`--clone` clones HEAD into a scratch directory (no .venv, no .state): a fresh clone on a warm
+machine. `--cold` also points HOME at an empty directory, so pip's wheel cache is empty
+(llama-cpp-python compiles) and the model package downloads, as on a machine that never ran the
+project. Prints one line per moment,
 in seconds since `make run` started. Only the standard library: it runs before `make setup`.
 """
 
@@ -28,10 +30,12 @@ PROMPT = b"you> "
 TIMEOUT_S = 3600.0
 
 
-def _clone_cold(scratch: Path) -> tuple[Path, dict[str, str]]:
+def _clone(scratch: Path, *, cold: bool) -> tuple[Path, dict[str, str]]:
     source = Path(__file__).resolve().parent.parent
     checkout = scratch / "repo"
     subprocess.run(["git", "clone", "-q", str(source), str(checkout)], check=True)
+    if not cold:
+        return checkout, dict(os.environ)
     home = scratch / "home"
     home.mkdir()
     return checkout, {**os.environ, "HOME": str(home)}
@@ -85,11 +89,12 @@ def time_make_run(checkout: Path, env: dict[str, str]) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkout", nargs="?", type=Path, default=Path(__file__).parent.parent)
+    parser.add_argument("--clone", action="store_true", help="fresh clone, this machine's caches")
     parser.add_argument("--cold", action="store_true", help="fresh clone, empty HOME")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mesh-run-") as scratch:
-        if args.cold:
-            checkout, env = _clone_cold(Path(scratch))
+        if args.cold or args.clone:
+            checkout, env = _clone(Path(scratch), cold=args.cold)
         else:
             checkout, env = args.checkout.resolve(), dict(os.environ)
         moments = time_make_run(checkout, env)
