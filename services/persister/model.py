@@ -32,7 +32,8 @@ class Role(enum.IntEnum):
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoded log events
+# Decoded log events. Each is written as one row, and the store passes the fields in the order
+# declared here as the columns of its statements (``store._columns``): keep them in step.
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,8 @@ Decoder = Callable[[Record], Event | None]
 
 @dataclass(frozen=True, slots=True)
 class ConversationRow:
+    """A conversation's row; field order is the column order of the upsert (``store._columns``)."""
+
     tenant_id: str
     conversation_id: str
     title: str

@@ -12,6 +12,7 @@ bench.token_writes``), which compares it with one INSERT per row.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 import psycopg
@@ -192,6 +193,12 @@ async def write_tokens_batched(conn: Conn, rows: Sequence[TokenEvent]) -> int:
         return await _copy_tokens(conn, rows)
 
 
+def _columns(rows: Sequence[Any]) -> tuple[list[Any], ...]:
+    """One array per field of the rows' dataclass, in field order: what the statements UNNEST
+    (their column lists follow the dataclasses' field order)."""
+    return tuple([getattr(row, name) for row in rows] for name in (f.name for f in fields(rows[0])))
+
+
 async def _count(conn: Conn, query: str, params: Sequence[Any]) -> int:
     async with conn.cursor() as cur:
         await cur.execute(query, params)
@@ -203,48 +210,16 @@ async def write_batch_on(conn: Conn, plan: BatchPlan) -> BatchResult:
     """Write one batch in one transaction on ``conn``."""
     async with conn.transaction():
         if plan.conversations:
-            c = plan.conversations
-            await conn.execute(
-                _UPSERT_CONVERSATIONS,
-                (
-                    [r.tenant_id for r in c],
-                    [r.conversation_id for r in c],
-                    [r.title for r in c],
-                    [r.created_at for r in c],
-                    [r.updated_at for r in c],
-                ),
-            )
+            await conn.execute(_UPSERT_CONVERSATIONS, _columns(plan.conversations))
         users = 0
         if plan.user_messages:
-            u = plan.user_messages
-            users = await _count(
-                conn,
-                _INSERT_USER_MESSAGES,
-                (
-                    [r.turn_id for r in u],
-                    [r.conversation_id for r in u],
-                    [r.tenant_id for r in u],
-                    [r.text for r in u],
-                    [r.accepted_at for r in u],
-                ),
-            )
+            users = await _count(conn, _INSERT_USER_MESSAGES, _columns(plan.user_messages))
         tokens = await _copy_tokens(conn, plan.tokens) if plan.tokens else 0
         assistants = 0
         finished: list[FinishedTurn] = []
         if plan.finishes:
             f = plan.finishes
-            assistants = await _count(
-                conn,
-                _INSERT_ASSISTANT_MESSAGES,
-                (
-                    [r.turn_id for r in f],
-                    [r.conversation_id for r in f],
-                    [r.tenant_id for r in f],
-                    [r.finish_reason for r in f],
-                    [r.last_seq for r in f],
-                    [r.finished_at for r in f],
-                ),
-            )
+            assistants = await _count(conn, _INSERT_ASSISTANT_MESSAGES, _columns(f))
             async with conn.cursor() as cur:
                 await cur.execute(_SELECT_FINISHED, ([r.turn_id for r in f],))
                 for turn_id, tenant_id, conv_id, user_text, text, reason in await cur.fetchall():
