@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -194,35 +194,44 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.StreamTurnRequest, context: Context
     ) -> AsyncIterator[gateway_pb2.StreamTurnResponse]:
         principal = current_principal()
-        with self._core.stream_slot():
+
+        async def start() -> TurnStream:
             if not request.HasField("start"):
                 raise InvalidArgument(
                     "StreamTurnRequest.start is required", reason="START_MISSING", field="start"
                 )
-            turn = await self._core.start_turn(principal, start_from_proto(request.start))
-            async for frame in self._frames(turn, gateway_pb2.StreamTurnResponse):
-                yield frame
+            return await self._core.start_turn(principal, start_from_proto(request.start))
+
+        async for frame in self._frames(start, gateway_pb2.StreamTurnResponse):
+            yield frame
 
     async def ResumeTurn(
         self, request: gateway_pb2.ResumeTurnRequest, context: Context
     ) -> AsyncIterator[gateway_pb2.ResumeTurnResponse]:
         principal = current_principal()
-        with self._core.stream_slot():
-            turn = await self._core.resume_turn(
+
+        async def resume() -> TurnStream:
+            return await self._core.resume_turn(
                 principal, request.turn_id, request.after_seq, coalesce=request.coalesce_tokens
             )
-            async for frame in self._frames(turn, gateway_pb2.ResumeTurnResponse):
-                yield frame
 
-    async def _frames(self, turn: TurnStream, cls: Any) -> AsyncIterator[Any]:
-        """A server-streaming turn's frames; the turn is closed however the call ends."""
-        try:
-            async for output in self._core.follow(turn):
-                frame = _stream_frame(output, cls)
-                if frame is not None:
-                    yield frame
-        finally:
-            turn.close()
+        async for frame in self._frames(resume, gateway_pb2.ResumeTurnResponse):
+            yield frame
+
+    async def _frames(
+        self, open_turn: Callable[[], Awaitable[TurnStream]], cls: Any
+    ) -> AsyncIterator[Any]:
+        """A server-streaming turn's frames, in one of the gateway's stream slots (taken before
+        the turn opens); the turn is closed however the call ends."""
+        with self._core.stream_slot():
+            turn = await open_turn()
+            try:
+                async for output in self._core.follow(turn):
+                    frame = _stream_frame(output, cls)
+                    if frame is not None:
+                        yield frame
+            finally:
+                turn.close()
 
     async def CancelTurn(
         self, request: gateway_pb2.CancelTurnRequest, context: Context
