@@ -95,16 +95,25 @@ async def _abort_for(ctx: aio.ServicerContext[Any, Any], error: Exception, metho
         await abort_with(ctx, MeshError(f"internal error in {method}; see server log"))
 
 
-class ErrorInterceptor(aio.ServerInterceptor):
-    """Maps ``MeshError`` to its status; any other exception becomes INTERNAL without details."""
+class _WrappingInterceptor(aio.ServerInterceptor):
+    """An interceptor that wraps every method's handler; ``wrap`` says how."""
 
     async def intercept_service(
         self,
         continuation: Any,
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
+        return self.wrap(await continuation(handler_call_details), handler_call_details.method)
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        """``handler`` of the RPC ``method`` (``/package.Service/Method``), wrapped."""
+        raise NotImplementedError
+
+
+class ErrorInterceptor(_WrappingInterceptor):
+    """Maps ``MeshError`` to its status; any other exception becomes INTERNAL without details."""
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
 
         async def unary(
             run: Callable[[], Awaitable[Any]], ctx: aio.ServicerContext[Any, Any]
@@ -141,26 +150,21 @@ def _code_of(ctx: aio.ServicerContext[Any, Any], error: BaseException | None) ->
     return "OK"
 
 
-class MetricsInterceptor(aio.ServerInterceptor):
+class MetricsInterceptor(_WrappingInterceptor):
     """Counts RPCs by final code and tracks open streams. Put it before ErrorInterceptor."""
 
     def __init__(self, service: str) -> None:
         self._service = service
 
-    async def intercept_service(
-        self,
-        continuation: Any,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        _, method = _method_name(handler_call_details.method)
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        _, name = _method_name(method)
         service = self._service
 
         def record(ctx: aio.ServicerContext[Any, Any], error: BaseException | None) -> None:
             code = _code_of(ctx, error)
-            metrics.RPCS_HANDLED.labels(service, method, code).inc()
+            metrics.RPCS_HANDLED.labels(service, name, code).inc()
             if code != "OK":
-                metrics.RPC_ERRORS.labels(service, method, code).inc()
+                metrics.RPC_ERRORS.labels(service, name, code).inc()
 
         async def unary(
             run: Callable[[], Awaitable[Any]], ctx: aio.ServicerContext[Any, Any]
@@ -176,7 +180,7 @@ class MetricsInterceptor(aio.ServerInterceptor):
         async def streaming(
             run: Callable[[], AsyncIterator[Any]], ctx: aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            gauge = metrics.ACTIVE_STREAMS.labels(service, method)
+            gauge = metrics.ACTIVE_STREAMS.labels(service, name)
             gauge.inc()
             try:
                 async for item in run():
@@ -189,4 +193,4 @@ class MetricsInterceptor(aio.ServerInterceptor):
             finally:
                 gauge.dec()
 
-        return wrap_handler(handler, handler_call_details.method, unary, streaming)
+        return wrap_handler(handler, method, unary, streaming)

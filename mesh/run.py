@@ -20,7 +20,12 @@ from typing import Any
 
 from mesh import cli
 from mesh.auth import KeyStore, add_key_to_file
-from mesh.llm.models import REQUIREMENT, ModelNotInstalled, default_model_path
+from mesh.llm.models import (
+    REQUIREMENT,
+    ModelDigestMismatch,
+    ModelNotInstalled,
+    default_model_path,
+)
 from mesh.settings import default_state_dir
 from services.agent.settings import AgentSettings
 
@@ -136,7 +141,11 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     if args.down:
         return down(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    model = ensure_model(state_dir, env)
+    try:
+        model = ensure_model(state_dir, env)
+    except ModelDigestMismatch as error:
+        print(error, file=sys.stderr)
+        return 1
     keys_file = state_dir / "api-keys.json"
     key = ensure_dev_key(state_dir, keys_file)
     info_path = state_dir / "mesh.json"

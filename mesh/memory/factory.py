@@ -59,7 +59,7 @@ class EmbeddedPostgresMemoryStore(PostgresMemoryStore):
     """
 
     def __init__(self, data_dir: Path, **options: Any) -> None:
-        # The server's DSN is known once it runs: the pool gets it in start().
+        # The server's DSN is known once it runs: start() sets it before the pool opens.
         super().__init__("", **options)
         self._data_dir = data_dir
         self._server: EmbeddedPostgres | None = None
@@ -68,7 +68,7 @@ class EmbeddedPostgresMemoryStore(PostgresMemoryStore):
         if self._server is None:
             server = EmbeddedPostgres(self._data_dir)
             # initdb and server start block for seconds; keep the event loop free meanwhile.
-            self._pool.conninfo = await asyncio.to_thread(server.start)
+            self._dsn = await asyncio.to_thread(server.start)
             self._server = server
         try:
             await super().start()

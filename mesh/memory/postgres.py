@@ -132,17 +132,23 @@ class PostgresMemoryStore(AsyncStartStop):
         self._stats_refresh_s = stats_refresh_s
         self._common_terms: list[str] = []
         self._common_checked_at = -math.inf
-        self._pool = AsyncConnectionPool(
-            dsn,
-            min_size=min_pool_size,
-            max_size=max_pool_size,
+        self._dsn = dsn
+        self._pool_sizes = (min_pool_size, max_pool_size)
+        self._pool = self._new_pool()
+        self._started = False
+
+    def _new_pool(self) -> AsyncConnectionPool:
+        # A closed pool cannot be opened again, so every start gets a new one.
+        return AsyncConnectionPool(
+            self._dsn,
+            min_size=self._pool_sizes[0],
+            max_size=self._pool_sizes[1],
             # Reads are single statements; writes that must be atomic open a transaction.
             kwargs={"autocommit": True},
-            timeout=connect_timeout_s,
+            timeout=self._timeout_s,
             open=False,
-            name=f"memory-{table}",
+            name=f"memory-{self._table_name}",
         )
-        self._started = False
 
     @property
     def dims(self) -> int:
@@ -151,6 +157,7 @@ class PostgresMemoryStore(AsyncStartStop):
     async def start(self) -> None:
         if self._started:
             return
+        self._pool = self._new_pool()
         try:
             await self._pool.open(wait=True, timeout=self._timeout_s)
         except PoolTimeout as error:

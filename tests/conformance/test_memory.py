@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import pytest
 
 from mesh.memory.base import ChunkHit, MemoryStore, StoredChunk
 from mesh.memory.chunking import chunk_id
 from mesh.memory.embedding import HashingEmbedder
+from mesh.memory.factory import EmbeddedPostgresMemoryStore
 from mesh.memory.postgres import PostgresMemoryStore
 
 DIMS = 256
@@ -260,3 +262,21 @@ async def test_scores_are_positive_and_descending(memory_store: MemoryStore) -> 
         scores = [h.score for h in hits]
         assert all(score > 0 for score in scores)
         assert scores == sorted(scores, reverse=True), query
+
+
+async def test_a_postgres_store_starts_again_after_stop(pg_dsn: str) -> None:
+    store = PostgresMemoryStore(pg_dsn, dims=DIMS)
+    for _ in range(2):  # a closed connection pool cannot reopen: each start needs its own
+        async with store:
+            assert (
+                await store.search("t-restart", "anything", EMBEDDER.embed_one("anything"), 3) == []
+            )
+
+
+async def test_the_embedded_store_starts_again_after_stop(tmp_path: Path) -> None:
+    store = EmbeddedPostgresMemoryStore(tmp_path / "postgres", dims=DIMS)
+    for _ in range(2):
+        async with store:
+            assert (
+                await store.search("t-restart", "anything", EMBEDDER.embed_one("anything"), 3) == []
+            )
