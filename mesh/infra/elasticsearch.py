@@ -43,7 +43,6 @@ from mesh.infra.digests import ELASTICSEARCH_ZIP
 from mesh.infra.maven import (
     add_fetch_command,
     fetch_once,
-    maven_repository,
     run_maven,
     verify_digests,
 )
@@ -103,17 +102,16 @@ def fetch_distribution(home_dir: Path, *, quiet: bool = True, fresh: bool = Fals
 
     def fetch(scratch: Path) -> tuple[Path, str]:
         # cwd: the empty scratch dir, so Maven runs standalone and never picks up a pom.xml.
-        with maven_repository(fresh) as repository:
-            run_maven(
-                ["dependency:copy", f"-Dartifact={MAVEN_ARTIFACT}"]
-                + [f"-DoutputDirectory={scratch / 'download'}"],
-                cwd=scratch,
-                what=MAVEN_ARTIFACT,
-                error=ElasticsearchError,
-                quiet=quiet,
-                timeout_s=1800,
-                local_repository=repository,
-            )
+        run_maven(
+            ["dependency:copy", f"-Dartifact={MAVEN_ARTIFACT}"]
+            + [f"-DoutputDirectory={scratch / 'download'}"],
+            cwd=scratch,
+            what=MAVEN_ARTIFACT,
+            error=ElasticsearchError,
+            quiet=quiet,
+            timeout_s=1800,
+            fresh=fresh,
+        )
         verify_digests(
             scratch / "download",
             ELASTICSEARCH_ZIP,

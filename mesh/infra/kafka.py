@@ -28,7 +28,6 @@ from mesh.infra.digests import KAFKA_JARS
 from mesh.infra.maven import (
     add_fetch_command,
     fetch_once,
-    maven_repository,
     run_maven,
     verify_digests,
 )
@@ -109,17 +108,16 @@ def fetch_jars(jars_dir: Path, *, quiet: bool = True, fresh: bool = False) -> Pa
         (scratch / "pom.xml").write_text(
             _POM.format(scala=SCALA_VERSION, kafka=KAFKA_VERSION, log4j=LOG4J_VERSION)
         )
-        with maven_repository(fresh) as repository:
-            run_maven(
-                ["dependency:copy-dependencies", "-DincludeScope=runtime"]
-                + [f"-DoutputDirectory={scratch / 'lib'}"],
-                cwd=scratch,
-                what=what,
-                error=KafkaError,
-                quiet=quiet,
-                timeout_s=900,
-                local_repository=repository,
-            )
+        run_maven(
+            ["dependency:copy-dependencies", "-DincludeScope=runtime"]
+            + [f"-DoutputDirectory={scratch / 'lib'}"],
+            cwd=scratch,
+            what=what,
+            error=KafkaError,
+            quiet=quiet,
+            timeout_s=900,
+            fresh=fresh,
+        )
         verify_digests(scratch / "lib", KAFKA_JARS, pattern="*.jar", what=what, error=KafkaError)
         jars = sorted(path.name for path in (scratch / "lib").glob("*.jar"))
         return scratch / "lib", "\n".join(jars) + "\n"

@@ -76,32 +76,35 @@ def run_maven(
     error: type[Exception],
     quiet: bool = True,
     timeout_s: float = 1800.0,
-    local_repository: Path | None = None,
+    fresh: bool = False,
 ) -> None:
     """Run ``mvn args`` in batch mode in ``cwd``; raise ``error`` with its output if it fails.
 
-    ``what`` names what is being fetched, in messages. ``local_repository`` replaces ``~/.m2``
-    for this run (an empty one makes Maven download everything, plugins included).
+    ``what`` names what is being fetched, in messages. ``fresh`` runs on an empty, throwaway
+    local repository instead of ``~/.m2``: Maven downloads everything, plugins included.
     """
     mvn = shutil.which("mvn")
     if mvn is None:
         raise error(f"Maven (mvn) is needed once to fetch {what}: apt-get install maven")
-    command = [
-        mvn,
-        "-B",
-        *(["-q"] if quiet else []),
-        # Lax: a missing checksum file only warns. verify_digests below is the check that counts.
-        "-c",
-        "-Dstyle.color=never",
-        *([f"-Dmaven.repo.local={local_repository}"] if local_repository else []),
-        *args,
-    ]
-    try:
-        result = subprocess.run(
-            command, cwd=cwd, capture_output=True, text=True, check=False, timeout=timeout_s
-        )
-    except subprocess.TimeoutExpired:
-        raise error(f"fetching {what} took over {timeout_s:.0f} s ({' '.join(command)})") from None
+    with maven_repository(fresh) as repository:
+        command = [
+            mvn,
+            "-B",
+            *(["-q"] if quiet else []),
+            # Lax: a missing checksum file only warns. verify_digests is the check that counts.
+            "-c",
+            "-Dstyle.color=never",
+            *([f"-Dmaven.repo.local={repository}"] if repository else []),
+            *args,
+        ]
+        try:
+            result = subprocess.run(
+                command, cwd=cwd, capture_output=True, text=True, check=False, timeout=timeout_s
+            )
+        except subprocess.TimeoutExpired:
+            raise error(
+                f"fetching {what} took over {timeout_s:.0f} s ({' '.join(command)})"
+            ) from None
     if result.returncode != 0:
         raise error(
             f"fetching {what} failed ({' '.join(command)}):\n"
