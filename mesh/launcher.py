@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -35,8 +36,10 @@ from mesh.infra.process import free_port as free_port  # re-exported: tests pick
 from mesh.infra.process import log_tail, spawn, wait_until
 from mesh.log import LogSettings
 from mesh.memory.factory import StoreSettings
+from mesh.metrics import start_metrics_server
 from mesh.pg import ROOT_FALLBACK_DIR, EmbeddedPostgres
 from mesh.settings import Env, Secret, ServiceSettings, embedded_pg_dir
+from mesh.supervisor import Supervisor
 from services.agent.settings import AgentSettings
 from services.gateway.settings import GatewaySettings
 from services.memory.settings import MemorySettings
@@ -144,6 +147,14 @@ class Service:
     metrics_port: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    # How it was started: a restart runs the same command with the same environment (and so
+    # the same ports, which its peers already know).
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def exit_code(self) -> int | None:
+        """The process's exit status, or None while it runs."""
+        return self.process.poll()
 
     def kill(self) -> None:
         """SIGKILL: the crash a fault test wants, with no drain."""
@@ -311,8 +322,16 @@ class Mesh:
         log_path = self._log_dir / f"{name}.log"
         # Its own session: a Ctrl-C in the chat must not kill the services.
         process = spawn(argv, log_path=log_path, env=env, cwd=_ROOT)
-        service = Service(name, f"127.0.0.1:{port}", metrics_port, process, log_path)
+        service = Service(
+            name, f"127.0.0.1:{port}", metrics_port, process, log_path, list(argv), dict(env)
+        )
         self.services.append(service)
+        return service
+
+    def respawn(self, name: str) -> Service:
+        """Start an exited service again: same command, environment and ports."""
+        service = self._one(name)
+        service.process = spawn(service.argv, log_path=service.log_path, env=service.env, cwd=_ROOT)
         return service
 
     def _spawn(self, kind: str, name: str, env: dict[str, str]) -> Service:
@@ -611,11 +630,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--envoy", action="store_true", help="Envoy in front (scale: always)")
     parser.add_argument("--envoy-port", type=int, default=None, help="0 picks a free port")
     parser.add_argument("--gpu-layers", type=int, default=0)
+    parser.add_argument(
+        "--metrics-port", type=int, default=0, help="the launcher's own metrics (0: a free port)"
+    )
     return parser
 
 
 def _main(argv: list[str] | None = None) -> int:
-    config = _config_from_args(_parser().parse_args(argv))
+    args = _parser().parse_args(argv)
+    config = _config_from_args(args)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     state_dir = config.state_dir
 
     stop = False
@@ -643,20 +669,18 @@ def _main(argv: list[str] | None = None) -> int:
         return 1
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    supervisor = Supervisor(mesh.respawn)
+    metrics_port = start_metrics_server(args.metrics_port)
+    info = {**mesh.describe(), "launcher_metrics_port": metrics_port}
     try:
-        (state_dir / "mesh.json").write_text(json.dumps(mesh.describe(), indent=2))
-        print(json.dumps(mesh.describe(), indent=2), flush=True)
+        (state_dir / "mesh.json").write_text(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2), flush=True)
         while not stop:
-            for service in mesh.services:
-                if service.process.poll() is not None:
-                    print(
-                        f"{service.name} exited ({service.process.returncode}); see "
-                        f"{service.log_path}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    stop = True
-            time.sleep(0.5)
+            # A service that exits is started again; the others go on serving meanwhile.
+            if supervisor.check(mesh.services):
+                info = {**mesh.describe(), "launcher_metrics_port": metrics_port}
+                (state_dir / "mesh.json").write_text(json.dumps(info, indent=2))
+            time.sleep(0.2)
     finally:
         # A second signal must not cut the shutdown short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,0 +1,105 @@
+"""The launcher users run (`make run`, `make up`) restarts a service that dies and leaves the
+others serving: started here as `python -m mesh.launcher`, exactly as `make up` starts it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.auth import add_key_to_file
+from mesh.launcher import wait_healthy
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _read_info(path: Path) -> dict[str, Any] | None:
+    try:
+        info: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None  # not written yet, or caught half-way through a rewrite
+    return info
+
+
+def _wait_for(check: Any, timeout_s: float, what: str, log: Path) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"{what} within {timeout_s:.0f} s; launcher log:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture
+def launcher(tmp_path: Path, tiny_model_path: Path) -> Iterator[tuple[Path, Path]]:
+    """The launcher with the embedded profile; yields its mesh.json and its log."""
+    keys = tmp_path / "api-keys.json"
+    add_key_to_file(keys, "tenant-a")
+    log = tmp_path / "launcher.log"
+    command = [sys.executable, "-m", "mesh.launcher", "--state-dir", str(tmp_path / "state")]
+    command += ["--model", str(tiny_model_path), "--keys-file", str(keys)]
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield tmp_path / "state" / "mesh.json", log
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            assert process.wait(timeout=90) == 0, log.read_text()[-4000:]
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_killed_agent_is_restarted_and_the_rest_keeps_serving(
+    launcher: tuple[Path, Path],
+) -> None:
+    info_path, log = launcher
+    info = _wait_for(lambda: _read_info(info_path), 240, "the mesh did not start", log)
+    services = info["services"]
+    agent = services["agent-1"]
+    others = {name: s["pid"] for name, s in services.items() if name != "agent-1"}
+
+    os.kill(agent["pid"], signal.SIGKILL)
+
+    def restarted() -> dict[str, Any] | None:
+        now = _read_info(info_path)
+        if now is None or now["services"]["agent-1"]["pid"] == agent["pid"]:
+            return None
+        return now
+
+    after = _wait_for(restarted, 60, "agent-1 was not started again", log)
+    assert after["services"]["agent-1"]["addr"] == agent["addr"]  # peers keep its address
+    wait_healthy(agent["addr"], timeout_s=60, name="agent-1")
+    for name, pid in others.items():
+        assert after["services"][name]["pid"] == pid, f"{name} was restarted too"
+        assert _alive(pid), f"{name} died"
+    wait_healthy(services["gateway-1"]["addr"], timeout_s=5, name="gateway-1")
+
+    url = f"http://127.0.0.1:{after['launcher_metrics_port']}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        metrics = response.read().decode()
+    assert 'mesh_launcher_restarts_total{service="agent-1"} 1.0' in metrics
+    assert "agent-1 exited (-9); starting it again" in log.read_text()
