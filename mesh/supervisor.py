@@ -44,15 +44,18 @@ class Supervised(Protocol):
     def exit_code(self) -> int | None: ...
 
 
+# A service up at least this long counts as stable: its next exit is treated as a first one.
+STABLE_AFTER_S = 60.0
+
+
 @dataclass(frozen=True)
 class RestartPolicy:
-    """How soon, and how often, an exited service is started again."""
+    """How soon, and how often, an exited service is started again: the first wait, doubled
+    by each quick exit up to the longest, and at most ``budget`` restarts within ``window_s``
+    (one more exit leaves the service down)."""
 
     initial_backoff_s: float = 0.5
     max_backoff_s: float = 30.0
-    # Up at least this long: the next exit counts as a first one again.
-    stable_after_s: float = 60.0
-    # At most ``budget`` restarts within ``window_s``; one more exit leaves the service down.
     budget: int = 5
     window_s: float = 600.0
 
@@ -125,7 +128,7 @@ class Supervisor:
                 policy.window_s,
             )
             return
-        if now - state.started_at >= policy.stable_after_s or state.backoff_s == 0.0:
+        if now - state.started_at >= STABLE_AFTER_S or state.backoff_s == 0.0:
             state.backoff_s = policy.initial_backoff_s
         else:
             state.backoff_s = min(state.backoff_s * 2, policy.max_backoff_s)
@@ -133,4 +136,4 @@ class Supervisor:
         log.warning("%s exited (%d); starting it again in %.1f s", name, code, state.backoff_s)
 
 
-__all__ = ["GAVE_UP", "RESTARTS", "RestartPolicy", "Supervised", "Supervisor"]
+__all__ = ["GAVE_UP", "RESTARTS", "STABLE_AFTER_S", "RestartPolicy", "Supervised", "Supervisor"]

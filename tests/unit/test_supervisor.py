@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mesh.supervisor import RESTARTS, RestartPolicy, Supervisor
+from mesh.supervisor import RESTARTS, STABLE_AFTER_S, RestartPolicy, Supervisor
 
 
 @dataclass
@@ -66,7 +66,7 @@ def test_quick_exits_double_the_backoff_up_to_the_cap_and_a_stable_run_resets_it
         waits.append(clock.now - noticed)
         clock.now += 1.0  # a quick exit: up for 1 s only
     assert waits == [1.0, 2.0, 3.0, 3.0]
-    clock.now += policy.stable_after_s  # up long enough: the next exit is a first one again
+    clock.now += STABLE_AFTER_S  # up long enough: the next exit is a first one again
     agent.code = 1
     supervisor.check([agent])
     noticed = clock.now
