@@ -2,6 +2,8 @@
 
 Both are optional for a turn: if a service is down, the agent retries briefly, then generates
 without it and logs a warning. Losing context makes a worse answer; losing the turn is worse.
+Each source has a circuit breaker: after a few turns in a row without it, later turns skip it
+at once (no timed-out attempts) until a probe every few seconds finds it back.
 """
 
 from __future__ import annotations
@@ -15,13 +17,21 @@ from chat.common.v1 import conversation_pb2
 from chat.memory.v1 import memory_pb2, memory_service_pb2_grpc
 from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
 from grpc import aio
+from prometheus_client import Counter
 
+from mesh.breaker import CircuitBreaker
 from mesh.client import ServiceClient, is_retryable
 from mesh.lifecycle import AsyncStartStop
 from mesh.retry import Backoff, retry
 from services.agent.prompt import ASSISTANT, USER, ChatMessage
 
 log = logging.getLogger(__name__)
+
+SKIPPED = Counter(
+    "mesh_agent_context_skipped",
+    "Turns generated without a context source, by source and why",
+    ["source", "reason"],
+)
 
 _T = TypeVar("_T")
 
@@ -73,6 +83,8 @@ class DependencyClients(AsyncStartStop):
         persister_addr, memory_addr: ``host:port``; an empty address disables that source.
         timeout_s: deadline of one call.
         attempts: tries of one call before giving up on it for this turn.
+        failures_to_open, open_s: a source that failed this many turns in a row is skipped
+            without a call for ``open_s`` seconds, then probed once.
     """
 
     def __init__(
@@ -83,7 +95,13 @@ class DependencyClients(AsyncStartStop):
         timeout_s: float = 10.0,
         attempts: int = 3,
         backoff_s: float = 0.2,
+        failures_to_open: int = 3,
+        open_s: float = 10.0,
     ) -> None:
+        self._breakers = {
+            source: CircuitBreaker(failures_to_open=failures_to_open, open_s=open_s)
+            for source in ("history", "recall")
+        }
         self._timeout_s = timeout_s
         self._attempts = attempts
         self._backoff_s = backoff_s
@@ -105,6 +123,25 @@ class DependencyClients(AsyncStartStop):
     async def stop(self) -> None:
         for client in self._clients():
             await client.stop()
+
+    async def _guarded(
+        self, source: str, what: str, call: Callable[[], Awaitable[_T]], *, missing_ok: bool = False
+    ) -> tuple[_T | None, bool]:
+        """``_call_with_retries`` behind the source's breaker; skips are counted by reason."""
+        breaker = self._breakers[source]
+        if not breaker.allow():
+            SKIPPED.labels(source, "circuit_open").inc()
+            log.debug("%s skipped: it failed the last turns, probing again later", what)
+            return None, False
+        result, ok = await _call_with_retries(
+            what, call, attempts=self._attempts, backoff_s=self._backoff_s, missing_ok=missing_ok
+        )
+        if ok:
+            breaker.succeeded()
+        else:
+            breaker.failed()
+            SKIPPED.labels(source, "unavailable").inc()
+        return result, ok
 
     def _clients(self) -> list[ServiceClient]:
         return [c for c in (self._persister, self._memory) if c is not None]
@@ -134,11 +171,10 @@ class DependencyClients(AsyncStartStop):
             )
             return response
 
-        response, ok = await _call_with_retries(
+        response, ok = await self._guarded(
+            "history",
             "history (persister GetConversation)",
             call,
-            attempts=self._attempts,
-            backoff_s=self._backoff_s,
             missing_ok=True,
         )
         if response is None:
@@ -168,9 +204,7 @@ class DependencyClients(AsyncStartStop):
             )
             return response
 
-        response, ok = await _call_with_retries(
-            "recall (memory Recall)", call, attempts=self._attempts, backoff_s=self._backoff_s
-        )
+        response, ok = await self._guarded("recall", "recall (memory Recall)", call)
         if response is None:
             return [], ok
         return [chunk.text for chunk in response.chunks if chunk.text.strip()], True
