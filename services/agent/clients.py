@@ -83,8 +83,9 @@ class DependencyClients(AsyncStartStop):
         persister_addr, memory_addr: ``host:port``; an empty address disables that source.
         timeout_s: deadline of one call.
         attempts: tries of one call before giving up on it for this turn.
-        failures_to_open, open_s: a source that failed this many turns in a row is skipped
-            without a call for ``open_s`` seconds, then probed once.
+
+    A source that failed 3 turns in a row is skipped without a call, and probed once every 10 s
+    (``CircuitBreaker``'s defaults).
     """
 
     def __init__(
@@ -95,13 +96,8 @@ class DependencyClients(AsyncStartStop):
         timeout_s: float = 10.0,
         attempts: int = 3,
         backoff_s: float = 0.2,
-        failures_to_open: int = 3,
-        open_s: float = 10.0,
     ) -> None:
-        self._breakers = {
-            source: CircuitBreaker(failures_to_open=failures_to_open, open_s=open_s)
-            for source in ("history", "recall")
-        }
+        self._breakers = {source: CircuitBreaker() for source in ("history", "recall")}
         self._timeout_s = timeout_s
         self._attempts = attempts
         self._backoff_s = backoff_s

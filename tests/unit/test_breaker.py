@@ -9,28 +9,24 @@ from mesh.infra.process import free_port
 from services.agent.clients import SKIPPED, DependencyClients
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_opens_after_consecutive_failures_and_probes_once_per_interval() -> None:
-    clock = Clock()
+    now = [100.0]
+
+    def clock() -> float:
+        return now[0]
+
     breaker = CircuitBreaker(failures_to_open=2, open_s=5.0, clock=clock)
     breaker.failed()
     assert breaker.allow() and not breaker.is_open
     breaker.failed()
     assert breaker.is_open and not breaker.allow()
-    clock.now += 5.0
+    now[0] += 5.0
     assert breaker.allow()  # the probe
     assert not breaker.allow()  # only one per interval
     breaker.failed()  # the probe failed: open for another interval
-    clock.now += 4.9
+    now[0] += 4.9
     assert not breaker.allow()
-    clock.now += 0.1
+    now[0] += 0.1
     assert breaker.allow()
     breaker.succeeded()
     assert not breaker.is_open and breaker.allow() and breaker.allow()
@@ -52,16 +48,14 @@ async def test_recall_from_a_dead_memory_service_is_skipped_at_once_after_a_few_
         timeout_s=0.5,
         attempts=2,
         backoff_s=0.01,
-        failures_to_open=2,
-        open_s=60.0,
     )
     unavailable = SKIPPED.labels("recall", "unavailable")._value.get()
     skipped = SKIPPED.labels("recall", "circuit_open")._value.get()
     async with clients:
-        for _ in range(2):
+        for _ in range(3):  # the breaker opens after 3 failed turns
             assert await clients.recall("tenant", "what did I say?", 3) == ([], False)
         started = time.monotonic()
         assert await clients.recall("tenant", "what did I say?", 3) == ([], False)
         assert time.monotonic() - started < 0.05  # no call, no timeout
-    assert SKIPPED.labels("recall", "unavailable")._value.get() == unavailable + 2
+    assert SKIPPED.labels("recall", "unavailable")._value.get() == unavailable + 3
     assert SKIPPED.labels("recall", "circuit_open")._value.get() == skipped + 1
