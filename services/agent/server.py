@@ -191,6 +191,8 @@ async def serve(settings: AgentSettings) -> None:
         n_gpu_layers=settings.gpu_layers,
         seed=settings.seed,
         slots=settings.slots,
+        prefill_chunk=settings.prefill_chunk,
+        kv_cache_tokens=settings.kv_cache_tokens or None,
         min_token_interval_s=settings.min_token_interval_ms / 1000,
     )
     async with contextlib.AsyncExitStack() as stack:
@@ -217,6 +219,8 @@ async def serve(settings: AgentSettings) -> None:
                 agent_id=settings.agent_id,
                 partitions=settings.log.partitions,
                 recall_top_k=settings.recall_top_k,
+                parallel=settings.slots,
+                read_ahead=settings.read_ahead,
             )
         metrics_port = start_metrics(settings.metrics_port, settings.host)
 

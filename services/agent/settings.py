@@ -17,6 +17,12 @@ from mesh.settings import (
     setting,
 )
 
+# Generations per batch when MESH_AGENT_PARALLEL is unset. On a CPU, aggregate throughput grows
+# up to about 8 streams while each stream slows; 4 keeps a single stream near full speed. A GPU
+# has far more parallel compute idle at one stream.
+CPU_PARALLEL = 4
+GPU_PARALLEL = 16
+
 
 @dataclass(frozen=True, kw_only=True)
 class AgentSettings(ServiceSettings):
@@ -32,7 +38,16 @@ class AgentSettings(ServiceSettings):
         gpu_layers: layers offloaded to a GPU, -1 all (``MESH_AGENT_GPU_LAYERS``).
         n_ctx: context window in tokens (``MESH_AGENT_N_CTX``).
         threads: CPU threads for llama.cpp (``MESH_AGENT_THREADS``).
-        slots: concurrent generations, one llama context each (``MESH_AGENT_SLOTS``).
+        parallel: generations decoded together in one batch (``MESH_AGENT_PARALLEL``); 0, the
+            default, picks 4 on a CPU node and 16 when layers are offloaded to a GPU. Turns
+            beyond it wait in the agent's fair queue.
+        prefill_chunk: prompt tokens read per decode step (``MESH_AGENT_PREFILL_CHUNK``): larger
+            reads long prompts faster, smaller keeps running streams flowing meanwhile.
+        kv_cache_tokens: KV cache cells shared by running and idle sequences, 0 for
+            ``n_ctx * parallel`` (``MESH_AGENT_KV_CACHE_TOKENS``); idle ones keep a
+            conversation's prefix for its next turn until the room is needed.
+        read_ahead: turns taken from the log beyond those running (``MESH_AGENT_READ_AHEAD``),
+            so the fair queue sees other tenants' turns behind one tenant's burst.
         seed: sampling seed for requests without one; unset or -1: random (``MESH_AGENT_SEED``).
         default_max_tokens: reply length when a request says 0 (``MESH_AGENT_DEFAULT_MAX_TOKENS``).
         max_tokens_limit: largest max_tokens accepted (``MESH_AGENT_MAX_TOKENS_LIMIT``).
@@ -77,7 +92,10 @@ class AgentSettings(ServiceSettings):
     gpu_layers: int = setting("GPU_LAYERS", 0, minimum=-1)
     n_ctx: int = setting("N_CTX", 2048, minimum=64)
     threads: int = setting("THREADS", 2, minimum=1)
-    slots: int = setting("SLOTS", 1, minimum=1)
+    parallel: int = setting("PARALLEL", 0, minimum=0, maximum=256)
+    prefill_chunk: int = setting("PREFILL_CHUNK", 512, minimum=1)
+    kv_cache_tokens: int = setting("KV_CACHE_TOKENS", 0, minimum=0)
+    read_ahead: int = setting("READ_AHEAD", 32, minimum=0)
     seed: int | None = setting("SEED", None)
     default_max_tokens: int = setting("DEFAULT_MAX_TOKENS", 256, minimum=1)
     max_tokens_limit: int = setting("MAX_TOKENS_LIMIT", 4096, minimum=1)
@@ -95,6 +113,13 @@ class AgentSettings(ServiceSettings):
     min_token_interval_ms: float = setting("MIN_TOKEN_INTERVAL_MS", 0.0, minimum=0, maximum=10_000)
     log: LogSettings = field(default_factory=LogSettings)
 
+    @property
+    def slots(self) -> int:
+        """Generations decoded together: ``parallel``, or its default for the device."""
+        if self.parallel:
+            return self.parallel
+        return GPU_PARALLEL if self.gpu_layers else CPU_PARALLEL
+
     def check(self) -> None:
         path = self.model_path
         if not path.is_file():
@@ -105,6 +130,12 @@ class AgentSettings(ServiceSettings):
             raise SettingsError(
                 f"MESH_AGENT_DEFAULT_MAX_TOKENS={self.default_max_tokens} exceeds "
                 f"MESH_AGENT_MAX_TOKENS_LIMIT={self.max_tokens_limit}"
+            )
+        if self.kv_cache_tokens and self.kv_cache_tokens < self.n_ctx * self.slots:
+            raise SettingsError(
+                f"MESH_AGENT_KV_CACHE_TOKENS={self.kv_cache_tokens} is less than "
+                f"MESH_AGENT_N_CTX * parallel = {self.n_ctx * self.slots}: every running turn "
+                "must be able to fill its window"
             )
 
 

@@ -1,10 +1,13 @@
 """Turns from the request log: claim, recall, generate, append token events, commit.
 
-The worker is one member of the ``agents`` group on the request topic and handles one turn at a
-time (docs/protocol.md, "The life of a turn"). A turn's request is committed only after its
-``TurnFinished`` is durable, so if this process dies mid-turn the request is redelivered and the
-next agent continues after the tokens already in the log. A tail of the event topic (every
-partition, from its end at start) catches ``TurnCancelled`` while a turn generates.
+The worker is one member of the ``agents`` group on the request topic (docs/protocol.md, "The
+life of a turn"). It takes turns from all its partitions and runs up to ``parallel`` of them at
+once, so the engine can batch them; a few more (``read_ahead``) wait in a fair queue
+(``services.agent.scheduling``). A request is committed only once its ``TurnFinished`` is
+durable and every earlier request of its partition is too, so if this process dies the group
+redelivers every unfinished turn and the next agent continues after the tokens already in the
+log. A tail of the event topic (every partition, from its end at start) catches
+``TurnCancelled`` while turns generate.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from mesh import metrics, turnlog
 from mesh.errors import InvalidArgument, MeshError, to_status_proto
 from mesh.generation import FinishReason, TokenUsage, TurnTimings
 from mesh.lifecycle import AsyncStartStop
-from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, LogError, Record
+from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, GroupConsumer, LogError, Record
 from services.agent.clients import DependencyClients
 from services.agent.core import (
     METRICS_SERVICE,
@@ -32,6 +35,7 @@ from services.agent.core import (
     resolve_options,
 )
 from services.agent.prompt import PromptRequest
+from services.agent.scheduling import CommitTracker, FairQueue
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,16 @@ class _Current:
     cancel_seen_at_seq: int = 0  # last_seq when the cancel arrived
 
 
+@dataclass(eq=False)
+class _Claimed:
+    """A request taken from the log: waiting in the fair queue, then running."""
+
+    record: Record
+    turn: turnlog.TurnRequested
+    claimed_wall: float = field(default_factory=time.time)
+    claimed: float = field(default_factory=time.monotonic)
+
+
 class TurnWorker(AsyncStartStop):
     """Consumes turns for one agent.
 
@@ -108,6 +122,8 @@ class TurnWorker(AsyncStartStop):
         agent_id: member id in the group and ``agent_id`` of ``TurnStarted``.
         partitions: partitions of both topics, created if missing.
         recall_top_k: chunks to recall per turn (0: none).
+        parallel: turns running at once (the engine batches their generations).
+        read_ahead: turns taken from the log beyond the running ones, waiting in the fair queue.
     """
 
     def __init__(
@@ -119,20 +135,35 @@ class TurnWorker(AsyncStartStop):
         agent_id: str,
         partitions: int,
         recall_top_k: int,
+        parallel: int = 1,
+        read_ahead: int = 0,
     ) -> None:
+        if parallel < 1 or read_ahead < 0:
+            raise ValueError("need parallel >= 1 and read_ahead >= 0")
         self._log = log
         self._core = core
         self._clients = clients
         self._agent_id = agent_id
         self._partitions = partitions
         self._recall_top_k = recall_top_k
+        self._parallel = parallel
+        self._window = parallel + read_ahead
         self._cancels: OrderedDict[str, None] = OrderedDict()
-        self._current: _Current | None = None
+        self._active: dict[str, _Current] = {}  # running turns by turn id
         self._tails: list[asyncio.Task[None]] = []
         self._loop_task: asyncio.Task[None] | None = None
-        self._turn_done: asyncio.Event = asyncio.Event()
-        self._turn_done.set()
+        self._queue: FairQueue[_Claimed] = FairQueue()
+        self._running: dict[_Claimed, asyncio.Task[None]] = {}
+        self._busy_conversations: set[str] = set()
         self._stopping = False
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
 
     # Lifecycle ----------------------------------------------------------------------------
 
@@ -149,18 +180,18 @@ class TurnWorker(AsyncStartStop):
         self._loop_task = asyncio.create_task(self._consume_loop(), name="agent-worker")
 
     async def stop(self, grace_s: float = 0.0) -> None:
-        """Stop claiming; let the current turn finish within ``grace_s``, else hand it back.
+        """Stop claiming; let running turns finish within ``grace_s``, else hand them back.
 
         A handed-back turn is not committed and gets no ``TurnFinished``: the group gives the
         request to another agent, which continues after the tokens already in the log.
         """
         self._stopping = True
         if self._loop_task is not None:
-            if not self._turn_done.is_set() and grace_s > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._turn_done.wait(), grace_s)
-            if not self._turn_done.is_set():
-                log.warning("handing back turn %s uncommitted", self._current_id())
+            running = list(self._running.values())
+            if running and grace_s > 0:
+                await asyncio.wait(running, timeout=grace_s)
+            for claimed in [c for c, t in self._running.items() if not t.done()]:
+                log.warning("handing back turn %s uncommitted", claimed.turn.turn_id)
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
@@ -171,9 +202,6 @@ class TurnWorker(AsyncStartStop):
         for task in tails:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-    def _current_id(self) -> str:
-        return self._current.turn_id if self._current is not None else "-"
 
     # Cancels ------------------------------------------------------------------------------
 
@@ -195,8 +223,8 @@ class TurnWorker(AsyncStartStop):
         self._cancels.move_to_end(turn_id)
         while len(self._cancels) > _CANCELS_REMEMBERED:
             self._cancels.popitem(last=False)
-        current = self._current
-        if current is not None and current.turn_id == turn_id:
+        current = self._active.get(turn_id)
+        if current is not None:
             if not current.cancel.is_set():
                 current.cancel_seen_at_seq = current.last_seq
             log.info("turn %s cancelled after seq %d", turn_id, current.last_seq)
@@ -208,16 +236,7 @@ class TurnWorker(AsyncStartStop):
         while not self._stopping:
             consumer = self._log.consumer(TURN_REQUESTS, GROUP, self._agent_id)
             try:
-                async with _closing(aiter(consumer)) as records:
-                    async for record in records:
-                        if self._stopping:
-                            break  # not committed: another agent gets it
-                        self._turn_done.clear()
-                        try:
-                            await self._handle(record)
-                        finally:
-                            self._turn_done.set()
-                        await consumer.commit(record)
+                await self._consume(consumer)
             except LogError as error:
                 # Rejoining makes the group redeliver whatever was not committed.
                 log.warning("request log failed (%s); rejoining in %.1fs", error, _REJOIN_DELAY_S)
@@ -226,35 +245,115 @@ class TurnWorker(AsyncStartStop):
                 log.exception("turn handling failed; rejoining in %.1fs", _REJOIN_DELAY_S)
                 await asyncio.sleep(_REJOIN_DELAY_S)
             finally:
+                # Whatever is still running or waiting is handed back with the membership.
+                await self._hand_back()
                 with contextlib.suppress(LogError):
                     await asyncio.shield(consumer.close())
 
-    async def _handle(self, record: Record) -> None:
-        turn = _read_request(record.value)
-        if turn is None:
-            return
-        claimed_wall = time.time()
-        claimed = time.monotonic()
-        metrics.QUEUE_DEPTH.labels(METRICS_SERVICE).inc()
-        generating = False
-        try:
-            prior = await self._prior_events(turn)
-            if prior.finished:
-                log.info("turn %s already finished; skipping", turn.turn_id)
-                return
-            cancel = asyncio.Event()
-            if prior.cancelled or turn.turn_id in self._cancels:
-                cancel.set()
-            self._current = _Current(
-                turn.turn_id, cancel, last_seq=prior.last_seq, cancel_seen_at_seq=prior.last_seq
-            )
-            generating = True
-            metrics.QUEUE_DEPTH.labels(METRICS_SERVICE).dec()
-            await self._run_turn(turn, record, prior, cancel, claimed, claimed_wall)
-        finally:
-            self._current = None
-            if not generating:
+    async def _consume(self, consumer: GroupConsumer) -> None:
+        """Take requests while the window has room; start them as batch slots free up."""
+        trackers: dict[int, CommitTracker] = {}
+        room = asyncio.Semaphore(self._window)
+        committing = asyncio.Lock()
+        failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def finished(record: Record) -> None:
+            room.release()
+            highest = trackers[record.partition].finished(record.offset)
+            if highest is not None:
+                async with committing:
+                    await consumer.commit(dataclasses.replace(record, offset=highest))
+
+        async def run(claimed: _Claimed) -> None:
+            try:
+                await self._handle(claimed)
+                await finished(claimed.record)
+            except Exception as error:  # the log, or a bug: rejoin and hand everything back
+                if not failure.done():
+                    failure.set_exception(error)
+            finally:
+                del self._running[claimed]
+                self._busy_conversations.discard(claimed.turn.conversation_id)
+                dispatch()
+
+        def dispatch() -> None:
+            """Start waiting turns while batch slots are free."""
+            while not self._stopping and len(self._running) < self._parallel:
+                waiting = self._queue.pop(lambda c: c in self._busy_conversations)
+                if waiting is None:
+                    return
                 metrics.QUEUE_DEPTH.labels(METRICS_SERVICE).dec()
+                claimed = waiting.item
+                if claimed.record.partition not in consumer.assignment():
+                    # The partition moved to another agent while the turn waited: it is theirs.
+                    room.release()
+                    continue
+                self._busy_conversations.add(claimed.turn.conversation_id)
+                self._running[claimed] = asyncio.create_task(
+                    run(claimed), name=f"agent-turn-{claimed.turn.turn_id}"
+                )
+
+        async def take() -> None:
+            async with _closing(aiter(consumer)) as records:
+                async for record in records:
+                    if self._stopping:
+                        return  # not committed: another agent gets it
+                    await room.acquire()
+                    trackers.setdefault(record.partition, CommitTracker()).taken(record.offset)
+                    turn = _read_request(record.value)
+                    if turn is None:
+                        await finished(record)
+                        continue
+                    self._queue.push(turn.tenant_id, turn.conversation_id, _Claimed(record, turn))
+                    metrics.QUEUE_DEPTH.labels(METRICS_SERVICE).inc()
+                    dispatch()
+                    # Ask for the next record only once the window has room for it.
+                    await room.acquire()
+                    room.release()
+
+        taking = asyncio.create_task(take(), name="agent-take")
+        try:
+            await asyncio.wait([taking, failure], return_when=asyncio.FIRST_COMPLETED)
+            if failure.done():
+                failure.result()
+            taking.result()
+        finally:
+            taking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await taking
+            if not failure.done():
+                failure.cancel()
+
+    async def _hand_back(self) -> None:
+        """Drop waiting turns and stop running ones, uncommitted, so the group redelivers them."""
+        dropped = self._queue.remove_if(lambda _: True)
+        metrics.QUEUE_DEPTH.labels(METRICS_SERVICE).dec(len(dropped))
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _handle(self, claimed: _Claimed) -> None:
+        turn, record = claimed.turn, claimed.record
+        prior = await self._prior_events(turn)
+        if prior.finished:
+            log.info("turn %s already finished; skipping", turn.turn_id)
+            return
+        cancel = asyncio.Event()
+        if prior.cancelled or turn.turn_id in self._cancels:
+            cancel.set()
+        current = _Current(
+            turn.turn_id, cancel, last_seq=prior.last_seq, cancel_seen_at_seq=prior.last_seq
+        )
+        self._active[turn.turn_id] = current
+        try:
+            await self._run_turn(
+                turn, record, prior, current, claimed.claimed, claimed.claimed_wall
+            )
+        finally:
+            self._active.pop(turn.turn_id, None)
 
     async def _prior_events(self, turn: turnlog.TurnRequested) -> _PriorEvents:
         prior = _PriorEvents()
@@ -279,10 +378,11 @@ class TurnWorker(AsyncStartStop):
         turn: turnlog.TurnRequested,
         record: Record,
         prior: _PriorEvents,
-        cancel: asyncio.Event,
+        current: _Current,
         claimed: float,
         claimed_wall: float,
     ) -> None:
+        cancel = current.cancel
         appends: list[asyncio.Future[int]] = []
         partition = turn.events_partition
         key = turn.conversation_id.encode()
@@ -365,8 +465,7 @@ class TurnWorker(AsyncStartStop):
                                     )
                                 )
                             )
-                            if self._current is not None:
-                                self._current.last_seq = last_seq
+                            current.last_seq = last_seq
                         else:
                             finished = event
             except InvalidArgument as invalid:  # the prompt cannot fit the context
@@ -407,9 +506,7 @@ class TurnWorker(AsyncStartStop):
                     last_seq=last_seq,
                     model=self._core.model_name,
                     cancel_seen_at_seq=(
-                        self._current.cancel_seen_at_seq
-                        if reason is FinishReason.CANCELLED and self._current is not None
-                        else 0
+                        current.cancel_seen_at_seq if reason is FinishReason.CANCELLED else 0
                     ),
                 )
             )

@@ -431,7 +431,7 @@ async def test_health_and_node_info(running: Running) -> None:
     assert info.model.endswith(".gguf")
     assert info.device == agent_pb2.DEVICE_CPU
     assert info.context_size == N_CTX
-    assert info.total_slots == 1
+    assert info.total_slots == 4  # the CPU default of MESH_AGENT_PARALLEL
     assert info.gpu_layers == 0
 
 
