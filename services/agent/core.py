@@ -148,7 +148,6 @@ class AgentCore:
         self.agent_id = agent_id
         self.limits = limits
         self._prompt_log = prompt_log
-        self._waiting = 0
 
     def _audit_prompt(self, label: str, text: str) -> None:
         if self._prompt_log is None:
@@ -177,10 +176,10 @@ class AgentCore:
     ) -> AsyncGenerator[Token | GenerationFinished, None]:
         """A direct generation: validate, refuse when too many wait, then ``stream``."""
         validate_request(request, self.limits)
-        if self.engine.free_slots == 0 and self._waiting >= self.limits.max_waiting:
+        if self.engine.free_slots == 0 and self.engine.waiting >= self.limits.max_waiting:
             raise ResourceExhausted(
                 f"all {self.engine.total_slots} generation slots are busy and "
-                f"{self._waiting} requests are waiting; retry shortly",
+                f"{self.engine.waiting} requests are waiting; retry shortly",
                 reason="AGENT_BUSY",
                 retry_after_s=1.0,
             )
@@ -231,13 +230,7 @@ class AgentCore:
         pieces = 0
         emitted_tokens = 0
         async with contextlib.AsyncExitStack() as stack:
-            self._waiting += 1
-            try:
-                generation = await stack.enter_async_context(
-                    self.engine.generate(built.text, sampling)
-                )
-            finally:
-                self._waiting -= 1
+            generation = await stack.enter_async_context(self.engine.generate(built.text, sampling))
             watcher = asyncio.create_task(_cancel_when_set(cancel, generation.cancel))
             stack.callback(watcher.cancel)
             async for piece in generation:

@@ -33,6 +33,7 @@ class FairQueue(Generic[T]):
 
     def __init__(self) -> None:
         self._tenants: OrderedDict[str, deque[Waiting[T]]] = OrderedDict()
+        self._last: str | None = None  # the tenant served most recently
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._tenants.values())
@@ -40,18 +41,27 @@ class FairQueue(Generic[T]):
     def push(self, tenant: str, conversation: str, item: T) -> None:
         self._tenants.setdefault(tenant, deque()).append(Waiting(tenant, conversation, item))
 
+    def _rotation(self) -> list[str]:
+        """Tenants in serving order: the one served last goes behind every other."""
+        order = [t for t in self._tenants if t != self._last]
+        return order + ([self._last] if self._last in self._tenants else [])
+
     def pop(self, busy: Callable[[str], bool]) -> Waiting[T] | None:
         """The next turn to run, skipping conversations for which ``busy`` is true; or None.
 
-        The tenant served moves to the back of the rotation.
+        The tenant served moves to the back of the rotation, behind tenants that arrived
+        while it was being served.
         """
-        for tenant, queue in self._tenants.items():
+        order = self._rotation()
+        for tenant in order:
+            queue = self._tenants[tenant]
             seen: set[str] = set()
             for index, waiting in enumerate(queue):
                 if waiting.conversation in seen or busy(waiting.conversation):
                     seen.add(waiting.conversation)
                     continue
                 del queue[index]
+                self._last = tenant
                 if queue:
                     self._tenants.move_to_end(tenant)
                 else:
@@ -65,7 +75,7 @@ class FairQueue(Generic[T]):
         Under round-robin, the k-th waiting turn of its tenant goes after at most k turns of
         every tenant ahead of it in the rotation and k-1 of the others.
         """
-        order = list(self._tenants)
+        order = self._rotation()
         for rank, tenant in enumerate(order):
             for k, waiting in enumerate(self._tenants[tenant]):
                 if waiting.item is item:

@@ -57,7 +57,9 @@ class GatewayCore(AsyncStartStop):
         self.log = log
         self._conversations = conversations
         self.limiter = limiter or RateLimiter(settings.rate_per_s, settings.rate_burst)
-        self.queue = QueueTracker(log, poll_s=settings.queue_poll_s)
+        self.queue = QueueTracker(
+            log, poll_s=settings.queue_poll_s, scan_limit=settings.max_queued_turns
+        )
         self.idempotency = IdempotencyCache(
             ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max
         )
@@ -178,6 +180,21 @@ class GatewayCore(AsyncStartStop):
                     )
                 )
 
+    async def _check_queue(self, partition: int) -> None:
+        """RESOURCE_EXHAUSTED when the agents' queue for this partition is full."""
+        try:
+            depth = (await self.queue.pending(partition)).depth
+        except LogError as error:
+            raise _log_unavailable(error) from error
+        limit = self.settings.max_queued_turns
+        if depth >= limit:
+            raise ResourceExhausted(
+                f"{depth} turns are already waiting for this conversation's agents (the limit is "
+                f"{limit}); retry shortly",
+                reason="QUEUE_FULL",
+                retry_after_s=2.0,
+            )
+
     async def _append_request(
         self,
         principal: Principal,
@@ -190,6 +207,7 @@ class GatewayCore(AsyncStartStop):
         key = conversation_id.encode()
         partition = partition_for(key, self.partitions)
         sub: Subscription | None = None
+        await self._check_queue(partition)
         try:
             # Both at once: on Kafka each is a broker round trip on the way to TurnAccepted.
             request_start, events_start = await asyncio.gather(
@@ -263,7 +281,7 @@ class GatewayCore(AsyncStartStop):
                 events_start,
             )
         try:
-            position = await self.queue.position(partition, request_offset)
+            position = await self.queue.position(partition, request_offset, principal.tenant_id)
         except BaseException:
             sub.close()
             raise
@@ -358,7 +376,9 @@ class GatewayCore(AsyncStartStop):
     ) -> TurnStream:
         sub = self.hub.subscribe(info.turn_id, info.partition, info.events_start, notify)
         try:
-            position = await self.queue.position(info.partition, info.request_offset)
+            position = await self.queue.position(
+                info.partition, info.request_offset, info.tenant_id
+            )
         except BaseException:
             sub.close()
             raise

@@ -1,55 +1,121 @@
-"""Queue positions of waiting turns, read from the agents' committed offsets."""
+"""How full a request partition is, and a waiting turn's place in it under the agents' policy.
+
+The requests of a partition past the agents' committed offset are the turns not yet finished
+there. Agents start them round-robin across tenants (``services.agent.scheduling``), so a turn
+whose tenant has ``k`` unfinished turns ahead of it goes after those ``k`` and after at most
+``k + 1`` of each other tenant's turns ahead of it: that count is its queue position. Turns
+already generating are among them, so the position is an upper bound that reaches 0 once the
+turn is the next to start.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
+from mesh import turnlog
 from mesh.log import TURN_REQUESTS, EventLog, LogError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """The unfinished requests of one partition: from ``committed`` on, with their tenants."""
+
+    committed: int
+    end: int
+    tenants: tuple[tuple[int, str], ...]  # (offset, tenant) in log order
+
+    @property
+    def depth(self) -> int:
+        return self.end - self.committed
+
+
+def fair_position(pending: Pending, request_offset: int, tenant: str) -> int:
+    """Turns that start before the one at ``request_offset`` under round-robin over tenants."""
+    ahead = Counter(t for offset, t in pending.tenants if offset < request_offset)
+    own = ahead.pop(tenant, 0)
+    return own + sum(min(count, own + 1) for count in ahead.values())
 
 
 class QueueTracker:
-    """Queue positions: ``request offset - committed offset of group agents``, per partition.
+    """Each partition's pending requests, read at most once per ``poll_s``.
 
-    Every waiting stream asks for its position periodically; the committed offset of a partition
-    is read once per ``poll_s`` however many streams wait on it.
+    Every waiting stream asks for its position periodically and every start asks for the depth;
+    one read per partition and period serves them all.
     """
 
     def __init__(
-        self, log: EventLog, *, poll_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        log: EventLog,
+        *,
+        poll_s: float,
+        scan_limit: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._log = log
         self._poll_s = poll_s
+        self._scan_limit = scan_limit
         self._clock = clock
-        self._cache: dict[int, tuple[float, int]] = {}
-        self._inflight: dict[int, asyncio.Future[int]] = {}
+        self._cache: dict[int, tuple[float, Pending]] = {}
+        self._inflight: dict[int, asyncio.Future[Pending]] = {}
 
-    async def committed(self, partition: int) -> int:
+    async def pending(self, partition: int) -> Pending:
         cached = self._cache.get(partition)
         if cached is not None and self._clock() - cached[0] < self._poll_s:
             return cached[1]
-        inflight = self._inflight.get(partition)
-        if inflight is not None:
-            return await asyncio.shield(inflight)
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._inflight[partition] = future
-        try:
-            value = await self._log.committed(TURN_REQUESTS, "agents", partition)
-        except BaseException as error:
-            future.set_exception(error if isinstance(error, Exception) else LogError("cancelled"))
-            future.exception()  # retrieved: waiters re-raise it, nobody else must
-            raise
-        finally:
-            del self._inflight[partition]
+        value = await _single_flight(self._inflight, partition, lambda: self._read(partition))
         self._cache[partition] = (self._clock(), value)
-        future.set_result(value)
         return value
 
-    async def position(self, partition: int, request_offset: int) -> int:
+    async def _read(self, partition: int) -> Pending:
+        committed, end = await asyncio.gather(
+            self._log.committed(TURN_REQUESTS, "agents", partition),
+            self._log.end_offset(TURN_REQUESTS, partition),
+        )
+        # Past the scan limit the queue is refused anyway; positions count what was read.
+        stop = min(end, committed + self._scan_limit)
+        records = await self._log.read_range(TURN_REQUESTS, partition, committed, stop)
+        tenants = tuple((r.offset, _tenant(r.value)) for r in records)
+        return Pending(committed, end, tenants)
+
+    async def position(self, partition: int, request_offset: int, tenant: str) -> int:
         try:
-            committed = await self.committed(partition)
+            pending = await self.pending(partition)
         except LogError:
             # A position is advisory; a log hiccup must not fail the stream.
             return -1
-        return max(0, request_offset - committed)
+        return fair_position(pending, request_offset, tenant)
+
+
+def _tenant(value: bytes) -> str:
+    try:
+        return turnlog.decode_request(value).tenant_id
+    except turnlog.UndecodableRecord:
+        return ""  # agents skip it at once; it still counts as one turn of nobody's
+
+
+async def _single_flight(
+    inflight: dict[int, asyncio.Future[T]], key: int, read: Callable[[], Awaitable[T]]
+) -> T:
+    """One ``read`` per key at a time; callers arriving meanwhile share its result."""
+    running = inflight.get(key)
+    if running is not None:
+        return await asyncio.shield(running)
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    inflight[key] = future
+    try:
+        value = await read()
+    except BaseException as error:
+        future.set_exception(error if isinstance(error, Exception) else LogError("cancelled"))
+        future.exception()  # retrieved: waiters re-raise it, nobody else must
+        raise
+    finally:
+        del inflight[key]
+    future.set_result(value)
+    return value

@@ -49,6 +49,9 @@ class GatewaySettings(ServiceSettings):
     initial_window: int = setting("INITIAL_WINDOW", 1024, minimum=1)
     # Events buffered per subscriber before it is dropped to catch up from the log.
     subscriber_buffer: int = setting("SUBSCRIBER_BUFFER", 2048, minimum=1)
+    # Unfinished turns one request partition may hold before StartTurn is refused
+    # (RESOURCE_EXHAUSTED, QUEUE_FULL): a backlog past it would only wait longer.
+    max_queued_turns: int = setting("MAX_QUEUED_TURNS", 256, minimum=1)
     # How often waiting turns re-read the agents' committed offset for their queue position.
     queue_poll_s: float = setting("QUEUE_POLL_S", 0.5, above=0)
     # Idempotent starts: how long, and how many, request ids this gateway remembers.

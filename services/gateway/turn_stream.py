@@ -236,7 +236,9 @@ class TurnStream:
         """A new TurnAccepted when the waiting turn's queue position changed."""
         if not self.waiting:
             return None
-        position = await self._queue.position(self.info.partition, self.info.request_offset)
+        position = await self._queue.position(
+            self.info.partition, self.info.request_offset, self.info.tenant_id
+        )
         if position < 0 or not self.waiting or position == self._position:
             return None
         self._position = position

@@ -20,6 +20,19 @@ def test_tenants_take_turns_while_each_keeps_its_order() -> None:
     assert len(queue) == 17
 
 
+def test_a_tenant_arriving_during_a_burst_is_next() -> None:
+    """Tenant a was just served; b's turn, pushed after, goes before a's next one."""
+    queue: FairQueue[str] = FairQueue()
+    for i in range(5):
+        queue.push("a", f"conv-a{i}", f"a{i}")
+    for _ in range(2):
+        queue.pop(never_busy)
+    queue.push("b", "conv-b", "b0")
+    assert queue.position("b0") == 0
+    got = queue.pop(never_busy)
+    assert got is not None and got.item == "b0"
+
+
 def test_position_counts_turns_started_before_under_round_robin() -> None:
     queue: FairQueue[str] = FairQueue()
     items = {f"a{i}": f"a{i}" for i in range(20)}

@@ -14,6 +14,7 @@ import pytest
 from chat.events.v1 import events_pb2
 from prometheus_client import REGISTRY
 
+from mesh import turnlog
 from mesh.auth import Principal, RateLimiter, hash_key
 from mesh.errors import (
     InvalidArgument,
@@ -404,8 +405,8 @@ async def test_queue_position_counts_turns_ahead_until_started(
     conversation = "c-queue"
     core._conversations.known.add(("acme", conversation))  # type: ignore[attr-defined]
     partition = partition_for(conversation.encode(), core.partitions)
-    for _ in range(3):  # three turns ahead, not yet claimed by any agent
-        await log.append(TURN_REQUESTS, partition, conversation.encode(), b"")
+    for _ in range(3):  # three turns of the same tenant ahead, not yet claimed by any agent
+        await log.append(TURN_REQUESTS, partition, conversation.encode(), queued_request("acme"))
     turn = await core.start_turn(ACME, StartRequest(conversation, "hi"))
     received: list[Output] = []
 
@@ -424,6 +425,45 @@ async def test_queue_position_counts_turns_ahead_until_started(
     await asyncio.wait_for(task, STEP_TIMEOUT_S)
     positions = [o.queue_position for o in received if isinstance(o, Accepted)]
     assert positions == [3, 0]
+
+
+def queued_request(tenant: str) -> bytes:
+    return turnlog.encode(
+        turnlog.TurnRequested(
+            turn_id=f"queued-{tenant}", conversation_id="c-other", tenant_id=tenant, user_text="x"
+        )
+    )
+
+
+async def test_queue_position_is_fair_across_tenants(core: GatewayCore, log: EmbeddedLog) -> None:
+    """Another tenant's burst ahead costs a single turn one place, not the whole burst."""
+    conversation = "c-fair"
+    core._conversations.known.add(("globex", conversation))  # type: ignore[attr-defined]
+    partition = partition_for(conversation.encode(), core.partitions)
+    for _ in range(20):
+        await log.append(TURN_REQUESTS, partition, b"k", queued_request("acme"))
+    turn = await core.start_turn(GLOBEX, StartRequest(conversation, "hi"))
+    first = await anext(aiter(core.follow(turn)))
+    assert isinstance(first, Accepted) and first.queue_position == 1
+    turn.close()
+
+
+async def test_a_full_queue_refuses_new_turns_with_retry_info(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    conversation = "c-full"
+    conversations.known.add(("acme", conversation))
+    async with GatewayCore(
+        make_settings(tmp_path, max_queued_turns=3), log=log, conversations=conversations
+    ) as small:
+        partition = partition_for(conversation.encode(), small.partitions)
+        for _ in range(3):
+            await log.append(TURN_REQUESTS, partition, b"k", queued_request("acme"))
+        with pytest.raises(ResourceExhausted) as full:
+            await small.start_turn(ACME, StartRequest(conversation, "hi"))
+        assert full.value.reason == "QUEUE_FULL"
+        assert full.value.retry_after_s is not None and full.value.retry_after_s > 0
+        assert "3 turns are already waiting" in str(full.value)
 
 
 async def test_unknown_conversation_is_not_found(core: GatewayCore) -> None:
