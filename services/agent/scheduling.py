@@ -43,8 +43,9 @@ class FairQueue(Generic[T]):
 
     def _rotation(self) -> list[str]:
         """Tenants in serving order: the one served last goes behind every other."""
-        order = [t for t in self._tenants if t != self._last]
-        return order + ([self._last] if self._last in self._tenants else [])
+        last = self._last
+        order = [t for t in self._tenants if t != last]
+        return order + [last] if last is not None and last in self._tenants else order
 
     def pop(self, busy: Callable[[str], bool]) -> Waiting[T] | None:
         """The next turn to run, skipping conversations for which ``busy`` is true; or None.
