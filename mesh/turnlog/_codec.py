@@ -50,6 +50,7 @@ def encode(event: TurnRequested | TurnEvent) -> bytes:
                 text=event.text,
                 conversation_id=event.conversation_id,
                 tenant_id=event.tenant_id,
+                more_texts=event.more,
             )
         )
     elif isinstance(event, TurnStarted):
@@ -83,9 +84,10 @@ def decode_request(value: bytes) -> TurnRequested:
     )
 
 
-def decode_event(value: bytes, *, turns: Container[str] | None = None) -> TurnEvent | None:
-    """The event of a turn-event-log record; None for an empty envelope (an event newer than
-    this code) and, given ``turns``, for events of any other turn.
+def decode_events(value: bytes, *, turns: Container[str] | None = None) -> list[TurnEvent]:
+    """The events of a turn-event-log record: one, or one per token of a record that carries
+    several; none for an empty envelope (an event newer than this code) and, given ``turns``,
+    for events of any other turn.
 
     ``turns`` skips building events nobody wants: a reader that follows a few turns still has
     to parse every record of the partition they share with many others.
@@ -98,10 +100,19 @@ def decode_event(value: bytes, *, turns: Container[str] | None = None) -> TurnEv
     if which == "token":
         token = envelope.token
         if turns is not None and token.turn_id not in turns:
-            return None
-        return TokenEmitted(
-            token.turn_id, token.seq, token.text, token.conversation_id, token.tenant_id
-        )
+            return []
+        texts = [token.text, *token.more_texts]
+        return [
+            TokenEmitted(token.turn_id, token.seq + i, text, token.conversation_id, token.tenant_id)
+            for i, text in enumerate(texts)
+        ]
+    event = _other_event(envelope, which, turns)
+    return [] if event is None else [event]
+
+
+def _other_event(
+    envelope: events_pb2.TurnEvent, which: str | None, turns: Container[str] | None
+) -> TurnEvent | None:
     if which is None:
         return None
     body = getattr(envelope, which)

@@ -41,13 +41,19 @@ class TurnStarted:
 
 @dataclass(frozen=True, slots=True)
 class TokenEmitted:
-    """One piece of generated text; ``seq`` counts the turn's tokens from 1."""
+    """One piece of generated text; ``seq`` counts the turn's tokens from 1.
+
+    ``more`` are the texts of the tokens ``seq + 1``, ``seq + 2``, ... appended in the same
+    record (an agent groups tokens the log has not taken yet). ``decode_events`` returns such a
+    record as one ``TokenEmitted`` per token, so readers never see ``more`` set.
+    """
 
     turn_id: str
     seq: int
     text: str
     conversation_id: str = ""
     tenant_id: str = ""
+    more: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from mesh import metrics, turnlog
@@ -44,6 +44,8 @@ GROUP = "agents"
 # Cancels remembered for turns this agent may claim later (their events are re-read anyway).
 _CANCELS_REMEMBERED = 10_000
 _REJOIN_DELAY_S = 1.0
+# Most tokens in one TokenEmitted record.
+MAX_RUN = 256
 
 
 @contextlib.asynccontextmanager
@@ -70,11 +72,11 @@ def _read_request(value: bytes) -> turnlog.TurnRequested | None:
     return turn
 
 
-def _read_event(value: bytes) -> turnlog.TurnEvent | None:
+def _read_events(value: bytes) -> list[turnlog.TurnEvent]:
     try:
-        return turnlog.decode_event(value)
+        return turnlog.decode_events(value)
     except turnlog.UndecodableRecord:
-        return None
+        return []
 
 
 @dataclass
@@ -92,6 +94,50 @@ class _PriorEvents:
     @property
     def text(self) -> str:
         return "".join(self.tokens[seq] for seq in sorted(self.tokens))
+
+
+class TokenAppender:
+    """Appends a turn's tokens: one goes out at once when none of the turn's appends is in
+    flight; tokens produced while one is in flight are held and go out together, as one record
+    of consecutive seqs, when it lands. A lone token never waits; a fast sequence costs the log
+    one record per round trip instead of one per token."""
+
+    def __init__(
+        self, turn: turnlog.TurnRequested, append: Callable[[bytes], asyncio.Future[int]]
+    ) -> None:
+        self._turn = turn
+        self._append = append
+        self._inflight: asyncio.Future[int] | None = None
+        self._first_held = 0
+        self._held: list[str] = []
+
+    def add(self, seq: int, text: str) -> None:
+        if not self._held:
+            self._first_held = seq
+        self._held.append(text)
+        if self._inflight is None or self._inflight.done() or len(self._held) >= MAX_RUN:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append what is held now (before the turn's TurnFinished)."""
+        if not self._held:
+            return
+        turn, texts = self._turn, self._held
+        self._held = []
+        event = turnlog.TokenEmitted(
+            turn.turn_id,
+            self._first_held,
+            texts[0],
+            turn.conversation_id,
+            turn.tenant_id,
+            more=tuple(texts[1:]),
+        )
+        self._inflight = self._append(turnlog.encode(event))
+        self._inflight.add_done_callback(self._landed)
+
+    def _landed(self, future: asyncio.Future[int]) -> None:
+        if future is self._inflight:
+            self.flush()
 
 
 @dataclass
@@ -211,9 +257,9 @@ class TurnWorker(AsyncStartStop):
                 async with _closing(self._log.read(TURN_EVENTS, partition, start)) as records:
                     async for record in records:
                         start = record.offset + 1
-                        event = _read_event(record.value)
-                        if isinstance(event, turnlog.TurnCancelled):
-                            self._note_cancel(event.turn_id)
+                        for event in _read_events(record.value):
+                            if isinstance(event, turnlog.TurnCancelled):
+                                self._note_cancel(event.turn_id)
             except LogError as error:
                 log.warning("event tail of partition %d failed (%s); retrying", partition, error)
                 await asyncio.sleep(_REJOIN_DELAY_S)
@@ -361,16 +407,19 @@ class TurnWorker(AsyncStartStop):
         records = await self._log.read_range(
             TURN_EVENTS, turn.events_partition, turn.events_start_offset, end
         )
+        wanted = (turn.turn_id,)
         for record in records:
-            event = _read_event(record.value)
-            if event is None or event.turn_id != turn.turn_id:
+            try:
+                events = turnlog.decode_events(record.value, turns=wanted)
+            except turnlog.UndecodableRecord:
                 continue
-            if isinstance(event, turnlog.TurnFinished):
-                prior.finished = True
-            elif isinstance(event, turnlog.TurnCancelled):
-                prior.cancelled = True
-            elif isinstance(event, turnlog.TokenEmitted) and event.seq > 0:
-                prior.tokens.offer(event.seq, event.text)
+            for event in events:
+                if isinstance(event, turnlog.TurnFinished):
+                    prior.finished = True
+                elif isinstance(event, turnlog.TurnCancelled):
+                    prior.cancelled = True
+                elif isinstance(event, turnlog.TokenEmitted) and event.seq > 0:
+                    prior.tokens.offer(event.seq, event.text)
         return prior
 
     async def _run_turn(
@@ -387,8 +436,10 @@ class TurnWorker(AsyncStartStop):
         partition = turn.events_partition
         key = turn.conversation_id.encode()
 
-        def append(value: bytes) -> None:
-            appends.append(self._log.append(TURN_EVENTS, partition, key, value))
+        def append(value: bytes) -> asyncio.Future[int]:
+            future = self._log.append(TURN_EVENTS, partition, key, value)
+            appends.append(future)
+            return future
 
         # Timings count from the gateway's acceptance; fall back to our claim (also when the
         # gateway left accepted_at unset or zero).
@@ -443,6 +494,7 @@ class TurnWorker(AsyncStartStop):
             )
             step_options = dataclasses.replace(options, max_tokens=remaining)
             finished: GenerationFinished | None = None
+            tokens = TokenAppender(turn, append)
             try:
                 async with contextlib.aclosing(
                     self._core.stream(
@@ -454,17 +506,7 @@ class TurnWorker(AsyncStartStop):
                             last_seq += 1
                             if first_token_at is None:
                                 first_token_at = time.monotonic()
-                            append(
-                                turnlog.encode(
-                                    turnlog.TokenEmitted(
-                                        turn.turn_id,
-                                        last_seq,
-                                        event.text,
-                                        turn.conversation_id,
-                                        turn.tenant_id,
-                                    )
-                                )
-                            )
+                            tokens.add(last_seq, event.text)
                             current.last_seq = last_seq
                         else:
                             finished = event
@@ -473,6 +515,7 @@ class TurnWorker(AsyncStartStop):
             except Exception as failure:  # a bug or a broken model must not wedge the queue
                 log.exception("turn %s: generation failed", turn.turn_id)
                 error = MeshError(f"generation failed: {failure}", reason="GENERATION_FAILED")
+            tokens.flush()
             if finished is not None:
                 reason = finished.finish_reason
                 prompt_tokens = finished.prompt_tokens

@@ -33,13 +33,13 @@ _log = logging.getLogger(__name__)
 CATCH_UP_CHUNK = 1000
 
 
-def _decode(record: Record, wanted: Container[str]) -> turnlog.TurnEvent | None:
-    """The record's event if it belongs to a wanted turn; None for others and for garbage."""
+def _decode(record: Record, wanted: Container[str]) -> list[turnlog.TurnEvent]:
+    """The record's events if they belong to a wanted turn; none for others and for garbage."""
     try:
-        return turnlog.decode_event(record.value, turns=wanted)
+        return turnlog.decode_events(record.value, turns=wanted)
     except turnlog.UndecodableRecord:
         _log.warning("undecodable turn event at offset %d skipped", record.offset)
-        return None
+        return []
 
 
 class Subscription:
@@ -133,9 +133,7 @@ class Subscription:
             stop = min(end, self.next_offset + CATCH_UP_CHUNK)
             records = await hub.log.read_range(TURN_EVENTS, self.partition, self.next_offset, stop)
             for record in records:
-                event = _decode(record, self._wanted)
-                if event is not None:
-                    out.append(event)
+                out += _decode(record, self._wanted)
             self.next_offset = stop
             if len(out) >= limit:
                 break
@@ -229,8 +227,7 @@ class TurnHub(AsyncStartStop):
             try:
                 async for record in self.log.read(TURN_EVENTS, partition, positions[partition]):
                     if subs:
-                        event = _decode(record, subs)
-                        if event is not None:
+                        for event in _decode(record, subs):
                             for sub in subs.get(event.turn_id, ()):
                                 sub._push(record.offset, event)
                     # Advanced after the pushes: catch-up relies on "position moved" meaning

@@ -47,40 +47,40 @@ def assemble(records: Iterable[Record], decode: Decoder) -> BatchPlan:
     for record in records:
         plan.events += 1
         plan.last_records[(record.topic, record.partition)] = record
-        event = decode(record)
-        if isinstance(event, TokenEvent):
-            if not seen_tokens.offer((event.turn_id, event.seq), event):
-                plan.in_batch_duplicates += 1
-                continue
-            plan.tokens.append(event)
-        elif isinstance(event, UserTurn):
-            if not seen_users.offer(event.turn_id, event):
-                plan.in_batch_duplicates += 1
-                continue
-            plan.user_messages.append(event)
-            ckey = (event.tenant_id, event.conversation_id)
-            current = conversations.get(ckey)
-            if current is None:
-                conversations[ckey] = ConversationRow(
-                    event.tenant_id,
-                    event.conversation_id,
-                    make_title(event.text),
-                    event.accepted_at,
-                    event.accepted_at,
-                )
-            else:
-                earliest = event.accepted_at < current.created_at
-                conversations[ckey] = ConversationRow(
-                    current.tenant_id,
-                    current.conversation_id,
-                    make_title(event.text) if earliest else current.title,
-                    min(current.created_at, event.accepted_at),
-                    max(current.updated_at, event.accepted_at),
-                )
-        elif isinstance(event, TurnEnd):
-            if not seen_finishes.offer(event.turn_id, event):
-                plan.in_batch_duplicates += 1
-                continue
-            plan.finishes.append(event)
+        for event in decode(record):
+            if isinstance(event, TokenEvent):
+                if not seen_tokens.offer((event.turn_id, event.seq), event):
+                    plan.in_batch_duplicates += 1
+                    continue
+                plan.tokens.append(event)
+            elif isinstance(event, UserTurn):
+                if not seen_users.offer(event.turn_id, event):
+                    plan.in_batch_duplicates += 1
+                    continue
+                plan.user_messages.append(event)
+                ckey = (event.tenant_id, event.conversation_id)
+                current = conversations.get(ckey)
+                if current is None:
+                    conversations[ckey] = ConversationRow(
+                        event.tenant_id,
+                        event.conversation_id,
+                        make_title(event.text),
+                        event.accepted_at,
+                        event.accepted_at,
+                    )
+                else:
+                    earliest = event.accepted_at < current.created_at
+                    conversations[ckey] = ConversationRow(
+                        current.tenant_id,
+                        current.conversation_id,
+                        make_title(event.text) if earliest else current.title,
+                        min(current.created_at, event.accepted_at),
+                        max(current.updated_at, event.accepted_at),
+                    )
+            elif isinstance(event, TurnEnd):
+                if not seen_finishes.offer(event.turn_id, event):
+                    plan.in_batch_duplicates += 1
+                    continue
+                plan.finishes.append(event)
     plan.conversations = list(conversations.values())
     return plan

@@ -17,17 +17,23 @@ def _clean(text: str) -> str:
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
-def decode(record: Record) -> Event | None:
-    """The event a record carries, or None for records the persister does not store.
+def decode(record: Record) -> list[Event]:
+    """The events a record carries (one per token of a record with several); none for records
+    the persister does not store.
 
     A record that does not parse, or lacks the ids every stored row needs, is logged and
     skipped: it can never be written, and stopping on it would stop the whole pipeline.
     """
     try:
         if record.topic == TURN_REQUESTS:
-            return _request(record)
+            user = _request(record)
+            return [] if user is None else [user]
         if record.topic == TURN_EVENTS:
-            return _event(record)
+            return [
+                e
+                for e in (_event(x, record) for x in turnlog.decode_events(record.value))
+                if e is not None
+            ]
     except turnlog.UndecodableRecord as error:
         log.warning(
             "skipping %s[%d]@%d: not a valid protobuf record (%s)",
@@ -36,8 +42,8 @@ def decode(record: Record) -> Event | None:
             record.offset,
             error,
         )
-        return None
-    return None
+        return []
+    return []
 
 
 def _utc_from_ns(ns: int) -> datetime:
@@ -64,8 +70,7 @@ def _request(record: Record) -> Event | None:
     )
 
 
-def _event(record: Record) -> Event | None:
-    event = turnlog.decode_event(record.value)
+def _event(event: turnlog.TurnEvent, record: Record) -> Event | None:
     if isinstance(event, turnlog.TokenEmitted):
         if not event.turn_id or event.seq < 1:
             _skip(record, "TokenEmitted without turn id or with seq < 1")

@@ -70,7 +70,7 @@ class TurnEnd:
 
 Event = UserTurn | TokenEvent | TurnEnd
 # Decodes a record; None for records the persister does not store (started, cancelled, garbage).
-Decoder = Callable[[Record], Event | None]
+Decoder = Callable[[Record], list[Event]]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from chat.common.v1 import common_pb2
 from chat.events.v1 import events_pb2
 from google.protobuf import timestamp_pb2
 
+from mesh import turnlog
 from mesh.errors import InvalidArgument
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, Record
 from services.persister import codec
@@ -77,31 +78,41 @@ class Log:
 def test_decode_request_token_and_finish() -> None:
     log = Log()
     user = codec.decode(log.request("t1", "hello"))
-    assert user == UserTurn("t1", "c1", "a", "hello", T0)
-    assert codec.decode(log.token("t1", 3, "x")) == TokenEvent("t1", 3, "x")
+    assert user == [UserTurn("t1", "c1", "a", "hello", T0)]
+    assert codec.decode(log.token("t1", 3, "x")) == [TokenEvent("t1", 3, "x")]
     end = codec.decode(log.finish("t1", 3, reason=common_pb2.FINISH_REASON_LENGTH, ts_ms=1500))
-    assert end == TurnEnd("t1", "c1", "a", 2, 3, utc_from_ms(1500))
+    assert end == [TurnEnd("t1", "c1", "a", 2, 3, utc_from_ms(1500))]
+
+
+def test_decode_expands_a_record_of_several_tokens() -> None:
+    grouped = turnlog.TokenEmitted("t1", 4, "a", "c1", "a", more=("b", "c"))
+    record = Record(TURN_EVENTS, 0, 9, b"c1", turnlog.encode(grouped), 1000)
+    assert codec.decode(record) == [
+        TokenEvent("t1", 4, "a"),
+        TokenEvent("t1", 5, "b"),
+        TokenEvent("t1", 6, "c"),
+    ]
 
 
 def test_decode_skips_what_is_not_stored_and_garbage() -> None:
     log = Log()
-    assert codec.decode(log.started("t1")) is None
-    assert codec.decode(log.record(TURN_EVENTS, b"\xff\xff\xff")) is None
-    assert codec.decode(log.record(TURN_REQUESTS, b"\x0a")) is None
+    assert codec.decode(log.started("t1")) == []
+    assert codec.decode(log.record(TURN_EVENTS, b"\xff\xff\xff")) == []
+    assert codec.decode(log.record(TURN_REQUESTS, b"\x0a")) == []
     # A request without a tenant can never be stored under one.
-    assert codec.decode(log.request("t1", "hi", tenant="")) is None
-    assert codec.decode(log.token("t1", 0, "x")) is None
+    assert codec.decode(log.request("t1", "hi", tenant="")) == []
+    assert codec.decode(log.token("t1", 0, "x")) == []
 
 
 def test_decode_replaces_nul_which_postgres_cannot_store() -> None:
-    event = codec.decode(Log().token("t1", 1, "a\x00b"))
+    [event] = codec.decode(Log().token("t1", 1, "a\x00b"))
     assert isinstance(event, TokenEvent)
     assert event.text == "a\ufffdb"
 
 
 def test_request_without_accepted_at_uses_the_record_time() -> None:
     msg = events_pb2.TurnRequested(turn_id="t", conversation_id="c", tenant_id="a", user_text="x")
-    event = codec.decode(Record(TURN_REQUESTS, 0, 0, b"c", msg.SerializeToString(), 1234))
+    [event] = codec.decode(Record(TURN_REQUESTS, 0, 0, b"c", msg.SerializeToString(), 1234))
     assert isinstance(event, UserTurn)
     assert event.accepted_at == datetime(1970, 1, 1, 0, 0, 1, 234000, tzinfo=UTC)
 
@@ -111,7 +122,7 @@ def test_accepted_at_reads_as_protobuf_does() -> None:
     msg = events_pb2.TurnRequested(
         turn_id="t", conversation_id="c", tenant_id="a", user_text="x", accepted_at=stamp
     )
-    event = codec.decode(Record(TURN_REQUESTS, 0, 0, b"c", msg.SerializeToString(), 1234))
+    [event] = codec.decode(Record(TURN_REQUESTS, 0, 0, b"c", msg.SerializeToString(), 1234))
     assert isinstance(event, UserTurn)
     assert event.accepted_at == stamp.ToDatetime(tzinfo=UTC)
     assert event.accepted_at.tzinfo is UTC

@@ -17,7 +17,7 @@ from mesh.turnlog import (
     TurnRequested,
     TurnStarted,
     UndecodableRecord,
-    decode_event,
+    decode_events,
     decode_request,
     encode,
 )
@@ -41,22 +41,22 @@ def test_log_records_round_trip() -> None:
         decode_request(b"\xff\xff")
     message = events_pb2.TurnRequested.FromString(value)
     assert message.accepted_at.seconds == 1_700_000_000 and message.options.max_tokens == 3
-    cancelled = decode_event(encode(TurnCancelled("t", "c", "acme")))
-    assert cancelled == TurnCancelled("t", "c", "acme")
+    cancelled = decode_events(encode(TurnCancelled("t", "c", "acme")))
+    assert cancelled == [TurnCancelled("t", "c", "acme")]
     token = events_pb2.TurnEvent(token=events_pb2.TokenEmitted(turn_id="t", seq=4, text="x"))
-    assert decode_event(token.SerializeToString(), turns={"other"}) is None
-    view = decode_event(token.SerializeToString(), turns={"t"})
+    assert decode_events(token.SerializeToString(), turns={"other"}) == []
+    [view] = decode_events(token.SerializeToString(), turns={"t"})
     assert isinstance(view, TokenEmitted) and (view.seq, view.text) == (4, "x")
     error = status_pb2.Status(code=13, message="boom")
     finished = events_pb2.TurnEvent(
         finished=events_pb2.TurnFinished(turn_id="t", finish_reason=5, last_seq=4, error=error)
     )
-    done = decode_event(finished.SerializeToString())
+    [done] = decode_events(finished.SerializeToString())
     assert isinstance(done, TurnFinished) and done.finish_reason == FinishReason.ERROR
     assert status_pb2.Status.FromString(done.error_status).message == "boom"
     with pytest.raises(UndecodableRecord):
-        decode_event(b"\xff\xff\xff")
-    assert decode_event(b"") is None
+        decode_events(b"\xff\xff\xff")
+    assert decode_events(b"") == []
 
 
 def test_request_without_accepted_at_reads_as_none() -> None:
@@ -91,9 +91,9 @@ def test_request_without_accepted_at_reads_as_none() -> None:
 )
 def test_every_event_round_trips(event: object) -> None:
     value = encode(event)  # type: ignore[arg-type]
-    assert decode_event(value) == event
-    assert decode_event(value, turns={"t"}) == event
-    assert decode_event(value, turns=()) is None
+    assert decode_events(value) == [event]
+    assert decode_events(value, turns={"t"}) == [event]
+    assert decode_events(value, turns=()) == []
 
 
 def test_wire_format_matches_the_proto() -> None:
@@ -136,7 +136,7 @@ def test_finish_reason_newer_than_this_code_survives() -> None:
     value = events_pb2.TurnEvent(
         finished=events_pb2.TurnFinished(turn_id="t", finish_reason=42)  # type: ignore[arg-type]
     ).SerializeToString()
-    done = decode_event(value)
+    [done] = decode_events(value)
     assert isinstance(done, TurnFinished) and done.finish_reason == 42
     assert events_pb2.TurnEvent.FromString(encode(done)).finished.finish_reason == 42
 
@@ -149,3 +149,13 @@ def test_first_record_per_key_wins() -> None:
     assert tokens.offer(("u", 1), "other turn")
     assert tokens == {("t", 1): "first", ("t", 2): "second", ("u", 1): "other turn"}
     assert list(tokens.values()) == ["first", "second", "other turn"]
+
+
+def test_a_record_of_several_tokens_reads_as_one_event_per_token() -> None:
+    grouped = TokenEmitted("t", 7, "a", "c", "acme", more=("b", "c"))
+    assert decode_events(encode(grouped)) == [
+        TokenEmitted("t", 7, "a", "c", "acme"),
+        TokenEmitted("t", 8, "b", "c", "acme"),
+        TokenEmitted("t", 9, "c", "c", "acme"),
+    ]
+    assert decode_events(encode(grouped), turns={"other"}) == []

@@ -255,7 +255,11 @@ type TokenEmitted struct {
 	// Conversation of the turn.
 	ConversationId string `protobuf:"bytes,4,opt,name=conversation_id,json=conversationId,proto3" json:"conversation_id,omitempty"`
 	// Tenant of the conversation.
-	TenantId      string `protobuf:"bytes,5,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	TenantId string `protobuf:"bytes,5,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	// Texts of the tokens seq + 1, seq + 2, ... that follow in the same record: an agent that
+	// produces tokens faster than the log takes them appends them together. Readers treat the
+	// record exactly as that many consecutive TokenEmitted records.
+	MoreTexts     []string `protobuf:"bytes,6,rep,name=more_texts,json=moreTexts,proto3" json:"more_texts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -323,6 +327,13 @@ func (x *TokenEmitted) GetTenantId() string {
 		return x.TenantId
 	}
 	return ""
+}
+
+func (x *TokenEmitted) GetMoreTexts() []string {
+	if x != nil {
+		return x.MoreTexts
+	}
+	return nil
 }
 
 // TurnFinished closes a turn. Exactly one is honoured per turn: the first in log order.
@@ -662,13 +673,15 @@ const file_chat_events_v1_events_proto_rawDesc = "" +
 	"\bagent_id\x18\x04 \x01(\tR\aagentId\x12+\n" +
 	"\x11request_partition\x18\x05 \x01(\x05R\x10requestPartition\x12%\n" +
 	"\x0erequest_offset\x18\x06 \x01(\x03R\rrequestOffset\x12*\n" +
-	"\x11resumed_after_seq\x18\a \x01(\x05R\x0fresumedAfterSeq\"\x93\x01\n" +
+	"\x11resumed_after_seq\x18\a \x01(\x05R\x0fresumedAfterSeq\"\xb2\x01\n" +
 	"\fTokenEmitted\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x03R\x03seq\x12\x12\n" +
 	"\x04text\x18\x03 \x01(\tR\x04text\x12'\n" +
 	"\x0fconversation_id\x18\x04 \x01(\tR\x0econversationId\x12\x1b\n" +
-	"\ttenant_id\x18\x05 \x01(\tR\btenantId\"\xa1\x03\n" +
+	"\ttenant_id\x18\x05 \x01(\tR\btenantId\x12\x1d\n" +
+	"\n" +
+	"more_texts\x18\x06 \x03(\tR\tmoreTexts\"\xa1\x03\n" +
 	"\fTurnFinished\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12A\n" +
 	"\rfinish_reason\x18\x02 \x01(\x0e2\x1c.chat.common.v1.FinishReasonR\ffinishReason\x120\n" +

@@ -3,9 +3,10 @@ import datetime
 from chat.common.v1 import common_pb2 as _common_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.rpc import status_pb2 as _status_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -51,18 +52,20 @@ class TurnStarted(_message.Message):
     def __init__(self, turn_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., request_partition: _Optional[int] = ..., request_offset: _Optional[int] = ..., resumed_after_seq: _Optional[int] = ...) -> None: ...
 
 class TokenEmitted(_message.Message):
-    __slots__ = ("turn_id", "seq", "text", "conversation_id", "tenant_id")
+    __slots__ = ("turn_id", "seq", "text", "conversation_id", "tenant_id", "more_texts")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    MORE_TEXTS_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     seq: int
     text: str
     conversation_id: str
     tenant_id: str
-    def __init__(self, turn_id: _Optional[str] = ..., seq: _Optional[int] = ..., text: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ...) -> None: ...
+    more_texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, turn_id: _Optional[str] = ..., seq: _Optional[int] = ..., text: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., more_texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TurnFinished(_message.Message):
     __slots__ = ("turn_id", "finish_reason", "usage", "timings", "error", "conversation_id", "tenant_id", "last_seq", "model", "cancel_seen_at_seq")
