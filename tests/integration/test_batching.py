@@ -85,26 +85,34 @@ def audited_prompt(running_mesh: RunningMesh, turn_id: str) -> str:
 def test_concurrent_turns_each_continue_their_own_prompt(
     running_mesh: RunningMesh, stub: object, tiny_model_path: Path
 ) -> None:
+    """Four turns in one batch, each sampled with its own seed: each stream equals what the
+    engine alone writes for that turn's exact prompt and seed, so no token crossed over."""
     texts = ["tell me about the log", "what is a mesh", "hello model", "and the agent then"]
     turns = [
-        TimedTurn(stub, running_mesh.api_key, start_request(text, max_tokens=10, temperature=0.0))
-        for text in texts
+        TimedTurn(
+            stub,
+            running_mesh.api_key,
+            start_request(text, max_tokens=10, temperature=1.0, seed=seed),
+        )
+        for seed, text in enumerate(texts, start=1)
     ]
     for turn in turns:
         turn.start()
     run_all(turns)
     prompts = [audited_prompt(running_mesh, t.result.turn_id) for t in turns]
 
-    async def alone(prompt: str) -> str:
+    async def alone() -> list[str]:
         async with LlamaEngine(tiny_model_path, n_ctx=512, n_threads=1) as engine:
-            options = SamplingOptions(max_tokens=10, temperature=0.0)
-            async with engine.generate(prompt, options) as generation:
-                return "".join([piece.text async for piece in generation])
+            texts = []
+            for seed, prompt in enumerate(prompts, start=1):
+                options = SamplingOptions(max_tokens=10, temperature=1.0, seed=seed)
+                async with engine.generate(prompt, options) as generation:
+                    texts.append("".join([piece.text async for piece in generation]))
+            return texts
 
-    expected = [asyncio.run(alone(prompt)) for prompt in prompts]
-    # Random weights: two prompts may happen to continue alike; most must differ, so that
-    # any crossed wire between them shows.
-    assert len(set(expected)) >= 3, expected
+    expected = asyncio.run(alone())
+    # Distinct seeds make the continuations differ, so a crossed wire would show.
+    assert len(set(expected)) == len(expected), expected
     assert [t.result.text for t in turns] == expected
 
 
