@@ -119,6 +119,7 @@ def scale_config(
     service alone would use its default address). The partition count comes from
     ``MESH_LOG_PARTITIONS``; Envoy's port from ``MESH_ENVOY_PORT`` (unset: a free port).
     """
+    agents = int(overrides.pop("agents", 2))  # type: ignore[call-overload]
     config = MeshConfig(
         state_dir=state_dir,
         model_path=model_path,
@@ -131,7 +132,10 @@ def scale_config(
         pg_server="debian",
         partitions=LogSettings.value_from_env("partitions", environ),
         gateways=2,
-        agents=2,
+        agents=agents,
+        # llama.cpp threads spin while they wait: co-located agents get disjoint shares of the
+        # machine's cores, never more threads in all than it has.
+        agent_threads=max(1, (os.cpu_count() or 1) // agents),
         envoy=True,
         envoy_port=Env(environ, "MESH_ENVOY_").int("PORT", 0, minimum=0),
     )

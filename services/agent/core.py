@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -69,6 +70,7 @@ class GenerationFinished:
     time_to_first_token_ms: float
     total_ms: float
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens continued from the KV cache, not read again
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +259,7 @@ class AgentCore:
         reason = generation.finish_reason or (
             FinishReason.CANCELLED if cancel.is_set() else FinishReason.ERROR
         )
-        yield _finished(
+        finished = _finished(
             reason,
             generation.prompt_tokens or built.prompt_tokens,
             emitted_tokens,
@@ -266,6 +268,7 @@ class AgentCore:
             first_at,
             generation.error,
         )
+        yield dataclasses.replace(finished, cached_tokens=generation.cached_tokens)
 
 
 def _finished(

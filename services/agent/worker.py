@@ -470,6 +470,7 @@ class TurnWorker(AsyncStartStop):
         first_token_at: float | None = None
         error: MeshError | None = None
         prompt_tokens = 0
+        cached_tokens = 0
         new_tokens = 0
         if cancel.is_set():
             reason = FinishReason.CANCELLED
@@ -519,6 +520,7 @@ class TurnWorker(AsyncStartStop):
             if finished is not None:
                 reason = finished.finish_reason
                 prompt_tokens = finished.prompt_tokens
+                cached_tokens = finished.cached_tokens
                 new_tokens = finished.completion_tokens
                 if finished.error:
                     error = MeshError(finished.error, reason="GENERATION_FAILED")
@@ -562,9 +564,11 @@ class TurnWorker(AsyncStartStop):
             raise LogError(f"{len(failed)} appends of turn {turn.turn_id} failed: {failed[0]}")
         metrics.TURNS.labels(METRICS_SERVICE, reason.name.lower()).inc()
         log.info(
-            "turn %s finished: %s, %d tokens (seq %d)",
+            "turn %s finished: %s, %d tokens (seq %d); prompt %d tokens, %d of them from the cache",
             turn.turn_id,
             reason.name,
             new_tokens,
             last_seq,
+            prompt_tokens,
+            cached_tokens,
         )

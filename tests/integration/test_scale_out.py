@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -124,6 +125,9 @@ def test_scale_profile_starts_only_servers_without_an_address(tmp_path: Path) ->
     paths = {"state_dir": tmp_path, "model_path": tmp_path / "m.gguf", "api_keys_file": tmp_path}
     nothing_given = scale_config(**paths, environ={})
     assert (nothing_given.gateways, nothing_given.agents, nothing_given.envoy) == (2, 2, True)
+    # Two agents on one machine split its cores instead of spinning on the same ones.
+    assert nothing_given.agent_threads == max(1, (os.cpu_count() or 1) // 2)
+    assert scale_config(**paths, environ={}, agents=1).agent_threads == (os.cpu_count() or 1)
     wanted = [name for name, _ in Mesh(nothing_given)._servers_to_start()]
     assert wanted == ["postgres", "kafka", "elasticsearch"]
     clusters = {
