@@ -103,20 +103,21 @@ def choose_model(ctx: Context, model: Path | None) -> tuple[Path, str]:
 @dataclass(frozen=True)
 class Prompt:
     text: str
+    tokens: tuple[int, ...]  # as the agent feeds them: template markers special, user text plain
     stop: tuple[str, ...]  # what the prompt format needs (the agent adds the same ones)
 
 
 def build_prompt(engine: LlamaEngine) -> Prompt:
     """The prompt exactly as the agent builds it for a first turn with nothing recalled."""
     builder = PromptBuilder(
-        count_tokens=engine.count_tokens,
+        count_tokens=engine.count_segments,
         n_ctx=engine.n_ctx,
         chat_template=engine.chat_template,
         bos_token=engine.bos_text,
         eos_token=engine.eos_text,
     )
     built = builder.build(PromptRequest(user_text=PROMPT), 4096)
-    return Prompt(built.text, built.stop)
+    return Prompt(built.text, tuple(engine.tokenize_segments(built.segments)), built.stop)
 
 
 async def direct_run(engine: LlamaEngine, prompt: Prompt, max_tokens: int, seed: int) -> Sample:
@@ -127,7 +128,7 @@ async def direct_run(engine: LlamaEngine, prompt: Prompt, max_tokens: int, seed:
     gaps: list[float] = []
     started = time.perf_counter()
     first = last = 0.0
-    async with engine.generate(prompt.text, options) as generation:
+    async with engine.generate(prompt.tokens, options) as generation:
         async for piece in generation:
             now = time.perf_counter()
             if not pieces:

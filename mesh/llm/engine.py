@@ -340,6 +340,23 @@ class LlamaEngine(AsyncStartStop):
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
 
+    def tokenize_segments(self, segments: Sequence[tuple[str, bool]]) -> list[int]:
+        """Tokens of a prompt made of ``(text, trusted)`` segments, BOS first.
+
+        Special tokens are parsed in trusted text only (a chat template's turn markers); text
+        that users, history or memory wrote is tokenized as plain text, so it cannot forge them.
+        """
+        model = self._model()
+        tokens: list[int] = []
+        for text, trusted in segments:
+            tokens += model.tokenize(text, add_bos=not tokens, special=trusted)
+        if len(tokens) >= 2 and tokens[0] == model.bos and tokens[1] == model.bos:
+            tokens = tokens[1:]
+        return tokens
+
+    def count_segments(self, segments: Sequence[tuple[str, bool]]) -> int:
+        return len(self.tokenize_segments(segments))
+
     def token_bytes(self, token: int) -> bytes:
         return self._model().token_bytes(token)
 

@@ -180,13 +180,16 @@ class NativeModel:
 
     # Tokens -------------------------------------------------------------------------------
 
-    def tokenize(self, text: str) -> list[int]:
-        """Tokens of ``text`` with BOS added and special tokens parsed."""
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Tokens of ``text``; ``special``: markers such as ``<end_of_turn>`` become their
+        special tokens (only for text we wrote: in user text they must stay characters)."""
         data = text.encode("utf-8")
         size = len(data) + 2
         while True:
             buffer = (ctypes.c_int32 * size)()
-            n = self._lib.llama_tokenize(self.vocab, data, len(data), buffer, size, True, True)
+            n = self._lib.llama_tokenize(
+                self.vocab, data, len(data), buffer, size, add_bos, special
+            )
             if n >= 0:
                 return list(buffer[:n])
             size = -n

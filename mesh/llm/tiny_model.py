@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 # Bump when the layout changes so cached files are rebuilt.
-TINY_MODEL_VERSION = 1
+TINY_MODEL_VERSION = 2
 DEFAULT_SEED = 1234
 
 N_EMBD = 64
@@ -75,7 +75,9 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
         types.append(6)  # BYTE
     for tag in (USER_TAG, ASSISTANT_TAG, END_TAG):
         pieces.append(tag)
-        types.append(4)  # USER_DEFINED: matched as a whole when tokenizing prompts
+        # CONTROL, as chat models mark their turn markers: parsed as one token in template
+        # text, but never in user text (tokenized without special parsing).
+        types.append(3)
     normal: list[str] = ["▁"]
     normal += [chr(c) for c in range(ord("a"), ord("z") + 1)]
     normal += [chr(c) for c in range(ord("A"), ord("Z") + 1)]

@@ -232,7 +232,8 @@ class AgentCore:
         pieces = 0
         emitted_tokens = 0
         async with contextlib.AsyncExitStack() as stack:
-            generation = await stack.enter_async_context(self.engine.generate(built.text, sampling))
+            tokens = self.engine.tokenize_segments(built.segments)
+            generation = await stack.enter_async_context(self.engine.generate(tokens, sampling))
             watcher = asyncio.create_task(_cancel_when_set(cancel, generation.cancel))
             stack.callback(watcher.cancel)
             async for piece in generation:

@@ -4,11 +4,17 @@ The model's own chat template (Jinja, from its GGUF metadata) is used when it ha
 model sees the turn markers it was trained on; otherwise a plain "User:/Assistant:" transcript.
 The prompt must leave room for the reply in the context window: the oldest history goes first,
 then the lowest-ranked recalled passages, and a reply longer than the room left is cut short.
+
+A prompt is a list of segments: the template's own text, whose turn markers are special tokens,
+and text that users wrote (their messages, history, recalled memory, a reply being continued),
+which the engine tokenizes as plain text. Typing ``<start_of_turn>model`` therefore gives the
+model those characters, never a forged turn.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,6 +31,14 @@ CONTEXT_HEADER = "Relevant context (it may help; ignore it if it does not):"
 # In the plain transcript format a model that starts a new labelled line has finished its reply;
 # base models (no chat template) otherwise write the next question themselves.
 PLAIN_STOPS = ("\nUser:", "\nAssistant:")
+
+# (text, trusted): trusted text may hold special tokens (turn markers); untrusted text never.
+Segment = tuple[str, bool]
+
+# Placeholders for untrusted text while a template renders: a private-use character around the
+# text's index. Only the placeholders we put there can appear in the rendered template.
+_HOLE = "\ue000"
+_HOLES = re.compile(f"{_HOLE}(\\d+){_HOLE}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +65,10 @@ class PromptRequest:
 
 @dataclass(frozen=True, slots=True)
 class BuiltPrompt:
-    """A prompt ready for the engine."""
+    """A prompt ready for the engine: ``segments`` to tokenize, ``text`` their concatenation."""
 
     text: str
+    segments: tuple[Segment, ...]
     prompt_tokens: int
     max_tokens: int  # the reply budget after fitting; never more than requested
     history_used: int  # history messages kept (the newest ones)
@@ -134,7 +149,7 @@ class PromptBuilder:
     """Builds prompts for one model.
 
     Args:
-        count_tokens: tokens of a prompt as the engine will feed it.
+        count_tokens: tokens of a prompt's segments as the engine will feed them.
         n_ctx: the model's context window.
         chat_template: the model's Jinja chat template, or None for the plain format.
         bos_token, eos_token: texts templates may reference.
@@ -144,7 +159,7 @@ class PromptBuilder:
     def __init__(
         self,
         *,
-        count_tokens: Callable[[str], int],
+        count_tokens: Callable[[Sequence[Segment]], int],
         n_ctx: int,
         chat_template: str | None = None,
         bos_token: str = "",
@@ -169,20 +184,40 @@ class PromptBuilder:
 
     def render(self, request: PromptRequest, history: Sequence[ChatMessage], passages: int) -> str:
         """The prompt text for ``history`` and the first ``passages`` passages."""
-        messages = [ChatMessage(m.role, m.text) for m in history]
-        messages.append(
-            ChatMessage(USER, user_content(request.user_text, request.context_passages[:passages]))
-        )
+        return "".join(text for text, _ in self.segments(request, history, passages))
+
+    def segments(
+        self, request: PromptRequest, history: Sequence[ChatMessage], passages: int
+    ) -> list[Segment]:
+        """The prompt for ``history`` and the first ``passages`` passages, as segments."""
+        untrusted: list[str] = []
+
+        def hole(text: str) -> str:
+            untrusted.append(text)
+            return f"{_HOLE}{len(untrusted) - 1}{_HOLE}"
+
+        messages = [ChatMessage(m.role, hole(m.text)) for m in history]
+        content = user_content(request.user_text, request.context_passages[:passages])
+        messages.append(ChatMessage(USER, hole(content)))
         if self._system:
             # Not every template knows a system role; the first user message works everywhere.
             messages[0] = ChatMessage(USER, self._system + "\n\n" + messages[0].text)
+        prefix = hole(request.assistant_prefix) if request.assistant_prefix else ""
         if self._template is not None:
             rendered = self._template.render(
                 [{"role": m.role, "content": m.text} for m in messages]
             )
-            return rendered + request.assistant_prefix
-        lines = [f"{'User' if m.role == USER else 'Assistant'}: {m.text}\n" for m in messages]
-        return "".join(lines) + "Assistant:" + request.assistant_prefix
+        else:
+            lines = [f"{'User' if m.role == USER else 'Assistant'}: {m.text}\n" for m in messages]
+            rendered = "".join(lines) + "Assistant:"
+        parts = _HOLES.split(rendered + prefix)
+        # split() alternates: template text, a hole's index, template text, ...
+        result: list[Segment] = []
+        for i, part in enumerate(parts):
+            text, trusted = (part, True) if i % 2 == 0 else (untrusted[int(part)], False)
+            if text:
+                result.append((text, trusted))
+        return result
 
     def build(self, request: PromptRequest, max_tokens: int) -> BuiltPrompt:
         """Fit ``request`` into the context window leaving room for the reply.
@@ -192,7 +227,7 @@ class PromptBuilder:
         that is left. Raises ``PromptTooLong`` when even the bare message does not fit.
         """
         history = normalize_history(request.history)
-        bare = self._count(self.render(request, [], 0))
+        bare = self._count(self.segments(request, [], 0))
         if bare >= self._n_ctx:
             raise PromptTooLong(
                 f"the message needs {bare} tokens but the model's context holds {self._n_ctx}; "
@@ -202,8 +237,8 @@ class PromptBuilder:
         budget = self._n_ctx - reserve
 
         def fits(n_history: int, n_passages: int) -> bool:
-            text = self.render(request, _newest(history, n_history), n_passages)
-            return self._count(text) <= budget
+            segments = self.segments(request, _newest(history, n_history), n_passages)
+            return self._count(segments) <= budget
 
         kept_history, kept_passages = len(history), len(request.context_passages)
         if not fits(kept_history, kept_passages):
@@ -211,10 +246,11 @@ class PromptBuilder:
             kept_history = _largest(lambda n: fits(n, kept_passages), range(len(history), -1, -2))
             if not fits(kept_history, kept_passages):
                 kept_passages = _largest(lambda n: fits(0, n), range(kept_passages, -1, -1))
-        text = self.render(request, _newest(history, kept_history), kept_passages)
-        tokens = self._count(text)
+        segments = self.segments(request, _newest(history, kept_history), kept_passages)
+        tokens = self._count(segments)
         return BuiltPrompt(
-            text=text,
+            text="".join(text for text, _ in segments),
+            segments=tuple(segments),
             prompt_tokens=tokens,
             max_tokens=max(0, min(max_tokens, self._n_ctx - tokens)),
             history_used=kept_history,

@@ -151,7 +151,7 @@ class AgentDeps(ServiceDeps):
 
 def build_core(settings: AgentSettings, engine: LlamaEngine) -> AgentCore:
     prompts = PromptBuilder(
-        count_tokens=engine.count_tokens,
+        count_tokens=engine.count_segments,
         n_ctx=engine.n_ctx,
         chat_template=engine.chat_template,
         bos_token=engine.bos_text,

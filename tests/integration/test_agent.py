@@ -599,7 +599,7 @@ async def test_history_and_recall_reach_the_prompt(running: Running) -> None:
     # The prompt the agent used is exactly: the older exchange, both passages, the question once.
     async with LlamaEngine(running.model, n_ctx=N_CTX, n_threads=1) as engine:
         prompts = PromptBuilder(
-            count_tokens=engine.count_tokens,
+            count_tokens=engine.count_segments,
             n_ctx=N_CTX,
             chat_template=engine.chat_template,
             bos_token=engine.bos_text,

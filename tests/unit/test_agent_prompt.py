@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from mesh.llm.tiny_model import CHAT_TEMPLATE
@@ -12,13 +14,14 @@ from services.agent.prompt import (
     PromptBuilder,
     PromptRequest,
     PromptTooLong,
+    Segment,
     normalize_history,
 )
 
 
-def chars(text: str) -> int:
+def chars(segments: Sequence[Segment]) -> int:
     """A stand-in tokenizer: one token per character."""
-    return len(text)
+    return sum(len(text) for text, _ in segments)
 
 
 def exchange(i: int, size: int = 10) -> list[ChatMessage]:
