@@ -3,21 +3,26 @@
 For each N (1, 4, 8, 16 by default) three sides run one after the other, never at once (the
 machine's cores are the thing being shared):
 
+- **engine**: ``mesh.llm.LlamaEngine(..., slots=N)`` in this process, N concurrent
+  ``generate`` calls: the engine's ceiling, with no mesh around it.
 - **llama-server** (the anchor): built from the llama.cpp vendored in the pinned
   llama-cpp-python sdist (``python -m bench.llama_server build``), started with ``-np N
   --cont-batching`` on a loopback port and driven by N concurrent streaming ``/completion``
-  requests. A machine without the binary gets a row that says how to build it; CI never
+  requests. A machine without the binary gets a line that says how to build it; CI never
   builds it.
-- **engine**: ``mesh.llm.LlamaEngine(..., slots=N)`` in this process, N concurrent
-  ``generate`` calls: the engine's ceiling, with no mesh around it.
 - **mesh**: ``mesh.launcher.Mesh`` (what ``make up`` starts) with one agent configured for N
   concurrent sequences, N new conversations through the gateway's ``StreamTurn``.
 
 All sides get the same model file, threads, per-sequence context, sampling (top-k 40, top-p,
-min-p 0.05, temperature, one seed per stream) and reply length, and the same prompt tokens:
-each stream's prompt is the agent's own first-turn prompt for a distinct user message, so the
-engine and llama-server receive exactly the tokens the agent would build. llama-server's prompt
-cache is off (``--cache-ram 0``, ``cache_prompt: false``), so rounds never reuse each other's KV.
+min-p 0.05, temperature, one seed per stream), the same prompt tokens and the same reply
+lengths. Each stream's prompt is the agent's own first-turn prompt for a distinct user
+message, so the engine and llama-server receive exactly the tokens the agent would build. The
+engine and the mesh share their sampling code, so with the same seed they write the same reply;
+llama-server samples with llama.cpp's own chain, so each of its streams is told to generate
+exactly as many tokens as the engine's stream with the same prompt and seed did (ignoring
+end-of-generation and stop strings), and both do the same work. Prompt caching is alike: each
+llama-server slot, like each engine context, reuses the prefix its last prompt shares with the
+next (the chat template's few tokens here); neither keeps a cache in host memory.
 
 Per side and N: aggregate tok/s (every stream's generated tokens over the wall time from the
 requests' start to the last stream's end, prefill included), TTFT p50/p99 (from the common
@@ -306,10 +311,13 @@ class LlamaServer:
             "--threads", threads,
             "--threads-batch", threads,
             "--ctx-size", str(self.plan.n_ctx * self.n),
-            # As the engine loads llama.cpp: 512-token batches, no flash attention.
+            # As the engine loads llama.cpp: 512-token batches, no flash attention, a full-size
+            # sliding-window KV cache (llama.cpp's context default, which the engine keeps).
             "--batch-size", "512",
             "--flash-attn", "off",
-            # No prompt cache in host memory: rounds must not reuse each other's prefill.
+            "--swa-full",
+            # No prompt cache in host memory (the engine has none); each slot still reuses the
+            # prefix its last prompt shares with the next, as the engine's contexts do.
             "--cache-ram", "0",
             "--no-webui",
         ]  # fmt: skip
@@ -345,13 +353,16 @@ class LlamaServer:
         self,
         session: aiohttp.ClientSession,
         prompt: Prompt,
-        max_tokens: int,
+        tokens: int,
         seed: int,
         start: float,
     ) -> Stream:
+        """Stream exactly ``tokens`` tokens: no end-of-generation token or stop string ends
+        it early (see :func:`server_level`)."""
         body = {
             "prompt": list(prompt.tokens),
-            "n_predict": max_tokens,
+            "n_predict": tokens,
+            "ignore_eos": True,
             "stream": True,
             "temperature": TEMPERATURE,
             "top_k": TOP_K,
@@ -359,8 +370,7 @@ class LlamaServer:
             "min_p": MIN_P,
             "repeat_penalty": 1.0,
             "seed": seed,
-            "stop": list(prompt.stop),
-            "cache_prompt": False,
+            "cache_prompt": True,
         }
         clock = Clock(start)
         final: dict[str, Any] | None = None
@@ -385,11 +395,25 @@ class LlamaServer:
 
 
 async def server_level(
-    ctx: Context, binary: Path, model: Path, plan: Plan, n: int, prompts: Sequence[Prompt]
+    ctx: Context,
+    binary: Path,
+    model: Path,
+    plan: Plan,
+    n: int,
+    prompts: Sequence[Prompt],
+    lengths: Sequence[int],
 ) -> Level:
+    """llama-server at ``n``; stream ``k`` generates ``lengths[k]`` tokens.
+
+    Its sampler chain is llama.cpp's own, so with the same seed its text (and where an
+    end-of-generation token or a stop string would fall) differs from the engine's. Each stream
+    therefore generates exactly as many tokens as the engine's stream with the same prompt and
+    seed did, so both sides do the same work and the batch shrinks at the same moments.
+    """
     level = Level("llama-server", n, load=os.getloadavg()[0])
     timeout = aiohttp.ClientTimeout(total=TURN_TIMEOUT_S)
-    connector = aiohttp.TCPConnector(limit=0)
+    # A new connection per request: the server may close a kept-alive one as it is reused.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         server = LlamaServer(binary, model, plan, n, ctx.path("batching") / f"llama-server-{n}.log")
         try:
@@ -401,7 +425,7 @@ async def server_level(
                 streams = await asyncio.gather(
                     *(
                         server.complete(
-                            session, prompts[r * n + i], plan.max_tokens, plan.seed(i), start
+                            session, prompts[r * n + i], lengths[r * n + i], plan.seed(i), start
                         )
                         for i in range(n)
                     )
@@ -688,7 +712,7 @@ def multi_turn_row(
     first, last = ttfts[0], ttfts[-1]
     ratio = last / first if first > 0 else 0.0
     reuse = (
-        "no prefix-cache metric: no KV reuse"
+        "the agent exports no prefix-cache metric"
         if hits is None
         else f"prefix-cache hits {hits:.0f}" + ("" if hits > 0 else ": no KV reuse")
     )
@@ -753,13 +777,14 @@ async def run(
         if shared is not None:
             await stack.enter_async_context(shared)
         for n in plan.streams:
+            ctx.progress(f"batching: N={n} engine")
+            engine = levels["engine", n] = await engine_level(model_path, plan, n, prompts)
             if binary is not None:
                 ctx.progress(f"batching: N={n} llama-server")
+                lengths = [stream.tokens for stream in engine.streams]
                 levels["llama-server", n] = await server_level(
-                    ctx, binary, model_path, plan, n, prompts
+                    ctx, binary, model_path, plan, n, prompts, lengths
                 )
-            ctx.progress(f"batching: N={n} engine")
-            levels["engine", n] = await engine_level(model_path, plan, n, prompts)
             ctx.progress(f"batching: N={n} mesh")
             if shared is not None:
                 levels["mesh", n] = await shared.level(plan, n)
@@ -778,6 +803,10 @@ async def run(
         anchor = levels.get(("llama-server", n))
         for name in ("engine", "mesh"):
             rows.append(level_rows(n, levels[name, n], anchor, single, missing, note))
+        # Same seeds and sampling code: the mesh's replies should be the engine's, token counts
+        # included; fewer matches mean the two sides did different work.
+        pairs = zip(levels["engine", n].streams, levels["mesh", n].streams, strict=True)
+        rows[-1].metrics["same_length_as_engine"] = sum(a.tokens == b.tokens for a, b in pairs)
     if single is not None and ("mesh", 1) in levels:
         rows.append(single_stream_row(single, levels["mesh", 1], note))
     if binary is None:
