@@ -16,7 +16,9 @@ machine's cores are the thing being shared):
 All sides get the same model file, threads, per-sequence context, sampling (top-k 40, top-p,
 min-p 0.05, temperature, one seed per stream), the same prompt tokens and the same reply
 lengths. Each stream's prompt is the agent's own first-turn prompt for a distinct user
-message, so the engine and llama-server receive exactly the tokens the agent would build. The
+message, so the engine and llama-server receive exactly the tokens the agent would build; the
+messages (and seeds) are chosen, before any side is timed, among those whose reply on the
+engine runs the full reply length, so every stream of a round decodes to the end. The
 engine and the mesh share their sampling code, so with the same seed they write the same reply;
 llama-server samples with llama.cpp's own chain, so each of its streams is told to generate
 exactly as many tokens as the engine's stream with the same prompt and seed did (ignoring
@@ -123,8 +125,19 @@ TOPICS = (
 )
 
 
-def user_text(index: int) -> str:
-    return f"Write a long, detailed essay about {TOPICS[index % len(TOPICS)]}."
+FORMS = (
+    "Write a long, detailed essay about {}.",
+    "Explain {} step by step, in at least five paragraphs.",
+)
+CANDIDATES_PER_PROMPT = 4  # candidates tried per prompt wanted before settling for shorter ones
+
+
+def candidate(index: int) -> tuple[str, int]:
+    """User message and seed of candidate ``index``: every topic in every form, then again
+    with other seeds."""
+    topic = TOPICS[index % len(TOPICS)]
+    form = FORMS[(index // len(TOPICS)) % len(FORMS)]
+    return form.format(topic), BASE_SEED + index
 
 
 MULTI_TURN_TEXTS = (
@@ -220,12 +233,13 @@ class Plan:
     def rounds(self, n: int) -> int:
         return 1 if self.quick else max(1, math.ceil(MIN_SAMPLES / n))
 
-    def seed(self, index: int) -> int:
-        return BASE_SEED + index
-
 
 @dataclass(frozen=True)
 class Prompt:
+    """One stream's first turn: the user's message and seed, and the agent's prompt for it."""
+
+    user: str
+    seed: int
     text: str
     tokens: tuple[int, ...]
     stop: tuple[str, ...]
@@ -262,8 +276,21 @@ class Clock:
 # -- prompts ----------------------------------------------------------------------------------
 
 
-async def build_prompts(model: Path, plan: Plan, count: int) -> list[Prompt]:
-    """The agent's first-turn prompts for ``count`` distinct messages, as text and tokens."""
+async def choose_prompts(
+    ctx: Context, model: Path, plan: Plan, count: int
+) -> tuple[list[Prompt], int]:
+    """``count`` distinct first turns whose replies run the full ``plan.max_tokens`` on the
+    engine, and how many of them do.
+
+    With this model most replies end early (an end-of-generation token or the prompt format's
+    stop strings), at lengths that differ per stream; a round then ends with one long stream
+    decoding alone, which hides what batching gains. So the row keeps (message, seed) pairs
+    whose reply runs the whole length; the mesh, sampling like the engine, writes the same
+    replies. When too few candidates qualify, shorter ones fill the rest.
+    """
+    full: list[Prompt] = []
+    short: list[Prompt] = []
+    tried = 0
     async with LlamaEngine(model, n_ctx=plan.n_ctx, n_threads=plan.threads) as engine:
         builder = PromptBuilder(
             count_tokens=engine.count_tokens,
@@ -272,11 +299,18 @@ async def build_prompts(model: Path, plan: Plan, count: int) -> list[Prompt]:
             bos_token=engine.bos_text,
             eos_token=engine.eos_text,
         )
-        prompts = []
-        for i in range(count):
-            built = builder.build(PromptRequest(user_text=user_text(i)), plan.max_tokens)
-            prompts.append(Prompt(built.text, tuple(engine.tokenize(built.text)), built.stop))
-    return prompts
+        while len(full) < count and tried < CANDIDATES_PER_PROMPT * count:
+            user, seed = candidate(tried)
+            tried += 1
+            built = builder.build(PromptRequest(user_text=user), plan.max_tokens)
+            prompt = Prompt(user, seed, built.text, tuple(engine.tokenize(built.text)), built.stop)
+            async with engine.generate(list(prompt.tokens), _options(plan, prompt)) as generation:
+                async for _ in generation:
+                    pass
+            whole = generation.completion_tokens >= plan.max_tokens
+            (full if whole else short).append(prompt)
+    ctx.progress(f"batching: {len(full)} of {tried} candidates reply with all {plan.max_tokens}")
+    return (full + short)[:count], min(len(full), count)
 
 
 # -- llama-server -----------------------------------------------------------------------------
@@ -354,7 +388,6 @@ class LlamaServer:
         session: aiohttp.ClientSession,
         prompt: Prompt,
         tokens: int,
-        seed: int,
         start: float,
     ) -> Stream:
         """Stream exactly ``tokens`` tokens: no end-of-generation token or stop string ends
@@ -369,7 +402,7 @@ class LlamaServer:
             "top_p": TOP_P,
             "min_p": MIN_P,
             "repeat_penalty": 1.0,
-            "seed": seed,
+            "seed": prompt.seed,
             "cache_prompt": True,
         }
         clock = Clock(start)
@@ -419,14 +452,13 @@ async def server_level(
         try:
             await server.start(session)
             # Warm-up, not recorded: first-call costs (page faults, buffers).
-            await server.complete(session, prompts[-1], 4, BASE_SEED, time.perf_counter())
+            warm = prompts[-1]
+            await server.complete(session, warm, 4, time.perf_counter())
             for r in range(plan.rounds(n)):
                 start = time.perf_counter()
                 streams = await asyncio.gather(
                     *(
-                        server.complete(
-                            session, prompts[r * n + i], lengths[r * n + i], plan.seed(i), start
-                        )
+                        server.complete(session, prompts[r * n + i], lengths[r * n + i], start)
                         for i in range(n)
                     )
                 )
@@ -439,14 +471,12 @@ async def server_level(
 # -- the engine, directly ---------------------------------------------------------------------
 
 
-def _options(
-    plan: Plan, prompt: Prompt, seed: int, max_tokens: int | None = None
-) -> SamplingOptions:
+def _options(plan: Plan, prompt: Prompt, max_tokens: int | None = None) -> SamplingOptions:
     return SamplingOptions(
         max_tokens=plan.max_tokens if max_tokens is None else max_tokens,
         temperature=TEMPERATURE,
         top_p=TOP_P,
-        seed=seed,
+        seed=prompt.seed,
         stop=prompt.stop,
     )
 
@@ -470,7 +500,7 @@ async def engine_level(model: Path, plan: Plan, n: int, prompts: Sequence[Prompt
     level = Level("engine", n, load=os.getloadavg()[0])
     async with LlamaEngine(model, n_ctx=plan.n_ctx, n_threads=plan.threads, slots=n) as engine:
         warm = prompts[-1]
-        await _engine_stream(engine, warm, _options(plan, warm, BASE_SEED, 4), time.perf_counter())
+        await _engine_stream(engine, warm, _options(plan, warm, 4), time.perf_counter())
         for r in range(plan.rounds(n)):
             start = time.perf_counter()
             streams = await asyncio.gather(
@@ -478,7 +508,7 @@ async def engine_level(model: Path, plan: Plan, n: int, prompts: Sequence[Prompt
                     _engine_stream(
                         engine,
                         prompts[r * n + i],
-                        _options(plan, prompts[r * n + i], plan.seed(i)),
+                        _options(plan, prompts[r * n + i]),
                         start,
                     )
                     for i in range(n)
@@ -588,15 +618,19 @@ class MeshSide:
         usage = finished.usage
         return clock.stream(usage.completion_tokens), conversation_id, usage.prompt_tokens
 
-    async def level(self, plan: Plan, n: int) -> Level:
+    async def level(self, plan: Plan, n: int, prompts: Sequence[Prompt]) -> Level:
         level = Level("mesh", n, load=os.getloadavg()[0])
-        await self.turn(self.new_key(), user_text(len(TOPICS) - 1), BASE_SEED, time.perf_counter())
+        warm = prompts[-1]
+        await self.turn(self.new_key(), warm.user, warm.seed, time.perf_counter())
         await self.flush()
         for r in range(plan.rounds(n)):
             keys = [self.new_key() for _ in range(n)]
             start = time.perf_counter()
             results = await asyncio.gather(
-                *(self.turn(keys[i], user_text(r * n + i), plan.seed(i), start) for i in range(n))
+                *(
+                    self.turn(keys[i], prompts[r * n + i].user, prompts[r * n + i].seed, start)
+                    for i in range(n)
+                )
             )
             level.add_round([stream for stream, _, _ in results])
             await self.flush()
@@ -761,11 +795,12 @@ async def run(
     if binary is None:
         ctx.progress(f"batching: {missing}; measuring the engine and the mesh only")
     most = max(plan.rounds(n) * n for n in plan.streams)
-    ctx.progress(f"batching: building {most} prompts with {model_name}")
-    prompts = await build_prompts(model_path, plan, most + 1)
+    ctx.progress(f"batching: choosing {most + 1} prompts with {model_name}")
+    prompts, whole = await choose_prompts(ctx, model_path, plan, most + 1)
     note = (
-        f"{model_name}; {plan.threads} threads; {plan.max_tokens} new tokens max; "
-        f"n_ctx {plan.n_ctx} per sequence; agent setting {parallel_setting()}"
+        f"{model_name}; {plan.threads} threads; {plan.max_tokens} new tokens; {whole} of "
+        f"{len(prompts)} prompts reply with all of them on the engine; n_ctx {plan.n_ctx} per "
+        f"sequence; agent setting {parallel_setting()}"
     )
 
     levels: dict[tuple[str, int], Level] = {}
@@ -787,10 +822,10 @@ async def run(
                 )
             ctx.progress(f"batching: N={n} mesh")
             if shared is not None:
-                levels["mesh", n] = await shared.level(plan, n)
+                levels["mesh", n] = await shared.level(plan, n, prompts)
                 continue
             async with MeshSide(ctx, model_path, plan, n) as side:
-                levels["mesh", n] = await side.level(plan, n)
+                levels["mesh", n] = await side.level(plan, n, prompts)
                 if multi is None:
                     ctx.progress(f"batching: {plan.turns} turns of one conversation")
                     multi = await side.multi_turn(plan.turns)
