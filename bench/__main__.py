@@ -4,6 +4,8 @@ python -m bench                       # every row, full sizes (minutes)
 python -m bench --quick               # tiny sizes, seconds (what the smoke test runs)
 python -m bench --only relay --only log
 python -m bench --kafka --es          # add the Kafka and Elasticsearch variants
+python -m bench --only batching       # N concurrent conversations vs llama-server (build it
+                                      # first: python -m bench.llama_server build)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from bench.common import ROOT, Context, Progress, Row, machine
 
-ROWS = ("ttft", "throughput", "relay", "log", "persistence", "recall")
+ROWS = ("ttft", "throughput", "relay", "log", "persistence", "recall", "batching")
 DEFAULT_OUT = ROOT / "artifacts" / "bench.json"
 
 
@@ -63,7 +65,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--kafka", action="store_true", help="also measure the Kafka log")
     parser.add_argument("--es", action="store_true", help="also measure Elasticsearch recall")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
-    parser.add_argument("--model", type=Path, default=None, help="GGUF model for ttft/throughput")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="GGUF model for ttft/throughput/batching"
+    )
     parser.add_argument("--runs", type=int, default=None, help="generation runs per side")
     parser.add_argument("--max-tokens", type=int, default=None, help="tokens per generation")
     parser.add_argument(
@@ -80,6 +84,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         metavar="N,N",
         help="chunk counts for recall (default 10000,100000)",
+    )
+    parser.add_argument(
+        "--batching-streams",
+        type=_int_list,
+        default=None,
+        metavar="N,N",
+        help="concurrent conversations for batching (default 1,4,8,16)",
+    )
+    parser.add_argument(
+        "--batching-threads", type=int, default=None, help="llama.cpp threads for batching (2)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -168,6 +182,19 @@ async def run_rows(
         from bench import recall
 
         await family(("recall",), recall.run(ctx, es=args.es, sizes=args.recall_sizes))
+    if "batching" in selected:
+        from bench import batching
+
+        await family(
+            ("batching",),
+            batching.run(
+                ctx,
+                model=args.model,
+                streams=args.batching_streams,
+                threads=args.batching_threads,
+                max_tokens=args.max_tokens,
+            ),
+        )
     return rows, errors, loads
 
 
