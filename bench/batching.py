@@ -293,7 +293,7 @@ async def choose_prompts(
     tried = 0
     async with LlamaEngine(model, n_ctx=plan.n_ctx, n_threads=plan.threads) as engine:
         builder = PromptBuilder(
-            count_tokens=engine.count_tokens,
+            count_tokens=engine.count_segments,
             n_ctx=engine.n_ctx,
             chat_template=engine.chat_template,
             bos_token=engine.bos_text,
@@ -303,7 +303,7 @@ async def choose_prompts(
             user, seed = candidate(tried)
             tried += 1
             built = builder.build(PromptRequest(user_text=user), plan.max_tokens)
-            prompt = Prompt(user, seed, built.text, tuple(engine.tokenize(built.text)), built.stop)
+            prompt = Prompt(user, seed, built.text, tuple(engine.tokenize_segments(built.segments)), built.stop)
             async with engine.generate(list(prompt.tokens), _options(plan, prompt)) as generation:
                 async for _ in generation:
                     pass
