@@ -303,7 +303,9 @@ async def choose_prompts(
             user, seed = candidate(tried)
             tried += 1
             built = builder.build(PromptRequest(user_text=user), plan.max_tokens)
-            prompt = Prompt(user, seed, built.text, tuple(engine.tokenize_segments(built.segments)), built.stop)
+            prompt = Prompt(
+                user, seed, built.text, tuple(engine.tokenize_segments(built.segments)), built.stop
+            )
             async with engine.generate(list(prompt.tokens), _options(plan, prompt)) as generation:
                 async for _ in generation:
                     pass

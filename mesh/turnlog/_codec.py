@@ -10,6 +10,7 @@ from collections.abc import Container
 from dataclasses import asdict, fields
 from typing import TypeVar
 
+from chat.common.v1 import common_pb2
 from chat.events.v1 import events_pb2
 from google.protobuf.message import DecodeError, Message
 
@@ -133,6 +134,7 @@ def _other_event(
         last_seq=body.last_seq,
         model=body.model,
         cancel_seen_at_seq=body.cancel_seen_at_seq,
+        context_skipped=tuple((s.source, s.reason) for s in body.context_skipped),
     )
 
 
@@ -180,6 +182,10 @@ def _finished_to_proto(event: TurnFinished) -> events_pb2.TurnFinished:
         last_seq=event.last_seq,
         model=event.model,
         cancel_seen_at_seq=event.cancel_seen_at_seq,
+        context_skipped=[
+            common_pb2.ContextSkipped(source=source, reason=reason)
+            for source, reason in event.context_skipped
+        ],
     )
     if event.error_status:
         message.error.ParseFromString(event.error_status)

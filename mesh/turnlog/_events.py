@@ -74,6 +74,8 @@ class TurnFinished:
     last_seq: int = 0
     model: str = ""
     cancel_seen_at_seq: int = 0
+    # (source, reason) of each context source the turn was generated without.
+    context_skipped: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

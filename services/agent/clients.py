@@ -35,6 +35,10 @@ SKIPPED = Counter(
 
 _T = TypeVar("_T")
 
+# Why a context source was skipped (``mesh_agent_context_skipped_total`` and ``TurnFinished``).
+UNAVAILABLE = "unavailable"
+CIRCUIT_OPEN = "circuit_open"
+
 # The memory service bounds query length; the start of a long message is the best query anyway.
 MAX_QUERY_CHARS = 4000
 
@@ -122,30 +126,32 @@ class DependencyClients(AsyncStartStop):
 
     async def _guarded(
         self, source: str, what: str, call: Callable[[], Awaitable[_T]], *, missing_ok: bool = False
-    ) -> tuple[_T | None, bool]:
-        """``_call_with_retries`` behind the source's breaker; skips are counted by reason."""
+    ) -> tuple[_T | None, str]:
+        """``_call_with_retries`` behind the source's breaker; returns the result and why it was
+        skipped ("" when it was not). Skips are counted by reason."""
         breaker = self._breakers[source]
         if not breaker.allow():
-            SKIPPED.labels(source, "circuit_open").inc()
+            SKIPPED.labels(source, CIRCUIT_OPEN).inc()
             log.debug("%s skipped: it failed the last turns, probing again later", what)
-            return None, False
+            return None, CIRCUIT_OPEN
         result, ok = await _call_with_retries(
             what, call, attempts=self._attempts, backoff_s=self._backoff_s, missing_ok=missing_ok
         )
         if ok:
             breaker.succeeded()
-        else:
-            breaker.failed()
-            SKIPPED.labels(source, "unavailable").inc()
-        return result, ok
+            return result, ""
+        breaker.failed()
+        SKIPPED.labels(source, UNAVAILABLE).inc()
+        return result, UNAVAILABLE
 
     def _clients(self) -> list[ServiceClient]:
         return [c for c in (self._persister, self._memory) if c is not None]
 
     async def history(
         self, tenant_id: str, conversation_id: str, *, for_turn_id: str = ""
-    ) -> tuple[list[ChatMessage], bool]:
-        """The conversation's messages, oldest first, and whether the read succeeded.
+    ) -> tuple[list[ChatMessage], str]:
+        """The conversation's messages, oldest first, and why they are missing ("" when the
+        read succeeded or no persister is configured: a deliberate setup, not a failure).
 
         A conversation the persister does not know is a new one: empty history. Messages of
         ``for_turn_id`` (the turn being generated) are left out, and the read waits only for
@@ -153,7 +159,7 @@ class DependencyClients(AsyncStartStop):
         """
         stub = self._persister.stub if self._persister is not None else None
         if stub is None:
-            return [], False
+            return [], ""
         request = persister_pb2.GetConversationRequest(
             tenant_id=tenant_id,
             conversation_id=conversation_id,
@@ -167,14 +173,14 @@ class DependencyClients(AsyncStartStop):
             )
             return response
 
-        response, ok = await self._guarded(
+        response, skipped = await self._guarded(
             "history",
             "history (persister GetConversation)",
             call,
             missing_ok=True,
         )
         if response is None:
-            return [], ok
+            return [], skipped
         messages: list[ChatMessage] = []
         for message in response.conversation.messages:
             if for_turn_id and message.turn_id == for_turn_id:
@@ -183,13 +189,14 @@ class DependencyClients(AsyncStartStop):
                 messages.append(ChatMessage(USER, message.text))
             elif message.role == conversation_pb2.ROLE_ASSISTANT:
                 messages.append(ChatMessage(ASSISTANT, message.text))
-        return messages, True
+        return messages, ""
 
-    async def recall(self, tenant_id: str, query: str, top_k: int) -> tuple[list[str], bool]:
-        """Texts of the tenant's best-matching memory chunks, best first; and success."""
+    async def recall(self, tenant_id: str, query: str, top_k: int) -> tuple[list[str], str]:
+        """Texts of the tenant's best-matching memory chunks, best first; and why they are
+        missing ("" when recall ran, or is turned off or not configured)."""
         stub = self._memory.stub if self._memory is not None else None
         if stub is None or top_k <= 0:
-            return [], stub is not None
+            return [], ""
         request = memory_pb2.RecallRequest(
             tenant_id=tenant_id, query=query[:MAX_QUERY_CHARS], top_k=top_k
         )
@@ -200,7 +207,7 @@ class DependencyClients(AsyncStartStop):
             )
             return response
 
-        response, ok = await self._guarded("recall", "recall (memory Recall)", call)
+        response, skipped = await self._guarded("recall", "recall (memory Recall)", call)
         if response is None:
-            return [], ok
-        return [chunk.text for chunk in response.chunks if chunk.text.strip()], True
+            return [], skipped
+        return [chunk.text for chunk in response.chunks if chunk.text.strip()], ""

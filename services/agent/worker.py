@@ -203,14 +203,6 @@ class TurnWorker(AsyncStartStop):
         self._busy_conversations: set[str] = set()
         self._stopping = False
 
-    @property
-    def running(self) -> int:
-        return len(self._running)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
-
     # Lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -471,6 +463,7 @@ class TurnWorker(AsyncStartStop):
         error: MeshError | None = None
         prompt_tokens = 0
         cached_tokens = 0
+        skipped: tuple[tuple[str, str], ...] = ()
         new_tokens = 0
         if cancel.is_set():
             reason = FinishReason.CANCELLED
@@ -480,11 +473,16 @@ class TurnWorker(AsyncStartStop):
             t_retrieval = time.monotonic()
             # History first: its consistent read waits until the persister has committed (and
             # indexed into memory) every earlier turn, so the recall that follows sees them too.
-            history, _ = await self._clients.history(
+            history, history_skipped = await self._clients.history(
                 turn.tenant_id, turn.conversation_id, for_turn_id=turn.turn_id
             )
-            passages, _ = await self._clients.recall(
+            passages, recall_skipped = await self._clients.recall(
                 turn.tenant_id, turn.user_text, self._recall_top_k
+            )
+            skipped = tuple(
+                (source, reason)
+                for source, reason in (("history", history_skipped), ("recall", recall_skipped))
+                if reason
             )
             retrieval_ms = (time.monotonic() - t_retrieval) * 1000
             prompt = PromptRequest(
@@ -553,6 +551,7 @@ class TurnWorker(AsyncStartStop):
                     cancel_seen_at_seq=(
                         current.cancel_seen_at_seq if reason is FinishReason.CANCELLED else 0
                     ),
+                    context_skipped=skipped,
                 )
             )
         )

@@ -69,6 +69,8 @@ class FinishedOut:
     usage: TokenUsage | None = None
     timings: TurnTimings | None = None
     error_status: bytes = b""
+    # (source, reason) of each context source the reply was generated without.
+    context_skipped: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,6 +119,8 @@ def finished_to_proto(output: FinishedOut) -> gateway_pb2.TurnFinished:
         message.usage.CopyFrom(usage_to_proto(output.usage))
     if output.timings is not None:
         message.timings.CopyFrom(timings_to_proto(output.timings))
+    for source, reason in output.context_skipped:
+        message.context_skipped.add(source=source, reason=reason)
     return message
 
 

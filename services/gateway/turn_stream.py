@@ -210,6 +210,7 @@ class TurnStream:
                 event.usage if event is not None else None,
                 timings,
                 error_status,
+                event.context_skipped if event is not None else (),
             )
         )
         self.done = True

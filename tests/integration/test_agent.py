@@ -59,6 +59,8 @@ class Fakes:
     chunks: dict[str, list[str]] = field(default_factory=dict)
     history_calls: list[persister_pb2.GetConversationRequest] = field(default_factory=list)
     recall_calls: list[memory_pb2.RecallRequest] = field(default_factory=list)
+    # Tenants whose recall fails with UNAVAILABLE (memory down for them).
+    recall_down: set[str] = field(default_factory=set)
 
 
 class FakePersister(persister_service_pb2_grpc.PersisterServiceServicer):  # type: ignore[misc]
@@ -88,6 +90,8 @@ class FakeMemory(memory_service_pb2_grpc.MemoryServiceServicer):  # type: ignore
 
     async def Recall(self, request: Any, context: Any) -> Any:
         self._fakes.recall_calls.append(request)
+        if request.tenant_id in self._fakes.recall_down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "memory is down")
         texts = self._fakes.chunks.get(request.tenant_id, [])[: request.top_k]
         return memory_pb2.RecallResponse(
             chunks=[memory_pb2.Chunk(chunk_id=f"c{i}", text=t) for i, t in enumerate(texts)]
@@ -789,3 +793,26 @@ async def test_missing_model_is_a_clear_startup_error(tmp_path: Path) -> None:
     out, _ = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 2
     assert b"MESH_AGENT_MODEL_PATH" in out and b"is not a file" in out
+
+
+async def test_a_turn_generated_without_recall_says_so(
+    running: Running, fakes: tuple[Fakes, str, str]
+) -> None:
+    state, _, _ = fakes
+    state.recall_down.add("tenant-down")
+    try:
+        turn = await new_turn(running.log, "conv-no-recall")
+        await request_turn(running.log, turn, "remember?", tenant_id="tenant-down", max_tokens=2)
+        seen = await watch(running.log, turn)
+    finally:
+        state.recall_down.discard("tenant-down")
+    assert seen.finished is not None
+    skipped = [(s.source, s.reason) for s in seen.finished.context_skipped]
+    assert skipped == [("recall", "unavailable")]
+    # The turn still ran: it degraded, it did not fail.
+    assert seen.finished.finish_reason != common_pb2.FINISH_REASON_ERROR
+
+    healthy = await new_turn(running.log, "conv-with-recall")
+    await request_turn(running.log, healthy, "remember?", max_tokens=2)
+    seen = await watch(running.log, healthy)
+    assert seen.finished is not None and list(seen.finished.context_skipped) == []

@@ -51,8 +51,8 @@ async def test_recall_from_a_dead_memory_service_is_skipped_at_once_after_a_few_
     skipped = SKIPPED.labels("recall", "circuit_open")._value.get()
     async with clients:
         for _ in range(3):  # the breaker opens after 3 failed turns
-            assert await clients.recall("tenant", "what did I say?", 3) == ([], False)
+            assert await clients.recall("tenant", "what did I say?", 3) == ([], "unavailable")
         # Skipped without a call: counted as circuit_open, not as another unavailable.
-        assert await clients.recall("tenant", "what did I say?", 3) == ([], False)
+        assert await clients.recall("tenant", "what did I say?", 3) == ([], "circuit_open")
     assert SKIPPED.labels("recall", "unavailable")._value.get() == unavailable + 3
     assert SKIPPED.labels("recall", "circuit_open")._value.get() == skipped + 1

@@ -159,3 +159,8 @@ def test_a_record_of_several_tokens_reads_as_one_event_per_token() -> None:
         TokenEmitted("t", 9, "c", "c", "acme"),
     ]
     assert decode_events(encode(grouped), turns={"other"}) == []
+
+
+def test_context_skipped_round_trips() -> None:
+    done = TurnFinished("t", FinishReason.STOP, context_skipped=(("recall", "circuit_open"),))
+    assert decode_events(encode(done)) == [done]

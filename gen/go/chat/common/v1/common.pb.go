@@ -223,6 +223,62 @@ func (x *TokenUsage) GetCompletionTokens() int32 {
 	return 0
 }
 
+// ContextSkipped says a turn was generated without one of its context sources.
+type ContextSkipped struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "history" (the conversation's earlier messages) or "recall" (memory).
+	Source string `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	// "unavailable": the calls failed; "circuit_open": skipped at once because the source failed
+	// the last turns (it is probed again shortly).
+	Reason        string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ContextSkipped) Reset() {
+	*x = ContextSkipped{}
+	mi := &file_chat_common_v1_common_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ContextSkipped) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ContextSkipped) ProtoMessage() {}
+
+func (x *ContextSkipped) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_common_v1_common_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ContextSkipped.ProtoReflect.Descriptor instead.
+func (*ContextSkipped) Descriptor() ([]byte, []int) {
+	return file_chat_common_v1_common_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ContextSkipped) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *ContextSkipped) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 // TurnTimings are the phases of one turn in milliseconds, measured by the agent and gateway.
 type TurnTimings struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -240,7 +296,7 @@ type TurnTimings struct {
 
 func (x *TurnTimings) Reset() {
 	*x = TurnTimings{}
-	mi := &file_chat_common_v1_common_proto_msgTypes[2]
+	mi := &file_chat_common_v1_common_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -252,7 +308,7 @@ func (x *TurnTimings) String() string {
 func (*TurnTimings) ProtoMessage() {}
 
 func (x *TurnTimings) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_common_v1_common_proto_msgTypes[2]
+	mi := &file_chat_common_v1_common_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -265,7 +321,7 @@ func (x *TurnTimings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TurnTimings.ProtoReflect.Descriptor instead.
 func (*TurnTimings) Descriptor() ([]byte, []int) {
-	return file_chat_common_v1_common_proto_rawDescGZIP(), []int{2}
+	return file_chat_common_v1_common_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *TurnTimings) GetQueuedMs() float64 {
@@ -314,7 +370,10 @@ const file_chat_common_v1_common_proto_rawDesc = "" +
 	"\n" +
 	"TokenUsage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\x05R\fpromptTokens\x12+\n" +
-	"\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\"\x9c\x01\n" +
+	"\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\"@\n" +
+	"\x0eContextSkipped\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\x9c\x01\n" +
 	"\vTurnTimings\x12\x1b\n" +
 	"\tqueued_ms\x18\x01 \x01(\x01R\bqueuedMs\x12!\n" +
 	"\fretrieval_ms\x18\x02 \x01(\x01R\vretrievalMs\x122\n" +
@@ -342,12 +401,13 @@ func file_chat_common_v1_common_proto_rawDescGZIP() []byte {
 }
 
 var file_chat_common_v1_common_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_chat_common_v1_common_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
+var file_chat_common_v1_common_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
 var file_chat_common_v1_common_proto_goTypes = []any{
 	(FinishReason)(0),         // 0: chat.common.v1.FinishReason
 	(*GenerationOptions)(nil), // 1: chat.common.v1.GenerationOptions
 	(*TokenUsage)(nil),        // 2: chat.common.v1.TokenUsage
-	(*TurnTimings)(nil),       // 3: chat.common.v1.TurnTimings
+	(*ContextSkipped)(nil),    // 3: chat.common.v1.ContextSkipped
+	(*TurnTimings)(nil),       // 4: chat.common.v1.TurnTimings
 }
 var file_chat_common_v1_common_proto_depIdxs = []int32{
 	0, // [0:0] is the sub-list for method output_type
@@ -369,7 +429,7 @@ func file_chat_common_v1_common_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chat_common_v1_common_proto_rawDesc), len(file_chat_common_v1_common_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   3,
+			NumMessages:   4,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -360,8 +360,10 @@ type TurnFinished struct {
 	// For cancelled turns: the last seq the agent had emitted when it saw the cancel (so operators
 	// and tests can check that generation stopped within one token of it); 0 otherwise.
 	CancelSeenAtSeq int64 `protobuf:"varint,10,opt,name=cancel_seen_at_seq,json=cancelSeenAtSeq,proto3" json:"cancel_seen_at_seq,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Context the agent generated without (history or recall unavailable); empty when none.
+	ContextSkipped []*v1.ContextSkipped `protobuf:"bytes,11,rep,name=context_skipped,json=contextSkipped,proto3" json:"context_skipped,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *TurnFinished) Reset() {
@@ -462,6 +464,13 @@ func (x *TurnFinished) GetCancelSeenAtSeq() int64 {
 		return x.CancelSeenAtSeq
 	}
 	return 0
+}
+
+func (x *TurnFinished) GetContextSkipped() []*v1.ContextSkipped {
+	if x != nil {
+		return x.ContextSkipped
+	}
+	return nil
 }
 
 // TurnCancelled asks whichever agent holds the turn to stop; it is appended to the turn-event log.
@@ -681,7 +690,7 @@ const file_chat_events_v1_events_proto_rawDesc = "" +
 	"\x0fconversation_id\x18\x04 \x01(\tR\x0econversationId\x12\x1b\n" +
 	"\ttenant_id\x18\x05 \x01(\tR\btenantId\x12\x1d\n" +
 	"\n" +
-	"more_texts\x18\x06 \x03(\tR\tmoreTexts\"\xa1\x03\n" +
+	"more_texts\x18\x06 \x03(\tR\tmoreTexts\"\xea\x03\n" +
 	"\fTurnFinished\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12A\n" +
 	"\rfinish_reason\x18\x02 \x01(\x0e2\x1c.chat.common.v1.FinishReasonR\ffinishReason\x120\n" +
@@ -693,7 +702,8 @@ const file_chat_events_v1_events_proto_rawDesc = "" +
 	"\blast_seq\x18\b \x01(\x03R\alastSeq\x12\x14\n" +
 	"\x05model\x18\t \x01(\tR\x05model\x12+\n" +
 	"\x12cancel_seen_at_seq\x18\n" +
-	" \x01(\x03R\x0fcancelSeenAtSeq\"n\n" +
+	" \x01(\x03R\x0fcancelSeenAtSeq\x12G\n" +
+	"\x0fcontext_skipped\x18\v \x03(\v2\x1e.chat.common.v1.ContextSkippedR\x0econtextSkipped\"n\n" +
 	"\rTurnCancelled\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12'\n" +
 	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x1b\n" +
@@ -732,6 +742,7 @@ var file_chat_events_v1_events_proto_goTypes = []any{
 	(*v1.TokenUsage)(nil),         // 9: chat.common.v1.TokenUsage
 	(*v1.TurnTimings)(nil),        // 10: chat.common.v1.TurnTimings
 	(*status.Status)(nil),         // 11: google.rpc.Status
+	(*v1.ContextSkipped)(nil),     // 12: chat.common.v1.ContextSkipped
 }
 var file_chat_events_v1_events_proto_depIdxs = []int32{
 	6,  // 0: chat.events.v1.TurnRequested.options:type_name -> chat.common.v1.GenerationOptions
@@ -740,15 +751,16 @@ var file_chat_events_v1_events_proto_depIdxs = []int32{
 	9,  // 3: chat.events.v1.TurnFinished.usage:type_name -> chat.common.v1.TokenUsage
 	10, // 4: chat.events.v1.TurnFinished.timings:type_name -> chat.common.v1.TurnTimings
 	11, // 5: chat.events.v1.TurnFinished.error:type_name -> google.rpc.Status
-	1,  // 6: chat.events.v1.TurnEvent.started:type_name -> chat.events.v1.TurnStarted
-	2,  // 7: chat.events.v1.TurnEvent.token:type_name -> chat.events.v1.TokenEmitted
-	3,  // 8: chat.events.v1.TurnEvent.finished:type_name -> chat.events.v1.TurnFinished
-	4,  // 9: chat.events.v1.TurnEvent.cancelled:type_name -> chat.events.v1.TurnCancelled
-	10, // [10:10] is the sub-list for method output_type
-	10, // [10:10] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	12, // 6: chat.events.v1.TurnFinished.context_skipped:type_name -> chat.common.v1.ContextSkipped
+	1,  // 7: chat.events.v1.TurnEvent.started:type_name -> chat.events.v1.TurnStarted
+	2,  // 8: chat.events.v1.TurnEvent.token:type_name -> chat.events.v1.TokenEmitted
+	3,  // 9: chat.events.v1.TurnEvent.finished:type_name -> chat.events.v1.TurnFinished
+	4,  // 10: chat.events.v1.TurnEvent.cancelled:type_name -> chat.events.v1.TurnCancelled
+	11, // [11:11] is the sub-list for method output_type
+	11, // [11:11] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_chat_events_v1_events_proto_init() }

@@ -466,9 +466,12 @@ type TurnFinished struct {
 	// Phase timings.
 	Timings *v1.TurnTimings `protobuf:"bytes,4,opt,name=timings,proto3" json:"timings,omitempty"`
 	// Sequence number of the last token.
-	LastSeq       int64 `protobuf:"varint,5,opt,name=last_seq,json=lastSeq,proto3" json:"last_seq,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	LastSeq int64 `protobuf:"varint,5,opt,name=last_seq,json=lastSeq,proto3" json:"last_seq,omitempty"`
+	// Context the reply was generated without: history or recall was unavailable, so the answer
+	// may ignore earlier messages or remembered facts. Empty when the turn had everything.
+	ContextSkipped []*v1.ContextSkipped `protobuf:"bytes,6,rep,name=context_skipped,json=contextSkipped,proto3" json:"context_skipped,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *TurnFinished) Reset() {
@@ -534,6 +537,13 @@ func (x *TurnFinished) GetLastSeq() int64 {
 		return x.LastSeq
 	}
 	return 0
+}
+
+func (x *TurnFinished) GetContextSkipped() []*v1.ContextSkipped {
+	if x != nil {
+		return x.ContextSkipped
+	}
+	return nil
 }
 
 // ChatError reports a failure that ends the current turn but not the stream.
@@ -1530,13 +1540,14 @@ const file_chat_gateway_v1_gateway_proto_rawDesc = "" +
 	"\bTokenRun\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12\x1b\n" +
 	"\tfirst_seq\x18\x02 \x01(\x03R\bfirstSeq\x12\x14\n" +
-	"\x05texts\x18\x03 \x03(\tR\x05texts\"\xee\x01\n" +
+	"\x05texts\x18\x03 \x03(\tR\x05texts\"\xb7\x02\n" +
 	"\fTurnFinished\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12A\n" +
 	"\rfinish_reason\x18\x02 \x01(\x0e2\x1c.chat.common.v1.FinishReasonR\ffinishReason\x120\n" +
 	"\x05usage\x18\x03 \x01(\v2\x1a.chat.common.v1.TokenUsageR\x05usage\x125\n" +
 	"\atimings\x18\x04 \x01(\v2\x1b.chat.common.v1.TurnTimingsR\atimings\x12\x19\n" +
-	"\blast_seq\x18\x05 \x01(\x03R\alastSeq\"P\n" +
+	"\blast_seq\x18\x05 \x01(\x03R\alastSeq\x12G\n" +
+	"\x0fcontext_skipped\x18\x06 \x03(\v2\x1e.chat.common.v1.ContextSkippedR\x0econtextSkipped\"P\n" +
 	"\tChatError\x12*\n" +
 	"\x06status\x18\x01 \x01(\v2\x12.google.rpc.StatusR\x06status\x12\x17\n" +
 	"\aturn_id\x18\x02 \x01(\tR\x06turnId\"\xef\x01\n" +
@@ -1627,40 +1638,42 @@ var file_chat_gateway_v1_gateway_proto_goTypes = []any{
 	(v1.FinishReason)(0),              // 22: chat.common.v1.FinishReason
 	(*v1.TokenUsage)(nil),             // 23: chat.common.v1.TokenUsage
 	(*v1.TurnTimings)(nil),            // 24: chat.common.v1.TurnTimings
-	(*status.Status)(nil),             // 25: google.rpc.Status
-	(*v1.Conversation)(nil),           // 26: chat.common.v1.Conversation
+	(*v1.ContextSkipped)(nil),         // 25: chat.common.v1.ContextSkipped
+	(*status.Status)(nil),             // 26: google.rpc.Status
+	(*v1.Conversation)(nil),           // 27: chat.common.v1.Conversation
 }
 var file_chat_gateway_v1_gateway_proto_depIdxs = []int32{
 	21, // 0: chat.gateway.v1.StartTurn.options:type_name -> chat.common.v1.GenerationOptions
 	22, // 1: chat.gateway.v1.TurnFinished.finish_reason:type_name -> chat.common.v1.FinishReason
 	23, // 2: chat.gateway.v1.TurnFinished.usage:type_name -> chat.common.v1.TokenUsage
 	24, // 3: chat.gateway.v1.TurnFinished.timings:type_name -> chat.common.v1.TurnTimings
-	25, // 4: chat.gateway.v1.ChatError.status:type_name -> google.rpc.Status
-	0,  // 5: chat.gateway.v1.ChatRequest.start:type_name -> chat.gateway.v1.StartTurn
-	1,  // 6: chat.gateway.v1.ChatRequest.cancel:type_name -> chat.gateway.v1.CancelTurn
-	2,  // 7: chat.gateway.v1.ChatRequest.resume:type_name -> chat.gateway.v1.ResumeTurn
-	3,  // 8: chat.gateway.v1.ChatRequest.credit:type_name -> chat.gateway.v1.FlowCredit
-	4,  // 9: chat.gateway.v1.ChatResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
-	5,  // 10: chat.gateway.v1.ChatResponse.token:type_name -> chat.gateway.v1.Token
-	7,  // 11: chat.gateway.v1.ChatResponse.finished:type_name -> chat.gateway.v1.TurnFinished
-	8,  // 12: chat.gateway.v1.ChatResponse.error:type_name -> chat.gateway.v1.ChatError
-	6,  // 13: chat.gateway.v1.ChatResponse.token_run:type_name -> chat.gateway.v1.TokenRun
-	0,  // 14: chat.gateway.v1.StreamTurnRequest.start:type_name -> chat.gateway.v1.StartTurn
-	4,  // 15: chat.gateway.v1.StreamTurnResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
-	5,  // 16: chat.gateway.v1.StreamTurnResponse.token:type_name -> chat.gateway.v1.Token
-	7,  // 17: chat.gateway.v1.StreamTurnResponse.finished:type_name -> chat.gateway.v1.TurnFinished
-	6,  // 18: chat.gateway.v1.StreamTurnResponse.token_run:type_name -> chat.gateway.v1.TokenRun
-	4,  // 19: chat.gateway.v1.ResumeTurnResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
-	5,  // 20: chat.gateway.v1.ResumeTurnResponse.token:type_name -> chat.gateway.v1.Token
-	7,  // 21: chat.gateway.v1.ResumeTurnResponse.finished:type_name -> chat.gateway.v1.TurnFinished
-	6,  // 22: chat.gateway.v1.ResumeTurnResponse.token_run:type_name -> chat.gateway.v1.TokenRun
-	26, // 23: chat.gateway.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
-	26, // 24: chat.gateway.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
-	25, // [25:25] is the sub-list for method output_type
-	25, // [25:25] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	25, // 4: chat.gateway.v1.TurnFinished.context_skipped:type_name -> chat.common.v1.ContextSkipped
+	26, // 5: chat.gateway.v1.ChatError.status:type_name -> google.rpc.Status
+	0,  // 6: chat.gateway.v1.ChatRequest.start:type_name -> chat.gateway.v1.StartTurn
+	1,  // 7: chat.gateway.v1.ChatRequest.cancel:type_name -> chat.gateway.v1.CancelTurn
+	2,  // 8: chat.gateway.v1.ChatRequest.resume:type_name -> chat.gateway.v1.ResumeTurn
+	3,  // 9: chat.gateway.v1.ChatRequest.credit:type_name -> chat.gateway.v1.FlowCredit
+	4,  // 10: chat.gateway.v1.ChatResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
+	5,  // 11: chat.gateway.v1.ChatResponse.token:type_name -> chat.gateway.v1.Token
+	7,  // 12: chat.gateway.v1.ChatResponse.finished:type_name -> chat.gateway.v1.TurnFinished
+	8,  // 13: chat.gateway.v1.ChatResponse.error:type_name -> chat.gateway.v1.ChatError
+	6,  // 14: chat.gateway.v1.ChatResponse.token_run:type_name -> chat.gateway.v1.TokenRun
+	0,  // 15: chat.gateway.v1.StreamTurnRequest.start:type_name -> chat.gateway.v1.StartTurn
+	4,  // 16: chat.gateway.v1.StreamTurnResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
+	5,  // 17: chat.gateway.v1.StreamTurnResponse.token:type_name -> chat.gateway.v1.Token
+	7,  // 18: chat.gateway.v1.StreamTurnResponse.finished:type_name -> chat.gateway.v1.TurnFinished
+	6,  // 19: chat.gateway.v1.StreamTurnResponse.token_run:type_name -> chat.gateway.v1.TokenRun
+	4,  // 20: chat.gateway.v1.ResumeTurnResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
+	5,  // 21: chat.gateway.v1.ResumeTurnResponse.token:type_name -> chat.gateway.v1.Token
+	7,  // 22: chat.gateway.v1.ResumeTurnResponse.finished:type_name -> chat.gateway.v1.TurnFinished
+	6,  // 23: chat.gateway.v1.ResumeTurnResponse.token_run:type_name -> chat.gateway.v1.TokenRun
+	27, // 24: chat.gateway.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
+	27, // 25: chat.gateway.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
+	26, // [26:26] is the sub-list for method output_type
+	26, // [26:26] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_chat_gateway_v1_gateway_proto_init() }

@@ -44,6 +44,14 @@ class TokenUsage(_message.Message):
     completion_tokens: int
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
+class ContextSkipped(_message.Message):
+    __slots__ = ("source", "reason")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    reason: str
+    def __init__(self, source: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class TurnTimings(_message.Message):
     __slots__ = ("queued_ms", "retrieval_ms", "time_to_first_token_ms", "total_ms")
     QUEUED_MS_FIELD_NUMBER: _ClassVar[int]

@@ -68,7 +68,7 @@ class TokenEmitted(_message.Message):
     def __init__(self, turn_id: _Optional[str] = ..., seq: _Optional[int] = ..., text: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., more_texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TurnFinished(_message.Message):
-    __slots__ = ("turn_id", "finish_reason", "usage", "timings", "error", "conversation_id", "tenant_id", "last_seq", "model", "cancel_seen_at_seq")
+    __slots__ = ("turn_id", "finish_reason", "usage", "timings", "error", "conversation_id", "tenant_id", "last_seq", "model", "cancel_seen_at_seq", "context_skipped")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class TurnFinished(_message.Message):
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CANCEL_SEEN_AT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.TokenUsage
@@ -89,7 +90,8 @@ class TurnFinished(_message.Message):
     last_seq: int
     model: str
     cancel_seen_at_seq: int
-    def __init__(self, turn_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.TurnTimings, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., last_seq: _Optional[int] = ..., model: _Optional[str] = ..., cancel_seen_at_seq: _Optional[int] = ...) -> None: ...
+    context_skipped: _containers.RepeatedCompositeFieldContainer[_common_pb2.ContextSkipped]
+    def __init__(self, turn_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.TurnTimings, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., last_seq: _Optional[int] = ..., model: _Optional[str] = ..., cancel_seen_at_seq: _Optional[int] = ..., context_skipped: _Optional[_Iterable[_Union[_common_pb2.ContextSkipped, _Mapping]]] = ...) -> None: ...
 
 class TurnCancelled(_message.Message):
     __slots__ = ("turn_id", "conversation_id", "tenant_id")

@@ -76,18 +76,20 @@ class TokenRun(_message.Message):
     def __init__(self, turn_id: _Optional[str] = ..., first_seq: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TurnFinished(_message.Message):
-    __slots__ = ("turn_id", "finish_reason", "usage", "timings", "last_seq")
+    __slots__ = ("turn_id", "finish_reason", "usage", "timings", "last_seq", "context_skipped")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.TokenUsage
     timings: _common_pb2.TurnTimings
     last_seq: int
-    def __init__(self, turn_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.TurnTimings, _Mapping]] = ..., last_seq: _Optional[int] = ...) -> None: ...
+    context_skipped: _containers.RepeatedCompositeFieldContainer[_common_pb2.ContextSkipped]
+    def __init__(self, turn_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.TurnTimings, _Mapping]] = ..., last_seq: _Optional[int] = ..., context_skipped: _Optional[_Iterable[_Union[_common_pb2.ContextSkipped, _Mapping]]] = ...) -> None: ...
 
 class ChatError(_message.Message):
     __slots__ = ("status", "turn_id")

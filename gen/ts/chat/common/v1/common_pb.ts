@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file chat/common/v1/common.proto.
  */
 export const file_chat_common_v1_common: GenFile = /*@__PURE__*/
-  fileDesc("ChtjaGF0L2NvbW1vbi92MS9jb21tb24ucHJvdG8SDmNoYXQuY29tbW9uLnYxIqMBChFHZW5lcmF0aW9uT3B0aW9ucxISCgptYXhfdG9rZW5zGAEgASgFEhgKC3RlbXBlcmF0dXJlGAIgASgCSACIAQESEgoFdG9wX3AYAyABKAJIAYgBARIWCg5zdG9wX3NlcXVlbmNlcxgEIAMoCRIRCgRzZWVkGAUgASgNSAKIAQFCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIHCgVfc2VlZCI+CgpUb2tlblVzYWdlEhUKDXByb21wdF90b2tlbnMYASABKAUSGQoRY29tcGxldGlvbl90b2tlbnMYAiABKAUiaAoLVHVyblRpbWluZ3MSEQoJcXVldWVkX21zGAEgASgBEhQKDHJldHJpZXZhbF9tcxgCIAEoARIeChZ0aW1lX3RvX2ZpcnN0X3Rva2VuX21zGAMgASgBEhAKCHRvdGFsX21zGAQgASgBKrYBCgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISHwobRklOSVNIX1JFQVNPTl9TVE9QX1NFUVVFTkNFEAMSGwoXRklOSVNIX1JFQVNPTl9DQU5DRUxMRUQQBBIXChNGSU5JU0hfUkVBU09OX0VSUk9SEAVCuAEKEmNvbS5jaGF0LmNvbW1vbi52MUILQ29tbW9uUHJvdG9QAVo7Z2l0aHViLmNvbS9sbG0tbWVzaC9sbG0tbWVzaC9nZW4vZ28vY2hhdC9jb21tb24vdjE7Y29tbW9udjGiAgNDQ1iqAg5DaGF0LkNvbW1vbi5WMcoCDkNoYXRcQ29tbW9uXFYx4gIaQ2hhdFxDb21tb25cVjFcR1BCTWV0YWRhdGHqAhBDaGF0OjpDb21tb246OlYxYgZwcm90bzM");
+  fileDesc("ChtjaGF0L2NvbW1vbi92MS9jb21tb24ucHJvdG8SDmNoYXQuY29tbW9uLnYxIqMBChFHZW5lcmF0aW9uT3B0aW9ucxISCgptYXhfdG9rZW5zGAEgASgFEhgKC3RlbXBlcmF0dXJlGAIgASgCSACIAQESEgoFdG9wX3AYAyABKAJIAYgBARIWCg5zdG9wX3NlcXVlbmNlcxgEIAMoCRIRCgRzZWVkGAUgASgNSAKIAQFCDgoMX3RlbXBlcmF0dXJlQggKBl90b3BfcEIHCgVfc2VlZCI+CgpUb2tlblVzYWdlEhUKDXByb21wdF90b2tlbnMYASABKAUSGQoRY29tcGxldGlvbl90b2tlbnMYAiABKAUiMAoOQ29udGV4dFNraXBwZWQSDgoGc291cmNlGAEgASgJEg4KBnJlYXNvbhgCIAEoCSJoCgtUdXJuVGltaW5ncxIRCglxdWV1ZWRfbXMYASABKAESFAoMcmV0cmlldmFsX21zGAIgASgBEh4KFnRpbWVfdG9fZmlyc3RfdG9rZW5fbXMYAyABKAESEAoIdG90YWxfbXMYBCABKAEqtgEKDEZpbmlzaFJlYXNvbhIdChlGSU5JU0hfUkVBU09OX1VOU1BFQ0lGSUVEEAASFgoSRklOSVNIX1JFQVNPTl9TVE9QEAESGAoURklOSVNIX1JFQVNPTl9MRU5HVEgQAhIfChtGSU5JU0hfUkVBU09OX1NUT1BfU0VRVUVOQ0UQAxIbChdGSU5JU0hfUkVBU09OX0NBTkNFTExFRBAEEhcKE0ZJTklTSF9SRUFTT05fRVJST1IQBUK4AQoSY29tLmNoYXQuY29tbW9uLnYxQgtDb21tb25Qcm90b1ABWjtnaXRodWIuY29tL2xsbS1tZXNoL2xsbS1tZXNoL2dlbi9nby9jaGF0L2NvbW1vbi92MTtjb21tb252MaICA0NDWKoCDkNoYXQuQ29tbW9uLlYxygIOQ2hhdFxDb21tb25cVjHiAhpDaGF0XENvbW1vblxWMVxHUEJNZXRhZGF0YeoCEENoYXQ6OkNvbW1vbjo6VjFiBnByb3RvMw");
 
 /**
  * GenerationOptions tunes one generation. Unset fields take the serving agent's defaults.
@@ -90,6 +90,35 @@ export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
   messageDesc(file_chat_common_v1_common, 1);
 
 /**
+ * ContextSkipped says a turn was generated without one of its context sources.
+ *
+ * @generated from message chat.common.v1.ContextSkipped
+ */
+export type ContextSkipped = Message<"chat.common.v1.ContextSkipped"> & {
+  /**
+   * "history" (the conversation's earlier messages) or "recall" (memory).
+   *
+   * @generated from field: string source = 1;
+   */
+  source: string;
+
+  /**
+   * "unavailable": the calls failed; "circuit_open": skipped at once because the source failed
+   * the last turns (it is probed again shortly).
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message chat.common.v1.ContextSkipped.
+ * Use `create(ContextSkippedSchema)` to create a new message.
+ */
+export const ContextSkippedSchema: GenMessage<ContextSkipped> = /*@__PURE__*/
+  messageDesc(file_chat_common_v1_common, 2);
+
+/**
  * TurnTimings are the phases of one turn in milliseconds, measured by the agent and gateway.
  *
  * @generated from message chat.common.v1.TurnTimings
@@ -129,7 +158,7 @@ export type TurnTimings = Message<"chat.common.v1.TurnTimings"> & {
  * Use `create(TurnTimingsSchema)` to create a new message.
  */
 export const TurnTimingsSchema: GenMessage<TurnTimings> = /*@__PURE__*/
-  messageDesc(file_chat_common_v1_common, 2);
+  messageDesc(file_chat_common_v1_common, 3);
 
 /**
  * FinishReason says why a turn ended.
