@@ -471,8 +471,9 @@ class TurnWorker(AsyncStartStop):
             reason = FinishReason.LENGTH
         else:
             t_retrieval = time.monotonic()
-            # History first: its consistent read waits until the persister has committed (and
-            # indexed into memory) every earlier turn, so the recall that follows sees them too.
+            # History first: its consistent read waits until the persister has committed every
+            # earlier turn, which gave memory a head start on them, so the recall that follows
+            # usually sees them too (always, unless memory is slow or down).
             history, history_skipped = await self._clients.history(
                 turn.tenant_id, turn.conversation_id, for_turn_id=turn.turn_id
             )

@@ -46,7 +46,10 @@ async def run(settings: PersisterSettings) -> None:
         store = await stack.enter_async_context(PgStore(dsn, pool_size=settings.pg_pool_size))
         memory = None
         if settings.memory_addr:
-            memory = await stack.enter_async_context(MemoryIndexer(settings.memory_addr))
+            # One attempt per call: the outbox keeps what memory did not take and retries it.
+            memory = await stack.enter_async_context(
+                MemoryIndexer(settings.memory_addr, attempts=1)
+            )
         persister = await stack.enter_async_context(
             Persister(
                 log=event_log,

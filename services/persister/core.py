@@ -15,6 +15,7 @@ from mesh.log import EventLog
 from mesh.turn_ids import TurnRef
 from services.persister.barrier import FlushBarrier
 from services.persister.model import Decoder, Rememberer, Stats, Store
+from services.persister.outbox import MemoryOutbox
 from services.persister.pipeline import WritePipeline
 from services.persister.reads import HistoryReader
 
@@ -41,13 +42,18 @@ class Persister(HistoryReader, AsyncStartStop):
         barrier_timeout_s: float = 10.0,
         message_page_size: int = 256,
         retry_max_s: float = 5.0,
+        memory_wait_s: float = 5.0,
     ) -> None:
+        self._outbox = (
+            MemoryOutbox(store, memory, max_backoff_s=retry_max_s) if memory is not None else None
+        )
         self._pipeline = WritePipeline(
             log=log,
             store=store,
             decode=decode,
             partitions=partitions,
-            memory=memory,
+            outbox=self._outbox,
+            memory_wait_s=memory_wait_s,
             member_id=member_id,
             batch_size=batch_size,
             linger_s=linger_s,
@@ -57,6 +63,8 @@ class Persister(HistoryReader, AsyncStartStop):
         super().__init__(store=store, barrier=barrier, message_page_size=message_page_size)
 
     async def start(self) -> None:
+        if self._outbox is not None:
+            await self._outbox.start()
         await self._pipeline.start()
 
     async def drain(self) -> None:
@@ -65,6 +73,8 @@ class Persister(HistoryReader, AsyncStartStop):
 
     async def stop(self) -> None:
         await self._pipeline.stop()
+        if self._outbox is not None:
+            await self._outbox.stop()
 
     async def barrier(
         self, timeout_s: float | None = None, *, before: TurnRef | None = None

@@ -18,10 +18,10 @@ log = logging.getLogger(__name__)
 class MemoryIndexer(ServiceClient):
     """A ``core.Rememberer`` over gRPC.
 
-    Transient failures are retried with capped exponential backoff for as long as it takes:
-    the persister's offsets wait for indexing, so a memory outage delays commits instead of
-    losing recall. Other failures (a request the service rejects) are logged and dropped, since
-    retrying cannot fix them.
+    Transient failures are retried with capped exponential backoff, ``attempts`` times (None:
+    for as long as it takes); when they run out the failure is raised, so the caller (the
+    persister's memory outbox) keeps the turn for later. Other failures (a request the service
+    rejects) are logged and dropped, since retrying cannot fix them.
     """
 
     def __init__(
@@ -31,11 +31,13 @@ class MemoryIndexer(ServiceClient):
         call_timeout_s: float = 10.0,
         initial_backoff_s: float = 0.1,
         max_backoff_s: float = 5.0,
+        attempts: int | None = None,
     ) -> None:
         super().__init__(target, memory_service_pb2_grpc.MemoryServiceStub)
         self._call_timeout_s = call_timeout_s
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s
+        self._attempts = attempts
 
     async def remember(
         self, *, tenant_id: str, conversation_id: str, text: str, request_id: str
@@ -73,8 +75,11 @@ class MemoryIndexer(ServiceClient):
                 backoff=Backoff(self._initial_backoff_s, max_s=self._max_backoff_s),
                 retry_if=is_retryable,
                 on_retry=retrying,
+                attempts=self._attempts,
             )
         except grpc.RpcError as error:
+            if is_retryable(error):
+                raise  # the attempts ran out: the caller keeps the turn for later
             code = error.code() if isinstance(error, aio.AioRpcError) else None
             metrics.REMEMBER_FAILURES.labels("dropped").inc()
             log.error(

@@ -44,3 +44,12 @@ PENDING_EVENTS = Gauge(
     "mesh_persister_pending_events",
     "Log records consumed but not yet committed.",
 )
+OUTBOX_INDEXED = Counter(
+    "mesh_persister_memory_indexed_total",
+    "Finished turns the memory outbox handed to the memory service.",
+)
+REMEMBER_SECONDS = Histogram(
+    "mesh_persister_remember_seconds",
+    "Time of one Remember call to the memory service.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)

@@ -8,7 +8,7 @@ protocols. No protobuf and no database code here.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -198,7 +198,17 @@ class Store(Protocol):
     """PostgreSQL behind the persister (``store.PgStore``)."""
 
     async def write_batch(self, plan: BatchPlan) -> BatchResult:
-        """Write a batch in one transaction; raise on failure (nothing is then written)."""
+        """Write a batch in one transaction; raise on failure (nothing is then written).
+
+        Finished turns other than errors are queued for memory in the same transaction."""
+        ...
+
+    async def pending_memory(self, limit: int) -> list[FinishedTurn]:
+        """Up to ``limit`` of the oldest turns queued for memory and not yet indexed."""
+        ...
+
+    async def memory_indexed(self, turn_ids: Sequence[str]) -> None:
+        """Take these turns off the memory queue."""
         ...
 
     async def get_conversation(self, tenant_id: str, conversation_id: str) -> Conversation | None:
@@ -229,5 +239,5 @@ class Rememberer(Protocol):
     async def remember(
         self, *, tenant_id: str, conversation_id: str, text: str, request_id: str
     ) -> None:
-        """Index ``text``; idempotent by ``request_id``. Retries transient failures itself."""
+        """Index ``text``; idempotent by ``request_id``. Raises when memory did not take it."""
         ...

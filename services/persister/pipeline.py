@@ -6,9 +6,11 @@ The write path, per batch:
    barrier asks for them now);
 2. ``assemble`` turns them into rows, first record in log order winning on duplicates;
 3. one transaction writes them with ``ON CONFLICT DO NOTHING``, so a replay changes nothing;
-4. finished turns are remembered (idempotent by turn id);
-5. only then are the log offsets committed. A crash anywhere before 5 redelivers the records,
-   and steps 3 and 4 absorb the replay.
+4. the same transaction queues finished turns for memory (``outbox.MemoryOutbox`` indexes
+   them on its own task); while memory is healthy the batch waits up to ``memory_wait_s`` for
+   them, so recall usually sees a turn once its history does, and never waits while it is down;
+5. then the log offsets are committed. A crash anywhere before 5 redelivers the records, and
+   steps 3 and 4 absorb the replay.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from mesh.generation import FinishReason
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, GroupConsumer, LogError, Record
@@ -30,11 +32,10 @@ from services.persister.model import (
     BatchPlan,
     BatchResult,
     Decoder,
-    FinishedTurn,
-    Rememberer,
     Stats,
     Store,
 )
+from services.persister.outbox import MemoryOutbox
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,12 @@ class WritePipeline:
         store: Store,
         decode: Decoder,
         partitions: int,
-        memory: Rememberer | None,
+        outbox: MemoryOutbox | None,
         member_id: str,
         batch_size: int,
         linger_s: float,
         retry_max_s: float,
+        memory_wait_s: float = 5.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -70,11 +72,12 @@ class WritePipeline:
         self._store = store
         self._decode = decode
         self._partitions = partitions
-        self._memory = memory
+        self._outbox = outbox
         self._member_id = member_id
         self._batch_size = batch_size
         self._linger_s = linger_s
         self._retry_max_s = retry_max_s
+        self._memory_wait_s = memory_wait_s
 
         self._consumers: dict[str, GroupConsumer] = {}
         self.topic_partitions: dict[str, int] = {}
@@ -237,8 +240,10 @@ class WritePipeline:
         metrics.ROWS_WRITTEN.labels("messages").inc(result.messages_inserted)
         metrics.DUPLICATES_IGNORED.inc(duplicates)
 
-        if self._memory is not None:
-            await self._remember(result.finished)
+        if self._outbox is not None:
+            # Non-error turns were queued; memory gets a head start, never a veto.
+            queued = [t.turn_id for t in result.finished if t.finish_reason != FinishReason.ERROR]
+            await self._outbox.wait_indexed(queued, self._memory_wait_s)
         await self._commit_offsets(plan.last_records)
 
     async def _write_with_retry(self, plan: BatchPlan) -> BatchResult:
@@ -259,29 +264,6 @@ class WritePipeline:
             )
 
         return await retry(write, backoff=self._backoff(), on_retry=failed)
-
-    async def _remember(self, finished: Sequence[FinishedTurn]) -> None:
-        assert self._memory is not None
-        memory = self._memory
-        # An error turn has no answer worth recalling later.
-        turns = [t for t in finished if t.finish_reason != FinishReason.ERROR]
-        if not turns:
-            return
-        limit = asyncio.Semaphore(8)
-
-        async def one(turn: FinishedTurn) -> None:
-            async with limit:
-                await memory.remember(
-                    tenant_id=turn.tenant_id,
-                    conversation_id=turn.conversation_id,
-                    text=remember_text(turn),
-                    request_id=turn.turn_id,
-                )
-
-        outcomes = await asyncio.gather(*(one(turn) for turn in turns), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
 
     async def _commit_offsets(self, last_records: dict[tuple[str, int], Record]) -> None:
         for (topic, partition), record in last_records.items():
@@ -356,11 +338,3 @@ class WritePipeline:
             duplicates_ignored=self._duplicates_ignored,
             pending_events=self.pending_events,
         )
-
-
-def remember_text(turn: FinishedTurn) -> str:
-    parts = []
-    if turn.user_text is not None:
-        parts.append(f"user: {turn.user_text}")
-    parts.append(f"assistant: {turn.assistant_text}")
-    return "\n".join(parts)

@@ -20,6 +20,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from mesh import turnlog
+from mesh.generation import FinishReason
 from mesh.lifecycle import AsyncStartStop
 from services.persister.model import (
     BatchPlan,
@@ -69,6 +70,14 @@ CREATE TABLE IF NOT EXISTS tokens (
     seq     bigint NOT NULL,
     text    text   NOT NULL,
     PRIMARY KEY (turn_id, seq)
+);
+
+-- Finished turns not yet indexed into memory: written in the batch's transaction, drained by
+-- the persister's outbox task (services/persister/outbox.py), so memory being down never holds
+-- up the batches.
+CREATE TABLE IF NOT EXISTS memory_outbox (
+    turn_id   text        PRIMARY KEY,
+    queued_at timestamptz NOT NULL DEFAULT now()
 );
 """
 
@@ -161,6 +170,13 @@ WHERE a.role = 2 AND a.turn_id = ANY(%s::text[])
 """
 
 
+_QUEUE_FOR_MEMORY = """
+INSERT INTO memory_outbox (turn_id) SELECT unnest(%s::text[]) ON CONFLICT (turn_id) DO NOTHING
+"""
+
+_OLDEST_FOR_MEMORY = "SELECT turn_id FROM memory_outbox ORDER BY queued_at, turn_id LIMIT %s"
+
+
 async def create_schema(conn: Conn) -> None:
     """Create the tables and indexes if they do not exist (safe to run concurrently)."""
     async with conn.transaction():
@@ -220,13 +236,21 @@ async def write_batch_on(conn: Conn, plan: BatchPlan) -> BatchResult:
         if plan.finishes:
             f = plan.finishes
             assistants = await _count(conn, _INSERT_ASSISTANT_MESSAGES, _columns(f))
-            async with conn.cursor() as cur:
-                await cur.execute(_SELECT_FINISHED, ([r.turn_id for r in f],))
-                for turn_id, tenant_id, conv_id, user_text, text, reason in await cur.fetchall():
-                    finished.append(
-                        FinishedTurn(turn_id, tenant_id, conv_id, user_text, text, int(reason))
-                    )
+            finished = await _finished_turns(conn, [r.turn_id for r in f])
+            # An error turn has no answer worth recalling later.
+            wanted = [t.turn_id for t in finished if t.finish_reason != FinishReason.ERROR]
+            if wanted:
+                await conn.execute(_QUEUE_FOR_MEMORY, (wanted,))
     return BatchResult(users, tokens, assistants, finished)
+
+
+async def _finished_turns(conn: Conn, turn_ids: Sequence[str]) -> list[FinishedTurn]:
+    async with conn.cursor() as cur:
+        await cur.execute(_SELECT_FINISHED, (list(turn_ids),))
+        return [
+            FinishedTurn(turn_id, tenant_id, conv_id, user_text, text, int(reason))
+            for turn_id, tenant_id, conv_id, user_text, text, reason in await cur.fetchall()
+        ]
 
 
 class PgStore(AsyncStartStop):
@@ -272,6 +296,20 @@ class PgStore(AsyncStartStop):
     async def write_batch(self, plan: BatchPlan) -> BatchResult:
         async with self._require_pool().connection() as conn:
             return await write_batch_on(conn, plan)
+
+    async def pending_memory(self, limit: int) -> list[FinishedTurn]:
+        """The oldest finished turns still to be indexed into memory."""
+        async with self._require_pool().connection() as conn:
+            async with conn.cursor() as cur:
+                await cur.execute(_OLDEST_FOR_MEMORY, (limit,))
+                turn_ids = [row[0] for row in await cur.fetchall()]
+            return await _finished_turns(conn, turn_ids) if turn_ids else []
+
+    async def memory_indexed(self, turn_ids: Sequence[str]) -> None:
+        async with self._require_pool().connection() as conn:
+            await conn.execute(
+                "DELETE FROM memory_outbox WHERE turn_id = ANY(%s)", (list(turn_ids),)
+            )
 
     async def get_conversation(self, tenant_id: str, conversation_id: str) -> Conversation | None:
         async with self._require_pool().connection() as conn, conn.cursor() as cur:

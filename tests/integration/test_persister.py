@@ -503,9 +503,10 @@ async def test_offsets_are_committed_only_after_the_database(pg_dsn: str, log: E
     assert counts(pg_dsn)["messages"] == 0
     assert await committed(log) == zero
 
-    # 2. Stopped after the database commit but before the offset commit (stuck in Remember).
+    # 2. Stopped after the database commit but before the offset commit (while the batch gives
+    # memory its head start, and memory hangs).
     stuck = StuckMemory()
-    async with persister_running(pg_dsn, log, memory=stuck, member="p2"):
+    async with persister_running(pg_dsn, log, memory=stuck, member="p2", memory_wait_s=60):
         await until(lambda: stuck.calls, what="Remember")
         assert counts(pg_dsn) == {"conversations": 1, "messages": 2, "tokens": 2}
         assert await committed(log) == zero
@@ -764,3 +765,46 @@ async def test_token_writers_agree_and_first_duplicate_wins(pg_dsn: str) -> None
         assert await write_tokens_per_row(conn, [*rows, TokenEvent("t2", 1, "c")]) == 1
         cur = await conn.execute("SELECT turn_id, seq, text FROM tokens ORDER BY 1, 2")
         assert await cur.fetchall() == [("t1", 1, "a"), ("t1", 2, "b"), ("t2", 1, "c")]
+
+
+async def test_memory_down_does_not_hold_up_persistence(pg_dsn: str, log: EmbeddedLog) -> None:
+    """Memory unreachable: batches, history and offsets go on; the finished turns wait in the
+    outbox table and reach memory once it is back, on the same address."""
+    port = _free_port()
+    w = Writer(log)
+    turns = [await w.turn(f"conv-down-{i}", f"question {i}", ["an", "swer"]) for i in range(3)]
+    async with MemoryIndexer(f"127.0.0.1:{port}", attempts=1) as indexer:
+        async with persister_running(
+            pg_dsn, log, memory=indexer, memory_wait_s=1.0, retry_max_s=0.5
+        ) as run:
+            started = asyncio.get_running_loop().time()
+            await run.stub.Flush(persister_pb2.FlushRequest(), timeout=15)
+            assert asyncio.get_running_loop().time() - started < 5
+            assert await committed(log) == await ends(log)
+            got = await run.stub.GetConversation(
+                persister_pb2.GetConversationRequest(
+                    tenant_id="acme", conversation_id="conv-down-0", consistent=True
+                ),
+                timeout=5,
+            )
+            assert [m.text for m in got.conversation.messages] == ["question 0", "answer"]
+            with psycopg.connect(pg_dsn) as conn:
+                queued = {r[0] for r in conn.execute("SELECT turn_id FROM memory_outbox")}
+            assert set(turns) <= queued
+
+            memory = FlakyMemory(fail=0)
+            server = grpc.aio.server()
+            memory_service_pb2_grpc.add_MemoryServiceServicer_to_server(memory, server)
+            server.add_insecure_port(f"127.0.0.1:{port}")
+            await server.start()
+            try:
+                await until(
+                    lambda: set(turns) <= {c.request_id for c in memory.calls},
+                    what="the queued turns reaching memory",
+                    timeout_s=30,
+                )
+            finally:
+                await server.stop(None)
+    with psycopg.connect(pg_dsn) as conn:
+        left = {r[0] for r in conn.execute("SELECT turn_id FROM memory_outbox")}
+    assert not set(turns) & left

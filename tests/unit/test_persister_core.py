@@ -22,8 +22,8 @@ from services.persister.model import (
     UserTurn,
     utc_from_ms,
 )
+from services.persister.outbox import remember_text
 from services.persister.page_tokens import decode_page_token, encode_page_token
-from services.persister.pipeline import remember_text
 from services.persister.settings import PersisterSettings
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)

@@ -4,12 +4,13 @@ retries and the flush barrier (no servers)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
 
 from mesh.errors import InvalidArgument, NotFound, Unavailable
+from mesh.generation import FinishReason
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, Record
 from mesh.turn_ids import TurnRef
 from services.persister import codec
@@ -112,6 +113,7 @@ class MemStore:
     tokens: dict[tuple[str, int], str] = field(default_factory=dict)
     batches: list[int] = field(default_factory=list)
     gate: asyncio.Event | None = None
+    outbox: dict[str, FinishedTurn] = field(default_factory=dict)  # turns queued for memory
 
     async def write_batch(self, plan: BatchPlan) -> BatchResult:
         if self.gate is not None:
@@ -165,8 +167,18 @@ class MemStore:
                     stored.finish_reason,
                 )
             )
+        for turn in finished:
+            if turn.finish_reason != FinishReason.ERROR:
+                self.outbox.setdefault(turn.turn_id, turn)
         self.journal.append(f"write {plan.events}")
         return BatchResult(users, toks, assistants, finished)
+
+    async def pending_memory(self, limit: int) -> list[FinishedTurn]:
+        return list(self.outbox.values())[:limit]
+
+    async def memory_indexed(self, turn_ids: Sequence[str]) -> None:
+        for turn_id in turn_ids:
+            self.outbox.pop(turn_id, None)
 
     async def get_conversation(self, tenant_id: str, conversation_id: str) -> Conversation | None:
         return self.conversations.get((tenant_id, conversation_id))
@@ -436,3 +448,46 @@ async def test_error_turns_are_not_remembered(rig: Rig) -> None:
         await asyncio.wait_for(persister.barrier(), 5)
     assert rig.memory.calls == []
     assert rig.store.messages[("t1", 2)][2].text == ""
+
+
+@dataclass
+class DownMemory:
+    """Memory that is down: every Remember fails (as MemoryIndexer does once its tries run out)."""
+
+    calls: int = 0
+    up: bool = False
+    remembered: list[str] = field(default_factory=list)
+
+    async def remember(
+        self, *, tenant_id: str, conversation_id: str, text: str, request_id: str
+    ) -> None:
+        self.calls += 1
+        if not self.up:
+            raise ConnectionError("memory is down")
+        self.remembered.append(request_id)
+
+
+async def test_memory_down_never_holds_up_the_batches(rig: Rig) -> None:
+    """Persistence, history and offsets go on while memory is down; the turns wait in the
+    outbox and reach memory once it is back."""
+    memory = DownMemory()
+    rig.memory = memory  # type: ignore[assignment]
+    async with rig.persister(memory_wait_s=0.5, retry_max_s=0.2) as persister:
+        for i in range(5):
+            rig.turn(f"t{i}", "hi", ["a"])
+            await asyncio.wait_for(persister.barrier(), 5)
+            conv = await persister.get_conversation("a", "c1")
+            assert len(conv.messages) == 2 * (i + 1)
+        # Once the breaker opened, batches stopped waiting for memory at all.
+        started = asyncio.get_running_loop().time()
+        rig.turn("t-last", "hi", ["a"])
+        await asyncio.wait_for(persister.barrier(), 5)
+        assert asyncio.get_running_loop().time() - started < 0.5
+        assert set(rig.store.outbox) == {"t0", "t1", "t2", "t3", "t4", "t-last"}
+        memory.up = True
+        for _ in range(100):
+            if not rig.store.outbox:
+                break
+            await asyncio.sleep(0.1)
+        assert rig.store.outbox == {}
+        assert sorted(memory.remembered) == ["t-last", "t0", "t1", "t2", "t3", "t4"]
