@@ -13,6 +13,7 @@ model those characters, never a forged turn.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -236,16 +237,31 @@ class PromptBuilder:
         reserve = max(1, min(max_tokens, self._n_ctx - bare, self._n_ctx // 2))
         budget = self._n_ctx - reserve
 
-        def fits(n_history: int, n_passages: int) -> bool:
-            segments = self.segments(request, _newest(history, n_history), n_passages)
-            return self._count(segments) <= budget
+        def fit(request: PromptRequest) -> tuple[int, int]:
+            """(history messages, passages) kept: the oldest history goes first, a whole
+            exchange at a time, then the lowest-ranked passages."""
 
-        kept_history, kept_passages = len(history), len(request.context_passages)
-        if not fits(kept_history, kept_passages):
-            # Oldest history goes first, a whole exchange at a time.
-            kept_history = _largest(lambda n: fits(n, kept_passages), range(len(history), -1, -2))
+            def fits(n_history: int, n_passages: int) -> bool:
+                segments = self.segments(request, _newest(history, n_history), n_passages)
+                return self._count(segments) <= budget
+
+            kept_history, kept_passages = len(history), len(request.context_passages)
             if not fits(kept_history, kept_passages):
-                kept_passages = _largest(lambda n: fits(0, n), range(kept_passages, -1, -1))
+                kept_history = _largest(
+                    lambda n: fits(n, kept_passages), range(len(history), -1, -2)
+                )
+                if not fits(kept_history, kept_passages):
+                    kept_passages = _largest(lambda n: fits(0, n), range(kept_passages, -1, -1))
+            return kept_history, kept_passages
+
+        kept_history, kept_passages = fit(request)
+        # A passage that repeats an exchange the prompt already holds (memory indexes this
+        # conversation too) adds nothing, and would keep the prompt from starting like the
+        # previous one did, so the KV cache could not continue it.
+        unique = without_repeats(request.context_passages, _newest(history, kept_history))
+        if len(unique) < len(request.context_passages):
+            request = dataclasses.replace(request, context_passages=tuple(unique))
+            kept_history, kept_passages = fit(request)
         segments = self.segments(request, _newest(history, kept_history), kept_passages)
         tokens = self._count(segments)
         return BuiltPrompt(
@@ -257,6 +273,21 @@ class PromptBuilder:
             passages_used=kept_passages,
             stop=() if self._template is not None else PLAIN_STOPS,
         )
+
+
+def without_repeats(passages: Sequence[str], history: Sequence[ChatMessage]) -> list[str]:
+    """``passages`` less those whose text is part of an exchange of ``history``, as memory
+    stores an exchange ("user: ...\nassistant: ...", whitespace aside)."""
+    exchanges = [
+        _words(f"user: {history[i].text}\nassistant: {history[i + 1].text}")
+        for i in range(len(history) - 1)
+        if history[i].role == USER and history[i + 1].role == ASSISTANT
+    ]
+    return [p for p in passages if not any(_words(p) in exchange for exchange in exchanges)]
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _newest(history: Sequence[ChatMessage], n: int) -> list[ChatMessage]:

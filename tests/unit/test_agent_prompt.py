@@ -188,3 +188,23 @@ def test_passages_are_single_line_and_numbered() -> None:
         PromptRequest(user_text="q", context_passages=["line one\nline two"]), max_tokens=5
     )
     assert "[1] line one line two\n" in built.text
+
+
+def test_passages_that_repeat_the_history_are_left_out() -> None:
+    history = [ChatMessage("user", "my cat is Tom"), ChatMessage("assistant", "Nice  cat.")]
+    request = PromptRequest(
+        user_text="what is my cat called?",
+        history=history,
+        context_passages=["user: my cat is Tom\nassistant: Nice cat.", "user: I live in Oslo"],
+    )
+    built = PromptBuilder(count_tokens=chars, n_ctx=10_000).build(request, max_tokens=10)
+    assert built.passages_used == 1
+    assert "[1] user: I live in Oslo" in built.text
+    assert built.text.count("my cat is Tom") == 1
+    # The same passage stays when its exchange no longer fits the window and was dropped.
+    long_history = [ChatMessage("user", "my cat is Tom"), ChatMessage("assistant", "x" * 400)]
+    passage = "user: my cat is Tom\nassistant: " + "x" * 400
+    tight = PromptBuilder(count_tokens=chars, n_ctx=900).build(
+        PromptRequest(user_text="cat?", history=long_history, context_passages=[passage]), 10
+    )
+    assert tight.history_used == 0 and tight.passages_used == 1
