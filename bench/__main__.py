@@ -24,7 +24,7 @@ from typing import Any
 
 from bench.common import ROOT, Context, Progress, Row, machine
 
-ROWS = ("ttft", "throughput", "relay", "log", "persistence", "recall")
+ROWS = ("ttft", "throughput", "http", "relay", "log", "persistence", "recall")
 DEFAULT_OUT = ROOT / "artifacts" / "bench.json"
 
 
@@ -151,6 +151,13 @@ async def run_rows(
                 runs=args.runs,
                 max_tokens=args.max_tokens,
             ),
+        )
+    if "http" in selected:
+        from bench import openai_http
+
+        await family(
+            ("http",),
+            openai_http.run(ctx, model=args.model, runs=args.runs, max_tokens=args.max_tokens),
         )
     if "relay" in selected:
         from bench import relay
