@@ -424,6 +424,11 @@ class OpenAiApi:
         gauge.inc()
         try:
             yield response
+        except MeshError as error:
+            # The status line is gone: the stream ends with an error event instead (a gateway
+            # stopping mid-turn says where to resume).
+            await response.write(_sse(from_mesh_error(error).body()))
+            await response.write_eof()
         finally:
             gauge.dec()
 
