@@ -410,15 +410,16 @@ class OpenAiApi:
 
     @contextlib.asynccontextmanager
     async def _event_stream(
-        self, request: web.Request, method: str
+        self, request: web.Request, method: str, conversation_id: str = ""
     ) -> AsyncIterator[web.StreamResponse]:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
+        headers = {
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+        if conversation_id:
+            headers["x-mesh-conversation-id"] = conversation_id
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         gauge = metrics.ACTIVE_STREAMS.labels(SERVICE, method)
         gauge.inc()
@@ -573,7 +574,9 @@ class OpenAiApi:
             return _sse(payload)
 
         texts: list[str] = []
-        async with self._event_stream(request, "ChatCompletions") as response:
+        async with self._event_stream(
+            request, "ChatCompletions", turn.info.conversation_id
+        ) as response:
             await response.write(chunk({"role": "assistant", "content": ""}))
             async for output in self.core.follow(turn):
                 if type(output) is TokenOut:
