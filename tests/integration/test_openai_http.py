@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -23,7 +24,7 @@ import grpc
 import openai
 import pytest
 import pytest_asyncio
-from chat.common.v1 import conversation_pb2
+from chat.common.v1 import common_pb2, conversation_pb2
 from chat.gateway.v1 import gateway_pb2
 
 from mesh.infra.envoy import EnvoyProxy
@@ -58,11 +59,15 @@ def sdk(running_mesh: RunningMesh) -> openai.OpenAI:
 
 @pytest_asyncio.fixture(scope="module")
 async def envoy_http(running_mesh: RunningMesh) -> AsyncIterator[EnvoyProxy]:
-    http_upstreams = tuple(
-        url.removeprefix("http://") for url in running_mesh.mesh.gateway_http_urls
-    )
+    mesh = running_mesh.mesh
+    # Only live gateways: other tests here kill the ones they added.
+    live = [
+        (service.addr, url.removeprefix("http://"))
+        for service, url in zip(mesh.all("gateway"), mesh.gateway_http_urls, strict=True)
+        if service.process.poll() is None
+    ]
     async with envoy_in_front_of(
-        running_mesh.mesh.gateway_addrs, http_upstreams=http_upstreams
+        [addr for addr, _ in live], http_upstreams=tuple(http for _, http in live)
     ) as proxy:
         await wait_upstreams_healthy(proxy)
         yield proxy
@@ -241,6 +246,43 @@ def test_client_disconnect_cancels_generation(running_mesh: RunningMesh, model_i
             break
         time.sleep(0.2)
     assert status == "cancelled"
+
+
+def test_client_disconnect_cancels_a_non_streamed_completion(
+    running_mesh: RunningMesh, model_id: str
+) -> None:
+    marker = f"wait for me {time.time_ns()}"
+    body = json.dumps(
+        {"model": model_id, "messages": [{"role": "user", "content": marker}], "max_tokens": 400}
+    ).encode()
+    parts = urllib.parse.urlsplit(base_url(running_mesh))
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: mesh\r\n"
+            + f"Authorization: Bearer {running_mesh.other_api_key}\r\n".encode()
+            + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        time.sleep(1.0)
+    # The persister shows the turn: the user's message, then a reply cut short by the cancel.
+    deadline = time.monotonic() + 20
+    messages: list[Any] = []
+    while time.monotonic() < deadline:
+        with grpc.insecure_channel(running_mesh.gateway_addr) as channel:
+            listing = gateway(channel).ListConversations(
+                gateway_pb2.ListConversationsRequest(page_size=20),
+                metadata=auth(running_mesh.other_api_key),
+                timeout=30,
+            )
+        for summary in listing.conversations:
+            stored = conversation(running_mesh, running_mesh.other_api_key, summary.conversation_id)
+            if stored.messages and stored.messages[0].text == marker:
+                messages = list(stored.messages)
+        if len(messages) == 2:
+            break
+        time.sleep(0.3)
+    assert len(messages) == 2, messages
+    assert messages[1].finish_reason == common_pb2.FINISH_REASON_CANCELLED
 
 
 def test_curl_streams_raw_sse(running_mesh: RunningMesh, model_id: str) -> None:

@@ -460,14 +460,17 @@ class OpenAiApi:
 
     async def _chat_plan(
         self, principal: Principal, messages: list[ChatMessage]
-    ) -> tuple[str, str, int]:
-        """(conversation id or "" for a new one, the turn's text, messages already stored)."""
+    ) -> tuple[str, str, int, str]:
+        """(conversation id or "" for a new one, the turn's text, messages already stored, and
+        the index key the conversation was taken from, "" if none)."""
         history = messages[:-1]
         if any(m.role != "system" for m in history):
-            known = self.conversations.take(history_key(principal.tenant_id, history))
-            if known is not None and await self._unchanged(principal, known):
-                return known.conversation_id, messages[-1].text, known.stored_messages
-        return "", compose(messages), 0
+            key = history_key(principal.tenant_id, history)
+            known = self.conversations.take(key)
+            if known is not None:
+                if await self._unchanged(principal, known):
+                    return known.conversation_id, messages[-1].text, known.stored_messages, key
+        return "", compose(messages), 0, ""
 
     async def _unchanged(self, principal: Principal, known: Known) -> bool:
         try:
@@ -483,9 +486,17 @@ class OpenAiApi:
         principal = self.principal(request)
         call = parse_chat(await self.body(request), self.settings.model_ids)
         with self.core.stream_slot():
-            conversation_id, text, stored = await self._chat_plan(principal, call.messages)
+            conversation_id, text, stored, key = await self._chat_plan(principal, call.messages)
             start = StartRequest(conversation_id, text, call.sampling.options)
-            turn = await self._start(principal, start, CHAT_PARAMS, call.sampling.max_tokens_param)
+            try:
+                turn = await self._start(
+                    principal, start, CHAT_PARAMS, call.sampling.max_tokens_param
+                )
+            except ApiError:
+                if key:
+                    # Nothing was logged: a retry (after a 429, say) may still continue it.
+                    self.conversations.put(key, Known(conversation_id, stored))
+                raise
             finished = False
             try:
                 if call.stream:

@@ -98,12 +98,14 @@ class ResponseState:
 
     def item(self, *, done: bool) -> dict[str, Any]:
         content = [self.part(done=True)] if done else []
+        if self.status in ("queued", "in_progress"):
+            status = "in_progress"
+        else:
+            status = "completed" if self.status == "completed" else "incomplete"
         return {
             "id": message_id(self.turn_id),
             "type": "message",
-            "status": "completed"
-            if done and self.status == "completed"
-            else ("incomplete" if done else "in_progress"),
+            "status": status,
             "role": "assistant",
             "content": content,
         }
