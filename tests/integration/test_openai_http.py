@@ -6,6 +6,7 @@ Clients are the official ones: the ``openai`` Python SDK (at a gateway and throu
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -428,45 +429,52 @@ def test_cancel_a_background_response(sdk: openai.OpenAI, model_id: str) -> None
     assert len(sdk.responses.retrieve(created.id).output_text) < 400
 
 
-def test_background_response_resumes_on_another_gateway_after_sigkill(
-    running_mesh: RunningMesh, model_id: str
+@pytest.mark.parametrize("resume_via", ["gateway", "envoy"])
+async def test_background_response_resumes_on_another_gateway_after_sigkill(
+    running_mesh: RunningMesh, envoy_http: EnvoyProxy, model_id: str, resume_via: str
 ) -> None:
     mesh = running_mesh.mesh
-    doomed = mesh.start_gateway()
+    doomed = await asyncio.to_thread(mesh.start_gateway)
     doomed_url = mesh.gateway_http_urls[-1]
-    survivor = client(base_url(running_mesh), running_mesh.api_key)
-    stream = client(doomed_url, running_mesh.api_key).responses.create(
-        model=model_id,
-        input="a long story",
-        max_output_tokens=80,
-        background=True,
-        stream=True,
-    )
-    seen: list[Any] = []
-    for event in stream:
-        seen.append(event)
-        if event.type == "response.output_text.delta" and len(seen) >= 10:
-            break
-    response_id = seen[0].response.id
-    doomed.process.send_signal(signal.SIGKILL)
-    doomed.process.wait(timeout=10)
-    # The turn goes on with no client and no gateway of its own; resume on the survivor.
-    rest = collect(
-        survivor.responses.retrieve(
+    # Envoy (started before this gateway existed) fronts the survivors only.
+    survivor_url = base_url(running_mesh) if resume_via == "gateway" else envoy_http.url
+    key = running_mesh.api_key
+    async with (
+        openai.AsyncOpenAI(base_url=doomed_url + "/v1", api_key=key, max_retries=0) as creator,
+        openai.AsyncOpenAI(base_url=survivor_url + "/v1", api_key=key, max_retries=0) as other,
+    ):
+        stream = await creator.responses.create(
+            model=model_id,
+            input="a long story",
+            max_output_tokens=80,
+            background=True,
+            stream=True,
+        )
+        seen: list[Any] = []
+        async for event in stream:
+            seen.append(event)
+            if event.type == "response.output_text.delta" and len(seen) >= 10:
+                break
+        response_id = seen[0].response.id
+        doomed.process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(doomed.process.wait, 10)
+        # The turn goes on with no client and no gateway of its own.
+        await asyncio.sleep(0.3)
+        resumed = await other.responses.retrieve(
             response_id, stream=True, starting_after=seen[-1].sequence_number
         )
-    )
+        rest = [event async for event in resumed]
+        final = await other.responses.retrieve(response_id)
     events = seen + rest
     check_sequence(events)
     assert events[-1].type in ("response.completed", "response.incomplete")
-    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    delta_events = [e for e in events if e.type == "response.output_text.delta"]
+    deltas = "".join(e.delta for e in delta_events)
     assert [e.text for e in events if e.type == "response.output_text.done"] == [deltas]
-    final = survivor.responses.retrieve(response_id)
+    assert len(delta_events) > 10
     assert final.output_text == deltas
     assert final.usage is not None
-    assert final.usage.output_tokens == len(
-        [e for e in events if e.type == "response.output_text.delta"]
-    )
+    assert final.usage.output_tokens == len(delta_events)
 
 
 # -- through Envoy ------------------------------------------------------------------------------
@@ -502,6 +510,14 @@ async def test_sdk_through_envoy(
     ]
     assert events[0].sequence_number == 3
     check_sequence(events, start=3)
+    follow_up = await sdk.responses.create(
+        model=model_id, input="and then?", previous_response_id=created.id, max_output_tokens=2
+    )
+    assert follow_up.previous_response_id == created.id
+    long_one = await sdk.responses.create(
+        model=model_id, input="long", max_output_tokens=400, background=True
+    )
+    assert (await sdk.responses.cancel(long_one.id)).status == "cancelled"
     await sdk.close()
     async with openai.AsyncOpenAI(
         base_url=envoy_http.url + "/v1", api_key="nope", max_retries=0
