@@ -41,7 +41,15 @@ from services.gateway.http.responses import (
     read_state,
     status_of,
 )
-from services.gateway.model import FinishedOut, StartRequest, TokenOut, TokenRunOut, TurnError
+from services.gateway.model import (
+    FinishedOut,
+    Output,
+    StartRequest,
+    TokenOut,
+    TokenRunOut,
+    TurnError,
+    TurnInfo,
+)
 from services.gateway.persister import PersisterClient
 from services.gateway.settings import GatewaySettings
 from services.gateway.turn_stream import TurnStream
@@ -624,7 +632,7 @@ class OpenAiApi:
 
     # -- responses -----------------------------------------------------------------------------
 
-    async def _find(self, principal: Principal, value: str, param: str | None = None) -> Any:
+    async def _find(self, principal: Principal, value: str, param: str | None = None) -> TurnInfo:
         """The TurnInfo of a stored response of the caller's tenant; 404 otherwise."""
         try:
             turn_id, stored = parse_response_id(value)
@@ -720,7 +728,7 @@ class OpenAiApi:
         async for output in self.core.follow(turn):
             self._apply(state, output)
 
-    def _apply(self, state: ResponseState, output: Any) -> None:
+    def _apply(self, state: ResponseState, output: Output) -> None:
         if type(output) is TokenOut:
             state.texts.append(output.text)
             state.status = "in_progress"
@@ -785,12 +793,11 @@ class OpenAiApi:
             await response.write_eof()
         return response
 
-    async def _state(self, info: Any, stored: bool = True) -> ResponseState:
+    async def _state(self, info: TurnInfo) -> ResponseState:
         state = ResponseState(
             turn_id=info.turn_id,
             model=self.settings.model_ids[0] if self.settings.model_ids else "",
             created_at=0,
-            store=stored,
             background=True,
         )
         try:

@@ -19,7 +19,6 @@ sequence_number       event
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,10 +156,6 @@ class ResponseState:
         }
 
 
-def created_event(state: ResponseState) -> dict[str, Any]:
-    return {"type": "response.created", "response": state.to_json()}
-
-
 def header_events(state: ResponseState) -> list[dict[str, Any]]:
     """Events 0 to 3, in order."""
     item_id = message_id(state.turn_id)
@@ -258,10 +253,6 @@ async def read_state(log: EventLog, info: TurnInfo, state: ResponseState) -> Res
         state.usage = finished.usage
         state.model = finished.model or state.model
     return state
-
-
-def now_s() -> int:
-    return int(time.time())
 
 
 __all__ = [
