@@ -5,13 +5,18 @@ End to end (real mesh, official SDKs) is tests/integration/test_openai_http.py.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mesh.auth import Principal, hash_key
 from mesh.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from mesh.generation import FinishReason
-from services.gateway.http.app import parse_chat, parse_response
+from mesh.log import LogSettings
+from mesh.log.embedded import EmbeddedLog
+from services.gateway.core import GatewayCore
+from services.gateway.http.app import discover_models, parse_chat, parse_response
 from services.gateway.http.conversations import ConversationIndex, Known, compose, history_key
 from services.gateway.http.errors import ApiError, from_mesh_error
 from services.gateway.http.parsing import ChatMessage, parse_json_object
@@ -21,9 +26,13 @@ from services.gateway.http.responses import (
     closing_events,
     header_events,
     parse_response_id,
+    read_state,
     response_id,
     status_of,
 )
+from services.gateway.model import StartRequest
+from services.gateway.settings import GatewaySettings
+from tests.unit.test_gateway_core import Agent, KnownConversations
 
 MODEL = "tiny.gguf"
 
@@ -280,3 +289,30 @@ def test_core_errors_map_to_http_statuses() -> None:
             "code": "not_found",
         }
     }
+
+
+async def test_a_response_and_the_served_models_are_read_back_from_the_log(
+    tmp_path: Path,
+) -> None:
+    principal = Principal("acme", hash_key("acme-key"))
+    settings = GatewaySettings(log=LogSettings(path=tmp_path / "log.sqlite3"))
+    async with (
+        EmbeddedLog(tmp_path / "log.sqlite3") as log,
+        GatewayCore(settings, log=log, conversations=KnownConversations()) as core,
+    ):
+        assert await discover_models(log, core.partitions) == ()
+        turn = await core.start_turn(principal, StartRequest("", "hello"))
+        turn.close()
+        state = ResponseState(turn_id=turn.turn_id, model="", created_at=0)
+        assert (await read_state(log, turn.info, state)).status == "queued"
+        agent = Agent(log, turn)
+        await agent.started()
+        await agent.tokens([1, 2])
+        assert (await read_state(log, turn.info, state)).status == "in_progress"
+        assert state.text == "1 2 "
+        await agent.tokens([2, 3], tag="zombie-")  # a repeated seq: the first record wins
+        await agent.finished(reason=2, last_seq=3, model="m1")
+        await read_state(log, turn.info, state)
+        assert (state.status, state.text, state.model) == ("incomplete", "1 2 zombie-3 ", "m1")
+        assert state.to_json()["incomplete_details"] == {"reason": "max_output_tokens"}
+        assert await discover_models(log, core.partitions) == ("m1",)

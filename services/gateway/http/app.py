@@ -25,7 +25,7 @@ from mesh.auth import API_KEY_HEADER, KeyStore, Principal
 from mesh.errors import MeshError, NotFound
 from mesh.generation import FinishReason, GenerationOptions, TokenUsage
 from mesh.lifecycle import AsyncStartStop
-from mesh.log import TURN_REQUESTS, LogError
+from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, LogError
 from services.gateway.core import GatewayCore
 from services.gateway.http import parsing
 from services.gateway.http.conversations import ConversationIndex, Known, compose, history_key
@@ -60,6 +60,12 @@ SERVICE = "gateway"
 OWNER = "llm-mesh"
 # How long a cancel waits for the agent to confirm before answering with the state so far.
 CANCEL_WAIT_S = 5.0
+# How long a client may take to send its body before 408 (a stalled upload must not hang).
+BODY_TIMEOUT_S = 30.0
+# Without MESH_GATEWAY_MODELS, how often the served models are read again from the log, and
+# how many of each partition's latest records are read for them.
+MODELS_REFRESH_S = 30.0
+MODELS_SCAN_RECORDS = 2000
 
 CHAT_FIELDS = (
     "model",
@@ -352,6 +358,8 @@ class OpenAiApi:
         self.conversations = ConversationIndex()
         # Cancels of turns whose client went away: kept referenced until they are logged.
         self._background: set[asyncio.Task[None]] = set()
+        self._discovered: tuple[str, ...] = ()
+        self._models_checked = -MODELS_REFRESH_S
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -388,9 +396,17 @@ class OpenAiApi:
         if length is not None and length > limit:
             raise _too_large(length, limit)
         try:
-            raw = await request.read()
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(None, limit) from None
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s",
+                code="request_timeout",
+                grpc_code="DEADLINE_EXCEEDED",
+            ) from None
         return parsing.parse_json_object(raw)
 
     def _cancel_soon(self, turn: TurnStream) -> None:
@@ -446,15 +462,28 @@ class OpenAiApi:
     def _model_json(self, model_id: str) -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": 0, "owned_by": OWNER}
 
+    async def served_models(self) -> tuple[str, ...]:
+        """``MESH_GATEWAY_MODELS``; unset, the models named by the latest finished turns."""
+        if self.settings.model_ids:
+            return self.settings.model_ids
+        now = time.monotonic()
+        if now >= self._models_checked + MODELS_REFRESH_S:
+            self._models_checked = now
+            try:
+                self._discovered = await discover_models(self.core.log, self.core.partitions)
+            except LogError as error:
+                log.warning("could not read the models from the log: %s", error)
+        return self._discovered
+
     async def list_models(self, request: web.Request) -> web.Response:
         self.principal(request)
-        data = [self._model_json(model_id) for model_id in self.settings.model_ids]
+        data = [self._model_json(model_id) for model_id in await self.served_models()]
         return web.json_response({"object": "list", "data": data})
 
     async def get_model(self, request: web.Request) -> web.Response:
         self.principal(request)
         model_id = request.match_info["model"]
-        if model_id not in self.settings.model_ids:
+        if model_id not in await self.served_models():
             raise ApiError(
                 404,
                 f"The model `{model_id[:256]}` does not exist",
@@ -492,7 +521,7 @@ class OpenAiApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         principal = self.principal(request)
-        call = parse_chat(await self.body(request), self.settings.model_ids)
+        call = parse_chat(await self.body(request), await self.served_models())
         with self.core.stream_slot():
             conversation_id, text, stored, key = await self._chat_plan(principal, call.messages)
             start = StartRequest(conversation_id, text, call.sampling.options)
@@ -685,7 +714,7 @@ class OpenAiApi:
 
     async def create_response(self, request: web.Request) -> web.StreamResponse:
         principal = self.principal(request)
-        call = parse_response(await self.body(request), self.settings.model_ids)
+        call = parse_response(await self.body(request), await self.served_models())
         with self.core.stream_slot():
             conversation_id, text = await self._response_text(principal, call)
             start = StartRequest(conversation_id, text, call.sampling.options)
@@ -796,7 +825,7 @@ class OpenAiApi:
     async def _state(self, info: TurnInfo) -> ResponseState:
         state = ResponseState(
             turn_id=info.turn_id,
-            model=self.settings.model_ids[0] if self.settings.model_ids else "",
+            model=next(iter(await self.served_models()), ""),
             created_at=0,
             background=True,
         )
@@ -847,7 +876,7 @@ class OpenAiApi:
                 raise from_mesh_error(error) from None
             state = ResponseState(
                 turn_id=info.turn_id,
-                model=self.settings.model_ids[0] if self.settings.model_ids else "",
+                model=next(iter(await self.served_models()), ""),
                 created_at=int(time.time()),
                 background=True,
                 status="in_progress",
@@ -910,6 +939,23 @@ def _too_large(length: int | None, limit: int) -> ApiError:
         f"the request body is {size}; the limit is {limit} bytes",
         code="request_too_large",
     )
+
+
+async def discover_models(log_: EventLog, partitions: int) -> tuple[str, ...]:
+    """The models named by the latest finished turns on the event log (agents name theirs)."""
+    found: dict[str, None] = {}
+    for partition in range(partitions):
+        end = await log_.end_offset(TURN_EVENTS, partition)
+        start = max(0, end - MODELS_SCAN_RECORDS)
+        for record in await log_.read_range(TURN_EVENTS, partition, start, end):
+            try:
+                events = turnlog.decode_events(record.value)
+            except turnlog.UndecodableRecord:
+                continue
+            for event in events:
+                if isinstance(event, turnlog.TurnFinished) and event.model:
+                    found[event.model] = None
+    return tuple(sorted(found))
 
 
 # -- assembly ---------------------------------------------------------------------------------
