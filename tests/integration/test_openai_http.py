@@ -115,6 +115,21 @@ def conversation(running_mesh: RunningMesh, key: str, conversation_id: str) -> A
     return reply.conversation
 
 
+def conversation_of_turn(running_mesh: RunningMesh, turn_id: str) -> Any:
+    """The stored conversation holding ``turn_id`` (of the main test tenant)."""
+    with grpc.insecure_channel(running_mesh.gateway_addr) as channel:
+        listing = gateway(channel).ListConversations(
+            gateway_pb2.ListConversationsRequest(page_size=100),
+            metadata=auth(running_mesh.api_key),
+            timeout=30,
+        )
+    for summary in listing.conversations:
+        stored = conversation(running_mesh, running_mesh.api_key, summary.conversation_id)
+        if any(m.turn_id == turn_id for m in stored.messages):
+            return stored
+    raise AssertionError(f"no conversation holds turn {turn_id}")
+
+
 # -- models and chat completions --------------------------------------------------------------
 
 
@@ -393,19 +408,7 @@ def test_previous_response_id_continues_the_conversation(
     assert second.previous_response_id == first.id
     first_turn = first.id.removeprefix("resp_")
     second_turn = second.id.removeprefix("resp_")
-    # Both turns are one conversation, as the persister stores it.
-    with grpc.insecure_channel(running_mesh.gateway_addr) as channel:
-        listing = gateway(channel).ListConversations(
-            gateway_pb2.ListConversationsRequest(page_size=100),
-            metadata=auth(running_mesh.api_key),
-            timeout=30,
-        )
-    found = None
-    for summary in listing.conversations:
-        stored = conversation(running_mesh, running_mesh.api_key, summary.conversation_id)
-        if any(m.turn_id == second_turn for m in stored.messages):
-            found = stored
-            break
+    found = conversation_of_turn(running_mesh, second_turn)
     assert found is not None
     assert [m.turn_id for m in found.messages] == [first_turn] * 2 + [second_turn] * 2
     assert [m.role for m in found.messages] == [
@@ -415,6 +418,17 @@ def test_previous_response_id_continues_the_conversation(
     assert found.messages[0].text == "remember 42"
     assert found.messages[1].text == first.output_text
     assert found.messages[2].text == "what number?"
+    # A branch from the first response: a new conversation that never sees the second turn.
+    branch = sdk.responses.create(
+        model=model_id, input="another number?", previous_response_id=first.id, max_output_tokens=4
+    )
+    branched = conversation_of_turn(running_mesh, branch.id.removeprefix("resp_"))
+    assert branched.conversation_id != found.conversation_id
+    assert len(branched.messages) == 2
+    transcript = branched.messages[0].text
+    assert "User: remember 42" in transcript
+    assert "another number?" in transcript
+    assert "what number?" not in transcript
 
 
 def test_cancel_a_background_response(sdk: openai.OpenAI, model_id: str) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from chat.common.v1 import conversation_pb2
 from google.rpc import status_pb2
 
 from mesh import metrics, turnlog
@@ -707,7 +708,7 @@ class OpenAiApi:
             return info.conversation_id, compose(fresh)
         # A branch from an earlier response: a new conversation with the history up to it.
         history = [
-            ChatMessage("user" if m.role == 1 else "assistant", m.text)
+            ChatMessage("user" if m.role == conversation_pb2.ROLE_USER else "assistant", m.text)
             for m in messages[: last + 1]
         ]
         return "", compose([*instructions, *history, *call.input])
