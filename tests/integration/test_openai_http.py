@@ -764,3 +764,39 @@ def test_http_requests_are_counted_like_rpcs(running_mesh: RunningMesh) -> None:
         'mesh_rpc_errors_total{code="UNAUTHENTICATED",method="ListModels",service="gateway"}'
         in (text)
     )
+
+
+# -- on Kafka, behind the launcher's Envoy -------------------------------------------------------
+
+
+@pytest.mark.infra
+def test_background_response_on_kafka_resumes_on_the_other_gateway_and_through_envoy(
+    scale_mesh: Any,
+) -> None:
+    mesh = scale_mesh.mesh
+    first, second = mesh.gateway_http_urls
+    key = scale_mesh.api_key
+    model = client(first, key).models.list().data[0].id
+    stream = client(first, key).responses.create(
+        model=model, input="on kafka", max_output_tokens=12, background=True, stream=True
+    )
+    seen: list[Any] = []
+    for event in stream:
+        seen.append(event)
+        if len(seen) == 5:
+            break
+    stream.close()  # a background response goes on without its client
+    response_id = seen[0].response.id
+    rest = collect(
+        client(second, key).responses.retrieve(
+            response_id, stream=True, starting_after=seen[-1].sequence_number
+        )
+    )
+    check_sequence(seen + rest)
+    assert rest[-1].type in ("response.completed", "response.incomplete")
+    through_envoy = collect(
+        client(mesh.envoy_url, key).responses.retrieve(response_id, stream=True, starting_after=0)
+    )
+    assert [e.sequence_number for e in through_envoy] == [e.sequence_number for e in seen + rest][
+        1:
+    ]
