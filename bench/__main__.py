@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.common import ROOT, Context, Progress, Row, machine
 
-ROWS = ("ttft", "throughput", "relay", "log", "persistence", "recall", "batching")
+ROWS = ("ttft", "throughput", "http", "relay", "log", "persistence", "recall", "batching")
 DEFAULT_OUT = ROOT / "artifacts" / "bench.json"
 
 
@@ -165,6 +165,13 @@ async def run_rows(
                 runs=args.runs,
                 max_tokens=args.max_tokens,
             ),
+        )
+    if "http" in selected:
+        from bench import openai_http
+
+        await family(
+            ("http",),
+            openai_http.run(ctx, model=args.model, runs=args.runs, max_tokens=args.max_tokens),
         )
     if "relay" in selected:
         from bench import relay

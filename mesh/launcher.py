@@ -273,6 +273,11 @@ class Mesh:
         return [s.addr for s in self.all("gateway")]
 
     @property
+    def gateway_http_urls(self) -> list[str]:
+        """Each gateway's OpenAI-compatible HTTP API (``http://host:port``, no ``/v1``)."""
+        return [_http_url(s) for s in self.all("gateway")]
+
+    @property
     def memory_addr(self) -> str:
         return self._one("memory").addr
 
@@ -344,6 +349,8 @@ class Mesh:
         env = {**env, **settings.env_for(host="127.0.0.1", port=port, metrics_port=metrics_port)}
         if kind == "agent":
             env.update(AgentSettings.env_for(agent_id=name))
+        if kind == "gateway":
+            env.update(GatewaySettings.env_for(http_port=free_port()))
         argv = [sys.executable, "-m", f"services.{kind}"]
         return self._spawn_process(name, argv, env, port, metrics_port)
 
@@ -353,6 +360,9 @@ class Mesh:
         env = {
             **env,
             "MESH_ENVOY_UPSTREAMS": ",".join(self.gateway_addrs),
+            "MESH_ENVOY_HTTP_UPSTREAMS": ",".join(
+                url.removeprefix("http://") for url in self.gateway_http_urls
+            ),
             "MESH_ENVOY_HOST": "127.0.0.1",
             "MESH_ENVOY_PORT": str(port),
         }
@@ -465,6 +475,18 @@ class Mesh:
         (service,) = self._start_group("agent", [f"agent-{len(self.agents) + 1}"], env, timeout_s)
         return service
 
+    def start_gateway(self, *, timeout_s: float = 120.0) -> Service:
+        """Add one more gateway to a running mesh (resume-anywhere tests)."""
+        env = {
+            **self.base_env(),
+            **AgentSettings.env_for(
+                memory_addr=self.memory_addr, persister_addr=self.persister_addr
+            ),
+        }
+        name = f"gateway-{len(self.all('gateway')) + 1}"
+        (service,) = self._start_group("gateway", [name], env, timeout_s)
+        return service
+
     def _start_group(
         self, kind: str, names: list[str], env: dict[str, str], timeout_s: float
     ) -> list[Service]:
@@ -533,6 +555,7 @@ class Mesh:
             "log_driver": self.config.log_driver,
             "memory_backend": self.config.memory_backend,
             "gateway_addr": self.gateway_addr if self.all("gateway") else "",
+            "gateway_http_url": self.gateway_http_urls[0] if self.all("gateway") else "",
             "envoy_url": self.envoy_url,
             "state_dir": str(self.config.state_dir),
             "pg_dsn": redact_dsn(self.pg_dsn),
@@ -555,6 +578,11 @@ class Mesh:
                 for s in self.services
             },
         }
+
+
+def _http_url(service: Service) -> str:
+    host = service.addr.rpartition(":")[0]
+    return f"http://{host}:{service.env[GatewaySettings.var('http_port')]}"
 
 
 def _embedded_pg_dir(state_dir: Path) -> Path:

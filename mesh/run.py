@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     if args.detach:
         print(json.dumps(info, indent=2))
         print(f"gateway: {gateway}   API key: {key_path}   stop: make down")
+        if info.get("gateway_http_url"):
+            print(f"OpenAI-compatible API: {info['gateway_http_url']}/v1 (docs/openai.md)")
         if info.get("envoy_url"):
             print(f"chat page and gRPC-web (Envoy): {info['envoy_url']}")
         return 0

@@ -58,7 +58,32 @@ ALLOWED_HEADERS = (
     "keep-alive",
     "cache-control",
 )
-EXPOSED_HEADERS = ("grpc-status", "grpc-message", "grpc-status-details-bin")
+# ...and what OpenAI SDKs send to the HTTP API (/v1/), whose key travels as a bearer token.
+OPENAI_HEADERS = (
+    "authorization",
+    "openai-organization",
+    "openai-project",
+    "openai-beta",
+    "x-stainless-arch",
+    "x-stainless-async",
+    "x-stainless-lang",
+    "x-stainless-os",
+    "x-stainless-package-version",
+    "x-stainless-retry-count",
+    "x-stainless-runtime",
+    "x-stainless-runtime-version",
+    "x-stainless-timeout",
+)
+# The OpenAI-compatible HTTP API of the gateways (services/gateway/http).
+HTTP_API_PREFIX = "/v1/"
+EXPOSED_HEADERS = (
+    "grpc-status",
+    "grpc-message",
+    "grpc-status-details-bin",
+    "retry-after",
+    "retry-after-ms",
+    "x-mesh-conversation-id",
+)
 CONTENT_TYPES = {
     "html": "text/html; charset=utf-8",
     "js": "text/javascript; charset=utf-8",
@@ -114,6 +139,8 @@ class EnvoyConfig:
             streams send queue positions while waiting, so only dead streams hit it.
         concurrency: Envoy worker threads.
         extra_forwarded_prefixes: more path prefixes to forward to the gateways (e.g. reflection).
+        http_upstreams: the gateways' HTTP API addresses (``host:port``); ``/v1/`` goes there,
+            health-checked on ``/healthz``. Empty: no ``/v1/`` route.
     """
 
     upstreams: tuple[str, ...]
@@ -128,11 +155,12 @@ class EnvoyConfig:
     stream_idle_timeout_s: float = 300.0
     concurrency: int = 2
     extra_forwarded_prefixes: tuple[str, ...] = ()
+    http_upstreams: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.upstreams:
             raise SettingsError("Envoy needs at least one upstream gateway (MESH_ENVOY_UPSTREAMS)")
-        for upstream in self.upstreams:
+        for upstream in (*self.upstreams, *self.http_upstreams):
             parse_hostport(upstream)
         for origin in self.allowed_origins:
             if not origin.startswith(("http://", "https://")) or origin.endswith("/"):
@@ -159,6 +187,7 @@ class EnvoyConfig:
             connect_timeout_s=env.float("CONNECT_TIMEOUT_S", 2.0),
             stream_idle_timeout_s=env.float("STREAM_IDLE_TIMEOUT_S", 300.0),
             concurrency=env.int("CONCURRENCY", 2, minimum=1),
+            http_upstreams=env.list("HTTP_UPSTREAMS"),
         )
 
 
@@ -207,11 +236,15 @@ def _address(host: str, port: int) -> Any:
     return Address(socket_address=SocketAddress(address=host, port_value=port))
 
 
-def _gateway_cluster(config: EnvoyConfig) -> Any:
+def _gateway_cluster(config: EnvoyConfig, *, http_api: bool = False) -> Any:
+    """The gateways' gRPC cluster (HTTP/2, gRPC health checks), or with ``http_api`` their HTTP
+    API cluster (HTTP/1.1, ``GET /healthz``)."""
     from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
     from envoy_data_plane.envoy.config.core.v3 import (
         HealthCheck,
         HealthCheckGrpcHealthCheck,
+        HealthCheckHttpHealthCheck,
+        Http1ProtocolOptions,
         Http2ProtocolOptions,
         KeepaliveSettings,
     )
@@ -227,7 +260,9 @@ def _gateway_cluster(config: EnvoyConfig) -> Any:
     )
     from envoy_data_plane.google.protobuf import Any as AnyProto
 
-    hosts = [parse_hostport(upstream) for upstream in config.upstreams]
+    name = "gateway_http" if http_api else "gateway"
+    upstreams = config.http_upstreams if http_api else config.upstreams
+    hosts = [parse_hostport(upstream) for upstream in upstreams]
     # STATIC needs IP literals; names (a k8s service, "localhost") need DNS resolution.
     discovery = (
         ClusterDiscoveryType.STATIC
@@ -243,12 +278,24 @@ def _gateway_cluster(config: EnvoyConfig) -> Any:
             )
         )
     )
+    if http_api:
+        protocol = HttpProtocolOptions(
+            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                http_protocol_options=Http1ProtocolOptions()
+            )
+        )
+        http_check: HealthCheckHttpHealthCheck | None = HealthCheckHttpHealthCheck(path="/healthz")
+        grpc_check: HealthCheckGrpcHealthCheck | None = None
+    else:
+        protocol = http2
+        http_check = None
+        grpc_check = HealthCheckGrpcHealthCheck(service_name=config.health_service)
     return Cluster(
-        name="gateway",
+        name=name,
         type=discovery,
         connect_timeout=_seconds(config.connect_timeout_s),
         load_assignment=ClusterLoadAssignment(
-            cluster_name="gateway",
+            cluster_name=name,
             endpoints=[
                 LocalityLbEndpoints(
                     lb_endpoints=[
@@ -259,7 +306,7 @@ def _gateway_cluster(config: EnvoyConfig) -> Any:
             ],
         ),
         typed_extension_protocol_options={
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyProto.pack(http2)
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyProto.pack(protocol)
         },
         health_checks=[
             HealthCheck(
@@ -272,7 +319,8 @@ def _gateway_cluster(config: EnvoyConfig) -> Any:
                 # bring it back after two good ones.
                 unhealthy_threshold=1,
                 healthy_threshold=2,
-                grpc_health_check=HealthCheckGrpcHealthCheck(service_name=config.health_service),
+                grpc_health_check=grpc_check,
+                http_health_check=http_check,
             )
         ],
     )
@@ -312,6 +360,15 @@ def _route_configuration(config: EnvoyConfig) -> Any:
         Route(match=RouteMatch(prefix=prefix), route=forward, typed_per_filter_config=grpc_filters)
         for prefix in (*FORWARDED_PREFIXES, *config.extra_forwarded_prefixes)
     ]
+    if config.http_upstreams:
+        http_api = RouteAction(cluster="gateway_http", timeout=timedelta(0))
+        routes.append(
+            Route(
+                match=RouteMatch(prefix=HTTP_API_PREFIX),
+                route=http_api,
+                typed_per_filter_config=grpc_filters,
+            )
+        )
     # The page's GETs never get here (file_server answers them); what does is a plain 404.
     routes.append(
         Route(
@@ -326,7 +383,7 @@ def _route_configuration(config: EnvoyConfig) -> Any:
             StringMatcher(exact=origin) for origin in config.allowed_origins
         ],
         allow_methods="GET, POST, OPTIONS",
-        allow_headers=",".join(ALLOWED_HEADERS),
+        allow_headers=",".join((*ALLOWED_HEADERS, *OPENAI_HEADERS)),
         expose_headers=",".join(EXPOSED_HEADERS),
         max_age="86400",
     )
@@ -432,7 +489,11 @@ def build_bootstrap(config: EnvoyConfig, *, admin_port: int) -> Any:
     return Bootstrap(
         admin=Admin(address=_address("127.0.0.1", admin_port)),
         static_resources=BootstrapStaticResources(
-            listeners=[listener], clusters=[_gateway_cluster(config)]
+            listeners=[listener],
+            clusters=[
+                _gateway_cluster(config),
+                *([_gateway_cluster(config, http_api=True)] if config.http_upstreams else []),
+            ],
         ),
     )
 

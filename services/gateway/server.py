@@ -32,6 +32,7 @@ from mesh.server import (
 )
 from mesh.settings import SettingsError
 from services.gateway.core import GatewayCore
+from services.gateway.http.app import HttpListener, OpenAiApi, build_app
 from services.gateway.model import (
     Accepted,
     CancelFrame,
@@ -304,6 +305,17 @@ async def serve(settings: GatewaySettings) -> None:
         deps = GatewayDeps(core=core, persister=persister, keys=keys)
         server, port = build_server(settings, deps)
         assert deps.health is not None
+        if settings.http_port >= 0:
+            api = OpenAiApi(core, keys=keys, persister=persister, settings=settings)
+            http = await stack.enter_async_context(
+                HttpListener(
+                    build_app(api),
+                    host=settings.host,
+                    port=settings.http_port,
+                    grace_s=settings.grace_s,
+                )
+            )
+            log.info("gateway http listening on %s:%d", settings.host, http.port)
         # Supervisors and tests read this line to find the port when they asked for port 0.
         log.info("gateway listening on %s:%d", settings.host, port)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,13 @@ from mesh.settings import (
     port_setting,
     setting,
 )
+
+
+def _agent_model_name(environ: Mapping[str, str]) -> str:
+    """The agents' model id (the GGUF file's name, as agents report it) when the gateway runs
+    with the agents' environment; empty otherwise."""
+    path = environ.get("MESH_AGENT_MODEL_PATH", "")
+    return Path(path).name if path else ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,7 +67,17 @@ class GatewaySettings(ServiceSettings):
     idempotency_max: int = setting("IDEMPOTENCY_MAX", 10_000, minimum=1)
     # Records of the request partition a resume scans for the turn's TurnRequested.
     resume_scan_limit: int = setting("RESUME_SCAN_LIMIT", 10_000, minimum=1)
+    # The OpenAI-compatible HTTP API (services/gateway/http, docs/openai.md): its port (0 picks
+    # one, -1 turns it off), the largest request body, and the model ids /v1/models lists.
+    http_port: int = setting("HTTP_PORT", 8000, minimum=-1, maximum=65535)
+    http_max_body_bytes: int = setting("HTTP_MAX_BODY_BYTES", 1_048_576, minimum=1024)
+    models: str = setting("MODELS", derive=lambda env: _agent_model_name(env))
     log: LogSettings = field(default_factory=LogSettings)
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        """The model ids this mesh serves (``MESH_GATEWAY_MODELS``, comma separated)."""
+        return tuple(part.strip() for part in self.models.split(",") if part.strip())
 
     def check(self) -> None:
         if not self.persister_addr:

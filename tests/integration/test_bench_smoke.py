@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ROWS = ("ttft", "throughput", "relay", "log", "persistence", "recall", "batching")
+ROWS = ("ttft", "throughput", "http", "relay", "log", "persistence", "recall", "batching")
 VERDICTS = {"PASS", "MISS", "n/a"}
 
 pytestmark = pytest.mark.integration

@@ -135,3 +135,34 @@ def test_render_command_prints_the_bootstrap() -> None:
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["admin"]["address"]["socketAddress"]["portValue"] == 9999
+
+
+def test_http_api_routes_v1_to_its_own_health_checked_cluster() -> None:
+    config = EnvoyConfig.from_env(
+        {
+            "MESH_ENVOY_UPSTREAMS": "127.0.0.1:50051",
+            "MESH_ENVOY_HTTP_UPSTREAMS": "127.0.0.1:8000,127.0.0.1:8001",
+        }
+    )
+    assert config.http_upstreams == ("127.0.0.1:8000", "127.0.0.1:8001")
+    document = rendered(config)
+    clusters = {c["name"]: c for c in document["staticResources"]["clusters"]}
+    http = clusters["gateway_http"]
+    protocol = http["typedExtensionProtocolOptions"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert "httpProtocolOptions" in protocol["explicitHttpConfig"]
+    [check] = http["healthChecks"]
+    assert check["httpHealthCheck"]["path"] == "/healthz"
+    assert "grpcHealthCheck" not in check
+    assert "httpHealthCheck" not in clusters["gateway"]["healthChecks"][0]
+    [vhost] = manager(document)["routeConfig"]["virtualHosts"]
+    [route] = [r for r in vhost["routes"] if r["match"]["prefix"] == "/v1/"]
+    assert route["route"]["cluster"] == "gateway_http"
+    assert route["route"]["timeout"] == "0s"
+    cors = vhost["typedPerFilterConfig"]["envoy.filters.http.cors"]
+    assert "authorization" in cors["allowHeaders"].split(",")
+    assert "retry-after" in cors["exposeHeaders"].split(",")
+    # Without HTTP upstreams there is no /v1/ route and no second cluster.
+    plain = rendered(EnvoyConfig(upstreams=("127.0.0.1:50051",)))
+    assert [c["name"] for c in plain["staticResources"]["clusters"]] == ["gateway"]
