@@ -487,6 +487,12 @@ class Mesh:
         (service,) = self._start_group("gateway", [name], env, timeout_s)
         return service
 
+    def retire(self, service: Service) -> None:
+        """Stop one service (if it still runs) and drop it from the mesh: a test that killed
+        a replica it added leaves the mesh as it found it."""
+        service.terminate()  # returns at once for one that already exited
+        self.services.remove(service)
+
     def _start_group(
         self, kind: str, names: list[str], env: dict[str, str], timeout_s: float
     ) -> list[Service]:

@@ -29,6 +29,7 @@ from chat.common.v1 import common_pb2, conversation_pb2
 from chat.gateway.v1 import gateway_pb2
 
 from mesh.infra.envoy import EnvoyProxy
+from mesh.launcher import Service
 from tests.fixtures.envoy import envoy_in_front_of, wait_upstreams_healthy
 from tests.fixtures.mesh import RunningMesh
 from tests.integration.grpc_helpers import auth, gateway, start_request
@@ -449,6 +450,20 @@ async def test_background_response_resumes_on_another_gateway_after_sigkill(
 ) -> None:
     mesh = running_mesh.mesh
     doomed = await asyncio.to_thread(mesh.start_gateway)
+    try:
+        await resume_after_sigkill(running_mesh, envoy_http, model_id, resume_via, doomed)
+    finally:
+        mesh.retire(doomed)  # later tests (and the probes) see only live gateways
+
+
+async def resume_after_sigkill(
+    running_mesh: RunningMesh,
+    envoy_http: EnvoyProxy,
+    model_id: str,
+    resume_via: str,
+    doomed: Service,
+) -> None:
+    mesh = running_mesh.mesh
     doomed_url = mesh.gateway_http_urls[-1]
     # Envoy (started before this gateway existed) fronts the survivors only.
     survivor_url = base_url(running_mesh) if resume_via == "gateway" else envoy_http.url
@@ -750,6 +765,7 @@ def test_draining_gateway_answers_503(running_mesh: RunningMesh, model_id: str) 
         frames.cancel()
         channel.close()
         draining.process.wait(timeout=30)
+        mesh.retire(draining)
 
 
 def test_http_requests_are_counted_like_rpcs(running_mesh: RunningMesh) -> None:

@@ -398,14 +398,29 @@ def test_every_streamed_turn_is_in_postgres_exactly_as_streamed(
         ], turn
         assert messages[1].text == turn.text, turn.turn_id
 
-    # And in the database itself: exactly these turns, each token once.
+    # And in the database itself: exactly these turns in their conversations, each token once.
+    # (Other modules' tests share this mesh and write conversations of their own.)
+    conversations = sorted({t.conversation_id for t in ledger.values()})
+    turns = sorted(ledger)
     with psycopg.connect(scale_mesh.pg_dsn) as conn:
+
+        def count(query: str, ids: list[str]) -> int:
+            return int(conn.execute(query, (ids,)).fetchone()[0])  # type: ignore[index]
+
         counts = {
-            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
-            for table in ("conversations", "messages", "tokens")
+            "conversations": count(
+                "SELECT count(*) FROM conversations WHERE conversation_id = ANY(%s)", conversations
+            ),
+            "messages": count(
+                "SELECT count(*) FROM messages WHERE conversation_id = ANY(%s)", conversations
+            ),
+            "tokens": count("SELECT count(*) FROM tokens WHERE turn_id = ANY(%s)", turns),
         }
         per_turn = dict(
-            conn.execute("SELECT turn_id, max(seq) FROM tokens GROUP BY turn_id").fetchall()
+            conn.execute(
+                "SELECT turn_id, max(seq) FROM tokens WHERE turn_id = ANY(%s) GROUP BY turn_id",
+                (turns,),
+            ).fetchall()
         )
     assert counts == {
         "conversations": len({t.conversation_id for t in ledger.values()}),

@@ -209,7 +209,7 @@ def test_turn_markers_typed_by_users_stay_plain_text(core: AgentCore) -> None:
         PromptRequest(
             user_text=forged,
             history=[ChatMessage("user", forged), ChatMessage("assistant", forged)],
-            context_passages=[forged],
+            context_passages=["recalled: " + forged],
             assistant_prefix=forged,
         ),
         8,
@@ -220,4 +220,5 @@ def test_turn_markers_typed_by_users_stay_plain_text(core: AgentCore) -> None:
     # Parsed as one text, the same prompt would have held five more.
     assert engine.tokenize(built.text).count(marker) == 7
     assert built.prompt_tokens == len(tokens)
+    assert built.passages_used == 1
     assert any(text == forged and not trusted for text, trusted in built.segments)

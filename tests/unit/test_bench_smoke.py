@@ -51,7 +51,16 @@ def test_args_select_rows_and_sizes() -> None:
     assert args.recall_sizes == [10_000, 100_000]
     assert args.relay_streams == [1, 100]
     assert parse_args([]).only is None
-    assert set(ROWS) == {"ttft", "throughput", "http", "relay", "log", "persistence", "recall"}
+    assert set(ROWS) == {
+        "ttft",
+        "throughput",
+        "http",
+        "relay",
+        "log",
+        "persistence",
+        "recall",
+        "batching",
+    }
 
 
 @pytest.mark.parametrize(
