@@ -197,7 +197,21 @@ class PromptBuilder:
             untrusted.append(text)
             return f"{_HOLE}{len(untrusted) - 1}{_HOLE}"
 
-        messages = [ChatMessage(m.role, hole(m.text)) for m in history]
+        # The plain format's "Assistant:" is followed by whatever the model wrote after it,
+        # usually a space: a reply that starts with one is rendered as it was generated, so
+        # the next prompt starts exactly like the previous prompt plus its reply (KV reuse).
+        plain = self._template is None
+        messages = [
+            ChatMessage(
+                m.role,
+                hole(
+                    m.text[1:]
+                    if plain and m.role == ASSISTANT and m.text.startswith(" ")
+                    else m.text
+                ),
+            )
+            for m in history
+        ]
         content = user_content(request.user_text, request.context_passages[:passages])
         messages.append(ChatMessage(USER, hole(content)))
         if self._system:

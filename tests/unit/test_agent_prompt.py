@@ -208,3 +208,19 @@ def test_passages_that_repeat_the_history_are_left_out() -> None:
         PromptRequest(user_text="cat?", history=long_history, context_passages=[passage]), 10
     )
     assert tight.history_used == 0 and tight.passages_used == 1
+
+
+def test_plain_format_renders_a_reply_as_it_followed_the_prompt() -> None:
+    """The next prompt begins with the previous prompt plus the reply exactly as generated, so
+    the agent's KV cache continues it."""
+    builder = PromptBuilder(count_tokens=chars, n_ctx=10_000)
+    first = builder.build(PromptRequest(user_text="hi"), max_tokens=10)
+    reply = " Hello there."  # the model writes its own space after "Assistant:"
+    second = builder.build(
+        PromptRequest(
+            user_text="and?",
+            history=[ChatMessage("user", "hi"), ChatMessage("assistant", reply)],
+        ),
+        max_tokens=10,
+    )
+    assert second.text.startswith(first.text + reply + "\n")
