@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -365,6 +366,70 @@ def test_agent_killed_mid_turn_is_taken_over_without_gap_or_duplicate(
     mesh.start_agent(timeout_s=120)
     assert sum(s.process.poll() is None for s in mesh.agents) == 2
     assert takeover_s < SESSION_TIMEOUT_S + 60
+
+
+def test_agent_killed_with_a_batch_in_flight_hands_every_turn_over(
+    scale_mesh: ScaleMesh, stubs: dict[str, object], ledger: dict[str, Streamed]
+) -> None:
+    """On Kafka: eight turns run at once on two batching agents; SIGKILL the agent that holds
+    the most. Its turns in flight finish on the survivor, and every turn is gap-free and
+    duplicate-free on the log and in the streams."""
+    mesh = scale_mesh.mesh
+    key = scale_mesh.api_key
+    results = [TurnResult() for _ in range(8)]
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        start = start_request(f"batch turn {index}", max_tokens=400, seed=20 + index)
+        try:
+            for frame in stubs[f"gateway-{1 + index % 2}"].StreamTurn(  # type: ignore[attr-defined]
+                gateway_pb2.StreamTurnRequest(start=start), metadata=auth(key), timeout=180
+            ):
+                results[index].add(frame)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while not all(r.tokens for r in results) and not errors and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not errors and all(r.tokens for r in results), "not every turn started generating"
+    owner = {
+        p["turn_id"]: p["agent_id"]
+        for p in prompts(scale_mesh)
+        if p["turn_id"] in {r.turn_id for r in results}
+    }
+    victim = max({owner[r.turn_id] for r in results}, key=list(owner.values()).count)
+    moved = [r for r in results if owner[r.turn_id] == victim]
+    [service] = [s for s in mesh.agents if s.name == victim]
+    service.kill()
+    for thread in threads:
+        thread.join(180)
+    assert not errors, errors
+    for result in results:
+        assert result.finished is not None, result.turn_id
+        assert_gap_free(result)
+        assert result.finished.last_seq == len(result.tokens)
+        record(ledger, result, key)
+    taken_over = 0
+    for result in moved:
+        events = turn_events(scale_mesh, result.turn_id)
+        starts = [agent for agent, _ in started_by(events)]
+        assert starts[0] == victim
+        taken_over += starts[1:] != []
+        seqs = [
+            e.token.seq + i
+            for e in events
+            if e.WhichOneof("event") == "token"
+            for i in range(1 + len(e.token.more_texts))
+        ]
+        assert seqs == list(range(1, result.finished.last_seq + 1)), "gap or duplicate on the log"
+    # Several of the victim's turns were mid-generation in its batch when it died.
+    assert taken_over >= 2, (taken_over, len(moved))
+    mesh.start_agent(timeout_s=120)
+    assert sum(s.process.poll() is None for s in mesh.agents) == 2
 
 
 def test_every_streamed_turn_is_in_postgres_exactly_as_streamed(
