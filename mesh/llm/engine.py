@@ -330,12 +330,7 @@ class LlamaEngine(AsyncStartStop):
 
     def tokenize(self, text: str) -> list[int]:
         """Tokens of a prompt as the model sees it: BOS first, special tokens parsed."""
-        model = self._model()
-        tokens = model.tokenize(text)
-        # Chat templates often write the BOS token themselves; never feed it twice.
-        if len(tokens) >= 2 and tokens[0] == model.bos and tokens[1] == model.bos:
-            tokens = tokens[1:]
-        return tokens
+        return self.tokenize_segments(((text, True),))
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
@@ -350,6 +345,7 @@ class LlamaEngine(AsyncStartStop):
         tokens: list[int] = []
         for text, trusted in segments:
             tokens += model.tokenize(text, add_bos=not tokens, special=trusted)
+        # Chat templates often write the BOS token themselves; never feed it twice.
         if len(tokens) >= 2 and tokens[0] == model.bos and tokens[1] == model.bos:
             tokens = tokens[1:]
         return tokens
@@ -431,6 +427,9 @@ class LlamaEngine(AsyncStartStop):
                 self._waiting.clear()
                 return
             try:
+                # Cancelled generations go first: the slots they free are for those waiting.
+                for work in [w for w in self._running if w.generation.cancelled]:
+                    self._finish(work, FinishReason.CANCELLED)
                 self._admit(native, pool, labels)
                 now = time.monotonic()
                 rows, outputs = self._plan(now)
@@ -494,9 +493,6 @@ class LlamaEngine(AsyncStartStop):
         """This step's batch rows ``(token, position, sequence, logits)`` and which rows sample."""
         rows: list[tuple[int, int, int, bool]] = []
         outputs: list[tuple[_Work, int]] = []
-        for work in list(self._running):
-            if work.generation.cancelled:
-                self._finish(work, FinishReason.CANCELLED)
         # Running generations first: one row each, so they never wait behind a prompt.
         for work in self._running:
             if work.reading_prompt or work.due > now or not self._take_room(work):
