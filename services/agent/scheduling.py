@@ -70,24 +70,6 @@ class FairQueue(Generic[T]):
                 return waiting
         return None
 
-    def position(self, item: T) -> int:
-        """Turns this queue would start before ``item`` if no conversation were busy; -1 if absent.
-
-        Under round-robin, the k-th waiting turn of its tenant goes after at most k turns of
-        every tenant ahead of it in the rotation and k-1 of the others.
-        """
-        order = self._rotation()
-        for rank, tenant in enumerate(order):
-            for k, waiting in enumerate(self._tenants[tenant]):
-                if waiting.item is item:
-                    before = k
-                    for other_rank, other in enumerate(order):
-                        if other != tenant:
-                            share = k + 1 if other_rank < rank else k
-                            before += min(len(self._tenants[other]), share)
-                    return before
-        return -1
-
     def remove_if(self, predicate: Callable[[T], bool]) -> list[T]:
         """Take out every waiting item for which ``predicate`` holds."""
         removed: list[T] = []

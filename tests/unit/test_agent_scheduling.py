@@ -28,22 +28,8 @@ def test_a_tenant_arriving_during_a_burst_is_next() -> None:
     for _ in range(2):
         queue.pop(never_busy)
     queue.push("b", "conv-b", "b0")
-    assert queue.position("b0") == 0
     got = queue.pop(never_busy)
     assert got is not None and got.item == "b0"
-
-
-def test_position_counts_turns_started_before_under_round_robin() -> None:
-    queue: FairQueue[str] = FairQueue()
-    items = {f"a{i}": f"a{i}" for i in range(20)}
-    for name, item in items.items():
-        queue.push("a", name, item)
-    single = "b0"
-    queue.push("b", "conv-b", single)
-    assert queue.position(single) == 1  # only a0 goes before it
-    assert queue.position(items["a0"]) == 0
-    assert queue.position(items["a3"]) == 4  # a0..a2 and b0
-    assert queue.position("absent") == -1
 
 
 def test_a_busy_conversation_waits_and_others_go_first() -> None:
@@ -123,3 +109,15 @@ def test_pool_limits_running_sequences_and_room() -> None:
     assert pool.claim([4, 5, 6], 50) is not None
     assert pool.claim([7, 8, 9], 1) is None  # two running already
     assert pool.running == 2
+
+
+def test_gateway_position_follows_the_agents_round_robin() -> None:
+    from services.gateway.queue_position import Pending, fair_position
+
+    # Offsets 10..29: tenant a's 20 turns; 30: tenant b's one; 31..32: a again.
+    tenants = tuple((10 + i, "a") for i in range(20)) + ((30, "b"), (31, "a"), (32, "a"))
+    pending = Pending(committed=10, end=33, tenants=tenants)
+    assert fair_position(pending, 30, "b") == 1  # one of a's turns, not twenty
+    assert fair_position(pending, 10, "a") == 0
+    assert fair_position(pending, 13, "a") == 3  # a's own three ahead; b is behind it
+    assert fair_position(pending, 31, "a") == 21  # all twenty of a's, and b's one
