@@ -166,6 +166,7 @@ class RelaySide:
             api_keys_file=keys,
             log_level="WARNING",
             max_streams=5000,
+            http_port=-1,  # the row measures gRPC; no HTTP listener on a fixed port
             # Nothing listens there: new conversations never ask the persister.
             persister_addr=f"127.0.0.1:{free_port()}",
             log=LogSettings(driver="embedded", path=self.log_path, partitions=PARTITIONS),

@@ -198,6 +198,8 @@ async def spawn_gateway(
         "MESH_GATEWAY_METRICS_PORT": "-1",
         "MESH_GATEWAY_API_KEYS_FILE": str(keys.path),
         "MESH_GATEWAY_QUEUE_POLL_S": "0.1",
+        # No HTTP listener on its fixed default port: several of these run at once.
+        "MESH_GATEWAY_HTTP_PORT": "-1",
         "MESH_PERSISTER_ADDR": persister_addr,
         **env,
     }
