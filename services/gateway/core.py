@@ -13,7 +13,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Protocol
 
 from mesh import turnlog
@@ -73,6 +74,10 @@ class GatewayCore(AsyncStartStop):
         self.partitions = 0
         self.draining = False
         self._streams = 0
+        self._tenant_streams: Counter[str] = Counter()
+        # Starts of a tenant on a partition between their queue check and their durable append:
+        # counted with the pending requests so concurrent starts cannot all pass one check.
+        self._starting: Counter[tuple[int, str]] = Counter()
 
     async def start(self) -> None:
         if self._hub is not None:
@@ -108,9 +113,22 @@ class GatewayCore(AsyncStartStop):
         self.draining = True
 
     @contextlib.contextmanager
-    def stream_slot(self) -> Iterator[None]:
-        """Hold one of the gateway's ``max_streams`` stream slots for the block."""
-        if self._streams >= self.settings.max_streams:
+    def stream_slot(self, tenant_id: str) -> Iterator[None]:
+        """Hold one of the gateway's ``max_streams`` stream slots for the block, and one of the
+        tenant's ``max_streams_per_tenant``; the tenant's own limit is checked first, so a
+        tenant that holds its share is told so, and never fills the gateway for the others."""
+        settings = self.settings
+        held = self._tenant_streams[tenant_id]
+        if held >= settings.max_streams_per_tenant:
+            raise ResourceExhausted(
+                f"tenant {tenant_id!r} already has {held} open streams on this gateway, its "
+                f"limit (MESH_GATEWAY_MAX_STREAMS_PER_TENANT={settings.max_streams_per_tenant}); "
+                "close streams it no longer reads, or retry shortly",
+                reason="TENANT_STREAM_LIMIT",
+                retry_after_s=1.0,
+                quota_subject=f"tenant:{tenant_id}",
+            )
+        if self._streams >= settings.max_streams:
             raise ResourceExhausted(
                 f"this gateway already serves {self._streams} streams; retry shortly or use "
                 "another gateway",
@@ -118,10 +136,18 @@ class GatewayCore(AsyncStartStop):
                 retry_after_s=1.0,
             )
         self._streams += 1
+        self._tenant_streams[tenant_id] += 1
         try:
             yield
         finally:
             self._streams -= 1
+            self._tenant_streams[tenant_id] -= 1
+            if self._tenant_streams[tenant_id] <= 0:
+                del self._tenant_streams[tenant_id]
+
+    def tenant_streams(self, tenant_id: str) -> int:
+        """Streams the tenant holds open on this gateway."""
+        return self._tenant_streams.get(tenant_id, 0)
 
     @property
     def open_streams(self) -> int:
@@ -180,19 +206,32 @@ class GatewayCore(AsyncStartStop):
                     )
                 )
 
-    async def _check_queue(self, partition: int) -> None:
-        """RESOURCE_EXHAUSTED when the agents' queue for this partition is full."""
+    async def _check_queue(self, partition: int, tenant_id: str) -> None:
+        """RESOURCE_EXHAUSTED when the agents' queue for this partition is full, or when the
+        tenant already holds its share of it."""
         try:
-            depth = (await self.queue.pending(partition)).depth
+            pending = await self.queue.pending(partition)
         except LogError as error:
             raise _log_unavailable(error) from error
-        limit = self.settings.max_queued_turns
-        if depth >= limit:
+        settings = self.settings
+        limit = settings.max_queued_turns
+        if pending.depth >= limit:
             raise ResourceExhausted(
-                f"{depth} turns are already waiting for this conversation's agents (the limit is "
-                f"{limit}); retry shortly",
+                f"{pending.depth} turns are already waiting for this conversation's agents (the "
+                f"limit is {limit}); retry shortly",
                 reason="QUEUE_FULL",
                 retry_after_s=2.0,
+            )
+        share = settings.max_queued_turns_per_tenant
+        own = pending.count(tenant_id) + self._starting[(partition, tenant_id)]
+        if own >= share:
+            raise ResourceExhausted(
+                f"tenant {tenant_id!r} already has {own} unfinished turns queued or running for "
+                f"this conversation's agents, its limit (MESH_GATEWAY_MAX_QUEUED_TURNS_PER_TENANT="
+                f"{share}); wait for some to finish, or retry shortly",
+                reason="TENANT_QUEUE_FULL",
+                retry_after_s=2.0,
+                quota_subject=f"tenant:{tenant_id}",
             )
 
     async def _append_request(
@@ -203,11 +242,41 @@ class GatewayCore(AsyncStartStop):
         decided: asyncio.Future[TurnInfo | None],
         notify: asyncio.Event | None,
     ) -> TurnStream:
-        log = self.log
         key = conversation_id.encode()
         partition = partition_for(key, self.partitions)
+        await self._check_queue(partition, principal.tenant_id)
+        starting = (partition, principal.tenant_id)
+        self._starting[starting] += 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._starting[starting] -= 1
+                if self._starting[starting] <= 0:
+                    del self._starting[starting]
+
+        try:
+            return await self._append_checked(
+                principal, request, conversation_id, decided, notify, partition, key, release
+            )
+        finally:
+            release()
+
+    async def _append_checked(
+        self,
+        principal: Principal,
+        request: StartRequest,
+        conversation_id: str,
+        decided: asyncio.Future[TurnInfo | None],
+        notify: asyncio.Event | None,
+        partition: int,
+        key: bytes,
+        release: Callable[[], None],
+    ) -> TurnStream:
+        log = self.log
         sub: Subscription | None = None
-        await self._check_queue(partition)
         try:
             # Both at once: on Kafka each is a broker round trip on the way to TurnAccepted.
             request_start, events_start = await asyncio.gather(
@@ -270,6 +339,9 @@ class GatewayCore(AsyncStartStop):
             sub.close()
             raise
         accepted_at = time.perf_counter()
+        # Counted at once by this gateway's next checks, not only after the next queue read.
+        self.queue.note_appended(partition, request_offset, principal.tenant_id)
+        release()
         info = decided.result() if decided.done() else None
         if info is None:
             info = TurnInfo(
@@ -447,8 +519,10 @@ class GatewayCore(AsyncStartStop):
         finally:
             turn.close()
 
-    def chat_session(self, principal: Principal) -> ChatSession:
-        return ChatSession(self, principal)
+    def chat_session(
+        self, principal: Principal, *, verify: Callable[[Principal], None] | None = None
+    ) -> ChatSession:
+        return ChatSession(self, principal, verify=verify)
 
 
 def _log_unavailable(error: Exception) -> Unavailable:

@@ -536,14 +536,80 @@ async def test_stream_slots_are_bounded(
     async with GatewayCore(
         make_settings(tmp_path, max_streams=2), log=log, conversations=conversations
     ) as core:
-        with core.stream_slot(), core.stream_slot():
+        with core.stream_slot("acme"), core.stream_slot("globex"):
             with pytest.raises(ResourceExhausted) as full:
-                with core.stream_slot():
+                with core.stream_slot("initech"):
                     pass
             assert full.value.reason == "TOO_MANY_STREAMS"
             assert full.value.retry_after_s is not None
-        with core.stream_slot():
+        with core.stream_slot("acme"):
             assert core.open_streams == 1
+
+
+async def test_a_tenant_cannot_hold_every_stream_slot(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    settings = make_settings(tmp_path, max_streams=5, max_streams_per_tenant=2)
+    async with GatewayCore(settings, log=log, conversations=conversations) as core:
+        with core.stream_slot("acme"), core.stream_slot("acme"):
+            with pytest.raises(ResourceExhausted) as own:
+                with core.stream_slot("acme"):
+                    pass
+            assert own.value.reason == "TENANT_STREAM_LIMIT"
+            assert own.value.quota_subject == "tenant:acme"
+            assert own.value.retry_after_s is not None
+            assert "MAX_STREAMS_PER_TENANT=2" in own.value.message
+            assert core.tenant_streams("acme") == 2
+            # Another tenant still gets its streams.
+            with core.stream_slot("globex"), core.stream_slot("globex"):
+                assert core.open_streams == 4
+        assert core.tenant_streams("acme") == 0 and core.open_streams == 0
+
+
+async def test_a_tenant_gets_only_its_share_of_a_partition_queue(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    conversation = "c-share"
+    conversations.known.update({("acme", conversation), ("globex", conversation)})
+    settings = make_settings(tmp_path, max_queued_turns=10, max_queued_turns_per_tenant=3)
+    async with GatewayCore(settings, log=log, conversations=conversations) as core:
+        partition = partition_for(conversation.encode(), core.partitions)
+        for _ in range(3):
+            await log.append(TURN_REQUESTS, partition, b"k", queued_request("acme"))
+        with pytest.raises(ResourceExhausted) as share:
+            await core.start_turn(ACME, StartRequest(conversation, "hi"))
+        assert share.value.reason == "TENANT_QUEUE_FULL"
+        assert share.value.quota_subject == "tenant:acme"
+        assert share.value.retry_after_s is not None and share.value.retry_after_s > 0
+        assert "3 unfinished turns" in share.value.message
+        assert "MAX_QUEUED_TURNS_PER_TENANT=3" in share.value.message
+        turn = await core.start_turn(GLOBEX, StartRequest(conversation, "hi"))
+        turn.close()
+
+
+async def test_concurrent_starts_cannot_overrun_the_tenant_share(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    """The share holds between queue reads: a burst of starts gets exactly what is left."""
+    conversation = "c-burst"
+    conversations.known.add(("acme", conversation))
+    settings = make_settings(
+        tmp_path, max_queued_turns_per_tenant=2, queue_poll_s=60.0, rate_burst=100
+    )
+    async with GatewayCore(settings, log=log, conversations=conversations) as core:
+        results = await asyncio.gather(
+            *(core.start_turn(ACME, StartRequest(conversation, f"hi {i}")) for i in range(6)),
+            return_exceptions=True,
+        )
+        accepted = [r for r in results if isinstance(r, TurnStream)]
+        refused = [r for r in results if isinstance(r, ResourceExhausted)]
+        assert (len(accepted), len(refused)) == (2, 4), results
+        assert {r.reason for r in refused} == {"TENANT_QUEUE_FULL"}
+        # Sequential starts after the burst still see the two (the cached read does not).
+        with pytest.raises(ResourceExhausted):
+            await core.start_turn(ACME, StartRequest(conversation, "later"))
+        for turn in accepted:
+            turn.close()
 
 
 # -- the Chat session ----------------------------------------------------------------------------
