@@ -70,6 +70,9 @@ class GatewayCore(AsyncStartStop):
         # Conversations are never deleted, so a positive answer stays true; a conversation this
         # gateway minted exists once its first request is on the log.
         self._seen: BoundedLru[tuple[str, str], bool] = BoundedLru(50_000)
+        # Turns this gateway cancelled or found ended: cancelling them again logs nothing.
+        self._ended: BoundedLru[str, bool] = BoundedLru(10_000)
+        self._cancelling: dict[str, asyncio.Future[None]] = {}
         self._hub: TurnHub | None = None
         self.partitions = 0
         self.draining = False
@@ -470,16 +473,65 @@ class GatewayCore(AsyncStartStop):
         return info.turn_id
 
     async def cancel(self, info: TurnInfo) -> None:
-        """Log a TurnCancelled for the turn and wait until it is durable."""
-        value = turnlog.encode(
-            turnlog.TurnCancelled(info.turn_id, info.conversation_id, info.tenant_id)
-        )
+        """Log a TurnCancelled for the turn and wait until it is durable.
+
+        Idempotent: a turn that already finished or was already cancelled gets nothing more on
+        the log. This gateway knows from its own cancels, from the endings its hub dispatched,
+        and otherwise from a bounded read of the turn's events (``resume_scan_limit`` records
+        from its ``events_start``); concurrent cancels of one turn here append once.
+        """
+        turn_id = info.turn_id
+        if turn_id in self._ended or self.hub.has_ended(turn_id):
+            return
+        running = self._cancelling.get(turn_id)
+        if running is not None:
+            await asyncio.shield(running)
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._cancelling[turn_id] = done
         try:
-            await asyncio.shield(
-                self.log.append(TURN_EVENTS, info.partition, info.conversation_id.encode(), value)
+            if not await self._ended_on_log(info):
+                value = turnlog.encode(
+                    turnlog.TurnCancelled(turn_id, info.conversation_id, info.tenant_id)
+                )
+                await asyncio.shield(
+                    self.log.append(
+                        TURN_EVENTS, info.partition, info.conversation_id.encode(), value
+                    )
+                )
+            self._ended.put(turn_id, True)
+            done.set_result(None)
+        except BaseException as error:
+            failure = _log_unavailable(error) if isinstance(error, LogError) else error
+            done.set_exception(
+                failure if isinstance(failure, Exception) else Unavailable("cancel interrupted")
             )
-        except LogError as error:
-            raise _log_unavailable(error) from error
+            done.exception()  # retrieved: concurrent cancels re-raise it, nobody else must
+            if failure is error:
+                raise
+            raise failure from error
+        finally:
+            del self._cancelling[turn_id]
+
+    async def _ended_on_log(self, info: TurnInfo) -> bool:
+        """Whether the turn's events, read from its ``events_start`` (at most
+        ``resume_scan_limit`` records), hold a TurnFinished or a TurnCancelled."""
+        log, partition = self.log, info.partition
+        end = await log.end_offset(TURN_EVENTS, partition)
+        end = min(end, info.events_start + self.settings.resume_scan_limit)
+        position = info.events_start
+        wanted = frozenset((info.turn_id,))
+        while position < end:
+            stop = min(end, position + 1000)
+            for record in await log.read_range(TURN_EVENTS, partition, position, stop):
+                try:
+                    events = turnlog.decode_events(record.value, turns=wanted)
+                except turnlog.UndecodableRecord:
+                    continue
+                if any(isinstance(e, turnlog.TurnFinished | turnlog.TurnCancelled) for e in events):
+                    return True
+            position = stop
+        return False
 
     # -- streaming -----------------------------------------------------------------------------
 

@@ -261,6 +261,40 @@ async def test_cancel_of_a_generating_turn_waits_for_the_agent(
     assert finished(outputs).finish_reason is FinishReason.CANCELLED
 
 
+async def cancels_on_log(log: EmbeddedLog, info: TurnInfo) -> int:
+    end = await log.end_offset(TURN_EVENTS, info.partition)
+    records = await log.read_range(TURN_EVENTS, info.partition, 0, end)
+    events = [events_pb2.TurnEvent.FromString(r.value) for r in records]
+    return sum(1 for e in events if e.cancelled.turn_id == info.turn_id)
+
+
+async def test_cancel_is_idempotent(
+    tmp_path: Path, core: GatewayCore, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    # A running turn: concurrent and repeated cancels log one TurnCancelled.
+    running = await core.start_turn(ACME, StartRequest("", "hi"))
+    await asyncio.gather(*(core.cancel_turn(ACME, running.turn_id) for _ in range(5)))
+    await core.cancel(running.info)
+    assert await cancels_on_log(log, running.info) == 1
+    # A finished turn: nothing at all, and still OK.
+    done = await core.start_turn(ACME, StartRequest("", "hi"))
+    agent = Agent(log, done)
+    await agent.started()
+    await agent.finished(last_seq=0)
+    await collect(core.follow(done))
+    for _ in range(20):
+        assert await core.cancel_turn(ACME, done.turn_id) == done.turn_id
+    assert await cancels_on_log(log, done.info) == 0
+    # Another gateway that never saw either turn reads their ends from the log.
+    async with GatewayCore(make_settings(tmp_path), log=log, conversations=conversations) as other:
+        for info in (running.info, done.info):
+            await other.cancel_turn(ACME, info.turn_id)
+            await other.cancel_turn(ACME, info.turn_id)
+        assert await cancels_on_log(log, running.info) == 1
+        assert await cancels_on_log(log, done.info) == 0
+    running.close()
+
+
 async def test_a_slow_subscriber_falls_back_to_the_log_without_gaps(
     tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
 ) -> None:
