@@ -22,6 +22,7 @@ tooling work without secrets.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import fcntl
@@ -270,6 +271,13 @@ class KeyStore:
             _log.info("API keys file %s loaded again (%d keys)", self._path, len(self._entries))
         self._failed_stamp, self.last_error = None, None
         API_KEYS_FILE_VALID.labels(self._service).set(1)
+
+    async def watch(self) -> None:
+        """Re-read the file every ``check_interval_s`` until cancelled, so a change (and a broken
+        edit's error and metric) shows without waiting for a call to look a key up."""
+        while True:
+            await asyncio.sleep(self._check_interval_s)
+            self._maybe_reload()
 
     def _maybe_reload(self) -> None:
         if self._path is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -300,6 +301,8 @@ async def serve(settings: GatewaySettings) -> None:
     if metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", settings.host, metrics_port)
     async with AsyncExitStack() as stack:
+        watcher = asyncio.get_running_loop().create_task(keys.watch(), name="gateway-keys-watch")
+        stack.callback(watcher.cancel)
         event_log = await stack.enter_async_context(open_log(settings.log))
         persister = await stack.enter_async_context(
             PersisterClient(settings.persister_addr, timeout_s=settings.persister_timeout_s)

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -911,3 +912,33 @@ async def test_cancelling_a_finished_turn_appends_nothing(
         for _ in range(5):
             await other.stub.CancelTurn(request, metadata=md(keys.acme))
     assert await cancels() == 0
+
+
+async def test_a_broken_keys_edit_is_reported_and_the_last_good_keys_serve(
+    keys: Keys, log_path: Path, closed_addr: str, tmp_path: Path, agent_log: EmbeddedLog
+) -> None:
+    metrics_port = free_port()
+    async with spawn_gateway(
+        log_path, keys, closed_addr, tmp_path, MESH_GATEWAY_METRICS_PORT=str(metrics_port)
+    ) as gateway:
+
+        def metrics() -> str:
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                return str(reply.read().decode())
+
+        assert 'mesh_api_keys_file_valid{service="gateway"} 1.0' in await asyncio.to_thread(metrics)
+        good = keys.path.read_text()
+        keys.path.write_text(good.replace("{", "{ oops", 1))
+        await asyncio.sleep(1.5)  # past the reload interval
+        call = gateway.stub.StreamTurn(start_request(), metadata=md(keys.acme))
+        assert (await first_frame(call)).WhichOneof("frame") == "accepted"
+        call.cancel()
+        text = await asyncio.to_thread(metrics)
+        assert 'mesh_api_keys_file_valid{service="gateway"} 0.0' in text
+        assert 'mesh_api_keys_file_errors_total{service="gateway"} 1.0' in text
+        output = await asyncio.to_thread(gateway.log_file.read_text)
+        assert "ERROR" in output and "is malformed" in output and str(keys.path) in output
+        keys.path.write_text(good)
+        await asyncio.sleep(1.5)
+        assert 'mesh_api_keys_file_valid{service="gateway"} 1.0' in await asyncio.to_thread(metrics)
