@@ -5,8 +5,15 @@ JSON file mapping the hex digest to a tenant (and optionally a per-key rate)::
 
     {
       "9f86d0...": "acme",
-      "2c26b4...": {"tenant": "globex", "rate_per_s": 20, "burst": 40}
+      "2c26b4...": {"tenant": "globex", "rate_per_s": 20, "burst": 40,
+                    "created_at": "2026-01-01T00:00:00+00:00",
+                    "expires_at": "2026-07-01T00:00:00+00:00"}
     }
+
+A key is named by its id, the first 12 hex digits of its hash: safe to show, log and pass to
+``mesh keys revoke``. A key past its ``expires_at`` is refused. The gateway re-reads the file when
+it changes; a broken edit is logged as an error and counted (``mesh_api_keys_file_errors_total``),
+and the last good keys stay in use.
 
 The interceptor resolves ``x-api-key`` to a ``Principal`` and exposes it to the handler through a
 context variable (``current_principal()``). Health and reflection need no key, so probes and
@@ -15,10 +22,13 @@ tooling work without secrets.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
+import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -27,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +48,10 @@ from grpc import aio
 
 from mesh.errors import InvalidArgument, MeshError, ResourceExhausted, Unauthenticated
 from mesh.interceptors import abort_with, wrap_handler
+from mesh.metrics import API_KEYS_FILE_ERRORS, API_KEYS_FILE_VALID
 from mesh.settings import default_state_dir
+
+_log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "x-api-key"
 KEY_PREFIX = "mk_"
@@ -49,6 +62,9 @@ DEFAULT_PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 _MAX_KEY_CHARS = 256
 _TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+# A key id is a prefix of its hash: 12 hex digits shown, at least 8 accepted back.
+KEY_ID_CHARS = 12
+_KEY_ID = re.compile(r"^[0-9a-f]{8,64}$")
 
 
 def hash_key(key: str) -> str:
@@ -82,11 +98,17 @@ def validate_tenant_id(tenant_id: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class KeyEntry:
-    """What a stored key grants: its tenant and, optionally, its own rate limit."""
+    """What a stored key grants: its tenant, optionally its own rate limit, and until when."""
 
     tenant_id: str
     rate_per_s: float | None = None
     burst: int | None = None
+    # Seconds since the epoch after which the key is refused; None: it never expires.
+    expires_at: float | None = None
+    created_at: float | None = None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +124,32 @@ class Principal:
     @property
     def key_id(self) -> str:
         """Short, non-secret name of the key for logs."""
-        return self.key_hash[:12]
+        return self.key_hash[:KEY_ID_CHARS]
 
 
 class KeyFileError(ValueError):
     """The keys file exists but is not a valid keys file; the message says where."""
+
+
+class UnknownKeyError(LookupError):
+    """No key (or more than one) in the keys file has the given id."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown key"
+
+
+def _timestamp(value: object, what: str, source: str, digest: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            parsed = datetime.fromisoformat(value)
+            if parsed.tzinfo is not None:
+                return parsed.timestamp()
+    raise KeyFileError(
+        f"{source}: entry {digest[:KEY_ID_CHARS]} {what} must be an ISO 8601 time with a "
+        f"UTC offset, like 2026-07-01T00:00:00+00:00 (got {value!r})"
+    )
 
 
 def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry]:
@@ -120,12 +163,16 @@ def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry
         tenant: object
         rate: object
         burst: object
+        expires: object = None
+        created: object = None
         if isinstance(value, str):
             tenant, rate, burst = value, None, None
         elif isinstance(value, dict):
             tenant = value.get("tenant")
             rate = value.get("rate_per_s")
             burst = value.get("burst")
+            expires = value.get("expires_at")
+            created = value.get("created_at")
         else:
             raise KeyFileError(f"{source}: entry {digest[:12]}… must be a tenant or an object")
         if not isinstance(tenant, str) or not _TENANT_PATTERN.match(tenant):
@@ -139,13 +186,21 @@ def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry
         ):
             raise KeyFileError(f"{source}: entry {digest[:12]}… burst must be an integer >= 1")
         entries[digest] = KeyEntry(
-            tenant, None if rate is None else float(rate), None if burst is None else int(burst)
+            tenant,
+            None if rate is None else float(rate),
+            None if burst is None else int(burst),
+            _timestamp(expires, "expires_at", source, digest),
+            _timestamp(created, "created_at", source, digest),
         )
     return entries
 
 
 class KeyStore:
-    """Hashed API keys, reloaded when the keys file changes (so new keys need no restart)."""
+    """Hashed API keys, reloaded when the keys file changes (so new keys need no restart).
+
+    Revoked and expired keys are refused by ``resolve`` for new calls and by ``verify`` for
+    calls already open (the gateway checks each Chat frame), within ``check_interval_s``.
+    """
 
     def __init__(
         self,
@@ -154,13 +209,19 @@ class KeyStore:
         entries: Mapping[str, KeyEntry] | None = None,
         check_interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        service: str = "gateway",
     ) -> None:
         self._path = path
         self._entries: dict[str, KeyEntry] = dict(entries or {})
         self._check_interval_s = check_interval_s
         self._clock = clock
+        self._wall_clock = wall_clock
+        self._service = service
         self._next_check = 0.0
         self._stamp: tuple[int, int] | None = None
+        self._failed_stamp: tuple[int, int] | None = None
+        self.last_error: str | None = None
         if path is not None:
             self._reload(force=True)
 
@@ -177,9 +238,10 @@ class KeyStore:
             stat = self._path.stat()
         except FileNotFoundError:
             self._entries, self._stamp = {}, None
+            self._loaded()
             return
         stamp = (stat.st_mtime_ns, stat.st_size)
-        if not force and stamp == self._stamp:
+        if not force and stamp in (self._stamp, self._failed_stamp):
             return
         try:
             data = json.loads(self._path.read_text(encoding="utf-8") or "{}")
@@ -187,9 +249,35 @@ class KeyStore:
         except (OSError, ValueError) as error:
             if force:
                 raise KeyFileError(str(error)) from error
-            # A half-written or broken edit must not lock everyone out: keep the last good keys.
+            # A half-written or broken edit must not lock everyone out: keep the last good keys,
+            # and say so loudly once per broken version of the file.
+            self._failed_stamp = stamp
+            self.last_error = str(error)
+            API_KEYS_FILE_ERRORS.labels(self._service).inc()
+            API_KEYS_FILE_VALID.labels(self._service).set(0)
+            _log.error(
+                "API keys file %s is malformed, so it was not loaded; the %d keys loaded before "
+                "stay in use until it is fixed: %s",
+                self._path,
+                len(self._entries),
+                error,
+            )
             return
         self._entries, self._stamp = entries, stamp
+        self._loaded()
+
+    def _loaded(self) -> None:
+        if self.last_error is not None:
+            _log.info("API keys file %s loaded again (%d keys)", self._path, len(self._entries))
+        self._failed_stamp, self.last_error = None, None
+        API_KEYS_FILE_VALID.labels(self._service).set(1)
+
+    async def watch(self) -> None:
+        """Re-read the file every ``check_interval_s`` until cancelled, so a change (and a broken
+        edit's error and metric) shows without waiting for a call to look a key up."""
+        while True:
+            await asyncio.sleep(self._check_interval_s)
+            self._maybe_reload()
 
     def _maybe_reload(self) -> None:
         if self._path is None:
@@ -200,7 +288,7 @@ class KeyStore:
             self._reload()
 
     def resolve(self, key: str | None) -> Principal:
-        """The principal of ``key``; UNAUTHENTICATED when it is missing or unknown."""
+        """The principal of ``key``; UNAUTHENTICATED when it is missing, unknown or expired."""
         if not key:
             raise Unauthenticated(
                 f"missing API key: send it in the {API_KEY_HEADER!r} metadata",
@@ -215,7 +303,111 @@ class KeyStore:
         entry = self._entries.get(digest)
         if entry is None:
             raise Unauthenticated("invalid API key", reason="API_KEY_INVALID")
+        self._refuse_expired(digest, entry)
         return Principal(entry.tenant_id, digest, entry.rate_per_s, entry.burst)
+
+    def verify(self, principal: Principal) -> None:
+        """UNAUTHENTICATED if the principal's key was revoked or has expired since it was
+        resolved; what long-lived streams call before acting on a frame."""
+        self._maybe_reload()
+        entry = self._entries.get(principal.key_hash)
+        if entry is None or entry.tenant_id != principal.tenant_id:
+            raise Unauthenticated(
+                f"API key {principal.key_id} was revoked; reconnect with a valid key",
+                reason="API_KEY_REVOKED",
+            )
+        self._refuse_expired(principal.key_hash, entry)
+
+    def _refuse_expired(self, digest: str, entry: KeyEntry) -> None:
+        if entry.expires_at is not None and entry.expired(self._wall_clock()):
+            when = datetime.fromtimestamp(entry.expires_at, UTC).isoformat(timespec="seconds")
+            raise Unauthenticated(
+                f"API key {digest[:KEY_ID_CHARS]} expired at {when}; use a newer key of the "
+                "tenant (`mesh keys rotate` makes one)",
+                reason="API_KEY_EXPIRED",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What ``mesh keys list`` shows of a stored key: never the key, only its id."""
+
+    key_id: str
+    tenant_id: str
+    created_at: float | None
+    expires_at: float | None
+    rate_per_s: float | None
+    burst: int | None
+
+
+@contextlib.contextmanager
+def _locked_keys(path: Path) -> Iterator[dict[str, Any]]:
+    """The keys file's JSON, validated, for a read-modify-write under an exclusive lock.
+
+    The lock (a sidecar file) keeps two CLI edits from losing each other's change; the data
+    the block leaves is written atomically (temp file + rename), readable by its owner only.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        data = _read_keys_json(path)
+        before = json.dumps(data, sort_keys=True)
+        yield data
+        if json.dumps(data, sort_keys=True) != before:
+            parse_keys(data, source=str(path))
+            _write_keys_json(path, data)
+
+
+def _read_keys_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except ValueError as error:
+        raise KeyFileError(f"{path}: not valid JSON ({error}); fix or restore it first") from None
+    parse_keys(data, source=str(path))
+    assert isinstance(data, dict)
+    return data
+
+
+def _write_keys_json(path: Path, data: Mapping[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".api-keys-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+
+
+def _new_entry(
+    data: dict[str, Any],
+    tenant_id: str,
+    rate_per_s: float | None,
+    burst: int | None,
+    expires_at: float | None,
+) -> str:
+    key = new_api_key()
+    entry: dict[str, Any] = {"tenant": tenant_id, "created_at": _iso(time.time())}
+    if rate_per_s is not None:
+        entry["rate_per_s"] = rate_per_s
+    if burst is not None:
+        entry["burst"] = burst
+    if expires_at is not None:
+        entry["expires_at"] = _iso(expires_at)
+    data[hash_key(key)] = entry
+    return key
 
 
 def add_key_to_file(
@@ -224,44 +416,91 @@ def add_key_to_file(
     *,
     rate_per_s: float | None = None,
     burst: int | None = None,
+    expires_at: float | None = None,
 ) -> str:
     """Create a key for ``tenant_id``, store its hash in ``path`` and return the key itself.
 
     The file is replaced atomically and readable by its owner only; the key is never written.
+    ``expires_at`` (seconds since the epoch) makes the gateway refuse the key from then on.
     """
     validate_tenant_id(tenant_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {}
-    if path.exists():
-        text = path.read_text(encoding="utf-8")
-        try:
-            data = json.loads(text) if text.strip() else {}
-        except ValueError as error:
-            raise KeyFileError(f"{path}: not valid JSON ({error})") from None
-        parse_keys(data, source=str(path))
-    key = new_api_key()
-    entry: dict[str, Any] = {
-        "tenant": tenant_id,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    if rate_per_s is not None:
-        entry["rate_per_s"] = rate_per_s
-    if burst is not None:
-        entry["burst"] = burst
-    data[hash_key(key)] = entry
-    parse_keys(data, source=str(path))
-    fd, tmp = tempfile.mkstemp(prefix=".api-keys-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return key
+    with _locked_keys(path) as data:
+        return _new_entry(data, tenant_id, rate_per_s, burst, expires_at)
+
+
+def list_keys(path: Path) -> list[KeyInfo]:
+    """The stored keys by tenant, then creation: ids and settings, never secrets."""
+    entries = parse_keys(_read_keys_json(path), source=str(path))
+    infos = [
+        KeyInfo(
+            digest[:KEY_ID_CHARS],
+            entry.tenant_id,
+            entry.created_at,
+            entry.expires_at,
+            entry.rate_per_s,
+            entry.burst,
+        )
+        for digest, entry in entries.items()
+    ]
+    return sorted(infos, key=lambda i: (i.tenant_id, i.created_at or 0.0, i.key_id))
+
+
+def _find_key(data: Mapping[str, Any], key_id: str, path: Path) -> str:
+    wanted = key_id.strip().lower()
+    if not _KEY_ID.match(wanted):
+        raise UnknownKeyError(
+            f"{key_id!r} is not a key id: give at least 8 of the hex digits `mesh keys list` "
+            "shows in its KEY ID column"
+        )
+    matches = [digest for digest in data if digest.startswith(wanted)]
+    if not matches:
+        raise UnknownKeyError(f"no key with id {wanted} in {path} (see `mesh keys list`)")
+    if len(matches) > 1:
+        raise UnknownKeyError(f"{wanted} matches {len(matches)} keys in {path}; give more digits")
+    return matches[0]
+
+
+def revoke_key(path: Path, key_id: str) -> KeyInfo:
+    """Remove the key with this id (a unique prefix of its hash); return what it was."""
+    with _locked_keys(path) as data:
+        digest = _find_key(data, key_id, path)
+        entry = parse_keys({digest: data[digest]}, source=str(path))[digest]
+        del data[digest]
+    return KeyInfo(
+        digest[:KEY_ID_CHARS],
+        entry.tenant_id,
+        entry.created_at,
+        entry.expires_at,
+        entry.rate_per_s,
+        entry.burst,
+    )
+
+
+def rotate_key(
+    path: Path,
+    key_id: str,
+    *,
+    expires_at: float | None = None,
+    old_expires_at: float | None = None,
+) -> tuple[str, KeyInfo]:
+    """A new key for the tenant of key ``key_id``, with its rate settings; the old key keeps
+    working until it is revoked, or until ``old_expires_at`` when given.
+
+    Returns the new key (shown once) and the new key's info.
+    """
+    with _locked_keys(path) as data:
+        old_digest = _find_key(data, key_id, path)
+        old = parse_keys({old_digest: data[old_digest]}, source=str(path))[old_digest]
+        key = _new_entry(data, old.tenant_id, old.rate_per_s, old.burst, expires_at)
+        if old_expires_at is not None:
+            raw = data[old_digest]
+            raw = {"tenant": raw} if isinstance(raw, str) else dict(raw)
+            raw["expires_at"] = _iso(old_expires_at)
+            data[old_digest] = raw
+    digest = hash_key(key)
+    return key, KeyInfo(
+        digest[:KEY_ID_CHARS], old.tenant_id, time.time(), expires_at, old.rate_per_s, old.burst
+    )
 
 
 # -- rate limiting ------------------------------------------------------------------------------
@@ -441,16 +680,21 @@ __all__ = [
     "AuthInterceptor",
     "KeyEntry",
     "KeyFileError",
+    "KeyInfo",
     "KeyStore",
     "Principal",
     "RateLimiter",
     "TokenBucket",
+    "UnknownKeyError",
     "add_key_to_file",
     "current_principal",
     "default_keys_file",
     "hash_key",
+    "list_keys",
     "new_api_key",
     "parse_keys",
     "principal_scope",
+    "revoke_key",
+    "rotate_key",
     "validate_tenant_id",
 ]

@@ -4,7 +4,10 @@
     mesh resume TURN_ID [--after N]
     mesh history [CONVERSATION_ID]
     mesh health [--state [FILE]]
-    mesh keys create --tenant T [--file F]
+    mesh keys create --tenant T [--expires-in 30d | --expires-at TIME] [--file F]
+    mesh keys list [--tenant T] [--file F]
+    mesh keys revoke KEY_ID [--file F]
+    mesh keys rotate KEY_ID [--expires-in D] [--old-expires-in D] [--file F]
 
 The gateway address comes from ``--gateway`` or ``MESH_GATEWAY_ADDR`` (default
 127.0.0.1:50051) and the key from ``--api-key`` or ``MESH_API_KEY``. Failures print one line
@@ -25,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -35,7 +39,17 @@ from chat.gateway.v1 import gateway_pb2, gateway_service_pb2_grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.auth import API_KEY_HEADER, KeyFileError, add_key_to_file, default_keys_file
+from mesh.auth import (
+    API_KEY_HEADER,
+    KeyFileError,
+    KeyInfo,
+    UnknownKeyError,
+    add_key_to_file,
+    default_keys_file,
+    list_keys,
+    revoke_key,
+    rotate_key,
+)
 from mesh.errors import MeshError, rich_status
 from mesh.settings import default_state_dir
 
@@ -568,17 +582,136 @@ def health(targets: Sequence[tuple[str, str]], *, timeout_s: float, out: TextIO)
     return worst
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``12h``, ``30d`` or ``2w`` in seconds (argparse type)."""
+    value = text.strip().lower()
+    unit = _DURATION_UNITS.get(value[-1:]) if value else None
+    try:
+        amount = float(value[:-1]) if unit else float("nan")
+    except ValueError:
+        amount = float("nan")
+    if unit is None or not amount > 0 or amount == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration: a positive number with s, m, h, d or w, like 30d"
+        )
+    return amount * unit
+
+
+def parse_time(text: str) -> float:
+    """An ISO 8601 time (UTC when it has no offset) in seconds since the epoch."""
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: use ISO 8601, like 2026-07-01T00:00:00+00:00"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def _expiry(args: argparse.Namespace, now: float) -> float | None:
+    if getattr(args, "expires_at", None) is not None:
+        expires = float(args.expires_at)
+        if expires <= now:
+            raise CliError("--expires-at is in the past: the key would never work")
+        return expires
+    if getattr(args, "expires_in", None) is not None:
+        return now + float(args.expires_in)
+    return None
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def keys_create(
-    path: Path, tenant: str, rate_per_s: float | None, burst: int | None, out: TextIO, err: TextIO
+    path: Path,
+    tenant: str,
+    rate_per_s: float | None,
+    burst: int | None,
+    out: TextIO,
+    err: TextIO,
+    *,
+    expires_at: float | None = None,
 ) -> int:
-    key = add_key_to_file(path, tenant, rate_per_s=rate_per_s, burst=burst)
+    key = add_key_to_file(path, tenant, rate_per_s=rate_per_s, burst=burst, expires_at=expires_at)
     out.write(key + "\n")
     out.flush()
+    until = f", valid until {_when(expires_at)}" if expires_at is not None else ""
     err.write(
-        f"created an API key for tenant {tenant!r}; only its hash is stored in {path}. "
+        f"created an API key for tenant {tenant!r}{until}; only its hash is stored in {path}. "
         "It is shown once: keep it now.\n"
     )
     return 0
+
+
+def keys_list(path: Path, tenant: str | None, out: TextIO, *, now: float | None = None) -> int:
+    """One line per key: its id, tenant, dates and state; never the key."""
+    now = time.time() if now is None else now
+    infos = [info for info in list_keys(path) if tenant is None or info.tenant_id == tenant]
+    out.write(f"{'KEY ID':<12}  {'TENANT':<20}  {'CREATED':<20}  {'EXPIRES':<20}  STATE    RATE\n")
+    for info in infos:
+        state = "expired" if info.expires_at is not None and info.expires_at <= now else "active"
+        rate = "-" if info.rate_per_s is None else f"{info.rate_per_s:g}/s"
+        if info.burst is not None:
+            rate += f" burst {info.burst}"
+        out.write(
+            f"{info.key_id:<12}  {info.tenant_id:<20}  {_when(info.created_at):<20}  "
+            f"{_when(info.expires_at):<20}  {state:<7}  {rate}\n"
+        )
+    return 0
+
+
+def _describe(info: KeyInfo) -> str:
+    return f"key {info.key_id} of tenant {info.tenant_id!r}"
+
+
+def keys_revoke(path: Path, key_id: str, err: TextIO) -> int:
+    info = revoke_key(path, key_id)
+    err.write(
+        f"revoked {_describe(info)}; gateways refuse it within seconds, on open streams too.\n"
+    )
+    return 0
+
+
+def keys_rotate(
+    path: Path,
+    key_id: str,
+    expires_at: float | None,
+    old_expires_at: float | None,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    key, info = rotate_key(path, key_id, expires_at=expires_at, old_expires_at=old_expires_at)
+    out.write(key + "\n")
+    out.flush()
+    old = key_id.strip().lower()
+    if old_expires_at is not None:
+        then = f"the old key {old} stops working at {_when(old_expires_at)}"
+    else:
+        then = f"the old key {old} works until `mesh keys revoke {old}`"
+    err.write(f"created {_describe(info)} (shown once: keep it now); move clients to it, {then}.\n")
+    return 0
+
+
+def run_keys(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    now = time.time()
+    if args.keys_command == "list":
+        return keys_list(args.file, args.tenant, out, now=now)
+    if args.keys_command == "revoke":
+        return keys_revoke(args.file, args.key_id, err)
+    if args.keys_command == "rotate":
+        old = None if args.old_expires_in is None else now + float(args.old_expires_in)
+        return keys_rotate(args.file, args.key_id, _expiry(args, now), old, out, err)
+    return keys_create(
+        args.file, args.tenant, args.rate_per_s, args.burst, out, err, expires_at=_expiry(args, now)
+    )
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -644,16 +777,46 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    create = keys_sub.add_parser("create", help="create a key; prints it once, stores its hash")
-    create.add_argument("--tenant", required=True)
-    create.add_argument(
+    key_file = argparse.ArgumentParser(add_help=False)
+    key_file.add_argument(
         "--file",
         type=Path,
         default=default_keys_file(environ),
         help="keys file (env MESH_GATEWAY_API_KEYS_FILE, default %(default)s)",
     )
+    expiry = argparse.ArgumentParser(add_help=False)
+    when = expiry.add_mutually_exclusive_group()
+    when.add_argument(
+        "--expires-in", type=parse_duration, default=None, metavar="D", help="valid for D (30d)"
+    )
+    when.add_argument(
+        "--expires-at", type=parse_time, default=None, metavar="TIME", help="valid until TIME"
+    )
+    create = keys_sub.add_parser(
+        "create",
+        parents=[key_file, expiry],
+        help="create a key; prints it once, stores its hash",
+    )
+    create.add_argument("--tenant", required=True)
     create.add_argument("--rate-per-s", type=float, default=None, help="own turn rate limit")
     create.add_argument("--burst", type=int, default=None, help="own burst")
+    listing = keys_sub.add_parser("list", parents=[key_file], help="list keys (ids, never keys)")
+    listing.add_argument("--tenant", default=None, help="only this tenant's keys")
+    revoke = keys_sub.add_parser("revoke", parents=[key_file], help="revoke a key by its id")
+    revoke.add_argument("key_id", metavar="KEY_ID", help="id from `mesh keys list`")
+    rotate = keys_sub.add_parser(
+        "rotate",
+        parents=[key_file, expiry],
+        help="a new key for the same tenant; the old one works until revoked",
+    )
+    rotate.add_argument("key_id", metavar="KEY_ID", help="id of the key being replaced")
+    rotate.add_argument(
+        "--old-expires-in",
+        type=parse_duration,
+        default=None,
+        metavar="D",
+        help="also let the old key expire after D (a grace period for clients to switch)",
+    )
     return parser
 
 
@@ -685,7 +848,7 @@ def main(
     args = build_parser(environ).parse_args(argv)
     try:
         if args.command == "keys":
-            return keys_create(args.file, args.tenant, args.rate_per_s, args.burst, out, err)
+            return run_keys(args, out, err)
         if args.command == "health":
             targets = health_addresses(environ, args.gateway, args.service, args.state)
             return health(targets, timeout_s=args.timeout, out=out)
@@ -728,7 +891,7 @@ def main(
     except grpc.RpcError as error:
         err.write("error: " + describe_rpc_error(error) + "\n")
         return 1
-    except (CliError, KeyFileError, MeshError, OSError) as error:
+    except (CliError, KeyFileError, UnknownKeyError, MeshError, OSError) as error:
         err.write(f"error: {error}\n")
         return 1
     except KeyboardInterrupt:

@@ -30,6 +30,7 @@ class MeshError(Exception):
         field: str | None = None,
         retry_after_s: float | None = None,
         metadata: dict[str, str] | None = None,
+        quota_subject: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -37,6 +38,8 @@ class MeshError(Exception):
         self.field = field
         self.retry_after_s = retry_after_s
         self.metadata = dict(metadata or {})
+        # Whose quota ran out (``tenant:acme``): becomes a QuotaFailure detail.
+        self.quota_subject = quota_subject
 
 
 class InvalidArgument(MeshError):
@@ -95,6 +98,17 @@ def to_status_proto(error: MeshError) -> status_pb2.Status:
         )
         packed = any_pb2.Any()
         packed.Pack(retry)
+        details.append(packed)
+    if error.quota_subject is not None:
+        quota = error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(
+                    subject=error.quota_subject, description=error.message
+                )
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(quota)
         details.append(packed)
     if error.field is not None:
         bad = error_details_pb2.BadRequest(

@@ -62,6 +62,16 @@ RPC_ERRORS = Counter(
     "RPCs that ended with a status other than OK, by code.",
     ["service", "method", "code"],
 )
+API_KEYS_FILE_ERRORS = Counter(
+    "mesh_api_keys_file_errors_total",
+    "Changes to the API keys file that could not be loaded; the last good keys stay in use.",
+    ["service"],
+)
+API_KEYS_FILE_VALID = Gauge(
+    "mesh_api_keys_file_valid",
+    "1 while the API keys file as it is on disk is in use, 0 while a broken edit is ignored.",
+    ["service"],
+)
 TURNS = Counter(
     "mesh_turns_total",
     "Turns ended, by finish reason.",

@@ -164,9 +164,21 @@ def make_dsn(password: str, port: int, *, host: str = "127.0.0.1", database: str
     )
 
 
+# The userinfo password of a URL DSN (``postgres://`` or ``postgresql://``): up to the last '@'
+# before the host, since an unquoted password may itself hold '@'.
+_URL_PASSWORD = re.compile(r"(?i)\b(postgres(?:ql)?://[^:/@\s]*:)[^\s/]*@")
+# ``password=...`` in a keyword DSN or a URL's query, quoted ('it''s', 'a b') or bare.
+_KEYWORD_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.|'')*'|[^\s&']+)")
+
+
 def redact_dsn(dsn: str) -> str:
-    """The DSN with its password replaced, for logs and status output."""
-    return re.sub(r"(postgresql://[^:/@]+:)[^@]*@", r"\1***@", dsn)
+    """The DSN with every password replaced, for logs and status output.
+
+    Covers URL DSNs (``postgres://u:secret@h/db``, ``postgresql://...``), keyword DSNs
+    (``host=h password=secret``, quoted or not) and ``?password=`` in a URL's query.
+    """
+    redacted = _URL_PASSWORD.sub(lambda m: m.group(1) + "***@", dsn)
+    return _KEYWORD_PASSWORD.sub(lambda m: m.group(1) + "***", redacted)
 
 
 def _connect_problem(dsn: str) -> str | None:

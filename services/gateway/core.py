@@ -13,7 +13,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Protocol
 
 from mesh import turnlog
@@ -69,10 +70,17 @@ class GatewayCore(AsyncStartStop):
         # Conversations are never deleted, so a positive answer stays true; a conversation this
         # gateway minted exists once its first request is on the log.
         self._seen: BoundedLru[tuple[str, str], bool] = BoundedLru(50_000)
+        # Turns this gateway cancelled or found ended: cancelling them again logs nothing.
+        self._ended: BoundedLru[str, bool] = BoundedLru(10_000)
+        self._cancelling: dict[str, asyncio.Future[None]] = {}
         self._hub: TurnHub | None = None
         self.partitions = 0
         self.draining = False
         self._streams = 0
+        self._tenant_streams: Counter[str] = Counter()
+        # Starts of a tenant on a partition between their queue check and their durable append:
+        # counted with the pending requests so concurrent starts cannot all pass one check.
+        self._starting: Counter[tuple[int, str]] = Counter()
 
     async def start(self) -> None:
         if self._hub is not None:
@@ -108,9 +116,22 @@ class GatewayCore(AsyncStartStop):
         self.draining = True
 
     @contextlib.contextmanager
-    def stream_slot(self) -> Iterator[None]:
-        """Hold one of the gateway's ``max_streams`` stream slots for the block."""
-        if self._streams >= self.settings.max_streams:
+    def stream_slot(self, tenant_id: str) -> Iterator[None]:
+        """Hold one of the gateway's ``max_streams`` stream slots for the block, and one of the
+        tenant's ``max_streams_per_tenant``; the tenant's own limit is checked first, so a
+        tenant that holds its share is told so, and never fills the gateway for the others."""
+        settings = self.settings
+        held = self._tenant_streams[tenant_id]
+        if held >= settings.max_streams_per_tenant:
+            raise ResourceExhausted(
+                f"tenant {tenant_id!r} already has {held} open streams on this gateway, its "
+                f"limit (MESH_GATEWAY_MAX_STREAMS_PER_TENANT={settings.max_streams_per_tenant}); "
+                "close streams it no longer reads, or retry shortly",
+                reason="TENANT_STREAM_LIMIT",
+                retry_after_s=1.0,
+                quota_subject=f"tenant:{tenant_id}",
+            )
+        if self._streams >= settings.max_streams:
             raise ResourceExhausted(
                 f"this gateway already serves {self._streams} streams; retry shortly or use "
                 "another gateway",
@@ -118,10 +139,18 @@ class GatewayCore(AsyncStartStop):
                 retry_after_s=1.0,
             )
         self._streams += 1
+        self._tenant_streams[tenant_id] += 1
         try:
             yield
         finally:
             self._streams -= 1
+            self._tenant_streams[tenant_id] -= 1
+            if self._tenant_streams[tenant_id] <= 0:
+                del self._tenant_streams[tenant_id]
+
+    def tenant_streams(self, tenant_id: str) -> int:
+        """Streams the tenant holds open on this gateway."""
+        return self._tenant_streams.get(tenant_id, 0)
 
     @property
     def open_streams(self) -> int:
@@ -180,19 +209,32 @@ class GatewayCore(AsyncStartStop):
                     )
                 )
 
-    async def _check_queue(self, partition: int) -> None:
-        """RESOURCE_EXHAUSTED when the agents' queue for this partition is full."""
+    async def _check_queue(self, partition: int, tenant_id: str) -> None:
+        """RESOURCE_EXHAUSTED when the agents' queue for this partition is full, or when the
+        tenant already holds its share of it."""
         try:
-            depth = (await self.queue.pending(partition)).depth
+            pending = await self.queue.pending(partition)
         except LogError as error:
             raise _log_unavailable(error) from error
-        limit = self.settings.max_queued_turns
-        if depth >= limit:
+        settings = self.settings
+        limit = settings.max_queued_turns
+        if pending.depth >= limit:
             raise ResourceExhausted(
-                f"{depth} turns are already waiting for this conversation's agents (the limit is "
-                f"{limit}); retry shortly",
+                f"{pending.depth} turns are already waiting for this conversation's agents (the "
+                f"limit is {limit}); retry shortly",
                 reason="QUEUE_FULL",
                 retry_after_s=2.0,
+            )
+        share = settings.max_queued_turns_per_tenant
+        own = pending.count(tenant_id) + self._starting[(partition, tenant_id)]
+        if own >= share:
+            raise ResourceExhausted(
+                f"tenant {tenant_id!r} already has {own} unfinished turns queued or running for "
+                f"this conversation's agents, its limit (MESH_GATEWAY_MAX_QUEUED_TURNS_PER_TENANT="
+                f"{share}); wait for some to finish, or retry shortly",
+                reason="TENANT_QUEUE_FULL",
+                retry_after_s=2.0,
+                quota_subject=f"tenant:{tenant_id}",
             )
 
     async def _append_request(
@@ -203,11 +245,41 @@ class GatewayCore(AsyncStartStop):
         decided: asyncio.Future[TurnInfo | None],
         notify: asyncio.Event | None,
     ) -> TurnStream:
-        log = self.log
         key = conversation_id.encode()
         partition = partition_for(key, self.partitions)
+        await self._check_queue(partition, principal.tenant_id)
+        starting = (partition, principal.tenant_id)
+        self._starting[starting] += 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._starting[starting] -= 1
+                if self._starting[starting] <= 0:
+                    del self._starting[starting]
+
+        try:
+            return await self._append_checked(
+                principal, request, conversation_id, decided, notify, partition, key, release
+            )
+        finally:
+            release()
+
+    async def _append_checked(
+        self,
+        principal: Principal,
+        request: StartRequest,
+        conversation_id: str,
+        decided: asyncio.Future[TurnInfo | None],
+        notify: asyncio.Event | None,
+        partition: int,
+        key: bytes,
+        release: Callable[[], None],
+    ) -> TurnStream:
+        log = self.log
         sub: Subscription | None = None
-        await self._check_queue(partition)
         try:
             # Both at once: on Kafka each is a broker round trip on the way to TurnAccepted.
             request_start, events_start = await asyncio.gather(
@@ -270,6 +342,9 @@ class GatewayCore(AsyncStartStop):
             sub.close()
             raise
         accepted_at = time.perf_counter()
+        # Counted at once by this gateway's next checks, not only after the next queue read.
+        self.queue.note_appended(partition, request_offset, principal.tenant_id)
+        release()
         info = decided.result() if decided.done() else None
         if info is None:
             info = TurnInfo(
@@ -398,16 +473,65 @@ class GatewayCore(AsyncStartStop):
         return info.turn_id
 
     async def cancel(self, info: TurnInfo) -> None:
-        """Log a TurnCancelled for the turn and wait until it is durable."""
-        value = turnlog.encode(
-            turnlog.TurnCancelled(info.turn_id, info.conversation_id, info.tenant_id)
-        )
+        """Log a TurnCancelled for the turn and wait until it is durable.
+
+        Idempotent: a turn that already finished or was already cancelled gets nothing more on
+        the log. This gateway knows from its own cancels, from the endings its hub dispatched,
+        and otherwise from a bounded read of the turn's events (``resume_scan_limit`` records
+        from its ``events_start``); concurrent cancels of one turn here append once.
+        """
+        turn_id = info.turn_id
+        if turn_id in self._ended or self.hub.has_ended(turn_id):
+            return
+        running = self._cancelling.get(turn_id)
+        if running is not None:
+            await asyncio.shield(running)
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._cancelling[turn_id] = done
         try:
-            await asyncio.shield(
-                self.log.append(TURN_EVENTS, info.partition, info.conversation_id.encode(), value)
+            if not await self._ended_on_log(info):
+                value = turnlog.encode(
+                    turnlog.TurnCancelled(turn_id, info.conversation_id, info.tenant_id)
+                )
+                await asyncio.shield(
+                    self.log.append(
+                        TURN_EVENTS, info.partition, info.conversation_id.encode(), value
+                    )
+                )
+            self._ended.put(turn_id, True)
+            done.set_result(None)
+        except BaseException as error:
+            failure = _log_unavailable(error) if isinstance(error, LogError) else error
+            done.set_exception(
+                failure if isinstance(failure, Exception) else Unavailable("cancel interrupted")
             )
-        except LogError as error:
-            raise _log_unavailable(error) from error
+            done.exception()  # retrieved: concurrent cancels re-raise it, nobody else must
+            if failure is error:
+                raise
+            raise failure from error
+        finally:
+            del self._cancelling[turn_id]
+
+    async def _ended_on_log(self, info: TurnInfo) -> bool:
+        """Whether the turn's events, read from its ``events_start`` (at most
+        ``resume_scan_limit`` records), hold a TurnFinished or a TurnCancelled."""
+        log, partition = self.log, info.partition
+        end = await log.end_offset(TURN_EVENTS, partition)
+        end = min(end, info.events_start + self.settings.resume_scan_limit)
+        position = info.events_start
+        wanted = frozenset((info.turn_id,))
+        while position < end:
+            stop = min(end, position + 1000)
+            for record in await log.read_range(TURN_EVENTS, partition, position, stop):
+                try:
+                    events = turnlog.decode_events(record.value, turns=wanted)
+                except turnlog.UndecodableRecord:
+                    continue
+                if any(isinstance(e, turnlog.TurnFinished | turnlog.TurnCancelled) for e in events):
+                    return True
+            position = stop
+        return False
 
     # -- streaming -----------------------------------------------------------------------------
 
@@ -447,8 +571,10 @@ class GatewayCore(AsyncStartStop):
         finally:
             turn.close()
 
-    def chat_session(self, principal: Principal) -> ChatSession:
-        return ChatSession(self, principal)
+    def chat_session(
+        self, principal: Principal, *, verify: Callable[[Principal], None] | None = None
+    ) -> ChatSession:
+        return ChatSession(self, principal, verify=verify)
 
 
 def _log_unavailable(error: Exception) -> Unavailable:

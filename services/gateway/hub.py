@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Container
 
 from mesh import turnlog
@@ -31,6 +31,8 @@ _log = logging.getLogger(__name__)
 
 # Records read per catch-up call; a partition holds many conversations' events interleaved.
 CATCH_UP_CHUNK = 1000
+# Ended turns a hub remembers, most recent first.
+ENDED_MEMORY = 10_000
 
 
 def _decode(record: Record, wanted: Container[str]) -> list[turnlog.TurnEvent]:
@@ -160,6 +162,9 @@ class TurnHub(AsyncStartStop):
         self._positions = [0] * partitions
         self._subs: list[dict[str, list[Subscription]]] = [{} for _ in range(partitions)]
         self._tasks: list[asyncio.Task[None]] = []
+        # Watched turns whose TurnFinished or TurnCancelled the tails dispatched: a cancel of one
+        # of them has nothing left to do (``GatewayCore.cancel``).
+        self._ended: OrderedDict[str, None] = OrderedDict()
 
     async def start(self) -> None:
         if self._tasks:
@@ -189,6 +194,18 @@ class TurnHub(AsyncStartStop):
     def position(self, partition: int) -> int:
         """Offset of the next record the partition's tail will dispatch."""
         return self._positions[partition]
+
+    def note_ended(self, turn_id: str) -> None:
+        """Remember that the turn finished or was cancelled (the most recent ENDED_MEMORY)."""
+        ended = self._ended
+        ended[turn_id] = None
+        ended.move_to_end(turn_id)
+        while len(ended) > ENDED_MEMORY:
+            ended.popitem(last=False)
+
+    def has_ended(self, turn_id: str) -> bool:
+        """Whether this hub saw the turn finish or be cancelled (recently; False is "unknown")."""
+        return turn_id in self._ended
 
     def subscriber_count(self) -> int:
         return sum(len(group) for subs in self._subs for group in subs.values())
@@ -228,6 +245,8 @@ class TurnHub(AsyncStartStop):
                 async for record in self.log.read(TURN_EVENTS, partition, positions[partition]):
                     if subs:
                         for event in _decode(record, subs):
+                            if isinstance(event, turnlog.TurnFinished | turnlog.TurnCancelled):
+                                self.note_ended(event.turn_id)
                             for sub in subs.get(event.turn_id, ()):
                                 sub._push(record.offset, event)
                     # Advanced after the pushes: catch-up relies on "position moved" meaning

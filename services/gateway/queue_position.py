@@ -35,6 +35,10 @@ class Pending:
     def depth(self) -> int:
         return self.end - self.committed
 
+    def count(self, tenant: str) -> int:
+        """The tenant's unfinished requests among those read."""
+        return sum(1 for _, t in self.tenants if t == tenant)
+
 
 def fair_position(pending: Pending, request_offset: int, tenant: str) -> int:
     """Turns that start before the one at ``request_offset`` under round-robin over tenants."""
@@ -72,6 +76,18 @@ class QueueTracker:
         value = await _single_flight(self._inflight, partition, lambda: self._read(partition))
         self._cache[partition] = (self._clock(), value)
         return value
+
+    def note_appended(self, partition: int, offset: int, tenant: str) -> None:
+        """Count a request this gateway just appended in the cached read of its partition, so
+        the checks until the next read see it (a read taken before the append does not)."""
+        cached = self._cache.get(partition)
+        if cached is None or offset < cached[1].end:
+            return
+        at, pending = cached
+        self._cache[partition] = (
+            at,
+            Pending(pending.committed, offset + 1, (*pending.tenants, (offset, tenant))),
+        )
 
     async def _read(self, partition: int) -> Pending:
         committed, end = await asyncio.gather(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -13,7 +14,7 @@ from chat.gateway.v1 import gateway_pb2, gateway_service_pb2, gateway_service_pb
 from google.rpc import status_pb2
 from grpc import aio
 
-from mesh.auth import AuthInterceptor, KeyFileError, KeyStore, current_principal
+from mesh.auth import AuthInterceptor, KeyFileError, KeyStore, Principal, current_principal
 from mesh.codec import (
     finish_reason_to_proto,
     options_from_proto,
@@ -174,21 +175,26 @@ def _stream_frame(output: Output, cls: Any) -> Any:
 class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
     """Thin handlers over ``GatewayCore``; errors are ``MeshError``s mapped by the interceptor."""
 
-    def __init__(self, core: GatewayCore, persister: PersisterClient) -> None:
+    def __init__(
+        self, core: GatewayCore, persister: PersisterClient, keys: KeyStore | None = None
+    ) -> None:
         self._core = core
         self._persister = persister
+        # Chat streams re-check their key on every frame, so revocation reaches open streams.
+        self._verify = keys.verify if keys is not None else None
 
     async def Chat(
         self, request_iterator: AsyncIterator[gateway_pb2.ChatRequest], context: Context
     ) -> AsyncIterator[gateway_pb2.ChatResponse]:
         principal = current_principal()
-        with self._core.stream_slot():
+        with self._core.stream_slot(principal.tenant_id):
 
             async def frames() -> AsyncIterator[Frame]:
                 async for request in request_iterator:
                     yield frame_from_proto(request)
 
-            async for output in self._core.chat_session(principal).run(frames()):
+            session = self._core.chat_session(principal, verify=self._verify)
+            async for output in session.run(frames()):
                 response = chat_response(output)
                 if response is not None:
                     yield response
@@ -205,7 +211,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 )
             return await self._core.start_turn(principal, start_from_proto(request.start))
 
-        async for frame in self._frames(start, gateway_pb2.StreamTurnResponse):
+        async for frame in self._frames(principal, start, gateway_pb2.StreamTurnResponse):
             yield frame
 
     async def ResumeTurn(
@@ -218,15 +224,15 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 principal, request.turn_id, request.after_seq, coalesce=request.coalesce_tokens
             )
 
-        async for frame in self._frames(resume, gateway_pb2.ResumeTurnResponse):
+        async for frame in self._frames(principal, resume, gateway_pb2.ResumeTurnResponse):
             yield frame
 
     async def _frames(
-        self, open_turn: Callable[[], Awaitable[TurnStream]], cls: Any
+        self, principal: Principal, open_turn: Callable[[], Awaitable[TurnStream]], cls: Any
     ) -> AsyncIterator[Any]:
-        """A server-streaming turn's frames, in one of the gateway's stream slots (taken before
-        the turn opens); the turn is closed however the call ends."""
-        with self._core.stream_slot():
+        """A server-streaming turn's frames, in one of the gateway's (and the tenant's) stream
+        slots, taken before the turn opens; the turn is closed however the call ends."""
+        with self._core.stream_slot(principal.tenant_id):
             turn = await open_turn()
             try:
                 async for output in self._core.follow(turn):
@@ -274,7 +280,7 @@ def build_server(settings: GatewaySettings, deps: GatewayDeps) -> tuple[aio.Serv
         METRICS_SERVICE,
         SERVICE_NAME,
         gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server,
-        GatewayServicer(deps.core, deps.persister),
+        GatewayServicer(deps.core, deps.persister, deps.keys),
         host=settings.host,
         port=settings.port,
         extra_interceptors=[AuthInterceptor(deps.keys)],
@@ -295,6 +301,8 @@ async def serve(settings: GatewaySettings) -> None:
     if metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", settings.host, metrics_port)
     async with AsyncExitStack() as stack:
+        watcher = asyncio.get_running_loop().create_task(keys.watch(), name="gateway-keys-watch")
+        stack.callback(watcher.cancel)
         event_log = await stack.enter_async_context(open_log(settings.log))
         persister = await stack.enter_async_context(
             PersisterClient(settings.persister_addr, timeout_s=settings.persister_timeout_s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from mesh.auth import Principal
@@ -35,11 +35,22 @@ class ChatSession:
     outputs, so a cancel is logged even while tokens stream. A frame that fails yields a
     FrameError and the stream goes on. Each turn starts with ``initial_window`` tokens of credit;
     FlowCredit frames add to the current turn's credit.
+
+    ``verify`` re-checks the stream's key before each frame is acted on (``KeyStore.verify``):
+    a key revoked or expired while the stream is open ends the stream with UNAUTHENTICATED at
+    its next frame, rather than serving turns on a key that no longer exists.
     """
 
-    def __init__(self, core: GatewayCore, principal: Principal) -> None:
+    def __init__(
+        self,
+        core: GatewayCore,
+        principal: Principal,
+        *,
+        verify: Callable[[Principal], None] | None = None,
+    ) -> None:
         self._core = core
         self._principal = principal
+        self._verify = verify
         self._wake = asyncio.Event()
         self._control: asyncio.Queue[Frame] = asyncio.Queue(CONTROL_QUEUE)
         self._turn: TurnStream | None = None
@@ -111,6 +122,9 @@ class ChatSession:
                 self._turn = None
 
     async def _handle(self, frame: Frame) -> list[Output]:
+        if self._verify is not None:
+            # Not a frame error: the stream's credentials are gone, so the stream ends.
+            self._verify(self._principal)
         try:
             return await self._dispatch(frame)
         except MeshError as error:

@@ -51,6 +51,8 @@ class GatewaySettings(ServiceSettings):
     rate_burst: int = setting("RATE_BURST", 10, minimum=1)
     # Concurrent streaming RPCs (Chat, StreamTurn, ResumeTurn) on this gateway.
     max_streams: int = setting("MAX_STREAMS", 1000, minimum=1)
+    # ...of which one tenant may hold at most this many, so it cannot take them all.
+    max_streams_per_tenant: int = setting("MAX_STREAMS_PER_TENANT", 250, minimum=1)
     max_text_chars: int = setting("MAX_TEXT_CHARS", 16_000, minimum=1)
     max_tokens_limit: int = setting("MAX_TOKENS_LIMIT", 4096, minimum=1)
     # Tokens a Chat turn may send before the client grants credit (FlowCredit).
@@ -60,6 +62,9 @@ class GatewaySettings(ServiceSettings):
     # Unfinished turns one request partition may hold before StartTurn is refused
     # (RESOURCE_EXHAUSTED, QUEUE_FULL): a backlog past it would only wait longer.
     max_queued_turns: int = setting("MAX_QUEUED_TURNS", 256, minimum=1)
+    # ...of which one tenant may hold at most this many (TENANT_QUEUE_FULL), so one tenant's
+    # backlog leaves room on the partition for the others.
+    max_queued_turns_per_tenant: int = setting("MAX_QUEUED_TURNS_PER_TENANT", 64, minimum=1)
     # How often waiting turns re-read the agents' committed offset for their queue position.
     queue_poll_s: float = setting("QUEUE_POLL_S", 0.5, above=0)
     # Idempotent starts: how long, and how many, request ids this gateway remembers.

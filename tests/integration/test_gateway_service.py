@@ -16,6 +16,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from mesh.auth import KeyStore, add_key_to_file
+from mesh.auth import KeyStore, add_key_to_file, hash_key, revoke_key
 from mesh.log import TURN_EVENTS, LogSettings
 from mesh.log.embedded import EmbeddedLog
 from mesh.server import set_serving
@@ -755,3 +757,190 @@ async def test_health_watch_reports_not_serving_when_draining(
         assert (await first_frame(watch)).status == health_pb2.HealthCheckResponse.SERVING
         other.process.send_signal(signal.SIGTERM)
         assert (await first_frame(watch)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# -- issue 12: keys that stop working, tenant limits, idempotent cancel ---------------------------
+
+
+def quota_subjects(error: grpc.RpcError) -> list[str]:
+    assert isinstance(error, aio.AioRpcError)
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            subjects = []
+            for packed in status.details:
+                quota = error_details_pb2.QuotaFailure()
+                if packed.Unpack(quota):
+                    subjects += [v.subject for v in quota.violations]
+            return subjects
+    return []
+
+
+async def chat_ends_with(call: Any) -> tuple[grpc.StatusCode, str]:
+    try:
+        while True:
+            frame = await asyncio.wait_for(call.read(), TIMEOUT_S)
+            assert frame is not aio.EOF, "the stream ended OK"
+            assert frame.WhichOneof("frame") != "accepted", "a turn was accepted"
+    except aio.AioRpcError as error:
+        code, reason, _ = rich(error)
+        return code, reason
+
+
+async def test_revoked_and_expired_keys_end_open_chat_streams(
+    keys: Keys, log_path: Path, closed_addr: str, tmp_path: Path, agent_log: EmbeddedLog
+) -> None:
+    soon = add_key_to_file(keys.path, "acme", expires_at=time.time() + 3)
+    async with spawn_gateway(log_path, keys, closed_addr, tmp_path) as gateway:
+        revoked = gateway.stub.Chat(metadata=md(keys.acme))
+        expiring = gateway.stub.Chat(metadata=md(soon))
+        kept = gateway.stub.Chat(metadata=md(keys.globex))
+        for call in (revoked, expiring, kept):
+            await call.write(gateway_pb2.ChatRequest(start=gateway_pb2.StartTurn(text="hi")))
+            accepted = (await first_frame(call)).accepted
+            await call.write(gateway_pb2.ChatRequest(cancel=gateway_pb2.CancelTurn()))
+            frames = await read_until_finished(call)
+            assert frames[-1].finished.turn_id == accepted.turn_id
+        revoke_key(keys.path, hash_key(keys.acme)[:12])
+        await asyncio.sleep(3.2)  # past the keys file's reload interval and the expiry
+        await revoked.write(gateway_pb2.ChatRequest(start=gateway_pb2.StartTurn(text="again")))
+        assert await chat_ends_with(revoked) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_REVOKED")
+        await expiring.write(gateway_pb2.ChatRequest(start=gateway_pb2.StartTurn(text="again")))
+        assert await chat_ends_with(expiring) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "API_KEY_EXPIRED",
+        )
+        # The tenant that kept its key goes on, on the same gateway.
+        await kept.write(gateway_pb2.ChatRequest(start=gateway_pb2.StartTurn(text="again")))
+        assert (await first_frame(kept)).WhichOneof("frame") == "accepted"
+        await kept.write(gateway_pb2.ChatRequest(cancel=gateway_pb2.CancelTurn()))
+        await read_until_finished(kept)
+        await kept.done_writing()
+        code, reason, _ = await expect_error(
+            gateway.stub.StreamTurn(start_request(), metadata=md(keys.acme))
+        )
+        assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID")
+
+
+async def test_one_tenants_idle_streams_leave_room_for_another(
+    log_path: Path, keys: Keys, closed_addr: str, agent_log: EmbeddedLog
+) -> None:
+    settings = gateway_settings(
+        log_path, keys, closed_addr, max_streams=5, max_streams_per_tenant=3
+    )
+    async with run_gateway(settings) as gateway:
+        idle = []
+        for _ in range(3):
+            call = gateway.stub.Chat(metadata=md(keys.acme))
+            await call.write(gateway_pb2.ChatRequest(credit=gateway_pb2.FlowCredit(tokens=1)))
+            assert (await first_frame(call)).WhichOneof("frame") == "error"  # open and served
+            idle.append(call)
+        refused = gateway.stub.Chat(metadata=md(keys.acme))
+        await refused.write(gateway_pb2.ChatRequest(start=gateway_pb2.StartTurn(text="hi")))
+        with pytest.raises(aio.AioRpcError) as error:
+            await asyncio.wait_for(refused.read(), TIMEOUT_S)
+        code, reason, details = rich(error.value)
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TENANT_STREAM_LIMIT")
+        assert "MAX_STREAMS_PER_TENANT=3" in error.value.details()
+        assert any(isinstance(d, error_details_pb2.RetryInfo) for d in details)
+        assert quota_subjects(error.value) == ["tenant:acme"]
+        other = gateway.stub.Chat(metadata=md(keys.globex))
+        await other.write(gateway_pb2.ChatRequest(start=gateway_pb2.StartTurn(text="hi")))
+        assert (await first_frame(other)).WhichOneof("frame") == "accepted"
+        other.cancel()
+        for call in idle:
+            call.cancel()
+
+
+async def test_a_tenant_is_refused_past_its_share_of_the_queue(
+    log_path: Path, keys: Keys, closed_addr: str, agent_log: EmbeddedLog
+) -> None:
+    settings = gateway_settings(
+        log_path,
+        keys,
+        closed_addr,
+        max_queued_turns_per_tenant=2,
+        log=LogSettings(path=log_path, partitions=1),
+    )
+    async with run_gateway(settings) as gateway:
+        held = []
+        for _ in range(2):
+            call = gateway.stub.StreamTurn(start_request(), metadata=md(keys.acme))
+            assert (await first_frame(call)).WhichOneof("frame") == "accepted"
+            held.append(call)
+        with pytest.raises(aio.AioRpcError) as error:
+            await asyncio.wait_for(
+                gateway.stub.StreamTurn(start_request(), metadata=md(keys.acme)).read(), TIMEOUT_S
+            )
+        code, reason, details = rich(error.value)
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TENANT_QUEUE_FULL")
+        retry = [d for d in details if isinstance(d, error_details_pb2.RetryInfo)]
+        assert retry and retry[0].retry_delay.seconds >= 1
+        assert quota_subjects(error.value) == ["tenant:acme"]
+        other = gateway.stub.StreamTurn(start_request(), metadata=md(keys.globex))
+        assert (await first_frame(other)).WhichOneof("frame") == "accepted"
+        other.cancel()
+        for call in held:
+            call.cancel()
+
+
+async def test_cancelling_a_finished_turn_appends_nothing(
+    gateway: Gateway,
+    keys: Keys,
+    agent_log: EmbeddedLog,
+    log_path: Path,
+    closed_addr: str,
+    tmp_path: Path,
+) -> None:
+    call = gateway.stub.StreamTurn(start_request(), metadata=md(keys.acme))
+    accepted = (await first_frame(call)).accepted
+    agent = AgentPlayer(agent_log, accepted.turn_id, accepted.conversation_id)
+    await agent.started()
+    await agent.tokens([1])
+    await agent.finished(1)
+    await read_until_finished(call)
+
+    async def cancels() -> int:
+        end = await agent_log.end_offset(TURN_EVENTS, agent.partition)
+        records = await agent_log.read_range(TURN_EVENTS, agent.partition, 0, end)
+        events = [events_pb2.TurnEvent.FromString(r.value) for r in records]
+        return sum(1 for e in events if e.cancelled.turn_id == accepted.turn_id)
+
+    request = gateway_pb2.CancelTurnRequest(turn_id=accepted.turn_id)
+    for _ in range(20):
+        reply = await gateway.stub.CancelTurn(request, metadata=md(keys.acme))
+        assert reply.turn_id == accepted.turn_id
+    async with spawn_gateway(log_path, keys, closed_addr, tmp_path) as other:
+        for _ in range(5):
+            await other.stub.CancelTurn(request, metadata=md(keys.acme))
+    assert await cancels() == 0
+
+
+async def test_a_broken_keys_edit_is_reported_and_the_last_good_keys_serve(
+    keys: Keys, log_path: Path, closed_addr: str, tmp_path: Path, agent_log: EmbeddedLog
+) -> None:
+    metrics_port = free_port()
+    async with spawn_gateway(
+        log_path, keys, closed_addr, tmp_path, MESH_GATEWAY_METRICS_PORT=str(metrics_port)
+    ) as gateway:
+
+        def metrics() -> str:
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                return str(reply.read().decode())
+
+        assert 'mesh_api_keys_file_valid{service="gateway"} 1.0' in await asyncio.to_thread(metrics)
+        good = keys.path.read_text()
+        keys.path.write_text(good.replace("{", "{ oops", 1))
+        await asyncio.sleep(1.5)  # past the reload interval
+        call = gateway.stub.StreamTurn(start_request(), metadata=md(keys.acme))
+        assert (await first_frame(call)).WhichOneof("frame") == "accepted"
+        call.cancel()
+        text = await asyncio.to_thread(metrics)
+        assert 'mesh_api_keys_file_valid{service="gateway"} 0.0' in text
+        assert 'mesh_api_keys_file_errors_total{service="gateway"} 1.0' in text
+        output = await asyncio.to_thread(gateway.log_file.read_text)
+        assert "ERROR" in output and "is malformed" in output and str(keys.path) in output
+        keys.path.write_text(good)
+        await asyncio.sleep(1.5)
+        assert 'mesh_api_keys_file_valid{service="gateway"} 1.0' in await asyncio.to_thread(metrics)

@@ -261,6 +261,40 @@ async def test_cancel_of_a_generating_turn_waits_for_the_agent(
     assert finished(outputs).finish_reason is FinishReason.CANCELLED
 
 
+async def cancels_on_log(log: EmbeddedLog, info: TurnInfo) -> int:
+    end = await log.end_offset(TURN_EVENTS, info.partition)
+    records = await log.read_range(TURN_EVENTS, info.partition, 0, end)
+    events = [events_pb2.TurnEvent.FromString(r.value) for r in records]
+    return sum(1 for e in events if e.cancelled.turn_id == info.turn_id)
+
+
+async def test_cancel_is_idempotent(
+    tmp_path: Path, core: GatewayCore, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    # A running turn: concurrent and repeated cancels log one TurnCancelled.
+    running = await core.start_turn(ACME, StartRequest("", "hi"))
+    await asyncio.gather(*(core.cancel_turn(ACME, running.turn_id) for _ in range(5)))
+    await core.cancel(running.info)
+    assert await cancels_on_log(log, running.info) == 1
+    # A finished turn: nothing at all, and still OK.
+    done = await core.start_turn(ACME, StartRequest("", "hi"))
+    agent = Agent(log, done)
+    await agent.started()
+    await agent.finished(last_seq=0)
+    await collect(core.follow(done))
+    for _ in range(20):
+        assert await core.cancel_turn(ACME, done.turn_id) == done.turn_id
+    assert await cancels_on_log(log, done.info) == 0
+    # Another gateway that never saw either turn reads their ends from the log.
+    async with GatewayCore(make_settings(tmp_path), log=log, conversations=conversations) as other:
+        for info in (running.info, done.info):
+            await other.cancel_turn(ACME, info.turn_id)
+            await other.cancel_turn(ACME, info.turn_id)
+        assert await cancels_on_log(log, running.info) == 1
+        assert await cancels_on_log(log, done.info) == 0
+    running.close()
+
+
 async def test_a_slow_subscriber_falls_back_to_the_log_without_gaps(
     tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
 ) -> None:
@@ -536,14 +570,80 @@ async def test_stream_slots_are_bounded(
     async with GatewayCore(
         make_settings(tmp_path, max_streams=2), log=log, conversations=conversations
     ) as core:
-        with core.stream_slot(), core.stream_slot():
+        with core.stream_slot("acme"), core.stream_slot("globex"):
             with pytest.raises(ResourceExhausted) as full:
-                with core.stream_slot():
+                with core.stream_slot("initech"):
                     pass
             assert full.value.reason == "TOO_MANY_STREAMS"
             assert full.value.retry_after_s is not None
-        with core.stream_slot():
+        with core.stream_slot("acme"):
             assert core.open_streams == 1
+
+
+async def test_a_tenant_cannot_hold_every_stream_slot(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    settings = make_settings(tmp_path, max_streams=5, max_streams_per_tenant=2)
+    async with GatewayCore(settings, log=log, conversations=conversations) as core:
+        with core.stream_slot("acme"), core.stream_slot("acme"):
+            with pytest.raises(ResourceExhausted) as own:
+                with core.stream_slot("acme"):
+                    pass
+            assert own.value.reason == "TENANT_STREAM_LIMIT"
+            assert own.value.quota_subject == "tenant:acme"
+            assert own.value.retry_after_s is not None
+            assert "MAX_STREAMS_PER_TENANT=2" in own.value.message
+            assert core.tenant_streams("acme") == 2
+            # Another tenant still gets its streams.
+            with core.stream_slot("globex"), core.stream_slot("globex"):
+                assert core.open_streams == 4
+        assert core.tenant_streams("acme") == 0 and core.open_streams == 0
+
+
+async def test_a_tenant_gets_only_its_share_of_a_partition_queue(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    conversation = "c-share"
+    conversations.known.update({("acme", conversation), ("globex", conversation)})
+    settings = make_settings(tmp_path, max_queued_turns=10, max_queued_turns_per_tenant=3)
+    async with GatewayCore(settings, log=log, conversations=conversations) as core:
+        partition = partition_for(conversation.encode(), core.partitions)
+        for _ in range(3):
+            await log.append(TURN_REQUESTS, partition, b"k", queued_request("acme"))
+        with pytest.raises(ResourceExhausted) as share:
+            await core.start_turn(ACME, StartRequest(conversation, "hi"))
+        assert share.value.reason == "TENANT_QUEUE_FULL"
+        assert share.value.quota_subject == "tenant:acme"
+        assert share.value.retry_after_s is not None and share.value.retry_after_s > 0
+        assert "3 unfinished turns" in share.value.message
+        assert "MAX_QUEUED_TURNS_PER_TENANT=3" in share.value.message
+        turn = await core.start_turn(GLOBEX, StartRequest(conversation, "hi"))
+        turn.close()
+
+
+async def test_concurrent_starts_cannot_overrun_the_tenant_share(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    """The share holds between queue reads: a burst of starts gets exactly what is left."""
+    conversation = "c-burst"
+    conversations.known.add(("acme", conversation))
+    settings = make_settings(
+        tmp_path, max_queued_turns_per_tenant=2, queue_poll_s=60.0, rate_burst=100
+    )
+    async with GatewayCore(settings, log=log, conversations=conversations) as core:
+        results = await asyncio.gather(
+            *(core.start_turn(ACME, StartRequest(conversation, f"hi {i}")) for i in range(6)),
+            return_exceptions=True,
+        )
+        accepted = [r for r in results if isinstance(r, TurnStream)]
+        refused = [r for r in results if isinstance(r, ResourceExhausted)]
+        assert (len(accepted), len(refused)) == (2, 4), results
+        assert {r.reason for r in refused} == {"TENANT_QUEUE_FULL"}
+        # Sequential starts after the burst still see the two (the cached read does not).
+        with pytest.raises(ResourceExhausted):
+            await core.start_turn(ACME, StartRequest(conversation, "later"))
+        for turn in accepted:
+            turn.close()
 
 
 # -- the Chat session ----------------------------------------------------------------------------
