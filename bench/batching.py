@@ -64,6 +64,7 @@ from bench.common import (
     Row,
     free_port,
     p50_p99,
+    require_normal_finish,
     verdict,
 )
 from bench.generation import choose_model
@@ -611,12 +612,7 @@ class MeshSide:
                 finished = frame.finished
                 break
         call.cancel()
-        if finished is None or finished.finish_reason not in (
-            common_pb2.FINISH_REASON_STOP,
-            common_pb2.FINISH_REASON_LENGTH,
-            common_pb2.FINISH_REASON_STOP_SEQUENCE,
-        ):
-            raise RuntimeError(f"the mesh turn did not finish normally: {finished}")
+        finished = require_normal_finish(finished)
         usage = finished.usage
         return clock.stream(usage.completion_tokens), conversation_id, usage.prompt_tokens
 

@@ -268,3 +268,18 @@ class Context:
             self._pg = None
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def require_normal_finish(finished: Any) -> Any:
+    """The ``TurnFinished`` frame of a mesh turn the benchmark times; RuntimeError unless the
+    turn ended by stopping or by its length (an error or a cancel is no measurement)."""
+    from chat.common.v1 import common_pb2
+
+    normal = (
+        common_pb2.FINISH_REASON_STOP,
+        common_pb2.FINISH_REASON_LENGTH,
+        common_pb2.FINISH_REASON_STOP_SEQUENCE,
+    )
+    if finished is None or finished.finish_reason not in normal:
+        raise RuntimeError(f"the mesh turn did not finish normally: {finished}")
+    return finished

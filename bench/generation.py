@@ -29,7 +29,16 @@ from chat.gateway.v1 import gateway_pb2, gateway_service_pb2_grpc
 from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
 from grpc import aio
 
-from bench.common import NOT_APPLICABLE, ROOT, Context, Row, median, p50_p99, verdict
+from bench.common import (
+    NOT_APPLICABLE,
+    ROOT,
+    Context,
+    Row,
+    median,
+    p50_p99,
+    require_normal_finish,
+    verdict,
+)
 from mesh.auth import add_key_to_file
 from mesh.launcher import Mesh, MeshConfig
 from mesh.llm.engine import LlamaEngine, SamplingOptions
@@ -181,12 +190,7 @@ async def mesh_run(
             finished = frame.finished
             break
     call.cancel()
-    if finished is None or finished.finish_reason not in (
-        common_pb2.FINISH_REASON_STOP,
-        common_pb2.FINISH_REASON_LENGTH,
-        common_pb2.FINISH_REASON_STOP_SEQUENCE,
-    ):
-        raise RuntimeError(f"the mesh turn did not finish normally: {finished}")
+    finished = require_normal_finish(finished)
     if not pieces:
         raise RuntimeError("the mesh turn produced no tokens")
     timings = finished.timings
