@@ -178,6 +178,7 @@ def build_server(settings: AgentSettings, deps: AgentDeps) -> tuple[aio.Server, 
         AgentServicer(deps.core),
         host=settings.host,
         port=settings.port,
+        tls=settings.tls,
     )
     return server, port
 
@@ -210,6 +211,7 @@ async def serve(settings: AgentSettings) -> None:
                     memory_addr=settings.memory_addr,
                     timeout_s=settings.dependency_timeout_s,
                     attempts=settings.dependency_attempts,
+                    tls=settings.tls,
                 )
             )
             worker = TurnWorker(

@@ -121,6 +121,7 @@ class AgentSettings(ServiceSettings):
         return GPU_PARALLEL if self.gpu_layers else CPU_PARALLEL
 
     def check(self) -> None:
+        super().check()
         path = self.model_path
         if not path.is_file():
             raise SettingsError(f"MESH_AGENT_MODEL_PATH={str(path)!r} is not a file")

@@ -135,6 +135,7 @@ def build_server(settings: MemorySettings, deps: MemoryDeps) -> tuple[aio.Server
         MemoryServicer(core),
         host=settings.host,
         port=settings.port,
+        tls=settings.tls,
     )
     return server, port
 

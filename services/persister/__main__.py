@@ -48,7 +48,7 @@ async def run(settings: PersisterSettings) -> None:
         if settings.memory_addr:
             # One attempt per call: the outbox keeps what memory did not take and retries it.
             memory = await stack.enter_async_context(
-                MemoryIndexer(settings.memory_addr, attempts=1)
+                MemoryIndexer(settings.memory_addr, attempts=1, tls=settings.tls)
             )
         persister = await stack.enter_async_context(
             Persister(

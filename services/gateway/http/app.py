@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -1054,12 +1055,20 @@ def build_app(api: OpenAiApi) -> web.Application:
 
 
 class HttpListener(AsyncStartStop):
-    """Serves ``build_app(api)`` on ``host:port`` (0 picks a free port; see ``port``)."""
+    """Serves ``build_app(api)`` on ``host:port`` (0 picks a free port; see ``port``), over
+    TLS with ``ssl_context``."""
 
     def __init__(
-        self, app: web.Application, *, host: str, port: int, grace_s: float = 10.0
+        self,
+        app: web.Application,
+        *,
+        host: str,
+        port: int,
+        grace_s: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._app = app
+        self._ssl_context = ssl_context
         self._grace_s = grace_s
         self._host = host
         self._port = port
@@ -1077,7 +1086,7 @@ class HttpListener(AsyncStartStop):
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._host, self._port)
+            site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl_context)
             await site.start()
         except BaseException:
             await runner.cleanup()
