@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Protocol
 
 import grpc
+from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mesh.certs import OPERATOR, CertDir, default_cert_dir, ensure_mesh_certs
 from mesh.infra.postgres import redact_dsn
 from mesh.infra.process import free_port as free_port  # re-exported: tests pick ports with it
 from mesh.infra.process import log_tail, spawn, wait_until
@@ -38,8 +40,10 @@ from mesh.log import LogSettings
 from mesh.memory.factory import StoreSettings
 from mesh.metrics import start_metrics_server
 from mesh.pg import ROOT_FALLBACK_DIR, EmbeddedPostgres
+from mesh.server import channel as server_channel
 from mesh.settings import Env, Secret, ServiceSettings, embedded_pg_dir
 from mesh.supervisor import Supervisor
+from mesh.tls import channel_credentials, load_identity
 from services.agent.settings import AgentSettings
 from services.gateway.settings import GatewaySettings
 from services.memory.settings import MemorySettings
@@ -49,6 +53,8 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 
 PROFILES = ("embedded", "scale")
+# The certificate of the gateways' public ports when the launcher gives them TLS.
+EDGE_IDENTITY = "gateway-edge"
 
 # The settings of each kind of service: the launcher writes their variables through them.
 SERVICE_SETTINGS: dict[str, type[ServiceSettings]] = {
@@ -92,12 +98,20 @@ class MeshConfig:
     cache_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
+    # Mutual TLS between the services, with a CA and certificates under ``state_dir/certs``
+    # (kept across restarts; see mesh.certs).
+    mesh_tls: bool = True
+    # TLS on the gateways' public ports too, with a ``gateway-edge`` certificate from that CA
+    # (loopback may stay plaintext, and does by default).
+    edge_tls: bool = False
 
     def __post_init__(self) -> None:
         if self.pg_server not in ("embedded", "debian"):
             raise ValueError(f"pg_server must be 'embedded' or 'debian', got {self.pg_server!r}")
         if self.gateways < 1 or self.agents < 1:
             raise ValueError("a mesh needs at least one gateway and one agent")
+        if self.edge_tls and (self.envoy or not self.mesh_tls):
+            raise ValueError("edge_tls needs mesh_tls (its CA) and is not supported with Envoy yet")
         if self.envoy_port < 0:
             raise ValueError(
                 f"envoy_port must be >= 0 (0 picks a free port), got {self.envoy_port}"
@@ -221,9 +235,20 @@ def wait_healthy(
     process: subprocess.Popen[bytes] | None = None,
     log_path: Path | None = None,
     name: str = "service",
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str = "",
 ) -> None:
-    """Poll grpc.health.v1 on ``addr`` until SERVING, or raise with the service's log tail."""
-    with grpc.insecure_channel(addr) as channel:
+    """Poll grpc.health.v1 on ``addr`` until SERVING, or raise with the service's log tail.
+
+    With ``credentials`` the probe is TLS, and the server's certificate must name
+    ``server_name`` (a mesh service: ``memory``) when given.
+    """
+    if credentials is None:
+        opened = grpc.insecure_channel(addr)
+    else:
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        opened = grpc.secure_channel(addr, credentials, options=options)
+    with opened as channel:
         stub = health_pb2_grpc.HealthStub(channel)
 
         def not_serving() -> str | None:
@@ -256,6 +281,43 @@ class Mesh:
         self._infra_starts: list[Future[str]] = []
         self._pg: EmbeddedPostgres | None = None
         self._log_dir = config.log_dir or config.state_dir / "logs"
+        self.certs: CertDir | None = None
+
+    # -- identities --------------------------------------------------------------------------
+    def ensure_certs(self) -> CertDir | None:
+        """The CA and every service's certificate (created once, kept); None without mesh TLS."""
+        if self.config.mesh_tls and self.certs is None:
+            names = ["gateway", "agent", "memory", "persister", OPERATOR]
+            if self.config.edge_tls:
+                names.append(EDGE_IDENTITY)
+            self.certs = ensure_mesh_certs(default_cert_dir(self.config.state_dir), names)
+        return self.certs
+
+    def tls_env(self, identity: str) -> dict[str, str]:
+        """``MESH_TLS_*`` of a process acting as ``identity`` (``operator`` for tools)."""
+        return {} if self.certs is None else self.certs.env(identity)
+
+    def credentials(self, identity: str = OPERATOR) -> grpc.ChannelCredentials | None:
+        """Client credentials of ``identity`` for the services' ports; None without mesh TLS."""
+        if self.certs is None:
+            return None
+        certs = self.certs
+        return channel_credentials(
+            load_identity(certs.ca_cert, certs.cert(identity), certs.key(identity))
+        )
+
+    def channel(self, addr: str, kind: str, identity: str = OPERATOR) -> aio.Channel:
+        """An asyncio channel to a service of ``kind`` at ``addr``, as ``identity`` (the
+        operator by default: Flush, GetStats); plaintext where the mesh is."""
+        if kind == "gateway":
+            return server_channel(addr, credentials=self.edge_credentials())
+        return server_channel(addr, credentials=self.credentials(identity), server_name=kind)
+
+    def edge_credentials(self) -> grpc.ChannelCredentials | None:
+        """Client credentials for the gateways' public ports; None when they are plaintext."""
+        if self.certs is None or not self.config.edge_tls:
+            return None
+        return grpc.ssl_channel_credentials(self.certs.ca_cert.read_bytes())
 
     # -- addresses ---------------------------------------------------------------------------
     def _one(self, name: str) -> Service:
@@ -347,6 +409,13 @@ class Mesh:
         port, metrics_port = free_port(), free_port()
         settings = SERVICE_SETTINGS[kind]
         env = {**env, **settings.env_for(host="127.0.0.1", port=port, metrics_port=metrics_port)}
+        env.update(self.tls_env(kind))
+        if kind == "gateway" and self.config.edge_tls and self.certs is not None:
+            env.update(
+                GatewaySettings.env_for(
+                    tls_cert=self.certs.cert(EDGE_IDENTITY), tls_key=self.certs.key(EDGE_IDENTITY)
+                )
+            )
         if kind == "agent":
             env.update(AgentSettings.env_for(agent_id=name))
         if kind == "gateway":
@@ -442,6 +511,7 @@ class Mesh:
     def start(self, *, timeout_s: float = 120.0) -> Mesh:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ensure_certs()
         try:
             self._start_infra()
             if not self.pg_dsn:
@@ -517,12 +587,21 @@ class Mesh:
         raise AssertionError("unreachable")
 
     def _wait(self, service: Service, timeout_s: float) -> None:
+        kind = service.name.split("-")[0]
+        if kind == "gateway":
+            credentials, server_name = self.edge_credentials(), ""
+        elif kind == "envoy":
+            credentials, server_name = None, ""
+        else:
+            credentials, server_name = self.credentials(), kind
         wait_healthy(
             service.addr,
             timeout_s=timeout_s,
             process=service.process,
             log_path=service.log_path,
             name=service.name,
+            credentials=credentials,
+            server_name=server_name,
         )
 
     def stop(self) -> None:
@@ -564,6 +643,15 @@ class Mesh:
             "gateway_http_url": self.gateway_http_urls[0] if self.all("gateway") else "",
             "envoy_url": self.envoy_url,
             "state_dir": str(self.config.state_dir),
+            # What a tool needs to call the services (`mesh health --state` reads it).
+            "tls": (
+                {
+                    **self.tls_env(OPERATOR),
+                    "edge": self.config.edge_tls,
+                }
+                if self.certs is not None
+                else {}
+            ),
             "pg_dsn": redact_dsn(self.pg_dsn),
             "kafka_bootstrap": self.kafka_bootstrap,
             "es_url": self.es_url,
@@ -646,6 +734,10 @@ def _config_from_args(args: argparse.Namespace) -> MeshConfig:
     }
     if args.envoy:
         given["envoy"] = True
+    if args.no_mesh_tls:
+        given["mesh_tls"] = False
+    if args.edge_tls:
+        given["edge_tls"] = True
     if args.profile == "scale":
         return scale_config(**common, **given)
     return MeshConfig(**common, **given)
@@ -668,6 +760,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--envoy", action="store_true", help="Envoy in front (scale: always)")
     parser.add_argument("--envoy-port", type=int, default=None, help="0 picks a free port")
     parser.add_argument("--gpu-layers", type=int, default=0)
+    parser.add_argument(
+        "--no-mesh-tls",
+        action="store_true",
+        help="plaintext between the services (default: mutual TLS, certificates in STATE/certs)",
+    )
+    parser.add_argument(
+        "--edge-tls",
+        action="store_true",
+        help="TLS on the gateways' public ports too (default: plaintext on loopback)",
+    )
     parser.add_argument(
         "--metrics-port", type=int, default=0, help="the launcher's own metrics (0: a free port)"
     )
