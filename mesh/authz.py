@@ -8,13 +8,12 @@ is closed until someone decides who needs it).
 
 Who calls what, from the code:
 
-- the gateway reads conversations from the persister (history pages, conversation checks) and
-  asks agents for their node info;
+- the gateway reads conversations from the persister (history pages, conversation checks);
 - agents read history from the persister and recall from memory;
 - the persister indexes finished turns into memory (``Remember``);
-- nothing in the mesh calls an agent's direct ``Generate``, memory's ``Ingest`` and
-  ``Forget``, or the persister's ``Flush`` and ``GetStats``: they are operator tools, for a
-  person or a probe holding the ``operator`` certificate.
+- nothing in the mesh calls an agent's direct ``Generate`` and ``GetNodeInfo``, memory's
+  ``Ingest`` and ``Forget``, or the persister's ``Flush`` and ``GetStats``: they are operator
+  tools, for a person or a probe holding the ``operator`` certificate.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ _PERSISTER = "/chat.persister.v1.PersisterService/"
 # The one table: method -> the identities that may call it.
 POLICY: Mapping[str, frozenset[str]] = {
     _AGENT + "Generate": frozenset({OPERATOR}),
-    _AGENT + "GetNodeInfo": frozenset({GATEWAY, OPERATOR}),
+    _AGENT + "GetNodeInfo": frozenset({OPERATOR}),
     _MEMORY + "Remember": frozenset({PERSISTER}),
     _MEMORY + "Recall": frozenset({AGENT}),
     _MEMORY + "Ingest": frozenset({OPERATOR}),

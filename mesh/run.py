@@ -101,6 +101,22 @@ def _wait_for_mesh(
     raise SystemExit(f"the mesh did not start within {timeout_s:.0f}s; see {state_dir}/logs/")
 
 
+def security_note(info: Mapping[str, Any], state_dir: Path) -> str:
+    """One line on what is encrypted: the hops between services, and the gateway's port."""
+    tls = info.get("tls") or {}
+    inside = (
+        f"services authenticate each other by mutual TLS (certificates in {state_dir}/certs)"
+        if tls
+        else "services talk PLAINTEXT to each other (--no-mesh-tls)"
+    )
+    edge = (
+        "the gateway serves TLS"
+        if tls.get("edge")
+        else "the gateway listens in PLAINTEXT on loopback (TLS at the edge: docs/security.md)"
+    )
+    return f"security: {inside}; {edge}"
+
+
 def down(state_dir: Path) -> int:
     info_path = state_dir / "mesh.json"
     if not info_path.exists():
@@ -173,6 +189,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         )
     info = _wait_for_mesh(process, state_dir, timeout_s=600)
     gateway = info["gateway_addr"]
+    print(security_note(info, state_dir), flush=True)
     key_path = state_dir / "dev-api-key"
     if args.detach:
         print(json.dumps(info, indent=2))

@@ -238,6 +238,7 @@ def test_identity_of_reads_only_our_trust_domain() -> None:
         ("/chat.persister.v1.PersisterService/ListConversations", {"gateway", "agent"}),
         ("/chat.persister.v1.PersisterService/ListMessages", {"gateway", "agent"}),
         ("/chat.agent.v1.AgentService/Generate", {"operator"}),
+        ("/chat.agent.v1.AgentService/GetNodeInfo", {"operator"}),
         ("/chat.memory.v1.MemoryService/SomethingNew", set()),
     ],
 )
@@ -298,3 +299,12 @@ def test_mesh_certs_from_the_command_line(tmp_path: Path) -> None:
     assert code == 1 and "not a valid identity" in err
     code, _, err = run_cli("certs", "list", "--dir", str(tmp_path / "none"))
     assert code == 1 and "mesh certs init" in err
+
+
+def test_make_run_says_what_is_encrypted(tmp_path: Path) -> None:
+    from mesh.run import security_note
+
+    default = security_note({"tls": {"MESH_TLS_CA": "ca.pem", "edge": False}}, tmp_path)
+    assert "mutual TLS" in default and "PLAINTEXT on loopback" in default
+    assert "services talk PLAINTEXT" in security_note({"tls": {}}, tmp_path)
+    assert "the gateway serves TLS" in security_note({"tls": {"edge": True}}, tmp_path)
