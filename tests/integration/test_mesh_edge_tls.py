@@ -1,0 +1,128 @@
+"""A launched mesh with TLS everywhere: mutual TLS between the services (the default) and
+``edge_tls`` on the gateway's public gRPC and HTTP ports, as real processes on the tiny model.
+
+Two turns of one conversation go through every internal hop (the agent reads history from the
+persister and recalls from memory, the persister indexes into memory), so a hop the identity
+table refused would show: the test also reads every service's log for a denial.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from chat.gateway.v1 import gateway_pb2
+from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
+from grpc import aio
+
+from mesh.auth import add_key_to_file
+from mesh.launcher import EDGE_IDENTITY, Mesh, MeshConfig, MeshStartError
+from tests.integration.grpc_helpers import TurnResult, auth, gateway, start_request
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def edge_mesh(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path
+) -> Iterator[tuple[Mesh, str]]:
+    state = Path(tmp_path_factory.mktemp("edge-tls"))
+    keys_file = state / "api-keys.json"
+    key = add_key_to_file(keys_file, "tenant-edge", rate_per_s=100.0, burst=100)
+    config = MeshConfig(
+        state_dir=state,
+        model_path=tiny_model_path,
+        api_keys_file=keys_file,
+        n_ctx=512,
+        edge_tls=True,
+        extra_env={
+            "MESH_AGENT_DEFAULT_MAX_TOKENS": "8",
+            "MESH_AGENT_PROMPT_LOG": str(state / "prompts.jsonl"),
+        },
+    )
+    mesh = Mesh(config)
+    try:
+        mesh.start(timeout_s=180)
+    except MeshStartError as error:
+        pytest.fail(f"the mesh did not start: {error}")
+    yield mesh, key
+    mesh.stop()
+
+
+def ca_of(mesh: Mesh) -> bytes:
+    assert mesh.certs is not None
+    return mesh.certs.ca_cert.read_bytes()
+
+
+def stream_turn(stub: object, key: str, text: str, conversation_id: str = "") -> TurnResult:
+    result = TurnResult()
+    request = gateway_pb2.StreamTurnRequest(start=start_request(text, conversation_id))
+    for frame in stub.StreamTurn(request, metadata=auth(key), timeout=120):  # type: ignore[attr-defined]
+        result.add(frame)
+    return result
+
+
+def test_turns_over_tls_at_the_edge_and_mutual_tls_inside(edge_mesh: tuple[Mesh, str]) -> None:
+    mesh, key = edge_mesh
+    credentials = grpc.ssl_channel_credentials(ca_of(mesh))
+    with grpc.secure_channel(mesh.gateway_addr, credentials) as channel:
+        stub = gateway(channel)
+        first = stream_turn(stub, key, "my locker number is 5521")
+        assert first.finished is not None and first.tokens
+        second = stream_turn(stub, key, "what is my locker number?", first.conversation_id)
+        assert second.finished is not None and second.tokens
+        reply = stub.GetConversation(  # type: ignore[attr-defined]
+            gateway_pb2.GetConversationRequest(conversation_id=first.conversation_id),
+            metadata=auth(key),
+            timeout=30,
+        )
+    texts = [message.text for message in reply.conversation.messages]
+    assert texts[0] == "my locker number is 5521" and len(texts) == 4, texts
+    # The second prompt held the first turn: history came from the persister over mutual TLS.
+    prompts = (mesh.config.state_dir / "prompts.jsonl").read_text().splitlines()
+    assert "5521" in prompts[-1], prompts[-1]
+    for service in mesh.services:
+        log = service.log_path.read_text(errors="replace")
+        assert "denied" not in log, f"{service.name} denied a call:\n{log[-3000:]}"
+        if service.name.startswith("gateway"):
+            assert "PLAINTEXT" not in log, log[-3000:]
+
+
+def test_plaintext_to_the_tls_gateway_gets_nothing(edge_mesh: tuple[Mesh, str]) -> None:
+    mesh, key = edge_mesh
+    with grpc.insecure_channel(mesh.gateway_addr) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            stream_turn(gateway(channel), key, "hello")
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+def test_the_http_api_serves_https(edge_mesh: tuple[Mesh, str]) -> None:
+    mesh, key = edge_mesh
+    url = mesh.gateway_http_urls[0].replace("http://", "https://") + "/v1/models"
+    context = ssl.create_default_context(cadata=ca_of(mesh).decode())
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, context=context, timeout=30) as response:
+        models = json.loads(response.read())
+    assert models["data"], models
+    plain = url.replace("https://", "http://")
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(plain, timeout=10).read()
+
+
+async def test_the_edge_certificate_is_not_a_mesh_identity(edge_mesh: tuple[Mesh, str]) -> None:
+    # Its key lives in the gateway too, but it opens no internal RPC: it names no service.
+    mesh, _ = edge_mesh
+    async with mesh.channel(mesh.persister_addr, "persister", identity=EDGE_IDENTITY) as channel:
+        stub = persister_service_pb2_grpc.PersisterServiceStub(channel)  # type: ignore[no-untyped-call]
+        with pytest.raises(aio.AioRpcError) as error:
+            await stub.ListConversations(
+                persister_pb2.ListConversationsRequest(tenant_id="tenant-edge"), timeout=10
+            )
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "spiffe://llm-mesh/gateway-edge is not allowed" in (error.value.details() or "")
