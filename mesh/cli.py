@@ -610,7 +610,7 @@ def _health_channel(
 ) -> grpc.Channel:
     kind = name.split("-")[0]
     if kind == "gateway" or kind == "envoy" or identity is None:
-        if edge_ca is None or kind != "gateway":
+        if edge_ca is None or kind not in ("gateway", "envoy"):
             return grpc.insecure_channel(addr)
         return grpc.secure_channel(addr, grpc.ssl_channel_credentials(edge_ca))
     # The services take mutual TLS only: present our certificate, check theirs names them.

@@ -110,8 +110,8 @@ class MeshConfig:
             raise ValueError(f"pg_server must be 'embedded' or 'debian', got {self.pg_server!r}")
         if self.gateways < 1 or self.agents < 1:
             raise ValueError("a mesh needs at least one gateway and one agent")
-        if self.edge_tls and (self.envoy or not self.mesh_tls):
-            raise ValueError("edge_tls needs mesh_tls (its CA) and is not supported with Envoy yet")
+        if self.edge_tls and not self.mesh_tls:
+            raise ValueError("edge_tls needs mesh_tls: the edge certificate comes from its CA")
         if self.envoy_port < 0:
             raise ValueError(
                 f"envoy_port must be >= 0 (0 picks a free port), got {self.envoy_port}"
@@ -360,7 +360,8 @@ class Mesh:
     def envoy_url(self) -> str:
         """The page and gRPC-web (and native gRPC) through Envoy; empty without Envoy."""
         envoy = self.envoy
-        return f"http://{envoy.addr}" if envoy is not None else ""
+        scheme = "https" if self.config.edge_tls else "http"
+        return f"{scheme}://{envoy.addr}" if envoy is not None else ""
 
     # -- lifecycle ---------------------------------------------------------------------------
     def base_env(self) -> dict[str, str]:
@@ -437,6 +438,11 @@ class Mesh:
         }
         # A dead gateway should leave the pool within a second or two.
         env.setdefault("MESH_ENVOY_HEALTH_INTERVAL_S", "1")
+        if self.config.edge_tls and self.certs is not None:
+            # TLS on Envoy's listener too, and towards the gateways, which then serve TLS.
+            env["MESH_ENVOY_TLS_CERT"] = str(self.certs.cert(EDGE_IDENTITY))
+            env["MESH_ENVOY_TLS_KEY"] = str(self.certs.key(EDGE_IDENTITY))
+            env["MESH_ENVOY_UPSTREAM_CA"] = str(self.certs.ca_cert)
         argv = [sys.executable, "-m", "mesh.infra.envoy", "run", "--admin-port", str(admin_port)]
         return self._spawn_process("envoy", argv, env, port, admin_port)
 
@@ -588,10 +594,8 @@ class Mesh:
 
     def _wait(self, service: Service, timeout_s: float) -> None:
         kind = service.name.split("-")[0]
-        if kind == "gateway":
+        if kind in ("gateway", "envoy"):
             credentials, server_name = self.edge_credentials(), ""
-        elif kind == "envoy":
-            credentials, server_name = None, ""
         else:
             credentials, server_name = self.credentials(), kind
         wait_healthy(

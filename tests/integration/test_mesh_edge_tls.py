@@ -1,5 +1,6 @@
 """A launched mesh with TLS everywhere: mutual TLS between the services (the default) and
-``edge_tls`` on the gateway's public gRPC and HTTP ports, as real processes on the tiny model.
+``edge_tls`` on the gateway's public gRPC and HTTP ports and on Envoy's listener (which talks
+TLS to the gateways), as real processes on the tiny model.
 
 Two turns of one conversation go through every internal hop (the agent reads history from the
 persister and recalls from memory, the persister indexes into memory), so a hop the identity
@@ -41,6 +42,7 @@ def edge_mesh(
         api_keys_file=keys_file,
         n_ctx=512,
         edge_tls=True,
+        envoy=True,
         extra_env={
             "MESH_AGENT_DEFAULT_MAX_TOKENS": "8",
             "MESH_AGENT_PROMPT_LOG": str(state / "prompts.jsonl"),
@@ -126,3 +128,25 @@ async def test_the_edge_certificate_is_not_a_mesh_identity(edge_mesh: tuple[Mesh
             )
     assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "spiffe://llm-mesh/gateway-edge is not allowed" in (error.value.details() or "")
+
+
+def test_envoy_serves_tls_and_reaches_the_gateways_over_tls(edge_mesh: tuple[Mesh, str]) -> None:
+    mesh, key = edge_mesh
+    assert mesh.envoy is not None and mesh.envoy_url.startswith("https://")
+    # Native gRPC through Envoy: TLS to Envoy, and TLS from Envoy to a gateway.
+    credentials = grpc.ssl_channel_credentials(ca_of(mesh))
+    with grpc.secure_channel(mesh.envoy.addr, credentials) as channel:
+        result = stream_turn(gateway(channel), key, "hello through envoy")
+    assert result.finished is not None and result.tokens
+    context = ssl.create_default_context(cadata=ca_of(mesh).decode())
+    # The chat page, and the HTTP API behind it.
+    with urllib.request.urlopen(mesh.envoy_url + "/", context=context, timeout=30) as response:
+        assert b"<html" in response.read().lower()
+    request = urllib.request.Request(
+        mesh.envoy_url + "/v1/models", headers={"Authorization": f"Bearer {key}"}
+    )
+    with urllib.request.urlopen(request, context=context, timeout=30) as response:
+        assert json.loads(response.read())["data"]
+    # Plaintext to Envoy's listener gets no page.
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(mesh.envoy_url.replace("https://", "http://"), timeout=10).read()
