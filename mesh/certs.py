@@ -21,11 +21,13 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -117,7 +119,10 @@ class CertDir:
         name = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "llm-mesh"),
-                x509.NameAttribute(NameOID.COMMON_NAME, f"llm-mesh CA {_now():%Y-%m-%d %H:%M}"),
+                # Unique, so two CAs (before and after a rotation) never share an issuer name.
+                x509.NameAttribute(
+                    NameOID.COMMON_NAME, f"llm-mesh CA {_now():%Y-%m-%d} {secrets.token_hex(4)}"
+                ),
             ]
         )
         now = _now()
@@ -292,6 +297,38 @@ def default_cert_dir(state_dir: Path) -> Path:
     return state_dir / "certs"
 
 
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``ca`` signed ``cert`` (its signature, not just a matching issuer name)."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def renew(
+    certs: CertDir, names: Sequence[str], *, within: datetime.timedelta = datetime.timedelta(days=1)
+) -> list[str]:
+    """Issue the certificates of ``names`` that are missing, expire within ``within``, or come
+    from another CA; keep the others. Returns the names issued."""
+    ca_cert, _ = certs.load_ca()
+    soon = _now() + within
+    issued = []
+    for name in names:
+        path = certs.cert(name)
+        if path.is_file() and certs.key(name).is_file():
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+            if cert.not_valid_after_utc > soon and _issued_by(cert, ca_cert):
+                continue
+        if path.is_file():
+            dns, ips = certs._sans_of(name)
+            certs.issue(name, dns=dns, ips=ips)
+        else:
+            certs.issue(name)
+        issued.append(name)
+    return issued
+
+
 def ensure_mesh_certs(cert_dir: Path, names: Sequence[str]) -> CertDir:
     """A CA and a certificate for each of ``names`` under ``cert_dir``, created where missing.
 
@@ -300,15 +337,7 @@ def ensure_mesh_certs(cert_dir: Path, names: Sequence[str]) -> CertDir:
     """
     certs = CertDir(cert_dir)
     certs.init()
-    ca_cert, _ = certs.load_ca()
-    soon = _now() + datetime.timedelta(days=1)
-    for name in names:
-        path = certs.cert(name)
-        if path.is_file() and certs.key(name).is_file():
-            cert = x509.load_pem_x509_certificate(path.read_bytes())
-            if cert.not_valid_after_utc > soon and cert.issuer == ca_cert.subject:
-                continue
-        certs.issue(name)
+    renew(certs, names)
     return certs
 
 
@@ -320,4 +349,5 @@ __all__ = [
     "CertDir",
     "default_cert_dir",
     "ensure_mesh_certs",
+    "renew",
 ]

@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -32,7 +33,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.certs import OPERATOR, CertDir, default_cert_dir, ensure_mesh_certs
+from mesh.certs import OPERATOR, CertDir, default_cert_dir, ensure_mesh_certs, renew
 from mesh.infra.postgres import redact_dsn
 from mesh.infra.process import free_port as free_port  # re-exported: tests pick ports with it
 from mesh.infra.process import log_tail, spawn, wait_until
@@ -55,6 +56,10 @@ _ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("embedded", "scale")
 # The certificate of the gateways' public ports when the launcher gives them TLS.
 EDGE_IDENTITY = "gateway-edge"
+# A running mesh reissues certificates this long before they expire (they last 90 days), and
+# looks this often.
+RENEW_WITHIN = timedelta(days=30)
+RENEW_EVERY_S = 3600.0
 
 # The settings of each kind of service: the launcher writes their variables through them.
 SERVICE_SETTINGS: dict[str, type[ServiceSettings]] = {
@@ -292,6 +297,13 @@ class Mesh:
                 names.append(EDGE_IDENTITY)
             self.certs = ensure_mesh_certs(default_cert_dir(self.config.state_dir), names)
         return self.certs
+
+    def renew_certs(self, within: timedelta = RENEW_WITHIN) -> list[str]:
+        """Reissue the certificates that expire within ``within``; the services load the new
+        files by themselves (mesh.tls), so nothing restarts. Returns the names reissued."""
+        if self.certs is None:
+            return []
+        return renew(self.certs, self.certs.issued(), within=within)
 
     def tls_env(self, identity: str) -> dict[str, str]:
         """``MESH_TLS_*`` of a process acting as ``identity`` (``operator`` for tools)."""
@@ -819,7 +831,13 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         (state_dir / "mesh.json").write_text(json.dumps(info, indent=2))
         print(json.dumps(info, indent=2), flush=True)
+        next_renewal = time.monotonic() + RENEW_EVERY_S
         while not stop:
+            if time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + RENEW_EVERY_S
+                renewed = mesh.renew_certs()
+                if renewed:
+                    logging.info("reissued certificates close to expiry: %s", ", ".join(renewed))
             # A service that exits is started again; the others go on serving meanwhile.
             if supervisor.check(mesh.services):
                 info = {**mesh.describe(), "launcher_metrics_port": metrics_port}

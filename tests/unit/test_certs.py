@@ -308,3 +308,49 @@ def test_make_run_says_what_is_encrypted(tmp_path: Path) -> None:
     assert "mutual TLS" in default and "PLAINTEXT on loopback" in default
     assert "services talk PLAINTEXT" in security_note({"tls": {}}, tmp_path)
     assert "the gateway serves TLS" in security_note({"tls": {"edge": True}}, tmp_path)
+
+
+def test_renew_reissues_only_what_expires_soon_or_comes_from_another_ca(
+    certs: CertDir, tmp_path: Path
+) -> None:
+    from mesh.certs import renew
+
+    now = datetime.datetime.now(datetime.UTC)
+    certs.issue("memory", dns=["memory.internal"], not_after=now + datetime.timedelta(days=10))
+    certs.issue("agent")
+    # A persister certificate from another CA, copied in by mistake.
+    other = CertDir(tmp_path / "other")
+    other.init()
+    other.issue("persister")
+    certs.cert("persister").write_bytes(other.cert("persister").read_bytes())
+    certs.key("persister").write_bytes(other.key("persister").read_bytes())
+    agent = certs.cert("agent").read_bytes()
+
+    renewed = renew(certs, ["memory", "agent", "persister"], within=datetime.timedelta(days=30))
+    assert renewed == ["memory", "persister"]
+    assert certs.cert("agent").read_bytes() == agent
+    memory = load(certs.cert("memory"))
+    assert memory.not_valid_after_utc > now + datetime.timedelta(days=80)
+    assert "memory.internal" in sans(memory).get_values_for_type(x509.DNSName)
+    assert load(certs.cert("persister")).issuer == load(certs.ca_cert).subject
+    assert renew(certs, ["memory", "agent", "persister"]) == []
+
+
+def test_the_launcher_keeps_its_certificates_fresh(tmp_path: Path) -> None:
+    from mesh.launcher import Mesh, MeshConfig
+
+    config = MeshConfig(
+        state_dir=tmp_path, model_path=tmp_path / "m.gguf", api_keys_file=tmp_path / "k.json"
+    )
+    mesh = Mesh(config)
+    certs = mesh.ensure_certs()
+    assert certs is not None
+    assert certs.issued() == ["agent", "gateway", "memory", "operator", "persister"]
+    assert mesh.renew_certs() == []
+    now = datetime.datetime.now(datetime.UTC)
+    certs.issue("memory", not_after=now + datetime.timedelta(days=3))
+    assert mesh.renew_certs() == ["memory"]
+    env = mesh.tls_env("memory")
+    assert env["MESH_TLS_CERT"] == str(certs.cert("memory"))
+    plain = Mesh(MeshConfig(**{**config.__dict__, "mesh_tls": False}))
+    assert plain.ensure_certs() is None and plain.tls_env("memory") == {}
