@@ -150,3 +150,55 @@ def test_envoy_serves_tls_and_reaches_the_gateways_over_tls(edge_mesh: tuple[Mes
     # Plaintext to Envoy's listener gets no page.
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(mesh.envoy_url.replace("https://", "http://"), timeout=10).read()
+
+
+def call_raw(channel: grpc.Channel, method: str, streaming: tuple[bool, bool]) -> grpc.StatusCode:
+    """Call ``method`` with an empty request (or no frames); the status code it ends with."""
+    client_streams, server_streams = streaming
+    try:
+        if client_streams and server_streams:
+            list(channel.stream_stream(method)(iter(()), timeout=10))
+        elif client_streams:
+            channel.stream_unary(method)(iter(()), timeout=10)
+        elif server_streams:
+            list(channel.unary_stream(method)(b"", timeout=10))
+        else:
+            channel.unary_unary(method)(b"", timeout=10)
+    except grpc.RpcError as error:
+        return error.code()  # type: ignore[attr-defined,no-any-return]
+    return grpc.StatusCode.OK
+
+
+def test_every_internal_rpc_admits_exactly_the_identities_of_the_table(
+    edge_mesh: tuple[Mesh, str],
+) -> None:
+    from chat.agent.v1 import agent_service_pb2
+    from chat.memory.v1 import memory_service_pb2
+    from chat.persister.v1 import persister_service_pb2
+
+    from mesh import authz
+
+    mesh, _ = edge_mesh
+    assert mesh.certs is not None
+    targets = {
+        "agent": (mesh.agents[0].addr, agent_service_pb2),
+        "memory": (mesh.memory_addr, memory_service_pb2),
+        "persister": (mesh.persister_addr, persister_service_pb2),
+    }
+    seen = 0
+    for kind, (addr, module) in targets.items():
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                path = f"/{service.full_name}/{method.name}"
+                streaming = (method.client_streaming, method.server_streaming)
+                for identity in ("gateway", "agent", "memory", "persister", "operator"):
+                    credentials = mesh.credentials(identity)
+                    assert credentials is not None
+                    options = [("grpc.ssl_target_name_override", kind)]
+                    with grpc.secure_channel(addr, credentials, options=options) as channel:
+                        code = call_raw(channel, path, streaming)
+                    allowed = identity in authz.allowed_callers(path)
+                    denied = code == grpc.StatusCode.PERMISSION_DENIED
+                    assert denied != allowed, f"{identity} -> {path}: {code}"
+                    seen += 1
+    assert seen == 5 * len(authz.POLICY)
