@@ -21,7 +21,8 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mesh.interceptors import ErrorInterceptor, MetricsInterceptor
+from mesh import logs, tracing
+from mesh.interceptors import ErrorInterceptor, MetricsInterceptor, TracingInterceptor
 from mesh.metrics import start_metrics_server
 from mesh.settings import SettingsError
 
@@ -34,9 +35,14 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 def new_server(
     service: str, *, extra_interceptors: Sequence[aio.ServerInterceptor] = ()
 ) -> aio.Server:
-    """A grpc.aio server with the shared interceptors (metrics outermost, then errors)."""
+    """A grpc.aio server with the shared interceptors (metrics outermost, spans, then errors)."""
     return aio.server(
-        interceptors=[MetricsInterceptor(service), *extra_interceptors, ErrorInterceptor()],
+        interceptors=[
+            MetricsInterceptor(service),
+            TracingInterceptor(service),
+            *extra_interceptors,
+            ErrorInterceptor(),
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -188,13 +194,6 @@ async def serve_until_signalled(
     await server.stop(grace_s)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 class _Logged(Protocol):
     @property
     def log_level(self) -> str: ...
@@ -228,7 +227,12 @@ def run_main(
     except config_errors as error:
         print(f"{name}: bad configuration: {error}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    try:
+        logs.configure(name, settings.log_level)
+    except ValueError as error:
+        print(f"{name}: bad configuration: {error}", file=sys.stderr)
+        return 2
+    tracing.configure(name)
     try:
         asyncio.run(serve(settings))
     except fatal_errors as error:
@@ -236,6 +240,8 @@ def run_main(
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        tracing.shutdown()  # export the spans still queued
     return 0
 
 
@@ -243,6 +249,7 @@ def channel(target: str) -> aio.Channel:
     """A client channel to another mesh service with the mesh's message limits."""
     return aio.insecure_channel(
         target,
+        interceptors=tracing.client_interceptors(),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -258,7 +265,6 @@ __all__ = [
     "bind",
     "build_service_server",
     "channel",
-    "configure_logging",
     "new_server",
     "run_main",
     "serve_until_signalled",
