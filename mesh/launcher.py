@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -33,6 +33,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mesh import logs
 from mesh.certs import OPERATOR, CertDir, default_cert_dir, ensure_mesh_certs, renew
 from mesh.infra.postgres import redact_dsn
 from mesh.infra.process import free_port as free_port  # re-exported: tests pick ports with it
@@ -40,6 +41,7 @@ from mesh.infra.process import log_tail, spawn, wait_until
 from mesh.log import LogSettings
 from mesh.memory.factory import StoreSettings
 from mesh.metrics import start_metrics_server
+from mesh.monitoring import Monitoring
 from mesh.pg import ROOT_FALLBACK_DIR, EmbeddedPostgres
 from mesh.server import channel as server_channel
 from mesh.settings import Env, Secret, ServiceSettings, embedded_pg_dir
@@ -51,6 +53,7 @@ from services.memory.settings import MemorySettings
 from services.persister.settings import PersisterSettings
 
 _ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 
 
 PROFILES = ("embedded", "scale")
@@ -109,6 +112,10 @@ class MeshConfig:
     # TLS on the gateways' public ports too, with a ``gateway-edge`` certificate from that CA
     # (loopback may stay plaintext, and does by default).
     edge_tls: bool = False
+    # Prometheus and Jaeger next to the mesh (mesh/monitoring.py).
+    monitoring: bool = False
+    scrape_interval_s: float = 5.0
+    rule_files: tuple[Path, ...] = ()  # Prometheus rules; empty: monitoring/prometheus's
 
     def __post_init__(self) -> None:
         if self.pg_server not in ("embedded", "debian"):
@@ -285,6 +292,8 @@ class Mesh:
         self.infra: list[InfraServer] = []
         self._infra_starts: list[Future[str]] = []
         self._pg: EmbeddedPostgres | None = None
+        self.monitoring: Monitoring | None = None
+        self._otlp_endpoint = ""
         self._log_dir = config.log_dir or config.state_dir / "logs"
         self.certs: CertDir | None = None
 
@@ -397,6 +406,8 @@ class Mesh:
         env.update(AgentSettings.env_for(threads=cfg.agent_threads, n_ctx=cfg.n_ctx))
         env.update(GatewaySettings.env_for(api_keys_file=cfg.api_keys_file))
         env["XDG_RUNTIME_DIR"] = os.environ.get("XDG_RUNTIME_DIR", "/tmp")
+        if self._otlp_endpoint:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self._otlp_endpoint
         env.update(cfg.extra_env)
         return env
 
@@ -429,6 +440,7 @@ class Mesh:
                     tls_cert=self.certs.cert(EDGE_IDENTITY), tls_key=self.certs.key(EDGE_IDENTITY)
                 )
             )
+        env["MESH_INSTANCE"] = name  # service.instance.id of its spans, service.node.name of logs
         if kind == "agent":
             env.update(AgentSettings.env_for(agent_id=name))
         if kind == "gateway":
@@ -535,6 +547,13 @@ class Mesh:
             if not self.pg_dsn:
                 self._pg = EmbeddedPostgres(_embedded_pg_dir(cfg.state_dir))
                 self.pg_dsn = self._pg.start()
+            if cfg.monitoring:
+                self.monitoring = Monitoring(
+                    cfg.state_dir,
+                    scrape_interval_s=cfg.scrape_interval_s,
+                    rule_files=cfg.rule_files,
+                )
+                self._otlp_endpoint = self.monitoring.start_tracing()
             env = self.base_env()
             (memory,) = self._start_group("memory", ["memory"], env, timeout_s)
             env.update(AgentSettings.env_for(memory_addr=memory.addr))
@@ -547,10 +566,26 @@ class Mesh:
             if cfg.envoy:
                 # Healthy through Envoy means: listening, and routing to a healthy gateway.
                 self._wait(self._spawn_envoy(env), timeout_s)
+            if self.monitoring is not None:
+                self.monitoring.start_metrics(self.scrape_targets())
         except BaseException:
             self.stop()
             raise
         return self
+
+    def scrape_targets(
+        self, extra: Sequence[tuple[str, str, int]] = ()
+    ) -> list[tuple[str, str, int]]:
+        """(name, kind, metrics port) of every service with a /metrics endpoint, plus ``extra``.
+
+        Envoy is left out: its admin port serves its statistics at another path.
+        """
+        own = [
+            (s.name, s.name.split("-")[0], s.metrics_port)
+            for s in self.services
+            if not s.name.startswith("envoy")
+        ]
+        return [*own, *extra]
 
     def start_agent(self, *, timeout_s: float = 120.0) -> Service:
         """Add one more agent to a running mesh (scale-out and takeover tests)."""
@@ -633,6 +668,9 @@ class Mesh:
             for service in group:
                 service.wait_stopped()
         self.services.clear()
+        if self.monitoring is not None:
+            self.monitoring.stop()
+            self.monitoring = None
         if self._pg is not None:
             self._pg.stop()
             self._pg = None
@@ -671,6 +709,7 @@ class Mesh:
             "pg_dsn": redact_dsn(self.pg_dsn),
             "kafka_bootstrap": self.kafka_bootstrap,
             "es_url": self.es_url,
+            **(self.monitoring.describe() if self.monitoring is not None else {}),
             "started_here": {
                 entry.name: {
                     "address": redact_dsn(entry.address),
@@ -754,6 +793,12 @@ def _config_from_args(args: argparse.Namespace) -> MeshConfig:
         given["mesh_tls"] = False
     if args.edge_tls:
         given["edge_tls"] = True
+    if args.monitoring:
+        given["monitoring"] = True
+    if args.scrape_interval is not None:
+        given["scrape_interval_s"] = args.scrape_interval
+    if args.rules:
+        given["rule_files"] = tuple(path.absolute() for path in args.rules)
     if args.profile == "scale":
         return scale_config(**common, **given)
     return MeshConfig(**common, **given)
@@ -787,6 +832,18 @@ def _parser() -> argparse.ArgumentParser:
         help="TLS on the gateways' public ports too (default: plaintext on loopback)",
     )
     parser.add_argument(
+        "--monitoring", action="store_true", help="Prometheus and Jaeger next to the mesh"
+    )
+    parser.add_argument(
+        "--scrape-interval", type=float, default=None, help="Prometheus' interval (default 5 s)"
+    )
+    parser.add_argument(
+        "--rules",
+        type=Path,
+        action="append",
+        help="Prometheus rule file, repeatable (default: monitoring/prometheus/mesh-rules.yml)",
+    )
+    parser.add_argument(
         "--metrics-port", type=int, default=0, help="the launcher's own metrics (0: a free port)"
     )
     return parser
@@ -795,9 +852,7 @@ def _parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config = _config_from_args(args)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure("launcher")
     state_dir = config.state_dir
 
     stop = False
@@ -827,6 +882,8 @@ def _main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
     supervisor = Supervisor(mesh.respawn)
     metrics_port = start_metrics_server(args.metrics_port)
+    if mesh.monitoring is not None:
+        mesh.monitoring.scrape(mesh.scrape_targets([("launcher", "launcher", metrics_port)]))
     info = {**mesh.describe(), "launcher_metrics_port": metrics_port}
     try:
         (state_dir / "mesh.json").write_text(json.dumps(info, indent=2))
@@ -837,7 +894,7 @@ def _main(argv: list[str] | None = None) -> int:
                 next_renewal = time.monotonic() + RENEW_EVERY_S
                 renewed = mesh.renew_certs()
                 if renewed:
-                    logging.info("reissued certificates close to expiry: %s", ", ".join(renewed))
+                    log.info("reissued certificates close to expiry: %s", ", ".join(renewed))
             # A service that exits is started again; the others go on serving meanwhile.
             if supervisor.check(mesh.services):
                 info = {**mesh.describe(), "launcher_metrics_port": metrics_port}

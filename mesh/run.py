@@ -80,6 +80,8 @@ def _launcher_args(
     for option in ("gateways", "agents"):
         if getattr(args, option) is not None:
             argv += [f"--{option}", str(getattr(args, option))]
+    if args.monitoring:
+        argv.append("--monitoring")
     return argv
 
 
@@ -153,6 +155,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     )
     parser.add_argument("--gateways", type=int, default=None, help="default: 1, scale profile 2")
     parser.add_argument("--agents", type=int, default=None, help="default: 1, scale profile 2")
+    parser.add_argument(
+        "--monitoring", action="store_true", help="Prometheus and Jaeger too (make up MONITORING=1)"
+    )
     args = parser.parse_args(argv)
     if args.down:
         return down(state_dir)
@@ -198,6 +203,13 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             print(f"OpenAI-compatible API: {info['gateway_http_url']}/v1 (docs/openai.md)")
         if info.get("envoy_url"):
             print(f"chat page and gRPC-web (Envoy): {info['envoy_url']}")
+        if info.get("prometheus_url"):
+            print(f"Prometheus (metrics, rules, alerts): {info['prometheus_url']}")
+            print("Grafana dashboard to import: monitoring/grafana/mesh-dashboard.json")
+        if info.get("jaeger_url"):
+            print(
+                f"traces (Jaeger query API): {info['jaeger_url']}/api/traces?service=mesh-gateway"
+            )
         return 0
     print(f"mesh up: gateway {gateway}, model {model.name}. Ctrl-C cancels a turn; Ctrl-D quits.")
     if info.get("envoy_url"):

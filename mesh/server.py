@@ -22,8 +22,9 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mesh import logs, tracing
 from mesh.authz import AuthzInterceptor
-from mesh.interceptors import ErrorInterceptor, MetricsInterceptor
+from mesh.interceptors import ErrorInterceptor, MetricsInterceptor, TracingInterceptor
 from mesh.metrics import start_metrics_server
 from mesh.settings import SettingsError
 from mesh.tls import (
@@ -44,9 +45,14 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 def new_server(
     service: str, *, extra_interceptors: Sequence[aio.ServerInterceptor] = ()
 ) -> aio.Server:
-    """A grpc.aio server with the shared interceptors (metrics outermost, then errors)."""
+    """A grpc.aio server with the shared interceptors (metrics outermost, spans, then errors)."""
     return aio.server(
-        interceptors=[MetricsInterceptor(service), *extra_interceptors, ErrorInterceptor()],
+        interceptors=[
+            MetricsInterceptor(service),
+            TracingInterceptor(service),
+            *extra_interceptors,
+            ErrorInterceptor(),
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -248,13 +254,6 @@ async def serve_until_signalled(
     await server.stop(grace_s)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 class _Logged(Protocol):
     @property
     def log_level(self) -> str: ...
@@ -288,7 +287,12 @@ def run_main(
     except config_errors as error:
         print(f"{name}: bad configuration: {error}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    try:
+        logs.configure(name, settings.log_level)
+    except ValueError as error:
+        print(f"{name}: bad configuration: {error}", file=sys.stderr)
+        return 2
+    tracing.configure(name)
     try:
         asyncio.run(serve(settings))
     except config_errors as error:
@@ -300,6 +304,8 @@ def run_main(
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        tracing.shutdown()  # export the spans still queued
     return 0
 
 
@@ -311,16 +317,17 @@ def channel(
     With ``credentials`` it is TLS; ``server_name`` is then the name the server's certificate
     must carry (a mesh service's bare name, ``persister``), whatever address ``target`` is.
     """
+    interceptors = tracing.client_interceptors()
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.keepalive_time_ms", 20_000),
     ]
     if credentials is None:
-        return aio.insecure_channel(target, options=options)
+        return aio.insecure_channel(target, interceptors=interceptors, options=options)
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
-    return aio.secure_channel(target, credentials, options=options)
+    return aio.secure_channel(target, credentials, interceptors=interceptors, options=options)
 
 
 def mesh_channel_credentials(tls: TlsSettings | None) -> grpc.ChannelCredentials | None:
@@ -338,7 +345,6 @@ __all__ = [
     "bind",
     "build_service_server",
     "channel",
-    "configure_logging",
     "mesh_channel_credentials",
     "mesh_server_credentials",
     "new_server",

@@ -1,6 +1,8 @@
 """The durable message log (embedded SQLite driver by default, Kafka for scale-out)."""
 
 from mesh.log.base import (
+    AGENTS_GROUP,
+    PERSISTER_GROUP,
     TURN_EVENTS,
     TURN_REQUESTS,
     EventLog,
@@ -12,6 +14,8 @@ from mesh.log.base import (
 from mesh.log.factory import LogSettings, open_log
 
 __all__ = [
+    "AGENTS_GROUP",
+    "PERSISTER_GROUP",
     "TURN_EVENTS",
     "TURN_REQUESTS",
     "EventLog",

@@ -21,11 +21,22 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from mesh import metrics, turnlog
+from opentelemetry.trace import Span, SpanContext, SpanKind
+
+from mesh import logs, metrics, tracing, turnlog
 from mesh.errors import InvalidArgument, MeshError, to_status_proto
 from mesh.generation import FinishReason, TokenUsage, TurnTimings
 from mesh.lifecycle import AsyncStartStop
-from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, GroupConsumer, LogError, Record
+from mesh.log import (
+    AGENTS_GROUP,
+    TURN_EVENTS,
+    TURN_REQUESTS,
+    EventLog,
+    GroupConsumer,
+    LogError,
+    Record,
+)
+from services.agent import telemetry
 from services.agent.clients import DependencyClients
 from services.agent.core import (
     METRICS_SERVICE,
@@ -39,7 +50,7 @@ from services.agent.scheduling import CommitTracker, FairQueue
 
 log = logging.getLogger(__name__)
 
-GROUP = "agents"
+GROUP = AGENTS_GROUP
 
 # Cancels remembered for turns this agent may claim later (their events are re-read anyway).
 _CANCELS_REMEMBERED = 10_000
@@ -86,6 +97,9 @@ class _PriorEvents:
     finished: bool = False
     cancelled: bool = False
     tokens: turnlog.FirstWins[int, str] = field(default_factory=turnlog.FirstWins)
+    # The span of the last agent that started the turn (its TurnStarted's headers), for a link.
+    started_by: SpanContext | None = None
+    started_by_agent: str = ""
 
     @property
     def last_seq(self) -> int:
@@ -192,6 +206,7 @@ class TurnWorker(AsyncStartStop):
         self._agent_id = agent_id
         self._partitions = partitions
         self._recall_top_k = recall_top_k
+        self._log_user_text = logs.user_text_allowed()  # MESH_LOG_USER_TEXT
         self._parallel = parallel
         self._window = parallel + read_ahead
         self._cancels: OrderedDict[str, None] = OrderedDict()
@@ -375,23 +390,33 @@ class TurnWorker(AsyncStartStop):
 
     async def _handle(self, claimed: _Claimed) -> None:
         turn, record = claimed.turn, claimed.record
-        prior = await self._prior_events(turn)
-        if prior.finished:
-            log.info("turn %s already finished; skipping", turn.turn_id)
-            return
-        cancel = asyncio.Event()
-        if prior.cancelled or turn.turn_id in self._cancels:
-            cancel.set()
-        current = _Current(
-            turn.turn_id, cancel, last_seq=prior.last_seq, cancel_seen_at_seq=prior.last_seq
-        )
-        self._active[turn.turn_id] = current
-        try:
-            await self._run_turn(
-                turn, record, prior, current, claimed.claimed, claimed.claimed_wall
+        model = self._core.model_name
+        with telemetry.turn_span(turn, record, model, claimed.claimed_wall) as span:
+            with tracing.tracer().start_as_current_span(
+                "claim turn", start_time=telemetry.wall_ns(claimed.claimed_wall)
+            ):
+                prior = await self._prior_events(turn)
+            telemetry.note_takeover(span, prior.started_by, prior.started_by_agent, prior.last_seq)
+            if prior.finished:
+                log.info(
+                    "turn %s already finished; skipping",
+                    turn.turn_id,
+                    extra=logs.event("turn-skipped", turn.turn_id),
+                )
+                return
+            cancel = asyncio.Event()
+            if prior.cancelled or turn.turn_id in self._cancels:
+                cancel.set()
+            current = _Current(
+                turn.turn_id, cancel, last_seq=prior.last_seq, cancel_seen_at_seq=prior.last_seq
             )
-        finally:
-            self._active.pop(turn.turn_id, None)
+            self._active[turn.turn_id] = current
+            try:
+                await self._run_turn(
+                    turn, record, prior, current, claimed.claimed, claimed.claimed_wall, span
+                )
+            finally:
+                self._active.pop(turn.turn_id, None)
 
     async def _prior_events(self, turn: turnlog.TurnRequested) -> _PriorEvents:
         prior = _PriorEvents()
@@ -406,7 +431,10 @@ class TurnWorker(AsyncStartStop):
             except turnlog.UndecodableRecord:
                 continue
             for event in events:
-                if isinstance(event, turnlog.TurnFinished):
+                if isinstance(event, turnlog.TurnStarted):
+                    prior.started_by = tracing.span_context_of(record.headers)
+                    prior.started_by_agent = event.agent_id
+                elif isinstance(event, turnlog.TurnFinished):
                     prior.finished = True
                 elif isinstance(event, turnlog.TurnCancelled):
                     prior.cancelled = True
@@ -422,14 +450,18 @@ class TurnWorker(AsyncStartStop):
         current: _Current,
         claimed: float,
         claimed_wall: float,
+        span: Span,
     ) -> None:
         cancel = current.cancel
         appends: list[asyncio.Future[int]] = []
         partition = turn.events_partition
         key = turn.conversation_id.encode()
+        # Every record of the turn points at this agent's turn span: the persister's spans and
+        # an agent that takes the turn over join the trace through it.
+        headers = tracing.headers_for(span)
 
         def append(value: bytes) -> asyncio.Future[int]:
-            future = self._log.append(TURN_EVENTS, partition, key, value)
+            future = self._log.append(TURN_EVENTS, partition, key, value, headers)
             appends.append(future)
             return future
 
@@ -442,7 +474,19 @@ class TurnWorker(AsyncStartStop):
 
         last_seq = prior.last_seq
         if last_seq:
-            log.info("turn %s: continuing after seq %d", turn.turn_id, last_seq)
+            log.info(
+                "turn %s: continuing after seq %d",
+                turn.turn_id,
+                last_seq,
+                extra=logs.event("turn-taken-over", turn.turn_id),
+            )
+        if self._log_user_text:
+            log.info(
+                "turn %s: user text %r",
+                turn.turn_id,
+                turn.user_text,
+                extra=logs.event("turn-text", turn.turn_id),
+            )
         append(
             turnlog.encode(
                 turnlog.TurnStarted(
@@ -474,12 +518,21 @@ class TurnWorker(AsyncStartStop):
             # History first: its consistent read waits until the persister has committed every
             # earlier turn, which gave memory a head start on them, so the recall that follows
             # usually sees them too (always, unless memory is slow or down).
-            history, history_skipped = await self._clients.history(
-                turn.tenant_id, turn.conversation_id, for_turn_id=turn.turn_id
-            )
-            passages, recall_skipped = await self._clients.recall(
-                turn.tenant_id, turn.user_text, self._recall_top_k
-            )
+            tracer = tracing.tracer()
+            with tracer.start_as_current_span("history read") as step:
+                history, history_skipped = await self._clients.history(
+                    turn.tenant_id, turn.conversation_id, for_turn_id=turn.turn_id
+                )
+                step.set_attribute("mesh.messages", len(history))
+                if history_skipped:
+                    step.set_attribute("mesh.skipped", history_skipped)
+            with tracer.start_as_current_span("recall") as step:
+                passages, recall_skipped = await self._clients.recall(
+                    turn.tenant_id, turn.user_text, self._recall_top_k
+                )
+                step.set_attribute("mesh.passages", len(passages))
+                if recall_skipped:
+                    step.set_attribute("mesh.skipped", recall_skipped)
             skipped = tuple(
                 (source, reason)
                 for source, reason in (("history", history_skipped), ("recall", recall_skipped))
@@ -495,6 +548,13 @@ class TurnWorker(AsyncStartStop):
             step_options = dataclasses.replace(options, max_tokens=remaining)
             finished: GenerationFinished | None = None
             tokens = TokenAppender(turn, append)
+            generating = tracer.start_span(
+                "generate",
+                attributes={
+                    tracing.GEN_AI_OPERATION: "chat",
+                    tracing.GEN_AI_REQUEST_MODEL: self._core.model_name,
+                },
+            )
             try:
                 async with contextlib.aclosing(
                     self._core.stream(
@@ -525,9 +585,22 @@ class TurnWorker(AsyncStartStop):
                     error = MeshError(finished.error, reason="GENERATION_FAILED")
             else:
                 reason = FinishReason.ERROR
+            if error is not None:
+                reason = FinishReason.ERROR
+            telemetry.finish(
+                generating,
+                model=self._core.model_name,
+                reason=reason,
+                input_tokens=prompt_tokens,
+                output_tokens=new_tokens,
+                cached_tokens=cached_tokens,
+                error=error.message if error is not None else None,
+            )
+            generating.end()
         if error is not None:
             reason = FinishReason.ERROR
         now = time.monotonic()
+        finishing = tracing.tracer().start_span("finish turn", kind=SpanKind.PRODUCER)
         append(
             turnlog.encode(
                 turnlog.TurnFinished(
@@ -557,12 +630,32 @@ class TurnWorker(AsyncStartStop):
             )
         )
         # The request is committed by the caller only once everything above is durable.
-        await self._log.flush()
-        results = await asyncio.gather(*appends, return_exceptions=True)
+        try:
+            await self._log.flush()
+            results = await asyncio.gather(*appends, return_exceptions=True)
+        finally:
+            finishing.end()
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise LogError(f"{len(failed)} appends of turn {turn.turn_id} failed: {failed[0]}")
         metrics.TURNS.labels(METRICS_SERVICE, reason.name.lower()).inc()
+        model = self._core.model_name
+        telemetry.finish(
+            span,
+            model=model,
+            reason=reason,
+            input_tokens=prompt_tokens,
+            output_tokens=len(prior.tokens) + new_tokens,
+            cached_tokens=cached_tokens,
+            error=error.message if error is not None else None,
+        )
+        telemetry.observe(
+            model=model,
+            reason=reason,
+            duration_s=now - claimed,
+            first_token_s=first_token_at - claimed if first_token_at is not None else None,
+            output_tokens=new_tokens,
+        )
         log.info(
             "turn %s finished: %s, %d tokens (seq %d); prompt %d tokens, %d of them from the cache",
             turn.turn_id,
@@ -571,4 +664,5 @@ class TurnWorker(AsyncStartStop):
             last_seq,
             prompt_tokens,
             cached_tokens,
+            extra=logs.event("turn-finished", turn.turn_id),
         )

@@ -17,7 +17,11 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Protocol
 
-from mesh import turnlog
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
+
+from mesh import tracing, turnlog
 from mesh.auth import Principal, RateLimiter
 from mesh.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from mesh.lifecycle import AsyncStartStop
@@ -164,8 +168,24 @@ class GatewayCore(AsyncStartStop):
         request: StartRequest,
         *,
         notify: asyncio.Event | None = None,
+        trace_parent: Context | None = None,
     ) -> TurnStream:
-        """Validate, rate-limit and log a new turn; return its stream (TurnAccepted first)."""
+        """Validate, rate-limit and log a new turn; return its stream (TurnAccepted first).
+
+        The turn's trace starts here (``trace_parent``: the caller's, from its ``traceparent``),
+        with this accept span; the request record carries it to the agent.
+        """
+        with tracing.tracer().start_as_current_span(
+            "accept turn",
+            context=trace_parent,
+            kind=SpanKind.SERVER,
+            attributes={tracing.GEN_AI_OPERATION: "chat"},
+        ):
+            return await self._start_turn(principal, request, notify)
+
+    async def _start_turn(
+        self, principal: Principal, request: StartRequest, notify: asyncio.Event | None
+    ) -> TurnStream:
         if self.draining:
             raise Unavailable(
                 "this gateway is shutting down; start the turn on another gateway",
@@ -286,6 +306,7 @@ class GatewayCore(AsyncStartStop):
                 log.end_offset(TURN_REQUESTS, partition), log.end_offset(TURN_EVENTS, partition)
             )
             turn_id = str(new_turn_ref(partition, request_start, events_start))
+            trace.get_current_span().set_attribute(tracing.TURN_ID, turn_id)
             # Subscribed before the request exists, so no event of this turn can slip past us.
             sub = self.hub.subscribe(turn_id, partition, events_start, notify)
             value = turnlog.encode(
@@ -301,7 +322,11 @@ class GatewayCore(AsyncStartStop):
                     events_partition=partition,
                 )
             )
-            appended = log.append(TURN_REQUESTS, partition, key, value)
+            appending = tracing.tracer().start_span("append request", kind=SpanKind.PRODUCER)
+            appended = log.append(
+                TURN_REQUESTS, partition, key, value, tracing.headers_for(appending)
+            )
+            appended.add_done_callback(lambda _: appending.end())
         except BaseException as error:
             # Nothing was logged: a retry with the same request_id must start afresh.
             if sub is not None:
@@ -572,9 +597,13 @@ class GatewayCore(AsyncStartStop):
             turn.close()
 
     def chat_session(
-        self, principal: Principal, *, verify: Callable[[Principal], None] | None = None
+        self,
+        principal: Principal,
+        *,
+        verify: Callable[[Principal], None] | None = None,
+        trace_parent: Context | None = None,
     ) -> ChatSession:
-        return ChatSession(self, principal, verify=verify)
+        return ChatSession(self, principal, verify=verify, trace_parent=trace_parent)
 
 
 def _log_unavailable(error: Exception) -> Unavailable:

@@ -16,6 +16,7 @@ from chat.gateway.v1 import gateway_pb2, gateway_service_pb2, gateway_service_pb
 from google.rpc import status_pb2
 from grpc import aio
 
+from mesh import tracing
 from mesh.auth import AuthInterceptor, KeyFileError, KeyStore, Principal, current_principal
 from mesh.codec import (
     finish_reason_to_proto,
@@ -196,7 +197,11 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 async for request in request_iterator:
                     yield frame_from_proto(request)
 
-            session = self._core.chat_session(principal, verify=self._verify)
+            session = self._core.chat_session(
+                principal,
+                verify=self._verify,
+                trace_parent=tracing.remote_context(context.invocation_metadata()),
+            )
             async for output in session.run(frames()):
                 response = chat_response(output)
                 if response is not None:
@@ -212,7 +217,11 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 raise InvalidArgument(
                     "StreamTurnRequest.start is required", reason="START_MISSING", field="start"
                 )
-            return await self._core.start_turn(principal, start_from_proto(request.start))
+            return await self._core.start_turn(
+                principal,
+                start_from_proto(request.start),
+                trace_parent=tracing.remote_context(context.invocation_metadata()),
+            )
 
         async for frame in self._frames(principal, start, gateway_pb2.StreamTurnResponse):
             yield frame

@@ -9,7 +9,8 @@ import secrets
 import socket
 from contextlib import AsyncExitStack
 
-from mesh.log import open_log
+from mesh.log import AGENTS_GROUP, PERSISTER_GROUP, TURN_EVENTS, TURN_REQUESTS, open_log
+from mesh.log.lag import report_lag
 from mesh.pg import EmbeddedPostgres
 from mesh.server import run_main, serve_until_signalled, start_metrics
 from services.persister.codec import decode
@@ -63,6 +64,16 @@ async def run(settings: PersisterSettings) -> None:
                 barrier_timeout_s=settings.barrier_timeout_s,
             )
         )
+        # Lag of both groups, so "no agent consuming" shows even with every agent down.
+        lag_groups = [
+            (AGENTS_GROUP, TURN_REQUESTS),
+            (PERSISTER_GROUP, TURN_REQUESTS),
+            (PERSISTER_GROUP, TURN_EVENTS),
+        ]
+        lag = asyncio.create_task(
+            report_lag(event_log, lag_groups, interval_s=settings.lag_interval_s)
+        )
+        stack.callback(lag.cancel)
         deps = PersisterDeps(persister=persister)
         server, port = build_server(settings, deps)
         assert deps.health is not None

@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
-from mesh.log.base import LogError, Record
+from mesh.log.base import Headers, LogError, Record
 from mesh.log.driver import LogDriver, call_soon
 from mesh.log.embedded.changes import Changes, Key
 from mesh.log.embedded.fetcher import Fetcher
@@ -145,8 +145,10 @@ class EmbeddedLog(LogDriver[EmbeddedConsumer]):
     async def partition_count(self, topic: str) -> int:
         return await self._store.partitions.get(topic)
 
-    def append(self, topic: str, partition: int, key: bytes, value: bytes) -> asyncio.Future[int]:
-        return self._producer.append(topic, partition, key, value)
+    def append(
+        self, topic: str, partition: int, key: bytes, value: bytes, headers: Headers = ()
+    ) -> asyncio.Future[int]:
+        return self._producer.append(topic, partition, key, value, headers)
 
     async def flush(self) -> None:
         await self._producer.flush()

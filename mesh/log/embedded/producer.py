@@ -13,10 +13,10 @@ import functools
 import sqlite3
 from dataclasses import dataclass, field
 
-from mesh.log.base import LogError
+from mesh.log.base import Headers, LogError
 from mesh.log.driver import Inflight
 from mesh.log.embedded.changes import Key
-from mesh.log.embedded.store import Store, Tx, now_ms
+from mesh.log.embedded.store import Store, Tx, encode_headers, now_ms
 
 
 @dataclass(slots=True)
@@ -26,6 +26,7 @@ class _Append:
     key: bytes
     value: bytes
     timestamp_ms: int
+    headers: Headers
     future: asyncio.Future[int] = field(repr=False)
 
 
@@ -41,18 +42,29 @@ def _write_batch(batch: list[_Append], conn: sqlite3.Connection) -> list[int | L
                     "SELECT next_pos FROM heads WHERE topic = ? AND part = ?", key
                 ).fetchone()
                 heads[key] = None if row is None else int(row[0])
-        rows: list[tuple[str, int, int, bytes, bytes, int]] = []
+        rows: list[tuple[str, int, int, bytes, bytes, int, str | None]] = []
         for item in batch:
             key = (item.topic, item.partition)
             head = heads[key]
             if head is None:
                 results.append(LogError(f"topic {item.topic!r} has no partition {item.partition}"))
                 continue
-            rows.append((item.topic, item.partition, head, item.key, item.value, item.timestamp_ms))
+            rows.append(
+                (
+                    item.topic,
+                    item.partition,
+                    head,
+                    item.key,
+                    item.value,
+                    item.timestamp_ms,
+                    encode_headers(item.headers),
+                )
+            )
             results.append(head)
             heads[key] = head + 1
         conn.executemany(
-            "INSERT INTO records (topic, part, pos, key, value, ts_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO records (topic, part, pos, key, value, ts_ms, headers)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         conn.executemany(
@@ -89,10 +101,12 @@ class Producer:
         self._pending.clear()
         self._task = None
 
-    def append(self, topic: str, partition: int, key: bytes, value: bytes) -> asyncio.Future[int]:
+    def append(
+        self, topic: str, partition: int, key: bytes, value: bytes, headers: Headers = ()
+    ) -> asyncio.Future[int]:
         self._store.require()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Append(topic, partition, key, value, now_ms(), future))
+        self._pending.append(_Append(topic, partition, key, value, now_ms(), headers, future))
         self._inflight.add(future)
         self._wake.set()
         return future

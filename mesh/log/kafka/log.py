@@ -14,7 +14,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from mesh.log.base import LogError, Record
+from mesh.log.base import Headers, LogError, Record
 from mesh.log.driver import LogDriver
 from mesh.log.kafka.admin import Admin
 from mesh.log.kafka.client import Client, Running
@@ -92,8 +92,10 @@ class KafkaLog(LogDriver[KafkaGroupConsumer]):
 
     # -- EventLog ----------------------------------------------------------------------------
 
-    def append(self, topic: str, partition: int, key: bytes, value: bytes) -> asyncio.Future[int]:
-        return self._producer.append(topic, partition, key, value)
+    def append(
+        self, topic: str, partition: int, key: bytes, value: bytes, headers: Headers = ()
+    ) -> asyncio.Future[int]:
+        return self._producer.append(topic, partition, key, value, headers)
 
     async def flush(self) -> None:
         await self._producer.flush()
