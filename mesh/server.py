@@ -31,7 +31,6 @@ from mesh.tls import (
     CertificateError,
     CertificateFiles,
     TlsSettings,
-    channel_credentials,
     is_loopback,
     server_credentials,
 )
@@ -330,13 +329,6 @@ def channel(
     return aio.secure_channel(target, credentials, interceptors=interceptors, options=options)
 
 
-def mesh_channel_credentials(tls: TlsSettings | None) -> grpc.ChannelCredentials | None:
-    """Client credentials of ``tls`` as the files are now, or None when TLS is off."""
-    if tls is None or not tls.enabled:
-        return None
-    return channel_credentials(CertificateFiles(tls).current)
-
-
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "PlaintextRefused",
@@ -345,7 +337,6 @@ __all__ = [
     "bind",
     "build_service_server",
     "channel",
-    "mesh_channel_credentials",
     "mesh_server_credentials",
     "new_server",
     "run_main",

@@ -354,3 +354,15 @@ def test_the_launcher_keeps_its_certificates_fresh(tmp_path: Path) -> None:
     assert env["MESH_TLS_CERT"] == str(certs.cert("memory"))
     plain = Mesh(MeshConfig(**{**config.__dict__, "mesh_tls": False}))
     assert plain.ensure_certs() is None and plain.tls_env("memory") == {}
+
+
+async def test_bind_itself_refuses_plaintext_off_loopback() -> None:
+    from grpc import aio
+
+    from mesh.server import PlaintextRefused, bind
+
+    server = aio.server()
+    with pytest.raises(PlaintextRefused, match="without TLS"):
+        bind(server, "0.0.0.0", 0)
+    assert bind(server, "127.0.0.1", 0) > 0
+    await server.stop(None)
