@@ -202,3 +202,21 @@ def test_every_internal_rpc_admits_exactly_the_identities_of_the_table(
                     assert denied != allowed, f"{identity} -> {path}: {code}"
                     seen += 1
     assert seen == 5 * len(authz.POLICY)
+
+
+def test_mesh_health_reads_every_identity_from_mesh_json(
+    edge_mesh: tuple[Mesh, str], tmp_path: Path
+) -> None:
+    import io
+
+    from mesh.cli import main as cli_main
+
+    mesh, _ = edge_mesh
+    state = tmp_path / "mesh.json"
+    state.write_text(json.dumps(mesh.describe()))
+    out = io.StringIO()
+    code = cli_main(["health", "--state", str(state)], environ={}, out=out, err=io.StringIO())
+    rows = {line.split()[0]: line.split()[-1] for line in out.getvalue().splitlines()}
+    # The gateway and Envoy over TLS (the edge CA), the others over mutual TLS.
+    assert code == 0 and set(rows.values()) == {"SERVING"}, out.getvalue()
+    assert {"gateway-1", "envoy", "memory", "persister", "agent-1"} <= set(rows)
