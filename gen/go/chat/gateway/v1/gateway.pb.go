@@ -1506,6 +1506,107 @@ func (x *ListConversationsResponse) GetNextPageToken() string {
 	return ""
 }
 
+// DeleteConversationRequest erases one conversation of the caller's tenant.
+type DeleteConversationRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The conversation to erase; another tenant's id is NOT_FOUND.
+	ConversationId string `protobuf:"bytes,1,opt,name=conversation_id,json=conversationId,proto3" json:"conversation_id,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *DeleteConversationRequest) Reset() {
+	*x = DeleteConversationRequest{}
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteConversationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteConversationRequest) ProtoMessage() {}
+
+func (x *DeleteConversationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteConversationRequest.ProtoReflect.Descriptor instead.
+func (*DeleteConversationRequest) Descriptor() ([]byte, []int) {
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *DeleteConversationRequest) GetConversationId() string {
+	if x != nil {
+		return x.ConversationId
+	}
+	return ""
+}
+
+// DeleteConversationResponse reports what was erased.
+type DeleteConversationResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Messages deleted (user and assistant); 0 when it was deleted before.
+	MessagesDeleted int64 `protobuf:"varint,1,opt,name=messages_deleted,json=messagesDeleted,proto3" json:"messages_deleted,omitempty"`
+	// True when an earlier call had already deleted the conversation.
+	AlreadyDeleted bool `protobuf:"varint,2,opt,name=already_deleted,json=alreadyDeleted,proto3" json:"already_deleted,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *DeleteConversationResponse) Reset() {
+	*x = DeleteConversationResponse{}
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteConversationResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteConversationResponse) ProtoMessage() {}
+
+func (x *DeleteConversationResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_gateway_v1_gateway_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteConversationResponse.ProtoReflect.Descriptor instead.
+func (*DeleteConversationResponse) Descriptor() ([]byte, []int) {
+	return file_chat_gateway_v1_gateway_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *DeleteConversationResponse) GetMessagesDeleted() int64 {
+	if x != nil {
+		return x.MessagesDeleted
+	}
+	return 0
+}
+
+func (x *DeleteConversationResponse) GetAlreadyDeleted() bool {
+	if x != nil {
+		return x.AlreadyDeleted
+	}
+	return false
+}
+
 var File_chat_gateway_v1_gateway_proto protoreflect.FileDescriptor
 
 const file_chat_gateway_v1_gateway_proto_rawDesc = "" +
@@ -1596,7 +1697,12 @@ const file_chat_gateway_v1_gateway_proto_rawDesc = "" +
 	"page_token\x18\x02 \x01(\tR\tpageToken\"\x87\x01\n" +
 	"\x19ListConversationsResponse\x12B\n" +
 	"\rconversations\x18\x01 \x03(\v2\x1c.chat.common.v1.ConversationR\rconversations\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageTokenB\xc0\x01\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"D\n" +
+	"\x19DeleteConversationRequest\x12'\n" +
+	"\x0fconversation_id\x18\x01 \x01(\tR\x0econversationId\"p\n" +
+	"\x1aDeleteConversationResponse\x12)\n" +
+	"\x10messages_deleted\x18\x01 \x01(\x03R\x0fmessagesDeleted\x12'\n" +
+	"\x0falready_deleted\x18\x02 \x01(\bR\x0ealreadyDeletedB\xc0\x01\n" +
 	"\x13com.chat.gateway.v1B\fGatewayProtoP\x01Z=github.com/llm-mesh/llm-mesh/gen/go/chat/gateway/v1;gatewayv1\xa2\x02\x03CGX\xaa\x02\x0fChat.Gateway.V1\xca\x02\x0fChat\\Gateway\\V1\xe2\x02\x1bChat\\Gateway\\V1\\GPBMetadata\xea\x02\x11Chat::Gateway::V1b\x06proto3"
 
 var (
@@ -1611,44 +1717,46 @@ func file_chat_gateway_v1_gateway_proto_rawDescGZIP() []byte {
 	return file_chat_gateway_v1_gateway_proto_rawDescData
 }
 
-var file_chat_gateway_v1_gateway_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_chat_gateway_v1_gateway_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_chat_gateway_v1_gateway_proto_goTypes = []any{
-	(*StartTurn)(nil),                 // 0: chat.gateway.v1.StartTurn
-	(*CancelTurn)(nil),                // 1: chat.gateway.v1.CancelTurn
-	(*ResumeTurn)(nil),                // 2: chat.gateway.v1.ResumeTurn
-	(*FlowCredit)(nil),                // 3: chat.gateway.v1.FlowCredit
-	(*TurnAccepted)(nil),              // 4: chat.gateway.v1.TurnAccepted
-	(*Token)(nil),                     // 5: chat.gateway.v1.Token
-	(*TokenRun)(nil),                  // 6: chat.gateway.v1.TokenRun
-	(*TurnFinished)(nil),              // 7: chat.gateway.v1.TurnFinished
-	(*ChatError)(nil),                 // 8: chat.gateway.v1.ChatError
-	(*ChatRequest)(nil),               // 9: chat.gateway.v1.ChatRequest
-	(*ChatResponse)(nil),              // 10: chat.gateway.v1.ChatResponse
-	(*StreamTurnRequest)(nil),         // 11: chat.gateway.v1.StreamTurnRequest
-	(*StreamTurnResponse)(nil),        // 12: chat.gateway.v1.StreamTurnResponse
-	(*ResumeTurnRequest)(nil),         // 13: chat.gateway.v1.ResumeTurnRequest
-	(*ResumeTurnResponse)(nil),        // 14: chat.gateway.v1.ResumeTurnResponse
-	(*CancelTurnRequest)(nil),         // 15: chat.gateway.v1.CancelTurnRequest
-	(*CancelTurnResponse)(nil),        // 16: chat.gateway.v1.CancelTurnResponse
-	(*GetConversationRequest)(nil),    // 17: chat.gateway.v1.GetConversationRequest
-	(*GetConversationResponse)(nil),   // 18: chat.gateway.v1.GetConversationResponse
-	(*ListConversationsRequest)(nil),  // 19: chat.gateway.v1.ListConversationsRequest
-	(*ListConversationsResponse)(nil), // 20: chat.gateway.v1.ListConversationsResponse
-	(*v1.GenerationOptions)(nil),      // 21: chat.common.v1.GenerationOptions
-	(v1.FinishReason)(0),              // 22: chat.common.v1.FinishReason
-	(*v1.TokenUsage)(nil),             // 23: chat.common.v1.TokenUsage
-	(*v1.TurnTimings)(nil),            // 24: chat.common.v1.TurnTimings
-	(*v1.ContextSkipped)(nil),         // 25: chat.common.v1.ContextSkipped
-	(*status.Status)(nil),             // 26: google.rpc.Status
-	(*v1.Conversation)(nil),           // 27: chat.common.v1.Conversation
+	(*StartTurn)(nil),                  // 0: chat.gateway.v1.StartTurn
+	(*CancelTurn)(nil),                 // 1: chat.gateway.v1.CancelTurn
+	(*ResumeTurn)(nil),                 // 2: chat.gateway.v1.ResumeTurn
+	(*FlowCredit)(nil),                 // 3: chat.gateway.v1.FlowCredit
+	(*TurnAccepted)(nil),               // 4: chat.gateway.v1.TurnAccepted
+	(*Token)(nil),                      // 5: chat.gateway.v1.Token
+	(*TokenRun)(nil),                   // 6: chat.gateway.v1.TokenRun
+	(*TurnFinished)(nil),               // 7: chat.gateway.v1.TurnFinished
+	(*ChatError)(nil),                  // 8: chat.gateway.v1.ChatError
+	(*ChatRequest)(nil),                // 9: chat.gateway.v1.ChatRequest
+	(*ChatResponse)(nil),               // 10: chat.gateway.v1.ChatResponse
+	(*StreamTurnRequest)(nil),          // 11: chat.gateway.v1.StreamTurnRequest
+	(*StreamTurnResponse)(nil),         // 12: chat.gateway.v1.StreamTurnResponse
+	(*ResumeTurnRequest)(nil),          // 13: chat.gateway.v1.ResumeTurnRequest
+	(*ResumeTurnResponse)(nil),         // 14: chat.gateway.v1.ResumeTurnResponse
+	(*CancelTurnRequest)(nil),          // 15: chat.gateway.v1.CancelTurnRequest
+	(*CancelTurnResponse)(nil),         // 16: chat.gateway.v1.CancelTurnResponse
+	(*GetConversationRequest)(nil),     // 17: chat.gateway.v1.GetConversationRequest
+	(*GetConversationResponse)(nil),    // 18: chat.gateway.v1.GetConversationResponse
+	(*ListConversationsRequest)(nil),   // 19: chat.gateway.v1.ListConversationsRequest
+	(*ListConversationsResponse)(nil),  // 20: chat.gateway.v1.ListConversationsResponse
+	(*DeleteConversationRequest)(nil),  // 21: chat.gateway.v1.DeleteConversationRequest
+	(*DeleteConversationResponse)(nil), // 22: chat.gateway.v1.DeleteConversationResponse
+	(*v1.GenerationOptions)(nil),       // 23: chat.common.v1.GenerationOptions
+	(v1.FinishReason)(0),               // 24: chat.common.v1.FinishReason
+	(*v1.TokenUsage)(nil),              // 25: chat.common.v1.TokenUsage
+	(*v1.TurnTimings)(nil),             // 26: chat.common.v1.TurnTimings
+	(*v1.ContextSkipped)(nil),          // 27: chat.common.v1.ContextSkipped
+	(*status.Status)(nil),              // 28: google.rpc.Status
+	(*v1.Conversation)(nil),            // 29: chat.common.v1.Conversation
 }
 var file_chat_gateway_v1_gateway_proto_depIdxs = []int32{
-	21, // 0: chat.gateway.v1.StartTurn.options:type_name -> chat.common.v1.GenerationOptions
-	22, // 1: chat.gateway.v1.TurnFinished.finish_reason:type_name -> chat.common.v1.FinishReason
-	23, // 2: chat.gateway.v1.TurnFinished.usage:type_name -> chat.common.v1.TokenUsage
-	24, // 3: chat.gateway.v1.TurnFinished.timings:type_name -> chat.common.v1.TurnTimings
-	25, // 4: chat.gateway.v1.TurnFinished.context_skipped:type_name -> chat.common.v1.ContextSkipped
-	26, // 5: chat.gateway.v1.ChatError.status:type_name -> google.rpc.Status
+	23, // 0: chat.gateway.v1.StartTurn.options:type_name -> chat.common.v1.GenerationOptions
+	24, // 1: chat.gateway.v1.TurnFinished.finish_reason:type_name -> chat.common.v1.FinishReason
+	25, // 2: chat.gateway.v1.TurnFinished.usage:type_name -> chat.common.v1.TokenUsage
+	26, // 3: chat.gateway.v1.TurnFinished.timings:type_name -> chat.common.v1.TurnTimings
+	27, // 4: chat.gateway.v1.TurnFinished.context_skipped:type_name -> chat.common.v1.ContextSkipped
+	28, // 5: chat.gateway.v1.ChatError.status:type_name -> google.rpc.Status
 	0,  // 6: chat.gateway.v1.ChatRequest.start:type_name -> chat.gateway.v1.StartTurn
 	1,  // 7: chat.gateway.v1.ChatRequest.cancel:type_name -> chat.gateway.v1.CancelTurn
 	2,  // 8: chat.gateway.v1.ChatRequest.resume:type_name -> chat.gateway.v1.ResumeTurn
@@ -1667,8 +1775,8 @@ var file_chat_gateway_v1_gateway_proto_depIdxs = []int32{
 	5,  // 21: chat.gateway.v1.ResumeTurnResponse.token:type_name -> chat.gateway.v1.Token
 	7,  // 22: chat.gateway.v1.ResumeTurnResponse.finished:type_name -> chat.gateway.v1.TurnFinished
 	6,  // 23: chat.gateway.v1.ResumeTurnResponse.token_run:type_name -> chat.gateway.v1.TokenRun
-	27, // 24: chat.gateway.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
-	27, // 25: chat.gateway.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
+	29, // 24: chat.gateway.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
+	29, // 25: chat.gateway.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
 	26, // [26:26] is the sub-list for method output_type
 	26, // [26:26] is the sub-list for method input_type
 	26, // [26:26] is the sub-list for extension type_name
@@ -1712,7 +1820,7 @@ func file_chat_gateway_v1_gateway_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chat_gateway_v1_gateway_proto_rawDesc), len(file_chat_gateway_v1_gateway_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   21,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

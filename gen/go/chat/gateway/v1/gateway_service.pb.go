@@ -24,7 +24,7 @@ var File_chat_gateway_v1_gateway_service_proto protoreflect.FileDescriptor
 
 const file_chat_gateway_v1_gateway_service_proto_rawDesc = "" +
 	"\n" +
-	"%chat/gateway/v1/gateway_service.proto\x12\x0fchat.gateway.v1\x1a\x1dchat/gateway/v1/gateway.proto2\xb4\x04\n" +
+	"%chat/gateway/v1/gateway_service.proto\x12\x0fchat.gateway.v1\x1a\x1dchat/gateway/v1/gateway.proto2\xa3\x05\n" +
 	"\x0eGatewayService\x12G\n" +
 	"\x04Chat\x12\x1c.chat.gateway.v1.ChatRequest\x1a\x1d.chat.gateway.v1.ChatResponse(\x010\x01\x12W\n" +
 	"\n" +
@@ -34,22 +34,25 @@ const file_chat_gateway_v1_gateway_service_proto_rawDesc = "" +
 	"\n" +
 	"CancelTurn\x12\".chat.gateway.v1.CancelTurnRequest\x1a#.chat.gateway.v1.CancelTurnResponse\x12d\n" +
 	"\x0fGetConversation\x12'.chat.gateway.v1.GetConversationRequest\x1a(.chat.gateway.v1.GetConversationResponse\x12j\n" +
-	"\x11ListConversations\x12).chat.gateway.v1.ListConversationsRequest\x1a*.chat.gateway.v1.ListConversationsResponseB\xc7\x01\n" +
+	"\x11ListConversations\x12).chat.gateway.v1.ListConversationsRequest\x1a*.chat.gateway.v1.ListConversationsResponse\x12m\n" +
+	"\x12DeleteConversation\x12*.chat.gateway.v1.DeleteConversationRequest\x1a+.chat.gateway.v1.DeleteConversationResponseB\xc7\x01\n" +
 	"\x13com.chat.gateway.v1B\x13GatewayServiceProtoP\x01Z=github.com/llm-mesh/llm-mesh/gen/go/chat/gateway/v1;gatewayv1\xa2\x02\x03CGX\xaa\x02\x0fChat.Gateway.V1\xca\x02\x0fChat\\Gateway\\V1\xe2\x02\x1bChat\\Gateway\\V1\\GPBMetadata\xea\x02\x11Chat::Gateway::V1b\x06proto3"
 
 var file_chat_gateway_v1_gateway_service_proto_goTypes = []any{
-	(*ChatRequest)(nil),               // 0: chat.gateway.v1.ChatRequest
-	(*StreamTurnRequest)(nil),         // 1: chat.gateway.v1.StreamTurnRequest
-	(*ResumeTurnRequest)(nil),         // 2: chat.gateway.v1.ResumeTurnRequest
-	(*CancelTurnRequest)(nil),         // 3: chat.gateway.v1.CancelTurnRequest
-	(*GetConversationRequest)(nil),    // 4: chat.gateway.v1.GetConversationRequest
-	(*ListConversationsRequest)(nil),  // 5: chat.gateway.v1.ListConversationsRequest
-	(*ChatResponse)(nil),              // 6: chat.gateway.v1.ChatResponse
-	(*StreamTurnResponse)(nil),        // 7: chat.gateway.v1.StreamTurnResponse
-	(*ResumeTurnResponse)(nil),        // 8: chat.gateway.v1.ResumeTurnResponse
-	(*CancelTurnResponse)(nil),        // 9: chat.gateway.v1.CancelTurnResponse
-	(*GetConversationResponse)(nil),   // 10: chat.gateway.v1.GetConversationResponse
-	(*ListConversationsResponse)(nil), // 11: chat.gateway.v1.ListConversationsResponse
+	(*ChatRequest)(nil),                // 0: chat.gateway.v1.ChatRequest
+	(*StreamTurnRequest)(nil),          // 1: chat.gateway.v1.StreamTurnRequest
+	(*ResumeTurnRequest)(nil),          // 2: chat.gateway.v1.ResumeTurnRequest
+	(*CancelTurnRequest)(nil),          // 3: chat.gateway.v1.CancelTurnRequest
+	(*GetConversationRequest)(nil),     // 4: chat.gateway.v1.GetConversationRequest
+	(*ListConversationsRequest)(nil),   // 5: chat.gateway.v1.ListConversationsRequest
+	(*DeleteConversationRequest)(nil),  // 6: chat.gateway.v1.DeleteConversationRequest
+	(*ChatResponse)(nil),               // 7: chat.gateway.v1.ChatResponse
+	(*StreamTurnResponse)(nil),         // 8: chat.gateway.v1.StreamTurnResponse
+	(*ResumeTurnResponse)(nil),         // 9: chat.gateway.v1.ResumeTurnResponse
+	(*CancelTurnResponse)(nil),         // 10: chat.gateway.v1.CancelTurnResponse
+	(*GetConversationResponse)(nil),    // 11: chat.gateway.v1.GetConversationResponse
+	(*ListConversationsResponse)(nil),  // 12: chat.gateway.v1.ListConversationsResponse
+	(*DeleteConversationResponse)(nil), // 13: chat.gateway.v1.DeleteConversationResponse
 }
 var file_chat_gateway_v1_gateway_service_proto_depIdxs = []int32{
 	0,  // 0: chat.gateway.v1.GatewayService.Chat:input_type -> chat.gateway.v1.ChatRequest
@@ -58,14 +61,16 @@ var file_chat_gateway_v1_gateway_service_proto_depIdxs = []int32{
 	3,  // 3: chat.gateway.v1.GatewayService.CancelTurn:input_type -> chat.gateway.v1.CancelTurnRequest
 	4,  // 4: chat.gateway.v1.GatewayService.GetConversation:input_type -> chat.gateway.v1.GetConversationRequest
 	5,  // 5: chat.gateway.v1.GatewayService.ListConversations:input_type -> chat.gateway.v1.ListConversationsRequest
-	6,  // 6: chat.gateway.v1.GatewayService.Chat:output_type -> chat.gateway.v1.ChatResponse
-	7,  // 7: chat.gateway.v1.GatewayService.StreamTurn:output_type -> chat.gateway.v1.StreamTurnResponse
-	8,  // 8: chat.gateway.v1.GatewayService.ResumeTurn:output_type -> chat.gateway.v1.ResumeTurnResponse
-	9,  // 9: chat.gateway.v1.GatewayService.CancelTurn:output_type -> chat.gateway.v1.CancelTurnResponse
-	10, // 10: chat.gateway.v1.GatewayService.GetConversation:output_type -> chat.gateway.v1.GetConversationResponse
-	11, // 11: chat.gateway.v1.GatewayService.ListConversations:output_type -> chat.gateway.v1.ListConversationsResponse
-	6,  // [6:12] is the sub-list for method output_type
-	0,  // [0:6] is the sub-list for method input_type
+	6,  // 6: chat.gateway.v1.GatewayService.DeleteConversation:input_type -> chat.gateway.v1.DeleteConversationRequest
+	7,  // 7: chat.gateway.v1.GatewayService.Chat:output_type -> chat.gateway.v1.ChatResponse
+	8,  // 8: chat.gateway.v1.GatewayService.StreamTurn:output_type -> chat.gateway.v1.StreamTurnResponse
+	9,  // 9: chat.gateway.v1.GatewayService.ResumeTurn:output_type -> chat.gateway.v1.ResumeTurnResponse
+	10, // 10: chat.gateway.v1.GatewayService.CancelTurn:output_type -> chat.gateway.v1.CancelTurnResponse
+	11, // 11: chat.gateway.v1.GatewayService.GetConversation:output_type -> chat.gateway.v1.GetConversationResponse
+	12, // 12: chat.gateway.v1.GatewayService.ListConversations:output_type -> chat.gateway.v1.ListConversationsResponse
+	13, // 13: chat.gateway.v1.GatewayService.DeleteConversation:output_type -> chat.gateway.v1.DeleteConversationResponse
+	7,  // [7:14] is the sub-list for method output_type
+	0,  // [0:7] is the sub-list for method input_type
 	0,  // [0:0] is the sub-list for extension type_name
 	0,  // [0:0] is the sub-list for extension extendee
 	0,  // [0:0] is the sub-list for field type_name

@@ -19,12 +19,13 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	GatewayService_Chat_FullMethodName              = "/chat.gateway.v1.GatewayService/Chat"
-	GatewayService_StreamTurn_FullMethodName        = "/chat.gateway.v1.GatewayService/StreamTurn"
-	GatewayService_ResumeTurn_FullMethodName        = "/chat.gateway.v1.GatewayService/ResumeTurn"
-	GatewayService_CancelTurn_FullMethodName        = "/chat.gateway.v1.GatewayService/CancelTurn"
-	GatewayService_GetConversation_FullMethodName   = "/chat.gateway.v1.GatewayService/GetConversation"
-	GatewayService_ListConversations_FullMethodName = "/chat.gateway.v1.GatewayService/ListConversations"
+	GatewayService_Chat_FullMethodName               = "/chat.gateway.v1.GatewayService/Chat"
+	GatewayService_StreamTurn_FullMethodName         = "/chat.gateway.v1.GatewayService/StreamTurn"
+	GatewayService_ResumeTurn_FullMethodName         = "/chat.gateway.v1.GatewayService/ResumeTurn"
+	GatewayService_CancelTurn_FullMethodName         = "/chat.gateway.v1.GatewayService/CancelTurn"
+	GatewayService_GetConversation_FullMethodName    = "/chat.gateway.v1.GatewayService/GetConversation"
+	GatewayService_ListConversations_FullMethodName  = "/chat.gateway.v1.GatewayService/ListConversations"
+	GatewayService_DeleteConversation_FullMethodName = "/chat.gateway.v1.GatewayService/DeleteConversation"
 )
 
 // GatewayServiceClient is the client API for GatewayService service.
@@ -48,6 +49,11 @@ type GatewayServiceClient interface {
 	GetConversation(ctx context.Context, in *GetConversationRequest, opts ...grpc.CallOption) (*GetConversationResponse, error)
 	// ListConversations pages through the caller's conversations, newest first.
 	ListConversations(ctx context.Context, in *ListConversationsRequest, opts ...grpc.CallOption) (*ListConversationsResponse, error)
+	// DeleteConversation erases one conversation of the caller's tenant: its messages, tokens and
+	// memory at once, its log records within the log's retention period. FAILED_PRECONDITION
+	// (TURN_IN_PROGRESS) while one of its turns is queued or generating; deleting a conversation
+	// already deleted succeeds again.
+	DeleteConversation(ctx context.Context, in *DeleteConversationRequest, opts ...grpc.CallOption) (*DeleteConversationResponse, error)
 }
 
 type gatewayServiceClient struct {
@@ -139,6 +145,16 @@ func (c *gatewayServiceClient) ListConversations(ctx context.Context, in *ListCo
 	return out, nil
 }
 
+func (c *gatewayServiceClient) DeleteConversation(ctx context.Context, in *DeleteConversationRequest, opts ...grpc.CallOption) (*DeleteConversationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteConversationResponse)
+	err := c.cc.Invoke(ctx, GatewayService_DeleteConversation_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // GatewayServiceServer is the server API for GatewayService service.
 // All implementations must embed UnimplementedGatewayServiceServer
 // for forward compatibility.
@@ -160,6 +176,11 @@ type GatewayServiceServer interface {
 	GetConversation(context.Context, *GetConversationRequest) (*GetConversationResponse, error)
 	// ListConversations pages through the caller's conversations, newest first.
 	ListConversations(context.Context, *ListConversationsRequest) (*ListConversationsResponse, error)
+	// DeleteConversation erases one conversation of the caller's tenant: its messages, tokens and
+	// memory at once, its log records within the log's retention period. FAILED_PRECONDITION
+	// (TURN_IN_PROGRESS) while one of its turns is queued or generating; deleting a conversation
+	// already deleted succeeds again.
+	DeleteConversation(context.Context, *DeleteConversationRequest) (*DeleteConversationResponse, error)
 	mustEmbedUnimplementedGatewayServiceServer()
 }
 
@@ -187,6 +208,9 @@ func (UnimplementedGatewayServiceServer) GetConversation(context.Context, *GetCo
 }
 func (UnimplementedGatewayServiceServer) ListConversations(context.Context, *ListConversationsRequest) (*ListConversationsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListConversations not implemented")
+}
+func (UnimplementedGatewayServiceServer) DeleteConversation(context.Context, *DeleteConversationRequest) (*DeleteConversationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteConversation not implemented")
 }
 func (UnimplementedGatewayServiceServer) mustEmbedUnimplementedGatewayServiceServer() {}
 func (UnimplementedGatewayServiceServer) testEmbeddedByValue()                        {}
@@ -292,6 +316,24 @@ func _GatewayService_ListConversations_Handler(srv interface{}, ctx context.Cont
 	return interceptor(ctx, in, info, handler)
 }
 
+func _GatewayService_DeleteConversation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteConversationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(GatewayServiceServer).DeleteConversation(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: GatewayService_DeleteConversation_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(GatewayServiceServer).DeleteConversation(ctx, req.(*DeleteConversationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // GatewayService_ServiceDesc is the grpc.ServiceDesc for GatewayService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -310,6 +352,10 @@ var GatewayService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListConversations",
 			Handler:    _GatewayService_ListConversations_Handler,
+		},
+		{
+			MethodName: "DeleteConversation",
+			Handler:    _GatewayService_DeleteConversation_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

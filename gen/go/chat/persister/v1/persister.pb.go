@@ -574,6 +574,292 @@ func (x *GetStatsResponse) GetPendingEvents() int64 {
 	return 0
 }
 
+// DeleteConversationRequest erases one conversation.
+type DeleteConversationRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Tenant that must own the conversation; another tenant's id reads as not found.
+	TenantId string `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	// The conversation.
+	ConversationId string `protobuf:"bytes,2,opt,name=conversation_id,json=conversationId,proto3" json:"conversation_id,omitempty"`
+	// Erase even while a turn of it is unfinished (its later records are dropped by the
+	// tombstone). Without it such a conversation is FAILED_PRECONDITION, reason TURN_IN_PROGRESS.
+	Force         bool `protobuf:"varint,3,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteConversationRequest) Reset() {
+	*x = DeleteConversationRequest{}
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteConversationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteConversationRequest) ProtoMessage() {}
+
+func (x *DeleteConversationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteConversationRequest.ProtoReflect.Descriptor instead.
+func (*DeleteConversationRequest) Descriptor() ([]byte, []int) {
+	return file_chat_persister_v1_persister_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *DeleteConversationRequest) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *DeleteConversationRequest) GetConversationId() string {
+	if x != nil {
+		return x.ConversationId
+	}
+	return ""
+}
+
+func (x *DeleteConversationRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+// DeleteConversationResponse reports what was erased.
+type DeleteConversationResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Counts of what was deleted.
+	Counts *ErasureCounts `protobuf:"bytes,1,opt,name=counts,proto3" json:"counts,omitempty"`
+	// True when an earlier call had already deleted the conversation (counts are then of what
+	// was left, usually zero).
+	AlreadyDeleted bool `protobuf:"varint,2,opt,name=already_deleted,json=alreadyDeleted,proto3" json:"already_deleted,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *DeleteConversationResponse) Reset() {
+	*x = DeleteConversationResponse{}
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteConversationResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteConversationResponse) ProtoMessage() {}
+
+func (x *DeleteConversationResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteConversationResponse.ProtoReflect.Descriptor instead.
+func (*DeleteConversationResponse) Descriptor() ([]byte, []int) {
+	return file_chat_persister_v1_persister_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *DeleteConversationResponse) GetCounts() *ErasureCounts {
+	if x != nil {
+		return x.Counts
+	}
+	return nil
+}
+
+func (x *DeleteConversationResponse) GetAlreadyDeleted() bool {
+	if x != nil {
+		return x.AlreadyDeleted
+	}
+	return false
+}
+
+// EraseTenantRequest erases every conversation and all memory of a tenant.
+type EraseTenantRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The tenant.
+	TenantId      string `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EraseTenantRequest) Reset() {
+	*x = EraseTenantRequest{}
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EraseTenantRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EraseTenantRequest) ProtoMessage() {}
+
+func (x *EraseTenantRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EraseTenantRequest.ProtoReflect.Descriptor instead.
+func (*EraseTenantRequest) Descriptor() ([]byte, []int) {
+	return file_chat_persister_v1_persister_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *EraseTenantRequest) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+// EraseTenantResponse reports what was erased.
+type EraseTenantResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Counts of what was deleted.
+	Counts        *ErasureCounts `protobuf:"bytes,1,opt,name=counts,proto3" json:"counts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EraseTenantResponse) Reset() {
+	*x = EraseTenantResponse{}
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EraseTenantResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EraseTenantResponse) ProtoMessage() {}
+
+func (x *EraseTenantResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EraseTenantResponse.ProtoReflect.Descriptor instead.
+func (*EraseTenantResponse) Descriptor() ([]byte, []int) {
+	return file_chat_persister_v1_persister_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *EraseTenantResponse) GetCounts() *ErasureCounts {
+	if x != nil {
+		return x.Counts
+	}
+	return nil
+}
+
+// ErasureCounts is what one erasure deleted.
+type ErasureCounts struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Conversation rows.
+	Conversations int64 `protobuf:"varint,1,opt,name=conversations,proto3" json:"conversations,omitempty"`
+	// Message rows (user and assistant).
+	Messages int64 `protobuf:"varint,2,opt,name=messages,proto3" json:"messages,omitempty"`
+	// Token rows.
+	Tokens int64 `protobuf:"varint,3,opt,name=tokens,proto3" json:"tokens,omitempty"`
+	// Memory chunks (MemoryService.Forget).
+	Chunks        int64 `protobuf:"varint,4,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ErasureCounts) Reset() {
+	*x = ErasureCounts{}
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ErasureCounts) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ErasureCounts) ProtoMessage() {}
+
+func (x *ErasureCounts) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ErasureCounts.ProtoReflect.Descriptor instead.
+func (*ErasureCounts) Descriptor() ([]byte, []int) {
+	return file_chat_persister_v1_persister_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ErasureCounts) GetConversations() int64 {
+	if x != nil {
+		return x.Conversations
+	}
+	return 0
+}
+
+func (x *ErasureCounts) GetMessages() int64 {
+	if x != nil {
+		return x.Messages
+	}
+	return 0
+}
+
+func (x *ErasureCounts) GetTokens() int64 {
+	if x != nil {
+		return x.Tokens
+	}
+	return 0
+}
+
+func (x *ErasureCounts) GetChunks() int64 {
+	if x != nil {
+		return x.Chunks
+	}
+	return 0
+}
+
 var File_chat_persister_v1_persister_proto protoreflect.FileDescriptor
 
 const file_chat_persister_v1_persister_proto_rawDesc = "" +
@@ -611,7 +897,23 @@ const file_chat_persister_v1_persister_proto_rawDesc = "" +
 	"\x0etokens_written\x18\x03 \x01(\x03R\rtokensWritten\x12)\n" +
 	"\x10messages_written\x18\x04 \x01(\x03R\x0fmessagesWritten\x12-\n" +
 	"\x12duplicates_ignored\x18\x05 \x01(\x03R\x11duplicatesIgnored\x12%\n" +
-	"\x0epending_events\x18\x06 \x01(\x03R\rpendingEventsB\xd0\x01\n" +
+	"\x0epending_events\x18\x06 \x01(\x03R\rpendingEvents\"w\n" +
+	"\x19DeleteConversationRequest\x12\x1b\n" +
+	"\ttenant_id\x18\x01 \x01(\tR\btenantId\x12'\n" +
+	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x14\n" +
+	"\x05force\x18\x03 \x01(\bR\x05force\"\x7f\n" +
+	"\x1aDeleteConversationResponse\x128\n" +
+	"\x06counts\x18\x01 \x01(\v2 .chat.persister.v1.ErasureCountsR\x06counts\x12'\n" +
+	"\x0falready_deleted\x18\x02 \x01(\bR\x0ealreadyDeleted\"1\n" +
+	"\x12EraseTenantRequest\x12\x1b\n" +
+	"\ttenant_id\x18\x01 \x01(\tR\btenantId\"O\n" +
+	"\x13EraseTenantResponse\x128\n" +
+	"\x06counts\x18\x01 \x01(\v2 .chat.persister.v1.ErasureCountsR\x06counts\"\x81\x01\n" +
+	"\rErasureCounts\x12$\n" +
+	"\rconversations\x18\x01 \x01(\x03R\rconversations\x12\x1a\n" +
+	"\bmessages\x18\x02 \x01(\x03R\bmessages\x12\x16\n" +
+	"\x06tokens\x18\x03 \x01(\x03R\x06tokens\x12\x16\n" +
+	"\x06chunks\x18\x04 \x01(\x03R\x06chunksB\xd0\x01\n" +
 	"\x15com.chat.persister.v1B\x0ePersisterProtoP\x01ZAgithub.com/llm-mesh/llm-mesh/gen/go/chat/persister/v1;persisterv1\xa2\x02\x03CPX\xaa\x02\x11Chat.Persister.V1\xca\x02\x11Chat\\Persister\\V1\xe2\x02\x1dChat\\Persister\\V1\\GPBMetadata\xea\x02\x13Chat::Persister::V1b\x06proto3"
 
 var (
@@ -626,30 +928,37 @@ func file_chat_persister_v1_persister_proto_rawDescGZIP() []byte {
 	return file_chat_persister_v1_persister_proto_rawDescData
 }
 
-var file_chat_persister_v1_persister_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_chat_persister_v1_persister_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_chat_persister_v1_persister_proto_goTypes = []any{
-	(*GetConversationRequest)(nil),    // 0: chat.persister.v1.GetConversationRequest
-	(*GetConversationResponse)(nil),   // 1: chat.persister.v1.GetConversationResponse
-	(*ListConversationsRequest)(nil),  // 2: chat.persister.v1.ListConversationsRequest
-	(*ListConversationsResponse)(nil), // 3: chat.persister.v1.ListConversationsResponse
-	(*ListMessagesRequest)(nil),       // 4: chat.persister.v1.ListMessagesRequest
-	(*ListMessagesResponse)(nil),      // 5: chat.persister.v1.ListMessagesResponse
-	(*FlushRequest)(nil),              // 6: chat.persister.v1.FlushRequest
-	(*FlushResponse)(nil),             // 7: chat.persister.v1.FlushResponse
-	(*GetStatsRequest)(nil),           // 8: chat.persister.v1.GetStatsRequest
-	(*GetStatsResponse)(nil),          // 9: chat.persister.v1.GetStatsResponse
-	(*v1.Conversation)(nil),           // 10: chat.common.v1.Conversation
-	(*v1.Message)(nil),                // 11: chat.common.v1.Message
+	(*GetConversationRequest)(nil),     // 0: chat.persister.v1.GetConversationRequest
+	(*GetConversationResponse)(nil),    // 1: chat.persister.v1.GetConversationResponse
+	(*ListConversationsRequest)(nil),   // 2: chat.persister.v1.ListConversationsRequest
+	(*ListConversationsResponse)(nil),  // 3: chat.persister.v1.ListConversationsResponse
+	(*ListMessagesRequest)(nil),        // 4: chat.persister.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),       // 5: chat.persister.v1.ListMessagesResponse
+	(*FlushRequest)(nil),               // 6: chat.persister.v1.FlushRequest
+	(*FlushResponse)(nil),              // 7: chat.persister.v1.FlushResponse
+	(*GetStatsRequest)(nil),            // 8: chat.persister.v1.GetStatsRequest
+	(*GetStatsResponse)(nil),           // 9: chat.persister.v1.GetStatsResponse
+	(*DeleteConversationRequest)(nil),  // 10: chat.persister.v1.DeleteConversationRequest
+	(*DeleteConversationResponse)(nil), // 11: chat.persister.v1.DeleteConversationResponse
+	(*EraseTenantRequest)(nil),         // 12: chat.persister.v1.EraseTenantRequest
+	(*EraseTenantResponse)(nil),        // 13: chat.persister.v1.EraseTenantResponse
+	(*ErasureCounts)(nil),              // 14: chat.persister.v1.ErasureCounts
+	(*v1.Conversation)(nil),            // 15: chat.common.v1.Conversation
+	(*v1.Message)(nil),                 // 16: chat.common.v1.Message
 }
 var file_chat_persister_v1_persister_proto_depIdxs = []int32{
-	10, // 0: chat.persister.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
-	10, // 1: chat.persister.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
-	11, // 2: chat.persister.v1.ListMessagesResponse.message:type_name -> chat.common.v1.Message
-	3,  // [3:3] is the sub-list for method output_type
-	3,  // [3:3] is the sub-list for method input_type
-	3,  // [3:3] is the sub-list for extension type_name
-	3,  // [3:3] is the sub-list for extension extendee
-	0,  // [0:3] is the sub-list for field type_name
+	15, // 0: chat.persister.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
+	15, // 1: chat.persister.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
+	16, // 2: chat.persister.v1.ListMessagesResponse.message:type_name -> chat.common.v1.Message
+	14, // 3: chat.persister.v1.DeleteConversationResponse.counts:type_name -> chat.persister.v1.ErasureCounts
+	14, // 4: chat.persister.v1.EraseTenantResponse.counts:type_name -> chat.persister.v1.ErasureCounts
+	5,  // [5:5] is the sub-list for method output_type
+	5,  // [5:5] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_chat_persister_v1_persister_proto_init() }
@@ -663,7 +972,7 @@ func file_chat_persister_v1_persister_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chat_persister_v1_persister_proto_rawDesc), len(file_chat_persister_v1_persister_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   10,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -19,11 +19,13 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	PersisterService_GetConversation_FullMethodName   = "/chat.persister.v1.PersisterService/GetConversation"
-	PersisterService_ListConversations_FullMethodName = "/chat.persister.v1.PersisterService/ListConversations"
-	PersisterService_ListMessages_FullMethodName      = "/chat.persister.v1.PersisterService/ListMessages"
-	PersisterService_Flush_FullMethodName             = "/chat.persister.v1.PersisterService/Flush"
-	PersisterService_GetStats_FullMethodName          = "/chat.persister.v1.PersisterService/GetStats"
+	PersisterService_GetConversation_FullMethodName    = "/chat.persister.v1.PersisterService/GetConversation"
+	PersisterService_ListConversations_FullMethodName  = "/chat.persister.v1.PersisterService/ListConversations"
+	PersisterService_ListMessages_FullMethodName       = "/chat.persister.v1.PersisterService/ListMessages"
+	PersisterService_Flush_FullMethodName              = "/chat.persister.v1.PersisterService/Flush"
+	PersisterService_GetStats_FullMethodName           = "/chat.persister.v1.PersisterService/GetStats"
+	PersisterService_DeleteConversation_FullMethodName = "/chat.persister.v1.PersisterService/DeleteConversation"
+	PersisterService_EraseTenant_FullMethodName        = "/chat.persister.v1.PersisterService/EraseTenant"
 )
 
 // PersisterServiceClient is the client API for PersisterService service.
@@ -43,6 +45,11 @@ type PersisterServiceClient interface {
 	Flush(ctx context.Context, in *FlushRequest, opts ...grpc.CallOption) (*FlushResponse, error)
 	// GetStats reports the persister's counters.
 	GetStats(ctx context.Context, in *GetStatsRequest, opts ...grpc.CallOption) (*GetStatsResponse, error)
+	// DeleteConversation erases a conversation's rows, leaves a tombstone so records still on the
+	// logs never bring it back, then has memory forget it.
+	DeleteConversation(ctx context.Context, in *DeleteConversationRequest, opts ...grpc.CallOption) (*DeleteConversationResponse, error)
+	// EraseTenant erases every conversation of a tenant the same way (an operator's tool).
+	EraseTenant(ctx context.Context, in *EraseTenantRequest, opts ...grpc.CallOption) (*EraseTenantResponse, error)
 }
 
 type persisterServiceClient struct {
@@ -112,6 +119,26 @@ func (c *persisterServiceClient) GetStats(ctx context.Context, in *GetStatsReque
 	return out, nil
 }
 
+func (c *persisterServiceClient) DeleteConversation(ctx context.Context, in *DeleteConversationRequest, opts ...grpc.CallOption) (*DeleteConversationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteConversationResponse)
+	err := c.cc.Invoke(ctx, PersisterService_DeleteConversation_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *persisterServiceClient) EraseTenant(ctx context.Context, in *EraseTenantRequest, opts ...grpc.CallOption) (*EraseTenantResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(EraseTenantResponse)
+	err := c.cc.Invoke(ctx, PersisterService_EraseTenant_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PersisterServiceServer is the server API for PersisterService service.
 // All implementations must embed UnimplementedPersisterServiceServer
 // for forward compatibility.
@@ -129,6 +156,11 @@ type PersisterServiceServer interface {
 	Flush(context.Context, *FlushRequest) (*FlushResponse, error)
 	// GetStats reports the persister's counters.
 	GetStats(context.Context, *GetStatsRequest) (*GetStatsResponse, error)
+	// DeleteConversation erases a conversation's rows, leaves a tombstone so records still on the
+	// logs never bring it back, then has memory forget it.
+	DeleteConversation(context.Context, *DeleteConversationRequest) (*DeleteConversationResponse, error)
+	// EraseTenant erases every conversation of a tenant the same way (an operator's tool).
+	EraseTenant(context.Context, *EraseTenantRequest) (*EraseTenantResponse, error)
 	mustEmbedUnimplementedPersisterServiceServer()
 }
 
@@ -153,6 +185,12 @@ func (UnimplementedPersisterServiceServer) Flush(context.Context, *FlushRequest)
 }
 func (UnimplementedPersisterServiceServer) GetStats(context.Context, *GetStatsRequest) (*GetStatsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetStats not implemented")
+}
+func (UnimplementedPersisterServiceServer) DeleteConversation(context.Context, *DeleteConversationRequest) (*DeleteConversationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteConversation not implemented")
+}
+func (UnimplementedPersisterServiceServer) EraseTenant(context.Context, *EraseTenantRequest) (*EraseTenantResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method EraseTenant not implemented")
 }
 func (UnimplementedPersisterServiceServer) mustEmbedUnimplementedPersisterServiceServer() {}
 func (UnimplementedPersisterServiceServer) testEmbeddedByValue()                          {}
@@ -258,6 +296,42 @@ func _PersisterService_GetStats_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PersisterService_DeleteConversation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteConversationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PersisterServiceServer).DeleteConversation(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PersisterService_DeleteConversation_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PersisterServiceServer).DeleteConversation(ctx, req.(*DeleteConversationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _PersisterService_EraseTenant_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(EraseTenantRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PersisterServiceServer).EraseTenant(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PersisterService_EraseTenant_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PersisterServiceServer).EraseTenant(ctx, req.(*EraseTenantRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // PersisterService_ServiceDesc is the grpc.ServiceDesc for PersisterService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -280,6 +354,14 @@ var PersisterService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetStats",
 			Handler:    _PersisterService_GetStats_Handler,
+		},
+		{
+			MethodName: "DeleteConversation",
+			Handler:    _PersisterService_DeleteConversation_Handler,
+		},
+		{
+			MethodName: "EraseTenant",
+			Handler:    _PersisterService_EraseTenant_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -204,3 +204,17 @@ class ListConversationsResponse(_message.Message):
     conversations: _containers.RepeatedCompositeFieldContainer[_conversation_pb2.Conversation]
     next_page_token: str
     def __init__(self, conversations: _Optional[_Iterable[_Union[_conversation_pb2.Conversation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteConversationRequest(_message.Message):
+    __slots__ = ("conversation_id",)
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    def __init__(self, conversation_id: _Optional[str] = ...) -> None: ...
+
+class DeleteConversationResponse(_message.Message):
+    __slots__ = ("messages_deleted", "already_deleted")
+    MESSAGES_DELETED_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_DELETED_FIELD_NUMBER: _ClassVar[int]
+    messages_deleted: int
+    already_deleted: bool
+    def __init__(self, messages_deleted: _Optional[int] = ..., already_deleted: _Optional[bool] = ...) -> None: ...

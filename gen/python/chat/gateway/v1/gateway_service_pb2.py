@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from chat.gateway.v1 import gateway_pb2 as chat_dot_gateway_dot_v1_dot_gateway__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%chat/gateway/v1/gateway_service.proto\x12\x0f\x63hat.gateway.v1\x1a\x1d\x63hat/gateway/v1/gateway.proto2\xb4\x04\n\x0eGatewayService\x12G\n\x04\x43hat\x12\x1c.chat.gateway.v1.ChatRequest\x1a\x1d.chat.gateway.v1.ChatResponse(\x01\x30\x01\x12W\n\nStreamTurn\x12\".chat.gateway.v1.StreamTurnRequest\x1a#.chat.gateway.v1.StreamTurnResponse0\x01\x12W\n\nResumeTurn\x12\".chat.gateway.v1.ResumeTurnRequest\x1a#.chat.gateway.v1.ResumeTurnResponse0\x01\x12U\n\nCancelTurn\x12\".chat.gateway.v1.CancelTurnRequest\x1a#.chat.gateway.v1.CancelTurnResponse\x12\x64\n\x0fGetConversation\x12\'.chat.gateway.v1.GetConversationRequest\x1a(.chat.gateway.v1.GetConversationResponse\x12j\n\x11ListConversations\x12).chat.gateway.v1.ListConversationsRequest\x1a*.chat.gateway.v1.ListConversationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%chat/gateway/v1/gateway_service.proto\x12\x0f\x63hat.gateway.v1\x1a\x1d\x63hat/gateway/v1/gateway.proto2\xa3\x05\n\x0eGatewayService\x12G\n\x04\x43hat\x12\x1c.chat.gateway.v1.ChatRequest\x1a\x1d.chat.gateway.v1.ChatResponse(\x01\x30\x01\x12W\n\nStreamTurn\x12\".chat.gateway.v1.StreamTurnRequest\x1a#.chat.gateway.v1.StreamTurnResponse0\x01\x12W\n\nResumeTurn\x12\".chat.gateway.v1.ResumeTurnRequest\x1a#.chat.gateway.v1.ResumeTurnResponse0\x01\x12U\n\nCancelTurn\x12\".chat.gateway.v1.CancelTurnRequest\x1a#.chat.gateway.v1.CancelTurnResponse\x12\x64\n\x0fGetConversation\x12\'.chat.gateway.v1.GetConversationRequest\x1a(.chat.gateway.v1.GetConversationResponse\x12j\n\x11ListConversations\x12).chat.gateway.v1.ListConversationsRequest\x1a*.chat.gateway.v1.ListConversationsResponse\x12m\n\x12\x44\x65leteConversation\x12*.chat.gateway.v1.DeleteConversationRequest\x1a+.chat.gateway.v1.DeleteConversationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chat.gateway.v1.gateway_ser
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GATEWAYSERVICE']._serialized_start=90
-  _globals['_GATEWAYSERVICE']._serialized_end=654
+  _globals['_GATEWAYSERVICE']._serialized_end=765
 # @@protoc_insertion_point(module_scope)

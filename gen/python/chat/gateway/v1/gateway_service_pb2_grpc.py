@@ -66,6 +66,11 @@ class GatewayServiceStub:
                 request_serializer=chat_dot_gateway_dot_v1_dot_gateway__pb2.ListConversationsRequest.SerializeToString,
                 response_deserializer=chat_dot_gateway_dot_v1_dot_gateway__pb2.ListConversationsResponse.FromString,
                 _registered_method=True)
+        self.DeleteConversation = channel.unary_unary(
+                '/chat.gateway.v1.GatewayService/DeleteConversation',
+                request_serializer=chat_dot_gateway_dot_v1_dot_gateway__pb2.DeleteConversationRequest.SerializeToString,
+                response_deserializer=chat_dot_gateway_dot_v1_dot_gateway__pb2.DeleteConversationResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -117,6 +122,16 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteConversation(self, request, context):
+        """DeleteConversation erases one conversation of the caller's tenant: its messages, tokens and
+        memory at once, its log records within the log's retention period. FAILED_PRECONDITION
+        (TURN_IN_PROGRESS) while one of its turns is queued or generating; deleting a conversation
+        already deleted succeeds again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +164,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.ListConversations,
                     request_deserializer=chat_dot_gateway_dot_v1_dot_gateway__pb2.ListConversationsRequest.FromString,
                     response_serializer=chat_dot_gateway_dot_v1_dot_gateway__pb2.ListConversationsResponse.SerializeToString,
+            ),
+            'DeleteConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteConversation,
+                    request_deserializer=chat_dot_gateway_dot_v1_dot_gateway__pb2.DeleteConversationRequest.FromString,
+                    response_serializer=chat_dot_gateway_dot_v1_dot_gateway__pb2.DeleteConversationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +335,33 @@ class GatewayService:
             '/chat.gateway.v1.GatewayService/ListConversations',
             chat_dot_gateway_dot_v1_dot_gateway__pb2.ListConversationsRequest.SerializeToString,
             chat_dot_gateway_dot_v1_dot_gateway__pb2.ListConversationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.gateway.v1.GatewayService/DeleteConversation',
+            chat_dot_gateway_dot_v1_dot_gateway__pb2.DeleteConversationRequest.SerializeToString,
+            chat_dot_gateway_dot_v1_dot_gateway__pb2.DeleteConversationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,3 +86,45 @@ class GetStatsResponse(_message.Message):
     duplicates_ignored: int
     pending_events: int
     def __init__(self, events_consumed: _Optional[int] = ..., batches_committed: _Optional[int] = ..., tokens_written: _Optional[int] = ..., messages_written: _Optional[int] = ..., duplicates_ignored: _Optional[int] = ..., pending_events: _Optional[int] = ...) -> None: ...
+
+class DeleteConversationRequest(_message.Message):
+    __slots__ = ("tenant_id", "conversation_id", "force")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    conversation_id: str
+    force: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class DeleteConversationResponse(_message.Message):
+    __slots__ = ("counts", "already_deleted")
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_DELETED_FIELD_NUMBER: _ClassVar[int]
+    counts: ErasureCounts
+    already_deleted: bool
+    def __init__(self, counts: _Optional[_Union[ErasureCounts, _Mapping]] = ..., already_deleted: _Optional[bool] = ...) -> None: ...
+
+class EraseTenantRequest(_message.Message):
+    __slots__ = ("tenant_id",)
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
+
+class EraseTenantResponse(_message.Message):
+    __slots__ = ("counts",)
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    counts: ErasureCounts
+    def __init__(self, counts: _Optional[_Union[ErasureCounts, _Mapping]] = ...) -> None: ...
+
+class ErasureCounts(_message.Message):
+    __slots__ = ("conversations", "messages", "tokens", "chunks")
+    CONVERSATIONS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    conversations: int
+    messages: int
+    tokens: int
+    chunks: int
+    def __init__(self, conversations: _Optional[int] = ..., messages: _Optional[int] = ..., tokens: _Optional[int] = ..., chunks: _Optional[int] = ...) -> None: ...

@@ -61,6 +61,16 @@ class PersisterServiceStub:
                 request_serializer=chat_dot_persister_dot_v1_dot_persister__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=chat_dot_persister_dot_v1_dot_persister__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.DeleteConversation = channel.unary_unary(
+                '/chat.persister.v1.PersisterService/DeleteConversation',
+                request_serializer=chat_dot_persister_dot_v1_dot_persister__pb2.DeleteConversationRequest.SerializeToString,
+                response_deserializer=chat_dot_persister_dot_v1_dot_persister__pb2.DeleteConversationResponse.FromString,
+                _registered_method=True)
+        self.EraseTenant = channel.unary_unary(
+                '/chat.persister.v1.PersisterService/EraseTenant',
+                request_serializer=chat_dot_persister_dot_v1_dot_persister__pb2.EraseTenantRequest.SerializeToString,
+                response_deserializer=chat_dot_persister_dot_v1_dot_persister__pb2.EraseTenantResponse.FromString,
+                _registered_method=True)
 
 
 class PersisterServiceServicer:
@@ -103,6 +113,21 @@ class PersisterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteConversation(self, request, context):
+        """DeleteConversation erases a conversation's rows, leaves a tombstone so records still on the
+        logs never bring it back, then has memory forget it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseTenant(self, request, context):
+        """EraseTenant erases every conversation of a tenant the same way (an operator's tool).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PersisterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +155,16 @@ def add_PersisterServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=chat_dot_persister_dot_v1_dot_persister__pb2.GetStatsRequest.FromString,
                     response_serializer=chat_dot_persister_dot_v1_dot_persister__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'DeleteConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteConversation,
+                    request_deserializer=chat_dot_persister_dot_v1_dot_persister__pb2.DeleteConversationRequest.FromString,
+                    response_serializer=chat_dot_persister_dot_v1_dot_persister__pb2.DeleteConversationResponse.SerializeToString,
+            ),
+            'EraseTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseTenant,
+                    request_deserializer=chat_dot_persister_dot_v1_dot_persister__pb2.EraseTenantRequest.FromString,
+                    response_serializer=chat_dot_persister_dot_v1_dot_persister__pb2.EraseTenantResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +304,60 @@ class PersisterService:
             '/chat.persister.v1.PersisterService/GetStats',
             chat_dot_persister_dot_v1_dot_persister__pb2.GetStatsRequest.SerializeToString,
             chat_dot_persister_dot_v1_dot_persister__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.persister.v1.PersisterService/DeleteConversation',
+            chat_dot_persister_dot_v1_dot_persister__pb2.DeleteConversationRequest.SerializeToString,
+            chat_dot_persister_dot_v1_dot_persister__pb2.DeleteConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.persister.v1.PersisterService/EraseTenant',
+            chat_dot_persister_dot_v1_dot_persister__pb2.EraseTenantRequest.SerializeToString,
+            chat_dot_persister_dot_v1_dot_persister__pb2.EraseTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,

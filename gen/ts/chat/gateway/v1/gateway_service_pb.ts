@@ -4,14 +4,14 @@
 
 import type { GenFile, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { CancelTurnRequestSchema, CancelTurnResponseSchema, ChatRequestSchema, ChatResponseSchema, GetConversationRequestSchema, GetConversationResponseSchema, ListConversationsRequestSchema, ListConversationsResponseSchema, ResumeTurnRequestSchema, ResumeTurnResponseSchema, StreamTurnRequestSchema, StreamTurnResponseSchema } from "./gateway_pb.js";
+import type { CancelTurnRequestSchema, CancelTurnResponseSchema, ChatRequestSchema, ChatResponseSchema, DeleteConversationRequestSchema, DeleteConversationResponseSchema, GetConversationRequestSchema, GetConversationResponseSchema, ListConversationsRequestSchema, ListConversationsResponseSchema, ResumeTurnRequestSchema, ResumeTurnResponseSchema, StreamTurnRequestSchema, StreamTurnResponseSchema } from "./gateway_pb.js";
 import { file_chat_gateway_v1_gateway } from "./gateway_pb.js";
 
 /**
  * Describes the file chat/gateway/v1/gateway_service.proto.
  */
 export const file_chat_gateway_v1_gateway_service: GenFile = /*@__PURE__*/
-  fileDesc("CiVjaGF0L2dhdGV3YXkvdjEvZ2F0ZXdheV9zZXJ2aWNlLnByb3RvEg9jaGF0LmdhdGV3YXkudjEytAQKDkdhdGV3YXlTZXJ2aWNlEkcKBENoYXQSHC5jaGF0LmdhdGV3YXkudjEuQ2hhdFJlcXVlc3QaHS5jaGF0LmdhdGV3YXkudjEuQ2hhdFJlc3BvbnNlKAEwARJXCgpTdHJlYW1UdXJuEiIuY2hhdC5nYXRld2F5LnYxLlN0cmVhbVR1cm5SZXF1ZXN0GiMuY2hhdC5nYXRld2F5LnYxLlN0cmVhbVR1cm5SZXNwb25zZTABElcKClJlc3VtZVR1cm4SIi5jaGF0LmdhdGV3YXkudjEuUmVzdW1lVHVyblJlcXVlc3QaIy5jaGF0LmdhdGV3YXkudjEuUmVzdW1lVHVyblJlc3BvbnNlMAESVQoKQ2FuY2VsVHVybhIiLmNoYXQuZ2F0ZXdheS52MS5DYW5jZWxUdXJuUmVxdWVzdBojLmNoYXQuZ2F0ZXdheS52MS5DYW5jZWxUdXJuUmVzcG9uc2USZAoPR2V0Q29udmVyc2F0aW9uEicuY2hhdC5nYXRld2F5LnYxLkdldENvbnZlcnNhdGlvblJlcXVlc3QaKC5jaGF0LmdhdGV3YXkudjEuR2V0Q29udmVyc2F0aW9uUmVzcG9uc2USagoRTGlzdENvbnZlcnNhdGlvbnMSKS5jaGF0LmdhdGV3YXkudjEuTGlzdENvbnZlcnNhdGlvbnNSZXF1ZXN0GiouY2hhdC5nYXRld2F5LnYxLkxpc3RDb252ZXJzYXRpb25zUmVzcG9uc2VCxwEKE2NvbS5jaGF0LmdhdGV3YXkudjFCE0dhdGV3YXlTZXJ2aWNlUHJvdG9QAVo9Z2l0aHViLmNvbS9sbG0tbWVzaC9sbG0tbWVzaC9nZW4vZ28vY2hhdC9nYXRld2F5L3YxO2dhdGV3YXl2MaICA0NHWKoCD0NoYXQuR2F0ZXdheS5WMcoCD0NoYXRcR2F0ZXdheVxWMeICG0NoYXRcR2F0ZXdheVxWMVxHUEJNZXRhZGF0YeoCEUNoYXQ6OkdhdGV3YXk6OlYxYgZwcm90bzM", [file_chat_gateway_v1_gateway]);
+  fileDesc("CiVjaGF0L2dhdGV3YXkvdjEvZ2F0ZXdheV9zZXJ2aWNlLnByb3RvEg9jaGF0LmdhdGV3YXkudjEyowUKDkdhdGV3YXlTZXJ2aWNlEkcKBENoYXQSHC5jaGF0LmdhdGV3YXkudjEuQ2hhdFJlcXVlc3QaHS5jaGF0LmdhdGV3YXkudjEuQ2hhdFJlc3BvbnNlKAEwARJXCgpTdHJlYW1UdXJuEiIuY2hhdC5nYXRld2F5LnYxLlN0cmVhbVR1cm5SZXF1ZXN0GiMuY2hhdC5nYXRld2F5LnYxLlN0cmVhbVR1cm5SZXNwb25zZTABElcKClJlc3VtZVR1cm4SIi5jaGF0LmdhdGV3YXkudjEuUmVzdW1lVHVyblJlcXVlc3QaIy5jaGF0LmdhdGV3YXkudjEuUmVzdW1lVHVyblJlc3BvbnNlMAESVQoKQ2FuY2VsVHVybhIiLmNoYXQuZ2F0ZXdheS52MS5DYW5jZWxUdXJuUmVxdWVzdBojLmNoYXQuZ2F0ZXdheS52MS5DYW5jZWxUdXJuUmVzcG9uc2USZAoPR2V0Q29udmVyc2F0aW9uEicuY2hhdC5nYXRld2F5LnYxLkdldENvbnZlcnNhdGlvblJlcXVlc3QaKC5jaGF0LmdhdGV3YXkudjEuR2V0Q29udmVyc2F0aW9uUmVzcG9uc2USagoRTGlzdENvbnZlcnNhdGlvbnMSKS5jaGF0LmdhdGV3YXkudjEuTGlzdENvbnZlcnNhdGlvbnNSZXF1ZXN0GiouY2hhdC5nYXRld2F5LnYxLkxpc3RDb252ZXJzYXRpb25zUmVzcG9uc2USbQoSRGVsZXRlQ29udmVyc2F0aW9uEiouY2hhdC5nYXRld2F5LnYxLkRlbGV0ZUNvbnZlcnNhdGlvblJlcXVlc3QaKy5jaGF0LmdhdGV3YXkudjEuRGVsZXRlQ29udmVyc2F0aW9uUmVzcG9uc2VCxwEKE2NvbS5jaGF0LmdhdGV3YXkudjFCE0dhdGV3YXlTZXJ2aWNlUHJvdG9QAVo9Z2l0aHViLmNvbS9sbG0tbWVzaC9sbG0tbWVzaC9nZW4vZ28vY2hhdC9nYXRld2F5L3YxO2dhdGV3YXl2MaICA0NHWKoCD0NoYXQuR2F0ZXdheS5WMcoCD0NoYXRcR2F0ZXdheVxWMeICG0NoYXRcR2F0ZXdheVxWMVxHUEJNZXRhZGF0YeoCEUNoYXQ6OkdhdGV3YXk6OlYxYgZwcm90bzM", [file_chat_gateway_v1_gateway]);
 
 /**
  * GatewayService is the public entry point: it authenticates callers (API key in the
@@ -81,6 +81,19 @@ export const GatewayService: GenService<{
     methodKind: "unary";
     input: typeof ListConversationsRequestSchema;
     output: typeof ListConversationsResponseSchema;
+  },
+  /**
+   * DeleteConversation erases one conversation of the caller's tenant: its messages, tokens and
+   * memory at once, its log records within the log's retention period. FAILED_PRECONDITION
+   * (TURN_IN_PROGRESS) while one of its turns is queued or generating; deleting a conversation
+   * already deleted succeeds again.
+   *
+   * @generated from rpc chat.gateway.v1.GatewayService.DeleteConversation
+   */
+  deleteConversation: {
+    methodKind: "unary";
+    input: typeof DeleteConversationRequestSchema;
+    output: typeof DeleteConversationResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_chat_gateway_v1_gateway_service, 0);

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file chat/persister/v1/persister.proto.
  */
 export const file_chat_persister_v1_persister: GenFile = /*@__PURE__*/
-  fileDesc("CiFjaGF0L3BlcnNpc3Rlci92MS9wZXJzaXN0ZXIucHJvdG8SEWNoYXQucGVyc2lzdGVyLnYxInsKFkdldENvbnZlcnNhdGlvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhcKD2NvbnZlcnNhdGlvbl9pZBgCIAEoCRISCgpjb25zaXN0ZW50GAMgASgIEiEKGWNvbnNpc3RlbnRfYmVmb3JlX3R1cm5faWQYBCABKAkiTQoXR2V0Q29udmVyc2F0aW9uUmVzcG9uc2USMgoMY29udmVyc2F0aW9uGAEgASgLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uIlQKGExpc3RDb252ZXJzYXRpb25zUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiaQoZTGlzdENvbnZlcnNhdGlvbnNSZXNwb25zZRIzCg1jb252ZXJzYXRpb25zGAEgAygLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJBChNMaXN0TWVzc2FnZXNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkiQAoUTGlzdE1lc3NhZ2VzUmVzcG9uc2USKAoHbWVzc2FnZRgBIAEoCzIXLmNoYXQuY29tbW9uLnYxLk1lc3NhZ2UiDgoMRmx1c2hSZXF1ZXN0IiUKDUZsdXNoUmVzcG9uc2USFAoMcm93c193cml0dGVuGAEgASgDIhEKD0dldFN0YXRzUmVxdWVzdCKsAQoQR2V0U3RhdHNSZXNwb25zZRIXCg9ldmVudHNfY29uc3VtZWQYASABKAMSGQoRYmF0Y2hlc19jb21taXR0ZWQYAiABKAMSFgoOdG9rZW5zX3dyaXR0ZW4YAyABKAMSGAoQbWVzc2FnZXNfd3JpdHRlbhgEIAEoAxIaChJkdXBsaWNhdGVzX2lnbm9yZWQYBSABKAMSFgoOcGVuZGluZ19ldmVudHMYBiABKANC0AEKFWNvbS5jaGF0LnBlcnNpc3Rlci52MUIOUGVyc2lzdGVyUHJvdG9QAVpBZ2l0aHViLmNvbS9sbG0tbWVzaC9sbG0tbWVzaC9nZW4vZ28vY2hhdC9wZXJzaXN0ZXIvdjE7cGVyc2lzdGVydjGiAgNDUFiqAhFDaGF0LlBlcnNpc3Rlci5WMcoCEUNoYXRcUGVyc2lzdGVyXFYx4gIdQ2hhdFxQZXJzaXN0ZXJcVjFcR1BCTWV0YWRhdGHqAhNDaGF0OjpQZXJzaXN0ZXI6OlYxYgZwcm90bzM", [file_chat_common_v1_conversation]);
+  fileDesc("CiFjaGF0L3BlcnNpc3Rlci92MS9wZXJzaXN0ZXIucHJvdG8SEWNoYXQucGVyc2lzdGVyLnYxInsKFkdldENvbnZlcnNhdGlvblJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhcKD2NvbnZlcnNhdGlvbl9pZBgCIAEoCRISCgpjb25zaXN0ZW50GAMgASgIEiEKGWNvbnNpc3RlbnRfYmVmb3JlX3R1cm5faWQYBCABKAkiTQoXR2V0Q29udmVyc2F0aW9uUmVzcG9uc2USMgoMY29udmVyc2F0aW9uGAEgASgLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uIlQKGExpc3RDb252ZXJzYXRpb25zUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiaQoZTGlzdENvbnZlcnNhdGlvbnNSZXNwb25zZRIzCg1jb252ZXJzYXRpb25zGAEgAygLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJBChNMaXN0TWVzc2FnZXNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkiQAoUTGlzdE1lc3NhZ2VzUmVzcG9uc2USKAoHbWVzc2FnZRgBIAEoCzIXLmNoYXQuY29tbW9uLnYxLk1lc3NhZ2UiDgoMRmx1c2hSZXF1ZXN0IiUKDUZsdXNoUmVzcG9uc2USFAoMcm93c193cml0dGVuGAEgASgDIhEKD0dldFN0YXRzUmVxdWVzdCKsAQoQR2V0U3RhdHNSZXNwb25zZRIXCg9ldmVudHNfY29uc3VtZWQYASABKAMSGQoRYmF0Y2hlc19jb21taXR0ZWQYAiABKAMSFgoOdG9rZW5zX3dyaXR0ZW4YAyABKAMSGAoQbWVzc2FnZXNfd3JpdHRlbhgEIAEoAxIaChJkdXBsaWNhdGVzX2lnbm9yZWQYBSABKAMSFgoOcGVuZGluZ19ldmVudHMYBiABKAMiVgoZRGVsZXRlQ29udmVyc2F0aW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSFwoPY29udmVyc2F0aW9uX2lkGAIgASgJEg0KBWZvcmNlGAMgASgIImcKGkRlbGV0ZUNvbnZlcnNhdGlvblJlc3BvbnNlEjAKBmNvdW50cxgBIAEoCzIgLmNoYXQucGVyc2lzdGVyLnYxLkVyYXN1cmVDb3VudHMSFwoPYWxyZWFkeV9kZWxldGVkGAIgASgIIicKEkVyYXNlVGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiRwoTRXJhc2VUZW5hbnRSZXNwb25zZRIwCgZjb3VudHMYASABKAsyIC5jaGF0LnBlcnNpc3Rlci52MS5FcmFzdXJlQ291bnRzIlgKDUVyYXN1cmVDb3VudHMSFQoNY29udmVyc2F0aW9ucxgBIAEoAxIQCghtZXNzYWdlcxgCIAEoAxIOCgZ0b2tlbnMYAyABKAMSDgoGY2h1bmtzGAQgASgDQtABChVjb20uY2hhdC5wZXJzaXN0ZXIudjFCDlBlcnNpc3RlclByb3RvUAFaQWdpdGh1Yi5jb20vbGxtLW1lc2gvbGxtLW1lc2gvZ2VuL2dvL2NoYXQvcGVyc2lzdGVyL3YxO3BlcnNpc3RlcnYxogIDQ1BYqgIRQ2hhdC5QZXJzaXN0ZXIuVjHKAhFDaGF0XFBlcnNpc3RlclxWMeICHUNoYXRcUGVyc2lzdGVyXFYxXEdQQk1ldGFkYXRh6gITQ2hhdDo6UGVyc2lzdGVyOjpWMWIGcHJvdG8z", [file_chat_common_v1_conversation]);
 
 /**
  * GetConversationRequest reads one conversation.
@@ -297,4 +297,153 @@ export type GetStatsResponse = Message<"chat.persister.v1.GetStatsResponse"> & {
  */
 export const GetStatsResponseSchema: GenMessage<GetStatsResponse> = /*@__PURE__*/
   messageDesc(file_chat_persister_v1_persister, 9);
+
+/**
+ * DeleteConversationRequest erases one conversation.
+ *
+ * @generated from message chat.persister.v1.DeleteConversationRequest
+ */
+export type DeleteConversationRequest = Message<"chat.persister.v1.DeleteConversationRequest"> & {
+  /**
+   * Tenant that must own the conversation; another tenant's id reads as not found.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * The conversation.
+   *
+   * @generated from field: string conversation_id = 2;
+   */
+  conversationId: string;
+
+  /**
+   * Erase even while a turn of it is unfinished (its later records are dropped by the
+   * tombstone). Without it such a conversation is FAILED_PRECONDITION, reason TURN_IN_PROGRESS.
+   *
+   * @generated from field: bool force = 3;
+   */
+  force: boolean;
+};
+
+/**
+ * Describes the message chat.persister.v1.DeleteConversationRequest.
+ * Use `create(DeleteConversationRequestSchema)` to create a new message.
+ */
+export const DeleteConversationRequestSchema: GenMessage<DeleteConversationRequest> = /*@__PURE__*/
+  messageDesc(file_chat_persister_v1_persister, 10);
+
+/**
+ * DeleteConversationResponse reports what was erased.
+ *
+ * @generated from message chat.persister.v1.DeleteConversationResponse
+ */
+export type DeleteConversationResponse = Message<"chat.persister.v1.DeleteConversationResponse"> & {
+  /**
+   * Counts of what was deleted.
+   *
+   * @generated from field: chat.persister.v1.ErasureCounts counts = 1;
+   */
+  counts?: ErasureCounts | undefined;
+
+  /**
+   * True when an earlier call had already deleted the conversation (counts are then of what
+   * was left, usually zero).
+   *
+   * @generated from field: bool already_deleted = 2;
+   */
+  alreadyDeleted: boolean;
+};
+
+/**
+ * Describes the message chat.persister.v1.DeleteConversationResponse.
+ * Use `create(DeleteConversationResponseSchema)` to create a new message.
+ */
+export const DeleteConversationResponseSchema: GenMessage<DeleteConversationResponse> = /*@__PURE__*/
+  messageDesc(file_chat_persister_v1_persister, 11);
+
+/**
+ * EraseTenantRequest erases every conversation and all memory of a tenant.
+ *
+ * @generated from message chat.persister.v1.EraseTenantRequest
+ */
+export type EraseTenantRequest = Message<"chat.persister.v1.EraseTenantRequest"> & {
+  /**
+   * The tenant.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+};
+
+/**
+ * Describes the message chat.persister.v1.EraseTenantRequest.
+ * Use `create(EraseTenantRequestSchema)` to create a new message.
+ */
+export const EraseTenantRequestSchema: GenMessage<EraseTenantRequest> = /*@__PURE__*/
+  messageDesc(file_chat_persister_v1_persister, 12);
+
+/**
+ * EraseTenantResponse reports what was erased.
+ *
+ * @generated from message chat.persister.v1.EraseTenantResponse
+ */
+export type EraseTenantResponse = Message<"chat.persister.v1.EraseTenantResponse"> & {
+  /**
+   * Counts of what was deleted.
+   *
+   * @generated from field: chat.persister.v1.ErasureCounts counts = 1;
+   */
+  counts?: ErasureCounts | undefined;
+};
+
+/**
+ * Describes the message chat.persister.v1.EraseTenantResponse.
+ * Use `create(EraseTenantResponseSchema)` to create a new message.
+ */
+export const EraseTenantResponseSchema: GenMessage<EraseTenantResponse> = /*@__PURE__*/
+  messageDesc(file_chat_persister_v1_persister, 13);
+
+/**
+ * ErasureCounts is what one erasure deleted.
+ *
+ * @generated from message chat.persister.v1.ErasureCounts
+ */
+export type ErasureCounts = Message<"chat.persister.v1.ErasureCounts"> & {
+  /**
+   * Conversation rows.
+   *
+   * @generated from field: int64 conversations = 1;
+   */
+  conversations: bigint;
+
+  /**
+   * Message rows (user and assistant).
+   *
+   * @generated from field: int64 messages = 2;
+   */
+  messages: bigint;
+
+  /**
+   * Token rows.
+   *
+   * @generated from field: int64 tokens = 3;
+   */
+  tokens: bigint;
+
+  /**
+   * Memory chunks (MemoryService.Forget).
+   *
+   * @generated from field: int64 chunks = 4;
+   */
+  chunks: bigint;
+};
+
+/**
+ * Describes the message chat.persister.v1.ErasureCounts.
+ * Use `create(ErasureCountsSchema)` to create a new message.
+ */
+export const ErasureCountsSchema: GenMessage<ErasureCounts> = /*@__PURE__*/
+  messageDesc(file_chat_persister_v1_persister, 14);
 

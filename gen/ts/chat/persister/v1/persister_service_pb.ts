@@ -4,14 +4,14 @@
 
 import type { GenFile, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { FlushRequestSchema, FlushResponseSchema, GetConversationRequestSchema, GetConversationResponseSchema, GetStatsRequestSchema, GetStatsResponseSchema, ListConversationsRequestSchema, ListConversationsResponseSchema, ListMessagesRequestSchema, ListMessagesResponseSchema } from "./persister_pb.js";
+import type { DeleteConversationRequestSchema, DeleteConversationResponseSchema, EraseTenantRequestSchema, EraseTenantResponseSchema, FlushRequestSchema, FlushResponseSchema, GetConversationRequestSchema, GetConversationResponseSchema, GetStatsRequestSchema, GetStatsResponseSchema, ListConversationsRequestSchema, ListConversationsResponseSchema, ListMessagesRequestSchema, ListMessagesResponseSchema } from "./persister_pb.js";
 import { file_chat_persister_v1_persister } from "./persister_pb.js";
 
 /**
  * Describes the file chat/persister/v1/persister_service.proto.
  */
 export const file_chat_persister_v1_persister_service: GenFile = /*@__PURE__*/
-  fileDesc("CiljaGF0L3BlcnNpc3Rlci92MS9wZXJzaXN0ZXJfc2VydmljZS5wcm90bxIRY2hhdC5wZXJzaXN0ZXIudjEy8AMKEFBlcnNpc3RlclNlcnZpY2USaAoPR2V0Q29udmVyc2F0aW9uEikuY2hhdC5wZXJzaXN0ZXIudjEuR2V0Q29udmVyc2F0aW9uUmVxdWVzdBoqLmNoYXQucGVyc2lzdGVyLnYxLkdldENvbnZlcnNhdGlvblJlc3BvbnNlEm4KEUxpc3RDb252ZXJzYXRpb25zEisuY2hhdC5wZXJzaXN0ZXIudjEuTGlzdENvbnZlcnNhdGlvbnNSZXF1ZXN0GiwuY2hhdC5wZXJzaXN0ZXIudjEuTGlzdENvbnZlcnNhdGlvbnNSZXNwb25zZRJhCgxMaXN0TWVzc2FnZXMSJi5jaGF0LnBlcnNpc3Rlci52MS5MaXN0TWVzc2FnZXNSZXF1ZXN0GicuY2hhdC5wZXJzaXN0ZXIudjEuTGlzdE1lc3NhZ2VzUmVzcG9uc2UwARJKCgVGbHVzaBIfLmNoYXQucGVyc2lzdGVyLnYxLkZsdXNoUmVxdWVzdBogLmNoYXQucGVyc2lzdGVyLnYxLkZsdXNoUmVzcG9uc2USUwoIR2V0U3RhdHMSIi5jaGF0LnBlcnNpc3Rlci52MS5HZXRTdGF0c1JlcXVlc3QaIy5jaGF0LnBlcnNpc3Rlci52MS5HZXRTdGF0c1Jlc3BvbnNlQtcBChVjb20uY2hhdC5wZXJzaXN0ZXIudjFCFVBlcnNpc3RlclNlcnZpY2VQcm90b1ABWkFnaXRodWIuY29tL2xsbS1tZXNoL2xsbS1tZXNoL2dlbi9nby9jaGF0L3BlcnNpc3Rlci92MTtwZXJzaXN0ZXJ2MaICA0NQWKoCEUNoYXQuUGVyc2lzdGVyLlYxygIRQ2hhdFxQZXJzaXN0ZXJcVjHiAh1DaGF0XFBlcnNpc3RlclxWMVxHUEJNZXRhZGF0YeoCE0NoYXQ6OlBlcnNpc3Rlcjo6VjFiBnByb3RvMw", [file_chat_persister_v1_persister]);
+  fileDesc("CiljaGF0L3BlcnNpc3Rlci92MS9wZXJzaXN0ZXJfc2VydmljZS5wcm90bxIRY2hhdC5wZXJzaXN0ZXIudjEywQUKEFBlcnNpc3RlclNlcnZpY2USaAoPR2V0Q29udmVyc2F0aW9uEikuY2hhdC5wZXJzaXN0ZXIudjEuR2V0Q29udmVyc2F0aW9uUmVxdWVzdBoqLmNoYXQucGVyc2lzdGVyLnYxLkdldENvbnZlcnNhdGlvblJlc3BvbnNlEm4KEUxpc3RDb252ZXJzYXRpb25zEisuY2hhdC5wZXJzaXN0ZXIudjEuTGlzdENvbnZlcnNhdGlvbnNSZXF1ZXN0GiwuY2hhdC5wZXJzaXN0ZXIudjEuTGlzdENvbnZlcnNhdGlvbnNSZXNwb25zZRJhCgxMaXN0TWVzc2FnZXMSJi5jaGF0LnBlcnNpc3Rlci52MS5MaXN0TWVzc2FnZXNSZXF1ZXN0GicuY2hhdC5wZXJzaXN0ZXIudjEuTGlzdE1lc3NhZ2VzUmVzcG9uc2UwARJKCgVGbHVzaBIfLmNoYXQucGVyc2lzdGVyLnYxLkZsdXNoUmVxdWVzdBogLmNoYXQucGVyc2lzdGVyLnYxLkZsdXNoUmVzcG9uc2USUwoIR2V0U3RhdHMSIi5jaGF0LnBlcnNpc3Rlci52MS5HZXRTdGF0c1JlcXVlc3QaIy5jaGF0LnBlcnNpc3Rlci52MS5HZXRTdGF0c1Jlc3BvbnNlEnEKEkRlbGV0ZUNvbnZlcnNhdGlvbhIsLmNoYXQucGVyc2lzdGVyLnYxLkRlbGV0ZUNvbnZlcnNhdGlvblJlcXVlc3QaLS5jaGF0LnBlcnNpc3Rlci52MS5EZWxldGVDb252ZXJzYXRpb25SZXNwb25zZRJcCgtFcmFzZVRlbmFudBIlLmNoYXQucGVyc2lzdGVyLnYxLkVyYXNlVGVuYW50UmVxdWVzdBomLmNoYXQucGVyc2lzdGVyLnYxLkVyYXNlVGVuYW50UmVzcG9uc2VC1wEKFWNvbS5jaGF0LnBlcnNpc3Rlci52MUIVUGVyc2lzdGVyU2VydmljZVByb3RvUAFaQWdpdGh1Yi5jb20vbGxtLW1lc2gvbGxtLW1lc2gvZ2VuL2dvL2NoYXQvcGVyc2lzdGVyL3YxO3BlcnNpc3RlcnYxogIDQ1BYqgIRQ2hhdC5QZXJzaXN0ZXIuVjHKAhFDaGF0XFBlcnNpc3RlclxWMeICHUNoYXRcUGVyc2lzdGVyXFYxXEdQQk1ldGFkYXRh6gITQ2hhdDo6UGVyc2lzdGVyOjpWMWIGcHJvdG8z", [file_chat_persister_v1_persister]);
 
 /**
  * PersisterService owns conversation storage: it assembles messages from the logs, writes them
@@ -69,6 +69,27 @@ export const PersisterService: GenService<{
     methodKind: "unary";
     input: typeof GetStatsRequestSchema;
     output: typeof GetStatsResponseSchema;
+  },
+  /**
+   * DeleteConversation erases a conversation's rows, leaves a tombstone so records still on the
+   * logs never bring it back, then has memory forget it.
+   *
+   * @generated from rpc chat.persister.v1.PersisterService.DeleteConversation
+   */
+  deleteConversation: {
+    methodKind: "unary";
+    input: typeof DeleteConversationRequestSchema;
+    output: typeof DeleteConversationResponseSchema;
+  },
+  /**
+   * EraseTenant erases every conversation of a tenant the same way (an operator's tool).
+   *
+   * @generated from rpc chat.persister.v1.PersisterService.EraseTenant
+   */
+  eraseTenant: {
+    methodKind: "unary";
+    input: typeof EraseTenantRequestSchema;
+    output: typeof EraseTenantResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_chat_persister_v1_persister_service, 0);
