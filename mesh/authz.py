@@ -10,10 +10,13 @@ Who calls what, from the code:
 
 - the gateway reads conversations from the persister (history pages, conversation checks);
 - agents read history from the persister and recall from memory;
-- the persister indexes finished turns into memory (``Remember``);
+- the persister indexes finished turns into memory (``Remember``) and has it forget an erased
+  conversation or tenant (``Forget``);
+- the gateway erases a conversation of its caller's tenant (``DeleteConversation``);
 - nothing in the mesh calls an agent's direct ``Generate`` and ``GetNodeInfo``, memory's
-  ``Ingest`` and ``Forget``, or the persister's ``Flush`` and ``GetStats``: they are operator
-  tools, for a person or a probe holding the ``operator`` certificate.
+  ``Ingest``, or the persister's ``Flush``, ``GetStats`` and ``EraseTenant``: they are operator
+  tools, for a person or a probe holding the ``operator`` certificate (``mesh erase`` calls
+  ``DeleteConversation`` and ``EraseTenant`` with it).
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ POLICY: Mapping[str, frozenset[str]] = {
     _MEMORY + "Remember": frozenset({PERSISTER}),
     _MEMORY + "Recall": frozenset({AGENT}),
     _MEMORY + "Ingest": frozenset({OPERATOR}),
-    _MEMORY + "Forget": frozenset({OPERATOR}),
+    _MEMORY + "Forget": frozenset({PERSISTER, OPERATOR}),
     _PERSISTER + "GetConversation": frozenset({GATEWAY, AGENT}),
     _PERSISTER + "ListConversations": frozenset({GATEWAY, AGENT}),
     _PERSISTER + "ListMessages": frozenset({GATEWAY, AGENT}),
     _PERSISTER + "Flush": frozenset({OPERATOR}),
     _PERSISTER + "GetStats": frozenset({OPERATOR}),
+    _PERSISTER + "DeleteConversation": frozenset({GATEWAY, OPERATOR}),
+    _PERSISTER + "EraseTenant": frozenset({OPERATOR}),
 }
 
 # Services every authenticated caller may use: probes and grpcurl need them.

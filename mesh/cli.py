@@ -43,6 +43,7 @@ from typing import Any, TextIO
 import grpc
 from chat.common.v1 import common_pb2, conversation_pb2
 from chat.gateway.v1 import gateway_pb2, gateway_service_pb2_grpc
+from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -653,6 +654,58 @@ def health(
     return worst
 
 
+def erase(
+    channel: grpc.Channel,
+    *,
+    tenant_id: str,
+    conversation_id: str,
+    force: bool,
+    timeout_s: float,
+    out: TextIO,
+) -> int:
+    """``mesh erase``: the persister's ``EraseTenant``, or ``DeleteConversation`` with one."""
+    if not tenant_id:
+        raise CliError("--tenant is required (and may not be empty)")
+    stub: Any = persister_service_pb2_grpc.PersisterServiceStub(channel)  # type: ignore[no-untyped-call]
+    if conversation_id:
+        reply = stub.DeleteConversation(
+            persister_pb2.DeleteConversationRequest(
+                tenant_id=tenant_id, conversation_id=conversation_id, force=force
+            ),
+            timeout=timeout_s,
+        )
+        what = f"conversation {conversation_id} of tenant {tenant_id}"
+        if reply.already_deleted:
+            what += " (already deleted before)"
+    else:
+        reply = stub.EraseTenant(
+            persister_pb2.EraseTenantRequest(tenant_id=tenant_id), timeout=timeout_s
+        )
+        what = f"tenant {tenant_id}"
+    c = reply.counts
+    out.write(
+        f"erased {what}: {c.conversations} conversations, {c.messages} messages, "
+        f"{c.tokens} tokens, {c.chunks} memory chunks. Log records go with the log's "
+        "retention (MESH_LOG_RETENTION_HOURS).\n"
+    )
+    return 0
+
+
+def persister_address(
+    environ: Mapping[str, str], given: str | None, state_file: Path | None
+) -> str:
+    """--persister, else the persister in a mesh.json, else MESH_PERSISTER_ADDR or the default."""
+    if given:
+        return given
+    if state_file is not None:
+        started = started_services(state_file)
+        for name, addr in started.items():
+            if name.split("-")[0] == "persister":
+                return addr
+        raise CliError(f"{state_file} lists no persister")
+    return environ.get("MESH_PERSISTER_ADDR") or "127.0.0.1:50054"
+
+
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -868,6 +921,40 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     health_cmd.add_argument("--cert", type=Path, default=None, help="else MESH_TLS_CERT")
     health_cmd.add_argument("--key", type=Path, default=None, help="else MESH_TLS_KEY")
 
+    erase_cmd = sub.add_parser(
+        "erase",
+        help="erase a tenant's (or one conversation's) text from PostgreSQL and memory",
+        description="Deletes the rows at once and leaves a tombstone, then has memory forget; "
+        "the logs' copies go within the log retention (MESH_LOG_RETENTION_HOURS). Calls the "
+        "persister with the operator certificate (mutual TLS).",
+    )
+    erase_cmd.add_argument("--tenant", required=True, help="the tenant")
+    erase_cmd.add_argument("--conversation", default="", help="only this conversation")
+    erase_cmd.add_argument(
+        "--force",
+        action="store_true",
+        help="with --conversation: erase even while one of its turns runs (a whole tenant is "
+        "always erased that way)",
+    )
+    erase_cmd.add_argument(
+        "--persister", default=None, help="persister address (else --state, env, default)"
+    )
+    erase_cmd.add_argument(
+        "--state",
+        nargs="?",
+        type=Path,
+        const=default_state_dir(environ) / "mesh.json",
+        default=None,
+        metavar="FILE",
+        help="the persister and operator identity `make up` started, from FILE",
+    )
+    erase_cmd.add_argument("--timeout", type=float, default=60.0, help="seconds")
+    erase_cmd.add_argument(
+        "--ca", type=Path, default=None, help="CA bundle (else MESH_TLS_CA, or --state's)"
+    )
+    erase_cmd.add_argument("--cert", type=Path, default=None, help="else MESH_TLS_CERT")
+    erase_cmd.add_argument("--key", type=Path, default=None, help="else MESH_TLS_KEY")
+
     certs = sub.add_parser("certs", help="the project CA and the services' certificates")
     certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
     cert_dir = argparse.ArgumentParser(add_help=False)
@@ -1037,6 +1124,18 @@ def main(
             return health(
                 targets, timeout_s=args.timeout, out=out, identity=identity, edge_ca=edge_ca
             )
+        if args.command == "erase":
+            identity, _ = _health_tls(args, environ)
+            addr = persister_address(environ, args.persister, args.state)
+            with _health_channel("persister", addr, identity, None) as channel:
+                return erase(
+                    channel,
+                    tenant_id=args.tenant,
+                    conversation_id=args.conversation,
+                    force=args.force,
+                    timeout_s=args.timeout,
+                    out=out,
+                )
         api_key = _require_key(args)
         if args.command == "chat":
             if args.max_tokens < 0:

@@ -71,8 +71,9 @@ class GatewayCore(AsyncStartStop):
         # Turns this gateway has accepted or looked up, so resume and cancel skip the log scan.
         self._known: BoundedLru[str, TurnInfo] = BoundedLru(10_000)
         # Conversations known to exist, per tenant: the persister is asked once per conversation.
-        # Conversations are never deleted, so a positive answer stays true; a conversation this
-        # gateway minted exists once its first request is on the log.
+        # A conversation this gateway minted exists once its first request is on the log. One
+        # deleted through this gateway is dropped (``forget_conversation``); another gateway
+        # may still start a turn in it, which then begins a new conversation under that id.
         self._seen: BoundedLru[tuple[str, str], bool] = BoundedLru(50_000)
         # Turns this gateway cancelled or found ended: cancelling them again logs nothing.
         self._ended: BoundedLru[str, bool] = BoundedLru(10_000)
@@ -85,6 +86,10 @@ class GatewayCore(AsyncStartStop):
         # Starts of a tenant on a partition between their queue check and their durable append:
         # counted with the pending requests so concurrent starts cannot all pass one check.
         self._starting: Counter[tuple[int, str]] = Counter()
+
+    def forget_conversation(self, tenant_id: str, conversation_id: str) -> None:
+        """The conversation is being deleted: ask the persister again before a turn in it."""
+        self._seen.pop((tenant_id, conversation_id))
 
     async def start(self) -> None:
         if self._hub is not None:

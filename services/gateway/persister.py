@@ -11,6 +11,7 @@ from grpc import aio
 
 from mesh.client import ServiceClient
 from mesh.errors import (
+    FailedPrecondition,
     InvalidArgument,
     MeshError,
     NotFound,
@@ -29,6 +30,8 @@ def map_persister_error(error: aio.AioRpcError, *, what: str) -> MeshError:
     details = error.details() or code.name
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(details, reason=reason or "CONVERSATION_NOT_FOUND")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(details, reason=reason or "FAILED_PRECONDITION")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(details, reason=reason or "INVALID_ARGUMENT")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -93,3 +96,15 @@ class PersisterClient(ServiceClient):
             what="list conversations",
         )
         return list(reply.conversations), str(reply.next_page_token)
+
+    async def delete_conversation(
+        self, tenant_id: str, conversation_id: str
+    ) -> persister_pb2.DeleteConversationResponse:
+        reply: persister_pb2.DeleteConversationResponse = await self._call(
+            "DeleteConversation",
+            persister_pb2.DeleteConversationRequest(
+                tenant_id=tenant_id, conversation_id=conversation_id
+            ),
+            what="delete the conversation",
+        )
+        return reply

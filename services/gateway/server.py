@@ -282,6 +282,20 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
             conversations=conversations, next_page_token=token
         )
 
+    async def DeleteConversation(
+        self, request: gateway_pb2.DeleteConversationRequest, context: Context
+    ) -> gateway_pb2.DeleteConversationResponse:
+        principal = current_principal()
+        validate_conversation_id(request.conversation_id)
+        # Forgotten first: a turn started here from now on asks the persister again.
+        self._core.forget_conversation(principal.tenant_id, request.conversation_id)
+        reply = await self._persister.delete_conversation(
+            principal.tenant_id, request.conversation_id
+        )
+        return gateway_pb2.DeleteConversationResponse(
+            messages_deleted=reply.counts.messages, already_deleted=reply.already_deleted
+        )
+
 
 # -- assembly ---------------------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ async def run(settings: PersisterSettings) -> None:
                 decode=decode,
                 partitions=settings.log.partitions,
                 memory=memory,
+                forgetter=memory,
                 member_id=member_id(),
                 batch_size=settings.batch_size,
                 linger_s=settings.linger_ms / 1000,

@@ -43,7 +43,6 @@ def assemble(records: Iterable[Record], decode: Decoder) -> BatchPlan:
     seen_users: turnlog.FirstWins[str, UserTurn] = turnlog.FirstWins()
     seen_tokens: turnlog.FirstWins[tuple[str, int], TokenEvent] = turnlog.FirstWins()
     seen_finishes: turnlog.FirstWins[str, TurnEnd] = turnlog.FirstWins()
-    conversations: dict[tuple[str, str], ConversationRow] = {}
     for record in records:
         plan.events += 1
         plan.last_records[(record.topic, record.partition)] = record
@@ -58,29 +57,36 @@ def assemble(records: Iterable[Record], decode: Decoder) -> BatchPlan:
                     plan.in_batch_duplicates += 1
                     continue
                 plan.user_messages.append(event)
-                ckey = (event.tenant_id, event.conversation_id)
-                current = conversations.get(ckey)
-                if current is None:
-                    conversations[ckey] = ConversationRow(
-                        event.tenant_id,
-                        event.conversation_id,
-                        make_title(event.text),
-                        event.accepted_at,
-                        event.accepted_at,
-                    )
-                else:
-                    earliest = event.accepted_at < current.created_at
-                    conversations[ckey] = ConversationRow(
-                        current.tenant_id,
-                        current.conversation_id,
-                        make_title(event.text) if earliest else current.title,
-                        min(current.created_at, event.accepted_at),
-                        max(current.updated_at, event.accepted_at),
-                    )
             elif isinstance(event, TurnEnd):
                 if not seen_finishes.offer(event.turn_id, event):
                     plan.in_batch_duplicates += 1
                     continue
                 plan.finishes.append(event)
-    plan.conversations = list(conversations.values())
+    plan.conversations = conversation_rows(plan.user_messages)
     return plan
+
+
+def conversation_rows(user_messages: Iterable[UserTurn]) -> list[ConversationRow]:
+    """One row per conversation of these user messages: titled by its earliest one."""
+    conversations: dict[tuple[str, str], ConversationRow] = {}
+    for event in user_messages:
+        ckey = (event.tenant_id, event.conversation_id)
+        current = conversations.get(ckey)
+        if current is None:
+            conversations[ckey] = ConversationRow(
+                event.tenant_id,
+                event.conversation_id,
+                make_title(event.text),
+                event.accepted_at,
+                event.accepted_at,
+            )
+        else:
+            earliest = event.accepted_at < current.created_at
+            conversations[ckey] = ConversationRow(
+                current.tenant_id,
+                current.conversation_id,
+                make_title(event.text) if earliest else current.title,
+                min(current.created_at, event.accepted_at),
+                max(current.updated_at, event.accepted_at),
+            )
+    return list(conversations.values())

@@ -10,14 +10,28 @@ read-your-writes wait, ``reads`` the history queries; ``model`` holds the values
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
+
+from mesh.errors import InvalidArgument
 from mesh.lifecycle import AsyncStartStop
 from mesh.log import EventLog
 from mesh.turn_ids import TurnRef
 from services.persister.barrier import FlushBarrier
-from services.persister.model import Decoder, Rememberer, Stats, Store
+from services.persister.model import (
+    Decoder,
+    Erasure,
+    Forgetter,
+    Rememberer,
+    Stats,
+    Store,
+)
 from services.persister.outbox import MemoryOutbox
 from services.persister.pipeline import WritePipeline
 from services.persister.reads import HistoryReader
+
+log = logging.getLogger(__name__)
 
 
 class Persister(HistoryReader, AsyncStartStop):
@@ -43,7 +57,9 @@ class Persister(HistoryReader, AsyncStartStop):
         message_page_size: int = 256,
         retry_max_s: float = 5.0,
         memory_wait_s: float = 5.0,
+        forgetter: Forgetter | None = None,
     ) -> None:
+        self._forgetter = forgetter
         self._outbox = (
             MemoryOutbox(store, memory, max_backoff_s=retry_max_s) if memory is not None else None
         )
@@ -82,9 +98,53 @@ class Persister(HistoryReader, AsyncStartStop):
         """Wait until the log's records now are committed (``barrier.FlushBarrier.wait``)."""
         return await self._barrier.wait(timeout_s, before=before)
 
+    async def delete_conversation(
+        self, tenant_id: str, conversation_id: str, *, force: bool = False
+    ) -> Erasure:
+        """Erase one conversation: its rows (with a tombstone), then its memory.
+
+        Waits for the log first, so every turn already accepted is stored and seen: a turn
+        without a stored finish is refused (``FailedPrecondition``, reason TURN_IN_PROGRESS)
+        unless ``force``. Deleting again succeeds (``already_deleted``) and asks memory again,
+        which finishes an erasure whose memory step failed.
+        """
+        _require_id(tenant_id, "tenant_id")
+        _require_id(conversation_id, "conversation_id")
+        return await self._erase(tenant_id, conversation_id, force=force)
+
+    async def erase_tenant(self, tenant_id: str) -> Erasure:
+        """Erase all of a tenant's conversations and memory, finished or not."""
+        _require_id(tenant_id, "tenant_id")
+        return await self._erase(tenant_id, "", force=True)
+
+    async def _erase(self, tenant_id: str, conversation_id: str, *, force: bool) -> Erasure:
+        await self._barrier.wait()
+        # No Remember of a turn being deleted may land after memory forgot the conversation.
+        paused = self._outbox.paused() if self._outbox else contextlib.nullcontext()
+        async with paused:
+            erasure = await self._store.erase(tenant_id, conversation_id, force=force)
+            chunks = 0
+            if self._forgetter is not None:
+                chunks = await self._forgetter.forget(
+                    tenant_id=tenant_id, conversation_id=conversation_id
+                )
+        counts = dataclasses.replace(erasure.counts, chunks=chunks)
+        log.info(
+            "erased tenant %s conversation %s: %s",
+            tenant_id,
+            conversation_id or "(all)",
+            counts,
+        )
+        return dataclasses.replace(erasure, counts=counts)
+
     @property
     def pending_events(self) -> int:
         return self._pipeline.pending_events
 
     def stats(self) -> Stats:
         return self._pipeline.stats()
+
+
+def _require_id(value: str, name: str) -> None:
+    if not value:
+        raise InvalidArgument(f"{name} is required", field=name, reason=f"{name.upper()}_MISSING")

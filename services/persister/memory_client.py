@@ -9,6 +9,7 @@ from chat.memory.v1 import memory_pb2, memory_service_pb2_grpc
 from grpc import aio
 
 from mesh.client import ServiceClient, is_retryable
+from mesh.errors import Unavailable
 from mesh.retry import Backoff, retry
 from mesh.settings import TlsSettings
 from services.persister import metrics
@@ -42,6 +43,32 @@ class MemoryIndexer(ServiceClient):
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s
         self._attempts = attempts
+
+    async def forget(self, *, tenant_id: str, conversation_id: str) -> int:
+        """Memory's ``Forget``, retried while transient; raises ``Unavailable`` when it gives up."""
+        if self.stub is None:
+            raise RuntimeError("MemoryIndexer is not started")
+        request = memory_pb2.ForgetRequest(tenant_id=tenant_id, conversation_id=conversation_id)
+
+        async def call() -> int:
+            reply = await self.stub.Forget(request, timeout=self._call_timeout_s)
+            return int(reply.chunks_deleted)
+
+        try:
+            return await retry(
+                call,
+                backoff=Backoff(self._initial_backoff_s, max_s=self._max_backoff_s),
+                retry_if=is_retryable,
+                attempts=3,
+            )
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, aio.AioRpcError) else None
+            raise Unavailable(
+                "the conversation's rows are deleted but memory could not forget it "
+                f"({code.name if code else 'error'}); delete again to finish",
+                reason="MEMORY_UNAVAILABLE",
+                retry_after_s=1.0,
+            ) from None
 
     async def remember(
         self, *, tenant_id: str, conversation_id: str, text: str, request_id: str

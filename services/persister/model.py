@@ -127,6 +127,8 @@ class BatchResult:
     tokens_inserted: int
     assistant_messages_inserted: int
     finished: list[FinishedTurn]
+    # Rows left out because their turn was erased (``store._drop_erased``).
+    erased_rows_dropped: int = 0
 
     @property
     def messages_inserted(self) -> int:
@@ -172,6 +174,25 @@ class ConversationCursor:
 
     updated_at: datetime
     conversation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ErasureCounts:
+    """What one erasure deleted."""
+
+    conversations: int = 0
+    messages: int = 0
+    tokens: int = 0
+    chunks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """The outcome of erasing a conversation or a tenant."""
+
+    counts: ErasureCounts
+    # An earlier erasure had already deleted it (a repeated call succeeds, changing nothing).
+    already_deleted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +251,21 @@ class Store(Protocol):
         self, tenant_id: str, *, after: ConversationCursor | None, limit: int
     ) -> list[Conversation]:
         """Up to ``limit`` of the tenant's conversations after ``after``, newest first."""
+        ...
+
+    async def erase(self, tenant_id: str, conversation_id: str, *, force: bool) -> Erasure:
+        """Delete a conversation's rows ('' : the whole tenant's) and leave a tombstone.
+
+        Raises ``NotFound`` for a conversation the tenant never had, and (unless ``force``)
+        ``FailedPrecondition`` while one of its turns has no stored finish."""
+        ...
+
+
+class Forgetter(Protocol):
+    """Memory's ``Forget`` (``memory_client.MemoryIndexer``)."""
+
+    async def forget(self, *, tenant_id: str, conversation_id: str) -> int:
+        """Delete the conversation's chunks ('' : the tenant's); returns how many."""
         ...
 
 

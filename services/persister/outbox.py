@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 from opentelemetry.trace import SpanKind
 
@@ -69,6 +69,9 @@ class MemoryOutbox(AsyncStartStop):
         self._recent: set[str] = set()  # indexed since the last time nobody waited
         self._waiters = 0
         self._task: asyncio.Task[None] | None = None
+        # Held for a whole drain round; an erasure holds it so no Remember of a turn it deletes
+        # is in flight while it asks memory to forget.
+        self._round = asyncio.Lock()
         # Trace context of turns queued by this process, so their indexing joins their trace.
         self._traces: OrderedDict[str, Headers] = OrderedDict()
 
@@ -135,7 +138,17 @@ class MemoryOutbox(AsyncStartStop):
             else:
                 await backoff.wait()
 
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """No drain round runs inside this block (the one running is waited for)."""
+        async with self._round:
+            yield
+
     async def _drain_once(self) -> object:
+        async with self._round:
+            return await self._drain_round()
+
+    async def _drain_round(self) -> object:
         """One round: index the oldest queued turns. _INDEXED, _EMPTY or _FAILED."""
         if not self._breaker.allow():
             return _FAILED

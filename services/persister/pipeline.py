@@ -257,7 +257,12 @@ class WritePipeline:
         self._tokens_written += result.tokens_inserted
         self._messages_written += result.messages_inserted
         self.rows_written += result.rows_inserted
-        duplicates = plan.in_batch_duplicates + plan.row_attempts - (result.rows_inserted)
+        duplicates = (
+            plan.in_batch_duplicates
+            + plan.row_attempts
+            - result.rows_inserted
+            - result.erased_rows_dropped
+        )
         self._duplicates_ignored += duplicates
         metrics.ROWS_WRITTEN.labels("tokens").inc(result.tokens_inserted)
         metrics.ROWS_WRITTEN.labels("messages").inc(result.messages_inserted)

@@ -103,6 +103,25 @@ class PersisterServicer(persister_service_pb2_grpc.PersisterServiceServicer):
         rows = await self._persister.barrier()
         return persister_pb2.FlushResponse(rows_written=rows)
 
+    async def DeleteConversation(
+        self, request: persister_pb2.DeleteConversationRequest, context: Context
+    ) -> persister_pb2.DeleteConversationResponse:
+        erasure = await self._persister.delete_conversation(
+            request.tenant_id, request.conversation_id, force=request.force
+        )
+        return persister_pb2.DeleteConversationResponse(
+            counts=persister_pb2.ErasureCounts(**asdict(erasure.counts)),
+            already_deleted=erasure.already_deleted,
+        )
+
+    async def EraseTenant(
+        self, request: persister_pb2.EraseTenantRequest, context: Context
+    ) -> persister_pb2.EraseTenantResponse:
+        erasure = await self._persister.erase_tenant(request.tenant_id)
+        return persister_pb2.EraseTenantResponse(
+            counts=persister_pb2.ErasureCounts(**asdict(erasure.counts))
+        )
+
     async def GetStats(
         self, request: persister_pb2.GetStatsRequest, context: Context
     ) -> persister_pb2.GetStatsResponse:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import fields
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -20,13 +21,17 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from mesh import turnlog
+from mesh.errors import FailedPrecondition, NotFound
 from mesh.generation import FinishReason
 from mesh.lifecycle import AsyncStartStop
+from services.persister.batch import conversation_rows
 from services.persister.model import (
     BatchPlan,
     BatchResult,
     Conversation,
     ConversationCursor,
+    Erasure,
+    ErasureCounts,
     FinishedTurn,
     Message,
     MessageCursor,
@@ -79,7 +84,29 @@ CREATE TABLE IF NOT EXISTS memory_outbox (
     turn_id   text        PRIMARY KEY,
     queued_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Tombstones of erased conversations ('' erases the whole tenant). The logs still hold their
+-- records until retention removes them, and a persister may consume those again (a replay, a
+-- new consumer group member); the batch writer drops every record of a turn accepted up to
+-- erased_at, so an erased conversation is never re-created from the log. Ids only, no text.
+CREATE TABLE IF NOT EXISTS erasures (
+    tenant_id       text        NOT NULL,
+    conversation_id text        NOT NULL,
+    erased_at       timestamptz NOT NULL,
+    PRIMARY KEY (tenant_id, conversation_id)
+);
+
+-- Turns of erased conversations: their tokens and finishes carry no accept time (and tokens no
+-- conversation), so they are dropped by turn id. Rows older than the log's retention can go.
+CREATE TABLE IF NOT EXISTS erased_turns (
+    turn_id   text        PRIMARY KEY,
+    erased_at timestamptz NOT NULL DEFAULT now()
+);
 """
+
+# Batches take this lock shared, an erasure exclusive: a batch that read no tombstone commits
+# before the erasure deletes, or reads the erasure's tombstone.
+_ERASE_LOCK = 0x6572617365000000  # "erase\0\0\0"
 
 _TEMP_TOKENS = """
 CREATE TEMP TABLE IF NOT EXISTS persister_tokens_in (
@@ -222,9 +249,87 @@ async def _count(conn: Conn, query: str, params: Sequence[Any]) -> int:
         return int(row[0]) if row is not None else 0
 
 
+async def _drop_erased(conn: Conn, plan: BatchPlan) -> BatchPlan:
+    """``plan`` without the rows of erased turns (``plan`` itself is left as it is: a retried
+    batch must find the same turns to drop).
+
+    A turn is erased when its conversation (or tenant) has a tombstone at or after the turn's
+    accept time (a finish: its finish time), or when its id is in ``erased_turns``. Rows such a
+    turn already has from the other topic's records are deleted, and the turn joins
+    ``erased_turns`` so its later records are dropped too.
+    """
+    tenants = sorted(
+        {u.tenant_id for u in plan.user_messages} | {f.tenant_id for f in plan.finishes}
+    )
+    turn_ids = sorted(
+        {u.turn_id for u in plan.user_messages}
+        | {t.turn_id for t in plan.tokens}
+        | {f.turn_id for f in plan.finishes}
+    )
+    if not turn_ids:
+        return plan
+    async with conn.cursor() as cur:
+        await cur.execute(
+            "SELECT tenant_id, conversation_id, erased_at FROM erasures "
+            "WHERE tenant_id = ANY(%s::text[])",
+            (tenants,),
+        )
+        tombstones = {(t, c): at for t, c, at in await cur.fetchall()}
+        await cur.execute(
+            "SELECT turn_id FROM erased_turns WHERE turn_id = ANY(%s::text[])", (turn_ids,)
+        )
+        erased = {row[0] for row in await cur.fetchall()}
+    if not tombstones and not erased:
+        return plan
+
+    def covered(tenant_id: str, conversation_id: str, at: datetime) -> bool:
+        return any(
+            stamp is not None and at <= stamp
+            for stamp in (
+                tombstones.get((tenant_id, conversation_id)),
+                tombstones.get((tenant_id, "")),
+            )
+        )
+
+    newly = {
+        u.turn_id
+        for u in plan.user_messages
+        if u.turn_id not in erased and covered(u.tenant_id, u.conversation_id, u.accepted_at)
+    } | {
+        f.turn_id
+        for f in plan.finishes
+        if f.turn_id not in erased and covered(f.tenant_id, f.conversation_id, f.finished_at)
+    }
+    gone = erased | newly
+    users = [u for u in plan.user_messages if u.turn_id not in gone]
+    kept = BatchPlan(
+        conversations=conversation_rows(users),
+        user_messages=users,
+        tokens=[t for t in plan.tokens if t.turn_id not in gone],
+        finishes=[f for f in plan.finishes if f.turn_id not in gone],
+        last_records=plan.last_records,
+        events=plan.events,
+        in_batch_duplicates=plan.in_batch_duplicates,
+    )
+    if newly:
+        ids = sorted(newly)
+        await conn.execute(
+            "INSERT INTO erased_turns (turn_id) SELECT unnest(%s::text[]) "
+            "ON CONFLICT (turn_id) DO NOTHING",
+            (ids,),
+        )
+        for table in ("tokens", "memory_outbox", "messages"):
+            await conn.execute(f"DELETE FROM {table} WHERE turn_id = ANY(%s::text[])", (ids,))
+    return kept
+
+
 async def write_batch_on(conn: Conn, plan: BatchPlan) -> BatchResult:
-    """Write one batch in one transaction on ``conn``."""
+    """Write one batch in one transaction on ``conn``, leaving out erased turns."""
     async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (_ERASE_LOCK,))
+        attempted = plan.row_attempts
+        plan = await _drop_erased(conn, plan)
+        dropped = attempted - plan.row_attempts
         if plan.conversations:
             await conn.execute(_UPSERT_CONVERSATIONS, _columns(plan.conversations))
         users = 0
@@ -241,7 +346,67 @@ async def write_batch_on(conn: Conn, plan: BatchPlan) -> BatchResult:
             wanted = [t.turn_id for t in finished if t.finish_reason != FinishReason.ERROR]
             if wanted:
                 await conn.execute(_QUEUE_FOR_MEMORY, (wanted,))
-    return BatchResult(users, tokens, assistants, finished)
+    return BatchResult(users, tokens, assistants, finished, dropped)
+
+
+# Turns of the conversation (or tenant) whose request is stored but whose finish is not.
+_UNFINISHED = """
+SELECT u.turn_id FROM messages u
+WHERE u.tenant_id = %(tenant)s AND (%(conv)s = '' OR u.conversation_id = %(conv)s)
+  AND u.role = 1
+  AND NOT EXISTS (SELECT 1 FROM messages a WHERE a.turn_id = u.turn_id AND a.role = 2)
+ORDER BY u.accepted_at LIMIT 1
+"""
+
+_SCOPE = "tenant_id = %(tenant)s AND (%(conv)s = '' OR conversation_id = %(conv)s)"
+
+
+async def erase_on(conn: Conn, tenant_id: str, conversation_id: str, *, force: bool) -> Erasure:
+    """Delete a conversation's rows ('' : the tenant's) in one transaction, with a tombstone."""
+    scope = {"tenant": tenant_id, "conv": conversation_id}
+    async with conn.transaction(), conn.cursor() as cur:
+        await cur.execute("SELECT pg_advisory_xact_lock(%s)", (_ERASE_LOCK,))
+        await cur.execute(f"SELECT count(*) FROM conversations WHERE {_SCOPE}", scope)
+        row = await cur.fetchone()
+        conversations = int(row[0]) if row else 0
+        await cur.execute(
+            "SELECT 1 FROM erasures WHERE tenant_id = %(tenant)s AND conversation_id = %(conv)s",
+            scope,
+        )
+        tombstoned = await cur.fetchone() is not None
+        if conversation_id and not conversations and not tombstoned:
+            # The same answer whether the id is unknown or another tenant's.
+            raise NotFound(
+                f"conversation {conversation_id[:128]!r} was not found",
+                reason="CONVERSATION_NOT_FOUND",
+            )
+        if not force:
+            await cur.execute(_UNFINISHED, scope)
+            running = await cur.fetchone()
+            if running is not None:
+                raise FailedPrecondition(
+                    f"turn {running[0]} of this conversation has not finished; cancel it "
+                    "(CancelTurn) or wait for it to finish, then delete again",
+                    reason="TURN_IN_PROGRESS",
+                )
+        await cur.execute(
+            "INSERT INTO erasures (tenant_id, conversation_id, erased_at) "
+            "VALUES (%(tenant)s, %(conv)s, now()) ON CONFLICT (tenant_id, conversation_id) "
+            "DO UPDATE SET erased_at = GREATEST(erasures.erased_at, EXCLUDED.erased_at)",
+            scope,
+        )
+        turns = f"SELECT turn_id FROM messages WHERE {_SCOPE}"
+        await cur.execute(
+            f"INSERT INTO erased_turns (turn_id) {turns} ON CONFLICT (turn_id) DO NOTHING", scope
+        )
+        await cur.execute(f"DELETE FROM tokens WHERE turn_id IN ({turns})", scope)
+        tokens = max(cur.rowcount, 0)
+        await cur.execute(f"DELETE FROM memory_outbox WHERE turn_id IN ({turns})", scope)
+        await cur.execute(f"DELETE FROM messages WHERE {_SCOPE}", scope)
+        messages = max(cur.rowcount, 0)
+        await cur.execute(f"DELETE FROM conversations WHERE {_SCOPE}", scope)
+    counts = ErasureCounts(conversations=conversations, messages=messages, tokens=tokens)
+    return Erasure(counts, already_deleted=tombstoned and not conversations)
 
 
 async def _finished_turns(conn: Conn, turn_ids: Sequence[str]) -> list[FinishedTurn]:
@@ -310,6 +475,19 @@ class PgStore(AsyncStartStop):
             await conn.execute(
                 "DELETE FROM memory_outbox WHERE turn_id = ANY(%s)", (list(turn_ids),)
             )
+
+    async def erase(self, tenant_id: str, conversation_id: str, *, force: bool) -> Erasure:
+        async with self._require_pool().connection() as conn:
+            return await erase_on(conn, tenant_id, conversation_id, force=force)
+
+    async def prune_erased_turns(self, older_than_s: float) -> int:
+        """Forget erased turn ids older than this: the logs no longer hold their records."""
+        async with self._require_pool().connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM erased_turns WHERE erased_at < now() - make_interval(secs => %s)",
+                (older_than_s,),
+            )
+            return max(cur.rowcount, 0)
 
     async def get_conversation(self, tenant_id: str, conversation_id: str) -> Conversation | None:
         async with self._require_pool().connection() as conn, conn.cursor() as cur:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -178,3 +179,69 @@ async def test_conversations_are_checked_listed_and_isolated_by_tenant(
         )
     )
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "PAGE_TOKEN_INVALID")
+
+
+async def test_delete_conversation_through_the_gateway(
+    mesh_gateway: Gateway,
+    keys: Keys,  # noqa: F811
+    agent_log: EmbeddedLog,  # noqa: F811
+) -> None:
+    gateway = mesh_gateway
+    first = await finished_turn(gateway, agent_log, keys.acme, "please forget this")
+    conversation_id = first.conversation_id
+
+    def delete(key: str, conversation: str) -> Any:
+        return gateway.stub.DeleteConversation(
+            gateway_pb2.DeleteConversationRequest(conversation_id=conversation), metadata=md(key)
+        )
+
+    for key, conversation, expected in [
+        (keys.acme, "", (grpc.StatusCode.INVALID_ARGUMENT, "CONVERSATION_ID_MISSING")),
+        (keys.globex, conversation_id, (grpc.StatusCode.NOT_FOUND, "CONVERSATION_NOT_FOUND")),
+        (keys.acme, "never-seen", (grpc.StatusCode.NOT_FOUND, "CONVERSATION_NOT_FOUND")),
+        ("not-a-key", conversation_id, (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID")),
+    ]:
+        code, reason, _ = await expect_error(delete(key, conversation))
+        assert (code, reason) == expected, (conversation, reason)
+
+    # A turn that is still generating: refused, and nothing is deleted.
+    call = gateway.stub.StreamTurn(
+        gateway_pb2.StreamTurnRequest(
+            start=gateway_pb2.StartTurn(conversation_id=conversation_id, text="still running")
+        ),
+        metadata=md(keys.acme),
+    )
+    accepted = (await first_frame(call)).accepted
+    agent = AgentPlayer(agent_log, accepted.turn_id, conversation_id)
+    await agent.started()
+    await agent.tokens([1])
+    code, reason, _ = await expect_error(delete(keys.acme, conversation_id))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "TURN_IN_PROGRESS")
+    await agent.finished(1)
+    await read_until_finished(call)
+
+    reply = await delete(keys.acme, conversation_id)
+    assert (reply.messages_deleted, reply.already_deleted) == (4, False)
+    code, reason, _ = await expect_error(
+        gateway.stub.GetConversation(
+            gateway_pb2.GetConversationRequest(conversation_id=conversation_id),
+            metadata=md(keys.acme),
+        )
+    )
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "CONVERSATION_NOT_FOUND")
+    # The gateway knew the conversation; it asks again now, so no turn starts in it.
+    code, reason, _ = await expect_error(
+        gateway.stub.StreamTurn(
+            gateway_pb2.StreamTurnRequest(
+                start=gateway_pb2.StartTurn(conversation_id=conversation_id, text="again")
+            ),
+            metadata=md(keys.acme),
+        )
+    )
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "CONVERSATION_NOT_FOUND")
+    again = await delete(keys.acme, conversation_id)
+    assert (again.messages_deleted, again.already_deleted) == (0, True)
+    listed = await gateway.stub.ListConversations(
+        gateway_pb2.ListConversationsRequest(), metadata=md(keys.acme)
+    )
+    assert list(listed.conversations) == []
