@@ -32,6 +32,24 @@ class LogSettings(Settings):
     # inotify cannot report them (or ``watch_writes`` is off).
     poll_interval_s: float = setting("POLL_INTERVAL_S", 0.002)
     watch_writes: bool = setting("WATCH_WRITES", True)
+    # Retention: records older than this go (the persister enforces it on the embedded log,
+    # only below every group's commit; Kafka topics the mesh creates get it as retention.ms).
+    retention_hours: float = setting("RETENTION_HOURS", 168.0, above=0)
+    # And past this many bytes per partition the oldest go too; 0: no size limit.
+    retention_bytes: int = setting("RETENTION_BYTES", 0, minimum=0)
+    # How often the persister enforces retention on the embedded log.
+    retention_check_s: float = setting("RETENTION_CHECK_S", 300.0, above=0)
+
+    @property
+    def retention_s(self) -> float:
+        return self.retention_hours * 3600.0
+
+    def topic_config(self) -> dict[str, str]:
+        """The retention config of Kafka topics the mesh creates."""
+        return {
+            "retention.ms": str(int(self.retention_s * 1000)),
+            "retention.bytes": str(self.retention_bytes or -1),
+        }
 
     def check(self) -> None:
         if self.driver == "kafka" and not self.kafka_bootstrap:
@@ -48,6 +66,7 @@ def open_log(settings: LogSettings) -> EventLog:
             settings.kafka_bootstrap,
             session_timeout_s=settings.session_timeout_s or 6.0,
             heartbeat_interval_s=settings.heartbeat_interval_s,
+            topic_config=settings.topic_config(),
         )
     from mesh.log.embedded import EmbeddedLog
 

@@ -16,6 +16,7 @@ from mesh.server import run_main, serve_until_signalled, start_metrics
 from services.persister.codec import decode
 from services.persister.core import Persister
 from services.persister.memory_client import MemoryIndexer
+from services.persister.retention import run_retention
 from services.persister.server import SERVICE_NAME, PersisterDeps, build_server
 from services.persister.settings import PersisterSettings
 from services.persister.store import PgStore
@@ -75,6 +76,17 @@ async def run(settings: PersisterSettings) -> None:
             report_lag(event_log, lag_groups, interval_s=settings.lag_interval_s)
         )
         stack.callback(lag.cancel)
+        retention = asyncio.create_task(
+            run_retention(
+                event_log,
+                store,
+                max_age_s=settings.log.retention_s,
+                max_bytes=settings.log.retention_bytes,
+                interval_s=settings.log.retention_check_s,
+            ),
+            name="log retention",
+        )
+        stack.callback(retention.cancel)
         deps = PersisterDeps(persister=persister)
         server, port = build_server(settings, deps)
         assert deps.health is not None

@@ -20,7 +20,16 @@ from mesh.log.embedded.fetcher import Fetcher
 from mesh.log.embedded.group import EmbeddedConsumer, committed
 from mesh.log.embedded.poller import Poller
 from mesh.log.embedded.producer import Producer
-from mesh.log.embedded.store import DbThread, Running, Store, Tx, create_schema, partition_row
+from mesh.log.embedded.retention import Pruned, prune
+from mesh.log.embedded.store import (
+    DbThread,
+    Running,
+    Store,
+    Tx,
+    create_schema,
+    now_ms,
+    partition_row,
+)
 
 
 class EmbeddedLog(LogDriver[EmbeddedConsumer]):
@@ -52,6 +61,7 @@ class EmbeddedLog(LogDriver[EmbeddedConsumer]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: Poller | None = None
         self._threads: tuple[DbThread, ...] = ()
+        self._retention: DbThread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -96,6 +106,9 @@ class EmbeddedLog(LogDriver[EmbeddedConsumer]):
             await asyncio.to_thread(self._poller.join, 5.0)
         for thread in self._threads:
             await thread.close()
+        if self._retention is not None:
+            await self._retention.close()
+            self._retention = None
         self._loop = None
         self._store.running = None
         self._poller = None
@@ -120,6 +133,20 @@ class EmbeddedLog(LogDriver[EmbeddedConsumer]):
     def _wake(self, keys: Iterable[Key]) -> None:
         if self._store.running is not None:
             self._store.running.changes.wake(keys)
+
+    async def enforce_retention(
+        self, *, max_age_s: float | None, max_bytes: int | None = None
+    ) -> Pruned:
+        """Delete records past the age or per-partition size limit that every group has
+        committed (``retention.prune``). Runs on a connection of its own: a long checkpoint
+        never holds up this process's appends and commits."""
+        self._store.require()
+        if self._retention is None:
+            self._retention = DbThread(self.path, "mesh-log-retention", self._store.busy_timeout_s)
+        max_age_ms = None if max_age_s is None else int(max_age_s * 1000)
+        return await self._retention.call(
+            functools.partial(prune, now_ms=now_ms(), max_age_ms=max_age_ms, max_bytes=max_bytes)
+        )
 
     # -- EventLog ----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
@@ -16,9 +17,18 @@ from mesh.log.kafka.client import Client, wait_future
 class Admin:
     """``ensure_topic``, partition counts, ``end_offset`` and ``committed`` of a ``KafkaLog``."""
 
-    def __init__(self, client: Client, *, request_timeout_s: float) -> None:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        request_timeout_s: float,
+        topic_config: Mapping[str, str] | None = None,
+    ) -> None:
         self._client = client
         self._request_timeout_s = request_timeout_s
+        # Given to topics this creates (retention.ms, retention.bytes); an existing topic keeps
+        # its own, as it keeps its partition count.
+        self._topic_config = dict(topic_config or {})
         self.partitions = PartitionCounts(self._fetch_partition_count)
 
     async def ensure_topic(self, topic: str, partitions: int) -> None:
@@ -26,7 +36,7 @@ class Admin:
             raise ValueError("partitions must be positive")
         admin = self._client.require().admin
         futures = admin.create_topics(
-            [NewTopic(topic, num_partitions=partitions)],
+            [NewTopic(topic, num_partitions=partitions, config=self._topic_config)],
             request_timeout=self._request_timeout_s,
         )
         try:

@@ -36,6 +36,7 @@ class KafkaLog(LogDriver[KafkaGroupConsumer]):
         request_timeout_s: float = 30.0,
         prefetch: int = 500,
         config: Mapping[str, str] | None = None,
+        topic_config: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(
             session_timeout_s=session_timeout_s, heartbeat_interval_s=heartbeat_interval_s
@@ -47,7 +48,9 @@ class KafkaLog(LogDriver[KafkaGroupConsumer]):
         # Extra librdkafka settings for every client (security.protocol, sasl.*, ...).
         self.config = dict(config or {})
         self._client = Client(bootstrap, client_id, self.config)
-        self._admin = Admin(self._client, request_timeout_s=request_timeout_s)
+        self._admin = Admin(
+            self._client, request_timeout_s=request_timeout_s, topic_config=topic_config
+        )
         self._producer = Producer(self._client, request_timeout_s=request_timeout_s)
         self._fetcher = Fetcher(self._client, self._admin, request_timeout_s=request_timeout_s)
         self._loop: asyncio.AbstractEventLoop | None = None
