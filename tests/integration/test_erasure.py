@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
@@ -423,3 +424,51 @@ async def test_the_persister_may_ask_memory_to_forget_and_an_agent_may_not(
     async with MemoryIndexer(memory.addr, tls=pki.tls("agent")) as indexer:
         with pytest.raises(Unavailable):
             await indexer.forget(tenant_id="t", conversation_id="c")
+
+
+class ForgetfulMemory(memory_service_pb2_grpc.MemoryServiceServicer):
+    """Answers Forget with UNAVAILABLE ``fail`` times, then counts the calls."""
+
+    def __init__(self, fail: int) -> None:
+        self.fail = fail
+        self.forgot: list[tuple[str, str]] = []
+
+    async def Remember(self, request: memory_pb2.RememberRequest, context: Any) -> Any:
+        return memory_pb2.RememberResponse(chunks_stored=1)
+
+    async def Forget(self, request: memory_pb2.ForgetRequest, context: Any) -> Any:
+        if self.fail:
+            self.fail -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "down for a moment")
+        self.forgot.append((request.tenant_id, request.conversation_id))
+        return memory_pb2.ForgetResponse(chunks_deleted=2)
+
+
+async def test_memory_down_fails_the_delete_after_the_rows_and_a_retry_finishes_it(
+    pg_dsn: str, log: EmbeddedLog
+) -> None:
+    memory = ForgetfulMemory(fail=3)  # the client tries three times per call
+    server = grpc.aio.server()
+    memory_service_pb2_grpc.add_MemoryServiceServicer_to_server(memory, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    w = Writer(log)
+    await w.turn("c-m", "forget me later", ["ok"])
+    try:
+        async with (
+            MemoryIndexer(f"127.0.0.1:{port}", attempts=1, initial_backoff_s=0.01) as indexer,
+            persister_running(pg_dsn, log, memory=indexer, forgetter=indexer) as run,
+        ):
+            request = persister_pb2.DeleteConversationRequest(
+                tenant_id="acme", conversation_id="c-m"
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await run.stub.DeleteConversation(request, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_reason(caught.value) == "MEMORY_UNAVAILABLE"
+            assert found_in_postgres(pg_dsn, "forget me later") == []  # the rows went first
+            reply = await run.stub.DeleteConversation(request, timeout=30)
+            assert reply.already_deleted and reply.counts.chunks == 2
+            assert memory.forgot == [("acme", "c-m")]
+    finally:
+        await server.stop(None)
