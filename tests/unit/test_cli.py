@@ -19,6 +19,7 @@ from mesh.cli import (
     health,
     health_addresses,
     main,
+    persister_address,
 )
 from mesh.errors import InvalidArgument, ResourceExhausted, to_status_proto
 
@@ -168,6 +169,28 @@ def test_health_addresses_from_the_state_file_of_make_up(tmp_path: Path) -> None
     state.write_text("{not json")
     with pytest.raises(CliError, match="not a mesh description"):
         health_addresses({}, None, [], state)
+
+
+def test_erase_finds_the_persister_from_flags_state_file_or_environment(tmp_path: Path) -> None:
+    state = tmp_path / "mesh.json"
+    state.write_text(
+        json.dumps({"services": {"gateway": {"addr": "g:1"}, "persister": {"addr": "p:4"}}})
+    )
+    assert persister_address({}, "given:9", state) == "given:9"
+    assert persister_address({"MESH_PERSISTER_ADDR": "env:5"}, None, state) == "p:4"
+    assert persister_address({"MESH_PERSISTER_ADDR": "env:5"}, None, None) == "env:5"
+    assert persister_address({}, None, None) == "127.0.0.1:50054"
+    state.write_text(json.dumps({"services": {"gateway": {"addr": "g:1"}}}))
+    with pytest.raises(CliError, match="no persister"):
+        persister_address({}, None, state)
+
+    args = build_parser({"MESH_STATE_DIR": str(tmp_path)}).parse_args(
+        ["erase", "--state", "--tenant", "acme", "--conversation", "c1", "--force"]
+    )
+    assert (args.tenant, args.conversation, args.force) == ("acme", "c1", True)
+    assert args.state == tmp_path / "mesh.json"
+    with pytest.raises(SystemExit):
+        build_parser({}).parse_args(["erase", "--conversation", "c1"])  # --tenant is required
 
 
 def _closed_port() -> int:
