@@ -35,6 +35,7 @@ from services.gateway.model import Output, StartRequest, TurnInfo
 from services.gateway.queue_position import QueueTracker
 from services.gateway.session import ChatSession
 from services.gateway.settings import GatewaySettings
+from services.gateway.token_budget import TokenBudget
 from services.gateway.turn_stream import UNLIMITED, TurnStream, gateway_stopping
 from services.gateway.validation import validate_start
 
@@ -66,6 +67,7 @@ class GatewayCore(AsyncStartStop):
         self.gateway_id = os.environ.get("MESH_INSTANCE") or f"{socket.gethostname()}-{os.getpid()}"
         self._conversations = conversations
         self.limiter = limiter or RateLimiter(settings.rate_per_s, settings.rate_burst)
+        self.token_budget = TokenBudget(settings.tokens_per_minute_per_tenant)
         self.queue = QueueTracker(
             log, poll_s=settings.queue_poll_s, scan_limit=settings.max_queued_turns
         )
@@ -212,6 +214,7 @@ class GatewayCore(AsyncStartStop):
                         info, after_seq=0, notify=notify, coalesce=request.coalesce_tokens
                     )
         self.limiter.acquire(principal)
+        reservation = self.token_budget.reserve(principal.tenant_id, request.options.max_tokens)
         conversation_id = request.conversation_id
         if not conversation_id:
             conversation_id = str(uuid.uuid4())
@@ -222,7 +225,16 @@ class GatewayCore(AsyncStartStop):
         if key is not None:
             self.idempotency.put(key, decided)
         try:
-            return await self._append_request(principal, request, conversation_id, decided, notify)
+            stream = await self._append_request(
+                principal, request, conversation_id, decided, notify
+            )
+        except BaseException:
+            if reservation is not None:
+                reservation.settle(0)  # nothing was started: the tokens go back
+            raise
+        else:
+            stream.hold(reservation)
+            return stream
         finally:
             if key is not None:
                 # A failed start must not pin its request_id; one whose append is still in flight
