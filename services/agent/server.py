@@ -212,6 +212,7 @@ async def serve(settings: AgentSettings) -> None:
                     timeout_s=settings.dependency_timeout_s,
                     attempts=settings.dependency_attempts,
                     tls=settings.tls,
+                    history_messages=settings.history_messages,
                 )
             )
             worker = TurnWorker(
@@ -223,6 +224,7 @@ async def serve(settings: AgentSettings) -> None:
                 recall_top_k=settings.recall_top_k,
                 parallel=settings.slots,
                 read_ahead=settings.read_ahead,
+                orphan_grace_s=settings.orphan_grace_s,
             )
         metrics_port = start_metrics(settings.metrics_port, settings.host)
 

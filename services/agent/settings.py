@@ -48,6 +48,10 @@ class AgentSettings(ServiceSettings):
             conversation's prefix for its next turn until the room is needed.
         read_ahead: turns taken from the log beyond those running (``MESH_AGENT_READ_AHEAD``),
             so the fair queue sees other tenants' turns behind one tenant's burst.
+        history_messages: the newest messages read for a prompt's history; the prompt keeps
+            what fits of them, the oldest going first (``MESH_AGENT_HISTORY_MESSAGES``).
+        orphan_grace_s: how long a turn not started in the background may have no client
+            attached on any gateway before it is cancelled (``MESH_AGENT_ORPHAN_GRACE_S``).
         seed: sampling seed for requests without one; unset or -1: random (``MESH_AGENT_SEED``).
         default_max_tokens: reply length when a request says 0 (``MESH_AGENT_DEFAULT_MAX_TOKENS``).
         max_tokens_limit: largest max_tokens accepted (``MESH_AGENT_MAX_TOKENS_LIMIT``).
@@ -96,6 +100,8 @@ class AgentSettings(ServiceSettings):
     prefill_chunk: int = setting("PREFILL_CHUNK", 512, minimum=1)
     kv_cache_tokens: int = setting("KV_CACHE_TOKENS", 0, minimum=0)
     read_ahead: int = setting("READ_AHEAD", 32, minimum=0)
+    orphan_grace_s: float = setting("ORPHAN_GRACE_S", 30.0, minimum=0)
+    history_messages: int = setting("HISTORY_MESSAGES", 100, minimum=1)
     seed: int | None = setting("SEED", None)
     default_max_tokens: int = setting("DEFAULT_MAX_TOKENS", 256, minimum=1)
     max_tokens_limit: int = setting("MAX_TOKENS_LIMIT", 4096, minimum=1)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import Span, SpanContext, SpanKind
 
 from mesh import logs, metrics, tracing, turnlog
-from mesh.errors import InvalidArgument, MeshError, to_status_proto
+from mesh.errors import Cancelled, InvalidArgument, MeshError, to_status_proto
 from mesh.generation import FinishReason, TokenUsage, TurnTimings
 from mesh.lifecycle import AsyncStartStop
 from mesh.log import (
@@ -45,6 +45,7 @@ from services.agent.core import (
     Token,
     resolve_options,
 )
+from services.agent.followers import Followers, SeenByTails
 from services.agent.prompt import PromptRequest
 from services.agent.scheduling import CommitTracker, FairQueue
 
@@ -100,6 +101,8 @@ class _PriorEvents:
     # The span of the last agent that started the turn (its TurnStarted's headers), for a link.
     started_by: SpanContext | None = None
     started_by_agent: str = ""
+    followers: Followers = field(default_factory=Followers)
+    end: int = 0  # the offset where the read of the turn's events stopped
 
     @property
     def last_seq(self) -> int:
@@ -160,6 +163,11 @@ class _Current:
     cancel: asyncio.Event
     last_seq: int = 0  # the last seq appended so far
     cancel_seen_at_seq: int = 0  # last_seq when the cancel arrived
+    background: bool = False
+    followers: Followers = field(default_factory=Followers)
+    counted_from: int = 0  # tail records before this offset were counted by the claim's read
+    orphaned: bool = False  # cancelled because no client followed it
+    orphan_timer: asyncio.TimerHandle | None = None
 
 
 @dataclass(eq=False)
@@ -184,6 +192,8 @@ class TurnWorker(AsyncStartStop):
         recall_top_k: chunks to recall per turn (0: none).
         parallel: turns running at once (the engine batches their generations).
         read_ahead: turns taken from the log beyond the running ones, waiting in the fair queue.
+        orphan_grace_s: how long a turn may have no client attached before it is cancelled
+            (unless started in the background; ``services.agent.followers``).
     """
 
     def __init__(
@@ -197,6 +207,7 @@ class TurnWorker(AsyncStartStop):
         recall_top_k: int,
         parallel: int = 1,
         read_ahead: int = 0,
+        orphan_grace_s: float = 30.0,
     ) -> None:
         if parallel < 1 or read_ahead < 0:
             raise ValueError("need parallel >= 1 and read_ahead >= 0")
@@ -210,6 +221,8 @@ class TurnWorker(AsyncStartStop):
         self._parallel = parallel
         self._window = parallel + read_ahead
         self._cancels: OrderedDict[str, None] = OrderedDict()
+        self._orphan_grace_s = orphan_grace_s
+        self._presence_seen = SeenByTails()
         self._active: dict[str, _Current] = {}  # running turns by turn id
         self._tails: list[asyncio.Task[None]] = []
         self._loop_task: asyncio.Task[None] | None = None
@@ -267,6 +280,8 @@ class TurnWorker(AsyncStartStop):
                         for event in _read_events(record.value):
                             if isinstance(event, turnlog.TurnCancelled):
                                 self._note_cancel(event.turn_id)
+                            elif isinstance(event, turnlog.ClientAttached | turnlog.ClientDetached):
+                                self._note_presence(record, event)
             except LogError as error:
                 log.warning("event tail of partition %d failed (%s); retrying", partition, error)
                 await asyncio.sleep(_REJOIN_DELAY_S)
@@ -282,6 +297,42 @@ class TurnWorker(AsyncStartStop):
                 current.cancel_seen_at_seq = current.last_seq
             log.info("turn %s cancelled after seq %d", turn_id, current.last_seq)
             current.cancel.set()
+
+    # Turns nobody follows (services.agent.followers) -------------------------------------
+
+    def _note_presence(self, record: Record, event: turnlog.TurnEvent) -> None:
+        self._presence_seen.note(record.offset, event, record.timestamp_ms)
+        current = self._active.get(event.turn_id)
+        if current is not None and record.offset >= current.counted_from:
+            current.followers.apply(event, record.timestamp_ms)
+            self._watch_followers(current)
+
+    def _watch_followers(self, current: _Current) -> None:
+        """Cancel the turn once nobody has followed it for the grace period; until then, look
+        again when the grace period would end."""
+        if current.orphan_timer is not None:
+            current.orphan_timer.cancel()
+            current.orphan_timer = None
+        if current.background or current.cancel.is_set():
+            return
+        unfollowed_ms = current.followers.orphaned_for_ms(int(time.time() * 1000))
+        if unfollowed_ms is None:
+            return
+        remaining_s = self._orphan_grace_s - unfollowed_ms / 1000
+        if remaining_s > 0:
+            loop = asyncio.get_running_loop()
+            current.orphan_timer = loop.call_later(remaining_s, self._watch_followers, current)
+            return
+        current.orphaned = True
+        current.cancel_seen_at_seq = current.last_seq
+        current.cancel.set()
+        log.info(
+            "turn %s: no client attached for %.1f s; cancelled after seq %d",
+            current.turn_id,
+            unfollowed_ms / 1000,
+            current.last_seq,
+            extra=logs.event("turn-orphaned", current.turn_id),
+        )
 
     # Consuming ----------------------------------------------------------------------------
 
@@ -408,19 +459,32 @@ class TurnWorker(AsyncStartStop):
             if prior.cancelled or turn.turn_id in self._cancels:
                 cancel.set()
             current = _Current(
-                turn.turn_id, cancel, last_seq=prior.last_seq, cancel_seen_at_seq=prior.last_seq
+                turn.turn_id,
+                cancel,
+                last_seq=prior.last_seq,
+                cancel_seen_at_seq=prior.last_seq,
+                background=turn.background,
+                followers=prior.followers,
+                counted_from=prior.end,
             )
+            # What the tails saw after the claim's read, then the tails count on their own.
+            for event, at_ms in self._presence_seen.since(turn.turn_id, prior.end):
+                current.followers.apply(event, at_ms)
             self._active[turn.turn_id] = current
+            self._watch_followers(current)
             try:
                 await self._run_turn(
                     turn, record, prior, current, claimed.claimed, claimed.claimed_wall, span
                 )
             finally:
                 self._active.pop(turn.turn_id, None)
+                if current.orphan_timer is not None:
+                    current.orphan_timer.cancel()
 
     async def _prior_events(self, turn: turnlog.TurnRequested) -> _PriorEvents:
         prior = _PriorEvents()
         end = await self._log.end_offset(TURN_EVENTS, turn.events_partition)
+        prior.end = end
         records = await self._log.read_range(
             TURN_EVENTS, turn.events_partition, turn.events_start_offset, end
         )
@@ -431,6 +495,8 @@ class TurnWorker(AsyncStartStop):
             except turnlog.UndecodableRecord:
                 continue
             for event in events:
+                if prior.followers.apply(event, record.timestamp_ms):
+                    continue
                 if isinstance(event, turnlog.TurnStarted):
                     prior.started_by = tracing.span_context_of(record.headers)
                     prior.started_by_agent = event.agent_id
@@ -615,9 +681,7 @@ class TurnWorker(AsyncStartStop):
                         ),
                         total_ms=since_accepted_ms(now),
                     ),
-                    error_status=(
-                        to_status_proto(error).SerializeToString() if error is not None else b""
-                    ),
+                    error_status=_error_status(error, reason, current, self._orphan_grace_s),
                     conversation_id=turn.conversation_id,
                     tenant_id=turn.tenant_id,
                     last_seq=last_seq,
@@ -666,3 +730,19 @@ class TurnWorker(AsyncStartStop):
             cached_tokens,
             extra=logs.event("turn-finished", turn.turn_id),
         )
+
+
+def _error_status(
+    error: MeshError | None, reason: FinishReason, current: _Current, grace_s: float
+) -> bytes:
+    """TurnFinished's error: the failure, or why an orphaned turn was cancelled."""
+    if error is not None:
+        return bytes(to_status_proto(error).SerializeToString())
+    if reason is FinishReason.CANCELLED and current.orphaned:
+        orphaned = Cancelled(
+            f"no client followed the turn for {grace_s:g} s (MESH_AGENT_ORPHAN_GRACE_S), so it "
+            "was cancelled; start it with background=true to let it run with nobody attached",
+            reason="ORPHANED",
+        )
+        return bytes(to_status_proto(orphaned).SerializeToString())
+    return b""

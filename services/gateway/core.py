@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 import uuid
 from collections import Counter
@@ -33,6 +35,7 @@ from services.gateway.model import Output, StartRequest, TurnInfo
 from services.gateway.queue_position import QueueTracker
 from services.gateway.session import ChatSession
 from services.gateway.settings import GatewaySettings
+from services.gateway.token_budget import TokenBudget
 from services.gateway.turn_stream import UNLIMITED, TurnStream, gateway_stopping
 from services.gateway.validation import validate_start
 
@@ -60,8 +63,11 @@ class GatewayCore(AsyncStartStop):
     ) -> None:
         self.settings = settings
         self.log = log
+        # Names this gateway in ClientAttached/ClientDetached: the launcher's instance name.
+        self.gateway_id = os.environ.get("MESH_INSTANCE") or f"{socket.gethostname()}-{os.getpid()}"
         self._conversations = conversations
         self.limiter = limiter or RateLimiter(settings.rate_per_s, settings.rate_burst)
+        self.token_budget = TokenBudget(settings.tokens_per_minute_per_tenant)
         self.queue = QueueTracker(
             log, poll_s=settings.queue_poll_s, scan_limit=settings.max_queued_turns
         )
@@ -213,6 +219,7 @@ class GatewayCore(AsyncStartStop):
                         info, after_seq=0, notify=notify, coalesce=request.coalesce_tokens
                     )
         self.limiter.acquire(principal)
+        reservation = self.token_budget.reserve(principal.tenant_id, request.options.max_tokens)
         conversation_id = request.conversation_id
         if not conversation_id:
             conversation_id = str(uuid.uuid4())
@@ -223,7 +230,16 @@ class GatewayCore(AsyncStartStop):
         if key is not None:
             self.idempotency.put(key, decided)
         try:
-            return await self._append_request(principal, request, conversation_id, decided, notify)
+            stream = await self._append_request(
+                principal, request, conversation_id, decided, notify
+            )
+        except BaseException:
+            if reservation is not None:
+                reservation.settle(0)  # nothing was started: the tokens go back
+            raise
+        else:
+            stream.hold(reservation)
+            return stream
         finally:
             if key is not None:
                 # A failed start must not pin its request_id; one whose append is still in flight
@@ -325,6 +341,7 @@ class GatewayCore(AsyncStartStop):
                     accepted_at_ns=time.time_ns(),
                     events_start_offset=events_start,
                     events_partition=partition,
+                    background=request.background,
                 )
             )
             appending = tracing.tracer().start_span("append request", kind=SpanKind.PRODUCER)
@@ -402,6 +419,7 @@ class GatewayCore(AsyncStartStop):
             owner=True,
             accepted_at=accepted_at,
             coalesce=request.coalesce_tokens,
+            on_detach=self._client_left,
         )
 
     # -- resume and cancel ---------------------------------------------------------------------
@@ -484,6 +502,9 @@ class GatewayCore(AsyncStartStop):
             position = await self.queue.position(
                 info.partition, info.request_offset, info.tenant_id
             )
+            if not self._known_ended(info.turn_id) and not await self._ended_on_log(info):
+                # Another follower: the agents count them to find turns nobody follows.
+                await self._presence(info, attached=True)
         except BaseException:
             sub.close()
             raise
@@ -495,7 +516,40 @@ class GatewayCore(AsyncStartStop):
             position=position,
             owner=False,
             coalesce=coalesce,
+            on_detach=self._client_left,
         )
+
+    def _known_ended(self, turn_id: str) -> bool:
+        return turn_id in self._ended or self.hub.has_ended(turn_id)
+
+    def _presence(self, info: TurnInfo, *, attached: bool) -> asyncio.Future[int]:
+        """Append ClientAttached or ClientDetached for the turn (docs/protocol.md, "Turns
+        nobody follows")."""
+        kind = turnlog.ClientAttached if attached else turnlog.ClientDetached
+        event = kind(info.turn_id, info.conversation_id, info.tenant_id, self.gateway_id)
+        return self.log.append(
+            TURN_EVENTS, info.partition, info.conversation_id.encode(), turnlog.encode(event)
+        )
+
+    def _client_left(self, info: TurnInfo) -> None:
+        """A stream closed before its turn ended: log that one follower less is attached."""
+        if self._known_ended(info.turn_id):
+            return
+        try:
+            appended = self._presence(info, attached=False)
+        except LogError as error:
+            _log.warning("could not log that a client left turn %s: %s", info.turn_id, error)
+            return
+
+        def landed(future: asyncio.Future[int]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                _log.warning(
+                    "could not log that a client left turn %s: %s",
+                    info.turn_id,
+                    future.exception(),
+                )
+
+        appended.add_done_callback(landed)
 
     async def cancel_turn(self, principal: Principal, turn_id: str) -> str:
         info = await self.find_turn(principal, turn_id)
@@ -511,7 +565,7 @@ class GatewayCore(AsyncStartStop):
         from its ``events_start``); concurrent cancels of one turn here append once.
         """
         turn_id = info.turn_id
-        if turn_id in self._ended or self.hub.has_ended(turn_id):
+        if self._known_ended(turn_id):
             return
         running = self._cancelling.get(turn_id)
         if running is not None:

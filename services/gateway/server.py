@@ -86,6 +86,7 @@ def start_from_proto(message: gateway_pb2.StartTurn) -> StartRequest:
         options=options_from_proto(message.options),
         request_id=message.request_id,
         coalesce_tokens=message.coalesce_tokens,
+        background=message.background,
     )
 
 
@@ -127,6 +128,8 @@ def finished_to_proto(output: FinishedOut) -> gateway_pb2.TurnFinished:
         message.timings.CopyFrom(timings_to_proto(output.timings))
     for source, reason in output.context_skipped:
         message.context_skipped.add(source=source, reason=reason)
+    if output.error_status:
+        message.error.ParseFromString(output.error_status)
     return message
 
 
