@@ -84,7 +84,7 @@ async def run_turns(addr: str, key: str, turns: int, conversations: int, paralle
         queue.put_nowait(i)
     locks = [asyncio.Lock() for _ in range(conversations)]
     async with grpc.aio.insecure_channel(addr) as channel:
-        stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)
+        stub = gateway_service_pb2_grpc.GatewayServiceStub(channel)  # type: ignore[no-untyped-call]
 
         async def worker() -> None:
             nonlocal tokens

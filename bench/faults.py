@@ -50,6 +50,7 @@ BEGIN, END = "<!-- faults:begin -->", "<!-- faults:end -->"
 TOKEN_INTERVAL_MS = 25
 MAX_TOKENS = 120  # 3 s of paced tokens: the fault lands mid-turn
 FAULT_AFTER_TOKENS = 15
+SERVICES = ("gateway-1", "gateway-2", "agent-1", "persister", "memory")
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Outcome:
     lost: int = 0  # seqs in 1..last_seq the client never got
     duplicated: int = 0  # seqs the client got more than once
     persisted_differs: bool = False
+    failed_calls: int = 0  # malformed: calls that hung, and processes that had to restart
     recovery_s: float | None = None
     note: str = ""
 
@@ -79,6 +81,7 @@ class FaultResult:
             "tokens_lost": sum(o.lost for o in self.outcomes),
             "tokens_duplicated": sum(o.duplicated for o in self.outcomes),
             "persisted_differs": sum(o.persisted_differs for o in self.outcomes),
+            "failed_calls": sum(o.failed_calls for o in self.outcomes),
             "recovery_p50_s": round(p50, 2),
             "recovery_p99_s": round(p99, 2),
             "notes": sorted({o.note for o in self.outcomes if o.note}),
@@ -167,6 +170,7 @@ class Followed:
     seqs: list[int] = field(default_factory=list)
     texts: dict[int, str] = field(default_factory=dict)
     finished: gateway_pb2.TurnFinished | None = None
+    finished_at: float = 0.0
     token_times: list[float] = field(default_factory=list)
 
     def take(self, frame: Any) -> None:
@@ -182,6 +186,7 @@ class Followed:
                 self._token(frame.token_run.first_seq + i, text, now)
         elif kind == "finished":
             self.finished = frame.finished
+            self.finished_at = now
 
     def _token(self, seq: int, text: str, at: float) -> None:
         self.seqs.append(seq)
@@ -304,7 +309,8 @@ def kill_during_turn(mesh: Launched, name: str) -> Outcome:
 
 
 def kill_persister(mesh: Launched) -> Outcome:
-    """SIGKILL the persister mid-turn; recovery: kill until the turn is in PostgreSQL."""
+    """SIGKILL the persister mid-turn; recovery: from the turn's end (as the client saw it) until
+    the turn is in PostgreSQL, the delay the kill added to persistence."""
     outcome = Outcome()
     killed_at: list[float] = []
 
@@ -314,9 +320,11 @@ def kill_persister(mesh: Launched) -> Outcome:
             _signal(mesh.service("persister")["pid"], signal.SIGKILL)
 
     followed = follow_turn(mesh, f"fault persister {random.random()}", on_token)
-    judge(mesh, followed, outcome)
+    judge(mesh, followed, outcome)  # waits until PostgreSQL holds the turn
     if killed_at and outcome.finished and not outcome.persisted_differs:
-        outcome.recovery_s = time.monotonic() - killed_at[0]  # judge waited for PostgreSQL
+        outcome.recovery_s = time.monotonic() - followed.finished_at
+    elif not killed_at:
+        outcome.note = "the turn ended before the fault"
     return outcome
 
 
@@ -354,7 +362,7 @@ def malformed(mesh: Launched, frames: int) -> Outcome:
     status (no hang), and no service may exit (the launcher would restart it)."""
     outcome = Outcome(finished=True)
     rng = random.Random(7)
-    pids = {name: mesh.service(name)["pid"] for name in ("gateway-1", "gateway-2")}
+    pids = {name: mesh.service(name)["pid"] for name in SERVICES}
     methods = [
         ("/chat.gateway.v1.GatewayService/StreamTurn", "unary_stream"),
         ("/chat.gateway.v1.GatewayService/ResumeTurn", "unary_stream"),
@@ -379,7 +387,7 @@ def malformed(mesh: Launched, frames: int) -> Outcome:
                     hung += 1
     restarted = [n for n, pid in pids.items() if mesh.service(n)["pid"] != pid]
     outcome.note = f"{frames} frames, {hung} hung, restarted: {restarted or 'none'}"
-    outcome.lost = hung + len(restarted)  # counted as failures in the table
+    outcome.failed_calls = hung + len(restarted)
     return outcome
 
 
@@ -465,7 +473,7 @@ def _wait_restarted(mesh: Launched, timeout_s: float = 60.0) -> None:
                 Path(tls["MESH_TLS_CA"]), Path(tls["MESH_TLS_CERT"]), Path(tls["MESH_TLS_KEY"])
             )
         )
-    for name in ("gateway-1", "gateway-2", "agent-1", "persister", "memory"):
+    for name in SERVICES:
         internal = not name.startswith("gateway")
         wait_healthy(
             mesh.service(name)["addr"],
@@ -485,13 +493,13 @@ def table(report: dict[str, Any]) -> str:
         f"model paced at {TOKEN_INTERVAL_MS} ms/token, {MAX_TOKENS}-token turns.",
         "",
         "| fault | runs | turns lost | tokens lost | tokens duplicated | persisted ≠ streamed "
-        "| recovery p50 | recovery p99 | notes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| hung calls, restarts | recovery p50 | recovery p99 | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["rows"]:
         lines.append(
             f"| {row['fault']} | {row['runs']} | {row['turns_lost']} | {row['tokens_lost']} "
-            f"| {row['tokens_duplicated']} | {row['persisted_differs']} "
+            f"| {row['tokens_duplicated']} | {row['persisted_differs']} | {row['failed_calls']} "
             f"| {row['recovery_p50_s']} s | {row['recovery_p99_s']} s "
             f"| {'; '.join(row['notes'])} |"
         )
@@ -524,6 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [
         r for r in report["rows"]
         if r["turns_lost"] or r["tokens_lost"] or r["tokens_duplicated"] or r["persisted_differs"]
+        or r["failed_calls"]
     ]  # fmt: skip
     return 1 if bad else 0
 

@@ -1,7 +1,7 @@
 """Server interceptors shared by every service: domain errors to statuses, RPC metrics, spans.
 
-Both wrap the four handler shapes the same way, through ``wrap_handler``; the gateway's auth
-interceptor uses it too.
+Errors and metrics wrap the four handler shapes the same way, through ``wrap_handler`` (the
+gateway's auth interceptor uses it too); spans wrap unary handlers only.
 """
 
 from __future__ import annotations
@@ -199,6 +199,10 @@ class MetricsInterceptor(_WrappingInterceptor):
 
 # Probes and reflection: no spans, they would drown the turns.
 _UNTRACED = ("/grpc.health.v1.", "/grpc.reflection.")
+# The codes OpenTelemetry's gRPC conventions count as a server span's error.
+_SERVER_ERRORS = frozenset(
+    ("UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS")
+)
 
 
 class TracingInterceptor(_WrappingInterceptor):
@@ -235,8 +239,8 @@ class TracingInterceptor(_WrappingInterceptor):
                     raise
                 finally:
                     code = _code_of(ctx, error)
-                    span.set_attribute("rpc.grpc.status_code", code)
-                    if code != "OK":
+                    span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
+                    if code in _SERVER_ERRORS:  # a client's mistake is not the server's error
                         span.set_status(Status(StatusCode.ERROR, code))
 
         return grpc.unary_unary_rpc_method_handler(

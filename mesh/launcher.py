@@ -440,7 +440,7 @@ class Mesh:
                     tls_cert=self.certs.cert(EDGE_IDENTITY), tls_key=self.certs.key(EDGE_IDENTITY)
                 )
             )
-        env["MESH_INSTANCE"] = name  # service.instance.id of its spans, service.node.name of logs
+        env.update(settings.env_for(instance=name))  # its name in spans and JSON logs
         if kind == "agent":
             env.update(AgentSettings.env_for(agent_id=name))
         if kind == "gateway":
@@ -852,7 +852,7 @@ def _parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config = _config_from_args(args)
-    logs.configure("launcher")
+    logs.configure("launcher", fmt=ServiceSettings.value_from_env("log_format", os.environ))
     state_dir = config.state_dir
 
     stop = False

@@ -10,17 +10,16 @@ A log call says what happened and to which turn through ``extra``::
 
     log.info("turn %s finished", turn_id, extra=event("turn-finished", turn_id))
 
-User text never goes into a log line unless ``MESH_LOG_USER_TEXT`` is set (``user_text``).
+User text never goes into a log line unless ``MESH_LOG_USER_TEXT`` is set (the services'
+``log_user_text`` setting).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import traceback
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,19 +28,12 @@ from opentelemetry import trace
 FORMATS = ("console", "json")
 
 
-def event(action: str, turn_id: str | None = None, **fields: Any) -> dict[str, Any]:
+def event(action: str, turn_id: str | None = None) -> dict[str, Any]:
     """``extra`` for a log call: the ECS ``event.action`` and the turn it concerns."""
     extra: dict[str, Any] = {"event_action": action}
     if turn_id:
         extra["turn_id"] = turn_id
-    if fields:
-        extra["mesh_fields"] = fields
     return extra
-
-
-def user_text_allowed(environ: Mapping[str, str] = os.environ) -> bool:
-    """``MESH_LOG_USER_TEXT``: whether log lines may quote what users wrote (off by default)."""
-    return environ.get("MESH_LOG_USER_TEXT", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class EcsJsonFormatter(logging.Formatter):
@@ -75,10 +67,6 @@ class EcsJsonFormatter(logging.Formatter):
         turn_id = getattr(record, "turn_id", None)
         if turn_id:
             doc["labels.turn_id"] = turn_id
-        fields = getattr(record, "mesh_fields", None)
-        if isinstance(fields, dict):
-            for name, value in fields.items():
-                doc[f"mesh.{name}"] = value
         if record.exc_info and record.exc_info[0] is not None:
             kind, error, tb = record.exc_info
             doc["error.type"] = kind.__name__
@@ -87,14 +75,13 @@ class EcsJsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False, default=str)
 
 
-def configure(service: str, level: str = "INFO", environ: Mapping[str, str] = os.environ) -> None:
-    """Set up the root logger for ``service`` from ``MESH_LOG_FORMAT`` (console or json)."""
-    fmt = environ.get("MESH_LOG_FORMAT", "console").strip().lower() or "console"
+def configure(service: str, level: str = "INFO", fmt: str = "console", instance: str = "") -> None:
+    """Set up the root logger for ``service``: ``fmt`` is ``console`` or ``json``."""
     if fmt not in FORMATS:
         raise ValueError(f"MESH_LOG_FORMAT must be one of {', '.join(FORMATS)}, not {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(EcsJsonFormatter(f"mesh-{service}", environ.get("MESH_INSTANCE")))
+        handler.setFormatter(EcsJsonFormatter(f"mesh-{service}", instance or None))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -257,6 +257,12 @@ class _Logged(Protocol):
     @property
     def log_level(self) -> str: ...
 
+    @property
+    def log_format(self) -> str: ...
+
+    @property
+    def instance(self) -> str: ...
+
 
 _S = TypeVar("_S", bound=_Logged)
 
@@ -286,12 +292,8 @@ def run_main(
     except config_errors as error:
         print(f"{name}: bad configuration: {error}", file=sys.stderr)
         return 2
-    try:
-        logs.configure(name, settings.log_level)
-    except ValueError as error:
-        print(f"{name}: bad configuration: {error}", file=sys.stderr)
-        return 2
-    tracing.configure(name)
+    logs.configure(name, settings.log_level, settings.log_format, settings.instance)
+    tracing.configure(name, settings.instance)
     try:
         asyncio.run(serve(settings))
     except config_errors as error:

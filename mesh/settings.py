@@ -405,12 +405,19 @@ class ServiceSettings(Settings):
             (``<prefix>METRICS_PORT``).
         grace_s: drain time on SIGTERM (``<prefix>GRACE_S``).
         log_level: logging level (``<prefix>LOG_LEVEL``).
+        log_format: ``console`` or ``json`` (ECS, mesh/logs.py) (``MESH_LOG_FORMAT``).
+        log_user_text: whether log lines may quote what users wrote (``MESH_LOG_USER_TEXT``).
+        instance: this process's name among its replicas, in logs and spans (``MESH_INSTANCE``;
+            the launcher sets ``agent-2`` and the like).
     """
 
     host: str = setting("HOST", "127.0.0.1")
     metrics_port: int = setting("METRICS_PORT", 0, minimum=-1, maximum=65535)
     grace_s: float = setting("GRACE_S", 10.0, minimum=0)
     log_level: str = setting("LOG_LEVEL", "INFO")
+    log_format: str = setting("MESH_LOG_FORMAT", "console", choices=("console", "json"))
+    log_user_text: bool = setting("MESH_LOG_USER_TEXT", False)
+    instance: str = setting("MESH_INSTANCE", "")
     tls: TlsSettings = field(default_factory=TlsSettings)
 
     def listens_with_tls(self) -> bool:

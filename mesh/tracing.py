@@ -26,7 +26,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Link, Span, SpanContext
+from opentelemetry.trace import Span, SpanContext
 
 from mesh.log.base import Headers
 
@@ -51,11 +51,11 @@ def enabled(environ: Mapping[str, str] = os.environ) -> bool:
     return any(environ.get(name) for name in names)
 
 
-def configure(service: str, environ: Mapping[str, str] = os.environ) -> bool:
+def configure(service: str, instance: str = "", environ: Mapping[str, str] = os.environ) -> bool:
     """Export this process's spans over OTLP if an endpoint is configured; True if so.
 
     ``service`` becomes ``service.name`` (``mesh-<service>``): one name per kind of service, so a
-    backend groups the replicas, which ``service.instance.id`` (``MESH_INSTANCE``) tells apart.
+    backend groups the replicas, which ``service.instance.id`` (``instance``) tells apart.
     """
     global _provider
     if not enabled(environ) or _provider is not None:
@@ -64,11 +64,11 @@ def configure(service: str, environ: Mapping[str, str] = os.environ) -> bool:
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     attributes = {"service.name": f"mesh-{service}", "service.namespace": "llm-mesh"}
-    instance = environ.get("MESH_INSTANCE")
     if instance:
         attributes["service.instance.id"] = instance
     _provider = TracerProvider(resource=Resource.create(attributes))
-    _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    # A short export timeout: a collector that is down must not hold up a service's exit.
+    _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(timeout=5)))
     trace.set_tracer_provider(_provider)
     log.info("tracing: exporting spans over OTLP as %s", attributes["service.name"])
     return True
@@ -105,17 +105,17 @@ def span_context_of(headers: Iterable[tuple[str, str]]) -> SpanContext | None:
     return span_context if span_context.is_valid else None
 
 
-def links_to(*span_contexts: SpanContext | None) -> list[Link]:
-    return [Link(sc) for sc in span_contexts if sc is not None and sc.is_valid]
-
-
 def remote_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> Context:
-    """The caller's trace context from gRPC invocation metadata (or HTTP headers)."""
-    carrier = {
-        key.lower(): value.decode() if isinstance(value, bytes) else value
-        for key, value in metadata or ()
-    }
-    return propagate.extract(carrier)
+    """The caller's trace context from gRPC invocation metadata (or HTTP headers).
+
+    Only ``traceparent`` is taken: ``tracestate`` and baggage from a client are arbitrary data
+    that would ride along in every log record of the turn.
+    """
+    for key, value in metadata or ():
+        if key.lower() == "traceparent":
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            return propagate.extract({"traceparent": text[:64]})
+    return Context()
 
 
 def _with_trace_metadata(details: aio.ClientCallDetails) -> aio.ClientCallDetails:

@@ -39,6 +39,9 @@ async def report_lag(
             except LogError as error:  # the log is down: the gauges keep their last values
                 log.debug("consumer lag of %s on %s unavailable: %s", group, topic, error)
                 continue
+            except Exception:  # a bug must not freeze the gauges the alerts read, silently
+                log.exception("measuring the consumer lag of %s on %s failed", group, topic)
+                continue
             for partition, lag in lags.items():
                 metrics.CONSUMER_LAG.labels(group, topic, str(partition)).set(lag)
         await asyncio.sleep(interval_s)

@@ -225,6 +225,7 @@ async def serve(settings: AgentSettings) -> None:
                 parallel=settings.slots,
                 read_ahead=settings.read_ahead,
                 orphan_grace_s=settings.orphan_grace_s,
+                log_user_text=settings.log_user_text,
             )
         metrics_port = start_metrics(settings.metrics_port, settings.host)
 

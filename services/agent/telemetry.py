@@ -20,6 +20,7 @@ from mesh.log import Record
 from mesh.turnlog import TurnRequested
 
 PROVIDER = "llama.cpp"
+_SUCCESSFUL = (FinishReason.STOP, FinishReason.LENGTH, FinishReason.STOP_SEQUENCE)
 
 
 def wall_ns(wall_s: float) -> int:
@@ -95,7 +96,8 @@ def observe(
     labels = ("chat", model, PROVIDER)
     error_type = "" if reason is not FinishReason.ERROR else "generation_failed"
     metrics.GEN_AI_REQUEST_DURATION.labels(*labels, error_type).observe(duration_s)
-    if error_type or first_token_s is None:
+    # Successful turns only: a cancelled one (by its client, or orphaned) stopped early.
+    if reason not in _SUCCESSFUL or first_token_s is None:
         return
     metrics.GEN_AI_TIME_TO_FIRST_TOKEN.labels(*labels).observe(first_token_s)
     if output_tokens > 1:

@@ -36,6 +36,7 @@ from mesh.log import (
     LogError,
     Record,
 )
+from mesh.log.base import Headers
 from services.agent import telemetry
 from services.agent.clients import DependencyClients
 from services.agent.core import (
@@ -194,6 +195,7 @@ class TurnWorker(AsyncStartStop):
         read_ahead: turns taken from the log beyond the running ones, waiting in the fair queue.
         orphan_grace_s: how long a turn may have no client attached before it is cancelled
             (unless started in the background; ``services.agent.followers``).
+        log_user_text: log each turn's user text (``MESH_LOG_USER_TEXT``; off by default).
     """
 
     def __init__(
@@ -208,6 +210,7 @@ class TurnWorker(AsyncStartStop):
         parallel: int = 1,
         read_ahead: int = 0,
         orphan_grace_s: float = 30.0,
+        log_user_text: bool = False,
     ) -> None:
         if parallel < 1 or read_ahead < 0:
             raise ValueError("need parallel >= 1 and read_ahead >= 0")
@@ -217,7 +220,7 @@ class TurnWorker(AsyncStartStop):
         self._agent_id = agent_id
         self._partitions = partitions
         self._recall_top_k = recall_top_k
-        self._log_user_text = logs.user_text_allowed()  # MESH_LOG_USER_TEXT
+        self._log_user_text = log_user_text
         self._parallel = parallel
         self._window = parallel + read_ahead
         self._cancels: OrderedDict[str, None] = OrderedDict()
@@ -301,10 +304,13 @@ class TurnWorker(AsyncStartStop):
     # Turns nobody follows (services.agent.followers) -------------------------------------
 
     def _note_presence(self, record: Record, event: turnlog.TurnEvent) -> None:
-        self._presence_seen.note(record.offset, event, record.timestamp_ms)
+        # Timed when this agent saw it, not by the gateway's clock: clocks of other machines
+        # may be off by more than the grace period.
+        seen_ms = int(time.time() * 1000)
+        self._presence_seen.note(record.offset, event, seen_ms)
         current = self._active.get(event.turn_id)
         if current is not None and record.offset >= current.counted_from:
-            current.followers.apply(event, record.timestamp_ms)
+            current.followers.apply(event, seen_ms)
             self._watch_followers(current)
 
     def _watch_followers(self, current: _Current) -> None:
@@ -522,12 +528,13 @@ class TurnWorker(AsyncStartStop):
         appends: list[asyncio.Future[int]] = []
         partition = turn.events_partition
         key = turn.conversation_id.encode()
-        # Every record of the turn points at this agent's turn span: the persister's spans and
-        # an agent that takes the turn over join the trace through it.
+        # TurnStarted and TurnFinished point at this agent's turn span: an agent that takes the
+        # turn over, and the persister's spans, join the trace through them. Token records carry
+        # nothing: they are most of the log.
         headers = tracing.headers_for(span)
 
-        def append(value: bytes) -> asyncio.Future[int]:
-            future = self._log.append(TURN_EVENTS, partition, key, value, headers)
+        def append(value: bytes, with_headers: Headers = ()) -> asyncio.Future[int]:
+            future = self._log.append(TURN_EVENTS, partition, key, value, with_headers)
             appends.append(future)
             return future
 
@@ -564,7 +571,8 @@ class TurnWorker(AsyncStartStop):
                     request_offset=record.offset,
                     resumed_after_seq=last_seq,
                 )
-            )
+            ),
+            headers,
         )
         options = resolve_options(turn.options, self._core.limits)
         remaining = options.max_tokens - last_seq
@@ -641,6 +649,9 @@ class TurnWorker(AsyncStartStop):
             except Exception as failure:  # a bug or a broken model must not wedge the queue
                 log.exception("turn %s: generation failed", turn.turn_id)
                 error = MeshError(f"generation failed: {failure}", reason="GENERATION_FAILED")
+            except BaseException:  # handed back (cancelled): the span still ends
+                generating.end()
+                raise
             tokens.flush()
             if finished is not None:
                 reason = finished.finish_reason
@@ -666,39 +677,33 @@ class TurnWorker(AsyncStartStop):
         if error is not None:
             reason = FinishReason.ERROR
         now = time.monotonic()
-        finishing = tracing.tracer().start_span("finish turn", kind=SpanKind.PRODUCER)
-        append(
-            turnlog.encode(
-                turnlog.TurnFinished(
-                    turn.turn_id,
-                    finish_reason=reason,
-                    usage=TokenUsage(prompt_tokens, len(prior.tokens) + new_tokens),
-                    timings=TurnTimings(
-                        queued_ms=max(0.0, (claimed_wall - accepted_wall) * 1000),
-                        retrieval_ms=retrieval_ms,
-                        time_to_first_token_ms=(
-                            since_accepted_ms(first_token_at) if first_token_at is not None else 0.0
-                        ),
-                        total_ms=since_accepted_ms(now),
-                    ),
-                    error_status=_error_status(error, reason, current, self._orphan_grace_s),
-                    conversation_id=turn.conversation_id,
-                    tenant_id=turn.tenant_id,
-                    last_seq=last_seq,
-                    model=self._core.model_name,
-                    cancel_seen_at_seq=(
-                        current.cancel_seen_at_seq if reason is FinishReason.CANCELLED else 0
-                    ),
-                    context_skipped=skipped,
-                )
-            )
+        ending = turnlog.TurnFinished(
+            turn.turn_id,
+            finish_reason=reason,
+            usage=TokenUsage(prompt_tokens, len(prior.tokens) + new_tokens),
+            timings=TurnTimings(
+                queued_ms=max(0.0, (claimed_wall - accepted_wall) * 1000),
+                retrieval_ms=retrieval_ms,
+                time_to_first_token_ms=(
+                    since_accepted_ms(first_token_at) if first_token_at is not None else 0.0
+                ),
+                total_ms=since_accepted_ms(now),
+            ),
+            error_status=_error_status(error, reason, current, self._orphan_grace_s),
+            conversation_id=turn.conversation_id,
+            tenant_id=turn.tenant_id,
+            last_seq=last_seq,
+            model=self._core.model_name,
+            cancel_seen_at_seq=(
+                current.cancel_seen_at_seq if reason is FinishReason.CANCELLED else 0
+            ),
+            context_skipped=skipped,
         )
-        # The request is committed by the caller only once everything above is durable.
-        try:
+        with tracing.tracer().start_as_current_span("finish turn", kind=SpanKind.PRODUCER):
+            append(turnlog.encode(ending), headers)
+            # The request is committed by the caller only once everything above is durable.
             await self._log.flush()
             results = await asyncio.gather(*appends, return_exceptions=True)
-        finally:
-            finishing.end()
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise LogError(f"{len(failed)} appends of turn {turn.turn_id} failed: {failed[0]}")

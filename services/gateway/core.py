@@ -64,7 +64,7 @@ class GatewayCore(AsyncStartStop):
         self.settings = settings
         self.log = log
         # Names this gateway in ClientAttached/ClientDetached: the launcher's instance name.
-        self.gateway_id = os.environ.get("MESH_INSTANCE") or f"{socket.gethostname()}-{os.getpid()}"
+        self.gateway_id = settings.instance or f"{socket.gethostname()}-{os.getpid()}"
         self._conversations = conversations
         self.limiter = limiter or RateLimiter(settings.rate_per_s, settings.rate_burst)
         self.token_budget = TokenBudget(settings.tokens_per_minute_per_tenant)
@@ -219,13 +219,14 @@ class GatewayCore(AsyncStartStop):
                         info, after_seq=0, notify=notify, coalesce=request.coalesce_tokens
                     )
         self.limiter.acquire(principal)
-        reservation = self.token_budget.reserve(principal.tenant_id, request.options.max_tokens)
         conversation_id = request.conversation_id
         if not conversation_id:
             conversation_id = str(uuid.uuid4())
         elif (principal.tenant_id, conversation_id) not in self._seen:
             await self._conversations.require_conversation(principal.tenant_id, conversation_id)
             self._seen.put((principal.tenant_id, conversation_id), True)
+        # Reserved last before the append, so a start refused above costs the tenant nothing.
+        reservation = self.token_budget.reserve(principal.tenant_id, request.options.max_tokens)
         decided: asyncio.Future[TurnInfo | None] = asyncio.get_running_loop().create_future()
         if key is not None:
             self.idempotency.put(key, decided)
@@ -345,10 +346,14 @@ class GatewayCore(AsyncStartStop):
                 )
             )
             appending = tracing.tracer().start_span("append request", kind=SpanKind.PRODUCER)
-            appended = log.append(
-                TURN_REQUESTS, partition, key, value, tracing.headers_for(appending)
-            )
-            appended.add_done_callback(lambda _: appending.end())
+            try:
+                appended = log.append(
+                    TURN_REQUESTS, partition, key, value, tracing.headers_for(appending)
+                )
+            except BaseException:
+                appending.end()  # refused at once
+                raise
+            appended.add_done_callback(lambda _: appending.end())  # once it is durable
         except BaseException as error:
             # Nothing was logged: a retry with the same request_id must start afresh.
             if sub is not None:
@@ -502,9 +507,13 @@ class GatewayCore(AsyncStartStop):
             position = await self.queue.position(
                 info.partition, info.request_offset, info.tenant_id
             )
-            if not self._known_ended(info.turn_id) and not await self._ended_on_log(info):
-                # Another follower: the agents count them to find turns nobody follows.
+            if not self._known_ended(info.turn_id):
+                # Another follower: the agents count them to find turns nobody follows (one
+                # logged for a turn that already ended is ignored).
                 await self._presence(info, attached=True)
+        except LogError as error:
+            sub.close()
+            raise _log_unavailable(error) from error
         except BaseException:
             sub.close()
             raise

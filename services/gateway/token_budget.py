@@ -2,7 +2,8 @@
 
 A turn reserves its ``max_tokens`` (``DEFAULT_RESERVATION`` when it leaves the agent's default)
 when it starts and settles to the tokens it generated when it ends, so a tenant cannot start
-more than its budget's worth of turns at once, and a turn that stops early gives the rest back.
+more than its budget's worth of turns at once, a turn that stops early gives the rest back, and
+one that ran past its reservation (the agent's default length is configurable) counts in full.
 A turn may always start when its tenant has nothing in the window, however large it is (else a
 turn longer than the budget could never run). Turns that end while no stream of this gateway
 follows them keep their reservation until it leaves the window: the safe side.
@@ -28,8 +29,10 @@ class Reservation:
     tokens: int
 
     def settle(self, generated: int) -> None:
-        """The turn ended having generated ``generated`` tokens: the rest goes back."""
-        self.tokens = max(0, min(self.tokens, generated))
+        """The turn ended having generated ``generated`` tokens: what it really used counts,
+        less than reserved (the rest goes back) or more (a turn of the agent's default length
+        may run past the reservation)."""
+        self.tokens = max(0, generated)
 
 
 class TokenBudget:
@@ -45,9 +48,11 @@ class TokenBudget:
         if self._per_minute <= 0:
             return None
         now = self._clock()
-        spent = self._spent.setdefault(tenant, deque())
+        spent = self._spent.pop(tenant, deque())
         while spent and spent[0].at <= now - WINDOW_S:
             spent.popleft()
+        if spent:
+            self._spent[tenant] = spent  # a tenant with nothing in the window keeps no entry
         wanted = max_tokens or DEFAULT_RESERVATION
         used = sum(r.tokens for r in spent)
         if used and used + wanted > self._per_minute:
@@ -61,6 +66,7 @@ class TokenBudget:
             )
         reservation = Reservation(now, wanted)
         spent.append(reservation)
+        self._spent[tenant] = spent
         return reservation
 
     @staticmethod

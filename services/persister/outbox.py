@@ -160,7 +160,7 @@ class MemoryOutbox(AsyncStartStop):
         async def one(turn: FinishedTurn) -> str | None:
             async with limit:
                 started = time.perf_counter()
-                parent = tracing.context_from_headers(self._traces.pop(turn.turn_id, ()))
+                parent = tracing.context_from_headers(self._traces.get(turn.turn_id, ()))
                 try:
                     with tracing.tracer().start_as_current_span(
                         "memory index",
@@ -185,6 +185,8 @@ class MemoryOutbox(AsyncStartStop):
             self._breaker.succeeded()
             await self._store.memory_indexed(done)
             self._recent.update(done)
+            for turn_id in done:  # kept for a retry until indexed
+                self._traces.pop(turn_id, None)
             metrics.OUTBOX_INDEXED.inc(len(done))
         else:
             self._breaker.failed()

@@ -797,8 +797,11 @@ async def chat_ends_with(call: Any) -> tuple[grpc.StatusCode, str]:
 async def test_revoked_and_expired_keys_end_open_chat_streams(
     keys: Keys, log_path: Path, closed_addr: str, tmp_path: Path, agent_log: EmbeddedLog
 ) -> None:
-    soon = add_key_to_file(keys.path, "acme", expires_at=time.time() + 3)
     async with spawn_gateway(log_path, keys, closed_addr, tmp_path) as gateway:
+        # Made once the gateway is up (a slow start must not eat its life), then picked up by
+        # the gateway's once-a-second reload of the keys file.
+        soon = add_key_to_file(keys.path, "acme", expires_at=time.time() + 4)
+        await asyncio.sleep(1.5)
         revoked = gateway.stub.Chat(metadata=md(keys.acme))
         expiring = gateway.stub.Chat(metadata=md(soon))
         kept = gateway.stub.Chat(metadata=md(keys.globex))

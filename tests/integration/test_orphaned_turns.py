@@ -146,3 +146,38 @@ def test_a_client_that_resumes_within_the_grace_period_loses_nothing(
     assert result.finished is not None
     assert result.finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert [t.seq for t in result.tokens] == list(range(1, MAX_TOKENS + 1))
+
+
+def test_a_background_response_over_http_outlives_the_grace_period(mesh: dict[str, Any]) -> None:
+    """The OpenAI API's background responses answer at once and run with nobody attached."""
+    import urllib.request
+
+    url = str(mesh["gateway_http_url"])
+    headers = {"Authorization": f"Bearer {mesh['key']}", "Content-Type": "application/json"}
+    body = {
+        "model": json.loads(
+            urllib.request.urlopen(
+                urllib.request.Request(f"{url}/v1/models", headers=headers), timeout=10
+            ).read()
+        )["data"][0]["id"],
+        "input": "a long story please",
+        "background": True,
+        "store": True,
+        "max_output_tokens": MAX_TOKENS,
+        "temperature": 0,
+    }
+    request = urllib.request.Request(
+        f"{url}/v1/responses", data=json.dumps(body).encode(), headers=headers, method="POST"
+    )
+    created = json.loads(urllib.request.urlopen(request, timeout=30).read())
+    assert created["status"] in ("queued", "in_progress"), created
+    time.sleep(GRACE_S + 1.0)
+    deadline = time.monotonic() + 60
+    status = ""
+    while time.monotonic() < deadline:
+        polled = urllib.request.Request(f"{url}/v1/responses/{created['id']}", headers=headers)
+        status = json.loads(urllib.request.urlopen(polled, timeout=10).read())["status"]
+        if status not in ("queued", "in_progress"):
+            break
+        time.sleep(0.5)
+    assert status == "incomplete", status  # ran to max_output_tokens: not cancelled

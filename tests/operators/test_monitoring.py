@@ -351,6 +351,7 @@ def test_one_turn_is_one_trace_across_the_services_and_the_logs(monitored: Monit
 
     trace = _wait_for(complete, 60, f"trace {trace_id} is incomplete in Jaeger", mesh.log)
     by_service = spans_by_service(trace)
+    assert secret_text not in json.dumps(trace), "user text in a span"
     [turn_span] = [s for s in by_service["mesh-agent"] if s["operationName"].startswith("chat ")]
     attributes = tags(turn_span)
     assert attributes["gen_ai.operation.name"] == "chat"

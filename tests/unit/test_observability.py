@@ -15,6 +15,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from mesh import logs, tracing
 from mesh.log.embedded import EmbeddedLog
+from mesh.settings import SettingsError
+from services.memory.settings import MemorySettings
 
 # A provider of our own: spans with real ids, without touching the process-wide one.
 TRACER = TracerProvider().get_tracer("test")
@@ -59,15 +61,30 @@ def test_json_lines_outside_a_span_have_no_trace_and_exceptions_are_structured()
     assert "Traceback" in doc["error.stack_trace"]
 
 
-def test_an_unknown_log_format_is_a_configuration_error() -> None:
+def test_log_settings_are_read_once_and_a_bad_format_is_a_configuration_error() -> None:
+    with pytest.raises(SettingsError, match="MESH_LOG_FORMAT='xml' must be one of console, json"):
+        MemorySettings.from_env({"MESH_LOG_FORMAT": "xml"})
+    default = MemorySettings.from_env({})
+    assert (default.log_format, default.log_user_text, default.instance) == ("console", False, "")
+    given = {"MESH_LOG_FORMAT": "json", "MESH_LOG_USER_TEXT": "true", "MESH_INSTANCE": "memory-2"}
+    settings = MemorySettings.from_env(given)
+    assert (settings.log_format, settings.log_user_text, settings.instance) == (
+        "json",
+        True,
+        "memory-2",
+    )
     with pytest.raises(ValueError, match="MESH_LOG_FORMAT must be one of console, json"):
-        logs.configure("agent", environ={"MESH_LOG_FORMAT": "xml"})
+        logs.configure("agent", fmt="xml")
 
 
-def test_user_text_stays_out_of_logs_unless_asked_for() -> None:
-    assert not logs.user_text_allowed({})
-    assert not logs.user_text_allowed({"MESH_LOG_USER_TEXT": "no"})
-    assert logs.user_text_allowed({"MESH_LOG_USER_TEXT": "true"})
+def test_a_client_sends_only_its_traceparent_into_the_mesh() -> None:
+    parent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    metadata = [("traceparent", parent), ("tracestate", "x=" + "y" * 5000), ("baggage", "k=v")]
+    with TRACER.start_as_current_span("accept", context=tracing.remote_context(metadata)):
+        headers = dict(tracing.headers_for())
+    assert set(headers) == {"traceparent"}
+    assert headers["traceparent"].split("-")[1] == "ab" * 16
+    assert not trace.get_current_span(tracing.remote_context([])).get_span_context().is_valid
 
 
 def test_a_span_travels_in_record_headers_and_comes_back_as_parent_and_link() -> None:

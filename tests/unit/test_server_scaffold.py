@@ -139,6 +139,8 @@ def test_start_metrics_is_off_for_a_negative_port() -> None:
 @dataclass(frozen=True)
 class FakeSettings:
     log_level: str = "INFO"
+    log_format: str = "console"
+    instance: str = ""
 
 
 def test_run_main_serves_and_exits_zero() -> None:

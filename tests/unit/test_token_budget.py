@@ -52,3 +52,12 @@ def test_a_turn_larger_than_the_budget_runs_alone_and_default_lengths_reserve_25
 
 def test_no_limit_reserves_nothing() -> None:
     assert TokenBudget(0, Clock()).reserve("a", 10_000) is None
+
+
+def test_a_turn_that_ran_past_its_reservation_counts_in_full() -> None:
+    budget = TokenBudget(1000, Clock())
+    reservation = budget.reserve("a", 0)  # the agent's default length: 256 reserved
+    assert reservation is not None
+    reservation.settle(900)  # the agent's default was set higher
+    with pytest.raises(ResourceExhausted):
+        budget.reserve("a", 200)

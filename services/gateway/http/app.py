@@ -726,7 +726,10 @@ class OpenAiApi:
         call = parse_response(await self.body(request), await self.served_models())
         with self.core.stream_slot(principal.tenant_id):
             conversation_id, text = await self._response_text(principal, call)
-            start = StartRequest(conversation_id, text, call.sampling.options)
+            # A background response runs on with nobody attached (no orphan cancel).
+            start = StartRequest(
+                conversation_id, text, call.sampling.options, background=call.background
+            )
             turn = await self._start(
                 principal, start, RESPONSE_PARAMS, call.sampling.max_tokens_param, request
             )
