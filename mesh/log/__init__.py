@@ -1,9 +1,12 @@
 """The durable message log (embedded SQLite driver by default, Kafka for scale-out)."""
 
 from mesh.log.base import (
+    AGENTS_GROUP,
     TURN_EVENTS,
     TURN_REQUESTS,
+    Claim,
     EventLog,
+    Fenced,
     GroupConsumer,
     LogError,
     Record,
@@ -12,9 +15,12 @@ from mesh.log.base import (
 from mesh.log.factory import LogSettings, open_log
 
 __all__ = [
+    "AGENTS_GROUP",
     "TURN_EVENTS",
     "TURN_REQUESTS",
+    "Claim",
     "EventLog",
+    "Fenced",
     "GroupConsumer",
     "LogError",
     "LogSettings",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.log import EventLog, GroupConsumer, LogError, Record, partition_for
+from mesh.log import EventLog, Fenced, GroupConsumer, LogError, Record, partition_for
 from mesh.log.embedded import EmbeddedLog
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -390,6 +390,81 @@ async def test_a_member_stops_receiving_and_committing_partitions_it_lost(
         await first.close()
         await second.close()
         await asyncio.wait_for(asyncio.gather(first_task, second_task), 30)
+
+
+async def test_an_append_fenced_by_a_lost_claim_is_refused_and_writes_nothing(
+    event_log: EventLog, topic: str
+) -> None:
+    group = unique_group()
+    first = event_log.consumer(topic, group, "a")
+    first_task = asyncio.create_task(collect(first, [], commit_up_to=-1))
+    second: GroupConsumer | None = None
+    second_task: asyncio.Task[None] | None = None
+    try:
+        await wait_until(lambda: first.assignment() == set(range(PARTITIONS)))
+        before = {p: first.claim(p) for p in range(PARTITIONS)}
+        assert all(claim is not None for claim in before.values())
+        assert await event_log.append(topic, 0, b"k", b"owner", fence=before[0]) == 0
+        second = event_log.consumer(topic, group, "b")
+        second_task = asyncio.create_task(collect(second, [], commit_up_to=-1))
+        await wait_until(lambda: settled(first, second))
+        lost = sorted(second.assignment())
+        for partition in lost:
+            end = await event_log.end_offset(topic, partition)
+            with pytest.raises(Fenced):
+                await event_log.append(topic, partition, b"k", b"zombie", fence=before[partition])
+            assert first.claim(partition) is None
+            current = second.claim(partition)
+            assert current is not None and current != before[partition]
+            assert await event_log.append(topic, partition, b"k", b"new", fence=current) == end
+            records = await event_log.read_range(topic, partition, end, end + 5)
+            assert [r.value for r in records] == [b"new"]
+        for partition in first.assignment():
+            assert first.claim(partition) == before[partition]
+            await event_log.append(topic, partition, b"k", b"still", fence=before[partition])
+    finally:
+        await first.close()
+        if second is not None:
+            await second.close()
+        await asyncio.wait_for(
+            asyncio.gather(first_task, *([second_task] if second_task else [])), 30
+        )
+
+
+async def test_live_partitions_follow_the_groups_members(event_log: EventLog, topic: str) -> None:
+    group = unique_group()
+    assert await event_log.live_partitions(topic, group) == frozenset()
+    member = event_log.consumer(topic, group, "a")
+    task = asyncio.create_task(collect(member, []))
+    try:
+        await wait_until(lambda: member.assignment() == set(range(PARTITIONS)))
+        covered: frozenset[int] = frozenset()
+        for _ in range(100):
+            covered = await event_log.live_partitions(topic, group)
+            if covered == set(range(PARTITIONS)):
+                break
+            await asyncio.sleep(0.1)
+        assert covered == set(range(PARTITIONS))
+    finally:
+        await member.close()
+        await asyncio.wait_for(task, 30)
+    for _ in range(100):
+        if not await event_log.live_partitions(topic, group):
+            break
+        await asyncio.sleep(0.1)
+    assert await event_log.live_partitions(topic, group) == frozenset()
+
+
+async def test_check_writable_answers_while_started_and_fails_once_stopped(
+    driver: Driver, topic: str
+) -> None:
+    log = driver.make()
+    async with log:
+        await log.check_writable(topic)
+        with pytest.raises(LogError):
+            await log.check_writable("no.such.topic")
+    with pytest.raises(LogError):
+        await log.check_writable(topic)
 
 
 MEMBER = """

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.log import GroupConsumer, LogError, Record
+from mesh.log import Fenced, GroupConsumer, LogError, Record
 from mesh.log.embedded import EmbeddedLog, assign
 from mesh.log.embedded.fs_watch import DirectoryWatch
 
@@ -373,3 +373,97 @@ async def test_stop_closes_consumers_and_ends_their_iteration(tmp_path: Path) ->
     await asyncio.wait_for(task, 5)
     with pytest.raises(LogError, match="not started"):
         log.append("t", 0, b"k", b"v")
+
+
+ZOMBIE = """
+    import asyncio, json, sys
+    from pathlib import Path
+    from mesh.log import Fenced
+    from mesh.log.embedded import EmbeddedLog
+
+    async def main(path: str) -> None:
+        async with EmbeddedLog(Path(path), session_timeout_s=1.0, heartbeat_interval_s=0.1) as log:
+            member = log.consumer("t", "g", "zombie")
+            records = aiter(member)
+            await anext(records)  # partition 0 is ours now
+            claim = member.claim(0)
+            assert claim is not None
+            print(json.dumps({"epoch": claim.epoch}), flush=True)
+            # Paused here (SIGSTOP) while another member takes the partition over; then asked
+            # to append as if nothing had happened.
+            await asyncio.to_thread(sys.stdin.readline)
+            try:
+                offset = await log.append("t", 0, b"k", b"zombie", fence=claim)
+            except Fenced as error:
+                print(json.dumps({"fenced": str(error)}), flush=True)
+            else:
+                print(json.dumps({"offset": offset}), flush=True)
+            await member.close()
+
+    asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_stopped_process_that_lost_its_claim_cannot_append(log: EmbeddedLog) -> None:
+    """A real zombie: an OS process stopped (SIGSTOP) past its session, its partition taken by
+    another member, then resumed: its append with the old claim is refused in the same
+    transaction, and the log holds only the new owner's record."""
+    await log.append("t", 0, b"k", b"request")
+    zombie = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        textwrap.dedent(ZOMBIE),
+        str(log.path),
+        env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen' / 'python'}"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert zombie.stdin is not None and zombie.stdout is not None
+    successor = log.consumer("t", "g", "successor")
+    task: asyncio.Task[None] | None = None
+    try:
+        first = json.loads(await asyncio.wait_for(zombie.stdout.readline(), 30))
+        zombie.send_signal(signal.SIGSTOP)
+        seen: list[Record] = []
+        task = asyncio.create_task(collect(successor, seen))
+        await wait_until(lambda: successor.assignment() == {0, 1, 2, 3} and len(seen) == 1)
+        claim = successor.claim(0)
+        assert claim is not None and claim.epoch > first["epoch"]
+        assert await log.append("t", 0, b"k", b"successor", fence=claim) == 1
+        zombie.send_signal(signal.SIGCONT)
+        zombie.stdin.write(b"go\n")
+        await zombie.stdin.drain()
+        outcome = json.loads(await asyncio.wait_for(zombie.stdout.readline(), 30))
+        assert "fenced" in outcome, outcome
+        records = await log.read_range("t", 0, 0, 10)
+        assert [r.value for r in records] == [b"request", b"successor"]
+        assert await asyncio.wait_for(zombie.wait(), 30) == 0
+    finally:
+        if zombie.returncode is None:
+            zombie.send_signal(signal.SIGCONT)
+            zombie.kill()
+            await zombie.wait()
+        await successor.close()
+        if task is not None:
+            await asyncio.wait_for(task, 5)
+
+
+async def test_a_member_back_from_a_pause_gets_a_new_epoch(log: EmbeddedLog) -> None:
+    """Even when no one took its partitions, a member that was out of the group claims them
+    afresh: what it appended under the old claim before its pause is not continued blindly."""
+    await log.append("t", 0, b"k", b"r")
+    a = log.consumer("t", "g", "a")
+    records = aiter(a)
+    await asyncio.wait_for(anext(records), 5)
+    old = a.claim(0)
+    assert old is not None
+    assert a._heartbeat_task is not None
+    a._heartbeat_task.cancel()  # frozen, as a stopped process is
+    await asyncio.sleep(1.3)  # past the session
+    next_record = asyncio.create_task(anext(records))  # wakes up: heartbeats, rejoins
+    await wait_until(lambda: a.claim(0) is not None and a.claim(0) != old, within_s=5)
+    with pytest.raises(Fenced):
+        await log.append("t", 0, b"k", b"stale", fence=old)
+    next_record.cancel()
+    await a.close()

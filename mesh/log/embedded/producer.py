@@ -13,7 +13,7 @@ import functools
 import sqlite3
 from dataclasses import dataclass, field
 
-from mesh.log.base import LogError
+from mesh.log.base import Claim, Fenced, LogError
 from mesh.log.driver import Inflight
 from mesh.log.embedded.changes import Key
 from mesh.log.embedded.store import Store, Tx, now_ms
@@ -27,12 +27,27 @@ class _Append:
     value: bytes
     timestamp_ms: int
     future: asyncio.Future[int] = field(repr=False)
+    fence: Claim | None = None
+
+
+def _current(fence: Claim, conn: sqlite3.Connection) -> bool:
+    row = conn.execute(
+        "SELECT member_id, epoch FROM claims WHERE grp = ? AND topic = ? AND part = ?",
+        (fence.group, fence.topic, fence.partition),
+    ).fetchone()
+    return row is not None and (str(row[0]), int(row[1])) == (fence.member_id, fence.epoch)
 
 
 def _write_batch(batch: list[_Append], conn: sqlite3.Connection) -> list[int | LogError]:
-    """Append a batch in one transaction; per-record errors for unknown partitions."""
+    """Append a batch in one transaction; per-record errors for unknown partitions and for
+    records whose fence is stale (checked in the same transaction, so no other member can take
+    the partition between the check and the write)."""
     results: list[int | LogError] = []
     with Tx(conn):
+        fences: dict[Claim, bool] = {}
+        for item in batch:
+            if item.fence is not None and item.fence not in fences:
+                fences[item.fence] = _current(item.fence, conn)
         heads: dict[Key, int | None] = {}
         for item in batch:
             key = (item.topic, item.partition)
@@ -48,6 +63,9 @@ def _write_batch(batch: list[_Append], conn: sqlite3.Connection) -> list[int | L
             if head is None:
                 results.append(LogError(f"topic {item.topic!r} has no partition {item.partition}"))
                 continue
+            if item.fence is not None and not fences[item.fence]:
+                results.append(_fenced(item.fence))
+                continue
             rows.append((item.topic, item.partition, head, item.key, item.value, item.timestamp_ms))
             results.append(head)
             heads[key] = head + 1
@@ -60,6 +78,13 @@ def _write_batch(batch: list[_Append], conn: sqlite3.Connection) -> list[int | L
             [(head, topic, part) for (topic, part), head in heads.items() if head is not None],
         )
     return results
+
+
+def _fenced(fence: Claim) -> Fenced:
+    return Fenced(
+        f"member {fence.member_id} no longer holds {fence.group}/{fence.topic}/{fence.partition}"
+        f" at epoch {fence.epoch}"
+    )
 
 
 class Producer:
@@ -89,10 +114,12 @@ class Producer:
         self._pending.clear()
         self._task = None
 
-    def append(self, topic: str, partition: int, key: bytes, value: bytes) -> asyncio.Future[int]:
+    def append(
+        self, topic: str, partition: int, key: bytes, value: bytes, fence: Claim | None = None
+    ) -> asyncio.Future[int]:
         self._store.require()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Append(topic, partition, key, value, now_ms(), future))
+        self._pending.append(_Append(topic, partition, key, value, now_ms(), future, fence))
         self._inflight.add(future)
         self._wake.set()
         return future

@@ -17,7 +17,7 @@ from typing import Any, Self
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from mesh.log.base import LogError, Record
+from mesh.log.base import Claim, LogError, Record
 from mesh.log.driver import GroupMember, Membership, call_soon
 from mesh.log.kafka.admin import Admin
 from mesh.log.kafka.client import RDKAFKA_LOGGER, Client, poll_batch, to_record
@@ -72,6 +72,14 @@ class KafkaGroupConsumer(GroupMember):
 
     def assignment(self) -> frozenset[int]:
         return self._assignment
+
+    def claim(self, partition: int) -> Claim | None:
+        # The epoch is this member's count of losing the partition: enough to tell its current
+        # claim from one it held before a revoke (the only claims it can compare).
+        if self._closed or partition not in self._assignment:
+            return None
+        epoch = self._epochs.get(partition, 0)
+        return Claim(self._topic, self._group, partition, self._member_id, epoch)
 
     def _config(self) -> dict[str, Any]:
         return self._client.settings(
