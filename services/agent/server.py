@@ -221,6 +221,7 @@ async def serve(settings: AgentSettings) -> None:
                 recall_top_k=settings.recall_top_k,
                 parallel=settings.slots,
                 read_ahead=settings.read_ahead,
+                max_turn_s=settings.max_turn_s,
             )
         metrics_port = start_metrics(settings.metrics_port, settings.host)
 

@@ -48,6 +48,10 @@ class AgentSettings(ServiceSettings):
             conversation's prefix for its next turn until the room is needed.
         read_ahead: turns taken from the log beyond those running (``MESH_AGENT_READ_AHEAD``),
             so the fair queue sees other tenants' turns behind one tenant's burst.
+        max_turn_s: a running turn's time limit in seconds, 0 for none
+            (``MESH_AGENT_MAX_TURN_SECONDS``): a turn still running after it is stopped and
+            finished with a ``TURN_TIME_LIMIT`` error, so the turns behind it on its partition
+            run.
         seed: sampling seed for requests without one; unset or -1: random (``MESH_AGENT_SEED``).
         default_max_tokens: reply length when a request says 0 (``MESH_AGENT_DEFAULT_MAX_TOKENS``).
         max_tokens_limit: largest max_tokens accepted (``MESH_AGENT_MAX_TOKENS_LIMIT``).
@@ -96,6 +100,7 @@ class AgentSettings(ServiceSettings):
     prefill_chunk: int = setting("PREFILL_CHUNK", 512, minimum=1)
     kv_cache_tokens: int = setting("KV_CACHE_TOKENS", 0, minimum=0)
     read_ahead: int = setting("READ_AHEAD", 32, minimum=0)
+    max_turn_s: float = setting("MAX_TURN_SECONDS", 900.0, minimum=0)
     seed: int | None = setting("SEED", None)
     default_max_tokens: int = setting("DEFAULT_MAX_TOKENS", 256, minimum=1)
     max_tokens_limit: int = setting("MAX_TOKENS_LIMIT", 4096, minimum=1)
