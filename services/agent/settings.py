@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh.log import LogSettings
+from mesh.readiness import HealthSettings
 from mesh.settings import (
     ServiceSettings,
     SettingsError,
@@ -79,6 +80,7 @@ class AgentSettings(ServiceSettings):
             (``MESH_AGENT_MIN_TOKEN_INTERVAL_MS``): paces a fast model like a slower one, for
             demos and client tests; cancels stay immediate.
         log: the shared log settings (``MESH_LOG_*``).
+        health: how the log is probed for readiness (``MESH_HEALTH_*``).
     """
 
     env_prefix = "MESH_AGENT_"
@@ -117,6 +119,7 @@ class AgentSettings(ServiceSettings):
     prompt_log: Path | None = setting("PROMPT_LOG", None)
     min_token_interval_ms: float = setting("MIN_TOKEN_INTERVAL_MS", 0.0, minimum=0, maximum=10_000)
     log: LogSettings = field(default_factory=LogSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
 
     @property
     def slots(self) -> int:

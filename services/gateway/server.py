@@ -51,6 +51,7 @@ from services.gateway.model import (
     TurnError,
 )
 from services.gateway.persister import PersisterClient
+from services.gateway.readiness import gateway_readiness
 from services.gateway.settings import GatewaySettings
 from services.gateway.turn_stream import TurnStream
 from services.gateway.validation import validate_conversation_id
@@ -253,6 +254,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
     ) -> gateway_pb2.GetConversationResponse:
         principal = current_principal()
         validate_conversation_id(request.conversation_id)
+        self._core.require_persister()
         conversation = await self._persister.get_conversation(
             principal.tenant_id, request.conversation_id, consistent=True
         )
@@ -263,6 +265,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
     ) -> gateway_pb2.ListConversationsResponse:
         principal = current_principal()
         validate_page_size(request.page_size)
+        self._core.require_persister()
         conversations, token = await self._persister.list_conversations(
             principal.tenant_id, request.page_size, request.page_token
         )
@@ -307,9 +310,12 @@ async def serve(settings: GatewaySettings) -> None:
         persister = await stack.enter_async_context(
             PersisterClient(settings.persister_addr, timeout_s=settings.persister_timeout_s)
         )
+        gate = gateway_readiness(event_log, persister, settings.health)
         core = await stack.enter_async_context(
-            GatewayCore(settings, log=event_log, conversations=persister)
+            GatewayCore(settings, log=event_log, conversations=persister, gate=gate)
         )
+        # After the core: its start creates the topics the log probe writes to.
+        await stack.enter_async_context(gate.readiness)
         deps = GatewayDeps(core=core, persister=persister, keys=keys)
         server, port = build_server(settings, deps)
         assert deps.health is not None
@@ -333,7 +339,12 @@ async def serve(settings: GatewaySettings) -> None:
             log.info("draining %d open streams", core.open_streams)
 
         await serve_until_signalled(
-            server, deps.health, [SERVICE_NAME], grace_s=settings.grace_s, on_drain=drain
+            server,
+            deps.health,
+            [SERVICE_NAME],
+            grace_s=settings.grace_s,
+            on_drain=drain,
+            readiness=gate.readiness,
         )
     log.info("gateway stopped")
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh.log import LogSettings
+from mesh.readiness import HealthSettings
 from mesh.settings import (
     ServiceSettings,
     SettingsError,
@@ -36,6 +37,7 @@ class GatewaySettings(ServiceSettings):
         persister_addr: where the persister listens (``MESH_PERSISTER_ADDR``); the gateway
             cannot run without one, so empty is an error here.
         log: the shared log settings (``MESH_LOG_*``).
+        health: how dependencies are probed for readiness (``MESH_HEALTH_*``).
     """
 
     env_prefix = "MESH_GATEWAY_"
@@ -78,6 +80,7 @@ class GatewaySettings(ServiceSettings):
     http_max_body_bytes: int = setting("HTTP_MAX_BODY_BYTES", 1_048_576, minimum=1024)
     models: str = setting("MODELS", derive=lambda env: _agent_model_name(env))
     log: LogSettings = field(default_factory=LogSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
 
     @property
     def model_ids(self) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mesh.log import LogSettings
+from mesh.readiness import HealthSettings
 from mesh.settings import (
     PostgresSettings,
     ServiceSettings,
@@ -32,6 +33,7 @@ class PersisterSettings(ServiceSettings, PostgresSettings):
             (``MESH_PERSISTER_BARRIER_TIMEOUT_S``).
         pg_pool_size: most PostgreSQL connections (``MESH_PERSISTER_PG_POOL_SIZE``).
         log: the log driver (``MESH_LOG_*``).
+        health: how PostgreSQL and the log are probed for readiness (``MESH_HEALTH_*``).
     """
 
     env_prefix = "MESH_PERSISTER_"
@@ -43,6 +45,7 @@ class PersisterSettings(ServiceSettings, PostgresSettings):
     barrier_timeout_s: float = setting("BARRIER_TIMEOUT_S", 10.0, above=0)
     pg_pool_size: int = setting("PG_POOL_SIZE", 4, minimum=2)
     log: LogSettings = field(default_factory=LogSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
 
 
 __all__ = ["PersisterSettings"]
