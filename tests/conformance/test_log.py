@@ -431,6 +431,96 @@ async def test_an_append_fenced_by_a_lost_claim_is_refused_and_writes_nothing(
         )
 
 
+ZOMBIE = """
+import asyncio, json, signal, sys
+from pathlib import Path
+from mesh.log import Fenced
+
+async def main(driver: str, location: str, topic: str, group: str) -> None:
+    if driver == "kafka":
+        from mesh.log.kafka import KafkaLog
+        log = KafkaLog(location, session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S)
+    else:
+        from mesh.log.embedded import EmbeddedLog
+        log = EmbeddedLog(
+            Path(location), session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S
+        )
+    async with log:
+        member = log.consumer(topic, group, "zombie")
+        records = aiter(member)
+        record = await anext(records)
+        claim = member.claim(record.partition)
+        assert claim is not None
+        resumed = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGCONT, resumed.set)
+        print(json.dumps([record.partition, claim.epoch]), flush=True)
+        # Stopped here (SIGSTOP) while another member takes the partition over; the first thing
+        # it does once resumed is to append as if nothing had happened.
+        await resumed.wait()
+        try:
+            offset = await log.append(topic, record.partition, b"k", b"zombie", fence=claim)
+        except Fenced as error:
+            print(json.dumps({"fenced": str(error)}), flush=True)
+        else:
+            print(json.dumps({"offset": offset}), flush=True)
+        await member.close()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_a_stopped_process_that_lost_its_claim_cannot_append(
+    driver: Driver, event_log: EventLog, topic: str
+) -> None:
+    """A real zombie: a member's process stopped (SIGSTOP) past its session while another
+    member takes its partition, then resumed: its append with the old claim is refused, and
+    the partition holds only what the new owner wrote."""
+    group = unique_group()
+    for partition in range(PARTITIONS):
+        await event_log.append(topic, partition, b"k", b"request")
+    code = f"SESSION_S = {SESSION_S}\nHEARTBEAT_S = {HEARTBEAT_S}\n{ZOMBIE}"
+    zombie = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        driver.name,
+        driver.location,
+        topic,
+        group,
+        env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen' / 'python'}"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert zombie.stdout is not None
+    successor = event_log.consumer(topic, group, "successor")
+    task: asyncio.Task[None] | None = None
+    try:
+        line = await asyncio.wait_for(zombie.stdout.readline(), 60)
+        partition, _ = json.loads(line)
+        zombie.send_signal(signal.SIGSTOP)
+        seen: list[Record] = []
+        task = asyncio.create_task(collect(successor, seen, commit_up_to=-1))
+        await wait_until(
+            lambda: any(r.partition == partition for r in seen), within_s=SESSION_S + 30
+        )
+        claim = successor.claim(partition)
+        assert claim is not None
+        taken = await event_log.append(topic, partition, b"k", b"successor", fence=claim)
+        zombie.send_signal(signal.SIGCONT)
+        outcome = json.loads(await asyncio.wait_for(zombie.stdout.readline(), 60))
+        assert "fenced" in outcome, outcome
+        records = await event_log.read_range(topic, partition, 0, taken + 5)
+        assert [r.value for r in records] == [b"request", b"successor"]
+        assert await asyncio.wait_for(zombie.wait(), 60) == 0
+    finally:
+        if zombie.returncode is None:
+            zombie.send_signal(signal.SIGCONT)
+            zombie.kill()
+            await zombie.wait()
+        await successor.close()
+        if task is not None:
+            await asyncio.wait_for(task, 30)
+
+
 async def test_live_partitions_follow_the_groups_members(event_log: EventLog, topic: str) -> None:
     group = unique_group()
     assert await event_log.live_partitions(topic, group) == frozenset()

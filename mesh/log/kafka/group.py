@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any, Self
@@ -65,6 +66,10 @@ class KafkaGroupConsumer(GroupMember):
         self._delivered = 0  # written by the thread
         self._taken = 0  # written by the loop
         self._paused = False
+        # When the member's thread last went round its loop (time.monotonic()). A gap longer
+        # than the session means the process was stopped or starved: the broker has expired the
+        # member, so its claims are stale even before librdkafka reports the loss.
+        self._last_round = time.monotonic()
         self._last_commit: dict[int, int] = {}
         # Commits run on the member's own thread: a synchronous commit from another thread
         # hangs while this one sits in consume() (seen with confluent-kafka 2.16).
@@ -76,7 +81,7 @@ class KafkaGroupConsumer(GroupMember):
     def claim(self, partition: int) -> Claim | None:
         # The epoch is this member's count of losing the partition: enough to tell its current
         # claim from one it held before a revoke (the only claims it can compare).
-        if self._closed or partition not in self._assignment:
+        if self._closed or partition not in self._assignment or self._stale():
             return None
         epoch = self._epochs.get(partition, 0)
         return Claim(self._topic, self._group, partition, self._member_id, epoch)
@@ -100,6 +105,19 @@ class KafkaGroupConsumer(GroupMember):
                 "logger": logging.getLogger(RDKAFKA_LOGGER),
             }
         )
+
+    def _stale(self) -> bool:
+        """True while the thread has not gone round its loop for a whole session (the loop may
+        run first after a SIGCONT: its claims must not look current meanwhile)."""
+        return time.monotonic() - self._last_round > self._session_timeout_s
+
+    def _after_gap(self) -> None:
+        """The thread was stopped past the session: every claim it held is void."""
+        _log.warning(
+            "group member %s was paused past its session; its claims are void", self._member_id
+        )
+        for partition in self._assignment:
+            self._epochs[partition] = self._epochs.get(partition, 0) + 1
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assignment = self._assignment | {tp.partition for tp in partitions}
@@ -125,6 +143,9 @@ class KafkaGroupConsumer(GroupMember):
                 on_lost=self._on_revoke,
             )
             while not self._stopping:
+                if self._stale():
+                    self._after_gap()
+                self._last_round = time.monotonic()
                 self._run_commits(consumer)
                 room = self._prefetch - (self._delivered - self._taken)
                 full = room <= 0
