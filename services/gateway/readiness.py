@@ -50,16 +50,24 @@ class StartGate:
     """Refuses new turns the mesh cannot run now; built by ``gateway_readiness``."""
 
     def __init__(
-        self, readiness: Readiness, agents: AgentCoverage, settings: HealthSettings
+        self,
+        readiness: Readiness,
+        agents: AgentCoverage,
+        settings: HealthSettings,
+        *,
+        require_agent: bool = True,
+        require_persister: bool = True,
     ) -> None:
         self.readiness = readiness
         self._agents = agents
         self._settings = settings
+        self._require_agent = require_agent
+        self._require_persister = require_persister
 
     def require_persister(self) -> None:
         """UNAVAILABLE while the persister has been down for longer than the threshold."""
         down = self.readiness.down("persister")
-        if down is not None:
+        if down is not None and self._require_persister:
             raise Unavailable(
                 f"the conversation store (persister) is unavailable ({down}); retry shortly",
                 reason="PERSISTER_UNAVAILABLE",
@@ -78,7 +86,7 @@ class StartGate:
             )
         self.require_persister()
         missing_s = self._agents.uncovered_for(partition)
-        if missing_s > self._settings.threshold_s:
+        if self._require_agent and missing_s > self._settings.threshold_s:
             raise Unavailable(
                 f"no agent has consumed this conversation's partition for {missing_s:.0f}s, so "
                 "the turn would not start; retry shortly",
@@ -88,10 +96,17 @@ class StartGate:
 
 
 def gateway_readiness(
-    log: EventLog, persister: ServiceClient, settings: HealthSettings
+    log: EventLog,
+    persister: ServiceClient,
+    settings: HealthSettings,
+    *,
+    require_agent: bool = True,
+    require_persister: bool = True,
 ) -> StartGate:
     """The gateway's probes (log, persister, agents) and the gate ``StartTurn`` asks; start
-    ``gate.readiness`` once the log's topics exist."""
+    ``gate.readiness`` once the log's topics exist. Without ``require_persister`` the persister
+    is tracked but decides neither readiness nor starts; without ``require_agent`` starts do
+    not wait for an agent."""
     agents = AgentCoverage(log)
 
     async def persister_ready() -> None:
@@ -101,12 +116,18 @@ def gateway_readiness(
         "gateway",
         [
             Probe("log", lambda: log.check_writable(TURN_REQUESTS)),
-            Probe("persister", persister_ready),
+            Probe("persister", persister_ready, required=require_persister),
             Probe("agents", agents.refresh, required=False),
         ],
         settings,
     )
-    return StartGate(readiness, agents, settings)
+    return StartGate(
+        readiness,
+        agents,
+        settings,
+        require_agent=require_agent,
+        require_persister=require_persister,
+    )
 
 
 __all__ = ["PERSISTER_SERVICE", "AgentCoverage", "StartGate", "gateway_readiness"]

@@ -310,7 +310,13 @@ async def serve(settings: GatewaySettings) -> None:
         persister = await stack.enter_async_context(
             PersisterClient(settings.persister_addr, timeout_s=settings.persister_timeout_s)
         )
-        gate = gateway_readiness(event_log, persister, settings.health)
+        gate = gateway_readiness(
+            event_log,
+            persister,
+            settings.health,
+            require_agent=settings.require_agent,
+            require_persister=settings.require_persister,
+        )
         core = await stack.enter_async_context(
             GatewayCore(settings, log=event_log, conversations=persister, gate=gate)
         )

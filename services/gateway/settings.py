@@ -79,6 +79,11 @@ class GatewaySettings(ServiceSettings):
     http_port: int = setting("HTTP_PORT", 8000, minimum=-1, maximum=65535)
     http_max_body_bytes: int = setting("HTTP_MAX_BODY_BYTES", 1_048_576, minimum=1024)
     models: str = setting("MODELS", derive=lambda env: _agent_model_name(env))
+    # What a turn needs to start (docs/reliability.md): without it StartTurn fails fast with
+    # UNAVAILABLE. Off: turns are accepted and wait for an agent (scale from zero), or run
+    # without history while the persister is down (the turn says so).
+    require_agent: bool = setting("REQUIRE_AGENT", True)
+    require_persister: bool = setting("REQUIRE_PERSISTER", True)
     log: LogSettings = field(default_factory=LogSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
 
