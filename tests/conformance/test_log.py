@@ -643,3 +643,36 @@ async def test_a_killed_member_loses_its_partitions_and_its_uncommitted_records_
             await doomed.wait()
         await survivor.close()
         await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.infra
+async def test_a_kafka_member_starved_past_its_session_hands_its_records_out_again(
+    kafka_bootstrap: str,
+) -> None:
+    """Kafka only: a member whose thread did not run for a whole session voids its claims (it
+    may have been stopped, and the broker may have moved its partitions). When the broker did
+    not (the thread was only starved), the records handed out under the void claims come again
+    under new claims, so nothing handed out is lost."""
+    from mesh.log.kafka import KafkaLog
+
+    log = KafkaLog(kafka_bootstrap, session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S)
+    async with log:
+        topic = f"conformance.{uuid.uuid4().hex[:12]}"
+        await log.ensure_topic(topic, PARTITIONS)
+        await log.append(topic, 1, b"k", b"turn")
+        member = log.consumer(topic, unique_group(), "starved")
+        records = aiter(member)
+        try:
+            first = await asyncio.wait_for(anext(records), 60)
+            before = member.claim(first.partition)
+            assert before is not None
+            member._last_round -= 10 * SESSION_S  # as if its thread had not run for that long
+            again = await asyncio.wait_for(anext(records), 30)
+            assert (again.partition, again.offset) == (first.partition, first.offset)
+            after = member.claim(first.partition)
+            assert after is not None and after != before
+            with pytest.raises(Fenced):
+                await log.append(topic, 1, b"k", b"stale", fence=before)
+            assert await log.append(topic, 1, b"k", b"current", fence=after) == 1
+        finally:
+            await member.close()

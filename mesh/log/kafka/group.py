@@ -16,7 +16,13 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any, Self
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from mesh.log.base import Claim, LogError, Record
 from mesh.log.driver import GroupMember, Membership, call_soon
@@ -111,13 +117,30 @@ class KafkaGroupConsumer(GroupMember):
         run first after a SIGCONT: its claims must not look current meanwhile)."""
         return time.monotonic() - self._last_round > self._session_timeout_s
 
-    def _after_gap(self) -> None:
-        """The thread was stopped past the session: every claim it held is void."""
+    def _after_gap(self, consumer: Consumer) -> None:
+        """The thread was stopped past the session: every claim it held is void.
+
+        Usually the broker has expired the member too, and the partitions come back through a
+        rebalance. If it has not (this thread was only starved: librdkafka heartbeats from its
+        own thread), the partitions are rewound to the group's committed offsets, so what was
+        handed out under the void claims is handed out again under the new ones.
+        """
         _log.warning(
             "group member %s was paused past its session; its claims are void", self._member_id
         )
-        for partition in self._assignment:
+        voided = set(self._assignment)
+        for partition in voided:
             self._epochs[partition] = self._epochs.get(partition, 0) + 1
+        try:
+            assigned = [tp for tp in consumer.assignment() if tp.partition in voided]
+            if not assigned:
+                return
+            for tp in consumer.committed(assigned, timeout=self._session_timeout_s):
+                offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        except KafkaException as error:
+            # The partitions are being taken away: the rebalance redelivers them.
+            _log.warning("rewinding %s after its pause failed: %s", self._member_id, error)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assignment = self._assignment | {tp.partition for tp in partitions}
@@ -144,7 +167,7 @@ class KafkaGroupConsumer(GroupMember):
             )
             while not self._stopping:
                 if self._stale():
-                    self._after_gap()
+                    self._after_gap(consumer)
                 self._last_round = time.monotonic()
                 self._run_commits(consumer)
                 room = self._prefetch - (self._delivered - self._taken)
