@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -674,5 +675,47 @@ async def test_a_kafka_member_starved_past_its_session_hands_its_records_out_aga
             with pytest.raises(Fenced):
                 await log.append(topic, 1, b"k", b"stale", fence=before)
             assert await log.append(topic, 1, b"k", b"current", fence=after) == 1
+        finally:
+            await member.close()
+
+
+@pytest.mark.infra
+async def test_a_kafka_member_whose_event_loop_hangs_leaves_its_group(
+    kafka_bootstrap: str,
+) -> None:
+    """Kafka only: librdkafka heartbeats from its own thread, so a member whose event loop is
+    stuck would keep its partitions for ever; it leaves the group instead, voiding its claims."""
+    from mesh.log.kafka import KafkaLog
+
+    log = KafkaLog(
+        kafka_bootstrap,
+        session_timeout_s=SESSION_S,
+        heartbeat_interval_s=HEARTBEAT_S,
+        max_loop_stall_s=1.0,
+    )
+    async with log:
+        topic = f"conformance.{uuid.uuid4().hex[:12]}"
+        group = unique_group()
+        await log.ensure_topic(topic, PARTITIONS)
+        await log.append(topic, 2, b"k", b"turn")
+        member = log.consumer(topic, group, "hung")
+        records = aiter(member)
+        try:
+            first = await asyncio.wait_for(anext(records), 60)
+            claim = member.claim(first.partition)
+            assert claim is not None
+            time.sleep(3.0)  # noqa: ASYNC251 - the event loop hangs, as a stuck agent's would
+            await asyncio.sleep(0.5)
+            assert member.claim(first.partition) is None
+            with pytest.raises(StopAsyncIteration):
+                await asyncio.wait_for(anext(records), 30)
+            with pytest.raises(Fenced):
+                await log.append(topic, 2, b"k", b"late", fence=claim)
+            await wait_until(lambda: not member.assignment())
+            for _ in range(100):
+                if not await log.live_partitions(topic, group):
+                    break
+                await asyncio.sleep(0.1)
+            assert await log.live_partitions(topic, group) == frozenset()
         finally:
             await member.close()

@@ -54,6 +54,7 @@ class KafkaGroupConsumer(GroupMember):
         on_close: Callable[[Self], None],
         *,
         prefetch: int,
+        max_loop_stall_s: float = 60.0,
     ) -> None:
         super().__init__(membership, on_close)
         self._client = client
@@ -76,6 +77,12 @@ class KafkaGroupConsumer(GroupMember):
         # than the session means the process was stopped or starved: the broker has expired the
         # member, so its claims are stale even before librdkafka reports the loss.
         self._last_round = time.monotonic()
+        # When the event loop last ran a callback of this member's thread: a loop stuck for
+        # longer than ``max_loop_stall_s`` (a hung agent) makes the member leave its group, as
+        # max.poll.interval.ms would if polls came from the loop.
+        self._max_loop_stall_s = max_loop_stall_s
+        self._loop_seen = time.monotonic()
+        self._loop_pinged = 0.0  # written by the thread
         self._last_commit: dict[int, int] = {}
         # Commits run on the member's own thread: a synchronous commit from another thread
         # hangs while this one sits in consume() (seen with confluent-kafka 2.16).
@@ -111,6 +118,9 @@ class KafkaGroupConsumer(GroupMember):
                 "logger": logging.getLogger(RDKAFKA_LOGGER),
             }
         )
+
+    def _loop_ran(self) -> None:
+        self._loop_seen = time.monotonic()
 
     def _stale(self) -> bool:
         """True while the thread has not gone round its loop for a whole session (the loop may
@@ -158,6 +168,8 @@ class KafkaGroupConsumer(GroupMember):
         consumer = self._consumer
         assert consumer is not None
         loop = self._loop
+        # The clocks start with the thread, not with the object (made perhaps long before).
+        self._last_round = self._loop_seen = time.monotonic()
         try:
             consumer.subscribe(
                 [self._topic],
@@ -168,7 +180,21 @@ class KafkaGroupConsumer(GroupMember):
             while not self._stopping:
                 if self._stale():
                     self._after_gap(consumer)
-                self._last_round = time.monotonic()
+                now = time.monotonic()
+                self._last_round = now
+                if now - self._loop_seen > self._max_loop_stall_s:
+                    _log.error(
+                        "the event loop of group member %s has not run for %.0fs; leaving the "
+                        "group so its partitions move on",
+                        self._member_id,
+                        now - self._loop_seen,
+                    )
+                    # Its turns are the next owner's now: void the claims before leaving.
+                    self._on_revoke(consumer, consumer.assignment())
+                    break
+                if now - self._loop_pinged > 0.25:
+                    self._loop_pinged = now
+                    call_soon(loop, self._loop_ran)
                 self._run_commits(consumer)
                 room = self._prefetch - (self._delivered - self._taken)
                 full = room <= 0

@@ -36,6 +36,7 @@ class KafkaLog(LogDriver[KafkaGroupConsumer]):
         request_timeout_s: float = 30.0,
         prefetch: int = 500,
         config: Mapping[str, str] | None = None,
+        max_loop_stall_s: float | None = None,
     ) -> None:
         super().__init__(
             session_timeout_s=session_timeout_s, heartbeat_interval_s=heartbeat_interval_s
@@ -44,6 +45,11 @@ class KafkaLog(LogDriver[KafkaGroupConsumer]):
         self.client_id = client_id
         self.request_timeout_s = request_timeout_s
         self.prefetch = prefetch
+        # A group member leaves its group when the event loop that takes its records has not
+        # run for this long (librdkafka would keep heartbeating for a hung loop for ever).
+        self.max_loop_stall_s = (
+            max(30.0, 10 * session_timeout_s) if max_loop_stall_s is None else max_loop_stall_s
+        )
         # Extra librdkafka settings for every client (security.protocol, sasl.*, ...).
         self.config = dict(config or {})
         self._client = Client(bootstrap, client_id, self.config)
@@ -151,5 +157,6 @@ class KafkaLog(LogDriver[KafkaGroupConsumer]):
                 member,
                 self._consumers.discard,
                 prefetch=self.prefetch,
+                max_loop_stall_s=self.max_loop_stall_s,
             )
         )
