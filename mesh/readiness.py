@@ -104,6 +104,8 @@ class Readiness(AsyncStartStop):
         self._clock = clock
         self._states = {probe.name: _State() for probe in self._probes}
         self._task: asyncio.Task[None] | None = None
+        # Probes still running, by dependency (see ``_check``).
+        self._running: dict[str, asyncio.Task[object]] = {}
         self._health: health.aio.HealthServicer | None = None
         self._names: tuple[str, ...] = ()
         self._published: bool | None = None
@@ -125,6 +127,9 @@ class Readiness(AsyncStartStop):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        running, self._running = list(self._running.values()), {}
+        for probe in running:
+            probe.cancel()
 
     def down(self, name: str) -> str | None:
         """Why ``name`` is down (its last error), or None while it counts as up."""
@@ -156,12 +161,35 @@ class Readiness(AsyncStartStop):
 
     async def _check(self, probe: Probe) -> None:
         started = self._clock()
-        try:
-            await asyncio.wait_for(probe.check(), self._settings.timeout_s)
-        except Exception as error:  # any failure of a probe means "not usable now"
-            self._failed(probe.name, started, _describe(error))
-        else:
+        # A probe that outlives its timeout is cancelled but not awaited: a client may take its
+        # time to give up (psycopg waits for the server to confirm a cancelled query), and the
+        # other probes and the readiness status must not wait for it. The next round waits on
+        # the same probe again rather than piling up new ones.
+        task = self._running.get(probe.name)
+        if task is not None and task.done():
+            # A probe given up on earlier that has stopped since: its outcome is stale.
+            del self._running[probe.name]
+            if not task.cancelled():
+                task.exception()  # retrieved, so asyncio does not log it as lost
+            task = None
+        if task is None:
+            task = asyncio.create_task(_run(probe.check), name=f"probe-{probe.name}")
+            self._running[probe.name] = task
+        done, _ = await asyncio.wait({task}, timeout=self._settings.timeout_s)
+        if not done:
+            if not task.cancelling():  # once: a second cancel may cut its clean-up short
+                task.cancel()
+            self._failed(probe.name, started, "no answer within the probe's timeout")
+            return
+        del self._running[probe.name]
+        if task.cancelled():
+            self._failed(probe.name, started, "no answer within the probe's timeout")
+            return
+        error = task.exception()
+        if error is None:
             self._succeeded(probe.name)
+        else:  # any failure of a probe means "not usable now"
+            self._failed(probe.name, started, _describe(error))
 
     def _failed(self, name: str, started: float, error: str) -> None:
         state = self._states[name]
@@ -200,6 +228,10 @@ class Readiness(AsyncStartStop):
         while True:
             await self.check_once()
             await asyncio.sleep(self._settings.interval_s)
+
+
+async def _run(check: Callable[[], Awaitable[object]]) -> object:
+    return await check()
 
 
 def _describe(error: BaseException) -> str:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import grpc
 import pytest
@@ -58,14 +59,24 @@ def _read_info(path: Path) -> dict[str, Any] | None:
     return info
 
 
-def _wait_for(check: Callable[[], Any], timeout_s: float, what: str, log: Path) -> Any:
+def _wait_for(
+    check: Callable[[], Any], timeout_s: float, what: str, log: Path, seen: object = None
+) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
         time.sleep(0.1)
-    pytest.fail(f"{what} within {timeout_s:.0f} s; launcher log:\n{log.read_text()[-4000:]}")
+    pytest.fail(
+        f"{what} within {timeout_s:.0f} s (saw {seen}); launcher log:\n{log.read_text()[-4000:]}"
+    )
+
+
+def _seen(seen: list[str], status: str) -> str:
+    if not seen or seen[-1] != status:
+        seen.append(status)
+    return status
 
 
 def _status(addr: str, service: str) -> str:
@@ -247,3 +258,53 @@ def test_with_no_agent_consuming_starts_fail_fast_until_one_is_back(mesh: Mesh) 
         os.kill(agent["pid"], signal.SIGCONT)
     _wait_for(mesh.turn_runs, 60, "no turn ran after the agent came back", mesh.log)
     assert mesh.service("agent-1")["pid"] == agent["pid"]
+
+
+def _postgres_pids(mesh: Mesh) -> list[int]:
+    """The embedded PostgreSQL's postmaster and every backend it runs now."""
+    import psutil
+
+    dsn = str(mesh.info["pg_dsn"])
+    [socket_dir] = parse_qs(urlparse(dsn).query)["host"]
+    postmaster = int((Path(socket_dir) / "postmaster.pid").read_text().split()[0])
+    process = psutil.Process(postmaster)
+    return [postmaster, *(child.pid for child in process.children(recursive=True))]
+
+
+def test_a_stopped_postgres_makes_the_persister_and_the_gateway_unready(mesh: Mesh) -> None:
+    """The chain of readiness: PostgreSQL stopped (every process of it) turns the persister
+    NOT_SERVING, which the gateway sees through the persister's readiness; both come back."""
+    persister = mesh.service("persister")
+    gateway_addr = mesh.gateway_addr
+    pids = _postgres_pids(mesh)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        seen: list[str] = []
+        _wait_for(
+            lambda: _seen(seen, _status(persister["addr"], PERSISTER)) == "NOT_SERVING",
+            WITHIN_S,
+            "the persister's readiness did not turn NOT_SERVING",
+            mesh.log,
+            seen,
+        )
+        assert _status(persister["addr"], "") == "SERVING"
+        _wait_for(
+            lambda: _status(gateway_addr, GATEWAY) == "NOT_SERVING",
+            WITHIN_S + INTERVAL_S,
+            "the gateway's readiness did not follow the persister's",
+            mesh.log,
+        )
+        error, took = mesh.refused_start()
+        _assert_unavailable(error, took, "PERSISTER_UNAVAILABLE")
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    for addr, name in ((persister["addr"], PERSISTER), (gateway_addr, GATEWAY)):
+        _wait_for(
+            lambda a=addr, n=name: _status(a, n) == "SERVING",
+            WITHIN_S + 10,
+            f"{name} did not become ready again",
+            mesh.log,
+        )
+    _wait_for(mesh.turn_runs, 30, "no turn ran after PostgreSQL came back", mesh.log)

@@ -157,3 +157,35 @@ async def test_start_gate_refuses_with_retry_info_by_reason() -> None:
     with pytest.raises(Unavailable) as refused:
         gate.check(0)
     assert refused.value.reason == "LOG_UNAVAILABLE"
+
+
+async def test_a_probe_that_will_not_stop_does_not_hold_up_the_others() -> None:
+    """A client that takes its time to give up a cancelled call (psycopg waits for the server
+    to confirm a cancelled query) must not freeze the readiness loop or the other probes."""
+    clock = Clock()
+    calls = 0
+
+    async def stubborn() -> None:
+        nonlocal calls
+        calls += 1
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.5)  # ignores the cancel for a while
+            raise
+
+    other = Switch()
+    settings = HealthSettings(interval_s=1.0, timeout_s=0.05, threshold_s=1.0)
+    readiness = Readiness(
+        "unit4", [Probe("db", stubborn), Probe("other", other.check)], settings, clock=clock
+    )
+    loop = asyncio.get_running_loop()
+    for _ in range(3):
+        started = loop.time()
+        await readiness.check_once()
+        assert loop.time() - started < 0.3
+        clock.now += 0.6
+    assert readiness.down("db") == "no answer within the probe's timeout"
+    assert readiness.down("other") is None
+    assert calls == 1  # the stubborn probe was not started again while it still ran
+    await readiness.stop()
