@@ -202,6 +202,7 @@ def test_a_stopped_persister_makes_the_gateway_unready_and_starts_fail_fast(mesh
         )
         unready_after = time.monotonic() - stopped_at
         assert unready_after >= THRESHOLD_S * 0.8, "unready before the threshold"
+        print(f"gateway NOT_SERVING {unready_after:.1f}s after the persister stopped")
         # Liveness is separate: the process is healthy, it waits on a dependency.
         assert _status(gateway_addr, "") == "SERVING"
         error, took = mesh.refused_start()
@@ -222,12 +223,14 @@ def test_a_stopped_persister_makes_the_gateway_unready_and_starts_fail_fast(mesh
         assert mesh.service("persister")["pid"] == persister["pid"]
     finally:
         os.kill(persister["pid"], signal.SIGCONT)
+    resumed_at = time.monotonic()
     _wait_for(
         lambda: _status(gateway_addr, GATEWAY) == "SERVING",
         WITHIN_S,
         "the gateway did not become ready again after SIGCONT",
         mesh.log,
     )
+    print(f"gateway SERVING {time.monotonic() - resumed_at:.1f}s after SIGCONT")
     _wait_for(mesh.turn_runs, 30, "no turn ran after the persister came back", mesh.log)
 
 
@@ -252,6 +255,7 @@ def test_with_no_agent_consuming_starts_fail_fast_until_one_is_back(mesh: Mesh) 
         error, took = refusal[-1]
         _assert_unavailable(error, took, "NO_AGENT")
         assert refused_after >= SESSION_S, "refused before the agent's session ran out"
+        print(f"StartTurn refused (NO_AGENT) {refused_after:.1f}s after the agent stopped")
         # The gateway itself can still do the rest of its job.
         assert _status(mesh.gateway_addr, GATEWAY) == "SERVING"
     finally:
@@ -279,6 +283,7 @@ def test_a_stopped_postgres_makes_the_persister_and_the_gateway_unready(mesh: Me
     pids = _postgres_pids(mesh)
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
     try:
         seen: list[str] = []
         _wait_for(
@@ -287,6 +292,9 @@ def test_a_stopped_postgres_makes_the_persister_and_the_gateway_unready(mesh: Me
             "the persister's readiness did not turn NOT_SERVING",
             mesh.log,
             seen,
+        )
+        print(
+            f"persister NOT_SERVING {time.monotonic() - stopped_at:.1f}s after PostgreSQL stopped"
         )
         assert _status(persister["addr"], "") == "SERVING"
         _wait_for(
