@@ -64,7 +64,8 @@ run: setup
 
 up: setup
 	$(PY) -m mesh.run --detach $(if $(PROFILE),--profile $(PROFILE),) \
-		$(if $(AGENTS),--agents $(AGENTS),) $(if $(GATEWAYS),--gateways $(GATEWAYS),)
+		$(if $(AGENTS),--agents $(AGENTS),) $(if $(GATEWAYS),--gateways $(GATEWAYS),) \
+		$(if $(MONITORING),--monitoring,)
 
 down:
 	$(PY) -m mesh.run --down

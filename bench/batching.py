@@ -582,7 +582,7 @@ class MeshSide:
     async def flush(self) -> None:
         """Persist finished turns outside the timings, so their writes do not overlap the next
         round and the next turn of a conversation sees its whole history."""
-        async with aio.insecure_channel(self.mesh.persister_addr) as channel:
+        async with self.mesh.channel(self.mesh.persister_addr, "persister") as channel:
             stub = persister_service_pb2_grpc.PersisterServiceStub(channel)  # type: ignore[no-untyped-call]
             await stub.Flush(persister_pb2.FlushRequest(), timeout=60)
 

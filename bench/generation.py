@@ -208,8 +208,8 @@ async def mesh_run(
     )
 
 
-async def _flush_persister(addr: str) -> None:
-    async with aio.insecure_channel(addr) as channel:
+async def _flush_persister(mesh: Mesh) -> None:
+    async with mesh.channel(mesh.persister_addr, "persister") as channel:
         stub = persister_service_pb2_grpc.PersisterServiceStub(channel)  # type: ignore[no-untyped-call]
         await stub.Flush(persister_pb2.FlushRequest(), timeout=60)
 
@@ -253,7 +253,7 @@ async def measure_profile(
             # Warm-up, not recorded: first-call costs (connections, caches, page faults).
             await direct_run(engine, prompt, max_tokens, BASE_SEED)
             await mesh_run(stub, keys[0], max_tokens, BASE_SEED, timeout_s)
-            await _flush_persister(mesh.persister_addr)
+            await _flush_persister(mesh)
             for i in range(runs):
                 seed = BASE_SEED + 1 + i
                 ctx.progress(f"ttft: {profile} run {i + 1}/{runs}")
@@ -265,7 +265,7 @@ async def measure_profile(
                         through_mesh.samples.append(
                             await mesh_run(stub, keys[i + 1], max_tokens, seed, timeout_s)
                         )
-                        await _flush_persister(mesh.persister_addr)
+                        await _flush_persister(mesh)
                         await asyncio.sleep(0.05)
     finally:
         await asyncio.to_thread(mesh.stop)

@@ -124,7 +124,7 @@ async def run(
             # Warm-up, not recorded.
             await mesh_run(stub, keys[0], n_tokens, BASE_SEED, 120.0)
             await http_run(session, url, keys[1], model_id, n_tokens, BASE_SEED)
-            await _flush_persister(mesh.persister_addr)
+            await _flush_persister(mesh)
             for i in range(n_runs):
                 seed = BASE_SEED + 1 + i
                 ctx.progress(f"http: run {i + 1}/{n_runs}")
@@ -138,7 +138,7 @@ async def run(
                         http_side.samples.append(
                             await http_run(session, url, keys[3 + 2 * i], model_id, n_tokens, seed)
                         )
-                    await _flush_persister(mesh.persister_addr)
+                    await _flush_persister(mesh)
                     await asyncio.sleep(0.05)
     finally:
         await asyncio.to_thread(mesh.stop)

@@ -8,16 +8,23 @@
     mesh keys list [--tenant T] [--file F]
     mesh keys revoke KEY_ID [--file F]
     mesh keys rotate KEY_ID [--expires-in D] [--old-expires-in D] [--file F]
+    mesh certs init [--dir D] [--force]
+    mesh certs issue NAME [--dns NAME]... [--ip IP]... [--days N] [--dir D]
+    mesh certs rotate [NAME...] [--ca] [--days N] [--dir D]
+    mesh certs list [--dir D]
 
 The gateway address comes from ``--gateway`` or ``MESH_GATEWAY_ADDR`` (default
-127.0.0.1:50051) and the key from ``--api-key`` or ``MESH_API_KEY``. Failures print one line
-(the reason and what to do), never a traceback.
+127.0.0.1:50051) and the key from ``--api-key`` or ``MESH_API_KEY``. A gateway serving TLS is
+reached with ``--ca FILE`` (``MESH_GATEWAY_CA``: the CA bundle its certificate chains to) or
+``--tls`` (the system's CAs). Failures print one line (the reason and what to do), never a
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -50,8 +57,10 @@ from mesh.auth import (
     revoke_key,
     rotate_key,
 )
+from mesh.certs import CertDir, default_cert_dir
 from mesh.errors import MeshError, rich_status
 from mesh.settings import default_state_dir
+from mesh.tls import CertificateError, Identity, channel_credentials, load_identity
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 # Where `mesh health` looks when no address is configured (docs/protocol.md's default ports).
@@ -527,6 +536,26 @@ def history(
     return 0
 
 
+def gateway_channel(
+    addr: str, *, ca: Path | None = None, tls: bool = False, server_name: str = ""
+) -> grpc.Channel:
+    """A channel to the gateway's public port: TLS when ``ca`` (or ``tls``: system CAs) is set.
+
+    Raises:
+        CliError: the CA file cannot be read.
+    """
+    if ca is None and not tls:
+        return grpc.insecure_channel(addr)
+    roots = None
+    if ca is not None:
+        try:
+            roots = ca.read_bytes()
+        except OSError as error:
+            raise CliError(f"cannot read the CA file {ca}: {error.strerror}") from None
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(addr, grpc.ssl_channel_credentials(roots), options=options)
+
+
 def started_services(state_file: Path) -> dict[str, str]:
     """Name -> address of every service `make up` started, from the mesh.json it wrote."""
     try:
@@ -587,15 +616,57 @@ def _ready(stub: health_pb2_grpc.HealthStub, name: str | None, timeout_s: float)
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def health(targets: Sequence[tuple[str, str]], *, timeout_s: float, out: TextIO) -> int:
+def started_tls(state_file: Path) -> tuple[Identity | None, bool]:
+    """The operator identity in a mesh.json (None: plaintext mesh) and whether its gateways
+    serve TLS."""
+    try:
+        tls = json.loads(state_file.read_text()).get("tls") or {}
+        if not tls:
+            return None, False
+        identity = load_identity(
+            Path(tls["MESH_TLS_CA"]), Path(tls["MESH_TLS_CERT"]), Path(tls["MESH_TLS_KEY"])
+        )
+        return identity, bool(tls.get("edge"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CliError(f"{state_file}: no usable TLS identity: {error}") from None
+
+
+def _health_channel(
+    name: str, addr: str, identity: Identity | None, edge_ca: bytes | None
+) -> grpc.Channel:
+    kind = name.split("-")[0]
+    if kind == "gateway" or kind == "envoy" or identity is None:
+        if edge_ca is None or kind not in ("gateway", "envoy"):
+            return grpc.insecure_channel(addr)
+        return grpc.secure_channel(addr, grpc.ssl_channel_credentials(edge_ca))
+    # The services take mutual TLS only: present our certificate, check theirs names them.
+    return grpc.secure_channel(
+        addr,
+        channel_credentials(identity),
+        options=[("grpc.ssl_target_name_override", kind)],
+    )
+
+
+def health(
+    targets: Sequence[tuple[str, str]],
+    *,
+    timeout_s: float,
+    out: TextIO,
+    identity: Identity | None = None,
+    edge_ca: bytes | None = None,
+) -> int:
     """grpc.health.v1 Check of each address, liveness ("") and then readiness (the service's
     name); exit 1 unless every one is SERVING. A live service that is not ready (a dependency
-    down) shows as NOT_READY."""
+    down) shows as NOT_READY.
+
+    With ``identity`` the internal services are checked over mutual TLS; with ``edge_ca`` the
+    gateway over TLS.
+    """
     worst = 0
     width = max(len(name) for name, _ in targets)
     for name, addr in targets:
         try:
-            with grpc.insecure_channel(addr) as channel:
+            with _health_channel(name, addr, identity, edge_ca) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
                 state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -764,6 +835,23 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=environ.get("MESH_API_KEY", ""),
         help="API key (env MESH_API_KEY)",
     )
+    client.add_argument(
+        "--ca",
+        type=Path,
+        default=Path(environ["MESH_GATEWAY_CA"]) if environ.get("MESH_GATEWAY_CA") else None,
+        help="TLS to the gateway, trusting this CA bundle (env MESH_GATEWAY_CA)",
+    )
+    client.add_argument(
+        "--tls",
+        action="store_true",
+        default=(environ.get("MESH_GATEWAY_TLS", "").lower() in ("1", "true", "yes", "on")),
+        help="TLS to the gateway, trusting the system's CAs (env MESH_GATEWAY_TLS=1)",
+    )
+    client.add_argument(
+        "--server-name",
+        default=environ.get("MESH_GATEWAY_SERVER_NAME", ""),
+        help="the name the gateway's certificate must carry, when not the address's host",
+    )
 
     chat = sub.add_parser("chat", parents=[client], help="interactive chat in the terminal")
     chat.add_argument("--conversation", default="", help="continue this conversation")
@@ -804,6 +892,45 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "(default: $MESH_STATE_DIR/mesh.json)",
     )
     health_cmd.add_argument("--timeout", type=float, default=2.0, help="seconds per check")
+    health_cmd.add_argument(
+        "--ca", type=Path, default=None, help="CA bundle (else MESH_TLS_CA, or --state's)"
+    )
+    health_cmd.add_argument("--cert", type=Path, default=None, help="else MESH_TLS_CERT")
+    health_cmd.add_argument("--key", type=Path, default=None, help="else MESH_TLS_KEY")
+
+    certs = sub.add_parser("certs", help="the project CA and the services' certificates")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    cert_dir = argparse.ArgumentParser(add_help=False)
+    cert_dir.add_argument(
+        "--dir",
+        type=Path,
+        default=(
+            Path(environ["MESH_CERTS_DIR"])
+            if environ.get("MESH_CERTS_DIR")
+            else default_cert_dir(default_state_dir(environ))
+        ),
+        help="certificates directory (env MESH_CERTS_DIR, default %(default)s)",
+    )
+    init = certs_sub.add_parser("init", parents=[cert_dir], help="create the project CA")
+    init.add_argument("--force", action="store_true", help="replace an existing CA")
+    issue = certs_sub.add_parser(
+        "issue", parents=[cert_dir], help="issue (or reissue) a service's certificate"
+    )
+    issue.add_argument("name", metavar="NAME", help="gateway, agent, memory, persister, operator")
+    issue.add_argument("--dns", action="append", default=[], help="another DNS name (repeat)")
+    issue.add_argument("--ip", action="append", default=[], help="another IP address (repeat)")
+    issue.add_argument("--days", type=int, default=None, help="validity (default 90)")
+    rotate_certs = certs_sub.add_parser(
+        "rotate",
+        parents=[cert_dir],
+        help="reissue certificates with new keys; running services pick them up",
+    )
+    rotate_certs.add_argument("names", nargs="*", metavar="NAME", help="default: all")
+    rotate_certs.add_argument(
+        "--ca", action="store_true", help="replace the CA too (the old one stays trusted)"
+    )
+    rotate_certs.add_argument("--days", type=int, default=None, help="validity (default 90)")
+    certs_sub.add_parser("list", parents=[cert_dir], help="the certificates and their expiry")
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -850,6 +977,59 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _health_tls(
+    args: argparse.Namespace, environ: Mapping[str, str]
+) -> tuple[Identity | None, bytes | None]:
+    """The identity `mesh health` presents to the services, and the gateway's CA if TLS."""
+    paths = [
+        args.ca or environ.get("MESH_TLS_CA"),
+        args.cert or environ.get("MESH_TLS_CERT"),
+        args.key or environ.get("MESH_TLS_KEY"),
+    ]
+    if all(paths):
+        return load_identity(*(Path(str(p)) for p in paths)), None
+    if any(paths):
+        raise CliError("--ca, --cert and --key (or MESH_TLS_CA/CERT/KEY) go together")
+    if args.state is not None:
+        started, edge = started_tls(args.state)
+        return started, (started.ca_pem if started is not None and edge else None)
+    return None, None
+
+
+def run_certs(args: argparse.Namespace, out: TextIO) -> int:
+    """``mesh certs init | issue | rotate | list``."""
+    certs = CertDir(args.dir)
+    if args.certs_command == "init":
+        if not certs.init(force=args.force):
+            raise CliError(
+                f"a CA already exists in {certs.path}; `mesh certs rotate --ca` replaces it "
+                "without breaking running services (--force starts over)"
+            )
+        out.write(f"created the CA: {certs.ca_cert} (key {certs.ca_key}, keep it private)\n")
+        out.write(f"next: mesh certs issue <service> --dir {certs.path}\n")
+        return 0
+    days = {} if getattr(args, "days", None) is None else {"days": args.days}
+    if args.certs_command == "issue":
+        path = certs.issue(args.name, dns=args.dns, ips=args.ip, **days)
+        out.write(f"{certs.describe(args.name)}\n")
+        out.write(
+            f"MESH_TLS_CA={certs.ca_cert} MESH_TLS_CERT={path} "
+            f"MESH_TLS_KEY={certs.key(args.name)}\n"
+        )
+        return 0
+    if args.certs_command == "rotate":
+        names = certs.rotate(args.names, ca=args.ca, **days)
+        for name in names:
+            out.write(f"reissued {certs.describe(name)}\n")
+        out.write("running services load the new files within seconds; open streams carry on\n")
+        return 0
+    if not certs.exists():
+        raise CliError(f"no CA in {certs.path}: `mesh certs init` creates one")
+    for name in certs.issued():
+        out.write(f"{certs.describe(name)}\n")
+    return 0
+
+
 def _require_key(args: argparse.Namespace) -> str:
     if not args.api_key:
         raise CliError(
@@ -879,16 +1059,23 @@ def main(
     try:
         if args.command == "keys":
             return run_keys(args, out, err)
+        if args.command == "certs":
+            return run_certs(args, out)
         if args.command == "health":
             targets = health_addresses(environ, args.gateway, args.service, args.state)
-            return health(targets, timeout_s=args.timeout, out=out)
+            identity, edge_ca = _health_tls(args, environ)
+            return health(
+                targets, timeout_s=args.timeout, out=out, identity=identity, edge_ca=edge_ca
+            )
         api_key = _require_key(args)
         if args.command == "chat":
             if args.max_tokens < 0:
                 raise CliError("--max-tokens must be >= 0")
             gateway = args.gateway
             app = ChatApp(
-                lambda: grpc.insecure_channel(gateway),
+                functools.partial(
+                    gateway_channel, gateway, ca=args.ca, tls=args.tls, server_name=args.server_name
+                ),
                 api_key=api_key,
                 options=ChatOptions(
                     args.conversation, args.max_tokens, args.temperature, args.seed
@@ -898,7 +1085,9 @@ def main(
                 err=err,
             )
             return app.run()
-        with grpc.insecure_channel(args.gateway) as channel:
+        with gateway_channel(
+            args.gateway, ca=args.ca, tls=args.tls, server_name=args.server_name
+        ) as channel:
             stub = _stub(channel)
             if args.command == "resume":
                 return resume(
@@ -921,7 +1110,14 @@ def main(
     except grpc.RpcError as error:
         err.write("error: " + describe_rpc_error(error) + "\n")
         return 1
-    except (CliError, KeyFileError, UnknownKeyError, MeshError, OSError) as error:
+    except (
+        CliError,
+        KeyFileError,
+        UnknownKeyError,
+        MeshError,
+        CertificateError,
+        OSError,
+    ) as error:
         err.write(f"error: {error}\n")
         return 1
     except KeyboardInterrupt:

@@ -77,6 +77,11 @@ class Unavailable(MeshError):
     default_reason = "UNAVAILABLE"
 
 
+class Cancelled(MeshError):
+    code = grpc.StatusCode.CANCELLED
+    default_reason = "CANCELLED"
+
+
 class DeadlineExceeded(MeshError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     default_reason = "DEADLINE_EXCEEDED"

@@ -1,4 +1,4 @@
-"""Server interceptors shared by every service: domain errors to statuses, and RPC metrics.
+"""Server interceptors shared by every service: domain errors to statuses, RPC metrics, spans.
 
 Both wrap the four handler shapes the same way, through ``wrap_handler``; the gateway's auth
 interceptor uses it too.
@@ -13,8 +13,9 @@ from typing import Any
 
 import grpc
 from grpc import aio
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from mesh import metrics
+from mesh import metrics, tracing
 from mesh.errors import MeshError, to_grpc_status
 
 log = logging.getLogger(__name__)
@@ -192,5 +193,58 @@ class MetricsInterceptor(_WrappingInterceptor):
                 record(ctx, None)
             finally:
                 gauge.dec()
+
+        return wrap_handler(handler, method, unary, streaming)
+
+
+# Probes and reflection: no spans, they would drown the turns.
+_UNTRACED = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class TracingInterceptor(_WrappingInterceptor):
+    """A server span per unary RPC, child of the caller's span (``traceparent`` metadata).
+
+    Streaming RPCs get none: a Chat stream lives for many turns, and each turn is its own trace,
+    started by the gateway's accept span (services/gateway). Put it after MetricsInterceptor.
+    """
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        if method.startswith(_UNTRACED):
+            return handler
+        rpc_service = method.lstrip("/").rpartition("/")[0]
+        _, name = _method_name(method)
+        span_name = f"{rpc_service}/{name}"
+
+        async def unary(
+            run: Callable[[], Awaitable[Any]], ctx: aio.ServicerContext[Any, Any]
+        ) -> Any:
+            with tracing.tracer().start_as_current_span(
+                span_name,
+                context=tracing.remote_context(ctx.invocation_metadata()),
+                kind=SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": name},
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                error: BaseException | None = None
+                try:
+                    return await run()
+                except BaseException as failure:
+                    error = failure
+                    raise
+                finally:
+                    code = _code_of(ctx, error)
+                    span.set_attribute("rpc.grpc.status_code", code)
+                    if code != "OK":
+                        span.set_status(Status(StatusCode.ERROR, code))
+
+        async def streaming(
+            run: Callable[[], AsyncIterator[Any]], ctx: aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            async for item in run():
+                yield item
 
         return wrap_handler(handler, method, unary, streaming)

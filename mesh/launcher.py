@@ -22,33 +22,47 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
 import grpc
+from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mesh import logs
+from mesh.certs import OPERATOR, CertDir, default_cert_dir, ensure_mesh_certs, renew
 from mesh.infra.postgres import redact_dsn
 from mesh.infra.process import free_port as free_port  # re-exported: tests pick ports with it
 from mesh.infra.process import log_tail, spawn, wait_until
 from mesh.log import LogSettings
 from mesh.memory.factory import StoreSettings
 from mesh.metrics import start_metrics_server
+from mesh.monitoring import Monitoring
 from mesh.pg import ROOT_FALLBACK_DIR, EmbeddedPostgres
+from mesh.server import channel as server_channel
 from mesh.settings import Env, Secret, ServiceSettings, embedded_pg_dir
 from mesh.supervisor import Supervisor
+from mesh.tls import channel_credentials, load_identity
 from services.agent.settings import AgentSettings
 from services.gateway.settings import GatewaySettings
 from services.memory.settings import MemorySettings
 from services.persister.settings import PersisterSettings
 
 _ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 
 
 PROFILES = ("embedded", "scale")
+# The certificate of the gateways' public ports when the launcher gives them TLS.
+EDGE_IDENTITY = "gateway-edge"
+# A running mesh reissues certificates this long before they expire (they last 90 days), and
+# looks this often.
+RENEW_WITHIN = timedelta(days=30)
+RENEW_EVERY_S = 3600.0
 
 # The settings of each kind of service: the launcher writes their variables through them.
 SERVICE_SETTINGS: dict[str, type[ServiceSettings]] = {
@@ -92,12 +106,24 @@ class MeshConfig:
     cache_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
+    # Mutual TLS between the services, with a CA and certificates under ``state_dir/certs``
+    # (kept across restarts; see mesh.certs).
+    mesh_tls: bool = True
+    # TLS on the gateways' public ports too, with a ``gateway-edge`` certificate from that CA
+    # (loopback may stay plaintext, and does by default).
+    edge_tls: bool = False
+    # Prometheus and Jaeger next to the mesh (mesh/monitoring.py).
+    monitoring: bool = False
+    scrape_interval_s: float = 5.0
+    rule_files: tuple[Path, ...] = ()  # Prometheus rules; empty: monitoring/prometheus's
 
     def __post_init__(self) -> None:
         if self.pg_server not in ("embedded", "debian"):
             raise ValueError(f"pg_server must be 'embedded' or 'debian', got {self.pg_server!r}")
         if self.gateways < 1 or self.agents < 1:
             raise ValueError("a mesh needs at least one gateway and one agent")
+        if self.edge_tls and not self.mesh_tls:
+            raise ValueError("edge_tls needs mesh_tls: the edge certificate comes from its CA")
         if self.envoy_port < 0:
             raise ValueError(
                 f"envoy_port must be >= 0 (0 picks a free port), got {self.envoy_port}"
@@ -221,9 +247,20 @@ def wait_healthy(
     process: subprocess.Popen[bytes] | None = None,
     log_path: Path | None = None,
     name: str = "service",
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str = "",
 ) -> None:
-    """Poll grpc.health.v1 on ``addr`` until SERVING, or raise with the service's log tail."""
-    with grpc.insecure_channel(addr) as channel:
+    """Poll grpc.health.v1 on ``addr`` until SERVING, or raise with the service's log tail.
+
+    With ``credentials`` the probe is TLS, and the server's certificate must name
+    ``server_name`` (a mesh service: ``memory``) when given.
+    """
+    if credentials is None:
+        opened = grpc.insecure_channel(addr)
+    else:
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        opened = grpc.secure_channel(addr, credentials, options=options)
+    with opened as channel:
         stub = health_pb2_grpc.HealthStub(channel)
 
         def not_serving() -> str | None:
@@ -255,7 +292,53 @@ class Mesh:
         self.infra: list[InfraServer] = []
         self._infra_starts: list[Future[str]] = []
         self._pg: EmbeddedPostgres | None = None
+        self.monitoring: Monitoring | None = None
+        self._otlp_endpoint = ""
         self._log_dir = config.log_dir or config.state_dir / "logs"
+        self.certs: CertDir | None = None
+
+    # -- identities --------------------------------------------------------------------------
+    def ensure_certs(self) -> CertDir | None:
+        """The CA and every service's certificate (created once, kept); None without mesh TLS."""
+        if self.config.mesh_tls and self.certs is None:
+            names = ["gateway", "agent", "memory", "persister", OPERATOR]
+            if self.config.edge_tls:
+                names.append(EDGE_IDENTITY)
+            self.certs = ensure_mesh_certs(default_cert_dir(self.config.state_dir), names)
+        return self.certs
+
+    def renew_certs(self, within: timedelta = RENEW_WITHIN) -> list[str]:
+        """Reissue the certificates that expire within ``within``; the services load the new
+        files by themselves (mesh.tls), so nothing restarts. Returns the names reissued."""
+        if self.certs is None:
+            return []
+        return renew(self.certs, self.certs.issued(), within=within)
+
+    def tls_env(self, identity: str) -> dict[str, str]:
+        """``MESH_TLS_*`` of a process acting as ``identity`` (``operator`` for tools)."""
+        return {} if self.certs is None else self.certs.env(identity)
+
+    def credentials(self, identity: str = OPERATOR) -> grpc.ChannelCredentials | None:
+        """Client credentials of ``identity`` for the services' ports; None without mesh TLS."""
+        if self.certs is None:
+            return None
+        certs = self.certs
+        return channel_credentials(
+            load_identity(certs.ca_cert, certs.cert(identity), certs.key(identity))
+        )
+
+    def channel(self, addr: str, kind: str, identity: str = OPERATOR) -> aio.Channel:
+        """An asyncio channel to a service of ``kind`` at ``addr``, as ``identity`` (the
+        operator by default: Flush, GetStats); plaintext where the mesh is."""
+        if kind == "gateway":
+            return server_channel(addr, credentials=self.edge_credentials())
+        return server_channel(addr, credentials=self.credentials(identity), server_name=kind)
+
+    def edge_credentials(self) -> grpc.ChannelCredentials | None:
+        """Client credentials for the gateways' public ports; None when they are plaintext."""
+        if self.certs is None or not self.config.edge_tls:
+            return None
+        return grpc.ssl_channel_credentials(self.certs.ca_cert.read_bytes())
 
     # -- addresses ---------------------------------------------------------------------------
     def _one(self, name: str) -> Service:
@@ -298,7 +381,8 @@ class Mesh:
     def envoy_url(self) -> str:
         """The page and gRPC-web (and native gRPC) through Envoy; empty without Envoy."""
         envoy = self.envoy
-        return f"http://{envoy.addr}" if envoy is not None else ""
+        scheme = "https" if self.config.edge_tls else "http"
+        return f"{scheme}://{envoy.addr}" if envoy is not None else ""
 
     # -- lifecycle ---------------------------------------------------------------------------
     def base_env(self) -> dict[str, str]:
@@ -322,6 +406,8 @@ class Mesh:
         env.update(AgentSettings.env_for(threads=cfg.agent_threads, n_ctx=cfg.n_ctx))
         env.update(GatewaySettings.env_for(api_keys_file=cfg.api_keys_file))
         env["XDG_RUNTIME_DIR"] = os.environ.get("XDG_RUNTIME_DIR", "/tmp")
+        if self._otlp_endpoint:
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self._otlp_endpoint
         env.update(cfg.extra_env)
         return env
 
@@ -347,6 +433,14 @@ class Mesh:
         port, metrics_port = free_port(), free_port()
         settings = SERVICE_SETTINGS[kind]
         env = {**env, **settings.env_for(host="127.0.0.1", port=port, metrics_port=metrics_port)}
+        env.update(self.tls_env(kind))
+        if kind == "gateway" and self.config.edge_tls and self.certs is not None:
+            env.update(
+                GatewaySettings.env_for(
+                    tls_cert=self.certs.cert(EDGE_IDENTITY), tls_key=self.certs.key(EDGE_IDENTITY)
+                )
+            )
+        env["MESH_INSTANCE"] = name  # service.instance.id of its spans, service.node.name of logs
         if kind == "agent":
             env.update(AgentSettings.env_for(agent_id=name))
         if kind == "gateway":
@@ -368,6 +462,11 @@ class Mesh:
         }
         # A dead gateway should leave the pool within a second or two.
         env.setdefault("MESH_ENVOY_HEALTH_INTERVAL_S", "1")
+        if self.config.edge_tls and self.certs is not None:
+            # TLS on Envoy's listener too, and towards the gateways, which then serve TLS.
+            env["MESH_ENVOY_TLS_CERT"] = str(self.certs.cert(EDGE_IDENTITY))
+            env["MESH_ENVOY_TLS_KEY"] = str(self.certs.key(EDGE_IDENTITY))
+            env["MESH_ENVOY_UPSTREAM_CA"] = str(self.certs.ca_cert)
         argv = [sys.executable, "-m", "mesh.infra.envoy", "run", "--admin-port", str(admin_port)]
         return self._spawn_process("envoy", argv, env, port, admin_port)
 
@@ -442,11 +541,19 @@ class Mesh:
     def start(self, *, timeout_s: float = 120.0) -> Mesh:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ensure_certs()
         try:
             self._start_infra()
             if not self.pg_dsn:
                 self._pg = EmbeddedPostgres(_embedded_pg_dir(cfg.state_dir))
                 self.pg_dsn = self._pg.start()
+            if cfg.monitoring:
+                self.monitoring = Monitoring(
+                    cfg.state_dir,
+                    scrape_interval_s=cfg.scrape_interval_s,
+                    rule_files=cfg.rule_files,
+                )
+                self._otlp_endpoint = self.monitoring.start_tracing()
             env = self.base_env()
             (memory,) = self._start_group("memory", ["memory"], env, timeout_s)
             env.update(AgentSettings.env_for(memory_addr=memory.addr))
@@ -459,10 +566,26 @@ class Mesh:
             if cfg.envoy:
                 # Healthy through Envoy means: listening, and routing to a healthy gateway.
                 self._wait(self._spawn_envoy(env), timeout_s)
+            if self.monitoring is not None:
+                self.monitoring.start_metrics(self.scrape_targets())
         except BaseException:
             self.stop()
             raise
         return self
+
+    def scrape_targets(
+        self, extra: Sequence[tuple[str, str, int]] = ()
+    ) -> list[tuple[str, str, int]]:
+        """(name, kind, metrics port) of every service with a /metrics endpoint, plus ``extra``.
+
+        Envoy is left out: its admin port serves its statistics at another path.
+        """
+        own = [
+            (s.name, s.name.split("-")[0], s.metrics_port)
+            for s in self.services
+            if not s.name.startswith("envoy")
+        ]
+        return [*own, *extra]
 
     def start_agent(self, *, timeout_s: float = 120.0) -> Service:
         """Add one more agent to a running mesh (scale-out and takeover tests)."""
@@ -517,12 +640,19 @@ class Mesh:
         raise AssertionError("unreachable")
 
     def _wait(self, service: Service, timeout_s: float) -> None:
+        kind = service.name.split("-")[0]
+        if kind in ("gateway", "envoy"):
+            credentials, server_name = self.edge_credentials(), ""
+        else:
+            credentials, server_name = self.credentials(), kind
         wait_healthy(
             service.addr,
             timeout_s=timeout_s,
             process=service.process,
             log_path=service.log_path,
             name=service.name,
+            credentials=credentials,
+            server_name=server_name,
         )
 
     def stop(self) -> None:
@@ -538,6 +668,9 @@ class Mesh:
             for service in group:
                 service.wait_stopped()
         self.services.clear()
+        if self.monitoring is not None:
+            self.monitoring.stop()
+            self.monitoring = None
         if self._pg is not None:
             self._pg.stop()
             self._pg = None
@@ -564,9 +697,19 @@ class Mesh:
             "gateway_http_url": self.gateway_http_urls[0] if self.all("gateway") else "",
             "envoy_url": self.envoy_url,
             "state_dir": str(self.config.state_dir),
+            # What a tool needs to call the services (`mesh health --state` reads it).
+            "tls": (
+                {
+                    **self.tls_env(OPERATOR),
+                    "edge": self.config.edge_tls,
+                }
+                if self.certs is not None
+                else {}
+            ),
             "pg_dsn": redact_dsn(self.pg_dsn),
             "kafka_bootstrap": self.kafka_bootstrap,
             "es_url": self.es_url,
+            **(self.monitoring.describe() if self.monitoring is not None else {}),
             "started_here": {
                 entry.name: {
                     "address": redact_dsn(entry.address),
@@ -646,6 +789,16 @@ def _config_from_args(args: argparse.Namespace) -> MeshConfig:
     }
     if args.envoy:
         given["envoy"] = True
+    if args.no_mesh_tls:
+        given["mesh_tls"] = False
+    if args.edge_tls:
+        given["edge_tls"] = True
+    if args.monitoring:
+        given["monitoring"] = True
+    if args.scrape_interval is not None:
+        given["scrape_interval_s"] = args.scrape_interval
+    if args.rules:
+        given["rule_files"] = tuple(path.absolute() for path in args.rules)
     if args.profile == "scale":
         return scale_config(**common, **given)
     return MeshConfig(**common, **given)
@@ -669,6 +822,28 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--envoy-port", type=int, default=None, help="0 picks a free port")
     parser.add_argument("--gpu-layers", type=int, default=0)
     parser.add_argument(
+        "--no-mesh-tls",
+        action="store_true",
+        help="plaintext between the services (default: mutual TLS, certificates in STATE/certs)",
+    )
+    parser.add_argument(
+        "--edge-tls",
+        action="store_true",
+        help="TLS on the gateways' public ports too (default: plaintext on loopback)",
+    )
+    parser.add_argument(
+        "--monitoring", action="store_true", help="Prometheus and Jaeger next to the mesh"
+    )
+    parser.add_argument(
+        "--scrape-interval", type=float, default=None, help="Prometheus' interval (default 5 s)"
+    )
+    parser.add_argument(
+        "--rules",
+        type=Path,
+        action="append",
+        help="Prometheus rule file, repeatable (default: monitoring/prometheus/mesh-rules.yml)",
+    )
+    parser.add_argument(
         "--metrics-port", type=int, default=0, help="the launcher's own metrics (0: a free port)"
     )
     return parser
@@ -677,9 +852,7 @@ def _parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config = _config_from_args(args)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure("launcher")
     state_dir = config.state_dir
 
     stop = False
@@ -709,11 +882,19 @@ def _main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
     supervisor = Supervisor(mesh.respawn)
     metrics_port = start_metrics_server(args.metrics_port)
+    if mesh.monitoring is not None:
+        mesh.monitoring.scrape(mesh.scrape_targets([("launcher", "launcher", metrics_port)]))
     info = {**mesh.describe(), "launcher_metrics_port": metrics_port}
     try:
         (state_dir / "mesh.json").write_text(json.dumps(info, indent=2))
         print(json.dumps(info, indent=2), flush=True)
+        next_renewal = time.monotonic() + RENEW_EVERY_S
         while not stop:
+            if time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + RENEW_EVERY_S
+                renewed = mesh.renew_certs()
+                if renewed:
+                    log.info("reissued certificates close to expiry: %s", ", ".join(renewed))
             # A service that exits is started again; the others go on serving meanwhile.
             if supervisor.check(mesh.services):
                 info = {**mesh.describe(), "launcher_metrics_port": metrics_port}

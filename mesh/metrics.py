@@ -79,6 +79,39 @@ TURNS = Counter(
 )
 
 
+# The OpenTelemetry GenAI semantic conventions' server metrics, as Prometheus names them (dots to
+# underscores, the unit as a suffix), with the conventions' bucket boundaries. The agent records
+# them: it is the model server, and they time a turn from its claim, as vLLM's do from a
+# request's arrival. mesh_time_to_first_token_seconds{service="gateway"} stays beside them: it is
+# what the client sees, the queue and the log included.
+_GEN_AI_LABELS = ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_provider_name"]
+GEN_AI_TIME_TO_FIRST_TOKEN = Histogram(
+    "gen_ai_server_time_to_first_token_seconds",
+    "gen_ai.server.time_to_first_token: time to generate the first token, successful turns.",
+    _GEN_AI_LABELS,
+    buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+             7.5, 10.0),
+)  # fmt: skip
+GEN_AI_TIME_PER_OUTPUT_TOKEN = Histogram(
+    "gen_ai_server_time_per_output_token_seconds",
+    "gen_ai.server.time_per_output_token: time per token after the first, successful turns.",
+    _GEN_AI_LABELS,
+    buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5),
+)
+GEN_AI_REQUEST_DURATION = Histogram(
+    "gen_ai_server_request_duration_seconds",
+    "gen_ai.server.request.duration: claim to last token; error_type is set on failures.",
+    [*_GEN_AI_LABELS, "error_type"],
+    buckets=(0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96,
+             81.92),
+)  # fmt: skip
+CONSUMER_LAG = Gauge(
+    "mesh_consumer_lag_records",
+    "Records of a partition not yet committed by a consumer group (end offset - committed).",
+    ["group", "topic", "partition"],
+)
+
+
 def start_metrics_server(port: int, host: str = "127.0.0.1") -> int:
     """Serve /metrics on ``host:port`` (0 picks a free port) and return the bound port.
 

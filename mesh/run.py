@@ -80,6 +80,8 @@ def _launcher_args(
     for option in ("gateways", "agents"):
         if getattr(args, option) is not None:
             argv += [f"--{option}", str(getattr(args, option))]
+    if args.monitoring:
+        argv.append("--monitoring")
     return argv
 
 
@@ -99,6 +101,22 @@ def _wait_for_mesh(
                 return info
         time.sleep(0.3)
     raise SystemExit(f"the mesh did not start within {timeout_s:.0f}s; see {state_dir}/logs/")
+
+
+def security_note(info: Mapping[str, Any], state_dir: Path) -> str:
+    """One line on what is encrypted: the hops between services, and the gateway's port."""
+    tls = info.get("tls") or {}
+    inside = (
+        f"services authenticate each other by mutual TLS (certificates in {state_dir}/certs)"
+        if tls
+        else "services talk PLAINTEXT to each other (--no-mesh-tls)"
+    )
+    edge = (
+        "the gateway serves TLS"
+        if tls.get("edge")
+        else "the gateway listens in PLAINTEXT on loopback (TLS at the edge: docs/security.md)"
+    )
+    return f"security: {inside}; {edge}"
 
 
 def down(state_dir: Path) -> int:
@@ -137,6 +155,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     )
     parser.add_argument("--gateways", type=int, default=None, help="default: 1, scale profile 2")
     parser.add_argument("--agents", type=int, default=None, help="default: 1, scale profile 2")
+    parser.add_argument(
+        "--monitoring", action="store_true", help="Prometheus and Jaeger too (make up MONITORING=1)"
+    )
     args = parser.parse_args(argv)
     if args.down:
         return down(state_dir)
@@ -173,6 +194,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         )
     info = _wait_for_mesh(process, state_dir, timeout_s=600)
     gateway = info["gateway_addr"]
+    print(security_note(info, state_dir), flush=True)
     key_path = state_dir / "dev-api-key"
     if args.detach:
         print(json.dumps(info, indent=2))
@@ -181,6 +203,13 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             print(f"OpenAI-compatible API: {info['gateway_http_url']}/v1 (docs/openai.md)")
         if info.get("envoy_url"):
             print(f"chat page and gRPC-web (Envoy): {info['envoy_url']}")
+        if info.get("prometheus_url"):
+            print(f"Prometheus (metrics, rules, alerts): {info['prometheus_url']}")
+            print("Grafana dashboard to import: monitoring/grafana/mesh-dashboard.json")
+        if info.get("jaeger_url"):
+            print(
+                f"traces (Jaeger query API): {info['jaeger_url']}/api/traces?service=mesh-gateway"
+            )
         return 0
     print(f"mesh up: gateway {gateway}, model {model.name}. Ctrl-C cancels a turn; Ctrl-D quits.")
     if info.get("envoy_url"):

@@ -16,15 +16,25 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import grpc
 from google.protobuf import descriptor_pool
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mesh.interceptors import ErrorInterceptor, MetricsInterceptor
+from mesh import logs, tracing
+from mesh.authz import AuthzInterceptor
+from mesh.interceptors import ErrorInterceptor, MetricsInterceptor, TracingInterceptor
 from mesh.metrics import start_metrics_server
 from mesh.readiness import Readiness
 from mesh.settings import SettingsError
+from mesh.tls import (
+    CertificateError,
+    CertificateFiles,
+    TlsSettings,
+    is_loopback,
+    server_credentials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +45,14 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 def new_server(
     service: str, *, extra_interceptors: Sequence[aio.ServerInterceptor] = ()
 ) -> aio.Server:
-    """A grpc.aio server with the shared interceptors (metrics outermost, then errors)."""
+    """A grpc.aio server with the shared interceptors (metrics outermost, spans, then errors)."""
     return aio.server(
-        interceptors=[MetricsInterceptor(service), *extra_interceptors, ErrorInterceptor()],
+        interceptors=[
+            MetricsInterceptor(service),
+            TracingInterceptor(service),
+            *extra_interceptors,
+            ErrorInterceptor(),
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -99,12 +114,45 @@ async def set_serving(
         await servicer.set(name, status)
 
 
-def bind(server: aio.Server, host: str, port: int) -> int:
-    """Bind insecurely on ``host:port`` (0 picks a free port) and return the bound port."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+class PlaintextRefused(SettingsError):
+    """A port would listen without TLS on an address other machines can reach."""
+
+
+def bind(
+    server: aio.Server,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+    *,
+    fix: str = "set MESH_TLS_CA, MESH_TLS_CERT and MESH_TLS_KEY (see `mesh certs`)",
+) -> int:
+    """Bind ``host:port`` (0 picks a free port) and return the bound port.
+
+    Without ``credentials`` the port is plaintext, which only a loopback ``host`` may be.
+
+    Raises:
+        PlaintextRefused: plaintext on a non-loopback address; the message says ``fix``.
+    """
+    if credentials is None and not is_loopback(host):
+        raise PlaintextRefused(
+            f"refusing to listen on {host}:{port} without TLS: anyone who can reach it could "
+            f"call it. To fix: {fix}; or listen on 127.0.0.1"
+        )
+    address = f"{host}:{port}"
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     if bound == 0:
-        raise RuntimeError(f"could not bind {host}:{port}")
+        raise RuntimeError(f"could not bind {address}")
     return bound
+
+
+def mesh_server_credentials(tls: TlsSettings | None) -> grpc.ServerCredentials | None:
+    """Mutual TLS following the files of ``tls`` (see ``mesh.tls``), or None when TLS is off."""
+    if tls is None or not tls.enabled:
+        return None
+    return server_credentials(CertificateFiles(tls))
 
 
 @dataclass
@@ -127,6 +175,8 @@ def build_service_server(
     host: str,
     port: int,
     extra_interceptors: Sequence[aio.ServerInterceptor] = (),
+    tls: TlsSettings | None = None,
+    edge_credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[aio.Server, int, health.aio.HealthServicer]:
     """A service's gRPC server, bound to ``host:port`` but not started.
 
@@ -142,14 +192,29 @@ def build_service_server(
         servicer: the service's servicer.
         host, port: where to listen; port 0 picks a free one.
         extra_interceptors: e.g. authentication.
+        tls: the service's mesh identity; when enabled the port takes mutual TLS only and
+            each RPC is authorized by the caller's identity (``mesh.authz``). Off, the port is
+            plaintext and unauthorized, which ``bind`` allows on a loopback host only.
+        edge_credentials: server-only TLS of a public port (the gateway's), instead of ``tls``.
 
     Returns:
         The server, the bound port and the health servicer.
     """
-    server = new_server(metrics_label, extra_interceptors=extra_interceptors)
+    credentials = edge_credentials or mesh_server_credentials(tls)
+    interceptors = list(extra_interceptors)
+    if edge_credentials is None and credentials is not None:
+        interceptors.insert(0, AuthzInterceptor(metrics_label))
+    elif credentials is None:
+        log.warning(
+            "%s listens in PLAINTEXT on %s (no TLS configured): fine for one machine, "
+            "but any local process may call it",
+            metrics_label,
+            host,
+        )
+    server = new_server(metrics_label, extra_interceptors=interceptors)
     add_servicer(servicer, server)
     health_servicer = add_health_and_reflection(server, [service_name])
-    return server, bind(server, host, port), health_servicer
+    return server, bind(server, host, port, credentials), health_servicer
 
 
 def start_metrics(port: int, host: str) -> int | None:
@@ -195,13 +260,6 @@ async def serve_until_signalled(
     await server.stop(grace_s)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 class _Logged(Protocol):
     @property
     def log_level(self) -> str: ...
@@ -215,7 +273,7 @@ def run_main(
     load: Callable[[], _S],
     serve: Callable[[_S], Coroutine[Any, Any, None]],
     *,
-    config_errors: tuple[type[Exception], ...] = (SettingsError,),
+    config_errors: tuple[type[Exception], ...] = (SettingsError, CertificateError),
     fatal_errors: tuple[type[Exception], ...] = (),
 ) -> int:
     """A service's ``main``: load its settings, configure logging, serve; return the exit status.
@@ -235,37 +293,58 @@ def run_main(
     except config_errors as error:
         print(f"{name}: bad configuration: {error}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    try:
+        logs.configure(name, settings.log_level)
+    except ValueError as error:
+        print(f"{name}: bad configuration: {error}", file=sys.stderr)
+        return 2
+    tracing.configure(name)
     try:
         asyncio.run(serve(settings))
+    except config_errors as error:
+        # Found while starting: a TLS file that does not load, a plaintext public address.
+        print(f"{name}: bad configuration: {error}", file=sys.stderr)
+        return 2
     except fatal_errors as error:
         print(f"{name}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        tracing.shutdown()  # export the spans still queued
     return 0
 
 
-def channel(target: str) -> aio.Channel:
-    """A client channel to another mesh service with the mesh's message limits."""
-    return aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", 20_000),
-        ],
-    )
+def channel(
+    target: str, *, credentials: grpc.ChannelCredentials | None = None, server_name: str = ""
+) -> aio.Channel:
+    """A client channel to another mesh service with the mesh's message limits.
+
+    With ``credentials`` it is TLS; ``server_name`` is then the name the server's certificate
+    must carry (a mesh service's bare name, ``persister``), whatever address ``target`` is.
+    """
+    interceptors = tracing.client_interceptors()
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", 20_000),
+    ]
+    if credentials is None:
+        return aio.insecure_channel(target, interceptors=interceptors, options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return aio.secure_channel(target, credentials, interceptors=interceptors, options=options)
 
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "PlaintextRefused",
     "ServiceDeps",
     "add_health_and_reflection",
     "bind",
     "build_service_server",
     "channel",
-    "configure_logging",
+    "mesh_server_credentials",
     "new_server",
     "run_main",
     "serve_until_signalled",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import ipaddress
 import os
 import types
 import typing
@@ -349,6 +350,51 @@ def port_setting(default: int) -> Any:
     return setting("PORT", default, minimum=0, maximum=65535)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` only accepts connections from this machine."""
+    host = host.strip().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsSettings(Settings):
+    """A service's mesh identity: the files of its certificate and of the CA it trusts.
+
+    All three set turns mutual TLS on, for the service's own port and for its calls to the other
+    services; none set leaves them plaintext, which is allowed on a loopback address only.
+
+    Attributes:
+        ca: PEM bundle of the CA certificates peers must chain to (``MESH_TLS_CA``).
+        cert: this service's certificate, PEM (``MESH_TLS_CERT``).
+        key: its private key, PEM (``MESH_TLS_KEY``).
+        reload_s: how often, at most, the files are checked for a rotation
+            (``MESH_TLS_RELOAD_S``).
+    """
+
+    ca: Path | None = setting("MESH_TLS_CA", None)
+    cert: Path | None = setting("MESH_TLS_CERT", None)
+    key: Path | None = setting("MESH_TLS_KEY", None)
+    reload_s: float = setting("MESH_TLS_RELOAD_S", 1.0, minimum=0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca is not None
+
+    def check(self) -> None:
+        given = [p is not None for p in (self.ca, self.cert, self.key)]
+        if any(given) and not all(given):
+            raise SettingsError(
+                "MESH_TLS_CA, MESH_TLS_CERT and MESH_TLS_KEY go together: set all three for "
+                "mutual TLS (`mesh certs init` then `mesh certs issue <service>` writes them), "
+                "or none"
+            )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServiceSettings(Settings):
     """What every service has: listen host, metrics, drain time and log level.
@@ -365,6 +411,26 @@ class ServiceSettings(Settings):
     metrics_port: int = setting("METRICS_PORT", 0, minimum=-1, maximum=65535)
     grace_s: float = setting("GRACE_S", 10.0, minimum=0)
     log_level: str = setting("LOG_LEVEL", "INFO")
+    tls: TlsSettings = field(default_factory=TlsSettings)
+
+    def listens_with_tls(self) -> bool:
+        """Whether the service's gRPC port serves TLS (the gateway's public port has its own)."""
+        return self.tls.enabled
+
+    def plaintext_fix(self) -> str:
+        """How to give the port TLS, for the error of a plaintext non-loopback address."""
+        return (
+            "set MESH_TLS_CA, MESH_TLS_CERT and MESH_TLS_KEY (`mesh certs init` and "
+            "`mesh certs issue <service>` write them)"
+        )
+
+    def check(self) -> None:
+        if not is_loopback(self.host) and not self.listens_with_tls():
+            raise SettingsError(
+                f"{type(self).var('host')}={self.host!r} is not a loopback address and TLS is "
+                f"off: anyone who can reach it could call the service. To fix: "
+                f"{self.plaintext_fix()}; or listen on 127.0.0.1"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -436,9 +502,11 @@ __all__ = [
     "ServiceSettings",
     "Settings",
     "SettingsError",
+    "TlsSettings",
     "Var",
     "default_state_dir",
     "embedded_pg_dir",
+    "is_loopback",
     "memory_addr_setting",
     "persister_addr_setting",
     "port_setting",

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Installs the operator probes into .build/bin: grpc_health_probe (grpc.health.v1 checks, as a
-# Kubernetes exec probe runs them) and grpcurl (lists and calls every service through reflection).
+# Installs the operator tools into .build/bin: grpc_health_probe (grpc.health.v1 checks, as a
+# Kubernetes exec probe runs them), grpcurl (lists and calls every service through reflection) and
+# jaeger (Jaeger v2, the OTLP trace backend `make up MONITORING=1` and the tracing tests use; its
+# first build takes about 4 minutes on 2 cores).
 #
-# Both are built from the Go module proxy at pinned versions. Each has a module of ours,
+# All are built from the Go module proxy at pinned versions. Each has a module of ours,
 # scripts/operator-tools/<tool>/go.mod and go.sum: go.mod pins the tool's version and go.sum the
 # hash of every module it builds from, and the build runs with -mod=readonly, so a module whose
 # download differs from the committed hash fails the build (nothing depends on a checksum
@@ -80,4 +82,7 @@ probe=$(build grpc_health_probe github.com/grpc-ecosystem/grpc-health-probe \
   github.com/grpc-ecosystem/grpc-health-probe "-X main.versionTag=%s")
 grpcurl=$(build grpcurl github.com/fullstorydev/grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl \
   "-X main.version=%s")
-echo "install-operator-tools: .build/bin has $probe and $grpcurl" >&2
+# Jaeger v2 is released as module version v1.x of github.com/jaegertracing/jaeger.
+jaeger=$(build jaeger github.com/jaegertracing/jaeger github.com/jaegertracing/jaeger/cmd/jaeger \
+  "-X github.com/jaegertracing/jaeger/internal/version.latestVersion=%s")
+echo "install-operator-tools: .build/bin has $probe, $grpcurl and $jaeger" >&2

@@ -4,12 +4,16 @@
 //
 //	mesh-chat -addr 127.0.0.1:50051 -api-key "$MESH_API_KEY" "Why is the sky blue?"
 //	mesh-chat -addr 127.0.0.1:50051 -resume t2.10.40.0123456789abcdef -after-seq 12
+//	mesh-chat -addr chat.example.com:443 -tls "Hello"            # TLS, the system's CAs
+//	mesh-chat -addr 127.0.0.1:50051 -ca .state/certs/ca.pem "Hello"  # TLS, this CA bundle
 //
 // With -json every frame is printed as one JSON object per line (for scripts and tests).
 package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -24,6 +28,7 @@ import (
 	commonv1 "github.com/llm-mesh/llm-mesh/gen/go/chat/common/v1"
 	gatewayv1 "github.com/llm-mesh/llm-mesh/gen/go/chat/gateway/v1"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 )
@@ -38,6 +43,9 @@ type options struct {
 	stopAfter      int
 	jsonOut        bool
 	timeout        time.Duration
+	useTLS         bool
+	caFile         string
+	serverName     string
 }
 
 func parseFlags(args []string) (options, string, error) {
@@ -52,6 +60,9 @@ func parseFlags(args []string) (options, string, error) {
 	fs.IntVar(&o.stopAfter, "stop-after", 0, "drop the connection after this many tokens (to try -resume)")
 	fs.BoolVar(&o.jsonOut, "json", false, "print one JSON object per frame")
 	fs.DurationVar(&o.timeout, "timeout", 5*time.Minute, "give up after this long")
+	fs.BoolVar(&o.useTLS, "tls", os.Getenv("MESH_GATEWAY_TLS") == "1", "TLS to the gateway, trusting the system's CAs (default $MESH_GATEWAY_TLS=1)")
+	fs.StringVar(&o.caFile, "ca", os.Getenv("MESH_GATEWAY_CA"), "TLS to the gateway, trusting this PEM CA bundle (default $MESH_GATEWAY_CA)")
+	fs.StringVar(&o.serverName, "server-name", os.Getenv("MESH_GATEWAY_SERVER_NAME"), "name the gateway's certificate must carry, when not the address's host")
 	if err := fs.Parse(args); err != nil {
 		return o, "", err
 	}
@@ -65,6 +76,26 @@ func parseFlags(args []string) (options, string, error) {
 		return o, "", errors.New("-resume takes no message")
 	}
 	return o, text, nil
+}
+
+// transportCredentials is plaintext unless -tls or -ca asks for TLS.
+func transportCredentials(o options) (credentials.TransportCredentials, error) {
+	if !o.useTLS && o.caFile == "" {
+		return insecure.NewCredentials(), nil
+	}
+	config := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: o.serverName}
+	if o.caFile != "" {
+		pem, err := os.ReadFile(o.caFile)
+		if err != nil {
+			return nil, fmt.Errorf("cannot read the CA file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("%s holds no PEM certificate", o.caFile)
+		}
+		config.RootCAs = pool
+	}
+	return credentials.NewTLS(config), nil
 }
 
 func envOr(name, fallback string) string {
@@ -179,7 +210,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer stop()
 	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
-	conn, err := grpc.NewClient(o.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	creds, err := transportCredentials(o)
+	if err != nil {
+		fmt.Fprintln(stderr, "mesh-chat:", err)
+		return 2
+	}
+	conn, err := grpc.NewClient(o.addr, grpc.WithTransportCredentials(creds))
 	if err != nil {
 		fmt.Fprintln(stderr, "mesh-chat:", err)
 		return 1

@@ -38,7 +38,7 @@ from typing import Any
 
 from mesh.infra.process import ServerProcess
 from mesh.lifecycle import AsyncStartStop
-from mesh.settings import Env, SettingsError
+from mesh.settings import Env, SettingsError, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,12 @@ class EnvoyConfig:
         extra_forwarded_prefixes: more path prefixes to forward to the gateways (e.g. reflection).
         http_upstreams: the gateways' HTTP API addresses (``host:port``); ``/v1/`` goes there,
             health-checked on ``/healthz``. Empty: no ``/v1/`` route.
+        tls_cert, tls_key: the listener's certificate (PEM, chain included) and key; both or
+            neither. Without them the listener is plaintext, which only a loopback
+            ``listen_host`` may be.
+        upstream_ca: CA bundle of the gateways' certificates when they serve TLS; None talks to
+            them in plaintext.
+        upstream_server_name: the name their certificates must carry (SNI and verification).
     """
 
     upstreams: tuple[str, ...]
@@ -156,8 +162,27 @@ class EnvoyConfig:
     concurrency: int = 2
     extra_forwarded_prefixes: tuple[str, ...] = ()
     http_upstreams: tuple[str, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    upstream_ca: Path | None = None
+    upstream_server_name: str = "localhost"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError(
+                "MESH_ENVOY_TLS_CERT and MESH_ENVOY_TLS_KEY go together: both for a TLS "
+                "listener, or neither"
+            )
+        if not self.tls and not is_loopback(self.listen_host):
+            raise SettingsError(
+                f"refusing to listen on {self.listen_host} without TLS: set MESH_ENVOY_TLS_CERT "
+                "and MESH_ENVOY_TLS_KEY (the certificate browsers and clients see), or listen on "
+                "127.0.0.1"
+            )
         if not self.upstreams:
             raise SettingsError("Envoy needs at least one upstream gateway (MESH_ENVOY_UPSTREAMS)")
         for upstream in (*self.upstreams, *self.http_upstreams):
@@ -188,7 +213,15 @@ class EnvoyConfig:
             stream_idle_timeout_s=env.float("STREAM_IDLE_TIMEOUT_S", 300.0),
             concurrency=env.int("CONCURRENCY", 2, minimum=1),
             http_upstreams=env.list("HTTP_UPSTREAMS"),
+            tls_cert=_path(env.str("TLS_CERT", "")),
+            tls_key=_path(env.str("TLS_KEY", "")),
+            upstream_ca=_path(env.str("UPSTREAM_CA", "")),
+            upstream_server_name=env.str("UPSTREAM_SERVER_NAME", "localhost"),
         )
+
+
+def _path(value: str) -> Path | None:
+    return Path(value).expanduser().absolute() if value else None
 
 
 # Every envoy-data-plane module the bootstrap uses; imported together by _import_models.
@@ -202,6 +235,7 @@ _MODEL_MODULES = (
     "envoy_data_plane.envoy.config.bootstrap.v3",
     "envoy_data_plane.envoy.type.matcher.v3",
     "envoy_data_plane.envoy.extensions.upstreams.http.v3",
+    "envoy_data_plane.envoy.extensions.transport_sockets.tls.v3",
     "envoy_data_plane.envoy.extensions.common.async_files.v3",
     "envoy_data_plane.envoy.extensions.filters.http.cors.v3",
     "envoy_data_plane.envoy.extensions.filters.http.file_server.v3",
@@ -234,6 +268,70 @@ def _address(host: str, port: int) -> Any:
     from envoy_data_plane.envoy.config.core.v3 import Address, SocketAddress
 
     return Address(socket_address=SocketAddress(address=host, port_value=port))
+
+
+def _file(path: Path) -> Any:
+    from envoy_data_plane.envoy.config.core.v3 import DataSource
+
+    return DataSource(filename=str(path))
+
+
+def _downstream_tls(config: EnvoyConfig) -> Any:
+    """The listener's TLS: the configured certificate; ALPN offers h2 (native gRPC) and
+    HTTP/1.1 (browsers' gRPC-web and the page)."""
+    from envoy_data_plane.envoy.config.core.v3 import TransportSocket
+    from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+        CommonTlsContext,
+        DownstreamTlsContext,
+        TlsCertificate,
+    )
+    from envoy_data_plane.google.protobuf import Any as AnyProto
+
+    assert config.tls_cert is not None and config.tls_key is not None
+    context = DownstreamTlsContext(
+        common_tls_context=CommonTlsContext(
+            tls_certificates=[
+                TlsCertificate(
+                    certificate_chain=_file(config.tls_cert), private_key=_file(config.tls_key)
+                )
+            ],
+            alpn_protocols=["h2", "http/1.1"],
+        )
+    )
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=AnyProto.pack(context))
+
+
+def _upstream_tls(config: EnvoyConfig, *, http_api: bool) -> Any:
+    """TLS towards the gateways, verifying their certificate against ``upstream_ca``."""
+    from envoy_data_plane.envoy.config.core.v3 import TransportSocket
+    from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+        CertificateValidationContext,
+        CommonTlsContext,
+        SubjectAltNameMatcher,
+        SubjectAltNameMatcherSanType,
+        UpstreamTlsContext,
+    )
+    from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+    from envoy_data_plane.google.protobuf import Any as AnyProto
+
+    assert config.upstream_ca is not None
+    name = config.upstream_server_name
+    context = UpstreamTlsContext(
+        sni=name,
+        common_tls_context=CommonTlsContext(
+            validation_context=CertificateValidationContext(
+                trusted_ca=_file(config.upstream_ca),
+                match_typed_subject_alt_names=[
+                    SubjectAltNameMatcher(
+                        san_type=SubjectAltNameMatcherSanType.DNS,
+                        matcher=StringMatcher(exact=name),
+                    )
+                ],
+            ),
+            alpn_protocols=["http/1.1"] if http_api else ["h2"],
+        ),
+    )
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=AnyProto.pack(context))
 
 
 def _gateway_cluster(config: EnvoyConfig, *, http_api: bool = False) -> Any:
@@ -308,6 +406,9 @@ def _gateway_cluster(config: EnvoyConfig, *, http_api: bool = False) -> Any:
         typed_extension_protocol_options={
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": AnyProto.pack(protocol)
         },
+        transport_socket=(
+            _upstream_tls(config, http_api=http_api) if config.upstream_ca is not None else None
+        ),
         health_checks=[
             HealthCheck(
                 timeout=_seconds(config.health_timeout_s),
@@ -482,7 +583,8 @@ def build_bootstrap(config: EnvoyConfig, *, admin_port: int) -> Any:
                         name="envoy.filters.network.http_connection_manager",
                         typed_config=AnyProto.pack(manager),
                     )
-                ]
+                ],
+                transport_socket=_downstream_tls(config) if config.tls else None,
             )
         ],
     )
@@ -609,7 +711,8 @@ class EnvoyProxy(AsyncStartStop):
     @property
     def url(self) -> str:
         """Base URL of the listener: the page, and the gRPC-web endpoint for the gateway."""
-        return f"http://{self.config.listen_host}:{self.port}"
+        scheme = "https" if self.config.tls else "http"
+        return f"{scheme}://{self.config.listen_host}:{self.port}"
 
     @property
     def admin_url(self) -> str:

@@ -2,6 +2,7 @@
 
 from mesh.log.base import (
     AGENTS_GROUP,
+    PERSISTER_GROUP,
     TURN_EVENTS,
     TURN_REQUESTS,
     Claim,
@@ -16,6 +17,7 @@ from mesh.log.factory import LogSettings, open_log
 
 __all__ = [
     "AGENTS_GROUP",
+    "PERSISTER_GROUP",
     "TURN_EVENTS",
     "TURN_REQUESTS",
     "Claim",

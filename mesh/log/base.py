@@ -34,8 +34,13 @@ from typing import Protocol, Self
 # turn's events share one partition and keep their order.
 TURN_REQUESTS = "chat.turn-requests.v1"
 TURN_EVENTS = "chat.turn-events.v1"
-# The agents' consumer group on TURN_REQUESTS (the gateway asks who consumes it).
+# Consumer groups: the agents on the requests; the persister on both topics.
 AGENTS_GROUP = "agents"
+PERSISTER_GROUP = "persister"
+
+
+# Record headers: (name, value) pairs, in order. Values are text: every header we write is.
+Headers = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +53,9 @@ class Record:
     key: bytes
     value: bytes
     timestamp_ms: int
+    # Metadata beside the payload, e.g. the W3C trace context of whoever appended the record
+    # (``traceparent``). Kafka keeps them as record headers, the embedded log in a column.
+    headers: Headers = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +123,14 @@ class EventLog(Protocol):
         ...
 
     def append(
-        self, topic: str, partition: int, key: bytes, value: bytes, *, fence: Claim | None = None
+        self,
+        topic: str,
+        partition: int,
+        key: bytes,
+        value: bytes,
+        headers: Headers = (),
+        *,
+        fence: Claim | None = None,
     ) -> asyncio.Future[int]:
         """Queue a record; the future resolves to its offset once it is durable.
 

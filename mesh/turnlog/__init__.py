@@ -11,6 +11,8 @@ Whenever a record repeats one already in the log (the same token ``seq`` of a tu
 
 from mesh.turnlog._codec import UndecodableRecord, decode_events, decode_request, encode
 from mesh.turnlog._events import (
+    ClientAttached,
+    ClientDetached,
     TokenEmitted,
     TurnCancelled,
     TurnEvent,
@@ -21,6 +23,8 @@ from mesh.turnlog._events import (
 from mesh.turnlog._order import FirstWins
 
 __all__ = [
+    "ClientAttached",
+    "ClientDetached",
     "FirstWins",
     "TokenEmitted",
     "TurnCancelled",

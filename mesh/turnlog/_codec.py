@@ -23,6 +23,8 @@ from mesh.codec import (
     usage_to_proto,
 )
 from mesh.turnlog._events import (
+    ClientAttached,
+    ClientDetached,
     TokenEmitted,
     TurnCancelled,
     TurnEvent,
@@ -31,7 +33,7 @@ from mesh.turnlog._events import (
     TurnStarted,
 )
 
-_Flat = TypeVar("_Flat", TurnStarted, TurnCancelled)
+_Flat = TypeVar("_Flat", TurnStarted, TurnCancelled, ClientAttached, ClientDetached)
 
 
 class UndecodableRecord(ValueError):
@@ -58,6 +60,10 @@ def encode(event: TurnRequested | TurnEvent) -> bytes:
         envelope = events_pb2.TurnEvent(started=events_pb2.TurnStarted(**asdict(event)))
     elif isinstance(event, TurnFinished):
         envelope = events_pb2.TurnEvent(finished=_finished_to_proto(event))
+    elif isinstance(event, ClientAttached):
+        envelope = events_pb2.TurnEvent(attached=events_pb2.ClientAttached(**asdict(event)))
+    elif isinstance(event, ClientDetached):
+        envelope = events_pb2.TurnEvent(detached=events_pb2.ClientDetached(**asdict(event)))
     else:
         envelope = events_pb2.TurnEvent(cancelled=events_pb2.TurnCancelled(**asdict(event)))
     return envelope.SerializeToString()
@@ -82,6 +88,7 @@ def decode_request(value: bytes) -> TurnRequested:
         ),
         events_start_offset=message.events_start_offset,
         events_partition=message.events_partition,
+        background=message.background,
     )
 
 
@@ -123,6 +130,10 @@ def _other_event(
         return _flat_from_proto(TurnStarted, body)
     if which == "cancelled":
         return _flat_from_proto(TurnCancelled, body)
+    if which == "attached":
+        return _flat_from_proto(ClientAttached, body)
+    if which == "detached":
+        return _flat_from_proto(ClientDetached, body)
     return TurnFinished(
         turn_id=body.turn_id,
         finish_reason=body.finish_reason,
@@ -164,6 +175,7 @@ def _requested_to_proto(event: TurnRequested) -> events_pb2.TurnRequested:
         request_id=event.request_id,
         events_start_offset=event.events_start_offset,
         events_partition=event.events_partition,
+        background=event.background,
     )
     if event.accepted_at_ns is not None:
         message.accepted_at.FromNanoseconds(event.accepted_at_ns)

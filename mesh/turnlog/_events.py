@@ -24,6 +24,7 @@ class TurnRequested:
     accepted_at_ns: int | None = None
     events_start_offset: int = 0
     events_partition: int = 0
+    background: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,5 +88,27 @@ class TurnCancelled:
     tenant_id: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ClientAttached:
+    """A client started following the turn (a resume or a retried start) on a gateway."""
+
+    turn_id: str
+    conversation_id: str = ""
+    tenant_id: str = ""
+    gateway_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientDetached:
+    """A client stopped following the turn before it ended."""
+
+    turn_id: str
+    conversation_id: str = ""
+    tenant_id: str = ""
+    gateway_id: str = ""
+
+
 # The records of the turn-event log (the ``TurnEvent`` envelope's oneof).
-TurnEvent = TurnStarted | TokenEmitted | TurnFinished | TurnCancelled
+TurnEvent = (
+    TurnStarted | TokenEmitted | TurnFinished | TurnCancelled | ClientAttached | ClientDetached
+)

@@ -23,6 +23,7 @@ from mesh.breaker import CircuitBreaker
 from mesh.client import ServiceClient, is_retryable
 from mesh.lifecycle import AsyncStartStop
 from mesh.retry import Backoff, retry
+from mesh.settings import TlsSettings
 from services.agent.prompt import ASSISTANT, USER, ChatMessage
 
 log = logging.getLogger(__name__)
@@ -100,18 +101,29 @@ class DependencyClients(AsyncStartStop):
         timeout_s: float = 10.0,
         attempts: int = 3,
         backoff_s: float = 0.2,
+        tls: TlsSettings | None = None,
     ) -> None:
         self._breakers = {source: CircuitBreaker() for source in ("history", "recall")}
         self._timeout_s = timeout_s
         self._attempts = attempts
         self._backoff_s = backoff_s
         self._persister = (
-            ServiceClient(persister_addr, persister_service_pb2_grpc.PersisterServiceStub)
+            ServiceClient(
+                persister_addr,
+                persister_service_pb2_grpc.PersisterServiceStub,
+                tls=tls,
+                server_name="persister",
+            )
             if persister_addr
             else None
         )
         self._memory = (
-            ServiceClient(memory_addr, memory_service_pb2_grpc.MemoryServiceStub)
+            ServiceClient(
+                memory_addr,
+                memory_service_pb2_grpc.MemoryServiceStub,
+                tls=tls,
+                server_name="memory",
+            )
             if memory_addr
             else None
         )

@@ -179,6 +179,7 @@ def build_server(settings: AgentSettings, deps: AgentDeps) -> tuple[aio.Server, 
         AgentServicer(deps.core),
         host=settings.host,
         port=settings.port,
+        tls=settings.tls,
     )
     return server, port
 
@@ -211,6 +212,7 @@ async def serve(settings: AgentSettings) -> None:
                     memory_addr=settings.memory_addr,
                     timeout_s=settings.dependency_timeout_s,
                     attempts=settings.dependency_attempts,
+                    tls=settings.tls,
                 )
             )
             worker = TurnWorker(
@@ -223,6 +225,7 @@ async def serve(settings: AgentSettings) -> None:
                 parallel=settings.slots,
                 read_ahead=settings.read_ahead,
                 max_turn_s=settings.max_turn_s,
+                orphan_grace_s=settings.orphan_grace_s,
             )
         metrics_port = start_metrics(settings.metrics_port, settings.host)
         readiness: Readiness | None = None

@@ -53,6 +53,8 @@ class AgentSettings(ServiceSettings):
             (``MESH_AGENT_MAX_TURN_SECONDS``): a turn still running after it is stopped and
             finished with a ``TURN_TIME_LIMIT`` error, so the turns behind it on its partition
             run.
+        orphan_grace_s: how long a turn not started in the background may have no client
+            attached on any gateway before it is cancelled (``MESH_AGENT_ORPHAN_GRACE_S``).
         seed: sampling seed for requests without one; unset or -1: random (``MESH_AGENT_SEED``).
         default_max_tokens: reply length when a request says 0 (``MESH_AGENT_DEFAULT_MAX_TOKENS``).
         max_tokens_limit: largest max_tokens accepted (``MESH_AGENT_MAX_TOKENS_LIMIT``).
@@ -103,6 +105,7 @@ class AgentSettings(ServiceSettings):
     kv_cache_tokens: int = setting("KV_CACHE_TOKENS", 0, minimum=0)
     read_ahead: int = setting("READ_AHEAD", 32, minimum=0)
     max_turn_s: float = setting("MAX_TURN_SECONDS", 900.0, minimum=0)
+    orphan_grace_s: float = setting("ORPHAN_GRACE_S", 30.0, minimum=0)
     seed: int | None = setting("SEED", None)
     default_max_tokens: int = setting("DEFAULT_MAX_TOKENS", 256, minimum=1)
     max_tokens_limit: int = setting("MAX_TOKENS_LIMIT", 4096, minimum=1)
@@ -129,6 +132,7 @@ class AgentSettings(ServiceSettings):
         return GPU_PARALLEL if self.gpu_layers else CPU_PARALLEL
 
     def check(self) -> None:
+        super().check()
         path = self.model_path
         if not path.is_file():
             raise SettingsError(f"MESH_AGENT_MODEL_PATH={str(path)!r} is not a file")

@@ -27,8 +27,10 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from mesh import metrics, turnlog
-from mesh.errors import DeadlineExceeded, InvalidArgument, MeshError, to_status_proto
+from opentelemetry.trace import Span, SpanContext, SpanKind
+
+from mesh import logs, metrics, tracing, turnlog
+from mesh.errors import Cancelled, DeadlineExceeded, InvalidArgument, MeshError, to_status_proto
 from mesh.generation import FinishReason, TokenUsage, TurnTimings
 from mesh.lifecycle import AsyncStartStop
 from mesh.log import (
@@ -42,6 +44,7 @@ from mesh.log import (
     LogError,
     Record,
 )
+from services.agent import telemetry
 from services.agent.clients import DependencyClients
 from services.agent.core import (
     METRICS_SERVICE,
@@ -50,6 +53,7 @@ from services.agent.core import (
     Token,
     resolve_options,
 )
+from services.agent.followers import Followers, SeenByTails
 from services.agent.prompt import PromptRequest
 from services.agent.scheduling import CommitTracker, FairQueue
 
@@ -105,6 +109,11 @@ class _PriorEvents:
     finished: bool = False
     cancelled: bool = False
     tokens: turnlog.FirstWins[int, str] = field(default_factory=turnlog.FirstWins)
+    # The span of the last agent that started the turn (its TurnStarted's headers), for a link.
+    started_by: SpanContext | None = None
+    started_by_agent: str = ""
+    followers: Followers = field(default_factory=Followers)
+    end: int = 0  # the offset where the read of the turn's events stopped
 
     @property
     def last_seq(self) -> int:
@@ -165,6 +174,11 @@ class _Current:
     cancel: asyncio.Event
     last_seq: int = 0  # the last seq appended so far
     cancel_seen_at_seq: int = 0  # last_seq when the cancel arrived
+    background: bool = False
+    followers: Followers = field(default_factory=Followers)
+    counted_from: int = 0  # tail records before this offset were counted by the claim's read
+    orphaned: bool = False  # cancelled because no client followed it
+    orphan_timer: asyncio.TimerHandle | None = None
     # Set when the log refused an append of the turn: another agent owns it now.
     fenced: bool = False
     # Set when the turn ran past its time limit.
@@ -195,6 +209,8 @@ class TurnWorker(AsyncStartStop):
         recall_top_k: chunks to recall per turn (0: none).
         parallel: turns running at once (the engine batches their generations).
         read_ahead: turns taken from the log beyond the running ones, waiting in the fair queue.
+        orphan_grace_s: how long a turn may have no client attached before it is cancelled
+            (unless started in the background; ``services.agent.followers``).
         max_turn_s: a running turn's time limit (0: none); past it the turn is finished with
             a ``TURN_TIME_LIMIT`` error and its partition moves on.
     """
@@ -210,6 +226,7 @@ class TurnWorker(AsyncStartStop):
         recall_top_k: int,
         parallel: int = 1,
         read_ahead: int = 0,
+        orphan_grace_s: float = 30.0,
         max_turn_s: float = 0.0,
     ) -> None:
         if parallel < 1 or read_ahead < 0:
@@ -220,10 +237,13 @@ class TurnWorker(AsyncStartStop):
         self._agent_id = agent_id
         self._partitions = partitions
         self._recall_top_k = recall_top_k
+        self._log_user_text = logs.user_text_allowed()  # MESH_LOG_USER_TEXT
         self._parallel = parallel
         self._window = parallel + read_ahead
         self._max_turn_s = max_turn_s
         self._cancels: OrderedDict[str, None] = OrderedDict()
+        self._orphan_grace_s = orphan_grace_s
+        self._presence_seen = SeenByTails()
         self._active: dict[str, _Current] = {}  # running turns by turn id
         self._tails: list[asyncio.Task[None]] = []
         self._loop_task: asyncio.Task[None] | None = None
@@ -281,6 +301,8 @@ class TurnWorker(AsyncStartStop):
                         for event in _read_events(record.value):
                             if isinstance(event, turnlog.TurnCancelled):
                                 self._note_cancel(event.turn_id)
+                            elif isinstance(event, turnlog.ClientAttached | turnlog.ClientDetached):
+                                self._note_presence(record, event)
             except LogError as error:
                 log.warning("event tail of partition %d failed (%s); retrying", partition, error)
                 await asyncio.sleep(_REJOIN_DELAY_S)
@@ -296,6 +318,42 @@ class TurnWorker(AsyncStartStop):
                 current.cancel_seen_at_seq = current.last_seq
             log.info("turn %s cancelled after seq %d", turn_id, current.last_seq)
             current.cancel.set()
+
+    # Turns nobody follows (services.agent.followers) -------------------------------------
+
+    def _note_presence(self, record: Record, event: turnlog.TurnEvent) -> None:
+        self._presence_seen.note(record.offset, event, record.timestamp_ms)
+        current = self._active.get(event.turn_id)
+        if current is not None and record.offset >= current.counted_from:
+            current.followers.apply(event, record.timestamp_ms)
+            self._watch_followers(current)
+
+    def _watch_followers(self, current: _Current) -> None:
+        """Cancel the turn once nobody has followed it for the grace period; until then, look
+        again when the grace period would end."""
+        if current.orphan_timer is not None:
+            current.orphan_timer.cancel()
+            current.orphan_timer = None
+        if current.background or current.cancel.is_set():
+            return
+        unfollowed_ms = current.followers.orphaned_for_ms(int(time.time() * 1000))
+        if unfollowed_ms is None:
+            return
+        remaining_s = self._orphan_grace_s - unfollowed_ms / 1000
+        if remaining_s > 0:
+            loop = asyncio.get_running_loop()
+            current.orphan_timer = loop.call_later(remaining_s, self._watch_followers, current)
+            return
+        current.orphaned = True
+        current.cancel_seen_at_seq = current.last_seq
+        current.cancel.set()
+        log.info(
+            "turn %s: no client attached for %.1f s; cancelled after seq %d",
+            current.turn_id,
+            unfollowed_ms / 1000,
+            current.last_seq,
+            extra=logs.event("turn-orphaned", current.turn_id),
+        )
 
     # Consuming ----------------------------------------------------------------------------
 
@@ -413,27 +471,57 @@ class TurnWorker(AsyncStartStop):
 
     async def _handle(self, claimed: _Claimed) -> None:
         turn, record = claimed.turn, claimed.record
-        prior = await self._prior_events(turn)
-        if prior.finished:
-            log.info("turn %s already finished; skipping", turn.turn_id)
-            return
-        cancel = asyncio.Event()
-        if prior.cancelled or turn.turn_id in self._cancels:
-            cancel.set()
-        current = _Current(
-            turn.turn_id, cancel, last_seq=prior.last_seq, cancel_seen_at_seq=prior.last_seq
-        )
-        self._active[turn.turn_id] = current
-        try:
-            await self._run_turn(
-                turn, record, prior, current, claimed.claimed, claimed.claimed_wall, claimed.fence
+        model = self._core.model_name
+        with telemetry.turn_span(turn, record, model, claimed.claimed_wall) as span:
+            with tracing.tracer().start_as_current_span(
+                "claim turn", start_time=telemetry.wall_ns(claimed.claimed_wall)
+            ):
+                prior = await self._prior_events(turn)
+            telemetry.note_takeover(span, prior.started_by, prior.started_by_agent, prior.last_seq)
+            if prior.finished:
+                log.info(
+                    "turn %s already finished; skipping",
+                    turn.turn_id,
+                    extra=logs.event("turn-skipped", turn.turn_id),
+                )
+                return
+            cancel = asyncio.Event()
+            if prior.cancelled or turn.turn_id in self._cancels:
+                cancel.set()
+            current = _Current(
+                turn.turn_id,
+                cancel,
+                last_seq=prior.last_seq,
+                cancel_seen_at_seq=prior.last_seq,
+                background=turn.background,
+                followers=prior.followers,
+                counted_from=prior.end,
             )
-        finally:
-            self._active.pop(turn.turn_id, None)
+            # What the tails saw after the claim's read, then the tails count on their own.
+            for event, at_ms in self._presence_seen.since(turn.turn_id, prior.end):
+                current.followers.apply(event, at_ms)
+            self._active[turn.turn_id] = current
+            self._watch_followers(current)
+            try:
+                await self._run_turn(
+                    turn,
+                    record,
+                    prior,
+                    current,
+                    claimed.claimed,
+                    claimed.claimed_wall,
+                    span,
+                    claimed.fence,
+                )
+            finally:
+                self._active.pop(turn.turn_id, None)
+                if current.orphan_timer is not None:
+                    current.orphan_timer.cancel()
 
     async def _prior_events(self, turn: turnlog.TurnRequested) -> _PriorEvents:
         prior = _PriorEvents()
         end = await self._log.end_offset(TURN_EVENTS, turn.events_partition)
+        prior.end = end
         records = await self._log.read_range(
             TURN_EVENTS, turn.events_partition, turn.events_start_offset, end
         )
@@ -444,7 +532,12 @@ class TurnWorker(AsyncStartStop):
             except turnlog.UndecodableRecord:
                 continue
             for event in events:
-                if isinstance(event, turnlog.TurnFinished):
+                if prior.followers.apply(event, record.timestamp_ms):
+                    continue
+                if isinstance(event, turnlog.TurnStarted):
+                    prior.started_by = tracing.span_context_of(record.headers)
+                    prior.started_by_agent = event.agent_id
+                elif isinstance(event, turnlog.TurnFinished):
                     prior.finished = True
                 elif isinstance(event, turnlog.TurnCancelled):
                     prior.cancelled = True
@@ -460,12 +553,16 @@ class TurnWorker(AsyncStartStop):
         current: _Current,
         claimed: float,
         claimed_wall: float,
+        span: Span,
         fence: Claim | None,
     ) -> None:
         cancel = current.cancel
         appends: list[asyncio.Future[int]] = []
         partition = turn.events_partition
         key = turn.conversation_id.encode()
+        # Every record of the turn points at this agent's turn span: the persister's spans and
+        # an agent that takes the turn over join the trace through it.
+        headers = tracing.headers_for(span)
         loop = asyncio.get_running_loop()
         started = loop.time()
 
@@ -476,7 +573,7 @@ class TurnWorker(AsyncStartStop):
                 cancel.set()
 
         def append(value: bytes) -> asyncio.Future[int]:
-            future = self._log.append(TURN_EVENTS, partition, key, value, fence=fence)
+            future = self._log.append(TURN_EVENTS, partition, key, value, headers, fence=fence)
             future.add_done_callback(refused)
             appends.append(future)
             return future
@@ -503,7 +600,19 @@ class TurnWorker(AsyncStartStop):
 
         last_seq = prior.last_seq
         if last_seq:
-            log.info("turn %s: continuing after seq %d", turn.turn_id, last_seq)
+            log.info(
+                "turn %s: continuing after seq %d",
+                turn.turn_id,
+                last_seq,
+                extra=logs.event("turn-taken-over", turn.turn_id),
+            )
+        if self._log_user_text:
+            log.info(
+                "turn %s: user text %r",
+                turn.turn_id,
+                turn.user_text,
+                extra=logs.event("turn-text", turn.turn_id),
+            )
         append(
             turnlog.encode(
                 turnlog.TurnStarted(
@@ -535,12 +644,21 @@ class TurnWorker(AsyncStartStop):
             # History first: its consistent read waits until the persister has committed every
             # earlier turn, which gave memory a head start on them, so the recall that follows
             # usually sees them too (always, unless memory is slow or down).
-            history, history_skipped = await self._clients.history(
-                turn.tenant_id, turn.conversation_id, for_turn_id=turn.turn_id
-            )
-            passages, recall_skipped = await self._clients.recall(
-                turn.tenant_id, turn.user_text, self._recall_top_k
-            )
+            tracer = tracing.tracer()
+            with tracer.start_as_current_span("history read") as step:
+                history, history_skipped = await self._clients.history(
+                    turn.tenant_id, turn.conversation_id, for_turn_id=turn.turn_id
+                )
+                step.set_attribute("mesh.messages", len(history))
+                if history_skipped:
+                    step.set_attribute("mesh.skipped", history_skipped)
+            with tracer.start_as_current_span("recall") as step:
+                passages, recall_skipped = await self._clients.recall(
+                    turn.tenant_id, turn.user_text, self._recall_top_k
+                )
+                step.set_attribute("mesh.passages", len(passages))
+                if recall_skipped:
+                    step.set_attribute("mesh.skipped", recall_skipped)
             skipped = tuple(
                 (source, reason)
                 for source, reason in (("history", history_skipped), ("recall", recall_skipped))
@@ -556,6 +674,13 @@ class TurnWorker(AsyncStartStop):
             step_options = dataclasses.replace(options, max_tokens=remaining)
             finished: GenerationFinished | None = None
             tokens = TokenAppender(turn, append)
+            generating = tracer.start_span(
+                "generate",
+                attributes={
+                    tracing.GEN_AI_OPERATION: "chat",
+                    tracing.GEN_AI_REQUEST_MODEL: self._core.model_name,
+                },
+            )
             # Past the time limit plus a grace, a generation that did not stop is left behind.
             hard_limit = (
                 started + self._max_turn_s + _STOP_GRACE_S if self._max_turn_s > 0 else None
@@ -595,19 +720,30 @@ class TurnWorker(AsyncStartStop):
                     error = MeshError(finished.error, reason="GENERATION_FAILED")
             else:
                 reason = FinishReason.ERROR
+            if current.timed_out:
+                error = _time_limit_error(self._max_turn_s)
+            if error is not None:
+                reason = FinishReason.ERROR
+            telemetry.finish(
+                generating,
+                model=self._core.model_name,
+                reason=reason,
+                input_tokens=prompt_tokens,
+                output_tokens=new_tokens,
+                cached_tokens=cached_tokens,
+                error=error.message if error is not None else None,
+            )
+            generating.end()
         if time_limit is not None:
             time_limit.cancel()
-        if current.timed_out:
-            error = DeadlineExceeded(
-                f"the turn ran longer than the agents' limit of {self._max_turn_s:g}s "
-                "(MESH_AGENT_MAX_TURN_SECONDS) and was stopped",
-                reason="TURN_TIME_LIMIT",
-            )
+        if current.timed_out and error is None:  # ran out of time before generating
+            error = _time_limit_error(self._max_turn_s)
         if current.fenced:
             raise Fenced(f"turn {turn.turn_id}: the log refused an append; another agent owns it")
         if error is not None:
             reason = FinishReason.ERROR
         now = time.monotonic()
+        finishing = tracing.tracer().start_span("finish turn", kind=SpanKind.PRODUCER)
         append(
             turnlog.encode(
                 turnlog.TurnFinished(
@@ -622,9 +758,7 @@ class TurnWorker(AsyncStartStop):
                         ),
                         total_ms=since_accepted_ms(now),
                     ),
-                    error_status=(
-                        to_status_proto(error).SerializeToString() if error is not None else b""
-                    ),
+                    error_status=_error_status(error, reason, current, self._orphan_grace_s),
                     conversation_id=turn.conversation_id,
                     tenant_id=turn.tenant_id,
                     last_seq=last_seq,
@@ -638,13 +772,33 @@ class TurnWorker(AsyncStartStop):
         )
         # The request is committed by the caller only once everything above is durable. Only
         # this turn's appends are awaited: another turn's refused (fenced) appends are its own.
-        results = await asyncio.gather(*appends, return_exceptions=True)
+        try:
+            results = await asyncio.gather(*appends, return_exceptions=True)
+        finally:
+            finishing.end()
         failed = [r for r in results if isinstance(r, BaseException)]
         if any(isinstance(r, Fenced) for r in failed):
             raise Fenced(f"turn {turn.turn_id}: the log refused an append; another agent owns it")
         if failed:
             raise LogError(f"{len(failed)} appends of turn {turn.turn_id} failed: {failed[0]}")
         metrics.TURNS.labels(METRICS_SERVICE, reason.name.lower()).inc()
+        model = self._core.model_name
+        telemetry.finish(
+            span,
+            model=model,
+            reason=reason,
+            input_tokens=prompt_tokens,
+            output_tokens=len(prior.tokens) + new_tokens,
+            cached_tokens=cached_tokens,
+            error=error.message if error is not None else None,
+        )
+        telemetry.observe(
+            model=model,
+            reason=reason,
+            duration_s=now - claimed,
+            first_token_s=first_token_at - claimed if first_token_at is not None else None,
+            output_tokens=new_tokens,
+        )
         log.info(
             "turn %s finished: %s, %d tokens (seq %d); prompt %d tokens, %d of them from the cache",
             turn.turn_id,
@@ -653,4 +807,29 @@ class TurnWorker(AsyncStartStop):
             last_seq,
             prompt_tokens,
             cached_tokens,
+            extra=logs.event("turn-finished", turn.turn_id),
         )
+
+
+def _time_limit_error(max_turn_s: float) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"the turn ran longer than the agents' limit of {max_turn_s:g}s "
+        "(MESH_AGENT_MAX_TURN_SECONDS) and was stopped",
+        reason="TURN_TIME_LIMIT",
+    )
+
+
+def _error_status(
+    error: MeshError | None, reason: FinishReason, current: _Current, grace_s: float
+) -> bytes:
+    """TurnFinished's error: the failure, or why an orphaned turn was cancelled."""
+    if error is not None:
+        return bytes(to_status_proto(error).SerializeToString())
+    if reason is FinishReason.CANCELLED and current.orphaned:
+        orphaned = Cancelled(
+            f"no client followed the turn for {grace_s:g} s (MESH_AGENT_ORPHAN_GRACE_S), so it "
+            "was cancelled; start it with background=true to let it run with nobody attached",
+            reason="ORPHANED",
+        )
+        return bytes(to_status_proto(orphaned).SerializeToString())
+    return b""

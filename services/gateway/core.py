@@ -11,13 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Protocol
 
-from mesh import turnlog
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
+
+from mesh import tracing, turnlog
 from mesh.auth import Principal, RateLimiter
 from mesh.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from mesh.lifecycle import AsyncStartStop
@@ -58,6 +64,8 @@ class GatewayCore(AsyncStartStop):
     ) -> None:
         self.settings = settings
         self.log = log
+        # Names this gateway in ClientAttached/ClientDetached: the launcher's instance name.
+        self.gateway_id = os.environ.get("MESH_INSTANCE") or f"{socket.gethostname()}-{os.getpid()}"
         self._conversations = conversations
         # Refuses turns that could not start now (no agent, persister or log down).
         self._gate = gate
@@ -174,8 +182,24 @@ class GatewayCore(AsyncStartStop):
         request: StartRequest,
         *,
         notify: asyncio.Event | None = None,
+        trace_parent: Context | None = None,
     ) -> TurnStream:
-        """Validate, rate-limit and log a new turn; return its stream (TurnAccepted first)."""
+        """Validate, rate-limit and log a new turn; return its stream (TurnAccepted first).
+
+        The turn's trace starts here (``trace_parent``: the caller's, from its ``traceparent``),
+        with this accept span; the request record carries it to the agent.
+        """
+        with tracing.tracer().start_as_current_span(
+            "accept turn",
+            context=trace_parent,
+            kind=SpanKind.SERVER,
+            attributes={tracing.GEN_AI_OPERATION: "chat"},
+        ):
+            return await self._start_turn(principal, request, notify)
+
+    async def _start_turn(
+        self, principal: Principal, request: StartRequest, notify: asyncio.Event | None
+    ) -> TurnStream:
         if self.draining:
             raise Unavailable(
                 "this gateway is shutting down; start the turn on another gateway",
@@ -298,6 +322,7 @@ class GatewayCore(AsyncStartStop):
                 log.end_offset(TURN_REQUESTS, partition), log.end_offset(TURN_EVENTS, partition)
             )
             turn_id = str(new_turn_ref(partition, request_start, events_start))
+            trace.get_current_span().set_attribute(tracing.TURN_ID, turn_id)
             # Subscribed before the request exists, so no event of this turn can slip past us.
             sub = self.hub.subscribe(turn_id, partition, events_start, notify)
             value = turnlog.encode(
@@ -311,9 +336,14 @@ class GatewayCore(AsyncStartStop):
                     accepted_at_ns=time.time_ns(),
                     events_start_offset=events_start,
                     events_partition=partition,
+                    background=request.background,
                 )
             )
-            appended = log.append(TURN_REQUESTS, partition, key, value)
+            appending = tracing.tracer().start_span("append request", kind=SpanKind.PRODUCER)
+            appended = log.append(
+                TURN_REQUESTS, partition, key, value, tracing.headers_for(appending)
+            )
+            appended.add_done_callback(lambda _: appending.end())
         except BaseException as error:
             # Nothing was logged: a retry with the same request_id must start afresh.
             if sub is not None:
@@ -384,6 +414,7 @@ class GatewayCore(AsyncStartStop):
             owner=True,
             accepted_at=accepted_at,
             coalesce=request.coalesce_tokens,
+            on_detach=self._client_left,
         )
 
     # -- resume and cancel ---------------------------------------------------------------------
@@ -466,6 +497,9 @@ class GatewayCore(AsyncStartStop):
             position = await self.queue.position(
                 info.partition, info.request_offset, info.tenant_id
             )
+            if not self._known_ended(info.turn_id) and not await self._ended_on_log(info):
+                # Another follower: the agents count them to find turns nobody follows.
+                await self._presence(info, attached=True)
         except BaseException:
             sub.close()
             raise
@@ -477,7 +511,40 @@ class GatewayCore(AsyncStartStop):
             position=position,
             owner=False,
             coalesce=coalesce,
+            on_detach=self._client_left,
         )
+
+    def _known_ended(self, turn_id: str) -> bool:
+        return turn_id in self._ended or self.hub.has_ended(turn_id)
+
+    def _presence(self, info: TurnInfo, *, attached: bool) -> asyncio.Future[int]:
+        """Append ClientAttached or ClientDetached for the turn (docs/protocol.md, "Turns
+        nobody follows")."""
+        kind = turnlog.ClientAttached if attached else turnlog.ClientDetached
+        event = kind(info.turn_id, info.conversation_id, info.tenant_id, self.gateway_id)
+        return self.log.append(
+            TURN_EVENTS, info.partition, info.conversation_id.encode(), turnlog.encode(event)
+        )
+
+    def _client_left(self, info: TurnInfo) -> None:
+        """A stream closed before its turn ended: log that one follower less is attached."""
+        if self._known_ended(info.turn_id):
+            return
+        try:
+            appended = self._presence(info, attached=False)
+        except LogError as error:
+            _log.warning("could not log that a client left turn %s: %s", info.turn_id, error)
+            return
+
+        def landed(future: asyncio.Future[int]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                _log.warning(
+                    "could not log that a client left turn %s: %s",
+                    info.turn_id,
+                    future.exception(),
+                )
+
+        appended.add_done_callback(landed)
 
     async def cancel_turn(self, principal: Principal, turn_id: str) -> str:
         info = await self.find_turn(principal, turn_id)
@@ -493,7 +560,7 @@ class GatewayCore(AsyncStartStop):
         from its ``events_start``); concurrent cancels of one turn here append once.
         """
         turn_id = info.turn_id
-        if turn_id in self._ended or self.hub.has_ended(turn_id):
+        if self._known_ended(turn_id):
             return
         running = self._cancelling.get(turn_id)
         if running is not None:
@@ -584,9 +651,13 @@ class GatewayCore(AsyncStartStop):
             turn.close()
 
     def chat_session(
-        self, principal: Principal, *, verify: Callable[[Principal], None] | None = None
+        self,
+        principal: Principal,
+        *,
+        verify: Callable[[Principal], None] | None = None,
+        trace_parent: Context | None = None,
     ) -> ChatSession:
-        return ChatSession(self, principal, verify=verify)
+        return ChatSession(self, principal, verify=verify, trace_parent=trace_parent)
 
 
 def _log_unavailable(error: Exception) -> Unavailable:

@@ -19,6 +19,8 @@ class StartRequest:
     request_id: str = ""
     # Send the tokens that are ready together as one TokenRun frame.
     coalesce_tokens: bool = False
+    # Run to the end with no client attached (otherwise cancelled after the orphan grace period).
+    background: bool = False
 
 
 @dataclass(frozen=True, slots=True)

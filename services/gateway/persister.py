@@ -19,6 +19,7 @@ from mesh.errors import (
     error_info_reason,
     rich_status,
 )
+from mesh.settings import TlsSettings
 
 
 def map_persister_error(error: aio.AioRpcError, *, what: str) -> MeshError:
@@ -46,8 +47,12 @@ def map_persister_error(error: aio.AioRpcError, *, what: str) -> MeshError:
 class PersisterClient(ServiceClient):
     """A channel to ``MESH_PERSISTER_ADDR``. ``async with`` or start/stop."""
 
-    def __init__(self, addr: str, *, timeout_s: float = 15.0) -> None:
-        super().__init__(addr, persister_service_pb2_grpc.PersisterServiceStub)
+    def __init__(
+        self, addr: str, *, timeout_s: float = 15.0, tls: TlsSettings | None = None
+    ) -> None:
+        super().__init__(
+            addr, persister_service_pb2_grpc.PersisterServiceStub, tls=tls, server_name="persister"
+        )
         self.addr = addr
         self._timeout_s = timeout_s
 

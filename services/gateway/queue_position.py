@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from mesh import turnlog
-from mesh.log import TURN_REQUESTS, EventLog, LogError
+from mesh.log import AGENTS_GROUP, TURN_REQUESTS, EventLog, LogError
 
 T = TypeVar("T")
 
@@ -91,7 +91,7 @@ class QueueTracker:
 
     async def _read(self, partition: int) -> Pending:
         committed, end = await asyncio.gather(
-            self._log.committed(TURN_REQUESTS, "agents", partition),
+            self._log.committed(TURN_REQUESTS, AGENTS_GROUP, partition),
             self._log.end_offset(TURN_REQUESTS, partition),
         )
         # Past the scan limit the queue is refused anyway; positions count what was read.

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from chat.gateway.v1 import gateway_pb2, gateway_service_pb2, gateway_service_pb2_grpc
 from google.rpc import status_pb2
 from grpc import aio
 
+from mesh import tracing
 from mesh.auth import AuthInterceptor, KeyFileError, KeyStore, Principal, current_principal
 from mesh.codec import (
     finish_reason_to_proto,
@@ -32,6 +35,7 @@ from mesh.server import (
     start_metrics,
 )
 from mesh.settings import SettingsError
+from mesh.tls import CertificateError, edge_server_credentials
 from services.gateway.core import GatewayCore
 from services.gateway.http.app import HttpListener, OpenAiApi, build_app
 from services.gateway.model import (
@@ -83,6 +87,7 @@ def start_from_proto(message: gateway_pb2.StartTurn) -> StartRequest:
         options=options_from_proto(message.options),
         request_id=message.request_id,
         coalesce_tokens=message.coalesce_tokens,
+        background=message.background,
     )
 
 
@@ -124,6 +129,8 @@ def finished_to_proto(output: FinishedOut) -> gateway_pb2.TurnFinished:
         message.timings.CopyFrom(timings_to_proto(output.timings))
     for source, reason in output.context_skipped:
         message.context_skipped.add(source=source, reason=reason)
+    if output.error_status:
+        message.error.ParseFromString(output.error_status)
     return message
 
 
@@ -194,7 +201,11 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 async for request in request_iterator:
                     yield frame_from_proto(request)
 
-            session = self._core.chat_session(principal, verify=self._verify)
+            session = self._core.chat_session(
+                principal,
+                verify=self._verify,
+                trace_parent=tracing.remote_context(context.invocation_metadata()),
+            )
             async for output in session.run(frames()):
                 response = chat_response(output)
                 if response is not None:
@@ -210,7 +221,11 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
                 raise InvalidArgument(
                     "StreamTurnRequest.start is required", reason="START_MISSING", field="start"
                 )
-            return await self._core.start_turn(principal, start_from_proto(request.start))
+            return await self._core.start_turn(
+                principal,
+                start_from_proto(request.start),
+                trace_parent=tracing.remote_context(context.invocation_metadata()),
+            )
 
         async for frame in self._frames(principal, start, gateway_pb2.StreamTurnResponse):
             yield frame
@@ -287,8 +302,26 @@ def build_server(settings: GatewaySettings, deps: GatewayDeps) -> tuple[aio.Serv
         host=settings.host,
         port=settings.port,
         extra_interceptors=[AuthInterceptor(deps.keys)],
+        edge_credentials=edge_credentials(settings),
     )
     return server, port
+
+
+def edge_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
+    """TLS of the public gRPC port, from ``MESH_GATEWAY_TLS_CERT``/``_KEY``; None: plaintext."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    return edge_server_credentials(settings.tls_cert, settings.tls_key)
+
+
+def edge_ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
+    """The same certificate for the HTTP port; None: plaintext."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
 
 
 async def serve(settings: GatewaySettings) -> None:
@@ -308,7 +341,11 @@ async def serve(settings: GatewaySettings) -> None:
         stack.callback(watcher.cancel)
         event_log = await stack.enter_async_context(open_log(settings.log))
         persister = await stack.enter_async_context(
-            PersisterClient(settings.persister_addr, timeout_s=settings.persister_timeout_s)
+            PersisterClient(
+                settings.persister_addr,
+                timeout_s=settings.persister_timeout_s,
+                tls=settings.tls,
+            )
         )
         gate = gateway_readiness(
             event_log,
@@ -333,11 +370,22 @@ async def serve(settings: GatewaySettings) -> None:
                     host=settings.host,
                     port=settings.http_port,
                     grace_s=settings.grace_s,
+                    ssl_context=edge_ssl_context(settings),
                 )
             )
-            log.info("gateway http listening on %s:%d", settings.host, http.port)
+            log.info(
+                "gateway http listening on %s://%s:%d",
+                "https" if settings.tls_cert else "http",
+                settings.host,
+                http.port,
+            )
         # Supervisors and tests read this line to find the port when they asked for port 0.
-        log.info("gateway listening on %s:%d", settings.host, port)
+        log.info(
+            "gateway listening on %s:%d (%s)",
+            settings.host,
+            port,
+            "TLS" if settings.tls_cert else "PLAINTEXT: loopback only, no TLS configured",
+        )
 
         async def drain() -> None:
             # New turns go elsewhere; open streams get the grace period, then clients resume.
@@ -364,7 +412,12 @@ def _load_settings() -> GatewaySettings:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m services.gateway``; configuration comes from the environment."""
     del argv  # no flags: the environment is the single source of configuration
-    return run_main("gateway", _load_settings, serve, config_errors=(SettingsError, KeyFileError))
+    return run_main(
+        "gateway",
+        _load_settings,
+        serve,
+        config_errors=(SettingsError, KeyFileError, CertificateError),
+    )
 
 
 __all__ = [

@@ -7,6 +7,8 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
+from opentelemetry.context import Context
+
 from mesh.auth import Principal
 from mesh.errors import FailedPrecondition, InvalidArgument, MeshError
 from services.gateway.model import (
@@ -47,8 +49,10 @@ class ChatSession:
         principal: Principal,
         *,
         verify: Callable[[Principal], None] | None = None,
+        trace_parent: Context | None = None,
     ) -> None:
         self._core = core
+        self._trace_parent = trace_parent
         self._principal = principal
         self._verify = verify
         self._wake = asyncio.Event()
@@ -162,7 +166,9 @@ class ChatSession:
                     reason="TURN_IN_PROGRESS",
                 )
             if isinstance(frame, StartFrame):
-                new = await core.start_turn(principal, frame.start, notify=self._wake)
+                new = await core.start_turn(
+                    principal, frame.start, notify=self._wake, trace_parent=self._trace_parent
+                )
             else:
                 new = await core.resume_turn(
                     principal,

@@ -79,6 +79,10 @@ class GatewaySettings(ServiceSettings):
     http_port: int = setting("HTTP_PORT", 8000, minimum=-1, maximum=65535)
     http_max_body_bytes: int = setting("HTTP_MAX_BODY_BYTES", 1_048_576, minimum=1024)
     models: str = setting("MODELS", derive=lambda env: _agent_model_name(env))
+    # TLS of the public ports (gRPC and HTTP): the certificate clients see and its key. The
+    # gateway's mesh identity, for its calls to the persister, is MESH_TLS_* like every service.
+    tls_cert: Path | None = setting("TLS_CERT", None)
+    tls_key: Path | None = setting("TLS_KEY", None)
     # What a turn needs to start (docs/reliability.md): without it StartTurn fails fast with
     # UNAVAILABLE. Off: turns are accepted and wait for an agent (scale from zero), or run
     # without history while the persister is down (the turn says so).
@@ -92,7 +96,23 @@ class GatewaySettings(ServiceSettings):
         """The model ids this mesh serves (``MESH_GATEWAY_MODELS``, comma separated)."""
         return tuple(part.strip() for part in self.models.split(",") if part.strip())
 
+    def listens_with_tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def plaintext_fix(self) -> str:
+        return (
+            "set MESH_GATEWAY_TLS_CERT and MESH_GATEWAY_TLS_KEY to the certificate (PEM, chain "
+            "included) and key clients should see (`mesh certs issue gateway-edge --dns NAME` "
+            "makes one from the project CA)"
+        )
+
     def check(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError(
+                "MESH_GATEWAY_TLS_CERT and MESH_GATEWAY_TLS_KEY go together: set both for TLS "
+                "on the gateway's public ports, or neither"
+            )
+        super().check()
         if not self.persister_addr:
             raise SettingsError(
                 "MESH_PERSISTER_ADDR is empty, but the gateway needs a persister "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 
 from mesh import metrics, turnlog
 from mesh.codec import finish_reason_from_proto
@@ -52,8 +53,11 @@ class TurnStream:
         owner: bool,
         accepted_at: float | None = None,
         coalesce: bool = False,
+        on_detach: Callable[[TurnInfo], None] | None = None,
     ) -> None:
         self.info = info
+        # Called when the stream closes before the turn ended: its client went away.
+        self._on_detach = on_detach
         self.coalesce = coalesce
         self.sub = sub
         self.last_seq = after_seq
@@ -250,6 +254,8 @@ class TurnStream:
             return
         self._closed = True
         self.sub.close()
+        if not self.done and self._on_detach is not None:
+            self._on_detach(self.info)
         if self._waiting:
             self._waiting = False
             metrics.QUEUE_DEPTH.labels(SERVICE).dec()

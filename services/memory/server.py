@@ -136,6 +136,7 @@ def build_server(settings: MemorySettings, deps: MemoryDeps) -> tuple[aio.Server
         MemoryServicer(core),
         host=settings.host,
         port=settings.port,
+        tls=settings.tls,
     )
     return server, port
 

@@ -9,7 +9,8 @@ import secrets
 import socket
 from contextlib import AsyncExitStack
 
-from mesh.log import TURN_EVENTS, open_log
+from mesh.log import AGENTS_GROUP, PERSISTER_GROUP, TURN_EVENTS, TURN_REQUESTS, open_log
+from mesh.log.lag import report_lag
 from mesh.pg import EmbeddedPostgres
 from mesh.readiness import Probe, Readiness
 from mesh.server import run_main, serve_until_signalled, start_metrics
@@ -49,7 +50,7 @@ async def run(settings: PersisterSettings) -> None:
         if settings.memory_addr:
             # One attempt per call: the outbox keeps what memory did not take and retries it.
             memory = await stack.enter_async_context(
-                MemoryIndexer(settings.memory_addr, attempts=1)
+                MemoryIndexer(settings.memory_addr, attempts=1, tls=settings.tls)
             )
         persister = await stack.enter_async_context(
             Persister(
@@ -64,6 +65,16 @@ async def run(settings: PersisterSettings) -> None:
                 barrier_timeout_s=settings.barrier_timeout_s,
             )
         )
+        # Lag of both groups, so "no agent consuming" shows even with every agent down.
+        lag_groups = [
+            (AGENTS_GROUP, TURN_REQUESTS),
+            (PERSISTER_GROUP, TURN_REQUESTS),
+            (PERSISTER_GROUP, TURN_EVENTS),
+        ]
+        lag = asyncio.create_task(
+            report_lag(event_log, lag_groups, interval_s=settings.lag_interval_s)
+        )
+        stack.callback(lag.cancel)
         # Ready while PostgreSQL answers and the log takes writes (offset commits); memory is
         # not required: the outbox keeps what it cannot take.
         readiness = await stack.enter_async_context(

@@ -88,5 +88,6 @@ def _event(event: turnlog.TurnEvent, record: Record) -> Event | None:
             max(event.last_seq, 0),
             utc_from_ms(record.timestamp_ms),
         )
-    # TurnStarted and TurnCancelled change nothing stored: a cancel ends in a TurnFinished.
+    # TurnStarted, TurnCancelled and who follows the turn change nothing stored: a cancel
+    # ends in a TurnFinished.
     return None

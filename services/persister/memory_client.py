@@ -10,6 +10,7 @@ from grpc import aio
 
 from mesh.client import ServiceClient, is_retryable
 from mesh.retry import Backoff, retry
+from mesh.settings import TlsSettings
 from services.persister import metrics
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,11 @@ class MemoryIndexer(ServiceClient):
         initial_backoff_s: float = 0.1,
         max_backoff_s: float = 5.0,
         attempts: int | None = None,
+        tls: TlsSettings | None = None,
     ) -> None:
-        super().__init__(target, memory_service_pb2_grpc.MemoryServiceStub)
+        super().__init__(
+            target, memory_service_pb2_grpc.MemoryServiceStub, tls=tls, server_name="memory"
+        )
         self._call_timeout_s = call_timeout_s
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s

@@ -16,10 +16,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 
+from opentelemetry.trace import SpanKind
+
+from mesh import tracing
 from mesh.breaker import CircuitBreaker
 from mesh.lifecycle import AsyncStartStop
+from mesh.log.base import Headers
 from mesh.retry import Backoff
 from services.persister import metrics
 from services.persister.model import FinishedTurn, Rememberer, Store
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 # Turns read from the outbox per round, and Remember calls in flight at once.
 DRAIN_BATCH = 64
 CONCURRENCY = 8
+_TRACES_REMEMBERED = 10_000
 
 # What a drain round did.
 _INDEXED, _EMPTY, _FAILED = object(), object(), object()
@@ -63,6 +69,8 @@ class MemoryOutbox(AsyncStartStop):
         self._recent: set[str] = set()  # indexed since the last time nobody waited
         self._waiters = 0
         self._task: asyncio.Task[None] | None = None
+        # Trace context of turns queued by this process, so their indexing joins their trace.
+        self._traces: OrderedDict[str, Headers] = OrderedDict()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="memory outbox")
@@ -78,6 +86,13 @@ class MemoryOutbox(AsyncStartStop):
     def healthy(self) -> bool:
         """False while the breaker is open: memory failed its last calls."""
         return not self._breaker.is_open
+
+    def note_trace(self, turn_id: str, headers: Headers) -> None:
+        """The trace of a turn just queued (its indexing span becomes part of it)."""
+        if headers:
+            self._traces[turn_id] = headers
+            while len(self._traces) > _TRACES_REMEMBERED:
+                self._traces.popitem(last=False)
 
     def kick(self) -> None:
         """New rows were queued: drain now rather than at the next round."""
@@ -132,13 +147,20 @@ class MemoryOutbox(AsyncStartStop):
         async def one(turn: FinishedTurn) -> str | None:
             async with limit:
                 started = time.perf_counter()
+                parent = tracing.context_from_headers(self._traces.pop(turn.turn_id, ()))
                 try:
-                    await self._memory.remember(
-                        tenant_id=turn.tenant_id,
-                        conversation_id=turn.conversation_id,
-                        text=remember_text(turn),
-                        request_id=turn.turn_id,
-                    )
+                    with tracing.tracer().start_as_current_span(
+                        "memory index",
+                        context=parent,
+                        kind=SpanKind.PRODUCER,
+                        attributes={tracing.TURN_ID: turn.turn_id},
+                    ):
+                        await self._memory.remember(
+                            tenant_id=turn.tenant_id,
+                            conversation_id=turn.conversation_id,
+                            text=remember_text(turn),
+                            request_id=turn.turn_id,
+                        )
                 except Exception as error:
                     log.warning("memory did not take turn %s (%s)", turn.turn_id, error)
                     return None

@@ -23,8 +23,20 @@ import time
 from collections import deque
 from collections.abc import Iterator
 
+from opentelemetry.trace import SpanKind
+
+from mesh import tracing
 from mesh.generation import FinishReason
-from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, GroupConsumer, LogError, Record
+from mesh.log import (
+    PERSISTER_GROUP,
+    TURN_EVENTS,
+    TURN_REQUESTS,
+    EventLog,
+    GroupConsumer,
+    LogError,
+    Record,
+)
+from mesh.log.base import Headers
 from mesh.retry import Backoff, retry
 from services.persister import metrics
 from services.persister.batch import assemble
@@ -32,6 +44,7 @@ from services.persister.model import (
     BatchPlan,
     BatchResult,
     Decoder,
+    Event,
     Stats,
     Store,
 )
@@ -39,7 +52,7 @@ from services.persister.outbox import MemoryOutbox
 
 log = logging.getLogger(__name__)
 
-GROUP = "persister"
+GROUP = PERSISTER_GROUP
 TOPICS = (TURN_REQUESTS, TURN_EVENTS)
 # Bounded so a stalled database pushes back on the log instead of growing memory.
 BUFFER_BATCHES = 4
@@ -226,7 +239,17 @@ class WritePipeline:
                 metrics.PENDING_EVENTS.set(self.pending_events)
 
     async def _process(self, batch: list[Record]) -> None:
-        plan = assemble(batch, self._decode)
+        began_ns = time.time_ns()
+        traced: dict[str, Headers] = {}  # turn id -> its trace context, from record headers
+
+        def decode(record: Record) -> list[Event]:
+            events = self._decode(record)
+            if record.headers:
+                for event in events:
+                    traced[event.turn_id] = record.headers
+            return events
+
+        plan = assemble(batch, decode)
         metrics.BATCH_SIZE.observe(len(batch))
         result = await self._write_with_retry(plan)
 
@@ -243,8 +266,15 @@ class WritePipeline:
         if self._outbox is not None:
             # Non-error turns were queued; memory gets a head start, never a veto.
             queued = [t.turn_id for t in result.finished if t.finish_reason != FinishReason.ERROR]
+            for turn_id in queued:
+                self._outbox.note_trace(turn_id, traced.get(turn_id, ()))
             await self._outbox.wait_indexed(queued, self._memory_wait_s)
         await self._commit_offsets(plan.last_records)
+        # A span in the trace of each turn this batch finished: its batch write, memory head
+        # start and commit. (Token-only batches are part of no single turn's story.)
+        for turn in result.finished:
+            if turn.turn_id in traced:
+                _batch_span(turn.turn_id, traced[turn.turn_id], began_ns, len(batch))
 
     async def _write_with_retry(self, plan: BatchPlan) -> BatchResult:
         async def write() -> BatchResult:
@@ -338,3 +368,14 @@ class WritePipeline:
             duplicates_ignored=self._duplicates_ignored,
             pending_events=self.pending_events,
         )
+
+
+def _batch_span(turn_id: str, headers: Headers, began_ns: int, records: int) -> None:
+    span = tracing.tracer().start_span(
+        "persister batch write",
+        context=tracing.context_from_headers(headers),
+        kind=SpanKind.CONSUMER,
+        start_time=began_ns,
+        attributes={tracing.TURN_ID: turn_id, "messaging.batch.message_count": records},
+    )
+    span.end()

@@ -118,5 +118,6 @@ def build_server(settings: PersisterSettings, deps: PersisterDeps) -> tuple[aio.
         PersisterServicer(deps.persister),
         host=settings.host,
         port=settings.port,
+        tls=settings.tls,
     )
     return server, port

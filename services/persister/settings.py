@@ -32,6 +32,8 @@ class PersisterSettings(ServiceSettings, PostgresSettings):
         barrier_timeout_s: longest wait of Flush and consistent reads before UNAVAILABLE
             (``MESH_PERSISTER_BARRIER_TIMEOUT_S``).
         pg_pool_size: most PostgreSQL connections (``MESH_PERSISTER_PG_POOL_SIZE``).
+        lag_interval_s: how often the consumer lag of every group is measured for
+            ``mesh_consumer_lag_records`` (``MESH_PERSISTER_LAG_INTERVAL_S``).
         log: the log driver (``MESH_LOG_*``).
         health: how PostgreSQL and the log are probed for readiness (``MESH_HEALTH_*``).
     """
@@ -44,6 +46,7 @@ class PersisterSettings(ServiceSettings, PostgresSettings):
     linger_ms: int = setting("LINGER_MS", 50, minimum=0)
     barrier_timeout_s: float = setting("BARRIER_TIMEOUT_S", 10.0, above=0)
     pg_pool_size: int = setting("PG_POOL_SIZE", 4, minimum=2)
+    lag_interval_s: float = setting("LAG_INTERVAL_S", 5.0, above=0)
     log: LogSettings = field(default_factory=LogSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
 

@@ -166,9 +166,12 @@ const scenarios = {
 async function main() {
   const scenario = scenarios[options.scenario];
   if (!scenario) throw new Error(`unknown scenario ${options.scenario}`);
+  // An https:// page with a certificate from the project CA: trust exactly that key (its SPKI
+  // hash), not every certificate.
+  const trust = options.spki ? [`--ignore-certificate-errors-spki-list=${options.spki}`] : [];
   const browser = await chromium.launch({
     executablePath: options.chromium ?? "/usr/bin/chromium",
-    args: CHROMIUM_FLAGS,
+    args: [...CHROMIUM_FLAGS, ...trust],
     timeout: 60_000,
   });
   const consoleErrors = [];

@@ -122,6 +122,18 @@ async def test_records_keep_order_key_value_and_timestamp(event_log: EventLog, t
     assert [r.timestamp_ms for r in records] == sorted(r.timestamp_ms for r in records)
 
 
+async def test_headers_round_trip_and_default_to_none(event_log: EventLog, topic: str) -> None:
+    headers = (("traceparent", "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"), ("x-é", "ünïcode"))
+    with_headers = await event_log.append(topic, 1, b"k", b"v", headers)
+    without = await event_log.append(topic, 1, b"k", b"w")
+    first, second = await event_log.read_range(topic, 1, with_headers, without + 1)
+    assert first.headers == headers
+    assert second.headers == ()
+    tail = event_log.read(topic, 1, with_headers)
+    assert (await anext(tail)).headers == headers
+    await tail.aclose()
+
+
 async def test_empty_keys_and_values_round_trip(event_log: EventLog, topic: str) -> None:
     await event_log.append(topic, 0, b"", b"")
     [record] = await event_log.read_range(topic, 0, 0, 1)

@@ -107,8 +107,11 @@ def gateway_settings(
 
 
 @contextlib.asynccontextmanager
-async def run_gateway(settings: GatewaySettings) -> AsyncIterator[Gateway]:
-    """The gateway in this process, served by its real gRPC server."""
+async def run_gateway(
+    settings: GatewaySettings, *, tls_ca: Path | None = None
+) -> AsyncIterator[Gateway]:
+    """The gateway in this process, served by its real gRPC server (the test's channel trusts
+    ``tls_ca`` when the gateway serves TLS)."""
     async with (
         EmbeddedLog(settings.log.path) as log,
         PersisterClient(settings.persister_addr, timeout_s=settings.persister_timeout_s) as pc,
@@ -120,7 +123,11 @@ async def run_gateway(settings: GatewaySettings) -> AsyncIterator[Gateway]:
         await server.start()
         await set_serving(deps.health, [SERVICE_NAME], True)
         addr = f"127.0.0.1:{port}"
-        channel = aio.insecure_channel(addr)
+        if tls_ca is None:
+            channel = aio.insecure_channel(addr)
+        else:
+            roots = await asyncio.to_thread(tls_ca.read_bytes)
+            channel = aio.secure_channel(addr, grpc.ssl_channel_credentials(roots))
         try:
             yield Gateway(addr, channel, gateway_service_pb2_grpc.GatewayServiceStub(channel), core)
         finally:

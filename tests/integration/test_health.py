@@ -26,6 +26,7 @@ from chat.gateway.v1 import gateway_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.auth import add_key_to_file
+from mesh.tls import channel_credentials, load_identity
 from tests.integration.grpc_helpers import (
     auth,
     error_reason,
@@ -79,9 +80,23 @@ def _seen(seen: list[str], status: str) -> str:
     return status
 
 
-def _status(addr: str, service: str) -> str:
+# The operator identity of the mesh under test (set by the fixture when the launcher runs the
+# services over mutual TLS, its default): probes of the internal services present it.
+_IDENTITY: list[grpc.ChannelCredentials] = []
+_SERVER_NAMES = {PERSISTER: "persister", AGENT: "agent"}
+
+
+def _status(addr: str, service: str, server_name: str = "") -> str:
+    """grpc.health.v1 status of ``service`` at ``addr``; the internal services (``server_name``)
+    over mutual TLS when the mesh uses it."""
+    server_name = server_name or _SERVER_NAMES.get(service, "")
+    if server_name and _IDENTITY:
+        options = [("grpc.ssl_target_name_override", server_name)]
+        opened = grpc.secure_channel(addr, _IDENTITY[0], options=options)
+    else:
+        opened = grpc.insecure_channel(addr)
     try:
-        with grpc.insecure_channel(addr) as channel:
+        with opened as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=1.0
             )
@@ -154,6 +169,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Ite
         )
     try:
         running = Mesh(tmp / "state" / "mesh.json", log, key)
+        tls = running.info.get("tls")
+        _IDENTITY.clear()
+        if tls:
+            identity = load_identity(
+                Path(tls["MESH_TLS_CA"]), Path(tls["MESH_TLS_CERT"]), Path(tls["MESH_TLS_KEY"])
+            )
+            _IDENTITY.append(channel_credentials(identity))
         _wait_for(
             lambda: _status(running.gateway_addr, GATEWAY) == "SERVING",
             30,
@@ -296,7 +318,7 @@ def test_a_stopped_postgres_makes_the_persister_and_the_gateway_unready(mesh: Me
         print(
             f"persister NOT_SERVING {time.monotonic() - stopped_at:.1f}s after PostgreSQL stopped"
         )
-        assert _status(persister["addr"], "") == "SERVING"
+        assert _status(persister["addr"], "", "persister") == "SERVING"
         _wait_for(
             lambda: _status(gateway_addr, GATEWAY) == "NOT_SERVING",
             WITHIN_S + INTERVAL_S,

@@ -21,6 +21,7 @@ from chat.gateway.v1 import gateway_pb2
 
 from mesh.auth import add_key_to_file
 from mesh.launcher import wait_healthy
+from mesh.tls import channel_credentials, load_identity
 from tests.fixtures.mesh import TOKEN_INTERVAL_MS
 from tests.integration.grpc_helpers import TurnResult, auth, gateway, start_request
 
@@ -104,7 +105,15 @@ def test_a_killed_agent_is_restarted_and_the_rest_keeps_serving(
 
     after = _wait_for(restarted, 60, "agent-1 was not started again", log)
     assert after["services"]["agent-1"]["addr"] == agent["addr"]  # peers keep its address
-    wait_healthy(agent["addr"], timeout_s=60, name="agent-1")
+    # The agent takes mutual TLS only: probe it with the operator certificate mesh.json names.
+    tls = info["tls"]
+    identity = load_identity(
+        Path(tls["MESH_TLS_CA"]), Path(tls["MESH_TLS_CERT"]), Path(tls["MESH_TLS_KEY"])
+    )
+    credentials = channel_credentials(identity)
+    wait_healthy(
+        agent["addr"], timeout_s=60, name="agent-1", credentials=credentials, server_name="agent"
+    )
     for name, pid in others.items():
         assert after["services"][name]["pid"] == pid, f"{name} was restarted too"
         assert _alive(pid), f"{name} died"

@@ -2,12 +2,16 @@
 grpcurl listing, describing and calling every service through server reflection, and every
 service's Prometheus /metrics. The commands mirror docs/operators.md.
 
+The services behind the gateway take mutual TLS only (the launcher's certificates): the tools
+present the ``operator`` certificate, or a service's own where only that service may call.
+
 The tools come from scripts/install-operator-tools.sh (pinned versions, built from the Go module
 proxy); the session fixture runs it, so a fresh machine with Go needs nothing else.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -30,6 +34,8 @@ from chat.memory.v1 import memory_service_pb2
 from chat.persister.v1 import persister_service_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from mesh.certs import CertDir
+from mesh.cli import main as cli_main
 from mesh.launcher import MeshStartError, Service, free_port, wait_healthy
 from tests.fixtures.mesh import RunningMesh
 
@@ -63,6 +69,7 @@ PROBE_RPC_FAILURE = 3
 # grpcurl exits with 64 + the gRPC status code when a call fails.
 GRPCURL_INVALID_ARGUMENT = 64 + 3
 GRPCURL_UNAUTHENTICATED = 64 + 16
+GRPCURL_PERMISSION_DENIED = 64 + 7
 
 
 @dataclass(frozen=True)
@@ -122,9 +129,68 @@ def describe(result: subprocess.CompletedProcess[str]) -> str:
     )
 
 
+@dataclass
+class MeshTls:
+    """Which addresses take mutual TLS (address -> service kind), and the certificates."""
+
+    kinds: dict[str, str]
+    certs: CertDir | None = None
+
+
+# Filled from the running mesh by ``_mesh_tls``: the tools' helpers below look addresses up here.
+MESH_TLS = MeshTls({})
+
+
+@pytest.fixture(autouse=True)
+def _mesh_tls(running_mesh: RunningMesh) -> None:
+    certs = running_mesh.mesh.certs
+    assert certs is not None, "the launcher turns mutual TLS on by default"
+    MESH_TLS.certs = certs
+    for service in running_mesh.mesh.services:
+        kind = service.name.split("-")[0]
+        if kind not in ("gateway", "envoy"):
+            MESH_TLS.kinds[service.addr] = kind
+
+
+def probe_tls_flags(addr: str, identity: str = "operator") -> list[str]:
+    kind, certs = MESH_TLS.kinds.get(addr), MESH_TLS.certs
+    if kind is None or certs is None:
+        return []
+    return [
+        "-tls",
+        f"-tls-ca-cert={certs.ca_cert}",
+        f"-tls-client-cert={certs.cert(identity)}",
+        f"-tls-client-key={certs.key(identity)}",
+        f"-tls-server-name={kind}",
+    ]
+
+
+def grpcurl_tls_flags(addr: str, identity: str = "operator") -> list[str]:
+    kind, certs = MESH_TLS.kinds.get(addr), MESH_TLS.certs
+    if kind is None or certs is None:
+        return ["-plaintext"]
+    return [
+        "-cacert",
+        str(certs.ca_cert),
+        "-cert",
+        str(certs.cert(identity)),
+        "-key",
+        str(certs.key(identity)),
+        "-servername",
+        kind,
+    ]
+
+
 def probe(tools: Tools, addr: str, *flags: str) -> subprocess.CompletedProcess[str]:
     return run(
-        [tools.health_probe, f"-addr={addr}", "-connect-timeout=2s", "-rpc-timeout=5s", *flags]
+        [
+            tools.health_probe,
+            f"-addr={addr}",
+            "-connect-timeout=2s",
+            "-rpc-timeout=5s",
+            *probe_tls_flags(addr),
+            *flags,
+        ]
     )
 
 
@@ -136,8 +202,15 @@ def grpcurl(
     api_key: str = "",
     flags: tuple[str, ...] = (),
     timeout_s: float = 60.0,
+    identity: str = "operator",
 ) -> subprocess.CompletedProcess[str]:
-    argv: list[str | Path] = [tools.grpcurl, "-plaintext", "-max-time", str(int(timeout_s)), *flags]
+    argv: list[str | Path] = [
+        tools.grpcurl,
+        *grpcurl_tls_flags(addr, identity),
+        "-max-time",
+        str(int(timeout_s)),
+        *flags,
+    ]
     env = None
     if api_key:
         # The key travels in the environment, not argv, as docs/operators.md recommends.
@@ -397,6 +470,7 @@ def test_grpcurl_calls_memory_scoped_to_a_tenant(
                 "text": phrase,
                 "request_id": secrets.token_hex(8),
             },
+            identity="persister",  # only the persister may write memory
         )
     )
     assert stored["chunks_stored"] >= 1, stored
@@ -407,6 +481,7 @@ def test_grpcurl_calls_memory_scoped_to_a_tenant(
             addr,
             f"{service}/Recall",
             data={"tenant_id": tenant, "query": "lighthouse keeper", "top_k": 3},
+            identity="agent",  # only agents recall
         )
     )
     assert [chunk["text"] for chunk in recalled["chunks"]] == [phrase], recalled
@@ -417,14 +492,74 @@ def test_grpcurl_calls_memory_scoped_to_a_tenant(
             addr,
             f"{service}/Recall",
             data={"tenant_id": stranger, "query": "lighthouse keeper"},
+            identity="agent",
         )
     )
     assert nothing.get("chunks", []) == [], nothing
 
     # A missing tenant is the caller's mistake, reported as such.
-    refused = grpcurl(operator_tools, addr, f"{service}/Recall", data={"query": "lighthouse"})
+    refused = grpcurl(
+        operator_tools, addr, f"{service}/Recall", data={"query": "lighthouse"}, identity="agent"
+    )
     assert refused.returncode == GRPCURL_INVALID_ARGUMENT, describe(refused)
     assert "TENANT_REQUIRED" in refused.stderr, describe(refused)
+
+
+def test_grpcurl_with_the_wrong_identity_is_denied(
+    running_mesh: RunningMesh, operator_tools: Tools
+) -> None:
+    memory = running_mesh.mesh.memory_addr
+    requests = {
+        "Remember": {"tenant_id": "t", "conversation_id": "c", "text": "x", "request_id": "r"},
+        "Recall": {"tenant_id": "t", "query": "q"},
+    }
+    # The operator certificate opens health and reflection, not other services' RPCs.
+    for identity, method in (
+        ("operator", "Remember"),
+        ("agent", "Remember"),
+        ("gateway", "Recall"),
+    ):
+        denied = grpcurl(
+            operator_tools,
+            memory,
+            f"{SERVICES['memory']}/{method}",
+            data=requests[method],
+            identity=identity,
+        )
+        assert denied.returncode == GRPCURL_PERMISSION_DENIED, describe(denied)
+        assert f"spiffe://llm-mesh/{identity} is not allowed" in denied.stderr, describe(denied)
+    persister = running_mesh.mesh.persister_addr
+    denied = grpcurl(
+        operator_tools,
+        persister,
+        f"{SERVICES['persister']}/ListConversations",
+        data={"tenant_id": running_mesh.tenant_id},
+        identity="operator",
+    )
+    assert denied.returncode == GRPCURL_PERMISSION_DENIED, describe(denied)
+    assert "gateway" in denied.stderr and "agent" in denied.stderr, describe(denied)
+
+
+def test_the_services_refuse_plaintext_and_a_missing_certificate(
+    running_mesh: RunningMesh, operator_tools: Tools
+) -> None:
+    certs = MESH_TLS.certs
+    assert certs is not None
+    for kind in ("memory", "persister", "agent"):
+        addr = services_of(running_mesh, kind)[0].addr
+        plain = run([operator_tools.health_probe, f"-addr={addr}", "-connect-timeout=2s"])
+        assert plain.returncode != 0, describe(plain)
+        anonymous = run(
+            [
+                operator_tools.health_probe,
+                f"-addr={addr}",
+                "-connect-timeout=2s",
+                "-tls",
+                f"-tls-ca-cert={certs.ca_cert}",
+                f"-tls-server-name={kind}",
+            ]
+        )
+        assert anonymous.returncode != 0, describe(anonymous)
 
 
 # -- Prometheus /metrics --------------------------------------------------------------------------
@@ -595,3 +730,28 @@ def test_sigterm_reports_not_serving_then_drains_within_the_grace_period(
     assert exit_code == 0, log_tail
     assert grace_s - 0.5 <= drained_in <= grace_s + 15, (drained_in, log_tail)
     assert "draining (grace 2.0s)" in log_tail
+
+
+# -- mesh health --------------------------------------------------------------------------------
+
+
+def test_mesh_health_checks_every_service_over_mutual_tls(
+    running_mesh: RunningMesh, tmp_path: Path
+) -> None:
+    state = tmp_path / "mesh.json"
+    state.write_text(json.dumps(running_mesh.mesh.describe()))
+    out, err = io.StringIO(), io.StringIO()
+    code = cli_main(["health", "--state", str(state)], environ={}, out=out, err=err)
+    rows = {line.split()[0]: line.split()[-1] for line in out.getvalue().splitlines()}
+    assert code == 0, (out.getvalue(), err.getvalue())
+    assert set(rows.values()) == {"SERVING"} and {"memory", "persister", "agent-1"} <= set(rows)
+
+    # Without the mesh's certificates the services behind the gateway do not answer.
+    described = running_mesh.mesh.describe()
+    described["tls"] = {}
+    state.write_text(json.dumps(described))
+    out = io.StringIO()
+    code = cli_main(["health", "--state", str(state), "--timeout", "2"], environ={}, out=out)
+    rows = {line.split()[0]: line.split()[-1] for line in out.getvalue().splitlines()}
+    assert code == 1 and rows["gateway-1"] == "SERVING", out.getvalue()
+    assert rows["memory"] in {"UNREACHABLE", "TIMEOUT"}, out.getvalue()

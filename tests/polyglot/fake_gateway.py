@@ -251,13 +251,18 @@ def _frame(response_type: Any, frame: Any) -> Any:
 class RunningFake:
     """The fake gateway on a loopback port with grpc.health.v1 (SERVING)."""
 
-    def __init__(self, api_key: str, **options: float) -> None:
+    def __init__(
+        self, api_key: str, *, credentials: grpc.ServerCredentials | None = None, **options: float
+    ) -> None:
         self.fake = FakeGateway(api_key, **options)
         self.server = aio.server()
         self.health = health.aio.HealthServicer()
         gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(self.fake, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        if credentials is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
 
     @property
     def addr(self) -> str:

@@ -104,6 +104,8 @@ def test_host_names_use_dns_and_no_page_means_no_file_server() -> None:
         ({"MESH_ENVOY_ALLOWED_ORIGINS": "localhost:3000"}, "http(s)://"),
         ({"MESH_ENVOY_ALLOWED_ORIGINS": "http://x.example/"}, "no path"),
         ({"MESH_ENVOY_PORT": "eighty"}, "MESH_ENVOY_PORT"),
+        ({"MESH_ENVOY_HOST": "0.0.0.0"}, "without TLS: set MESH_ENVOY_TLS_CERT"),
+        ({"MESH_ENVOY_TLS_CERT": "/x.pem"}, "go together"),
     ],
 )
 def test_bad_settings_say_what_is_wrong(environ: dict[str, str], fragment: str) -> None:
@@ -166,3 +168,35 @@ def test_http_api_routes_v1_to_its_own_health_checked_cluster() -> None:
     # Without HTTP upstreams there is no /v1/ route and no second cluster.
     plain = rendered(EnvoyConfig(upstreams=("127.0.0.1:50051",)))
     assert [c["name"] for c in plain["staticResources"]["clusters"]] == ["gateway"]
+
+
+def test_tls_listener_and_tls_towards_the_gateways() -> None:
+    config = EnvoyConfig(
+        upstreams=("127.0.0.1:50051",),
+        http_upstreams=("127.0.0.1:8000",),
+        listen_host="0.0.0.0",
+        tls_cert=Path("/certs/edge.pem"),
+        tls_key=Path("/certs/edge.key"),
+        upstream_ca=Path("/certs/ca.pem"),
+    )
+    document = rendered(config)
+    [listener] = document["staticResources"]["listeners"]
+    [chain] = listener["filterChains"]
+    downstream = chain["transportSocket"]["typedConfig"]["commonTlsContext"]
+    assert downstream["tlsCertificates"] == [
+        {
+            "certificateChain": {"filename": "/certs/edge.pem"},
+            "privateKey": {"filename": "/certs/edge.key"},
+        }
+    ]
+    assert downstream["alpnProtocols"] == ["h2", "http/1.1"]
+    clusters = {c["name"]: c for c in document["staticResources"]["clusters"]}
+    for name, alpn in (("gateway", ["h2"]), ("gateway_http", ["http/1.1"])):
+        upstream = clusters[name]["transportSocket"]["typedConfig"]
+        assert upstream["sni"] == "localhost"
+        context = upstream["commonTlsContext"]
+        assert context["validationContext"]["trustedCa"] == {"filename": "/certs/ca.pem"}
+        assert context["alpnProtocols"] == alpn
+    plain = rendered(EnvoyConfig(upstreams=("127.0.0.1:50051",)))
+    assert "transportSocket" not in plain["staticResources"]["listeners"][0]["filterChains"][0]
+    assert "transportSocket" not in plain["staticResources"]["clusters"][0]

@@ -39,7 +39,7 @@ def test_everything_from_the_environment(model_file: Path, tmp_path: Path) -> No
     settings = AgentSettings.from_env(
         {
             "MESH_AGENT_MODEL_PATH": str(model_file),
-            "MESH_AGENT_HOST": "0.0.0.0",
+            "MESH_AGENT_HOST": "127.0.0.2",
             "MESH_AGENT_PORT": "0",
             "MESH_AGENT_METRICS_PORT": "9999",
             "MESH_AGENT_GRACE_S": "2.5",
@@ -59,7 +59,7 @@ def test_everything_from_the_environment(model_file: Path, tmp_path: Path) -> No
             "MESH_AGENT_MIN_TOKEN_INTERVAL_MS": "25",
         }
     )
-    assert settings.host == "0.0.0.0" and settings.port == 0
+    assert settings.host == "127.0.0.2" and settings.port == 0
     assert settings.metrics_port == 9999
     assert settings.grace_s == 2.5
     assert settings.agent_id == "agent-7"

@@ -27,7 +27,7 @@ def test_defaults() -> None:
 def test_values_from_the_environment() -> None:
     settings = MemorySettings.from_env(
         {
-            "MESH_MEMORY_HOST": "0.0.0.0",
+            "MESH_MEMORY_HOST": "127.0.0.2",
             "MESH_MEMORY_PORT": "6000",
             "MESH_MEMORY_METRICS_PORT": "6001",
             "MESH_MEMORY_GRACE_S": "2.5",
@@ -41,7 +41,7 @@ def test_values_from_the_environment() -> None:
             "MESH_STATE_DIR": "/var/mesh",
         }
     )
-    assert (settings.host, settings.port, settings.metrics_port) == ("0.0.0.0", 6000, 6001)
+    assert (settings.host, settings.port, settings.metrics_port) == ("127.0.0.2", 6000, 6001)
     assert settings.grace_s == 2.5
     assert settings.store.backend == "elasticsearch"
     assert settings.store.es_url == "http://es:9200"

@@ -3,8 +3,10 @@
 //   tsx src/cli.ts --addr http://127.0.0.1:50051 --api-key KEY "Why is the sky blue?"
 //   tsx src/cli.ts --transport grpc-web --addr http://127.0.0.1:8080 --api-key KEY "Hello"
 //   tsx src/cli.ts --addr ... --resume TURN_ID --after-seq 12
+//   tsx src/cli.ts --addr https://127.0.0.1:50051 --ca .state/certs/ca.pem --api-key KEY "Hello"
 //
 // --json prints one JSON object per frame (the same shape as the Go client's).
+import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { Code, ConnectError } from "@connectrpc/connect";
 import {
@@ -20,6 +22,7 @@ const usage = `usage: mesh-chat [options] MESSAGE...
   --addr URL           gateway (grpc) or Envoy (grpc-web) base URL [http://127.0.0.1:50051]
   --transport KIND     grpc | grpc-web [grpc]
   --api-key KEY        API key [$MESH_API_KEY]
+  --ca FILE            PEM CA bundle for an https:// address [$MESH_GATEWAY_CA]
   --conversation ID    conversation to continue
   --max-tokens N       most tokens to generate
   --resume TURN_ID     resume a turn instead of starting one
@@ -47,6 +50,7 @@ const { values, positionals } = parseArgs({
     addr: { type: "string", default: "http://127.0.0.1:50051" },
     transport: { type: "string", default: "grpc" },
     "api-key": { type: "string", default: process.env.MESH_API_KEY ?? "" },
+    ca: { type: "string", default: process.env.MESH_GATEWAY_CA ?? "" },
     conversation: { type: "string" },
     "max-tokens": { type: "string" },
     resume: { type: "string" },
@@ -74,7 +78,16 @@ const cancelAfter = intOption(values["cancel-after"], "cancel-after", 0);
 const timeoutS = intOption(values["timeout-s"], "timeout-s", 300);
 
 const addr = values.addr.includes("://") ? values.addr : `http://${values.addr}`;
-const client = connectGateway({ baseUrl: addr, transport, apiKey: values["api-key"] });
+let ca: string | undefined;
+if (values.ca) {
+  if (!addr.startsWith("https://")) fail("--ca needs an https:// address");
+  try {
+    ca = readFileSync(values.ca, "utf8");
+  } catch (error) {
+    fail(`cannot read the CA file ${values.ca}: ${(error as Error).message}`);
+  }
+}
+const client = connectGateway({ baseUrl: addr, transport, apiKey: values["api-key"], ca });
 const abort = new AbortController();
 const timer = setTimeout(() => abort.abort(new Error(`timed out after ${timeoutS}s`)), timeoutS * 1000);
 

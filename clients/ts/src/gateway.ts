@@ -3,7 +3,10 @@
 // gRPC-web through Envoy (fetch, the same transport a browser uses).
 import { randomUUID } from "node:crypto";
 import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import {
+  createGrpcTransport,
+  createGrpcWebTransport as createNodeGrpcWebTransport,
+} from "@connectrpc/connect-node";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { FinishReason } from "../../../gen/ts/chat/common/v1/common_pb.js";
 import type {
@@ -21,10 +24,12 @@ export type TurnEvent =
   | { kind: "finished"; turnId: string; finishReason: string; lastSeq: number; completionTokens: number };
 
 export interface ConnectOptions {
-  /** `http://host:port` of a gateway (grpc) or of Envoy (grpc-web). */
+  /** `http://host:port` of a gateway (grpc) or of Envoy (grpc-web); `https://` for TLS. */
   baseUrl: string;
   transport: TransportKind;
   apiKey: string;
+  /** PEM CA bundle to trust for an `https://` base URL (default: the system's CAs). */
+  ca?: string;
 }
 
 /** A gateway client whose every call carries the API key. */
@@ -33,10 +38,17 @@ export function connectGateway(options: ConnectOptions): GatewayClient {
     request.header.set("x-api-key", options.apiKey);
     return next(request);
   };
-  const transport =
-    options.transport === "grpc"
-      ? createGrpcTransport({ baseUrl: options.baseUrl, interceptors: [withKey] })
-      : createGrpcWebTransport({ baseUrl: options.baseUrl, interceptors: [withKey] });
+  const interceptors = [withKey];
+  const { baseUrl, ca } = options;
+  if (options.transport === "grpc") {
+    const nodeOptions = ca ? { ca } : undefined;
+    return createClient(GatewayService, createGrpcTransport({ baseUrl, interceptors, nodeOptions }));
+  }
+  // fetch (what a browser uses) cannot be given a CA; with one, Node's own HTTP/1.1 client
+  // speaks the same gRPC-web.
+  const transport = ca
+    ? createNodeGrpcWebTransport({ baseUrl, interceptors, httpVersion: "1.1", nodeOptions: { ca } })
+    : createGrpcWebTransport({ baseUrl, interceptors });
   return createClient(GatewayService, transport);
 }
 

@@ -11,7 +11,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 
 from mesh.log.base import LogError, Record
-from mesh.log.embedded.store import Store
+from mesh.log.embedded.store import Store, decode_headers
 
 READ_BATCH = 500
 
@@ -21,17 +21,20 @@ def fetch(
 ) -> list[Record]:
     if end is None:
         rows = conn.execute(
-            "SELECT pos, key, value, ts_ms FROM records WHERE topic = ? AND part = ? AND pos >= ?"
-            " ORDER BY pos LIMIT ?",
+            "SELECT pos, key, value, ts_ms, headers FROM records"
+            " WHERE topic = ? AND part = ? AND pos >= ? ORDER BY pos LIMIT ?",
             (topic, partition, start, limit),
         ).fetchall()
     else:
         rows = conn.execute(
-            "SELECT pos, key, value, ts_ms FROM records"
+            "SELECT pos, key, value, ts_ms, headers FROM records"
             " WHERE topic = ? AND part = ? AND pos >= ? AND pos < ? ORDER BY pos LIMIT ?",
             (topic, partition, start, end, limit),
         ).fetchall()
-    return [Record(topic, partition, pos, bytes(k), bytes(v), ts) for pos, k, v, ts in rows]
+    return [
+        Record(topic, partition, pos, bytes(k), bytes(v), ts, decode_headers(h))
+        for pos, k, v, ts, h in rows
+    ]
 
 
 def fetch_many(

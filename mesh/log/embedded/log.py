@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
-from mesh.log.base import Claim, LogError, Record
+from mesh.log.base import Claim, Headers, LogError, Record
 from mesh.log.driver import LogDriver, call_soon
 from mesh.log.embedded.changes import Changes, Key
 from mesh.log.embedded.fetcher import Fetcher
@@ -146,9 +146,16 @@ class EmbeddedLog(LogDriver[EmbeddedConsumer]):
         return await self._store.partitions.get(topic)
 
     def append(
-        self, topic: str, partition: int, key: bytes, value: bytes, *, fence: Claim | None = None
+        self,
+        topic: str,
+        partition: int,
+        key: bytes,
+        value: bytes,
+        headers: Headers = (),
+        *,
+        fence: Claim | None = None,
     ) -> asyncio.Future[int]:
-        return self._producer.append(topic, partition, key, value, fence)
+        return self._producer.append(topic, partition, key, value, headers, fence)
 
     async def check_writable(self, topic: str) -> None:
         await self._store.partitions.get(topic)

@@ -13,10 +13,10 @@ import functools
 import sqlite3
 from dataclasses import dataclass, field
 
-from mesh.log.base import Claim, Fenced, LogError
+from mesh.log.base import Claim, Fenced, Headers, LogError
 from mesh.log.driver import Inflight
 from mesh.log.embedded.changes import Key
-from mesh.log.embedded.store import Store, Tx, now_ms
+from mesh.log.embedded.store import Store, Tx, encode_headers, now_ms
 
 
 @dataclass(slots=True)
@@ -26,6 +26,7 @@ class _Append:
     key: bytes
     value: bytes
     timestamp_ms: int
+    headers: Headers
     future: asyncio.Future[int] = field(repr=False)
     fence: Claim | None = None
 
@@ -56,7 +57,7 @@ def _write_batch(batch: list[_Append], conn: sqlite3.Connection) -> list[int | L
                     "SELECT next_pos FROM heads WHERE topic = ? AND part = ?", key
                 ).fetchone()
                 heads[key] = None if row is None else int(row[0])
-        rows: list[tuple[str, int, int, bytes, bytes, int]] = []
+        rows: list[tuple[str, int, int, bytes, bytes, int, str | None]] = []
         for item in batch:
             key = (item.topic, item.partition)
             head = heads[key]
@@ -66,11 +67,22 @@ def _write_batch(batch: list[_Append], conn: sqlite3.Connection) -> list[int | L
             if item.fence is not None and not fences[item.fence]:
                 results.append(_fenced(item.fence))
                 continue
-            rows.append((item.topic, item.partition, head, item.key, item.value, item.timestamp_ms))
+            rows.append(
+                (
+                    item.topic,
+                    item.partition,
+                    head,
+                    item.key,
+                    item.value,
+                    item.timestamp_ms,
+                    encode_headers(item.headers),
+                )
+            )
             results.append(head)
             heads[key] = head + 1
         conn.executemany(
-            "INSERT INTO records (topic, part, pos, key, value, ts_ms) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO records (topic, part, pos, key, value, ts_ms, headers)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         conn.executemany(
@@ -115,11 +127,19 @@ class Producer:
         self._task = None
 
     def append(
-        self, topic: str, partition: int, key: bytes, value: bytes, fence: Claim | None = None
+        self,
+        topic: str,
+        partition: int,
+        key: bytes,
+        value: bytes,
+        headers: Headers = (),
+        fence: Claim | None = None,
     ) -> asyncio.Future[int]:
         self._store.require()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Append(topic, partition, key, value, now_ms(), future, fence))
+        self._pending.append(
+            _Append(topic, partition, key, value, now_ms(), headers, future, fence)
+        )
         self._inflight.add(future)
         self._wake.set()
         return future

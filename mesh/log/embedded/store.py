@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from mesh.log.base import LogError
+from mesh.log.base import Headers, LogError
 from mesh.log.driver import PartitionCounts
 from mesh.log.embedded.changes import Changes
 
@@ -33,7 +34,7 @@ SCHEMA = (
     " PRIMARY KEY (topic, part)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS records ("
     " topic TEXT NOT NULL, part INTEGER NOT NULL, pos INTEGER NOT NULL,"
-    " key BLOB NOT NULL, value BLOB NOT NULL, ts_ms INTEGER NOT NULL,"
+    " key BLOB NOT NULL, value BLOB NOT NULL, ts_ms INTEGER NOT NULL, headers TEXT,"
     " PRIMARY KEY (topic, part, pos)) WITHOUT ROWID",
     # Group members are leases: a member is live while its heartbeat is younger than the session
     # timeout, so a process that dies without closing loses its partitions on its own.
@@ -50,6 +51,17 @@ SCHEMA = (
     " grp TEXT NOT NULL, topic TEXT NOT NULL, part INTEGER NOT NULL, committed INTEGER NOT NULL,"
     " PRIMARY KEY (grp, topic, part)) WITHOUT ROWID",
 )
+
+
+def encode_headers(headers: Headers) -> str | None:
+    """Record headers as stored: a JSON list of [name, value] pairs, NULL when there are none."""
+    return json.dumps(headers, separators=(",", ":")) if headers else None
+
+
+def decode_headers(stored: str | None) -> Headers:
+    if not stored:
+        return ()
+    return tuple((str(name), str(value)) for name, value in json.loads(stored))
 
 
 def now_ms() -> int:
@@ -90,6 +102,10 @@ def create_schema(conn: sqlite3.Connection) -> None:
     with Tx(conn):
         for statement in SCHEMA:
             conn.execute(statement)
+        # Logs written before records had headers: add the column (NULL: no headers).
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
+        if "headers" not in columns:
+            conn.execute("ALTER TABLE records ADD COLUMN headers TEXT")
 
 
 def partition_row(topic: str, conn: sqlite3.Connection) -> tuple[int] | None:

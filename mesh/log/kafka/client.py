@@ -70,6 +70,11 @@ def to_record(message: Message) -> Record:
     key = message.key()
     value = message.value()
     _, timestamp_ms = message.timestamp()
+    pairs: list[tuple[str, bytes | None]] = list(message.headers() or ())  # type: ignore[arg-type]
+    headers = tuple(
+        (name, raw.decode(errors="replace") if isinstance(raw, bytes) else "")
+        for name, raw in pairs
+    )
     return Record(
         topic,
         partition,
@@ -77,6 +82,7 @@ def to_record(message: Message) -> Record:
         key if isinstance(key, bytes) else b"",
         value if isinstance(value, bytes) else b"",
         timestamp_ms,
+        headers,
     )
 
 

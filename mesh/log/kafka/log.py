@@ -14,7 +14,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from mesh.log.base import Claim, Fenced, LogError, Record
+from mesh.log.base import Claim, Fenced, Headers, LogError, Record
 from mesh.log.driver import LogDriver
 from mesh.log.kafka.admin import Admin
 from mesh.log.kafka.client import Client, Running
@@ -99,7 +99,14 @@ class KafkaLog(LogDriver[KafkaGroupConsumer]):
     # -- EventLog ----------------------------------------------------------------------------
 
     def append(
-        self, topic: str, partition: int, key: bytes, value: bytes, *, fence: Claim | None = None
+        self,
+        topic: str,
+        partition: int,
+        key: bytes,
+        value: bytes,
+        headers: Headers = (),
+        *,
+        fence: Claim | None = None,
     ) -> asyncio.Future[int]:
         if fence is not None and not self._holds(fence):
             # The member's own view of its group (rebalance callbacks bump the epoch): the broker
@@ -112,7 +119,7 @@ class KafkaLog(LogDriver[KafkaGroupConsumer]):
                 )
             )
             return future
-        return self._producer.append(topic, partition, key, value)
+        return self._producer.append(topic, partition, key, value, headers)
 
     def _holds(self, fence: Claim) -> bool:
         return any(member.claim(fence.partition) == fence for member in self._consumers)

@@ -14,7 +14,7 @@ import threading
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException, Message
 
-from mesh.log.base import LogError
+from mesh.log.base import Headers, LogError
 from mesh.log.driver import Inflight, call_soon
 from mesh.log.kafka.client import RDKAFKA_LOGGER, Client
 
@@ -89,7 +89,9 @@ class Producer:
         else:
             call_soon(running.loop, _resolve, future, message.offset())
 
-    def append(self, topic: str, partition: int, key: bytes, value: bytes) -> asyncio.Future[int]:
+    def append(
+        self, topic: str, partition: int, key: bytes, value: bytes, headers: Headers = ()
+    ) -> asyncio.Future[int]:
         running = self._client.require()
         future: asyncio.Future[int] = running.loop.create_future()
         self._inflight.add(future)
@@ -99,6 +101,7 @@ class Producer:
                 value,
                 key,
                 partition=partition,
+                headers=[(name, text.encode()) for name, text in headers] or None,
                 on_delivery=functools.partial(self._delivered, future),
             )
         except (BufferError, KafkaException) as error:

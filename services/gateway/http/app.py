@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from aiohttp import web
 from chat.common.v1 import conversation_pb2
 from google.rpc import status_pb2
 
-from mesh import metrics, turnlog
+from mesh import metrics, tracing, turnlog
 from mesh.auth import API_KEY_HEADER, KeyStore, Principal
 from mesh.errors import MeshError, NotFound
 from mesh.generation import FinishReason, GenerationOptions, TokenUsage
@@ -424,10 +425,17 @@ class OpenAiApi:
         task.add_done_callback(self._background.discard)
 
     async def _start(
-        self, principal: Principal, start: StartRequest, params: dict[str, str], length: str
+        self,
+        principal: Principal,
+        start: StartRequest,
+        params: dict[str, str],
+        length: str,
+        request: web.Request,
     ) -> TurnStream:
         try:
-            return await self.core.start_turn(principal, start)
+            # The caller's W3C traceparent header, if it sent one, parents the turn's trace.
+            parent = tracing.remote_context(request.headers.items())
+            return await self.core.start_turn(principal, start, trace_parent=parent)
         except MeshError as error:
             raise from_mesh_error(
                 error, param_names={**params, "start.options.max_tokens": length}
@@ -528,7 +536,7 @@ class OpenAiApi:
             start = StartRequest(conversation_id, text, call.sampling.options)
             try:
                 turn = await self._start(
-                    principal, start, CHAT_PARAMS, call.sampling.max_tokens_param
+                    principal, start, CHAT_PARAMS, call.sampling.max_tokens_param, request
                 )
             except ApiError:
                 if key:
@@ -720,7 +728,7 @@ class OpenAiApi:
             conversation_id, text = await self._response_text(principal, call)
             start = StartRequest(conversation_id, text, call.sampling.options)
             turn = await self._start(
-                principal, start, RESPONSE_PARAMS, call.sampling.max_tokens_param
+                principal, start, RESPONSE_PARAMS, call.sampling.max_tokens_param, request
             )
             state = ResponseState(
                 turn_id=turn.turn_id,
@@ -1054,12 +1062,20 @@ def build_app(api: OpenAiApi) -> web.Application:
 
 
 class HttpListener(AsyncStartStop):
-    """Serves ``build_app(api)`` on ``host:port`` (0 picks a free port; see ``port``)."""
+    """Serves ``build_app(api)`` on ``host:port`` (0 picks a free port; see ``port``), over
+    TLS with ``ssl_context``."""
 
     def __init__(
-        self, app: web.Application, *, host: str, port: int, grace_s: float = 10.0
+        self,
+        app: web.Application,
+        *,
+        host: str,
+        port: int,
+        grace_s: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._app = app
+        self._ssl_context = ssl_context
         self._grace_s = grace_s
         self._host = host
         self._port = port
@@ -1077,7 +1093,7 @@ class HttpListener(AsyncStartStop):
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._host, self._port)
+            site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl_context)
             await site.start()
         except BaseException:
             await runner.cleanup()

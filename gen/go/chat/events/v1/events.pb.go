@@ -46,8 +46,10 @@ type TurnRequested struct {
 	EventsStartOffset int64 `protobuf:"varint,8,opt,name=events_start_offset,json=eventsStartOffset,proto3" json:"events_start_offset,omitempty"`
 	// Partition of the turn-event topic that holds this turn's events.
 	EventsPartition int32 `protobuf:"varint,9,opt,name=events_partition,json=eventsPartition,proto3" json:"events_partition,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// The client asked the turn to run to its end even with no client attached (StartTurn.background).
+	Background    bool `protobuf:"varint,10,opt,name=background,proto3" json:"background,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *TurnRequested) Reset() {
@@ -141,6 +143,13 @@ func (x *TurnRequested) GetEventsPartition() int32 {
 		return x.EventsPartition
 	}
 	return 0
+}
+
+func (x *TurnRequested) GetBackground() bool {
+	if x != nil {
+		return x.Background
+	}
+	return false
 }
 
 // TurnStarted is appended to the turn-event log when an agent claims a turn.
@@ -537,6 +546,155 @@ func (x *TurnCancelled) GetTenantId() string {
 	return ""
 }
 
+// ClientAttached says a client started following the turn on a gateway (a resume, or a retried
+// start); the start itself counts as the first attachment.
+type ClientAttached struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The turn followed.
+	TurnId string `protobuf:"bytes,1,opt,name=turn_id,json=turnId,proto3" json:"turn_id,omitempty"`
+	// Conversation of the turn.
+	ConversationId string `protobuf:"bytes,2,opt,name=conversation_id,json=conversationId,proto3" json:"conversation_id,omitempty"`
+	// Tenant of the conversation.
+	TenantId string `protobuf:"bytes,3,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	// The gateway the client is on.
+	GatewayId     string `protobuf:"bytes,4,opt,name=gateway_id,json=gatewayId,proto3" json:"gateway_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClientAttached) Reset() {
+	*x = ClientAttached{}
+	mi := &file_chat_events_v1_events_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClientAttached) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClientAttached) ProtoMessage() {}
+
+func (x *ClientAttached) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_events_v1_events_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClientAttached.ProtoReflect.Descriptor instead.
+func (*ClientAttached) Descriptor() ([]byte, []int) {
+	return file_chat_events_v1_events_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ClientAttached) GetTurnId() string {
+	if x != nil {
+		return x.TurnId
+	}
+	return ""
+}
+
+func (x *ClientAttached) GetConversationId() string {
+	if x != nil {
+		return x.ConversationId
+	}
+	return ""
+}
+
+func (x *ClientAttached) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *ClientAttached) GetGatewayId() string {
+	if x != nil {
+		return x.GatewayId
+	}
+	return ""
+}
+
+// ClientDetached says a client stopped following the turn before it ended (it went away). A turn
+// not started in the background with no client attached for the agents' orphan grace period is
+// cancelled.
+type ClientDetached struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The turn no longer followed by this client.
+	TurnId string `protobuf:"bytes,1,opt,name=turn_id,json=turnId,proto3" json:"turn_id,omitempty"`
+	// Conversation of the turn.
+	ConversationId string `protobuf:"bytes,2,opt,name=conversation_id,json=conversationId,proto3" json:"conversation_id,omitempty"`
+	// Tenant of the conversation.
+	TenantId string `protobuf:"bytes,3,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	// The gateway the client was on.
+	GatewayId     string `protobuf:"bytes,4,opt,name=gateway_id,json=gatewayId,proto3" json:"gateway_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClientDetached) Reset() {
+	*x = ClientDetached{}
+	mi := &file_chat_events_v1_events_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClientDetached) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClientDetached) ProtoMessage() {}
+
+func (x *ClientDetached) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_events_v1_events_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClientDetached.ProtoReflect.Descriptor instead.
+func (*ClientDetached) Descriptor() ([]byte, []int) {
+	return file_chat_events_v1_events_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ClientDetached) GetTurnId() string {
+	if x != nil {
+		return x.TurnId
+	}
+	return ""
+}
+
+func (x *ClientDetached) GetConversationId() string {
+	if x != nil {
+		return x.ConversationId
+	}
+	return ""
+}
+
+func (x *ClientDetached) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *ClientDetached) GetGatewayId() string {
+	if x != nil {
+		return x.GatewayId
+	}
+	return ""
+}
+
 // TurnEvent is the envelope of every record on the turn-event log.
 type TurnEvent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -548,6 +706,8 @@ type TurnEvent struct {
 	//	*TurnEvent_Token
 	//	*TurnEvent_Finished
 	//	*TurnEvent_Cancelled
+	//	*TurnEvent_Attached
+	//	*TurnEvent_Detached
 	Event         isTurnEvent_Event `protobuf_oneof:"event"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -555,7 +715,7 @@ type TurnEvent struct {
 
 func (x *TurnEvent) Reset() {
 	*x = TurnEvent{}
-	mi := &file_chat_events_v1_events_proto_msgTypes[5]
+	mi := &file_chat_events_v1_events_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -567,7 +727,7 @@ func (x *TurnEvent) String() string {
 func (*TurnEvent) ProtoMessage() {}
 
 func (x *TurnEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_chat_events_v1_events_proto_msgTypes[5]
+	mi := &file_chat_events_v1_events_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -580,7 +740,7 @@ func (x *TurnEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TurnEvent.ProtoReflect.Descriptor instead.
 func (*TurnEvent) Descriptor() ([]byte, []int) {
-	return file_chat_events_v1_events_proto_rawDescGZIP(), []int{5}
+	return file_chat_events_v1_events_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *TurnEvent) GetEvent() isTurnEvent_Event {
@@ -626,6 +786,24 @@ func (x *TurnEvent) GetCancelled() *TurnCancelled {
 	return nil
 }
 
+func (x *TurnEvent) GetAttached() *ClientAttached {
+	if x != nil {
+		if x, ok := x.Event.(*TurnEvent_Attached); ok {
+			return x.Attached
+		}
+	}
+	return nil
+}
+
+func (x *TurnEvent) GetDetached() *ClientDetached {
+	if x != nil {
+		if x, ok := x.Event.(*TurnEvent_Detached); ok {
+			return x.Detached
+		}
+	}
+	return nil
+}
+
 type isTurnEvent_Event interface {
 	isTurnEvent_Event()
 }
@@ -650,6 +828,16 @@ type TurnEvent_Cancelled struct {
 	Cancelled *TurnCancelled `protobuf:"bytes,4,opt,name=cancelled,proto3,oneof"`
 }
 
+type TurnEvent_Attached struct {
+	// A client started following the turn.
+	Attached *ClientAttached `protobuf:"bytes,5,opt,name=attached,proto3,oneof"`
+}
+
+type TurnEvent_Detached struct {
+	// A client stopped following the turn before it ended.
+	Detached *ClientDetached `protobuf:"bytes,6,opt,name=detached,proto3,oneof"`
+}
+
 func (*TurnEvent_Started) isTurnEvent_Event() {}
 
 func (*TurnEvent_Token) isTurnEvent_Event() {}
@@ -658,11 +846,15 @@ func (*TurnEvent_Finished) isTurnEvent_Event() {}
 
 func (*TurnEvent_Cancelled) isTurnEvent_Event() {}
 
+func (*TurnEvent_Attached) isTurnEvent_Event() {}
+
+func (*TurnEvent_Detached) isTurnEvent_Event() {}
+
 var File_chat_events_v1_events_proto protoreflect.FileDescriptor
 
 const file_chat_events_v1_events_proto_rawDesc = "" +
 	"\n" +
-	"\x1bchat/events/v1/events.proto\x12\x0echat.events.v1\x1a\x1bchat/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xff\x02\n" +
+	"\x1bchat/events/v1/events.proto\x12\x0echat.events.v1\x1a\x1bchat/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\x9f\x03\n" +
 	"\rTurnRequested\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12'\n" +
 	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x1b\n" +
@@ -674,7 +866,11 @@ const file_chat_events_v1_events_proto_rawDesc = "" +
 	"\vaccepted_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"acceptedAt\x12.\n" +
 	"\x13events_start_offset\x18\b \x01(\x03R\x11eventsStartOffset\x12)\n" +
-	"\x10events_partition\x18\t \x01(\x05R\x0feventsPartition\"\x87\x02\n" +
+	"\x10events_partition\x18\t \x01(\x05R\x0feventsPartition\x12\x1e\n" +
+	"\n" +
+	"background\x18\n" +
+	" \x01(\bR\n" +
+	"background\"\x87\x02\n" +
 	"\vTurnStarted\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12'\n" +
 	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x1b\n" +
@@ -707,12 +903,26 @@ const file_chat_events_v1_events_proto_rawDesc = "" +
 	"\rTurnCancelled\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12'\n" +
 	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x1b\n" +
-	"\ttenant_id\x18\x03 \x01(\tR\btenantId\"\xfe\x01\n" +
+	"\ttenant_id\x18\x03 \x01(\tR\btenantId\"\x8e\x01\n" +
+	"\x0eClientAttached\x12\x17\n" +
+	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12'\n" +
+	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x1b\n" +
+	"\ttenant_id\x18\x03 \x01(\tR\btenantId\x12\x1d\n" +
+	"\n" +
+	"gateway_id\x18\x04 \x01(\tR\tgatewayId\"\x8e\x01\n" +
+	"\x0eClientDetached\x12\x17\n" +
+	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12'\n" +
+	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x1b\n" +
+	"\ttenant_id\x18\x03 \x01(\tR\btenantId\x12\x1d\n" +
+	"\n" +
+	"gateway_id\x18\x04 \x01(\tR\tgatewayId\"\xfa\x02\n" +
 	"\tTurnEvent\x127\n" +
 	"\astarted\x18\x01 \x01(\v2\x1b.chat.events.v1.TurnStartedH\x00R\astarted\x124\n" +
 	"\x05token\x18\x02 \x01(\v2\x1c.chat.events.v1.TokenEmittedH\x00R\x05token\x12:\n" +
 	"\bfinished\x18\x03 \x01(\v2\x1c.chat.events.v1.TurnFinishedH\x00R\bfinished\x12=\n" +
-	"\tcancelled\x18\x04 \x01(\v2\x1d.chat.events.v1.TurnCancelledH\x00R\tcancelledB\a\n" +
+	"\tcancelled\x18\x04 \x01(\v2\x1d.chat.events.v1.TurnCancelledH\x00R\tcancelled\x12<\n" +
+	"\battached\x18\x05 \x01(\v2\x1e.chat.events.v1.ClientAttachedH\x00R\battached\x12<\n" +
+	"\bdetached\x18\x06 \x01(\v2\x1e.chat.events.v1.ClientDetachedH\x00R\bdetachedB\a\n" +
 	"\x05eventB\xb8\x01\n" +
 	"\x12com.chat.events.v1B\vEventsProtoP\x01Z;github.com/llm-mesh/llm-mesh/gen/go/chat/events/v1;eventsv1\xa2\x02\x03CEX\xaa\x02\x0eChat.Events.V1\xca\x02\x0eChat\\Events\\V1\xe2\x02\x1aChat\\Events\\V1\\GPBMetadata\xea\x02\x10Chat::Events::V1b\x06proto3"
 
@@ -728,39 +938,43 @@ func file_chat_events_v1_events_proto_rawDescGZIP() []byte {
 	return file_chat_events_v1_events_proto_rawDescData
 }
 
-var file_chat_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_chat_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_chat_events_v1_events_proto_goTypes = []any{
 	(*TurnRequested)(nil),         // 0: chat.events.v1.TurnRequested
 	(*TurnStarted)(nil),           // 1: chat.events.v1.TurnStarted
 	(*TokenEmitted)(nil),          // 2: chat.events.v1.TokenEmitted
 	(*TurnFinished)(nil),          // 3: chat.events.v1.TurnFinished
 	(*TurnCancelled)(nil),         // 4: chat.events.v1.TurnCancelled
-	(*TurnEvent)(nil),             // 5: chat.events.v1.TurnEvent
-	(*v1.GenerationOptions)(nil),  // 6: chat.common.v1.GenerationOptions
-	(*timestamppb.Timestamp)(nil), // 7: google.protobuf.Timestamp
-	(v1.FinishReason)(0),          // 8: chat.common.v1.FinishReason
-	(*v1.TokenUsage)(nil),         // 9: chat.common.v1.TokenUsage
-	(*v1.TurnTimings)(nil),        // 10: chat.common.v1.TurnTimings
-	(*status.Status)(nil),         // 11: google.rpc.Status
-	(*v1.ContextSkipped)(nil),     // 12: chat.common.v1.ContextSkipped
+	(*ClientAttached)(nil),        // 5: chat.events.v1.ClientAttached
+	(*ClientDetached)(nil),        // 6: chat.events.v1.ClientDetached
+	(*TurnEvent)(nil),             // 7: chat.events.v1.TurnEvent
+	(*v1.GenerationOptions)(nil),  // 8: chat.common.v1.GenerationOptions
+	(*timestamppb.Timestamp)(nil), // 9: google.protobuf.Timestamp
+	(v1.FinishReason)(0),          // 10: chat.common.v1.FinishReason
+	(*v1.TokenUsage)(nil),         // 11: chat.common.v1.TokenUsage
+	(*v1.TurnTimings)(nil),        // 12: chat.common.v1.TurnTimings
+	(*status.Status)(nil),         // 13: google.rpc.Status
+	(*v1.ContextSkipped)(nil),     // 14: chat.common.v1.ContextSkipped
 }
 var file_chat_events_v1_events_proto_depIdxs = []int32{
-	6,  // 0: chat.events.v1.TurnRequested.options:type_name -> chat.common.v1.GenerationOptions
-	7,  // 1: chat.events.v1.TurnRequested.accepted_at:type_name -> google.protobuf.Timestamp
-	8,  // 2: chat.events.v1.TurnFinished.finish_reason:type_name -> chat.common.v1.FinishReason
-	9,  // 3: chat.events.v1.TurnFinished.usage:type_name -> chat.common.v1.TokenUsage
-	10, // 4: chat.events.v1.TurnFinished.timings:type_name -> chat.common.v1.TurnTimings
-	11, // 5: chat.events.v1.TurnFinished.error:type_name -> google.rpc.Status
-	12, // 6: chat.events.v1.TurnFinished.context_skipped:type_name -> chat.common.v1.ContextSkipped
+	8,  // 0: chat.events.v1.TurnRequested.options:type_name -> chat.common.v1.GenerationOptions
+	9,  // 1: chat.events.v1.TurnRequested.accepted_at:type_name -> google.protobuf.Timestamp
+	10, // 2: chat.events.v1.TurnFinished.finish_reason:type_name -> chat.common.v1.FinishReason
+	11, // 3: chat.events.v1.TurnFinished.usage:type_name -> chat.common.v1.TokenUsage
+	12, // 4: chat.events.v1.TurnFinished.timings:type_name -> chat.common.v1.TurnTimings
+	13, // 5: chat.events.v1.TurnFinished.error:type_name -> google.rpc.Status
+	14, // 6: chat.events.v1.TurnFinished.context_skipped:type_name -> chat.common.v1.ContextSkipped
 	1,  // 7: chat.events.v1.TurnEvent.started:type_name -> chat.events.v1.TurnStarted
 	2,  // 8: chat.events.v1.TurnEvent.token:type_name -> chat.events.v1.TokenEmitted
 	3,  // 9: chat.events.v1.TurnEvent.finished:type_name -> chat.events.v1.TurnFinished
 	4,  // 10: chat.events.v1.TurnEvent.cancelled:type_name -> chat.events.v1.TurnCancelled
-	11, // [11:11] is the sub-list for method output_type
-	11, // [11:11] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	5,  // 11: chat.events.v1.TurnEvent.attached:type_name -> chat.events.v1.ClientAttached
+	6,  // 12: chat.events.v1.TurnEvent.detached:type_name -> chat.events.v1.ClientDetached
+	13, // [13:13] is the sub-list for method output_type
+	13, // [13:13] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_chat_events_v1_events_proto_init() }
@@ -768,11 +982,13 @@ func file_chat_events_v1_events_proto_init() {
 	if File_chat_events_v1_events_proto != nil {
 		return
 	}
-	file_chat_events_v1_events_proto_msgTypes[5].OneofWrappers = []any{
+	file_chat_events_v1_events_proto_msgTypes[7].OneofWrappers = []any{
 		(*TurnEvent_Started)(nil),
 		(*TurnEvent_Token)(nil),
 		(*TurnEvent_Finished)(nil),
 		(*TurnEvent_Cancelled)(nil),
+		(*TurnEvent_Attached)(nil),
+		(*TurnEvent_Detached)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -780,7 +996,7 @@ func file_chat_events_v1_events_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chat_events_v1_events_proto_rawDesc), len(file_chat_events_v1_events_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

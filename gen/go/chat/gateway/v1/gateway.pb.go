@@ -37,8 +37,13 @@ type StartTurn struct {
 	// When true, tokens that are ready together arrive together in TokenRun frames instead of
 	// one Token frame each (fewer messages under load; never waits to fill a frame).
 	CoalesceTokens bool `protobuf:"varint,5,opt,name=coalesce_tokens,json=coalesceTokens,proto3" json:"coalesce_tokens,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Run to the end even when no client is attached. Without it, a turn that no client follows
+	// on any gateway for the agents' orphan grace period (MESH_AGENT_ORPHAN_GRACE_S, default 30 s)
+	// is cancelled: its TurnFinished says CANCELLED with reason ORPHANED. Within the grace period
+	// a client may resume it (a page reload, a dropped connection) and it goes on.
+	Background    bool `protobuf:"varint,6,opt,name=background,proto3" json:"background,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StartTurn) Reset() {
@@ -102,6 +107,13 @@ func (x *StartTurn) GetRequestId() string {
 func (x *StartTurn) GetCoalesceTokens() bool {
 	if x != nil {
 		return x.CoalesceTokens
+	}
+	return false
+}
+
+func (x *StartTurn) GetBackground() bool {
+	if x != nil {
+		return x.Background
 	}
 	return false
 }
@@ -470,8 +482,12 @@ type TurnFinished struct {
 	// Context the reply was generated without: history or recall was unavailable, so the answer
 	// may ignore earlier messages or remembered facts. Empty when the turn had everything.
 	ContextSkipped []*v1.ContextSkipped `protobuf:"bytes,6,rep,name=context_skipped,json=contextSkipped,proto3" json:"context_skipped,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Why the turn ended, where the finish reason alone does not say: the failure of a
+	// FINISH_REASON_ERROR turn, or reason ORPHANED for a turn cancelled because no client followed
+	// it for the agents' grace period (StartTurn.background). Unset otherwise.
+	Error         *status.Status `protobuf:"bytes,7,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *TurnFinished) Reset() {
@@ -542,6 +558,13 @@ func (x *TurnFinished) GetLastSeq() int64 {
 func (x *TurnFinished) GetContextSkipped() []*v1.ContextSkipped {
 	if x != nil {
 		return x.ContextSkipped
+	}
+	return nil
+}
+
+func (x *TurnFinished) GetError() *status.Status {
+	if x != nil {
+		return x.Error
 	}
 	return nil
 }
@@ -1510,14 +1533,17 @@ var File_chat_gateway_v1_gateway_proto protoreflect.FileDescriptor
 
 const file_chat_gateway_v1_gateway_proto_rawDesc = "" +
 	"\n" +
-	"\x1dchat/gateway/v1/gateway.proto\x12\x0fchat.gateway.v1\x1a\x1bchat/common/v1/common.proto\x1a!chat/common/v1/conversation.proto\x1a\x17google/rpc/status.proto\"\xcd\x01\n" +
+	"\x1dchat/gateway/v1/gateway.proto\x12\x0fchat.gateway.v1\x1a\x1bchat/common/v1/common.proto\x1a!chat/common/v1/conversation.proto\x1a\x17google/rpc/status.proto\"\xed\x01\n" +
 	"\tStartTurn\x12'\n" +
 	"\x0fconversation_id\x18\x01 \x01(\tR\x0econversationId\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12;\n" +
 	"\aoptions\x18\x03 \x01(\v2!.chat.common.v1.GenerationOptionsR\aoptions\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x04 \x01(\tR\trequestId\x12'\n" +
-	"\x0fcoalesce_tokens\x18\x05 \x01(\bR\x0ecoalesceTokens\"%\n" +
+	"\x0fcoalesce_tokens\x18\x05 \x01(\bR\x0ecoalesceTokens\x12\x1e\n" +
+	"\n" +
+	"background\x18\x06 \x01(\bR\n" +
+	"background\"%\n" +
 	"\n" +
 	"CancelTurn\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\"k\n" +
@@ -1540,14 +1566,15 @@ const file_chat_gateway_v1_gateway_proto_rawDesc = "" +
 	"\bTokenRun\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12\x1b\n" +
 	"\tfirst_seq\x18\x02 \x01(\x03R\bfirstSeq\x12\x14\n" +
-	"\x05texts\x18\x03 \x03(\tR\x05texts\"\xb7\x02\n" +
+	"\x05texts\x18\x03 \x03(\tR\x05texts\"\xe1\x02\n" +
 	"\fTurnFinished\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12A\n" +
 	"\rfinish_reason\x18\x02 \x01(\x0e2\x1c.chat.common.v1.FinishReasonR\ffinishReason\x120\n" +
 	"\x05usage\x18\x03 \x01(\v2\x1a.chat.common.v1.TokenUsageR\x05usage\x125\n" +
 	"\atimings\x18\x04 \x01(\v2\x1b.chat.common.v1.TurnTimingsR\atimings\x12\x19\n" +
 	"\blast_seq\x18\x05 \x01(\x03R\alastSeq\x12G\n" +
-	"\x0fcontext_skipped\x18\x06 \x03(\v2\x1e.chat.common.v1.ContextSkippedR\x0econtextSkipped\"P\n" +
+	"\x0fcontext_skipped\x18\x06 \x03(\v2\x1e.chat.common.v1.ContextSkippedR\x0econtextSkipped\x12(\n" +
+	"\x05error\x18\a \x01(\v2\x12.google.rpc.StatusR\x05error\"P\n" +
 	"\tChatError\x12*\n" +
 	"\x06status\x18\x01 \x01(\v2\x12.google.rpc.StatusR\x06status\x12\x17\n" +
 	"\aturn_id\x18\x02 \x01(\tR\x06turnId\"\xef\x01\n" +
@@ -1648,32 +1675,33 @@ var file_chat_gateway_v1_gateway_proto_depIdxs = []int32{
 	23, // 2: chat.gateway.v1.TurnFinished.usage:type_name -> chat.common.v1.TokenUsage
 	24, // 3: chat.gateway.v1.TurnFinished.timings:type_name -> chat.common.v1.TurnTimings
 	25, // 4: chat.gateway.v1.TurnFinished.context_skipped:type_name -> chat.common.v1.ContextSkipped
-	26, // 5: chat.gateway.v1.ChatError.status:type_name -> google.rpc.Status
-	0,  // 6: chat.gateway.v1.ChatRequest.start:type_name -> chat.gateway.v1.StartTurn
-	1,  // 7: chat.gateway.v1.ChatRequest.cancel:type_name -> chat.gateway.v1.CancelTurn
-	2,  // 8: chat.gateway.v1.ChatRequest.resume:type_name -> chat.gateway.v1.ResumeTurn
-	3,  // 9: chat.gateway.v1.ChatRequest.credit:type_name -> chat.gateway.v1.FlowCredit
-	4,  // 10: chat.gateway.v1.ChatResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
-	5,  // 11: chat.gateway.v1.ChatResponse.token:type_name -> chat.gateway.v1.Token
-	7,  // 12: chat.gateway.v1.ChatResponse.finished:type_name -> chat.gateway.v1.TurnFinished
-	8,  // 13: chat.gateway.v1.ChatResponse.error:type_name -> chat.gateway.v1.ChatError
-	6,  // 14: chat.gateway.v1.ChatResponse.token_run:type_name -> chat.gateway.v1.TokenRun
-	0,  // 15: chat.gateway.v1.StreamTurnRequest.start:type_name -> chat.gateway.v1.StartTurn
-	4,  // 16: chat.gateway.v1.StreamTurnResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
-	5,  // 17: chat.gateway.v1.StreamTurnResponse.token:type_name -> chat.gateway.v1.Token
-	7,  // 18: chat.gateway.v1.StreamTurnResponse.finished:type_name -> chat.gateway.v1.TurnFinished
-	6,  // 19: chat.gateway.v1.StreamTurnResponse.token_run:type_name -> chat.gateway.v1.TokenRun
-	4,  // 20: chat.gateway.v1.ResumeTurnResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
-	5,  // 21: chat.gateway.v1.ResumeTurnResponse.token:type_name -> chat.gateway.v1.Token
-	7,  // 22: chat.gateway.v1.ResumeTurnResponse.finished:type_name -> chat.gateway.v1.TurnFinished
-	6,  // 23: chat.gateway.v1.ResumeTurnResponse.token_run:type_name -> chat.gateway.v1.TokenRun
-	27, // 24: chat.gateway.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
-	27, // 25: chat.gateway.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
-	26, // [26:26] is the sub-list for method output_type
-	26, // [26:26] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	26, // 5: chat.gateway.v1.TurnFinished.error:type_name -> google.rpc.Status
+	26, // 6: chat.gateway.v1.ChatError.status:type_name -> google.rpc.Status
+	0,  // 7: chat.gateway.v1.ChatRequest.start:type_name -> chat.gateway.v1.StartTurn
+	1,  // 8: chat.gateway.v1.ChatRequest.cancel:type_name -> chat.gateway.v1.CancelTurn
+	2,  // 9: chat.gateway.v1.ChatRequest.resume:type_name -> chat.gateway.v1.ResumeTurn
+	3,  // 10: chat.gateway.v1.ChatRequest.credit:type_name -> chat.gateway.v1.FlowCredit
+	4,  // 11: chat.gateway.v1.ChatResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
+	5,  // 12: chat.gateway.v1.ChatResponse.token:type_name -> chat.gateway.v1.Token
+	7,  // 13: chat.gateway.v1.ChatResponse.finished:type_name -> chat.gateway.v1.TurnFinished
+	8,  // 14: chat.gateway.v1.ChatResponse.error:type_name -> chat.gateway.v1.ChatError
+	6,  // 15: chat.gateway.v1.ChatResponse.token_run:type_name -> chat.gateway.v1.TokenRun
+	0,  // 16: chat.gateway.v1.StreamTurnRequest.start:type_name -> chat.gateway.v1.StartTurn
+	4,  // 17: chat.gateway.v1.StreamTurnResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
+	5,  // 18: chat.gateway.v1.StreamTurnResponse.token:type_name -> chat.gateway.v1.Token
+	7,  // 19: chat.gateway.v1.StreamTurnResponse.finished:type_name -> chat.gateway.v1.TurnFinished
+	6,  // 20: chat.gateway.v1.StreamTurnResponse.token_run:type_name -> chat.gateway.v1.TokenRun
+	4,  // 21: chat.gateway.v1.ResumeTurnResponse.accepted:type_name -> chat.gateway.v1.TurnAccepted
+	5,  // 22: chat.gateway.v1.ResumeTurnResponse.token:type_name -> chat.gateway.v1.Token
+	7,  // 23: chat.gateway.v1.ResumeTurnResponse.finished:type_name -> chat.gateway.v1.TurnFinished
+	6,  // 24: chat.gateway.v1.ResumeTurnResponse.token_run:type_name -> chat.gateway.v1.TokenRun
+	27, // 25: chat.gateway.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
+	27, // 26: chat.gateway.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
+	27, // [27:27] is the sub-list for method output_type
+	27, // [27:27] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_chat_gateway_v1_gateway_proto_init() }

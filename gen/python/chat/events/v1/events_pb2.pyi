@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TurnRequested(_message.Message):
-    __slots__ = ("turn_id", "conversation_id", "tenant_id", "user_text", "options", "request_id", "accepted_at", "events_start_offset", "events_partition")
+    __slots__ = ("turn_id", "conversation_id", "tenant_id", "user_text", "options", "request_id", "accepted_at", "events_start_offset", "events_partition", "background")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class TurnRequested(_message.Message):
     ACCEPTED_AT_FIELD_NUMBER: _ClassVar[int]
     EVENTS_START_OFFSET_FIELD_NUMBER: _ClassVar[int]
     EVENTS_PARTITION_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     conversation_id: str
     tenant_id: str
@@ -31,7 +32,8 @@ class TurnRequested(_message.Message):
     accepted_at: _timestamp_pb2.Timestamp
     events_start_offset: int
     events_partition: int
-    def __init__(self, turn_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., user_text: _Optional[str] = ..., options: _Optional[_Union[_common_pb2.GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., accepted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events_start_offset: _Optional[int] = ..., events_partition: _Optional[int] = ...) -> None: ...
+    background: bool
+    def __init__(self, turn_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., user_text: _Optional[str] = ..., options: _Optional[_Union[_common_pb2.GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., accepted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events_start_offset: _Optional[int] = ..., events_partition: _Optional[int] = ..., background: _Optional[bool] = ...) -> None: ...
 
 class TurnStarted(_message.Message):
     __slots__ = ("turn_id", "conversation_id", "tenant_id", "agent_id", "request_partition", "request_offset", "resumed_after_seq")
@@ -103,14 +105,42 @@ class TurnCancelled(_message.Message):
     tenant_id: str
     def __init__(self, turn_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ...) -> None: ...
 
+class ClientAttached(_message.Message):
+    __slots__ = ("turn_id", "conversation_id", "tenant_id", "gateway_id")
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    turn_id: str
+    conversation_id: str
+    tenant_id: str
+    gateway_id: str
+    def __init__(self, turn_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., gateway_id: _Optional[str] = ...) -> None: ...
+
+class ClientDetached(_message.Message):
+    __slots__ = ("turn_id", "conversation_id", "tenant_id", "gateway_id")
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    turn_id: str
+    conversation_id: str
+    tenant_id: str
+    gateway_id: str
+    def __init__(self, turn_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., gateway_id: _Optional[str] = ...) -> None: ...
+
 class TurnEvent(_message.Message):
-    __slots__ = ("started", "token", "finished", "cancelled")
+    __slots__ = ("started", "token", "finished", "cancelled", "attached", "detached")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    DETACHED_FIELD_NUMBER: _ClassVar[int]
     started: TurnStarted
     token: TokenEmitted
     finished: TurnFinished
     cancelled: TurnCancelled
-    def __init__(self, started: _Optional[_Union[TurnStarted, _Mapping]] = ..., token: _Optional[_Union[TokenEmitted, _Mapping]] = ..., finished: _Optional[_Union[TurnFinished, _Mapping]] = ..., cancelled: _Optional[_Union[TurnCancelled, _Mapping]] = ...) -> None: ...
+    attached: ClientAttached
+    detached: ClientDetached
+    def __init__(self, started: _Optional[_Union[TurnStarted, _Mapping]] = ..., token: _Optional[_Union[TokenEmitted, _Mapping]] = ..., finished: _Optional[_Union[TurnFinished, _Mapping]] = ..., cancelled: _Optional[_Union[TurnCancelled, _Mapping]] = ..., attached: _Optional[_Union[ClientAttached, _Mapping]] = ..., detached: _Optional[_Union[ClientDetached, _Mapping]] = ...) -> None: ...

@@ -27,7 +27,7 @@ from chat.common.v1 import conversation_pb2 as chat_dot_common_dot_v1_dot_conver
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63hat/gateway/v1/gateway.proto\x12\x0f\x63hat.gateway.v1\x1a\x1b\x63hat/common/v1/common.proto\x1a!chat/common/v1/conversation.proto\x1a\x17google/rpc/status.proto\"\x93\x01\n\tStartTurn\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x32\n\x07options\x18\x03 \x01(\x0b\x32!.chat.common.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\x0f\x63oalesce_tokens\x18\x05 \x01(\x08\"\x1d\n\nCancelTurn\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"I\n\nResumeTurn\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\x17\n\x0f\x63oalesce_tokens\x18\x03 \x01(\x08\"\x1c\n\nFlowCredit\x12\x0e\n\x06tokens\x18\x01 \x01(\x05\"P\n\x0cTurnAccepted\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\"3\n\x05Token\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\"=\n\x08TokenRun\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x11\n\tfirst_seq\x18\x02 \x01(\x03\x12\r\n\x05texts\x18\x03 \x03(\t\"\xf8\x01\n\x0cTurnFinished\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x33\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1c.chat.common.v1.FinishReason\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.chat.common.v1.TokenUsage\x12,\n\x07timings\x18\x04 \x01(\x0b\x32\x1b.chat.common.v1.TurnTimings\x12\x10\n\x08last_seq\x18\x05 \x01(\x03\x12\x37\n\x0f\x63ontext_skipped\x18\x06 \x03(\x0b\x32\x1e.chat.common.v1.ContextSkipped\"@\n\tChatError\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"\xd0\x01\n\x0b\x43hatRequest\x12+\n\x05start\x18\x01 \x01(\x0b\x32\x1a.chat.gateway.v1.StartTurnH\x00\x12-\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1b.chat.gateway.v1.CancelTurnH\x00\x12-\n\x06resume\x18\x03 \x01(\x0b\x32\x1b.chat.gateway.v1.ResumeTurnH\x00\x12-\n\x06\x63redit\x18\x04 \x01(\x0b\x32\x1b.chat.gateway.v1.FlowCreditH\x00\x42\x07\n\x05\x66rame\"\x83\x02\n\x0c\x43hatResponse\x12\x31\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1d.chat.gateway.v1.TurnAcceptedH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.chat.gateway.v1.TokenH\x00\x12\x31\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1d.chat.gateway.v1.TurnFinishedH\x00\x12+\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1a.chat.gateway.v1.ChatErrorH\x00\x12.\n\ttoken_run\x18\x05 \x01(\x0b\x32\x19.chat.gateway.v1.TokenRunH\x00\x42\x07\n\x05\x66rame\">\n\x11StreamTurnRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.chat.gateway.v1.StartTurn\"\xdc\x01\n\x12StreamTurnResponse\x12\x31\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1d.chat.gateway.v1.TurnAcceptedH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.chat.gateway.v1.TokenH\x00\x12\x31\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1d.chat.gateway.v1.TurnFinishedH\x00\x12.\n\ttoken_run\x18\x04 \x01(\x0b\x32\x19.chat.gateway.v1.TokenRunH\x00\x42\x07\n\x05\x66rame\"P\n\x11ResumeTurnRequest\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\x17\n\x0f\x63oalesce_tokens\x18\x03 \x01(\x08\"\xdc\x01\n\x12ResumeTurnResponse\x12\x31\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1d.chat.gateway.v1.TurnAcceptedH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.chat.gateway.v1.TokenH\x00\x12\x31\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1d.chat.gateway.v1.TurnFinishedH\x00\x12.\n\ttoken_run\x18\x04 \x01(\x0b\x32\x19.chat.gateway.v1.TokenRunH\x00\x42\x07\n\x05\x66rame\"$\n\x11\x43\x61ncelTurnRequest\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"%\n\x12\x43\x61ncelTurnResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"1\n\x16GetConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"M\n\x17GetConversationResponse\x12\x32\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x1c.chat.common.v1.Conversation\"A\n\x18ListConversationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"i\n\x19ListConversationsResponse\x12\x33\n\rconversations\x18\x01 \x03(\x0b\x32\x1c.chat.common.v1.Conversation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63hat/gateway/v1/gateway.proto\x12\x0f\x63hat.gateway.v1\x1a\x1b\x63hat/common/v1/common.proto\x1a!chat/common/v1/conversation.proto\x1a\x17google/rpc/status.proto\"\xa7\x01\n\tStartTurn\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x32\n\x07options\x18\x03 \x01(\x0b\x32!.chat.common.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\x0f\x63oalesce_tokens\x18\x05 \x01(\x08\x12\x12\n\nbackground\x18\x06 \x01(\x08\"\x1d\n\nCancelTurn\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"I\n\nResumeTurn\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\x17\n\x0f\x63oalesce_tokens\x18\x03 \x01(\x08\"\x1c\n\nFlowCredit\x12\x0e\n\x06tokens\x18\x01 \x01(\x05\"P\n\x0cTurnAccepted\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\"3\n\x05Token\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\"=\n\x08TokenRun\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x11\n\tfirst_seq\x18\x02 \x01(\x03\x12\r\n\x05texts\x18\x03 \x03(\t\"\x9b\x02\n\x0cTurnFinished\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x33\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1c.chat.common.v1.FinishReason\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.chat.common.v1.TokenUsage\x12,\n\x07timings\x18\x04 \x01(\x0b\x32\x1b.chat.common.v1.TurnTimings\x12\x10\n\x08last_seq\x18\x05 \x01(\x03\x12\x37\n\x0f\x63ontext_skipped\x18\x06 \x03(\x0b\x32\x1e.chat.common.v1.ContextSkipped\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.Status\"@\n\tChatError\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"\xd0\x01\n\x0b\x43hatRequest\x12+\n\x05start\x18\x01 \x01(\x0b\x32\x1a.chat.gateway.v1.StartTurnH\x00\x12-\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x1b.chat.gateway.v1.CancelTurnH\x00\x12-\n\x06resume\x18\x03 \x01(\x0b\x32\x1b.chat.gateway.v1.ResumeTurnH\x00\x12-\n\x06\x63redit\x18\x04 \x01(\x0b\x32\x1b.chat.gateway.v1.FlowCreditH\x00\x42\x07\n\x05\x66rame\"\x83\x02\n\x0c\x43hatResponse\x12\x31\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1d.chat.gateway.v1.TurnAcceptedH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.chat.gateway.v1.TokenH\x00\x12\x31\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1d.chat.gateway.v1.TurnFinishedH\x00\x12+\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1a.chat.gateway.v1.ChatErrorH\x00\x12.\n\ttoken_run\x18\x05 \x01(\x0b\x32\x19.chat.gateway.v1.TokenRunH\x00\x42\x07\n\x05\x66rame\">\n\x11StreamTurnRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.chat.gateway.v1.StartTurn\"\xdc\x01\n\x12StreamTurnResponse\x12\x31\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1d.chat.gateway.v1.TurnAcceptedH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.chat.gateway.v1.TokenH\x00\x12\x31\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1d.chat.gateway.v1.TurnFinishedH\x00\x12.\n\ttoken_run\x18\x04 \x01(\x0b\x32\x19.chat.gateway.v1.TokenRunH\x00\x42\x07\n\x05\x66rame\"P\n\x11ResumeTurnRequest\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\x17\n\x0f\x63oalesce_tokens\x18\x03 \x01(\x08\"\xdc\x01\n\x12ResumeTurnResponse\x12\x31\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1d.chat.gateway.v1.TurnAcceptedH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.chat.gateway.v1.TokenH\x00\x12\x31\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1d.chat.gateway.v1.TurnFinishedH\x00\x12.\n\ttoken_run\x18\x04 \x01(\x0b\x32\x19.chat.gateway.v1.TokenRunH\x00\x42\x07\n\x05\x66rame\"$\n\x11\x43\x61ncelTurnRequest\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"%\n\x12\x43\x61ncelTurnResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"1\n\x16GetConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"M\n\x17GetConversationResponse\x12\x32\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x1c.chat.common.v1.Conversation\"A\n\x18ListConversationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"i\n\x19ListConversationsResponse\x12\x33\n\rconversations\x18\x01 \x03(\x0b\x32\x1c.chat.common.v1.Conversation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,45 +35,45 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chat.gateway.v1.gateway_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTTURN']._serialized_start=140
-  _globals['_STARTTURN']._serialized_end=287
-  _globals['_CANCELTURN']._serialized_start=289
-  _globals['_CANCELTURN']._serialized_end=318
-  _globals['_RESUMETURN']._serialized_start=320
-  _globals['_RESUMETURN']._serialized_end=393
-  _globals['_FLOWCREDIT']._serialized_start=395
-  _globals['_FLOWCREDIT']._serialized_end=423
-  _globals['_TURNACCEPTED']._serialized_start=425
-  _globals['_TURNACCEPTED']._serialized_end=505
-  _globals['_TOKEN']._serialized_start=507
-  _globals['_TOKEN']._serialized_end=558
-  _globals['_TOKENRUN']._serialized_start=560
-  _globals['_TOKENRUN']._serialized_end=621
-  _globals['_TURNFINISHED']._serialized_start=624
-  _globals['_TURNFINISHED']._serialized_end=872
-  _globals['_CHATERROR']._serialized_start=874
-  _globals['_CHATERROR']._serialized_end=938
-  _globals['_CHATREQUEST']._serialized_start=941
-  _globals['_CHATREQUEST']._serialized_end=1149
-  _globals['_CHATRESPONSE']._serialized_start=1152
-  _globals['_CHATRESPONSE']._serialized_end=1411
-  _globals['_STREAMTURNREQUEST']._serialized_start=1413
-  _globals['_STREAMTURNREQUEST']._serialized_end=1475
-  _globals['_STREAMTURNRESPONSE']._serialized_start=1478
-  _globals['_STREAMTURNRESPONSE']._serialized_end=1698
-  _globals['_RESUMETURNREQUEST']._serialized_start=1700
-  _globals['_RESUMETURNREQUEST']._serialized_end=1780
-  _globals['_RESUMETURNRESPONSE']._serialized_start=1783
-  _globals['_RESUMETURNRESPONSE']._serialized_end=2003
-  _globals['_CANCELTURNREQUEST']._serialized_start=2005
-  _globals['_CANCELTURNREQUEST']._serialized_end=2041
-  _globals['_CANCELTURNRESPONSE']._serialized_start=2043
-  _globals['_CANCELTURNRESPONSE']._serialized_end=2080
-  _globals['_GETCONVERSATIONREQUEST']._serialized_start=2082
-  _globals['_GETCONVERSATIONREQUEST']._serialized_end=2131
-  _globals['_GETCONVERSATIONRESPONSE']._serialized_start=2133
-  _globals['_GETCONVERSATIONRESPONSE']._serialized_end=2210
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=2212
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=2277
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=2279
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=2384
+  _globals['_STARTTURN']._serialized_end=307
+  _globals['_CANCELTURN']._serialized_start=309
+  _globals['_CANCELTURN']._serialized_end=338
+  _globals['_RESUMETURN']._serialized_start=340
+  _globals['_RESUMETURN']._serialized_end=413
+  _globals['_FLOWCREDIT']._serialized_start=415
+  _globals['_FLOWCREDIT']._serialized_end=443
+  _globals['_TURNACCEPTED']._serialized_start=445
+  _globals['_TURNACCEPTED']._serialized_end=525
+  _globals['_TOKEN']._serialized_start=527
+  _globals['_TOKEN']._serialized_end=578
+  _globals['_TOKENRUN']._serialized_start=580
+  _globals['_TOKENRUN']._serialized_end=641
+  _globals['_TURNFINISHED']._serialized_start=644
+  _globals['_TURNFINISHED']._serialized_end=927
+  _globals['_CHATERROR']._serialized_start=929
+  _globals['_CHATERROR']._serialized_end=993
+  _globals['_CHATREQUEST']._serialized_start=996
+  _globals['_CHATREQUEST']._serialized_end=1204
+  _globals['_CHATRESPONSE']._serialized_start=1207
+  _globals['_CHATRESPONSE']._serialized_end=1466
+  _globals['_STREAMTURNREQUEST']._serialized_start=1468
+  _globals['_STREAMTURNREQUEST']._serialized_end=1530
+  _globals['_STREAMTURNRESPONSE']._serialized_start=1533
+  _globals['_STREAMTURNRESPONSE']._serialized_end=1753
+  _globals['_RESUMETURNREQUEST']._serialized_start=1755
+  _globals['_RESUMETURNREQUEST']._serialized_end=1835
+  _globals['_RESUMETURNRESPONSE']._serialized_start=1838
+  _globals['_RESUMETURNRESPONSE']._serialized_end=2058
+  _globals['_CANCELTURNREQUEST']._serialized_start=2060
+  _globals['_CANCELTURNREQUEST']._serialized_end=2096
+  _globals['_CANCELTURNRESPONSE']._serialized_start=2098
+  _globals['_CANCELTURNRESPONSE']._serialized_end=2135
+  _globals['_GETCONVERSATIONREQUEST']._serialized_start=2137
+  _globals['_GETCONVERSATIONREQUEST']._serialized_end=2186
+  _globals['_GETCONVERSATIONRESPONSE']._serialized_start=2188
+  _globals['_GETCONVERSATIONRESPONSE']._serialized_end=2265
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=2267
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=2332
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=2334
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=2439
 # @@protoc_insertion_point(module_scope)

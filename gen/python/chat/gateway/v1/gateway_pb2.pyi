@@ -10,18 +10,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartTurn(_message.Message):
-    __slots__ = ("conversation_id", "text", "options", "request_id", "coalesce_tokens")
+    __slots__ = ("conversation_id", "text", "options", "request_id", "coalesce_tokens", "background")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     COALESCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     text: str
     options: _common_pb2.GenerationOptions
     request_id: str
     coalesce_tokens: bool
-    def __init__(self, conversation_id: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[_common_pb2.GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., coalesce_tokens: _Optional[bool] = ...) -> None: ...
+    background: bool
+    def __init__(self, conversation_id: _Optional[str] = ..., text: _Optional[str] = ..., options: _Optional[_Union[_common_pb2.GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., coalesce_tokens: _Optional[bool] = ..., background: _Optional[bool] = ...) -> None: ...
 
 class CancelTurn(_message.Message):
     __slots__ = ("turn_id",)
@@ -76,20 +78,22 @@ class TokenRun(_message.Message):
     def __init__(self, turn_id: _Optional[str] = ..., first_seq: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TurnFinished(_message.Message):
-    __slots__ = ("turn_id", "finish_reason", "usage", "timings", "last_seq", "context_skipped")
+    __slots__ = ("turn_id", "finish_reason", "usage", "timings", "last_seq", "context_skipped", "error")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.TokenUsage
     timings: _common_pb2.TurnTimings
     last_seq: int
     context_skipped: _containers.RepeatedCompositeFieldContainer[_common_pb2.ContextSkipped]
-    def __init__(self, turn_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.TurnTimings, _Mapping]] = ..., last_seq: _Optional[int] = ..., context_skipped: _Optional[_Iterable[_Union[_common_pb2.ContextSkipped, _Mapping]]] = ...) -> None: ...
+    error: _status_pb2.Status
+    def __init__(self, turn_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.TurnTimings, _Mapping]] = ..., last_seq: _Optional[int] = ..., context_skipped: _Optional[_Iterable[_Union[_common_pb2.ContextSkipped, _Mapping]]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class ChatError(_message.Message):
     __slots__ = ("status", "turn_id")

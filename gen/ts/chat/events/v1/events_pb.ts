@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file chat/events/v1/events.proto.
  */
 export const file_chat_events_v1_events: GenFile = /*@__PURE__*/
-  fileDesc("ChtjaGF0L2V2ZW50cy92MS9ldmVudHMucHJvdG8SDmNoYXQuZXZlbnRzLnYxIo8CCg1UdXJuUmVxdWVzdGVkEg8KB3R1cm5faWQYASABKAkSFwoPY29udmVyc2F0aW9uX2lkGAIgASgJEhEKCXRlbmFudF9pZBgDIAEoCRIRCgl1c2VyX3RleHQYBCABKAkSMgoHb3B0aW9ucxgFIAEoCzIhLmNoYXQuY29tbW9uLnYxLkdlbmVyYXRpb25PcHRpb25zEhIKCnJlcXVlc3RfaWQYBiABKAkSLwoLYWNjZXB0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhsKE2V2ZW50c19zdGFydF9vZmZzZXQYCCABKAMSGAoQZXZlbnRzX3BhcnRpdGlvbhgJIAEoBSKqAQoLVHVyblN0YXJ0ZWQSDwoHdHVybl9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkSEQoJdGVuYW50X2lkGAMgASgJEhAKCGFnZW50X2lkGAQgASgJEhkKEXJlcXVlc3RfcGFydGl0aW9uGAUgASgFEhYKDnJlcXVlc3Rfb2Zmc2V0GAYgASgDEhkKEXJlc3VtZWRfYWZ0ZXJfc2VxGAcgASgFInoKDFRva2VuRW1pdHRlZBIPCgd0dXJuX2lkGAEgASgJEgsKA3NlcRgCIAEoAxIMCgR0ZXh0GAMgASgJEhcKD2NvbnZlcnNhdGlvbl9pZBgEIAEoCRIRCgl0ZW5hbnRfaWQYBSABKAkSEgoKbW9yZV90ZXh0cxgGIAMoCSLyAgoMVHVybkZpbmlzaGVkEg8KB3R1cm5faWQYASABKAkSMwoNZmluaXNoX3JlYXNvbhgCIAEoDjIcLmNoYXQuY29tbW9uLnYxLkZpbmlzaFJlYXNvbhIpCgV1c2FnZRgDIAEoCzIaLmNoYXQuY29tbW9uLnYxLlRva2VuVXNhZ2USLAoHdGltaW5ncxgEIAEoCzIbLmNoYXQuY29tbW9uLnYxLlR1cm5UaW1pbmdzEiEKBWVycm9yGAUgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMSFwoPY29udmVyc2F0aW9uX2lkGAYgASgJEhEKCXRlbmFudF9pZBgHIAEoCRIQCghsYXN0X3NlcRgIIAEoAxINCgVtb2RlbBgJIAEoCRIaChJjYW5jZWxfc2Vlbl9hdF9zZXEYCiABKAMSNwoPY29udGV4dF9za2lwcGVkGAsgAygLMh4uY2hhdC5jb21tb24udjEuQ29udGV4dFNraXBwZWQiTAoNVHVybkNhbmNlbGxlZBIPCgd0dXJuX2lkGAEgASgJEhcKD2NvbnZlcnNhdGlvbl9pZBgCIAEoCRIRCgl0ZW5hbnRfaWQYAyABKAki2QEKCVR1cm5FdmVudBIuCgdzdGFydGVkGAEgASgLMhsuY2hhdC5ldmVudHMudjEuVHVyblN0YXJ0ZWRIABItCgV0b2tlbhgCIAEoCzIcLmNoYXQuZXZlbnRzLnYxLlRva2VuRW1pdHRlZEgAEjAKCGZpbmlzaGVkGAMgASgLMhwuY2hhdC5ldmVudHMudjEuVHVybkZpbmlzaGVkSAASMgoJY2FuY2VsbGVkGAQgASgLMh0uY2hhdC5ldmVudHMudjEuVHVybkNhbmNlbGxlZEgAQgcKBWV2ZW50QrgBChJjb20uY2hhdC5ldmVudHMudjFCC0V2ZW50c1Byb3RvUAFaO2dpdGh1Yi5jb20vbGxtLW1lc2gvbGxtLW1lc2gvZ2VuL2dvL2NoYXQvZXZlbnRzL3YxO2V2ZW50c3YxogIDQ0VYqgIOQ2hhdC5FdmVudHMuVjHKAg5DaGF0XEV2ZW50c1xWMeICGkNoYXRcRXZlbnRzXFYxXEdQQk1ldGFkYXRh6gIQQ2hhdDo6RXZlbnRzOjpWMWIGcHJvdG8z", [file_chat_common_v1_common, file_google_protobuf_timestamp, file_google_rpc_status]);
+  fileDesc("ChtjaGF0L2V2ZW50cy92MS9ldmVudHMucHJvdG8SDmNoYXQuZXZlbnRzLnYxIqMCCg1UdXJuUmVxdWVzdGVkEg8KB3R1cm5faWQYASABKAkSFwoPY29udmVyc2F0aW9uX2lkGAIgASgJEhEKCXRlbmFudF9pZBgDIAEoCRIRCgl1c2VyX3RleHQYBCABKAkSMgoHb3B0aW9ucxgFIAEoCzIhLmNoYXQuY29tbW9uLnYxLkdlbmVyYXRpb25PcHRpb25zEhIKCnJlcXVlc3RfaWQYBiABKAkSLwoLYWNjZXB0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhsKE2V2ZW50c19zdGFydF9vZmZzZXQYCCABKAMSGAoQZXZlbnRzX3BhcnRpdGlvbhgJIAEoBRISCgpiYWNrZ3JvdW5kGAogASgIIqoBCgtUdXJuU3RhcnRlZBIPCgd0dXJuX2lkGAEgASgJEhcKD2NvbnZlcnNhdGlvbl9pZBgCIAEoCRIRCgl0ZW5hbnRfaWQYAyABKAkSEAoIYWdlbnRfaWQYBCABKAkSGQoRcmVxdWVzdF9wYXJ0aXRpb24YBSABKAUSFgoOcmVxdWVzdF9vZmZzZXQYBiABKAMSGQoRcmVzdW1lZF9hZnRlcl9zZXEYByABKAUiegoMVG9rZW5FbWl0dGVkEg8KB3R1cm5faWQYASABKAkSCwoDc2VxGAIgASgDEgwKBHRleHQYAyABKAkSFwoPY29udmVyc2F0aW9uX2lkGAQgASgJEhEKCXRlbmFudF9pZBgFIAEoCRISCgptb3JlX3RleHRzGAYgAygJIvICCgxUdXJuRmluaXNoZWQSDwoHdHVybl9pZBgBIAEoCRIzCg1maW5pc2hfcmVhc29uGAIgASgOMhwuY2hhdC5jb21tb24udjEuRmluaXNoUmVhc29uEikKBXVzYWdlGAMgASgLMhouY2hhdC5jb21tb24udjEuVG9rZW5Vc2FnZRIsCgd0aW1pbmdzGAQgASgLMhsuY2hhdC5jb21tb24udjEuVHVyblRpbWluZ3MSIQoFZXJyb3IYBSABKAsyEi5nb29nbGUucnBjLlN0YXR1cxIXCg9jb252ZXJzYXRpb25faWQYBiABKAkSEQoJdGVuYW50X2lkGAcgASgJEhAKCGxhc3Rfc2VxGAggASgDEg0KBW1vZGVsGAkgASgJEhoKEmNhbmNlbF9zZWVuX2F0X3NlcRgKIAEoAxI3Cg9jb250ZXh0X3NraXBwZWQYCyADKAsyHi5jaGF0LmNvbW1vbi52MS5Db250ZXh0U2tpcHBlZCJMCg1UdXJuQ2FuY2VsbGVkEg8KB3R1cm5faWQYASABKAkSFwoPY29udmVyc2F0aW9uX2lkGAIgASgJEhEKCXRlbmFudF9pZBgDIAEoCSJhCg5DbGllbnRBdHRhY2hlZBIPCgd0dXJuX2lkGAEgASgJEhcKD2NvbnZlcnNhdGlvbl9pZBgCIAEoCRIRCgl0ZW5hbnRfaWQYAyABKAkSEgoKZ2F0ZXdheV9pZBgEIAEoCSJhCg5DbGllbnREZXRhY2hlZBIPCgd0dXJuX2lkGAEgASgJEhcKD2NvbnZlcnNhdGlvbl9pZBgCIAEoCRIRCgl0ZW5hbnRfaWQYAyABKAkSEgoKZ2F0ZXdheV9pZBgEIAEoCSLBAgoJVHVybkV2ZW50Ei4KB3N0YXJ0ZWQYASABKAsyGy5jaGF0LmV2ZW50cy52MS5UdXJuU3RhcnRlZEgAEi0KBXRva2VuGAIgASgLMhwuY2hhdC5ldmVudHMudjEuVG9rZW5FbWl0dGVkSAASMAoIZmluaXNoZWQYAyABKAsyHC5jaGF0LmV2ZW50cy52MS5UdXJuRmluaXNoZWRIABIyCgljYW5jZWxsZWQYBCABKAsyHS5jaGF0LmV2ZW50cy52MS5UdXJuQ2FuY2VsbGVkSAASMgoIYXR0YWNoZWQYBSABKAsyHi5jaGF0LmV2ZW50cy52MS5DbGllbnRBdHRhY2hlZEgAEjIKCGRldGFjaGVkGAYgASgLMh4uY2hhdC5ldmVudHMudjEuQ2xpZW50RGV0YWNoZWRIAEIHCgVldmVudEK4AQoSY29tLmNoYXQuZXZlbnRzLnYxQgtFdmVudHNQcm90b1ABWjtnaXRodWIuY29tL2xsbS1tZXNoL2xsbS1tZXNoL2dlbi9nby9jaGF0L2V2ZW50cy92MTtldmVudHN2MaICA0NFWKoCDkNoYXQuRXZlbnRzLlYxygIOQ2hhdFxFdmVudHNcVjHiAhpDaGF0XEV2ZW50c1xWMVxHUEJNZXRhZGF0YeoCEENoYXQ6OkV2ZW50czo6VjFiBnByb3RvMw", [file_chat_common_v1_common, file_google_protobuf_timestamp, file_google_rpc_status]);
 
 /**
  * TurnRequested is appended to the request log by a gateway; agents in one consumer group claim it.
@@ -87,6 +87,13 @@ export type TurnRequested = Message<"chat.events.v1.TurnRequested"> & {
    * @generated from field: int32 events_partition = 9;
    */
   eventsPartition: number;
+
+  /**
+   * The client asked the turn to run to its end even with no client attached (StartTurn.background).
+   *
+   * @generated from field: bool background = 10;
+   */
+  background: boolean;
 };
 
 /**
@@ -345,6 +352,93 @@ export const TurnCancelledSchema: GenMessage<TurnCancelled> = /*@__PURE__*/
   messageDesc(file_chat_events_v1_events, 4);
 
 /**
+ * ClientAttached says a client started following the turn on a gateway (a resume, or a retried
+ * start); the start itself counts as the first attachment.
+ *
+ * @generated from message chat.events.v1.ClientAttached
+ */
+export type ClientAttached = Message<"chat.events.v1.ClientAttached"> & {
+  /**
+   * The turn followed.
+   *
+   * @generated from field: string turn_id = 1;
+   */
+  turnId: string;
+
+  /**
+   * Conversation of the turn.
+   *
+   * @generated from field: string conversation_id = 2;
+   */
+  conversationId: string;
+
+  /**
+   * Tenant of the conversation.
+   *
+   * @generated from field: string tenant_id = 3;
+   */
+  tenantId: string;
+
+  /**
+   * The gateway the client is on.
+   *
+   * @generated from field: string gateway_id = 4;
+   */
+  gatewayId: string;
+};
+
+/**
+ * Describes the message chat.events.v1.ClientAttached.
+ * Use `create(ClientAttachedSchema)` to create a new message.
+ */
+export const ClientAttachedSchema: GenMessage<ClientAttached> = /*@__PURE__*/
+  messageDesc(file_chat_events_v1_events, 5);
+
+/**
+ * ClientDetached says a client stopped following the turn before it ended (it went away). A turn
+ * not started in the background with no client attached for the agents' orphan grace period is
+ * cancelled.
+ *
+ * @generated from message chat.events.v1.ClientDetached
+ */
+export type ClientDetached = Message<"chat.events.v1.ClientDetached"> & {
+  /**
+   * The turn no longer followed by this client.
+   *
+   * @generated from field: string turn_id = 1;
+   */
+  turnId: string;
+
+  /**
+   * Conversation of the turn.
+   *
+   * @generated from field: string conversation_id = 2;
+   */
+  conversationId: string;
+
+  /**
+   * Tenant of the conversation.
+   *
+   * @generated from field: string tenant_id = 3;
+   */
+  tenantId: string;
+
+  /**
+   * The gateway the client was on.
+   *
+   * @generated from field: string gateway_id = 4;
+   */
+  gatewayId: string;
+};
+
+/**
+ * Describes the message chat.events.v1.ClientDetached.
+ * Use `create(ClientDetachedSchema)` to create a new message.
+ */
+export const ClientDetachedSchema: GenMessage<ClientDetached> = /*@__PURE__*/
+  messageDesc(file_chat_events_v1_events, 6);
+
+/**
  * TurnEvent is the envelope of every record on the turn-event log.
  *
  * @generated from message chat.events.v1.TurnEvent
@@ -387,6 +481,22 @@ export type TurnEvent = Message<"chat.events.v1.TurnEvent"> & {
      */
     value: TurnCancelled;
     case: "cancelled";
+  } | {
+    /**
+     * A client started following the turn.
+     *
+     * @generated from field: chat.events.v1.ClientAttached attached = 5;
+     */
+    value: ClientAttached;
+    case: "attached";
+  } | {
+    /**
+     * A client stopped following the turn before it ended.
+     *
+     * @generated from field: chat.events.v1.ClientDetached detached = 6;
+     */
+    value: ClientDetached;
+    case: "detached";
   } | { case: undefined; value?: undefined };
 };
 
@@ -395,5 +505,5 @@ export type TurnEvent = Message<"chat.events.v1.TurnEvent"> & {
  * Use `create(TurnEventSchema)` to create a new message.
  */
 export const TurnEventSchema: GenMessage<TurnEvent> = /*@__PURE__*/
-  messageDesc(file_chat_events_v1_events, 5);
+  messageDesc(file_chat_events_v1_events, 7);
 
