@@ -10,13 +10,13 @@ STATE := .state
 # wheel cache keeps the result, so only the first install on a machine compiles (~7 min, 2 cores).
 LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DGGML_NATIVE=OFF
 
-.PHONY: help setup proto proto-deps proto-check lint typecheck test test-unit test-integration bench run up down clean
+.PHONY: help setup proto proto-deps proto-check lint typecheck test test-unit test-integration bench faults run up down clean
 
 help:
 	@echo "make run       install everything, start the mesh, chat in the terminal"
 	@echo "make test      the whole test suite"
 	@echo "make up/down   start/stop the mesh in the background (scale-out profile: PROFILE=scale)"
-	@echo "make proto     regenerate stubs;  make lint typecheck bench"
+	@echo "make proto     regenerate stubs;  make lint typecheck bench faults"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -58,6 +58,10 @@ test-unit: setup
 
 bench: setup
 	$(PY) -m bench
+
+# The fault suite (docs/reliability.md): minutes, not part of `make test`.
+faults: setup
+	$(PY) -m bench.faults --write
 
 run: setup
 	$(PY) -m mesh.run

@@ -36,6 +36,7 @@ from services.gateway.queue_position import QueueTracker
 from services.gateway.readiness import StartGate
 from services.gateway.session import ChatSession
 from services.gateway.settings import GatewaySettings
+from services.gateway.token_budget import TokenBudget
 from services.gateway.turn_stream import UNLIMITED, TurnStream, gateway_stopping
 from services.gateway.validation import validate_start
 
@@ -70,6 +71,7 @@ class GatewayCore(AsyncStartStop):
         # Refuses turns that could not start now (no agent, persister or log down).
         self._gate = gate
         self.limiter = limiter or RateLimiter(settings.rate_per_s, settings.rate_burst)
+        self.token_budget = TokenBudget(settings.tokens_per_minute_per_tenant)
         self.queue = QueueTracker(
             log, poll_s=settings.queue_poll_s, scan_limit=settings.max_queued_turns
         )
@@ -227,6 +229,7 @@ class GatewayCore(AsyncStartStop):
             # caller no token and no wait.
             self._gate.check(partition_for(conversation_id.encode(), self.partitions))
         self.limiter.acquire(principal)
+        reservation = self.token_budget.reserve(principal.tenant_id, request.options.max_tokens)
         if request.conversation_id and (principal.tenant_id, conversation_id) not in self._seen:
             await self._conversations.require_conversation(principal.tenant_id, conversation_id)
             self._seen.put((principal.tenant_id, conversation_id), True)
@@ -234,7 +237,16 @@ class GatewayCore(AsyncStartStop):
         if key is not None:
             self.idempotency.put(key, decided)
         try:
-            return await self._append_request(principal, request, conversation_id, decided, notify)
+            stream = await self._append_request(
+                principal, request, conversation_id, decided, notify
+            )
+        except BaseException:
+            if reservation is not None:
+                reservation.settle(0)  # nothing was started: the tokens go back
+            raise
+        else:
+            stream.hold(reservation)
+            return stream
         finally:
             if key is not None:
                 # A failed start must not pin its request_id; one whose append is still in flight

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from opentelemetry.context import Context
 
 from mesh.auth import Principal
-from mesh.errors import FailedPrecondition, InvalidArgument, MeshError
+from mesh.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, MeshError
 from services.gateway.model import (
     CancelFrame,
     CreditFrame,
@@ -79,6 +79,7 @@ class ChatSession:
     async def run(self, frames: AsyncIterator[Frame]) -> AsyncIterator[Output]:
         reader = asyncio.create_task(self._read(frames), name="gateway-chat-reader")
         poll_s = self._core.settings.queue_poll_s
+        idle_s = self._core.settings.stream_idle_timeout_s
         control = self._control
         try:
             while True:
@@ -115,6 +116,18 @@ class ChatSession:
                         accepted = await turn.refresh_position()
                         if accepted is not None:
                             yield accepted
+                elif turn is None and idle_s > 0:
+                    # No turn and no frame: an idle stream holds a slot of the tenant's limit.
+                    try:
+                        async with asyncio.timeout(idle_s):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        raise DeadlineExceeded(
+                            f"this Chat stream had no turn and no frame for {idle_s:g} s "
+                            "(MESH_GATEWAY_STREAM_IDLE_TIMEOUT_S); open a new stream when you "
+                            "need one",
+                            reason="STREAM_IDLE",
+                        ) from None
                 else:
                     await self._wake.wait()
         finally:

@@ -67,6 +67,12 @@ class GatewaySettings(ServiceSettings):
     # ...of which one tenant may hold at most this many (TENANT_QUEUE_FULL), so one tenant's
     # backlog leaves room on the partition for the others.
     max_queued_turns_per_tenant: int = setting("MAX_QUEUED_TURNS_PER_TENANT", 64, minimum=1)
+    # Generated tokens one tenant may start in any minute on this gateway (TENANT_TOKEN_RATE;
+    # services/gateway/token_budget.py); 0: no limit.
+    tokens_per_minute_per_tenant: int = setting("TOKENS_PER_MINUTE_PER_TENANT", 0, minimum=0)
+    # A Chat stream with no turn and no frame for this long ends (DEADLINE_EXCEEDED,
+    # STREAM_IDLE); 0: never.
+    stream_idle_timeout_s: float = setting("STREAM_IDLE_TIMEOUT_S", 300.0, minimum=0)
     # How often waiting turns re-read the agents' committed offset for their queue position.
     queue_poll_s: float = setting("QUEUE_POLL_S", 0.5, above=0)
     # Idempotent starts: how long, and how many, request ids this gateway remembers.

@@ -21,6 +21,7 @@ from services.gateway.model import (
     TurnInfo,
 )
 from services.gateway.queue_position import QueueTracker
+from services.gateway.token_budget import Reservation
 
 SERVICE = "gateway"
 # Credit is additive; a cap keeps a buggy client from overflowing anything downstream.
@@ -56,6 +57,9 @@ class TurnStream:
         on_detach: Callable[[TurnInfo], None] | None = None,
     ) -> None:
         self.info = info
+        # The tenant's tokens this turn holds (services/gateway/token_budget.py), settled when
+        # the stream sees it end.
+        self._reservation: Reservation | None = None
         # Called when the stream closes before the turn ended: its client went away.
         self._on_detach = on_detach
         self.coalesce = coalesce
@@ -79,6 +83,9 @@ class TurnStream:
         self._gaps: list[float] = []
         self._observed = False
         self._closed = False
+
+    def hold(self, reservation: Reservation | None) -> None:
+        self._reservation = reservation
 
     @property
     def turn_id(self) -> str:
@@ -204,6 +211,8 @@ class TurnStream:
                 base.queued_ms, base.retrieval_ms, ttft, (now - self._accepted_at) * 1000
             )
         error_status = event.error_status if event is not None else b""
+        if self._reservation is not None and event is not None:
+            self._reservation.settle(event.usage.completion_tokens)
         if reason is FinishReason.ERROR and error_status:
             out.append(TurnError(error_status, self.info.turn_id))
         out.append(

@@ -955,3 +955,45 @@ async def test_a_broken_keys_edit_is_reported_and_the_last_good_keys_serve(
         keys.path.write_text(good)
         await asyncio.sleep(1.5)
         assert 'mesh_api_keys_file_valid{service="gateway"} 1.0' in await asyncio.to_thread(metrics)
+
+
+async def test_a_tenant_over_its_tokens_per_minute_waits_and_the_others_do_not(
+    log_path: Path, keys: Keys, closed_addr: str, agent_log: EmbeddedLog
+) -> None:
+    settings = gateway_settings(log_path, keys, closed_addr, tokens_per_minute_per_tenant=100)
+    async with run_gateway(settings) as gateway:
+        first = gateway.stub.StreamTurn(start_request(max_tokens=80), metadata=md(keys.acme))
+        assert (await first_frame(first)).WhichOneof("frame") == "accepted"
+        code, reason, details = await expect_error(
+            gateway.stub.StreamTurn(start_request(max_tokens=80), metadata=md(keys.acme))
+        )
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TENANT_TOKEN_RATE")
+        retry = [d for d in details if isinstance(d, error_details_pb2.RetryInfo)]
+        assert retry and 0 < retry[0].retry_delay.seconds <= 60
+        # Asking for fewer tokens fits what is left; another tenant has its own budget.
+        small = gateway.stub.StreamTurn(start_request(max_tokens=20), metadata=md(keys.acme))
+        assert (await first_frame(small)).WhichOneof("frame") == "accepted"
+        other = gateway.stub.StreamTurn(start_request(max_tokens=80), metadata=md(keys.globex))
+        assert (await first_frame(other)).WhichOneof("frame") == "accepted"
+        for call in (first, small, other):
+            call.cancel()
+
+
+async def test_an_idle_chat_stream_ends_and_a_busy_one_does_not(
+    log_path: Path, keys: Keys, closed_addr: str, agent_log: EmbeddedLog
+) -> None:
+    settings = gateway_settings(log_path, keys, closed_addr, stream_idle_timeout_s=0.5)
+    async with run_gateway(settings) as gateway:
+        idle = gateway.stub.Chat(metadata=md(keys.acme))
+        busy = gateway.stub.Chat(metadata=md(keys.acme))
+        for _ in range(6):  # a frame every 0.2 s for longer than the timeout
+            await busy.write(gateway_pb2.ChatRequest(credit=gateway_pb2.FlowCredit(tokens=1)))
+            assert (await first_frame(busy)).WhichOneof(
+                "frame"
+            ) == "error"  # no turn: a frame error
+            await asyncio.sleep(0.2)
+        code, reason, _ = await expect_error(idle)
+        assert (code, reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "STREAM_IDLE")
+        await busy.write(gateway_pb2.ChatRequest(start=gateway_pb2.StartTurn(text="still here")))
+        assert (await first_frame(busy)).WhichOneof("frame") == "accepted"
+        busy.cancel()
