@@ -208,11 +208,9 @@ class TracingInterceptor(_WrappingInterceptor):
     started by the gateway's accept span (services/gateway). Put it after MetricsInterceptor.
     """
 
-    def __init__(self, service: str) -> None:
-        self._service = service
-
     def wrap(self, handler: Handler, method: str) -> Handler:
-        if method.startswith(_UNTRACED):
+        # Streaming handlers are returned as they are: no extra layer on every streamed message.
+        if handler is None or not handler.unary_unary or method.startswith(_UNTRACED):
             return handler
         rpc_service = method.lstrip("/").rpartition("/")[0]
         _, name = _method_name(method)
@@ -241,10 +239,8 @@ class TracingInterceptor(_WrappingInterceptor):
                     if code != "OK":
                         span.set_status(Status(StatusCode.ERROR, code))
 
-        async def streaming(
-            run: Callable[[], AsyncIterator[Any]], ctx: aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            async for item in run():
-                yield item
-
-        return wrap_handler(handler, method, unary, streaming)
+        return grpc.unary_unary_rpc_method_handler(
+            _around_unary(handler.unary_unary, unary),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )

@@ -49,7 +49,7 @@ def new_server(
     return aio.server(
         interceptors=[
             MetricsInterceptor(service),
-            TracingInterceptor(service),
+            TracingInterceptor(),
             *extra_interceptors,
             ErrorInterceptor(),
         ],

@@ -102,8 +102,10 @@ class DependencyClients(AsyncStartStop):
         attempts: int = 3,
         backoff_s: float = 0.2,
         tls: TlsSettings | None = None,
+        history_messages: int = 100,
     ) -> None:
         self._breakers = {source: CircuitBreaker() for source in ("history", "recall")}
+        self._history_messages = history_messages
         self._timeout_s = timeout_s
         self._attempts = attempts
         self._backoff_s = backoff_s
@@ -177,6 +179,8 @@ class DependencyClients(AsyncStartStop):
             conversation_id=conversation_id,
             consistent=True,
             consistent_before_turn_id=for_turn_id,
+            # Bounded, however long the conversation: the prompt keeps what fits of these.
+            last_messages=self._history_messages,
         )
 
         async def call() -> persister_pb2.GetConversationResponse:

@@ -213,6 +213,7 @@ async def serve(settings: AgentSettings) -> None:
                     timeout_s=settings.dependency_timeout_s,
                     attempts=settings.dependency_attempts,
                     tls=settings.tls,
+                    history_messages=settings.history_messages,
                 )
             )
             worker = TurnWorker(

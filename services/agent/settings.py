@@ -53,6 +53,8 @@ class AgentSettings(ServiceSettings):
             (``MESH_AGENT_MAX_TURN_SECONDS``): a turn still running after it is stopped and
             finished with a ``TURN_TIME_LIMIT`` error, so the turns behind it on its partition
             run.
+        history_messages: the newest messages read for a prompt's history; the prompt keeps
+            what fits of them, the oldest going first (``MESH_AGENT_HISTORY_MESSAGES``).
         orphan_grace_s: how long a turn not started in the background may have no client
             attached on any gateway before it is cancelled (``MESH_AGENT_ORPHAN_GRACE_S``).
         seed: sampling seed for requests without one; unset or -1: random (``MESH_AGENT_SEED``).
@@ -106,6 +108,7 @@ class AgentSettings(ServiceSettings):
     read_ahead: int = setting("READ_AHEAD", 32, minimum=0)
     max_turn_s: float = setting("MAX_TURN_SECONDS", 900.0, minimum=0)
     orphan_grace_s: float = setting("ORPHAN_GRACE_S", 30.0, minimum=0)
+    history_messages: int = setting("HISTORY_MESSAGES", 100, minimum=1)
     seed: int | None = setting("SEED", None)
     default_max_tokens: int = setting("DEFAULT_MAX_TOKENS", 256, minimum=1)
     max_tokens_limit: int = setting("MAX_TOKENS_LIMIT", 4096, minimum=1)

@@ -226,6 +226,12 @@ class Store(Protocol):
         """Up to ``limit`` messages of a conversation after ``after``, oldest first."""
         ...
 
+    async def last_messages(
+        self, tenant_id: str, conversation_id: str, limit: int
+    ) -> list[Message]:
+        """The newest ``limit`` messages of a conversation, oldest first."""
+        ...
+
     async def list_conversations(
         self, tenant_id: str, *, after: ConversationCursor | None, limit: int
     ) -> list[Conversation]:

@@ -38,16 +38,27 @@ class HistoryReader:
         *,
         consistent: bool = False,
         before: TurnRef | None = None,
+        last_messages: int = 0,
     ) -> Conversation:
-        """The conversation; ``consistent`` first waits for the log (``before``: see barrier)."""
+        """The conversation; ``consistent`` first waits for the log (``before``: see barrier);
+        ``last_messages`` > 0 keeps only that many of the newest messages."""
         _require(tenant_id, "tenant_id")
         _require(conversation_id, "conversation_id")
+        if last_messages < 0:
+            raise InvalidArgument(
+                f"last_messages={last_messages} must be >= 0 (0: every message)",
+                field="last_messages",
+                reason="LAST_MESSAGES_INVALID",
+            )
         if consistent or before is not None:
             await self._barrier.wait(before=before)
         found = await self._store.get_conversation(tenant_id, conversation_id)
         if found is None:
             raise _not_found(conversation_id)
-        messages = [m async for m in self._iter_messages(tenant_id, conversation_id)]
+        if last_messages:
+            messages = await self._store.last_messages(tenant_id, conversation_id, last_messages)
+        else:
+            messages = [m async for m in self._iter_messages(tenant_id, conversation_id)]
         return Conversation(
             found.conversation_id, found.title, found.created_at, found.updated_at, tuple(messages)
         )

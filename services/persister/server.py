@@ -75,6 +75,7 @@ class PersisterServicer(persister_service_pb2_grpc.PersisterServiceServicer):
             request.conversation_id,
             consistent=request.consistent,
             before=before,
+            last_messages=request.last_messages,
         )
         return persister_pb2.GetConversationResponse(conversation=_conversation(conversation))
 

@@ -354,6 +354,22 @@ class PgStore(AsyncStartStop):
             for turn_id, role, text, created_at, reason, accepted_at in rows
         ]
 
+    async def last_messages(
+        self, tenant_id: str, conversation_id: str, limit: int
+    ) -> list[Message]:
+        async with self._require_pool().connection() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT turn_id, role, text, created_at, finish_reason, accepted_at FROM messages "
+                "WHERE tenant_id = %s AND conversation_id = %s "
+                "ORDER BY accepted_at DESC, turn_id DESC, role DESC LIMIT %s",
+                (tenant_id, conversation_id, limit),
+            )
+            rows = await cur.fetchall()
+        return [
+            Message(turn_id, Role(role), text, created_at, int(reason), accepted_at)
+            for turn_id, role, text, created_at, reason, accepted_at in reversed(rows)
+        ]
+
     async def list_conversations(
         self, tenant_id: str, *, after: ConversationCursor | None, limit: int
     ) -> list[Conversation]:

@@ -285,6 +285,16 @@ async def test_turns_are_assembled_and_served(pg_dsn: str, log: EmbeddedLog) -> 
         ]
         assert streamed == [m.text for m in conv.messages]
 
+        # A prompt's history read: only the newest messages, still oldest first.
+        newest = await run.stub.GetConversation(
+            persister_pb2.GetConversationRequest(
+                tenant_id="acme", conversation_id="conv-1", last_messages=3
+            ),
+            timeout=10,
+        )
+        assert [m.text for m in newest.conversation.messages] == streamed[-3:]
+        assert newest.conversation.title == conv.title
+
         stats = await run.stub.GetStats(persister_pb2.GetStatsRequest(), timeout=5)
         assert stats.events_consumed == 3 + 3 + 3 + 6  # requests, started, finished, tokens
         assert (stats.messages_written, stats.tokens_written) == (6, 6)
@@ -598,6 +608,15 @@ async def test_bad_inputs_are_invalid_argument(pg_dsn: str, log: EmbeddedLog) ->
                     timeout=5,
                 ),
                 "TURN_ID_MALFORMED",
+            ),
+            (
+                run.stub.GetConversation(
+                    persister_pb2.GetConversationRequest(
+                        tenant_id="acme", conversation_id="c", last_messages=-1
+                    ),
+                    timeout=5,
+                ),
+                "LAST_MESSAGES_INVALID",
             ),
             (
                 run.stub.ListConversations(persister_pb2.ListConversationsRequest(), timeout=5),

@@ -56,3 +56,39 @@ async def test_recall_from_a_dead_memory_service_is_skipped_at_once_after_a_few_
         assert await clients.recall("tenant", "what did I say?", 3) == ([], "circuit_open")
     assert SKIPPED.labels("recall", "unavailable")._value.get() == unavailable + 3
     assert SKIPPED.labels("recall", "circuit_open")._value.get() == skipped + 1
+
+
+async def test_a_history_read_asks_only_for_the_newest_messages() -> None:
+    """The agent's history read is bounded (MESH_AGENT_HISTORY_MESSAGES), whatever the length of
+    the conversation; a real gRPC server records what it was asked."""
+    from chat.common.v1 import conversation_pb2
+    from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
+    from grpc import aio
+
+    asked: list[persister_pb2.GetConversationRequest] = []
+
+    class Persister(persister_service_pb2_grpc.PersisterServiceServicer):
+        async def GetConversation(  # noqa: N802 (the generated name)
+            self, request: persister_pb2.GetConversationRequest, context: object
+        ) -> persister_pb2.GetConversationResponse:
+            asked.append(request)
+            message = conversation_pb2.Message(role=conversation_pb2.ROLE_USER, text="hi")
+            return persister_pb2.GetConversationResponse(
+                conversation=conversation_pb2.Conversation(messages=[message])
+            )
+
+    server = aio.server()
+    persister_service_pb2_grpc.add_PersisterServiceServicer_to_server(Persister(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        clients = DependencyClients(
+            persister_addr=f"127.0.0.1:{port}", memory_addr="", history_messages=7
+        )
+        async with clients:
+            history, skipped = await clients.history("tenant", "conv", for_turn_id="t-1")
+    finally:
+        await server.stop(None)
+    assert skipped == "" and len(history) == 1
+    [request] = asked
+    assert (request.last_messages, request.consistent_before_turn_id) == (7, "t-1")

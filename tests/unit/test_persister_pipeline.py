@@ -199,6 +199,12 @@ class MemStore:
             ]
         return rows[:limit]
 
+    async def last_messages(
+        self, tenant_id: str, conversation_id: str, limit: int
+    ) -> list[Message]:
+        everything = await self.list_messages(tenant_id, conversation_id, after=None, limit=10**9)
+        return everything[-limit:]
+
     async def list_conversations(
         self, tenant_id: str, *, after: ConversationCursor | None, limit: int
     ) -> list[Conversation]:

@@ -35,8 +35,11 @@ type GetConversationRequest struct {
 	// partition it waits only for the records logged before the turn (the id says where those
 	// end), not for the turn's own request. Setting it implies consistent.
 	ConsistentBeforeTurnId string `protobuf:"bytes,4,opt,name=consistent_before_turn_id,json=consistentBeforeTurnId,proto3" json:"consistent_before_turn_id,omitempty"`
-	unknownFields          protoimpl.UnknownFields
-	sizeCache              protoimpl.SizeCache
+	// When > 0, only the newest this many messages, still oldest first: what a prompt's history
+	// needs, bounded whatever the conversation's length. 0 returns every message.
+	LastMessages  int32 `protobuf:"varint,5,opt,name=last_messages,json=lastMessages,proto3" json:"last_messages,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetConversationRequest) Reset() {
@@ -95,6 +98,13 @@ func (x *GetConversationRequest) GetConsistentBeforeTurnId() string {
 		return x.ConsistentBeforeTurnId
 	}
 	return ""
+}
+
+func (x *GetConversationRequest) GetLastMessages() int32 {
+	if x != nil {
+		return x.LastMessages
+	}
+	return 0
 }
 
 // GetConversationResponse holds the conversation.
@@ -578,14 +588,15 @@ var File_chat_persister_v1_persister_proto protoreflect.FileDescriptor
 
 const file_chat_persister_v1_persister_proto_rawDesc = "" +
 	"\n" +
-	"!chat/persister/v1/persister.proto\x12\x11chat.persister.v1\x1a!chat/common/v1/conversation.proto\"\xb9\x01\n" +
+	"!chat/persister/v1/persister.proto\x12\x11chat.persister.v1\x1a!chat/common/v1/conversation.proto\"\xde\x01\n" +
 	"\x16GetConversationRequest\x12\x1b\n" +
 	"\ttenant_id\x18\x01 \x01(\tR\btenantId\x12'\n" +
 	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x1e\n" +
 	"\n" +
 	"consistent\x18\x03 \x01(\bR\n" +
 	"consistent\x129\n" +
-	"\x19consistent_before_turn_id\x18\x04 \x01(\tR\x16consistentBeforeTurnId\"[\n" +
+	"\x19consistent_before_turn_id\x18\x04 \x01(\tR\x16consistentBeforeTurnId\x12#\n" +
+	"\rlast_messages\x18\x05 \x01(\x05R\flastMessages\"[\n" +
 	"\x17GetConversationResponse\x12@\n" +
 	"\fconversation\x18\x01 \x01(\v2\x1c.chat.common.v1.ConversationR\fconversation\"s\n" +
 	"\x18ListConversationsRequest\x12\x1b\n" +

@@ -25,31 +25,31 @@ _sym_db = _symbol_database.Default()
 from chat.common.v1 import conversation_pb2 as chat_dot_common_dot_v1_dot_conversation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!chat/persister/v1/persister.proto\x12\x11\x63hat.persister.v1\x1a!chat/common/v1/conversation.proto\"{\n\x16GetConversationRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x12\n\nconsistent\x18\x03 \x01(\x08\x12!\n\x19\x63onsistent_before_turn_id\x18\x04 \x01(\t\"M\n\x17GetConversationResponse\x12\x32\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x1c.chat.common.v1.Conversation\"T\n\x18ListConversationsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"i\n\x19ListConversationsResponse\x12\x33\n\rconversations\x18\x01 \x03(\x0b\x32\x1c.chat.common.v1.Conversation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"A\n\x13ListMessagesRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\"@\n\x14ListMessagesResponse\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.chat.common.v1.Message\"\x0e\n\x0c\x46lushRequest\"%\n\rFlushResponse\x12\x14\n\x0crows_written\x18\x01 \x01(\x03\"\x11\n\x0fGetStatsRequest\"\xac\x01\n\x10GetStatsResponse\x12\x17\n\x0f\x65vents_consumed\x18\x01 \x01(\x03\x12\x19\n\x11\x62\x61tches_committed\x18\x02 \x01(\x03\x12\x16\n\x0etokens_written\x18\x03 \x01(\x03\x12\x18\n\x10messages_written\x18\x04 \x01(\x03\x12\x1a\n\x12\x64uplicates_ignored\x18\x05 \x01(\x03\x12\x16\n\x0epending_events\x18\x06 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!chat/persister/v1/persister.proto\x12\x11\x63hat.persister.v1\x1a!chat/common/v1/conversation.proto\"\x92\x01\n\x16GetConversationRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x12\n\nconsistent\x18\x03 \x01(\x08\x12!\n\x19\x63onsistent_before_turn_id\x18\x04 \x01(\t\x12\x15\n\rlast_messages\x18\x05 \x01(\x05\"M\n\x17GetConversationResponse\x12\x32\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x1c.chat.common.v1.Conversation\"T\n\x18ListConversationsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"i\n\x19ListConversationsResponse\x12\x33\n\rconversations\x18\x01 \x03(\x0b\x32\x1c.chat.common.v1.Conversation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"A\n\x13ListMessagesRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\"@\n\x14ListMessagesResponse\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.chat.common.v1.Message\"\x0e\n\x0c\x46lushRequest\"%\n\rFlushResponse\x12\x14\n\x0crows_written\x18\x01 \x01(\x03\"\x11\n\x0fGetStatsRequest\"\xac\x01\n\x10GetStatsResponse\x12\x17\n\x0f\x65vents_consumed\x18\x01 \x01(\x03\x12\x19\n\x11\x62\x61tches_committed\x18\x02 \x01(\x03\x12\x16\n\x0etokens_written\x18\x03 \x01(\x03\x12\x18\n\x10messages_written\x18\x04 \x01(\x03\x12\x1a\n\x12\x64uplicates_ignored\x18\x05 \x01(\x03\x12\x16\n\x0epending_events\x18\x06 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chat.persister.v1.persister_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETCONVERSATIONREQUEST']._serialized_start=91
-  _globals['_GETCONVERSATIONREQUEST']._serialized_end=214
-  _globals['_GETCONVERSATIONRESPONSE']._serialized_start=216
-  _globals['_GETCONVERSATIONRESPONSE']._serialized_end=293
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=295
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=379
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=381
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=486
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=488
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=553
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=555
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=619
-  _globals['_FLUSHREQUEST']._serialized_start=621
-  _globals['_FLUSHREQUEST']._serialized_end=635
-  _globals['_FLUSHRESPONSE']._serialized_start=637
-  _globals['_FLUSHRESPONSE']._serialized_end=674
-  _globals['_GETSTATSREQUEST']._serialized_start=676
-  _globals['_GETSTATSREQUEST']._serialized_end=693
-  _globals['_GETSTATSRESPONSE']._serialized_start=696
-  _globals['_GETSTATSRESPONSE']._serialized_end=868
+  _globals['_GETCONVERSATIONREQUEST']._serialized_start=92
+  _globals['_GETCONVERSATIONREQUEST']._serialized_end=238
+  _globals['_GETCONVERSATIONRESPONSE']._serialized_start=240
+  _globals['_GETCONVERSATIONRESPONSE']._serialized_end=317
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=319
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=403
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=405
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=510
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=512
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=577
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=579
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=643
+  _globals['_FLUSHREQUEST']._serialized_start=645
+  _globals['_FLUSHREQUEST']._serialized_end=659
+  _globals['_FLUSHRESPONSE']._serialized_start=661
+  _globals['_FLUSHRESPONSE']._serialized_end=698
+  _globals['_GETSTATSREQUEST']._serialized_start=700
+  _globals['_GETSTATSREQUEST']._serialized_end=717
+  _globals['_GETSTATSRESPONSE']._serialized_start=720
+  _globals['_GETSTATSRESPONSE']._serialized_end=892
 # @@protoc_insertion_point(module_scope)

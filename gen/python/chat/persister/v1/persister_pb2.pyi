@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetConversationRequest(_message.Message):
-    __slots__ = ("tenant_id", "conversation_id", "consistent", "consistent_before_turn_id")
+    __slots__ = ("tenant_id", "conversation_id", "consistent", "consistent_before_turn_id", "last_messages")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     CONSISTENT_FIELD_NUMBER: _ClassVar[int]
     CONSISTENT_BEFORE_TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     conversation_id: str
     consistent: bool
     consistent_before_turn_id: str
-    def __init__(self, tenant_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., consistent: _Optional[bool] = ..., consistent_before_turn_id: _Optional[str] = ...) -> None: ...
+    last_messages: int
+    def __init__(self, tenant_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., consistent: _Optional[bool] = ..., consistent_before_turn_id: _Optional[str] = ..., last_messages: _Optional[int] = ...) -> None: ...
 
 class GetConversationResponse(_message.Message):
     __slots__ = ("conversation",)
