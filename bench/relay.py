@@ -169,6 +169,9 @@ class RelaySide:
             http_port=-1,  # the row measures gRPC; no HTTP listener on a fixed port
             # Nothing listens there: new conversations never ask the persister.
             persister_addr=f"127.0.0.1:{free_port()}",
+            # ...and the row has no persister and plays the agents itself: starts need neither.
+            require_persister=False,
+            require_agent=False,
             log=LogSettings(driver="embedded", path=self.log_path, partitions=PARTITIONS),
         )
         # Every gateway variable, so none of the caller's MESH_GATEWAY_* leak into the row.

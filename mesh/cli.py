@@ -591,6 +591,32 @@ def health_addresses(
     return list(targets.items())
 
 
+# Each kind's readiness name (docs/reliability.md): "" is liveness, these say "can do its job".
+READINESS_NAMES = {
+    "gateway": "chat.gateway.v1.GatewayService",
+    "agent": "chat.agent.v1.AgentService",
+    "memory": "chat.memory.v1.MemoryService",
+    "persister": "chat.persister.v1.PersisterService",
+}
+
+
+def _readiness_name(target: str) -> str | None:
+    """The readiness name of a target called ``gateway``, ``agent-2``, ... (None if unknown)."""
+    kind = target.rstrip("0123456789").rstrip("-")
+    return READINESS_NAMES.get(kind)
+
+
+def _ready(stub: health_pb2_grpc.HealthStub, name: str | None, timeout_s: float) -> bool:
+    """False only when the service says its readiness name is NOT_SERVING."""
+    if name is None:
+        return True
+    try:
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=timeout_s)
+    except grpc.RpcError:
+        return True  # not that kind of service after all: liveness is all there is to say
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
 def started_tls(state_file: Path) -> tuple[Identity | None, bool]:
     """The operator identity in a mesh.json (None: plaintext mesh) and whether its gateways
     serve TLS."""
@@ -630,7 +656,9 @@ def health(
     identity: Identity | None = None,
     edge_ca: bytes | None = None,
 ) -> int:
-    """grpc.health.v1 Check of each address; exit 1 unless every one is SERVING.
+    """grpc.health.v1 Check of each address, liveness ("") and then readiness (the service's
+    name); exit 1 unless every one is SERVING. A live service that is not ready (a dependency
+    down) shows as NOT_READY.
 
     With ``identity`` the internal services are checked over mutual TLS; with ``edge_ca`` the
     gateway over TLS.
@@ -642,7 +670,9 @@ def health(
             with _health_channel(name, addr, identity, edge_ca) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
-            state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                if state == "SERVING" and not _ready(stub, _readiness_name(name), timeout_s):
+                    state = "NOT_READY"
         except grpc.RpcError as error:
             code = error.code() if hasattr(error, "code") else None
             state = "UNREACHABLE" if code in (None, grpc.StatusCode.UNAVAILABLE) else code.name

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.lifecycle import AsyncStartStop
 from mesh.server import channel
@@ -86,6 +87,22 @@ class ServiceClient(AsyncStartStop):
     def _open(self, credentials: Any) -> None:
         self._channel = channel(self.target, credentials=credentials, server_name=self._server_name)
         self._stub = self._new_stub(self._channel)
+
+    async def check_ready(self, service: str, *, timeout_s: float) -> None:
+        """Return if the service reports ``service`` (its readiness name) SERVING.
+
+        Raises ``ConnectionError`` when it is not started or says otherwise, and the call's
+        ``AioRpcError`` when it does not answer: a readiness probe (``mesh.readiness``).
+        """
+        # Through ``stub``, so a rotated certificate gives the probe the new channel too.
+        if self.stub is None or self._channel is None:
+            raise ConnectionError(f"the client of {self.target} is not started")
+        reply = await health_pb2_grpc.HealthStub(self._channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+        )
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            raise ConnectionError(f"{self.target} reports {service} {state}")
 
     async def start(self) -> None:
         if self._channel is None:

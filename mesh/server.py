@@ -26,6 +26,7 @@ from mesh import logs, tracing
 from mesh.authz import AuthzInterceptor
 from mesh.interceptors import ErrorInterceptor, MetricsInterceptor, TracingInterceptor
 from mesh.metrics import start_metrics_server
+from mesh.readiness import Readiness
 from mesh.settings import SettingsError
 from mesh.tls import (
     CertificateError,
@@ -233,11 +234,13 @@ async def serve_until_signalled(
     *,
     grace_s: float,
     on_drain: Callable[[], Awaitable[Any]] | None = None,
+    readiness: Readiness | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain: report NOT_SERVING, let RPCs finish, stop.
 
     Load balancers and Envoy's health checks see NOT_SERVING first, so no new streams arrive
-    while the open ones finish within ``grace_s``.
+    while the open ones finish within ``grace_s``. With ``readiness`` (started by the caller),
+    ``service_names`` follow the dependencies' state while serving; ``""`` stays liveness.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -245,8 +248,12 @@ async def serve_until_signalled(
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     await set_serving(health_servicer, service_names, True)
+    if readiness is not None:
+        await readiness.attach(health_servicer, service_names)
     await stop.wait()
     log.info("draining (grace %.1fs)", grace_s)
+    if readiness is not None:
+        await readiness.detach()
     await set_serving(health_servicer, service_names, False)
     if on_drain is not None:
         await on_drain()

@@ -15,6 +15,11 @@ one conformance suite (tests/conformance/test_log.py):
   whichever member owns the partition next (after a crash, for example).
 - The caller picks the partition (``partition_for``), so every driver places a key identically
   and the gateway can know where a turn's events will land before they exist.
+- Fencing: a group member's hold on a partition is a ``Claim`` with an epoch that grows each
+  time the partition changes hands. An append may carry a claim (``fence``); it is refused with
+  ``Fenced`` once the claim is stale, so a member that lost its partition (a zombie back from a
+  pause, a member the group rebalanced away from) cannot write for it any more. The embedded
+  driver checks the claim in the append's own transaction; see docs/reliability.md for Kafka.
 """
 
 from __future__ import annotations
@@ -53,6 +58,21 @@ class Record:
     headers: Headers = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A group member's hold on one partition, as ``GroupConsumer.claim`` hands it out.
+
+    ``epoch`` grows every time the partition changes hands (and when a member comes back from a
+    pause longer than its session), so an older claim on the same partition is stale.
+    """
+
+    topic: str
+    group: str
+    partition: int
+    member_id: str
+    epoch: int
+
+
 def partition_for(key: bytes, partitions: int) -> int:
     """Stable partition of ``key``; identical across drivers, processes and restarts."""
     if partitions <= 0:
@@ -71,6 +91,11 @@ class GroupConsumer(Protocol):
 
     def assignment(self) -> frozenset[int]:
         """Partitions this member owns right now."""
+        ...
+
+    def claim(self, partition: int) -> Claim | None:
+        """This member's current claim on ``partition`` (None unless it owns it): pass it as
+        ``fence`` to appends that only its owner may make."""
         ...
 
     async def close(self) -> None:
@@ -98,9 +123,31 @@ class EventLog(Protocol):
         ...
 
     def append(
-        self, topic: str, partition: int, key: bytes, value: bytes, headers: Headers = ()
+        self,
+        topic: str,
+        partition: int,
+        key: bytes,
+        value: bytes,
+        headers: Headers = (),
+        *,
+        fence: Claim | None = None,
     ) -> asyncio.Future[int]:
-        """Queue a record; the future resolves to its offset once it is durable."""
+        """Queue a record; the future resolves to its offset once it is durable.
+
+        With ``fence``, the record is written only while that claim is current; otherwise the
+        future fails with ``Fenced`` and nothing is written.
+        """
+        ...
+
+    async def check_writable(self, topic: str) -> None:
+        """Return if an append to ``topic`` could be made durable now; LogError otherwise.
+
+        A readiness probe: it writes no record.
+        """
+        ...
+
+    async def live_partitions(self, topic: str, group: str) -> frozenset[int]:
+        """Partitions of ``topic`` that a live member of ``group`` owns now."""
         ...
 
     async def flush(self) -> None:
@@ -134,6 +181,10 @@ class LogError(RuntimeError):
     """The log failed (broker unreachable, disk error); callers treat it as UNAVAILABLE."""
 
 
+class Fenced(LogError):
+    """An append carried a claim that is no longer current: another member owns the partition."""
+
+
 async def await_appends(pending: list[asyncio.Future[int]]) -> None:
     """Wait for appends in flight (a driver's ``flush``); LogError if any of them failed."""
     if not pending:
@@ -142,4 +193,7 @@ async def await_appends(pending: list[asyncio.Future[int]]) -> None:
     await asyncio.wait(pending)
     for future in pending:
         if not future.cancelled() and future.exception() is not None:
-            raise LogError(f"append failed: {future.exception()}")
+            error = future.exception()
+            if isinstance(error, Fenced):
+                raise Fenced(str(error))
+            raise LogError(f"append failed: {error}")

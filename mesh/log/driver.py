@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, Self, TypeVar
 
@@ -85,6 +85,9 @@ class Members(Generic[_C]):
 
     def discard(self, member: _C) -> None:
         self._members.discard(member)
+
+    def __iter__(self) -> Iterator[_C]:
+        return iter(list(self._members))
 
     async def close_all(self) -> None:
         for member in list(self._members):

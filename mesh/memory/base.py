@@ -82,6 +82,10 @@ def check_document_chunks(tenant_id: str, document_id: str, chunks: Sequence[Sto
 class MemoryStore(AsyncResource, Protocol):
     """Tenant-scoped chunk storage with hybrid (vector + full-text) search."""
 
+    async def ping(self) -> None:
+        """One cheap round trip to the backend (the readiness probe); raises when it cannot."""
+        ...
+
     async def has_source(self, tenant_id: str, source_id: str) -> bool:
         """Whether chunks with this source id were stored (idempotent Remember)."""
         ...

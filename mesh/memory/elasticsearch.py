@@ -312,6 +312,11 @@ class ElasticsearchMemoryStore(AsyncStartStop):
             )
         return self._client
 
+    async def ping(self) -> None:
+        # Cluster health, not info(): the info endpoint is missing from our embedded node.
+        async with _Unavailable():
+            await self._es().cluster.health(index=self._index, timeout="1s")
+
     async def has_source(self, tenant_id: str, source_id: str) -> bool:
         require_tenant(tenant_id)
         query = {"bool": {"filter": [*_filters(tenant_id), {"term": {"source_id": source_id}}]}}

@@ -246,6 +246,10 @@ class PostgresMemoryStore(AsyncStartStop):
             raise RuntimeError("PostgresMemoryStore is not started; call start() or use async with")
         return self._pool.connection()
 
+    async def ping(self) -> None:
+        async with self._connection() as conn:
+            await conn.execute("SELECT 1")
+
     async def has_source(self, tenant_id: str, source_id: str) -> bool:
         require_tenant(tenant_id)
         query = sql.SQL(

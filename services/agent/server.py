@@ -17,7 +17,8 @@ from grpc import aio
 from mesh.codec import finish_reason_to_proto, options_from_proto
 from mesh.errors import InvalidArgument, MeshError
 from mesh.llm.engine import Device, EngineError, LlamaEngine
-from mesh.log import EventLog, open_log
+from mesh.log import TURN_EVENTS, EventLog, open_log
+from mesh.readiness import Probe, Readiness
 from mesh.server import (
     ServiceDeps,
     build_service_server,
@@ -224,10 +225,12 @@ async def serve(settings: AgentSettings) -> None:
                 recall_top_k=settings.recall_top_k,
                 parallel=settings.slots,
                 read_ahead=settings.read_ahead,
+                max_turn_s=settings.max_turn_s,
                 orphan_grace_s=settings.orphan_grace_s,
                 log_user_text=settings.log_user_text,
             )
         metrics_port = start_metrics(settings.metrics_port, settings.host)
+        readiness: Readiness | None = None
 
         async def drain() -> None:
             if worker is not None:
@@ -237,6 +240,14 @@ async def serve(settings: AgentSettings) -> None:
             await worker.start()
             # A crash or cancellation must not leave the worker's tasks running.
             stack.push_async_callback(worker.stop)
+            # Ready while the log takes the turns' events; history and recall only degrade.
+            readiness = await stack.enter_async_context(
+                Readiness(
+                    "agent",
+                    [Probe("log", lambda: event_log.check_writable(TURN_EVENTS))],
+                    settings.health,
+                )
+            )
         # Tests and supervisors read this line to find the ports when they asked for port 0.
         log.info(
             "agent service listening on %s:%d (metrics on port %s, model %s, device %s, "
@@ -250,7 +261,12 @@ async def serve(settings: AgentSettings) -> None:
             settings.agent_id,
         )
         await serve_until_signalled(
-            server, deps.health, [SERVICE_NAME], grace_s=settings.grace_s, on_drain=drain
+            server,
+            deps.health,
+            [SERVICE_NAME],
+            grace_s=settings.grace_s,
+            on_drain=drain,
+            readiness=readiness,
         )
     log.info("agent service stopped")
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh.log import LogSettings
+from mesh.readiness import HealthSettings
 from mesh.settings import (
     ServiceSettings,
     SettingsError,
@@ -48,6 +49,10 @@ class AgentSettings(ServiceSettings):
             conversation's prefix for its next turn until the room is needed.
         read_ahead: turns taken from the log beyond those running (``MESH_AGENT_READ_AHEAD``),
             so the fair queue sees other tenants' turns behind one tenant's burst.
+        max_turn_s: a running turn's time limit in seconds, 0 for none
+            (``MESH_AGENT_MAX_TURN_SECONDS``): a turn still running after it is stopped and
+            finished with a ``TURN_TIME_LIMIT`` error, so the turns behind it on its partition
+            run.
         history_messages: the newest messages read for a prompt's history; the prompt keeps
             what fits of them, the oldest going first (``MESH_AGENT_HISTORY_MESSAGES``).
         orphan_grace_s: how long a turn not started in the background may have no client
@@ -79,6 +84,7 @@ class AgentSettings(ServiceSettings):
             (``MESH_AGENT_MIN_TOKEN_INTERVAL_MS``): paces a fast model like a slower one, for
             demos and client tests; cancels stay immediate.
         log: the shared log settings (``MESH_LOG_*``).
+        health: how the log is probed for readiness (``MESH_HEALTH_*``).
     """
 
     env_prefix = "MESH_AGENT_"
@@ -100,6 +106,7 @@ class AgentSettings(ServiceSettings):
     prefill_chunk: int = setting("PREFILL_CHUNK", 512, minimum=1)
     kv_cache_tokens: int = setting("KV_CACHE_TOKENS", 0, minimum=0)
     read_ahead: int = setting("READ_AHEAD", 32, minimum=0)
+    max_turn_s: float = setting("MAX_TURN_SECONDS", 900.0, minimum=0)
     orphan_grace_s: float = setting("ORPHAN_GRACE_S", 30.0, minimum=0)
     history_messages: int = setting("HISTORY_MESSAGES", 100, minimum=1)
     seed: int | None = setting("SEED", None)
@@ -118,6 +125,7 @@ class AgentSettings(ServiceSettings):
     prompt_log: Path | None = setting("PROMPT_LOG", None)
     min_token_interval_ms: float = setting("MIN_TOKEN_INTERVAL_MS", 0.0, minimum=0, maximum=10_000)
     log: LogSettings = field(default_factory=LogSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
 
     @property
     def slots(self) -> int:

@@ -8,6 +8,12 @@ durable and every earlier request of its partition is too, so if this process di
 redelivers every unfinished turn and the next agent continues after the tokens already in the
 log. A tail of the event topic (every partition, from its end at start) catches
 ``TurnCancelled`` while turns generate.
+
+Every append of a turn is fenced by the claim under which its request was handed out
+(``mesh.log.Claim``): once the partition belongs to another agent, the log refuses them, and the
+turn is abandoned here, uncommitted, to its new owner. A turn that runs longer than
+``max_turn_s`` is stopped and finished with a ``TURN_TIME_LIMIT`` error, so one hung turn
+cannot hold its partition's later turns.
 """
 
 from __future__ import annotations
@@ -24,14 +30,16 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import Span, SpanContext, SpanKind
 
 from mesh import logs, metrics, tracing, turnlog
-from mesh.errors import Cancelled, InvalidArgument, MeshError, to_status_proto
+from mesh.errors import Cancelled, DeadlineExceeded, InvalidArgument, MeshError, to_status_proto
 from mesh.generation import FinishReason, TokenUsage, TurnTimings
 from mesh.lifecycle import AsyncStartStop
 from mesh.log import (
     AGENTS_GROUP,
     TURN_EVENTS,
     TURN_REQUESTS,
+    Claim,
     EventLog,
+    Fenced,
     GroupConsumer,
     LogError,
     Record,
@@ -53,6 +61,9 @@ from services.agent.scheduling import CommitTracker, FairQueue
 log = logging.getLogger(__name__)
 
 GROUP = AGENTS_GROUP
+# After a turn's time limit its generation is asked to stop; if it has not within this long
+# (a wedged engine), the turn is finished without it.
+_STOP_GRACE_S = 2.0
 
 # Cancels remembered for turns this agent may claim later (their events are re-read anyway).
 _CANCELS_REMEMBERED = 10_000
@@ -169,6 +180,10 @@ class _Current:
     counted_from: int = 0  # tail records before this offset were counted by the claim's read
     orphaned: bool = False  # cancelled because no client followed it
     orphan_timer: asyncio.TimerHandle | None = None
+    # Set when the log refused an append of the turn: another agent owns it now.
+    fenced: bool = False
+    # Set when the turn ran past its time limit.
+    timed_out: bool = False
 
 
 @dataclass(eq=False)
@@ -177,6 +192,8 @@ class _Claimed:
 
     record: Record
     turn: turnlog.TurnRequested
+    # The group's claim on the record's partition when it was handed out: fences every append.
+    fence: Claim | None = None
     claimed_wall: float = field(default_factory=time.time)
     claimed: float = field(default_factory=time.monotonic)
 
@@ -196,6 +213,8 @@ class TurnWorker(AsyncStartStop):
         orphan_grace_s: how long a turn may have no client attached before it is cancelled
             (unless started in the background; ``services.agent.followers``).
         log_user_text: log each turn's user text (``MESH_LOG_USER_TEXT``; off by default).
+        max_turn_s: a running turn's time limit (0: none); past it the turn is finished with
+            a ``TURN_TIME_LIMIT`` error and its partition moves on.
     """
 
     def __init__(
@@ -211,6 +230,7 @@ class TurnWorker(AsyncStartStop):
         read_ahead: int = 0,
         orphan_grace_s: float = 30.0,
         log_user_text: bool = False,
+        max_turn_s: float = 0.0,
     ) -> None:
         if parallel < 1 or read_ahead < 0:
             raise ValueError("need parallel >= 1 and read_ahead >= 0")
@@ -223,6 +243,7 @@ class TurnWorker(AsyncStartStop):
         self._log_user_text = log_user_text
         self._parallel = parallel
         self._window = parallel + read_ahead
+        self._max_turn_s = max_turn_s
         self._cancels: OrderedDict[str, None] = OrderedDict()
         self._orphan_grace_s = orphan_grace_s
         self._presence_seen = SeenByTails()
@@ -378,6 +399,12 @@ class TurnWorker(AsyncStartStop):
             try:
                 await self._handle(claimed)
                 await finished(claimed.record)
+            except Fenced as fenced:
+                # Another agent owns the partition now and will run the turn: not ours to
+                # commit, and no reason to drop the turns of partitions we still hold.
+                log.warning("turn %s abandoned to its new owner: %s", claimed.turn.turn_id, fenced)
+                metrics.TURNS.labels(METRICS_SERVICE, "fenced").inc()
+                room.release()
             except Exception as error:  # the log, or a bug: rejoin and hand everything back
                 if not failure.done():
                     failure.set_exception(error)
@@ -394,8 +421,10 @@ class TurnWorker(AsyncStartStop):
                     return
                 metrics.QUEUE_DEPTH.labels(METRICS_SERVICE).dec()
                 claimed = waiting.item
-                if claimed.record.partition not in consumer.assignment():
-                    # The partition moved to another agent while the turn waited: it is theirs.
+                fence = claimed.fence
+                if fence is None or consumer.claim(claimed.record.partition) != fence:
+                    # The partition moved to another agent while the turn waited: it is theirs
+                    # (or it came back under a new claim, which hands the request out again).
                     room.release()
                     continue
                 self._busy_conversations.add(claimed.turn.conversation_id)
@@ -414,7 +443,8 @@ class TurnWorker(AsyncStartStop):
                     if turn is None:
                         await finished(record)
                         continue
-                    self._queue.push(turn.tenant_id, turn.conversation_id, _Claimed(record, turn))
+                    claimed = _Claimed(record, turn, fence=consumer.claim(record.partition))
+                    self._queue.push(turn.tenant_id, turn.conversation_id, claimed)
                     metrics.QUEUE_DEPTH.labels(METRICS_SERVICE).inc()
                     dispatch()
                     # Ask for the next record only once the window has room for it.
@@ -480,7 +510,14 @@ class TurnWorker(AsyncStartStop):
             self._watch_followers(current)
             try:
                 await self._run_turn(
-                    turn, record, prior, current, claimed.claimed, claimed.claimed_wall, span
+                    turn,
+                    record,
+                    prior,
+                    current,
+                    claimed.claimed,
+                    claimed.claimed_wall,
+                    span,
+                    claimed.fence,
                 )
             finally:
                 self._active.pop(turn.turn_id, None)
@@ -523,6 +560,7 @@ class TurnWorker(AsyncStartStop):
         claimed: float,
         claimed_wall: float,
         span: Span,
+        fence: Claim | None,
     ) -> None:
         cancel = current.cancel
         appends: list[asyncio.Future[int]] = []
@@ -532,11 +570,33 @@ class TurnWorker(AsyncStartStop):
         # turn over, and the persister's spans, join the trace through them. Token records carry
         # nothing: they are most of the log.
         headers = tracing.headers_for(span)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        def refused(future: asyncio.Future[int]) -> None:
+            if not future.cancelled() and isinstance(future.exception(), Fenced):
+                # Stop generating for a turn that is no longer ours.
+                current.fenced = True
+                cancel.set()
 
         def append(value: bytes, with_headers: Headers = ()) -> asyncio.Future[int]:
-            future = self._log.append(TURN_EVENTS, partition, key, value, with_headers)
+            future = self._log.append(TURN_EVENTS, partition, key, value, with_headers, fence=fence)
+            future.add_done_callback(refused)
             appends.append(future)
             return future
+
+        def out_of_time() -> None:
+            current.timed_out = True
+            log.warning(
+                "turn %s ran past its time limit (%.1fs); stopping it",
+                turn.turn_id,
+                self._max_turn_s,
+            )
+            cancel.set()
+
+        time_limit = (
+            loop.call_at(started + self._max_turn_s, out_of_time) if self._max_turn_s > 0 else None
+        )
 
         # Timings count from the gateway's acceptance; fall back to our claim (also when the
         # gateway left accepted_at unset or zero).
@@ -629,12 +689,19 @@ class TurnWorker(AsyncStartStop):
                     tracing.GEN_AI_REQUEST_MODEL: self._core.model_name,
                 },
             )
+            # Past the time limit plus a grace, a generation that did not stop is left behind.
+            hard_limit = (
+                started + self._max_turn_s + _STOP_GRACE_S if self._max_turn_s > 0 else None
+            )
             try:
-                async with contextlib.aclosing(
-                    self._core.stream(
-                        prompt, step_options, cancel, started_at=claimed, label=turn.turn_id
-                    )
-                ) as events:
+                async with (
+                    asyncio.timeout_at(hard_limit),
+                    contextlib.aclosing(
+                        self._core.stream(
+                            prompt, step_options, cancel, started_at=claimed, label=turn.turn_id
+                        )
+                    ) as events,
+                ):
                     async for event in events:
                         if isinstance(event, Token):
                             last_seq += 1
@@ -646,6 +713,8 @@ class TurnWorker(AsyncStartStop):
                             finished = event
             except InvalidArgument as invalid:  # the prompt cannot fit the context
                 error = invalid
+            except TimeoutError:
+                log.error("turn %s: generation did not stop after its time limit", turn.turn_id)
             except Exception as failure:  # a bug or a broken model must not wedge the queue
                 log.exception("turn %s: generation failed", turn.turn_id)
                 error = MeshError(f"generation failed: {failure}", reason="GENERATION_FAILED")
@@ -662,6 +731,8 @@ class TurnWorker(AsyncStartStop):
                     error = MeshError(finished.error, reason="GENERATION_FAILED")
             else:
                 reason = FinishReason.ERROR
+            if current.timed_out:
+                error = _time_limit_error(self._max_turn_s)
             if error is not None:
                 reason = FinishReason.ERROR
             telemetry.finish(
@@ -674,6 +745,12 @@ class TurnWorker(AsyncStartStop):
                 error=error.message if error is not None else None,
             )
             generating.end()
+        if time_limit is not None:
+            time_limit.cancel()
+        if current.timed_out and error is None:  # ran out of time before generating
+            error = _time_limit_error(self._max_turn_s)
+        if current.fenced:
+            raise Fenced(f"turn {turn.turn_id}: the log refused an append; another agent owns it")
         if error is not None:
             reason = FinishReason.ERROR
         now = time.monotonic()
@@ -702,9 +779,12 @@ class TurnWorker(AsyncStartStop):
         with tracing.tracer().start_as_current_span("finish turn", kind=SpanKind.PRODUCER):
             append(turnlog.encode(ending), headers)
             # The request is committed by the caller only once everything above is durable.
-            await self._log.flush()
+            # Only this turn's appends are awaited: another turn's refused (fenced) appends are
+            # its own.
             results = await asyncio.gather(*appends, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
+        if any(isinstance(r, Fenced) for r in failed):
+            raise Fenced(f"turn {turn.turn_id}: the log refused an append; another agent owns it")
         if failed:
             raise LogError(f"{len(failed)} appends of turn {turn.turn_id} failed: {failed[0]}")
         metrics.TURNS.labels(METRICS_SERVICE, reason.name.lower()).inc()
@@ -735,6 +815,14 @@ class TurnWorker(AsyncStartStop):
             cached_tokens,
             extra=logs.event("turn-finished", turn.turn_id),
         )
+
+
+def _time_limit_error(max_turn_s: float) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"the turn ran longer than the agents' limit of {max_turn_s:g}s "
+        "(MESH_AGENT_MAX_TURN_SECONDS) and was stopped",
+        reason="TURN_TIME_LIMIT",
+    )
 
 
 def _error_status(

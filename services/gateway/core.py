@@ -33,6 +33,7 @@ from services.gateway.caches import BoundedLru, IdempotencyCache
 from services.gateway.hub import Subscription, TurnHub
 from services.gateway.model import Output, StartRequest, TurnInfo
 from services.gateway.queue_position import QueueTracker
+from services.gateway.readiness import StartGate
 from services.gateway.session import ChatSession
 from services.gateway.settings import GatewaySettings
 from services.gateway.token_budget import TokenBudget
@@ -60,12 +61,15 @@ class GatewayCore(AsyncStartStop):
         log: EventLog,
         conversations: Conversations,
         limiter: RateLimiter | None = None,
+        gate: StartGate | None = None,
     ) -> None:
         self.settings = settings
         self.log = log
         # Names this gateway in ClientAttached/ClientDetached: the launcher's instance name.
         self.gateway_id = settings.instance or f"{socket.gethostname()}-{os.getpid()}"
         self._conversations = conversations
+        # Refuses turns that could not start now (no agent, persister or log down).
+        self._gate = gate
         self.limiter = limiter or RateLimiter(settings.rate_per_s, settings.rate_burst)
         self.token_budget = TokenBudget(settings.tokens_per_minute_per_tenant)
         self.queue = QueueTracker(
@@ -125,6 +129,12 @@ class GatewayCore(AsyncStartStop):
         if self._hub is None:
             raise Unavailable("gateway is not started", reason="NOT_STARTED")
         return self._hub
+
+    def require_persister(self) -> None:
+        """UNAVAILABLE at once while the persister is known to be down (past the threshold),
+        instead of a call that waits for its timeout."""
+        if self._gate is not None:
+            self._gate.require_persister()
 
     def begin_drain(self) -> None:
         """Refuse new turns from now on; open streams keep going until the grace period ends."""
@@ -218,11 +228,13 @@ class GatewayCore(AsyncStartStop):
                     return await self._attach(
                         info, after_seq=0, notify=notify, coalesce=request.coalesce_tokens
                     )
+        conversation_id = request.conversation_id or str(uuid.uuid4())
+        if self._gate is not None:
+            # Before the rate limiter and the persister: a turn that cannot start costs the
+            # caller no token and no wait.
+            self._gate.check(partition_for(conversation_id.encode(), self.partitions))
         self.limiter.acquire(principal)
-        conversation_id = request.conversation_id
-        if not conversation_id:
-            conversation_id = str(uuid.uuid4())
-        elif (principal.tenant_id, conversation_id) not in self._seen:
+        if request.conversation_id and (principal.tenant_id, conversation_id) not in self._seen:
             await self._conversations.require_conversation(principal.tenant_id, conversation_id)
             self._seen.put((principal.tenant_id, conversation_id), True)
         # Reserved last before the append, so a start refused above costs the tenant nothing.

@@ -55,6 +55,7 @@ from services.gateway.model import (
     TurnError,
 )
 from services.gateway.persister import PersisterClient
+from services.gateway.readiness import gateway_readiness
 from services.gateway.settings import GatewaySettings
 from services.gateway.turn_stream import TurnStream
 from services.gateway.validation import validate_conversation_id
@@ -268,6 +269,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
     ) -> gateway_pb2.GetConversationResponse:
         principal = current_principal()
         validate_conversation_id(request.conversation_id)
+        self._core.require_persister()
         conversation = await self._persister.get_conversation(
             principal.tenant_id, request.conversation_id, consistent=True
         )
@@ -278,6 +280,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
     ) -> gateway_pb2.ListConversationsResponse:
         principal = current_principal()
         validate_page_size(request.page_size)
+        self._core.require_persister()
         conversations, token = await self._persister.list_conversations(
             principal.tenant_id, request.page_size, request.page_token
         )
@@ -358,9 +361,18 @@ async def serve(settings: GatewaySettings) -> None:
                 tls=settings.tls,
             )
         )
-        core = await stack.enter_async_context(
-            GatewayCore(settings, log=event_log, conversations=persister)
+        gate = gateway_readiness(
+            event_log,
+            persister,
+            settings.health,
+            require_agent=settings.require_agent,
+            require_persister=settings.require_persister,
         )
+        core = await stack.enter_async_context(
+            GatewayCore(settings, log=event_log, conversations=persister, gate=gate)
+        )
+        # After the core: its start creates the topics the log probe writes to.
+        await stack.enter_async_context(gate.readiness)
         deps = GatewayDeps(core=core, persister=persister, keys=keys)
         server, port = build_server(settings, deps)
         assert deps.health is not None
@@ -395,7 +407,12 @@ async def serve(settings: GatewaySettings) -> None:
             log.info("draining %d open streams", core.open_streams)
 
         await serve_until_signalled(
-            server, deps.health, [SERVICE_NAME], grace_s=settings.grace_s, on_drain=drain
+            server,
+            deps.health,
+            [SERVICE_NAME],
+            grace_s=settings.grace_s,
+            on_drain=drain,
+            readiness=gate.readiness,
         )
     log.info("gateway stopped")
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh.log import LogSettings
+from mesh.readiness import HealthSettings
 from mesh.settings import (
     ServiceSettings,
     SettingsError,
@@ -36,6 +37,7 @@ class GatewaySettings(ServiceSettings):
         persister_addr: where the persister listens (``MESH_PERSISTER_ADDR``); the gateway
             cannot run without one, so empty is an error here.
         log: the shared log settings (``MESH_LOG_*``).
+        health: how dependencies are probed for readiness (``MESH_HEALTH_*``).
     """
 
     env_prefix = "MESH_GATEWAY_"
@@ -87,7 +89,13 @@ class GatewaySettings(ServiceSettings):
     # gateway's mesh identity, for its calls to the persister, is MESH_TLS_* like every service.
     tls_cert: Path | None = setting("TLS_CERT", None)
     tls_key: Path | None = setting("TLS_KEY", None)
+    # What a turn needs to start (docs/reliability.md): without it StartTurn fails fast with
+    # UNAVAILABLE. Off: turns are accepted and wait for an agent (scale from zero), or run
+    # without history while the persister is down (the turn says so).
+    require_agent: bool = setting("REQUIRE_AGENT", True)
+    require_persister: bool = setting("REQUIRE_PERSISTER", True)
     log: LogSettings = field(default_factory=LogSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
 
     @property
     def model_ids(self) -> tuple[str, ...]:

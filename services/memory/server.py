@@ -14,6 +14,7 @@ from grpc import aio
 from mesh.memory.base import MemoryStore
 from mesh.memory.embedding import Embedder, HashingEmbedder
 from mesh.memory.factory import open_store
+from mesh.readiness import Probe, Readiness
 from mesh.server import (
     ServiceDeps,
     build_service_server,
@@ -156,7 +157,11 @@ async def serve(settings: MemorySettings) -> None:
             metrics_port,
             settings.store.backend,
         )
-        await serve_until_signalled(server, deps.health, [SERVICE_NAME], grace_s=settings.grace_s)
+        # Ready while its store (PostgreSQL or Elasticsearch) answers.
+        async with Readiness("memory", [Probe("store", store.ping)], settings.health) as ready:
+            await serve_until_signalled(
+                server, deps.health, [SERVICE_NAME], grace_s=settings.grace_s, readiness=ready
+            )
     log.info("memory service stopped")
 
 

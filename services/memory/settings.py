@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from mesh.memory.chunking import ChunkingConfig
 from mesh.memory.factory import StoreSettings
+from mesh.readiness import HealthSettings
 from mesh.settings import Env, ServiceSettings, Settings, SettingsError, port_setting, setting
 
 _CHUNK_WORDS = "MESH_MEMORY_CHUNK_WORDS"
@@ -66,6 +67,7 @@ class MemorySettings(ServiceSettings):
             ``MESH_MEMORY_CHUNK_OVERLAP_WORDS``, default 120 and 30, the overlap at most one
             word less than the chunk).
         limits: input bounds (see ``Limits``).
+        health: how the store is probed for readiness (``MESH_HEALTH_*``).
     """
 
     env_prefix = "MESH_MEMORY_"
@@ -76,6 +78,7 @@ class MemorySettings(ServiceSettings):
         _CHUNK_WORDS, default_factory=ChunkingConfig, read=_read_chunking, write=_write_chunking
     )
     limits: Limits = field(default_factory=Limits)
+    health: HealthSettings = field(default_factory=HealthSettings)
 
 
 __all__ = ["Limits", "MemorySettings"]

@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 from mesh.log import AGENTS_GROUP, PERSISTER_GROUP, TURN_EVENTS, TURN_REQUESTS, open_log
 from mesh.log.lag import report_lag
 from mesh.pg import EmbeddedPostgres
+from mesh.readiness import Probe, Readiness
 from mesh.server import run_main, serve_until_signalled, start_metrics
 from services.persister.codec import decode
 from services.persister.core import Persister
@@ -87,6 +88,18 @@ async def run(settings: PersisterSettings) -> None:
             name="log retention",
         )
         stack.callback(retention.cancel)
+        # Ready while PostgreSQL answers and the log takes writes (offset commits); memory is
+        # not required: the outbox keeps what it cannot take.
+        readiness = await stack.enter_async_context(
+            Readiness(
+                "persister",
+                [
+                    Probe("postgres", store.ping),
+                    Probe("log", lambda: event_log.check_writable(TURN_EVENTS)),
+                ],
+                settings.health,
+            )
+        )
         deps = PersisterDeps(persister=persister)
         server, port = build_server(settings, deps)
         assert deps.health is not None
@@ -101,7 +114,12 @@ async def run(settings: PersisterSettings) -> None:
                 log.warning("drain did not finish within %.1fs", settings.grace_s)
 
         await serve_until_signalled(
-            server, deps.health, [SERVICE_NAME], grace_s=settings.grace_s, on_drain=drain
+            server,
+            deps.health,
+            [SERVICE_NAME],
+            grace_s=settings.grace_s,
+            on_drain=drain,
+            readiness=readiness,
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mesh.log import LogSettings
+from mesh.readiness import HealthSettings
 from mesh.settings import (
     PostgresSettings,
     ServiceSettings,
@@ -34,6 +35,7 @@ class PersisterSettings(ServiceSettings, PostgresSettings):
         lag_interval_s: how often the consumer lag of every group is measured for
             ``mesh_consumer_lag_records`` (``MESH_PERSISTER_LAG_INTERVAL_S``).
         log: the log driver (``MESH_LOG_*``).
+        health: how PostgreSQL and the log are probed for readiness (``MESH_HEALTH_*``).
     """
 
     env_prefix = "MESH_PERSISTER_"
@@ -46,6 +48,7 @@ class PersisterSettings(ServiceSettings, PostgresSettings):
     pg_pool_size: int = setting("PG_POOL_SIZE", 4, minimum=2)
     lag_interval_s: float = setting("LAG_INTERVAL_S", 5.0, above=0)
     log: LogSettings = field(default_factory=LogSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
 
 
 __all__ = ["PersisterSettings"]

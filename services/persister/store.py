@@ -458,6 +458,11 @@ class PgStore(AsyncStartStop):
             raise RuntimeError("PgStore is not started")
         return self._pool
 
+    async def ping(self) -> None:
+        """One round trip to PostgreSQL (the readiness probe); raises when it cannot."""
+        async with self._require_pool().connection() as conn:
+            await conn.execute("SELECT 1")
+
     async def write_batch(self, plan: BatchPlan) -> BatchResult:
         async with self._require_pool().connection() as conn:
             return await write_batch_on(conn, plan)

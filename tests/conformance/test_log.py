@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.log import EventLog, GroupConsumer, LogError, Record, partition_for
+from mesh.log import EventLog, Fenced, GroupConsumer, LogError, Record, partition_for
 from mesh.log.embedded import EmbeddedLog
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -404,6 +405,171 @@ async def test_a_member_stops_receiving_and_committing_partitions_it_lost(
         await asyncio.wait_for(asyncio.gather(first_task, second_task), 30)
 
 
+async def test_an_append_fenced_by_a_lost_claim_is_refused_and_writes_nothing(
+    event_log: EventLog, topic: str
+) -> None:
+    group = unique_group()
+    first = event_log.consumer(topic, group, "a")
+    first_task = asyncio.create_task(collect(first, [], commit_up_to=-1))
+    second: GroupConsumer | None = None
+    second_task: asyncio.Task[None] | None = None
+    try:
+        await wait_until(lambda: first.assignment() == set(range(PARTITIONS)))
+        before = {p: first.claim(p) for p in range(PARTITIONS)}
+        assert all(claim is not None for claim in before.values())
+        assert await event_log.append(topic, 0, b"k", b"owner", fence=before[0]) == 0
+        second = event_log.consumer(topic, group, "b")
+        second_task = asyncio.create_task(collect(second, [], commit_up_to=-1))
+        await wait_until(lambda: settled(first, second))
+        lost = sorted(second.assignment())
+        for partition in lost:
+            end = await event_log.end_offset(topic, partition)
+            with pytest.raises(Fenced):
+                await event_log.append(topic, partition, b"k", b"zombie", fence=before[partition])
+            assert first.claim(partition) is None
+            current = second.claim(partition)
+            assert current is not None and current != before[partition]
+            assert await event_log.append(topic, partition, b"k", b"new", fence=current) == end
+            records = await event_log.read_range(topic, partition, end, end + 5)
+            assert [r.value for r in records] == [b"new"]
+        for partition in first.assignment():
+            assert first.claim(partition) == before[partition]
+            await event_log.append(topic, partition, b"k", b"still", fence=before[partition])
+    finally:
+        await first.close()
+        if second is not None:
+            await second.close()
+        await asyncio.wait_for(
+            asyncio.gather(first_task, *([second_task] if second_task else [])), 30
+        )
+
+
+ZOMBIE = """
+import asyncio, json, signal, sys
+from pathlib import Path
+from mesh.log import Fenced
+
+async def main(driver: str, location: str, topic: str, group: str) -> None:
+    if driver == "kafka":
+        from mesh.log.kafka import KafkaLog
+        log = KafkaLog(location, session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S)
+    else:
+        from mesh.log.embedded import EmbeddedLog
+        log = EmbeddedLog(
+            Path(location), session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S
+        )
+    async with log:
+        member = log.consumer(topic, group, "zombie")
+        records = aiter(member)
+        record = await anext(records)
+        claim = member.claim(record.partition)
+        assert claim is not None
+        resumed = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGCONT, resumed.set)
+        print(json.dumps([record.partition, claim.epoch]), flush=True)
+        # Stopped here (SIGSTOP) while another member takes the partition over; the first thing
+        # it does once resumed is to append as if nothing had happened.
+        await resumed.wait()
+        try:
+            offset = await log.append(topic, record.partition, b"k", b"zombie", fence=claim)
+        except Fenced as error:
+            print(json.dumps({"fenced": str(error)}), flush=True)
+        else:
+            print(json.dumps({"offset": offset}), flush=True)
+        await member.close()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_a_stopped_process_that_lost_its_claim_cannot_append(
+    driver: Driver, event_log: EventLog, topic: str
+) -> None:
+    """A real zombie: a member's process stopped (SIGSTOP) past its session while another
+    member takes its partition, then resumed: its append with the old claim is refused, and
+    the partition holds only what the new owner wrote."""
+    group = unique_group()
+    for partition in range(PARTITIONS):
+        await event_log.append(topic, partition, b"k", b"request")
+    code = f"SESSION_S = {SESSION_S}\nHEARTBEAT_S = {HEARTBEAT_S}\n{ZOMBIE}"
+    zombie = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        driver.name,
+        driver.location,
+        topic,
+        group,
+        env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen' / 'python'}"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert zombie.stdout is not None
+    successor = event_log.consumer(topic, group, "successor")
+    task: asyncio.Task[None] | None = None
+    try:
+        line = await asyncio.wait_for(zombie.stdout.readline(), 60)
+        partition, _ = json.loads(line)
+        zombie.send_signal(signal.SIGSTOP)
+        seen: list[Record] = []
+        task = asyncio.create_task(collect(successor, seen, commit_up_to=-1))
+        await wait_until(
+            lambda: any(r.partition == partition for r in seen), within_s=SESSION_S + 30
+        )
+        claim = successor.claim(partition)
+        assert claim is not None
+        taken = await event_log.append(topic, partition, b"k", b"successor", fence=claim)
+        zombie.send_signal(signal.SIGCONT)
+        outcome = json.loads(await asyncio.wait_for(zombie.stdout.readline(), 60))
+        assert "fenced" in outcome, outcome
+        records = await event_log.read_range(topic, partition, 0, taken + 5)
+        assert [r.value for r in records] == [b"request", b"successor"]
+        assert await asyncio.wait_for(zombie.wait(), 60) == 0
+    finally:
+        if zombie.returncode is None:
+            zombie.send_signal(signal.SIGCONT)
+            zombie.kill()
+            await zombie.wait()
+        await successor.close()
+        if task is not None:
+            await asyncio.wait_for(task, 30)
+
+
+async def test_live_partitions_follow_the_groups_members(event_log: EventLog, topic: str) -> None:
+    group = unique_group()
+    assert await event_log.live_partitions(topic, group) == frozenset()
+    member = event_log.consumer(topic, group, "a")
+    task = asyncio.create_task(collect(member, []))
+    try:
+        await wait_until(lambda: member.assignment() == set(range(PARTITIONS)))
+        covered: frozenset[int] = frozenset()
+        for _ in range(100):
+            covered = await event_log.live_partitions(topic, group)
+            if covered == set(range(PARTITIONS)):
+                break
+            await asyncio.sleep(0.1)
+        assert covered == set(range(PARTITIONS))
+    finally:
+        await member.close()
+        await asyncio.wait_for(task, 30)
+    for _ in range(100):
+        if not await event_log.live_partitions(topic, group):
+            break
+        await asyncio.sleep(0.1)
+    assert await event_log.live_partitions(topic, group) == frozenset()
+
+
+async def test_check_writable_answers_while_started_and_fails_once_stopped(
+    driver: Driver, topic: str
+) -> None:
+    log = driver.make()
+    async with log:
+        await log.check_writable(topic)
+        with pytest.raises(LogError):
+            await log.check_writable("no.such.topic")
+    with pytest.raises(LogError):
+        await log.check_writable(topic)
+
+
 MEMBER = """
 import asyncio, json, sys
 from pathlib import Path
@@ -490,3 +656,78 @@ async def test_a_killed_member_loses_its_partitions_and_its_uncommitted_records_
             await doomed.wait()
         await survivor.close()
         await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.infra
+async def test_a_kafka_member_starved_past_its_session_hands_its_records_out_again(
+    kafka_bootstrap: str,
+) -> None:
+    """Kafka only: a member whose thread did not run for a whole session voids its claims (it
+    may have been stopped, and the broker may have moved its partitions). When the broker did
+    not (the thread was only starved), the records handed out under the void claims come again
+    under new claims, so nothing handed out is lost."""
+    from mesh.log.kafka import KafkaLog
+
+    log = KafkaLog(kafka_bootstrap, session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S)
+    async with log:
+        topic = f"conformance.{uuid.uuid4().hex[:12]}"
+        await log.ensure_topic(topic, PARTITIONS)
+        await log.append(topic, 1, b"k", b"turn")
+        member = log.consumer(topic, unique_group(), "starved")
+        records = aiter(member)
+        try:
+            first = await asyncio.wait_for(anext(records), 60)
+            before = member.claim(first.partition)
+            assert before is not None
+            member._last_round -= 10 * SESSION_S  # as if its thread had not run for that long
+            again = await asyncio.wait_for(anext(records), 30)
+            assert (again.partition, again.offset) == (first.partition, first.offset)
+            after = member.claim(first.partition)
+            assert after is not None and after != before
+            with pytest.raises(Fenced):
+                await log.append(topic, 1, b"k", b"stale", fence=before)
+            assert await log.append(topic, 1, b"k", b"current", fence=after) == 1
+        finally:
+            await member.close()
+
+
+@pytest.mark.infra
+async def test_a_kafka_member_whose_event_loop_hangs_leaves_its_group(
+    kafka_bootstrap: str,
+) -> None:
+    """Kafka only: librdkafka heartbeats from its own thread, so a member whose event loop is
+    stuck would keep its partitions for ever; it leaves the group instead, voiding its claims."""
+    from mesh.log.kafka import KafkaLog
+
+    log = KafkaLog(
+        kafka_bootstrap,
+        session_timeout_s=SESSION_S,
+        heartbeat_interval_s=HEARTBEAT_S,
+        max_loop_stall_s=1.0,
+    )
+    async with log:
+        topic = f"conformance.{uuid.uuid4().hex[:12]}"
+        group = unique_group()
+        await log.ensure_topic(topic, PARTITIONS)
+        await log.append(topic, 2, b"k", b"turn")
+        member = log.consumer(topic, group, "hung")
+        records = aiter(member)
+        try:
+            first = await asyncio.wait_for(anext(records), 60)
+            claim = member.claim(first.partition)
+            assert claim is not None
+            time.sleep(3.0)  # noqa: ASYNC251 - the event loop hangs, as a stuck agent's would
+            await asyncio.sleep(0.5)
+            assert member.claim(first.partition) is None
+            with pytest.raises(StopAsyncIteration):
+                await asyncio.wait_for(anext(records), 30)
+            with pytest.raises(Fenced):
+                await log.append(topic, 2, b"k", b"late", fence=claim)
+            await wait_until(lambda: not member.assignment())
+            for _ in range(100):
+                if not await log.live_partitions(topic, group):
+                    break
+                await asyncio.sleep(0.1)
+            assert await log.live_partitions(topic, group) == frozenset()
+        finally:
+            await member.close()

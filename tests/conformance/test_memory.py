@@ -183,6 +183,10 @@ async def test_upsert_overwrites_a_chunk_with_the_same_id(memory_store: MemorySt
     assert await memory_store.upsert([]) == 0
 
 
+async def test_ping_answers_while_the_backend_does(memory_store: MemoryStore) -> None:
+    await memory_store.ping()  # the readiness probe of the memory service
+
+
 async def test_has_source(memory_store: MemoryStore) -> None:
     assert not await memory_store.has_source("acme", "turn-1")
     await memory_store.upsert([chunk("acme", FACT, source="turn-1", conversation="c")])

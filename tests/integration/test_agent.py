@@ -816,3 +816,118 @@ async def test_a_turn_generated_without_recall_says_so(
     await request_turn(running.log, healthy, "remember?", max_tokens=2)
     seen = await watch(running.log, healthy)
     assert seen.finished is not None and list(seen.finished.context_skipped) == []
+
+
+# -- fencing and the turn time limit ---------------------------------------------------------------
+
+
+def _raw_tokens(records: Sequence[Any], turn: Turn) -> tuple[list[int], int]:
+    """Every token seq the log holds for ``turn`` (records as written, duplicates included) and
+    how many TurnFinished records it has."""
+    seqs: list[int] = []
+    finished = 0
+    for record in records:
+        event = events_pb2.TurnEvent()
+        event.ParseFromString(record.value)
+        kind = event.WhichOneof("event")
+        if kind == "token" and event.token.turn_id == turn.turn_id:
+            seqs.extend(range(event.token.seq, event.token.seq + 1 + len(event.token.more_texts)))
+        elif kind == "finished" and event.finished.turn_id == turn.turn_id:
+            finished += 1
+    return seqs, finished
+
+
+async def test_a_stopped_agent_that_lost_its_turn_cannot_append_to_it(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """The zombie: an agent stopped (SIGSTOP) mid-turn past its session loses the turn to
+    another agent; resumed, its appends are refused by the log (fenced), so the log holds each
+    token of the turn exactly once and one TurnFinished."""
+    log_path = tmp_path / "log" / "zombie.sqlite3"
+    log_path.parent.mkdir()
+    event_log = EmbeddedLog(log_path, session_timeout_s=1.0, heartbeat_interval_s=0.2)
+    await event_log.start()
+    await event_log.ensure_topic(TURN_REQUESTS, PARTITIONS)
+    await event_log.ensure_topic(TURN_EVENTS, PARTITIONS)
+    unused = "127.0.0.1:9"
+    agents: list[AgentProcess] = []
+    try:
+        env = agent_env(
+            tmp_path, tiny_model, log_path, memory=unused, persister=unused, agent_id="zombie-a"
+        )
+        env["MESH_AGENT_MIN_TOKEN_INTERVAL_MS"] = "50"  # still generating when stopped
+        agents.append(await start_agent(env, "zombie-a"))
+        turn = await new_turn(event_log, "conv-zombie")
+        await request_turn(event_log, turn, "hello the model", max_tokens=120)
+        await watch(event_log, turn, until_tokens=5)
+        agents[0].process.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(1.5)  # past the session: the group forgets the stopped agent
+        env = {**env, "MESH_AGENT_ID": "zombie-b"}
+        agents.append(await start_agent(env, "zombie-b"))
+        await watch(event_log, turn, until_tokens=15)  # b is generating the turn now
+        agents[0].process.send_signal(signal.SIGCONT)
+        seen = await watch(event_log, turn)
+        assert seen.finished is not None
+        await until_committed(event_log, turn, timeout_s=30)
+        await asyncio.sleep(1.0)  # room for any late append of the zombie
+        end = await event_log.end_offset(TURN_EVENTS, turn.partition)
+        records = await event_log.read_range(TURN_EVENTS, turn.partition, turn.events_start, end)
+        seqs, finished = _raw_tokens(records, turn)
+        assert seqs == list(range(1, 121)), "the log holds duplicate or missing tokens"
+        assert finished == 1
+        output = agents[0].output() + agents[1].output()
+        assert "abandoned to its new owner" in output, output
+    finally:
+        for agent in agents:
+            agent.process.send_signal(signal.SIGCONT)
+            await agent.stop(signal.SIGKILL)
+        await event_log.stop()
+
+
+async def test_a_turn_past_the_time_limit_is_finished_and_the_next_turn_runs(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    log_path = tmp_path / "log" / "limit.sqlite3"
+    log_path.parent.mkdir()
+    event_log = EmbeddedLog(log_path, session_timeout_s=1.0, heartbeat_interval_s=0.2)
+    await event_log.start()
+    await event_log.ensure_topic(TURN_REQUESTS, PARTITIONS)
+    await event_log.ensure_topic(TURN_EVENTS, PARTITIONS)
+    unused = "127.0.0.1:9"
+    env = agent_env(
+        tmp_path, tiny_model, log_path, memory=unused, persister=unused, agent_id="limited"
+    )
+    env["MESH_AGENT_MIN_TOKEN_INTERVAL_MS"] = "100"  # 1000 tokens would take 100 s
+    env["MESH_AGENT_MAX_TURN_SECONDS"] = "2"
+    env["MESH_AGENT_DEPENDENCY_ATTEMPTS"] = "1"
+    env["MESH_AGENT_DEPENDENCY_TIMEOUT_S"] = "0.2"
+    agent = await start_agent(env, "limited")
+    try:
+        hung = await new_turn(event_log, "conv-limit")
+        await request_turn(event_log, hung, "talk for ever", max_tokens=MAX_TOKENS_LIMIT)
+        started = time.monotonic()
+        seen = await watch(event_log, hung)
+        took = time.monotonic() - started
+        assert seen.finished is not None
+        assert seen.finished.finish_reason == common_pb2.FINISH_REASON_ERROR
+        assert seen.finished.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        reasons = []
+        for detail in seen.finished.error.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                reasons.append(info.reason)
+        assert reasons == ["TURN_TIME_LIMIT"]
+        assert 0 < len(seen.tokens) < MAX_TOKENS_LIMIT
+        assert seen.finished.last_seq == len(seen.tokens)
+        assert took < 10, f"the limit of 2 s ended the turn only after {took:.1f} s"
+        await until_committed(event_log, hung)
+        # The partition is free: the conversation's next turn runs to its end.
+        after = await new_turn(event_log, "conv-limit")
+        await request_turn(event_log, after, "and now briefly", max_tokens=3)
+        seen = await watch(event_log, after)
+        assert seen.finished is not None
+        assert seen.finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert "ran past its time limit" in agent.output()
+    finally:
+        await agent.stop(signal.SIGKILL)
+        await event_log.stop()

@@ -210,6 +210,10 @@ async def spawn_gateway(
         # No HTTP listener on its fixed default port: several of these run at once.
         "MESH_GATEWAY_HTTP_PORT": "-1",
         "MESH_PERSISTER_ADDR": persister_addr,
+        # The tests play the agents on the log, and most run without a persister: a start
+        # must not wait for either (tests that check the refusals turn these back on).
+        "MESH_GATEWAY_REQUIRE_AGENT": "false",
+        "MESH_GATEWAY_REQUIRE_PERSISTER": "false",
         **env,
     }
     log_file = tmp_path / f"gateway-{port}-{next(_spawned)}.log"

@@ -113,6 +113,29 @@ def started_by(events: list[events_pb2.TurnEvent]) -> list[tuple[str, int]]:
     ]
 
 
+def wait_agents_settled(scale: ScaleMesh, agents: int = 2, timeout_s: float = 60) -> None:
+    """Wait until the agents' group is stable with ``agents`` members that each own some of the
+    request partitions: an agent started a moment ago may still be joining, and a rebalance
+    hands the turns in flight on a moved partition to their new owner (fencing)."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": scale.kafka_bootstrap})
+    deadline = time.monotonic() + timeout_s
+    seen: object = None
+    while time.monotonic() < deadline:
+        group = admin.describe_consumer_groups(["agents"])["agents"].result(timeout=10)
+        members = group.members or []
+        owned = [
+            {tp.partition for tp in (m.assignment.topic_partitions if m.assignment else [])}
+            for m in members
+        ]
+        seen = (str(group.state), owned)
+        if len(members) == agents and all(owned) and "STABLE" in str(group.state).upper():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the agents' group did not settle: {seen}")
+
+
 def prompts(scale: ScaleMesh) -> list[dict[str, str]]:
     lines = scale.prompt_log.read_text().splitlines() if scale.prompt_log.exists() else []
     return [json.loads(line) for line in lines]
@@ -296,6 +319,7 @@ def test_agent_killed_mid_turn_is_taken_over_without_gap_or_duplicate(
     scale_mesh: ScaleMesh, stubs: dict[str, object], ledger: dict[str, Streamed]
 ) -> None:
     mesh = scale_mesh.mesh
+    wait_agents_settled(scale_mesh)
     key = scale_mesh.api_key
     # Long enough to be mid-turn when the kill lands, whether the tiny model makes 20 or 300
     # tokens a second on this machine right now.
@@ -365,6 +389,7 @@ def test_agent_killed_mid_turn_is_taken_over_without_gap_or_duplicate(
     # Back to two agents for whatever runs next.
     mesh.start_agent(timeout_s=120)
     assert sum(s.process.poll() is None for s in mesh.agents) == 2
+    wait_agents_settled(scale_mesh)
     assert takeover_s < SESSION_TIMEOUT_S + 60
 
 
@@ -375,6 +400,7 @@ def test_agent_killed_with_a_batch_in_flight_hands_every_turn_over(
     the most. Its turns in flight finish on the survivor, and every turn is gap-free and
     duplicate-free on the log and in the streams."""
     mesh = scale_mesh.mesh
+    wait_agents_settled(scale_mesh)
     key = scale_mesh.api_key
     results = [TurnResult() for _ in range(8)]
     errors: list[BaseException] = []
@@ -430,6 +456,7 @@ def test_agent_killed_with_a_batch_in_flight_hands_every_turn_over(
     assert taken_over >= 2, (taken_over, len(moved))
     mesh.start_agent(timeout_s=120)
     assert sum(s.process.poll() is None for s in mesh.agents) == 2
+    wait_agents_settled(scale_mesh)
 
 
 def test_every_streamed_turn_is_in_postgres_exactly_as_streamed(

@@ -5,11 +5,15 @@ from __future__ import annotations
 import io
 import json
 import socket
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.auth import KeyStore, hash_key
 from mesh.cli import (
@@ -204,3 +208,23 @@ def test_health_reports_unreachable_services_and_fails() -> None:
     code = health([("gateway", f"127.0.0.1:{_closed_port()}")], timeout_s=1.0, out=out)
     assert code == 1
     assert out.getvalue().split()[-1] in {"UNREACHABLE", "TIMEOUT"}
+
+
+def test_health_shows_a_live_service_that_is_not_ready() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = grpc_health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        servicer.set("chat.gateway.v1.GatewayService", health_pb2.HealthCheckResponse.NOT_SERVING)
+        out = io.StringIO()
+        targets = [("gateway-1", f"127.0.0.1:{port}"), ("other", f"127.0.0.1:{port}")]
+        assert health(targets, timeout_s=2.0, out=out) == 1
+        rows = {line.split()[0]: line.split()[-1] for line in out.getvalue().splitlines()}
+        assert rows == {"gateway-1": "NOT_READY", "other": "SERVING"}
+        servicer.set("chat.gateway.v1.GatewayService", health_pb2.HealthCheckResponse.SERVING)
+        assert health(targets, timeout_s=2.0, out=io.StringIO()) == 0
+    finally:
+        server.stop(None)

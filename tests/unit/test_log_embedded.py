@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.log import GroupConsumer, LogError, Record
+from mesh.log import Fenced, GroupConsumer, LogError, Record
 from mesh.log.embedded import EmbeddedLog, assign
 from mesh.log.embedded.fs_watch import DirectoryWatch
 
@@ -373,3 +373,23 @@ async def test_stop_closes_consumers_and_ends_their_iteration(tmp_path: Path) ->
     await asyncio.wait_for(task, 5)
     with pytest.raises(LogError, match="not started"):
         log.append("t", 0, b"k", b"v")
+
+
+async def test_a_member_back_from_a_pause_gets_a_new_epoch(log: EmbeddedLog) -> None:
+    """Even when no one took its partitions, a member that was out of the group claims them
+    afresh: what it appended under the old claim before its pause is not continued blindly."""
+    await log.append("t", 0, b"k", b"r")
+    a = log.consumer("t", "g", "a")
+    records = aiter(a)
+    await asyncio.wait_for(anext(records), 5)
+    old = a.claim(0)
+    assert old is not None
+    assert a._heartbeat_task is not None
+    a._heartbeat_task.cancel()  # frozen, as a stopped process is
+    await asyncio.sleep(1.3)  # past the session
+    next_record = asyncio.create_task(anext(records))  # wakes up: heartbeats, rejoins
+    await wait_until(lambda: a.claim(0) is not None and a.claim(0) != old, within_s=5)
+    with pytest.raises(Fenced):
+        await log.append("t", 0, b"k", b"stale", fence=old)
+    next_record.cancel()
+    await a.close()

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Self
 
-from mesh.log.base import LogError, Record
+from mesh.log.base import Claim, LogError, Record
 from mesh.log.driver import GroupMember, Membership
 from mesh.log.embedded.changes import Key
 from mesh.log.embedded.fetcher import fetch_many
@@ -43,6 +43,44 @@ def _live_members(
     return [str(row[0]) for row in rows]
 
 
+def live_member_count(group: str, topic: str, timeout_ms: int, conn: sqlite3.Connection) -> int:
+    """Members of (group, topic) whose lease has not expired."""
+    return len(_live_members(conn, group, topic, now_ms(), timeout_ms))
+
+
+def _take_claims(
+    conn: sqlite3.Connection,
+    group: str,
+    topic: str,
+    member_id: str,
+    owned: frozenset[int],
+    rejoined: bool,
+) -> dict[int, int]:
+    """Claim ``owned`` for ``member_id`` (in the heartbeat's transaction); the epochs held.
+
+    A partition gets a new epoch when it changes hands, and also when its holder comes back
+    into the group (``rejoined``): what it was doing before its pause belongs to the past.
+    """
+    epochs: dict[int, int] = {}
+    for partition in sorted(owned):
+        row = conn.execute(
+            "SELECT member_id, epoch FROM claims WHERE grp = ? AND topic = ? AND part = ?",
+            (group, topic, partition),
+        ).fetchone()
+        if row is not None and str(row[0]) == member_id and not rejoined:
+            epochs[partition] = int(row[1])
+            continue
+        epoch = (0 if row is None else int(row[1])) + 1
+        conn.execute(
+            "INSERT INTO claims (grp, topic, part, member_id, epoch) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (grp, topic, part)"
+            " DO UPDATE SET member_id = excluded.member_id, epoch = excluded.epoch",
+            (group, topic, partition, member_id, epoch),
+        )
+        epochs[partition] = epoch
+    return epochs
+
+
 def assign(members: list[str], member_id: str, partitions: int) -> frozenset[int]:
     """Partitions of ``member_id`` when ``members`` (sorted) share ``partitions`` partitions."""
     if member_id not in members:
@@ -68,6 +106,8 @@ class EmbeddedConsumer(GroupMember):
         super().__init__(membership, on_close)
         self._store = store
         self._owned: frozenset[int] = frozenset()
+        # Epoch of this member's claim on each owned partition (see ``claim``).
+        self._epochs: dict[int, int] = {}
         self._positions: dict[int, int] = {}
         # Partitions whose position must be (re)loaded from the committed offset.
         self._reload: set[int] = set()
@@ -81,14 +121,21 @@ class EmbeddedConsumer(GroupMember):
     def assignment(self) -> frozenset[int]:
         return self._owned
 
+    def claim(self, partition: int) -> Claim | None:
+        epoch = self._epochs.get(partition)
+        if self._closed or partition not in self._owned or epoch is None:
+            return None
+        return Claim(self._topic, self._group, partition, self._member_id, epoch)
+
     def _timeout_ms(self) -> int:
         return int(self._session_timeout_s * 1000)
 
     async def _heartbeat(self) -> None:
         running = self._store.require()
         group, topic, me, timeout_ms = self._group, self._topic, self._member_id, self._timeout_ms()
+        partitions = self._partitions
 
-        def beat(conn: sqlite3.Connection) -> tuple[list[str], bool]:
+        def beat(conn: sqlite3.Connection) -> tuple[list[str], bool, dict[int, int]]:
             now = now_ms()
             with Tx(conn):
                 row = conn.execute(
@@ -107,13 +154,17 @@ class EmbeddedConsumer(GroupMember):
                     "DELETE FROM members WHERE grp = ? AND topic = ? AND heartbeat_ms < ?",
                     (group, topic, now - timeout_ms),
                 )
-                return _live_members(conn, group, topic, now, timeout_ms), was_live
+                members = _live_members(conn, group, topic, now, timeout_ms)
+                owned = assign(members, me, partitions)
+                epochs = _take_claims(conn, group, topic, me, owned, rejoined=not was_live)
+                return members, was_live, epochs
 
         async with self._heartbeat_lock:
             sent = time.monotonic()
-            members, was_live = await running.writer.call(beat)
+            members, was_live, epochs = await running.writer.call(beat)
             if not self._closed:
                 self._apply(members, was_live, sent)
+                self._epochs = epochs
                 running.changes.wake([self._wake_key])
 
     def _apply(self, members: list[str], was_live: bool, sent: float) -> None:

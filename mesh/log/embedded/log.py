@@ -13,11 +13,11 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
-from mesh.log.base import Headers, LogError, Record
+from mesh.log.base import Claim, Headers, LogError, Record
 from mesh.log.driver import LogDriver, call_soon
 from mesh.log.embedded.changes import Changes, Key
 from mesh.log.embedded.fetcher import Fetcher
-from mesh.log.embedded.group import EmbeddedConsumer, committed
+from mesh.log.embedded.group import EmbeddedConsumer, committed, live_member_count
 from mesh.log.embedded.poller import Poller
 from mesh.log.embedded.producer import Producer
 from mesh.log.embedded.retention import Pruned, prune
@@ -173,9 +173,36 @@ class EmbeddedLog(LogDriver[EmbeddedConsumer]):
         return await self._store.partitions.get(topic)
 
     def append(
-        self, topic: str, partition: int, key: bytes, value: bytes, headers: Headers = ()
+        self,
+        topic: str,
+        partition: int,
+        key: bytes,
+        value: bytes,
+        headers: Headers = (),
+        *,
+        fence: Claim | None = None,
     ) -> asyncio.Future[int]:
-        return self._producer.append(topic, partition, key, value, headers)
+        return self._producer.append(topic, partition, key, value, headers, fence)
+
+    async def check_writable(self, topic: str) -> None:
+        await self._store.partitions.get(topic)
+        writer = self._store.require().writer
+
+        def touch(conn: sqlite3.Connection) -> None:
+            # A committed write that changes nothing: it needs the write lock, room in the WAL
+            # and a writable file, as an append does.
+            with Tx(conn):
+                conn.execute("UPDATE topics SET partitions = partitions WHERE name = ?", (topic,))
+
+        await writer.call(touch)
+
+    async def live_partitions(self, topic: str, group: str) -> frozenset[int]:
+        count = await self._store.partitions.get(topic)
+        reader = self._store.require().reader
+        timeout_ms = int(self.session_timeout_s * 1000)
+        live = await reader.call(functools.partial(live_member_count, group, topic, timeout_ms))
+        # Live members share every partition between them (``group.assign``).
+        return frozenset(range(count)) if live else frozenset()
 
     async def flush(self) -> None:
         await self._producer.flush()

@@ -13,7 +13,7 @@ import functools
 import sqlite3
 from dataclasses import dataclass, field
 
-from mesh.log.base import Headers, LogError
+from mesh.log.base import Claim, Fenced, Headers, LogError
 from mesh.log.driver import Inflight
 from mesh.log.embedded.changes import Key
 from mesh.log.embedded.store import Store, Tx, encode_headers, now_ms
@@ -28,12 +28,27 @@ class _Append:
     timestamp_ms: int
     headers: Headers
     future: asyncio.Future[int] = field(repr=False)
+    fence: Claim | None = None
+
+
+def _current(fence: Claim, conn: sqlite3.Connection) -> bool:
+    row = conn.execute(
+        "SELECT member_id, epoch FROM claims WHERE grp = ? AND topic = ? AND part = ?",
+        (fence.group, fence.topic, fence.partition),
+    ).fetchone()
+    return row is not None and (str(row[0]), int(row[1])) == (fence.member_id, fence.epoch)
 
 
 def _write_batch(batch: list[_Append], conn: sqlite3.Connection) -> list[int | LogError]:
-    """Append a batch in one transaction; per-record errors for unknown partitions."""
+    """Append a batch in one transaction; per-record errors for unknown partitions and for
+    records whose fence is stale (checked in the same transaction, so no other member can take
+    the partition between the check and the write)."""
     results: list[int | LogError] = []
     with Tx(conn):
+        fences: dict[Claim, bool] = {}
+        for item in batch:
+            if item.fence is not None and item.fence not in fences:
+                fences[item.fence] = _current(item.fence, conn)
         heads: dict[Key, int | None] = {}
         for item in batch:
             key = (item.topic, item.partition)
@@ -48,6 +63,9 @@ def _write_batch(batch: list[_Append], conn: sqlite3.Connection) -> list[int | L
             head = heads[key]
             if head is None:
                 results.append(LogError(f"topic {item.topic!r} has no partition {item.partition}"))
+                continue
+            if item.fence is not None and not fences[item.fence]:
+                results.append(_fenced(item.fence))
                 continue
             rows.append(
                 (
@@ -72,6 +90,13 @@ def _write_batch(batch: list[_Append], conn: sqlite3.Connection) -> list[int | L
             [(head, topic, part) for (topic, part), head in heads.items() if head is not None],
         )
     return results
+
+
+def _fenced(fence: Claim) -> Fenced:
+    return Fenced(
+        f"member {fence.member_id} no longer holds {fence.group}/{fence.topic}/{fence.partition}"
+        f" at epoch {fence.epoch}"
+    )
 
 
 class Producer:
@@ -102,11 +127,19 @@ class Producer:
         self._task = None
 
     def append(
-        self, topic: str, partition: int, key: bytes, value: bytes, headers: Headers = ()
+        self,
+        topic: str,
+        partition: int,
+        key: bytes,
+        value: bytes,
+        headers: Headers = (),
+        fence: Claim | None = None,
     ) -> asyncio.Future[int]:
         self._store.require()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Append(topic, partition, key, value, now_ms(), headers, future))
+        self._pending.append(
+            _Append(topic, partition, key, value, now_ms(), headers, future, fence)
+        )
         self._inflight.add(future)
         self._wake.set()
         return future

@@ -41,6 +41,12 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS members ("
     " grp TEXT NOT NULL, topic TEXT NOT NULL, member_id TEXT NOT NULL,"
     " heartbeat_ms INTEGER NOT NULL, PRIMARY KEY (grp, topic, member_id)) WITHOUT ROWID",
+    # Who holds each partition of a group, and since which epoch: the epoch grows whenever the
+    # partition changes hands, and an append fenced by an older claim is refused in its own
+    # transaction (``producer._write_batch``).
+    "CREATE TABLE IF NOT EXISTS claims ("
+    " grp TEXT NOT NULL, topic TEXT NOT NULL, part INTEGER NOT NULL, member_id TEXT NOT NULL,"
+    " epoch INTEGER NOT NULL, PRIMARY KEY (grp, topic, part)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS offsets ("
     " grp TEXT NOT NULL, topic TEXT NOT NULL, part INTEGER NOT NULL, committed INTEGER NOT NULL,"
     " PRIMARY KEY (grp, topic, part)) WITHOUT ROWID",

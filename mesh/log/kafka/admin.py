@@ -95,3 +95,21 @@ class Admin:
             if tp.topic == topic and tp.partition == partition and tp.offset >= 0:
                 return int(tp.offset)
         return 0  # nothing committed (librdkafka reports OFFSET_INVALID, -1001)
+
+    async def check_writable(self, topic: str) -> None:
+        """LogError unless the cluster answers and every partition of ``topic`` has a leader."""
+        if await self._fetch_partition_count(topic) is None:
+            raise LogError(f"topic {topic!r} has a partition without a leader (or is missing)")
+
+    async def live_partitions(self, topic: str, group: str) -> frozenset[int]:
+        """Partitions of ``topic`` assigned to a member of ``group`` that the broker sees."""
+        admin = self._client.require().admin
+        futures = admin.describe_consumer_groups([group], request_timeout=self._request_timeout_s)
+        described = await wait_future(futures[group], f"members of {group}")
+        owned: set[int] = set()
+        for member in described.members or []:
+            assignment = member.assignment
+            for tp in assignment.topic_partitions if assignment is not None else []:
+                if tp.topic == topic:
+                    owned.add(int(tp.partition))
+        return frozenset(owned)

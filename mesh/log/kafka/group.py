@@ -11,13 +11,20 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any, Self
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
-from mesh.log.base import LogError, Record
+from mesh.log.base import Claim, LogError, Record
 from mesh.log.driver import GroupMember, Membership, call_soon
 from mesh.log.kafka.admin import Admin
 from mesh.log.kafka.client import RDKAFKA_LOGGER, Client, poll_batch, to_record
@@ -47,6 +54,7 @@ class KafkaGroupConsumer(GroupMember):
         on_close: Callable[[Self], None],
         *,
         prefetch: int,
+        max_loop_stall_s: float = 60.0,
     ) -> None:
         super().__init__(membership, on_close)
         self._client = client
@@ -65,6 +73,16 @@ class KafkaGroupConsumer(GroupMember):
         self._delivered = 0  # written by the thread
         self._taken = 0  # written by the loop
         self._paused = False
+        # When the member's thread last went round its loop (time.monotonic()). A gap longer
+        # than the session means the process was stopped or starved: the broker has expired the
+        # member, so its claims are stale even before librdkafka reports the loss.
+        self._last_round = time.monotonic()
+        # When the event loop last ran a callback of this member's thread: a loop stuck for
+        # longer than ``max_loop_stall_s`` (a hung agent) makes the member leave its group, as
+        # max.poll.interval.ms would if polls came from the loop.
+        self._max_loop_stall_s = max_loop_stall_s
+        self._loop_seen = time.monotonic()
+        self._loop_pinged = 0.0  # written by the thread
         self._last_commit: dict[int, int] = {}
         # Commits run on the member's own thread: a synchronous commit from another thread
         # hangs while this one sits in consume() (seen with confluent-kafka 2.16).
@@ -72,6 +90,14 @@ class KafkaGroupConsumer(GroupMember):
 
     def assignment(self) -> frozenset[int]:
         return self._assignment
+
+    def claim(self, partition: int) -> Claim | None:
+        # The epoch is this member's count of losing the partition: enough to tell its current
+        # claim from one it held before a revoke (the only claims it can compare).
+        if self._closed or partition not in self._assignment or self._stale():
+            return None
+        epoch = self._epochs.get(partition, 0)
+        return Claim(self._topic, self._group, partition, self._member_id, epoch)
 
     def _config(self) -> dict[str, Any]:
         return self._client.settings(
@@ -93,6 +119,39 @@ class KafkaGroupConsumer(GroupMember):
             }
         )
 
+    def _loop_ran(self) -> None:
+        self._loop_seen = time.monotonic()
+
+    def _stale(self) -> bool:
+        """True while the thread has not gone round its loop for a whole session (the loop may
+        run first after a SIGCONT: its claims must not look current meanwhile)."""
+        return time.monotonic() - self._last_round > self._session_timeout_s
+
+    def _after_gap(self, consumer: Consumer) -> None:
+        """The thread was stopped past the session: every claim it held is void.
+
+        Usually the broker has expired the member too, and the partitions come back through a
+        rebalance. If it has not (this thread was only starved: librdkafka heartbeats from its
+        own thread), the partitions are rewound to the group's committed offsets, so what was
+        handed out under the void claims is handed out again under the new ones.
+        """
+        _log.warning(
+            "group member %s was paused past its session; its claims are void", self._member_id
+        )
+        voided = set(self._assignment)
+        for partition in voided:
+            self._epochs[partition] = self._epochs.get(partition, 0) + 1
+        try:
+            assigned = [tp for tp in consumer.assignment() if tp.partition in voided]
+            if not assigned:
+                return
+            for tp in consumer.committed(assigned, timeout=self._session_timeout_s):
+                offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        except KafkaException as error:
+            # The partitions are being taken away: the rebalance redelivers them.
+            _log.warning("rewinding %s after its pause failed: %s", self._member_id, error)
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assignment = self._assignment | {tp.partition for tp in partitions}
         self._paused = False  # new partitions start unpaused; the loop re-evaluates
@@ -109,6 +168,8 @@ class KafkaGroupConsumer(GroupMember):
         consumer = self._consumer
         assert consumer is not None
         loop = self._loop
+        # The clocks start with the thread, not with the object (made perhaps long before).
+        self._last_round = self._loop_seen = time.monotonic()
         try:
             consumer.subscribe(
                 [self._topic],
@@ -117,6 +178,23 @@ class KafkaGroupConsumer(GroupMember):
                 on_lost=self._on_revoke,
             )
             while not self._stopping:
+                if self._stale():
+                    self._after_gap(consumer)
+                now = time.monotonic()
+                self._last_round = now
+                if now - self._loop_seen > self._max_loop_stall_s:
+                    _log.error(
+                        "the event loop of group member %s has not run for %.0fs; leaving the "
+                        "group so its partitions move on",
+                        self._member_id,
+                        now - self._loop_seen,
+                    )
+                    # Its turns are the next owner's now: void the claims before leaving.
+                    self._on_revoke(consumer, consumer.assignment())
+                    break
+                if now - self._loop_pinged > 0.25:
+                    self._loop_pinged = now
+                    call_soon(loop, self._loop_ran)
                 self._run_commits(consumer)
                 room = self._prefetch - (self._delivered - self._taken)
                 full = room <= 0
