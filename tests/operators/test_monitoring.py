@@ -152,6 +152,9 @@ def monitored(
         "MESH_PERSISTER_LAG_INTERVAL_S": "1",
         "MESH_AGENT_MIN_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS),
         "OTEL_BSP_SCHEDULE_DELAY": "200",  # export spans within a fraction of a second
+        # Turns must queue behind a stopped agent for the alert to fire: the gateway would
+        # otherwise refuse them (NO_AGENT, tests/integration/test_health.py checks that).
+        "MESH_GATEWAY_REQUIRE_AGENT": "false",
     }
     with log.open("ab") as out:
         process = subprocess.Popen(
