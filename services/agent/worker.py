@@ -715,9 +715,9 @@ class TurnWorker(AsyncStartStop):
                 error = invalid
             except TimeoutError:
                 log.error("turn %s: generation did not stop after its time limit", turn.turn_id)
-            except Exception as failure:  # a bug or a broken model must not wedge the queue
+            except Exception:  # a bug or a broken model must not wedge the queue
                 log.exception("turn %s: generation failed", turn.turn_id)
-                error = MeshError(f"generation failed: {failure}", reason="GENERATION_FAILED")
+                error = _generation_failed()
             except BaseException:  # handed back (cancelled): the span still ends
                 generating.end()
                 raise
@@ -728,7 +728,8 @@ class TurnWorker(AsyncStartStop):
                 cached_tokens = finished.cached_tokens
                 new_tokens = finished.completion_tokens
                 if finished.error:
-                    error = MeshError(finished.error, reason="GENERATION_FAILED")
+                    log.error("turn %s: the engine failed: %s", turn.turn_id, finished.error)
+                    error = _generation_failed()
             else:
                 reason = FinishReason.ERROR
             if current.timed_out:
@@ -839,3 +840,13 @@ def _error_status(
         )
         return bytes(to_status_proto(orphaned).SerializeToString())
     return b""
+
+
+def _generation_failed() -> MeshError:
+    """What a client learns of a failure inside the engine: that it happened, not its internals
+    (the agent's log has those)."""
+    return MeshError(
+        "the model failed while generating this turn; the tokens already sent are kept, and "
+        "the operator finds the cause in the agent's log",
+        reason="GENERATION_FAILED",
+    )

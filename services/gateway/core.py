@@ -687,8 +687,10 @@ class GatewayCore(AsyncStartStop):
 
 
 def _log_unavailable(error: Exception) -> Unavailable:
+    # The cause (paths, broker addresses) goes to this gateway's log, not to the client.
+    _log.warning("the turn log is unavailable: %s", error)
     return Unavailable(
-        f"the turn log is unavailable ({error}); retry shortly",
+        "the turn log is unavailable; retry shortly",
         reason="LOG_UNAVAILABLE",
         retry_after_s=1.0,
     )

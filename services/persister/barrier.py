@@ -7,6 +7,7 @@ the barrier, so every earlier turn on the log is in PostgreSQL when it reads.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from mesh.errors import Unavailable
@@ -14,6 +15,8 @@ from mesh.log import TURN_REQUESTS, EventLog, LogError
 from mesh.turn_ids import TurnRef
 from services.persister import metrics
 from services.persister.pipeline import GROUP, WritePipeline
+
+log = logging.getLogger(__name__)
 
 
 class FlushBarrier:
@@ -110,6 +113,8 @@ class FlushBarrier:
 
 
 def _log_unavailable(error: LogError) -> Unavailable:
+    # The cause (a path, a broker address) is for the operator's log, not for the caller.
+    log.warning("the log is unavailable: %s", error)
     return Unavailable(
-        f"the log is unavailable: {error}", reason="LOG_UNAVAILABLE", retry_after_s=1.0
+        "the log is unavailable; retry shortly", reason="LOG_UNAVAILABLE", retry_after_s=1.0
     )

@@ -38,6 +38,8 @@ def decode_page_token(token: str) -> ConversationCursor:
         or not isinstance(value[0], int)
         or isinstance(value[0], bool)
         or not isinstance(value[1], str)
+        # PostgreSQL refuses NUL in text: it would come back as an unavailable database.
+        or "\x00" in value[1]
     ):
         raise bad
     micros, conversation_id = value

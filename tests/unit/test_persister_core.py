@@ -220,6 +220,7 @@ def test_page_token_round_trip() -> None:
         "WyJ4IiwiYyJd",
         "W3RydWUsImMiXQ",
         "x" * 3000,
+        "WzEsICJhXHUwMDAwYiJd",  # [1, "a\u0000b"]: a NUL would reach PostgreSQL
     ],
 )
 def test_malformed_page_tokens_are_invalid_argument(token: str) -> None:

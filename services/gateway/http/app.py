@@ -854,9 +854,10 @@ class OpenAiApi:
                 state.top_p = requested.options.top_p
             await read_state(self.core.log, info, state)
         except (LogError, turnlog.UndecodableRecord) as error:
+            log.warning("reading response %s from the turn log failed: %s", info.turn_id, error)
             raise ApiError(
                 503,
-                f"the turn log is unavailable ({error})",
+                "the turn log is unavailable; retry shortly",
                 type="server_error",
                 retry_after_s=1.0,
                 grpc_code="UNAVAILABLE",
