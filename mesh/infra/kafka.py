@@ -167,7 +167,38 @@ def _metadata_problem(bootstrap: str, config: dict[str, str] | None = None) -> s
         metadata = admin.list_topics(timeout=2)
     except Exception as error:  # KafkaException while the broker is still starting
         return f"no metadata from {bootstrap}: {error}"
-    return None if metadata.brokers else f"no broker in the metadata from {bootstrap}"
+    if not metadata.brokers:
+        return f"no broker in the metadata from {bootstrap}"
+    return _coordinator_problem(bootstrap, config or {})
+
+
+def _coordinator_problem(bootstrap: str, config: dict[str, str]) -> str | None:
+    """None once the group coordinator answers an offset fetch, else why not.
+
+    A fresh broker creates ``__consumer_offsets`` on the first coordinator lookup and answers
+    NOT_COORDINATOR while it loads. Clients must not meet that window: librdkafka 2.16's admin
+    ``list_consumer_group_offsets`` crashes the process on it (a NULL consumer group in
+    ``rd_kafka_cgrp_op``, seen as a persister dying with SIGSEGV right after start). A consumer's
+    own offset fetch goes through its group and only fails, so it is the probe.
+    """
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "mesh-readiness-probe",
+            "enable.auto.commit": False,
+            "log_level": 0,
+            **config,
+        }
+    )
+    try:
+        consumer.committed([TopicPartition("mesh-readiness-probe", 0)], timeout=5)
+    except KafkaException as error:
+        return f"the group coordinator of {bootstrap} is not ready: {error.args[0]}"
+    finally:
+        consumer.close()
+    return None
 
 
 class KafkaServer(StartStop):
