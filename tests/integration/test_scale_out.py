@@ -119,7 +119,7 @@ def wait_agents_settled(scale: ScaleMesh, agents: int = 2, timeout_s: float = 60
     hands the turns in flight on a moved partition to their new owner (fencing)."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": scale.kafka_bootstrap})
+    admin = AdminClient({"bootstrap.servers": scale.kafka_bootstrap, **scale.kafka_config})
     deadline = time.monotonic() + timeout_s
     seen: object = None
     while time.monotonic() < deadline:
