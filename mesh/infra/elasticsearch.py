@@ -387,7 +387,10 @@ class ElasticsearchServer(StartStop):
         no request to the node, and no network, is needed.
         """
         keystore = self.node_dir / "config" / "elasticsearch.keystore"
-        if keystore.exists():
+        # A marker, not the keystore itself: a node started without security creates an empty
+        # keystore of its own, and a node dir may switch to TLS later.
+        done = self.node_dir / "config" / ".mesh-bootstrap-password"
+        if done.exists() and keystore.exists():
             return
         result = subprocess.run(
             [str(self.home_dir / "bin" / "elasticsearch-keystore"), "add", "-x", "-f"]
@@ -404,11 +407,11 @@ class ElasticsearchServer(StartStop):
             extra_groups=None if run_as is None else [],
         )
         if result.returncode != 0 or not keystore.exists():
-            keystore.unlink(missing_ok=True)
             raise ElasticsearchError(
                 f"elasticsearch-keystore could not set bootstrap.password:\n"
                 f"{result.stdout[-2000:]}{result.stderr[-2000:]}"
             )
+        done.touch()
 
     def _hand_over(self, run_as: RunAs) -> None:
         """Give the node dir to the run-as user and check it can reach what it needs."""
