@@ -344,7 +344,20 @@ class Mesh:
         files by themselves (mesh.tls), so nothing restarts. Returns the names reissued."""
         if self.certs is None:
             return []
-        return renew(self.certs, self.certs.issued(), within=within)
+        renewed = renew(self.certs, self.certs.issued(), within=within)
+        for entry in self.infra:
+            if entry.name not in renewed:
+                continue
+            reload_tls = getattr(entry.server, "reload_tls", None)
+            if reload_tls is not None:
+                reload_tls()  # PostgreSQL and Elasticsearch load new files while they run
+            else:
+                log.warning(
+                    "reissued the certificate of %s: it serves the new one from its next start, "
+                    "which must come before the old one expires",
+                    entry.name,
+                )
+        return renewed
 
     def tls_env(self, identity: str) -> dict[str, str]:
         """``MESH_TLS_*`` of a process acting as ``identity`` (``operator`` for tools)."""

@@ -463,6 +463,15 @@ class ElasticsearchServer(StartStop):
             return f"cluster health on {address} not yellow yet"
         return None
 
+    def reload_tls(self) -> bool:
+        """Copy the (reissued) certificate files into the config directory again; the node
+        watches them and loads them within seconds by itself. False without ``tls``."""
+        if self.tls is None or self.url is None:
+            return False
+        run_as = ensure_user() if os.geteuid() == 0 else None
+        self.tls.install(self.node_dir / "config" / "certs", owner=run_as)
+        return True
+
     def stop(self) -> None:
         """SIGTERM to the node's process group (a clean shutdown), SIGKILL after the timeout."""
         self._stop_process()

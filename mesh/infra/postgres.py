@@ -435,6 +435,18 @@ class PostgresServer(StartStop):
         self.started_in_s = time.monotonic() - started
         return dsn
 
+    def reload_tls(self) -> bool:
+        """Copy the (reissued) certificate files again and have the running server load them
+        (SIGHUP: new connections get the new certificate, open ones carry on). False when
+        there is nothing to reload."""
+        server = self._server
+        if self.tls is None or server is None or server.process is None:
+            return False
+        run_as = ensure_user() if os.geteuid() == 0 else None
+        self.tls.install(self.root_dir / "tls", owner=run_as)
+        server.process.send_signal(signal.SIGHUP)
+        return True
+
     def stop(self) -> None:
         """Fast shutdown (SIGINT: clients disconnected, a clean checkpoint); SIGKILL if stuck."""
         self._stop_process()

@@ -12,6 +12,9 @@ import json
 import os
 import re
 import shutil
+import socket
+import ssl
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -20,9 +23,12 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from mesh.certs import CertDir
 from mesh.errors import FailedPrecondition
+from mesh.infra.elasticsearch import ElasticsearchServer
 from mesh.infra.kafka import KafkaServer
 from mesh.infra.postgres import PostgresServer, redact_dsn
 from mesh.infra.process import log_tail
@@ -231,3 +237,61 @@ def test_scale_profile_starts_its_servers_with_tls_and_a_turn_goes_through(
     finally:
         mesh.stop()
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+# -- rotation --------------------------------------------------------------------------------
+
+
+def postgres_certificate(port: int, ca: Path) -> bytes:
+    """The DER certificate a PostgreSQL server presents (SSLRequest, then a TLS handshake)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(struct.pack("!ii", 8, 80877103))
+        assert sock.recv(1) == b"S"
+        context = ssl.create_default_context(cafile=str(ca))
+        with context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def https_certificate(url: str) -> bytes:
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    return ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((host, int(port))))
+
+
+def der_of(path: Path) -> bytes:
+    return x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(Encoding.DER)
+
+
+def test_reissued_certificates_reach_postgres_and_elasticsearch_while_they_run(
+    server_certs: CertDir,
+    debian_pg_server: PostgresServer,
+    elasticsearch_server: ElasticsearchServer,
+) -> None:
+    """What the launcher's hourly renewal does: reissue, then ``reload_tls``. New connections
+    get the new certificate; the servers keep running."""
+    assert debian_pg_server.port is not None and elasticsearch_server.url is not None
+    ca = server_certs.ca_cert
+    before = postgres_certificate(debian_pg_server.port, ca)
+    assert before == der_of(server_certs.cert("postgres"))
+    server_certs.issue("postgres")
+    server_certs.issue("elasticsearch")
+    assert debian_pg_server.reload_tls() and elasticsearch_server.reload_tls()
+    new_pg, new_es = (
+        der_of(server_certs.cert("postgres")),
+        der_of(server_certs.cert("elasticsearch")),
+    )
+    assert new_pg != before
+    deadline = time.monotonic() + 30  # Elasticsearch looks at its files every 5 s
+    while time.monotonic() < deadline:
+        served = (
+            postgres_certificate(debian_pg_server.port, ca),
+            https_certificate(elasticsearch_server.url),
+        )
+        if served == (new_pg, new_es):
+            break
+        time.sleep(0.5)
+    assert served == (new_pg, new_es)
+    assert debian_pg_server.dsn is not None
+    with psycopg.connect(debian_pg_server.dsn) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
