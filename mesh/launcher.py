@@ -5,8 +5,9 @@ Two profiles. ``embedded`` (the default): PostgreSQL from the pgserver wheel (un
 given), the embedded log, memory on PostgreSQL. ``scale``: a real Kafka as the log, Elasticsearch
 as memory, a standalone PostgreSQL server, several gateways and agents, and Envoy in front of the
 gateways serving gRPC-web and the chat page. In the scale profile every server whose address is
-configured (``MESH_KAFKA_BOOTSTRAP``, ``MESH_ES_URL``, ``MESH_PG_DSN``) is used as is; only the
-missing ones are started here (see the README, "Scale out").
+configured (``MESH_KAFKA_BOOTSTRAP``, ``MESH_ES_URL``, ``MESH_PG_DSN``) is used as is, with the
+TLS and credential settings of the environment; only the missing ones are started here (see the
+README, "Scale out"), with TLS and credentials by default (docs/security.md, "Data stores").
 
 Used by ``make run`` / ``make up`` (``python -m mesh.launcher``), the integration tests and the
 benchmarks, so all three run the mesh the same way.
@@ -38,6 +39,7 @@ from mesh.certs import OPERATOR, CertDir, default_cert_dir, ensure_mesh_certs, r
 from mesh.infra.postgres import redact_dsn
 from mesh.infra.process import free_port as free_port  # re-exported: tests pick ports with it
 from mesh.infra.process import log_tail, spawn, wait_until
+from mesh.infra.security import ServerTls
 from mesh.log import LogSettings
 from mesh.memory.factory import StoreSettings
 from mesh.metrics import start_metrics_server
@@ -109,6 +111,10 @@ class MeshConfig:
     # Mutual TLS between the services, with a CA and certificates under ``state_dir/certs``
     # (kept across restarts; see mesh.certs).
     mesh_tls: bool = True
+    # TLS and credentials on the Kafka, Elasticsearch and PostgreSQL servers started here, with
+    # certificates from the same CA (mesh.infra.security): Kafka SASL_SSL (SCRAM-SHA-512),
+    # Elasticsearch HTTPS with the ``elastic`` user's password, PostgreSQL TLS only.
+    server_tls: bool = True
     # TLS on the gateways' public ports too, with a ``gateway-edge`` certificate from that CA
     # (loopback may stay plaintext, and does by default).
     edge_tls: bool = False
@@ -240,6 +246,29 @@ class InfraServer:
     started_in_s: float = 0.0
 
 
+def client_env(server: _Server) -> dict[str, str]:
+    """The settings with which the services reach a Kafka or Elasticsearch server started by
+    ``mesh.infra`` beyond its address: TLS and credentials (``MESH_LOG_KAFKA_*``,
+    ``MESH_ES_USER``/``PASSWORD``/``CA``); none for a plaintext one, or for PostgreSQL, whose
+    DSN holds them."""
+    from mesh.infra.elasticsearch import ElasticsearchServer
+    from mesh.infra.kafka import SASL_MECHANISM, SASL_USERNAME, KafkaServer
+
+    if isinstance(server, KafkaServer) and server.tls is not None:
+        return LogSettings.env_for(
+            kafka_security_protocol="sasl_ssl",
+            kafka_sasl_mechanism=SASL_MECHANISM.lower(),
+            kafka_sasl_username=SASL_USERNAME,
+            kafka_sasl_password=server.sasl_password(),
+            kafka_ca=server.tls.ca,
+        )
+    if isinstance(server, ElasticsearchServer) and server.tls is not None:
+        return StoreSettings.env_for(
+            es_user=server.username, es_password=server.password(), es_ca=server.tls.ca
+        )
+    return {}
+
+
 def wait_healthy(
     addr: str,
     *,
@@ -296,6 +325,9 @@ class Mesh:
         self._otlp_endpoint = ""
         self._log_dir = config.log_dir or config.state_dir / "logs"
         self.certs: CertDir | None = None
+        # How the services reach the servers started here (TLS, credentials): MESH_LOG_KAFKA_*,
+        # MESH_ES_USER/PASSWORD/CA. PostgreSQL's are in its DSN.
+        self._server_env: dict[str, str] = {}
 
     # -- identities --------------------------------------------------------------------------
     def ensure_certs(self) -> CertDir | None:
@@ -312,7 +344,20 @@ class Mesh:
         files by themselves (mesh.tls), so nothing restarts. Returns the names reissued."""
         if self.certs is None:
             return []
-        return renew(self.certs, self.certs.issued(), within=within)
+        renewed = renew(self.certs, self.certs.issued(), within=within)
+        for entry in self.infra:
+            if entry.name not in renewed:
+                continue
+            reload_tls = getattr(entry.server, "reload_tls", None)
+            if reload_tls is not None:
+                reload_tls()  # PostgreSQL and Elasticsearch load new files while they run
+            else:
+                log.warning(
+                    "reissued the certificate of %s: it serves the new one from its next start, "
+                    "which must come before the old one expires",
+                    entry.name,
+                )
+        return renewed
 
     def tls_env(self, identity: str) -> dict[str, str]:
         """``MESH_TLS_*`` of a process acting as ``identity`` (``operator`` for tools)."""
@@ -405,6 +450,7 @@ class Mesh:
         env.update(AgentSettings.env_for(model_path=cfg.model_path, gpu_layers=cfg.gpu_layers))
         env.update(AgentSettings.env_for(threads=cfg.agent_threads, n_ctx=cfg.n_ctx))
         env.update(GatewaySettings.env_for(api_keys_file=cfg.api_keys_file))
+        env.update(self._server_env)
         env["XDG_RUNTIME_DIR"] = os.environ.get("XDG_RUNTIME_DIR", "/tmp")
         if self._otlp_endpoint:
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self._otlp_endpoint
@@ -470,6 +516,15 @@ class Mesh:
         argv = [sys.executable, "-m", "mesh.infra.envoy", "run", "--admin-port", str(admin_port)]
         return self._spawn_process("envoy", argv, env, port, admin_port)
 
+    def _server_tls(self, name: str) -> ServerTls | None:
+        """The certificate of server ``name`` from the project CA (created if missing);
+        None when the config keeps the servers plaintext."""
+        if not self.config.server_tls:
+            return None
+        certs = self.ensure_certs() or CertDir(default_cert_dir(self.config.state_dir))
+        certs.init()  # no-op when the CA exists
+        return ServerTls.issue(certs, name)
+
     def _servers_to_start(self) -> list[tuple[str, _Server]]:
         """The servers this config needs and has no address for (none of them started)."""
         cfg = self.config
@@ -479,9 +534,10 @@ class Mesh:
         if not self.pg_dsn and cfg.pg_server == "debian":
             from mesh.infra.postgres import PostgresServer
 
-            wanted.append(
-                ("postgres", PostgresServer(cfg.state_dir, root_dir=infra_dir / "postgres"))
+            postgres = PostgresServer(
+                cfg.state_dir, root_dir=infra_dir / "postgres", tls=self._server_tls("postgres")
             )
+            wanted.append(("postgres", postgres))
         if cfg.log_driver == "kafka" and not self.kafka_bootstrap:
             from mesh.infra.kafka import KafkaServer, default_jars_dir
 
@@ -489,6 +545,7 @@ class Mesh:
                 cfg.state_dir,
                 jars_dir=default_jars_dir(cache_dir),
                 data_dir=infra_dir / "kafka" / "broker",
+                tls=self._server_tls("kafka"),
             )
             wanted.append(("kafka", kafka))
         if cfg.memory_backend == "elasticsearch" and not self.es_url:
@@ -498,6 +555,7 @@ class Mesh:
                 cfg.state_dir,
                 home_dir=default_home_dir(cache_dir),
                 node_dir=infra_dir / "elasticsearch" / "node",
+                tls=self._server_tls("elasticsearch"),
             )
             wanted.append(("elasticsearch", elasticsearch))
         return wanted
@@ -531,6 +589,7 @@ class Mesh:
         if errors:
             raise MeshStartError("could not start the servers:\n" + "\n".join(errors))
         for entry in self.infra:
+            self._server_env.update(client_env(entry.server))
             if entry.name == "postgres":
                 self.pg_dsn = entry.address
             elif entry.name == "kafka":
@@ -709,6 +768,8 @@ class Mesh:
             "pg_dsn": redact_dsn(self.pg_dsn),
             "kafka_bootstrap": self.kafka_bootstrap,
             "es_url": self.es_url,
+            # TLS and credentials of the servers started here (passwords never shown).
+            "server_tls": self.config.server_tls and bool(self.infra),
             **(self.monitoring.describe() if self.monitoring is not None else {}),
             "started_here": {
                 entry.name: {
@@ -793,6 +854,8 @@ def _config_from_args(args: argparse.Namespace) -> MeshConfig:
         given["mesh_tls"] = False
     if args.edge_tls:
         given["edge_tls"] = True
+    if args.no_server_tls:
+        given["server_tls"] = False
     if args.monitoring:
         given["monitoring"] = True
     if args.scrape_interval is not None:
@@ -825,6 +888,12 @@ def _parser() -> argparse.ArgumentParser:
         "--no-mesh-tls",
         action="store_true",
         help="plaintext between the services (default: mutual TLS, certificates in STATE/certs)",
+    )
+    parser.add_argument(
+        "--no-server-tls",
+        action="store_true",
+        help="plaintext, password-less Kafka and Elasticsearch, plaintext PostgreSQL for the "
+        "servers started here (default: TLS and credentials, certificates from STATE/certs)",
     )
     parser.add_argument(
         "--edge-tls",

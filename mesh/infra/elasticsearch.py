@@ -12,7 +12,10 @@ network. It runs on the machine's Java 17+.
 What this distribution lacks, and the memory store copes with: ``GET /`` (no rest-root module,
 so the client's ``info()``/``ping()`` fail; use cluster health), ``_delete_by_query`` (no reindex
 module), language analyzers (no analysis-common; the standard analyzer is in core) and server-side
-RRF. Security is present as a module and switched off: the node listens on loopback only.
+RRF. Security is present as a module. Without ``tls`` it is switched off (the node listens on
+loopback only); with it, HTTP is TLS with a certificate from the project CA and every request
+needs the ``elastic`` user's password (a random one, set as the keystore's
+``bootstrap.password`` when the node is first prepared and kept in ``node_dir/elastic-password``).
 
 Elasticsearch refuses to run as root. Run as root (CI containers, this machine), the launcher
 creates a system user ``mesh-es`` if missing and starts the node as that user; the node directory
@@ -25,12 +28,15 @@ Production points the mesh at a real cluster.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
 import re
 import shutil
+import ssl
 import stat
+import subprocess
 import sys
 import time
 import urllib.error
@@ -55,11 +61,14 @@ from mesh.infra.process import (
     user_can,
 )
 from mesh.infra.process import ensure_user as _ensure_user
-from mesh.settings import default_state_dir
+from mesh.infra.security import ServerTls, stored_password
+from mesh.settings import Secret, default_state_dir
 
 ES_VERSION = "8.19.9"
 MAVEN_ARTIFACT = f"org.elasticsearch.distribution.integ-test-zip:elasticsearch:{ES_VERSION}:zip"
 RUN_AS_USER = "mesh-es"
+# The built-in superuser whose password the node is given when security is on.
+USERNAME = "elastic"
 _MARKER = ".mesh-fetched"
 _HEAP = re.compile(r"[1-9][0-9]*[kKmMgG]")
 
@@ -159,9 +168,13 @@ def ensure_user(name: str = RUN_AS_USER) -> RunAs:
 
 
 def node_settings(
-    *, data_dir: Path, logs_dir: Path, available_modules: frozenset[str]
+    *, data_dir: Path, logs_dir: Path, available_modules: frozenset[str], tls: bool = False
 ) -> dict[str, str | int | bool]:
-    """``elasticsearch.yml`` for a loopback single node on ports the OS picks."""
+    """``elasticsearch.yml`` for a loopback single node on ports the OS picks.
+
+    ``tls``: security on, HTTP over TLS with ``certs/server.pem`` and ``certs/server.key`` of
+    the config directory (Elasticsearch reads TLS files from there only).
+    """
     settings: dict[str, str | int | bool] = {
         "cluster.name": "mesh",
         "node.name": "mesh-es",
@@ -178,7 +191,21 @@ def node_settings(
         # and turn indices read-only.
         "cluster.routing.allocation.disk.threshold_enabled": False,
     }
-    if "x-pack-security" in available_modules:
+    if tls:
+        if "x-pack-security" not in available_modules:
+            raise ElasticsearchError("TLS needs the x-pack-security module, absent here")
+        settings.update(
+            {
+                "xpack.security.enabled": True,
+                "xpack.security.http.ssl.enabled": True,
+                "xpack.security.http.ssl.certificate": "certs/server.pem",
+                "xpack.security.http.ssl.key": "certs/server.key",
+                "xpack.security.http.ssl.certificate_authorities": "certs/ca.pem",
+                # One node: no transport peers to encrypt for (single-node discovery).
+                "xpack.security.transport.ssl.enabled": False,
+            }
+        )
+    elif "x-pack-security" in available_modules:
         settings["xpack.security.enabled"] = False
     if "ingest-geoip" in available_modules:
         settings["ingest.geoip.downloader.enabled"] = False  # it would try the internet
@@ -216,13 +243,26 @@ def _read_ports_file(path: Path) -> str | None:
     return None
 
 
-def cluster_ready(url: str, timeout_s: float = 5.0) -> bool:
-    """True once cluster health is yellow or green (the node answers and has a master)."""
+def cluster_ready(
+    url: str,
+    timeout_s: float = 5.0,
+    *,
+    ca: Path | None = None,
+    auth: tuple[str, str] | None = None,
+) -> bool:
+    """True once cluster health is yellow or green (the node answers and has a master).
+
+    ``ca`` and ``auth`` (user, password) for a node with security on.
+    """
     request = urllib.request.Request(
         f"{url}/_cluster/health?wait_for_status=yellow&timeout=2s", method="GET"
     )
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    context = None if ca is None else ssl.create_default_context(cafile=str(ca))
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
             body = json.loads(response.read())
     except (OSError, ValueError, urllib.error.URLError):
         return False  # not listening yet, or 503 while no master is elected
@@ -245,6 +285,8 @@ class ElasticsearchServer(StartStop):
             to the ``mesh-es`` user, so each of its parents must be traversable by others.
         start_timeout_s: how long ``start`` waits for cluster health yellow.
         stop_timeout_s: how long ``stop`` waits after SIGTERM before SIGKILL.
+        tls: the node's certificate (``mesh.infra.security``). Given, security is on: HTTPS
+            only, and requests authenticate as ``elastic`` with ``password()``.
     """
 
     def __init__(
@@ -256,6 +298,7 @@ class ElasticsearchServer(StartStop):
         node_dir: Path | None = None,
         start_timeout_s: float = 180.0,
         stop_timeout_s: float = 30.0,
+        tls: ServerTls | None = None,
     ) -> None:
         if not _HEAP.fullmatch(heap):
             raise ValueError(f"heap must look like 512m or 1g, got {heap!r}")
@@ -265,6 +308,7 @@ class ElasticsearchServer(StartStop):
         self.node_dir = (node_dir or self.state_dir / "infra" / "elasticsearch" / "node").absolute()
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        self.tls = tls
         self.url: str | None = None
         self._server: ServerProcess | None = None
         self.started_in_s: float | None = None  # how long the last start took
@@ -276,6 +320,22 @@ class ElasticsearchServer(StartStop):
     @property
     def console_log(self) -> Path:
         return self.node_dir / "console.log"
+
+    @property
+    def password_file(self) -> Path:
+        return self.node_dir / "elastic-password"
+
+    @property
+    def username(self) -> str:
+        """The user clients authenticate as (empty without ``tls``: no security)."""
+        return USERNAME if self.tls is not None else ""
+
+    def password(self) -> Secret:
+        """The ``elastic`` user's password (empty without ``tls``)."""
+        return Secret(stored_password(self.password_file) if self.tls is not None else "")
+
+    def _auth(self) -> tuple[str, str] | None:
+        return None if self.tls is None else (self.username, self.password().reveal())
 
     def _prepare(self, run_as: RunAs | None) -> dict[str, str]:
         config_dir = self.node_dir / "config"
@@ -292,13 +352,19 @@ class ElasticsearchServer(StartStop):
             jvm_options((dist_config / "jvm.options").read_text(), self.logs_dir)
         )
         settings = node_settings(
-            data_dir=data_dir, logs_dir=self.logs_dir, available_modules=modules(self.home_dir)
+            data_dir=data_dir,
+            logs_dir=self.logs_dir,
+            available_modules=modules(self.home_dir),
+            tls=self.tls is not None,
         )
         (config_dir / "elasticsearch.yml").write_text(render_settings(settings))
+        if self.tls is not None:
+            self.tls.install(config_dir / "certs")
+            self.password()  # created now, so that the hand-over below covers it
         if run_as is not None:
             self._hand_over(run_as)
         jdk = java_home(os.environ)
-        return {
+        env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.node_dir),
             "LANG": "C.UTF-8",
@@ -310,6 +376,42 @@ class ElasticsearchServer(StartStop):
             # instead of leaving one in /tmp per start.
             "CLI_JAVA_OPTS": f"-Djava.io.tmpdir={tmp_dir}",
         }
+        if self.tls is not None:
+            self._set_bootstrap_password(env, run_as)
+        return env
+
+    def _set_bootstrap_password(self, env: dict[str, str], run_as: RunAs | None) -> None:
+        """Put the password in the keystore as ``bootstrap.password``, once per node dir.
+
+        The node then accepts it for ``elastic`` until someone changes that user's password;
+        no request to the node, and no network, is needed.
+        """
+        keystore = self.node_dir / "config" / "elasticsearch.keystore"
+        # A marker, not the keystore itself: a node started without security creates an empty
+        # keystore of its own, and a node dir may switch to TLS later.
+        done = self.node_dir / "config" / ".mesh-bootstrap-password"
+        if done.exists() and keystore.exists():
+            return
+        result = subprocess.run(
+            [str(self.home_dir / "bin" / "elasticsearch-keystore"), "add", "-x", "-f"]
+            + ["bootstrap.password"],
+            input=self.password().reveal(),
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=self.node_dir,
+            check=False,
+            timeout=120,
+            user=None if run_as is None else run_as.uid,
+            group=None if run_as is None else run_as.gid,
+            extra_groups=None if run_as is None else [],
+        )
+        if result.returncode != 0 or not keystore.exists():
+            raise ElasticsearchError(
+                f"elasticsearch-keystore could not set bootstrap.password:\n"
+                f"{result.stdout[-2000:]}{result.stderr[-2000:]}"
+            )
+        done.touch()
 
     def _hand_over(self, run_as: RunAs) -> None:
         """Give the node dir to the run-as user and check it can reach what it needs."""
@@ -344,17 +446,31 @@ class ElasticsearchServer(StartStop):
             [str(self.home_dir / "bin" / "elasticsearch")], env=env, cwd=self.node_dir, user=run_as
         )
         self._server.wait_ready(self._not_ready, timeout_s=self.start_timeout_s, poll_s=0.25)
-        self.url = f"http://{_read_ports_file(self.logs_dir / 'http.ports')}"
+        self.url = f"{self._scheme}://{_read_ports_file(self.logs_dir / 'http.ports')}"
         self.started_in_s = time.monotonic() - started
         return self.url
+
+    @property
+    def _scheme(self) -> str:
+        return "http" if self.tls is None else "https"
 
     def _not_ready(self) -> str | None:
         address = _read_ports_file(self.logs_dir / "http.ports")
         if address is None:
             return "no HTTP port published yet"
-        if not cluster_ready(f"http://{address}"):
+        ca = None if self.tls is None else self.tls.ca
+        if not cluster_ready(f"{self._scheme}://{address}", ca=ca, auth=self._auth()):
             return f"cluster health on {address} not yellow yet"
         return None
+
+    def reload_tls(self) -> bool:
+        """Copy the (reissued) certificate files into the config directory again; the node
+        watches them and loads them within seconds by itself. False without ``tls``."""
+        if self.tls is None or self.url is None:
+            return False
+        run_as = ensure_user() if os.geteuid() == 0 else None
+        self.tls.install(self.node_dir / "config" / "certs", owner=run_as)
+        return True
 
     def stop(self) -> None:
         """SIGTERM to the node's process group (a clean shutdown), SIGKILL after the timeout."""

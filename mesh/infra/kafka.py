@@ -38,9 +38,13 @@ from mesh.infra.process import (
     run_command,
     serve_until_signalled,
 )
-from mesh.settings import default_state_dir
+from mesh.infra.security import ServerTls, stored_password
+from mesh.settings import Secret, default_state_dir
 
 KAFKA_VERSION = "4.1.0"
+# The SASL mechanism of the TLS listener, and the user the broker creates at format time.
+SASL_MECHANISM = "SCRAM-SHA-512"
+SASL_USERNAME = "mesh"
 SCALA_VERSION = "2.13"
 LOG4J_VERSION = "2.24.3"
 _MARKER = ".complete"
@@ -144,8 +148,11 @@ def _java() -> str:
     return java
 
 
-def _metadata_problem(bootstrap: str) -> str | None:
-    """One real metadata request; None once the broker answers it, else why not."""
+def _metadata_problem(bootstrap: str, config: dict[str, str] | None = None) -> str | None:
+    """One real metadata request; None once the broker answers it, else why not.
+
+    ``config``: librdkafka security settings (TLS, SASL) of the listener.
+    """
     try:
         from confluent_kafka.admin import AdminClient
     except ImportError:  # the embedded profile has no Kafka client: a TCP accept must do
@@ -155,12 +162,43 @@ def _metadata_problem(bootstrap: str) -> str | None:
                 return None
         except OSError as error:
             return f"no connection to {bootstrap}: {error}"
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, **(config or {})})
     try:
         metadata = admin.list_topics(timeout=2)
     except Exception as error:  # KafkaException while the broker is still starting
         return f"no metadata from {bootstrap}: {error}"
-    return None if metadata.brokers else f"no broker in the metadata from {bootstrap}"
+    if not metadata.brokers:
+        return f"no broker in the metadata from {bootstrap}"
+    return _coordinator_problem(bootstrap, config or {})
+
+
+def _coordinator_problem(bootstrap: str, config: dict[str, str]) -> str | None:
+    """None once the group coordinator answers an offset fetch, else why not.
+
+    A fresh broker creates ``__consumer_offsets`` on the first coordinator lookup and answers
+    NOT_COORDINATOR while it loads. Clients must not meet that window: librdkafka 2.16's admin
+    ``list_consumer_group_offsets`` crashes the process on it (a NULL consumer group in
+    ``rd_kafka_cgrp_op``, seen as a persister dying with SIGSEGV right after start). A consumer's
+    own offset fetch goes through its group and only fails, so it is the probe.
+    """
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "mesh-readiness-probe",
+            "enable.auto.commit": False,
+            "log_level": 0,
+            **config,
+        }
+    )
+    try:
+        consumer.committed([TopicPartition("mesh-readiness-probe", 0)], timeout=5)
+    except KafkaException as error:
+        return f"the group coordinator of {bootstrap} is not ready: {error.args[0]}"
+    finally:
+        consumer.close()
+    return None
 
 
 class KafkaServer(StartStop):
@@ -169,6 +207,11 @@ class KafkaServer(StartStop):
     ``state_dir`` is the mesh state directory: the broker's data and logs go to
     ``state_dir/infra/kafka/broker`` and the jars are cached next to it, unless ``jars_dir`` or
     ``data_dir`` say otherwise (tests keep a fresh data dir but share the jar cache).
+
+    With ``tls`` the clients' listener is ``SASL_SSL``: TLS with that certificate, and SCRAM-SHA-512
+    as user ``mesh`` (created when the storage is formatted; its password is kept in
+    ``data_dir/sasl-password``). The controller listener then takes mutual TLS only, with the
+    same certificate on both ends. ``client_config()`` is what a client needs to connect.
     """
 
     def __init__(
@@ -180,9 +223,11 @@ class KafkaServer(StartStop):
         data_dir: Path | None = None,
         start_timeout_s: float = 90.0,
         stop_timeout_s: float = 30.0,
+        tls: ServerTls | None = None,
     ) -> None:
         self.state_dir = state_dir.absolute()
         self.heap = heap
+        self.tls = tls
         self.jars_dir = (jars_dir or default_jars_dir(self.state_dir)).absolute()
         self.data_dir = (data_dir or self.state_dir / "infra" / "kafka" / "broker").absolute()
         self.start_timeout_s = start_timeout_s
@@ -193,6 +238,31 @@ class KafkaServer(StartStop):
     @property
     def log_file(self) -> Path:
         return self.data_dir / "logs" / "server.log"
+
+    @property
+    def password_file(self) -> Path:
+        return self.data_dir / "sasl-password"
+
+    @property
+    def security_protocol(self) -> str:
+        """``SASL_SSL`` with ``tls``, else ``PLAINTEXT``."""
+        return "SASL_SSL" if self.tls is not None else "PLAINTEXT"
+
+    def sasl_password(self) -> Secret:
+        """The SCRAM password of user ``mesh`` (empty without ``tls``)."""
+        return Secret(stored_password(self.password_file) if self.tls is not None else "")
+
+    def client_config(self) -> dict[str, str]:
+        """librdkafka settings that authenticate to this broker (none for a plaintext one)."""
+        if self.tls is None:
+            return {}
+        return {
+            "security.protocol": "SASL_SSL",
+            "ssl.ca.location": str(self.tls.ca),
+            "sasl.mechanism": SASL_MECHANISM,
+            "sasl.username": SASL_USERNAME,
+            "sasl.password": self.sasl_password().reveal(),
+        }
 
     def _java_command(self, *args: str, heap: str = "256m") -> list[str]:
         return [
@@ -207,14 +277,15 @@ class KafkaServer(StartStop):
         ]
 
     def _write_config(self, port: int, controller_port: int) -> Path:
+        listener = self.security_protocol
         config = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+            "listeners": f"{listener}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+            "advertised.listeners": f"{listener}://127.0.0.1:{port}",
             "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "PLAINTEXT",
+            "inter.broker.listener.name": listener,
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             "log.dirs": str(self.data_dir / "data"),
             # One node: every internal topic has a single replica.
@@ -237,14 +308,58 @@ class KafkaServer(StartStop):
         }
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "logs").mkdir(exist_ok=True)
+        if self.tls is not None:
+            config.update(self._tls_config(listener))
         (self.data_dir / "log4j2.properties").write_text(_LOG4J2.format(log_file=self.log_file))
         path = self.data_dir / "server.properties"
+        # 0600 before anything is written: with TLS it holds the broker's SCRAM password.
+        path.touch(mode=0o600)
+        path.chmod(0o600)
         path.write_text("".join(f"{key}={value}\n" for key, value in config.items()))
         return path
 
+    def _tls_config(self, listener: str) -> dict[str, str]:
+        assert self.tls is not None
+        # Kafka's PEM key store is one file: the (unencrypted PKCS#8) key, then the chain.
+        keystore = self.data_dir / "tls" / "keystore.pem"
+        keystore.parent.mkdir(mode=0o700, exist_ok=True)
+        keystore.touch(mode=0o600)
+        keystore.write_bytes(self.tls.key.read_bytes() + self.tls.cert.read_bytes())
+        password = self.sasl_password().reveal()
+        jaas = (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{SASL_USERNAME}" password="{password}";'
+        )
+        prefix = f"listener.name.{listener.lower()}.{SASL_MECHANISM.lower()}"
+        return {
+            "listener.security.protocol.map": f"CONTROLLER:SSL,{listener}:{listener}",
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(keystore),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.tls.ca),
+            # The controller's port takes only the broker's own certificate (mutual TLS).
+            "listener.name.controller.ssl.client.auth": "required",
+            "sasl.enabled.mechanisms": SASL_MECHANISM,
+            "sasl.mechanism.inter.broker.protocol": SASL_MECHANISM,
+            f"{prefix}.sasl.jaas.config": jaas,
+        }
+
     def _format(self, config: Path) -> None:
+        scram_marker = self.data_dir / "data" / ".mesh-scram-user"
         if (self.data_dir / "data" / "meta.properties").exists():
-            return  # formatted by an earlier start: keep the data
+            # Formatted by an earlier start: keep the data. SCRAM users are created at format
+            # time only, so storage formatted for a plaintext broker has none.
+            if self.tls is not None and not scram_marker.exists():
+                raise KafkaError(
+                    f"{self.data_dir / 'data'} was formatted for a plaintext broker, without the "
+                    f"SASL user {SASL_USERNAME!r}: remove {self.data_dir} to start afresh "
+                    "with TLS and SASL (the log's records go with it)"
+                )
+            return
+        scram: list[str] = []
+        if self.tls is not None:
+            password = self.sasl_password().reveal()
+            scram = ["--add-scram", f"{SASL_MECHANISM}=[name={SASL_USERNAME},password={password}]"]
         command = self._java_command(
             "kafka.tools.StorageTool",
             "format",
@@ -253,10 +368,13 @@ class KafkaServer(StartStop):
             "-c",
             str(config),
             "--ignore-formatted",
+            *scram,
         )
         result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
         if result.returncode != 0:
             raise KafkaError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
+        if self.tls is not None:
+            scram_marker.write_text(f"{SASL_USERNAME} {SASL_MECHANISM}\n")
 
     def start(self) -> str:
         """Fetch jars if needed, start the broker, wait for it to answer; return bootstrap."""
@@ -278,7 +396,8 @@ class KafkaServer(StartStop):
         )
         self._server.spawn(self._java_command("kafka.Kafka", str(config), heap=self.heap))
         self._server.wait_ready(
-            lambda: _metadata_problem(bootstrap), timeout_s=self.start_timeout_s
+            lambda: _metadata_problem(bootstrap, self.client_config()),
+            timeout_s=self.start_timeout_s,
         )
         self.bootstrap = bootstrap
         return bootstrap

@@ -42,6 +42,7 @@ from mesh.infra.process import (
     user_can,
 )
 from mesh.infra.process import ensure_user as _ensure_user
+from mesh.infra.security import ServerTls
 from mesh.settings import default_state_dir
 
 log = logging.getLogger(__name__)
@@ -156,12 +157,36 @@ def ensure_user(name: str = RUN_AS_USER) -> RunAs:
     return _ensure_user(name, refusal="PostgreSQL refuses to run as root", error=PostgresError)
 
 
-def make_dsn(password: str, port: int, *, host: str = "127.0.0.1", database: str = DATABASE) -> str:
-    """A TCP DSN (URI form) for the superuser; ``?`` always present so callers can swap the db."""
-    return (
+def make_dsn(
+    password: str,
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    database: str = DATABASE,
+    ca: Path | None = None,
+) -> str:
+    """A TCP DSN (URI form) for the superuser; ``?`` always present so callers can swap the db.
+
+    With ``ca`` the connection is TLS, and the server's certificate must chain to that bundle
+    and name the host (``sslmode=verify-full``).
+    """
+    dsn = (
         f"postgresql://{SUPERUSER}:{quote(password, safe='')}@{host}:{port}/{database}"
         "?connect_timeout=10"
     )
+    if ca is not None:
+        dsn += f"&sslmode=verify-full&sslrootcert={quote(str(ca), safe='/')}"
+    return dsn
+
+
+# With TLS, TCP connections without it are refused outright rather than asked for a password.
+_HBA_TLS = """# Written by mesh.infra.postgres: TLS and a password on TCP, a password on the socket.
+local all all scram-sha-256
+hostssl all all 127.0.0.1/32 scram-sha-256
+hostssl all all ::1/128 scram-sha-256
+hostnossl all all 0.0.0.0/0 reject
+hostnossl all all ::/0 reject
+"""
 
 
 # The userinfo password of a URL DSN (``postgres://`` or ``postgresql://``): up to the last '@'
@@ -207,6 +232,9 @@ class PostgresServer(StartStop):
         bin_dir: the server's ``bin`` directory; default the newest under /usr/lib/postgresql.
         install: install Debian's ``postgresql`` with apt-get if no server is found.
         settings: extra ``-c name=value`` server settings.
+        tls: the server's certificate (from the project CA, ``mesh.infra.security``). Given,
+            the server takes TCP connections over TLS only, and the DSN says
+            ``sslmode=verify-full`` with the CA bundle as ``sslrootcert``.
         start_timeout_s: how long ``start`` waits for a real connection to succeed.
         stop_timeout_s: how long ``stop`` waits after a fast shutdown request.
     """
@@ -221,8 +249,10 @@ class PostgresServer(StartStop):
         settings: dict[str, str] | None = None,
         start_timeout_s: float = 60.0,
         stop_timeout_s: float = 30.0,
+        tls: ServerTls | None = None,
     ) -> None:
         self.state_dir = state_dir.absolute()
+        self.tls = tls
         self.root_dir = (root_dir or self.state_dir / "infra" / "postgres").absolute()
         self.bin_dir = bin_dir
         self.install = install
@@ -337,6 +367,25 @@ class PostgresServer(StartStop):
         if result.returncode != 0:
             raise PostgresError(f"initdb failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
 
+    def _tls_options(self, run_as: RunAs | None) -> dict[str, str]:
+        """Server settings for TLS, with the files copied where the server user owns them
+        (PostgreSQL refuses a key that others can read)."""
+        assert self.tls is not None
+        tls_dir = self.root_dir / "tls"
+        installed = self.tls.install(tls_dir, owner=run_as)
+        tls_dir.chmod(0o700)
+        hba = tls_dir / "pg_hba.conf"
+        hba.write_text(_HBA_TLS)
+        if run_as is not None:
+            os.chown(hba, run_as.uid, run_as.gid)
+        return {
+            "ssl": "on",
+            "ssl_cert_file": str(installed.cert),
+            "ssl_key_file": str(installed.key),
+            "ssl_min_protocol_version": "TLSv1.2",
+            "hba_file": str(hba),
+        }
+
     def start(self) -> str:
         """Install if needed, initialise the cluster once, start it, wait for a real connection.
 
@@ -360,6 +409,8 @@ class PostgresServer(StartStop):
             "cluster_name": "llm-mesh",
             **self.settings,
         }
+        if self.tls is not None:
+            options.update(self._tls_options(run_as))
         command = [self._binary("postgres"), "-D", str(self.data_dir)]
         for name, value in options.items():
             command += ["-c", f"{name}={value}"]
@@ -376,13 +427,25 @@ class PostgresServer(StartStop):
             cwd=self.root_dir,
             user=run_as,
         )
-        dsn = make_dsn(password, port)
+        dsn = make_dsn(password, port, ca=None if self.tls is None else self.tls.ca)
         self._server.wait_ready(
             lambda: _connect_problem(dsn), timeout_s=self.start_timeout_s, poll_s=0.1
         )
         self.dsn, self.port = dsn, port
         self.started_in_s = time.monotonic() - started
         return dsn
+
+    def reload_tls(self) -> bool:
+        """Copy the (reissued) certificate files again and have the running server load them
+        (SIGHUP: new connections get the new certificate, open ones carry on). False when
+        there is nothing to reload."""
+        server = self._server
+        if self.tls is None or server is None or server.process is None:
+            return False
+        run_as = ensure_user() if os.geteuid() == 0 else None
+        self.tls.install(self.root_dir / "tls", owner=run_as)
+        server.process.send_signal(signal.SIGHUP)
+        return True
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT: clients disconnected, a clean checkpoint); SIGKILL if stuck."""

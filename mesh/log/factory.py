@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.log.base import EventLog
-from mesh.settings import Settings, SettingsError, default_state_dir, setting
+from mesh.settings import Secret, Settings, SettingsError, default_state_dir, setting
 
 DRIVERS = ("embedded", "kafka")
+KAFKA_SECURITY_PROTOCOLS = ("plaintext", "ssl", "sasl_plaintext", "sasl_ssl")
+KAFKA_SASL_MECHANISMS = ("plain", "scram-sha-256", "scram-sha-512")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,6 +24,17 @@ class LogSettings(Settings):
         "PATH", derive=lambda env: default_state_dir(env) / "log" / "mesh-log.sqlite3"
     )
     kafka_bootstrap: str = setting("MESH_KAFKA_BOOTSTRAP", "")
+    # How the Kafka clients connect: librdkafka's security.protocol, SASL and the CA bundle the
+    # brokers' certificates must chain to (unset: the system's trust store).
+    kafka_security_protocol: str = setting(
+        "KAFKA_SECURITY_PROTOCOL", "plaintext", choices=KAFKA_SECURITY_PROTOCOLS
+    )
+    kafka_sasl_mechanism: str = setting(
+        "KAFKA_SASL_MECHANISM", "scram-sha-512", choices=KAFKA_SASL_MECHANISMS
+    )
+    kafka_sasl_username: str = setting("KAFKA_SASL_USERNAME", "")
+    kafka_sasl_password: Secret = setting("KAFKA_SASL_PASSWORD", Secret(""))
+    kafka_ca: Path | None = setting("KAFKA_CA", None)
     partitions: int = setting("PARTITIONS", 4, minimum=1)
     # Group liveness: how fast a dead member's partitions move to the others. None (unset or
     # negative) picks the driver's default: 3 s embedded, 6 s on Kafka (brokers refuse less
@@ -54,6 +67,40 @@ class LogSettings(Settings):
     def check(self) -> None:
         if self.driver == "kafka" and not self.kafka_bootstrap:
             raise SettingsError("MESH_LOG_DRIVER=kafka needs MESH_KAFKA_BOOTSTRAP (host:port,...)")
+        protocol = self.kafka_security_protocol
+        protocol_var = type(self).var("kafka_security_protocol")
+        credentials = bool(self.kafka_sasl_username or self.kafka_sasl_password.reveal())
+        if protocol.startswith("sasl_"):
+            if not (self.kafka_sasl_username and self.kafka_sasl_password.reveal()):
+                raise SettingsError(
+                    f"{protocol_var}={protocol} needs {type(self).var('kafka_sasl_username')} "
+                    f"and {type(self).var('kafka_sasl_password')}"
+                )
+        elif credentials:
+            # Credentials a plaintext or TLS-only connection would silently never send.
+            raise SettingsError(
+                f"SASL credentials are set but {protocol_var}={protocol} does not use them: "
+                "set it to sasl_ssl"
+            )
+        if self.kafka_ca is not None and not protocol.endswith("ssl"):
+            raise SettingsError(
+                f"{type(self).var('kafka_ca')} is set but {protocol_var}={protocol} has no TLS: "
+                "set it to ssl or sasl_ssl"
+            )
+
+    def kafka_config(self) -> dict[str, str]:
+        """The librdkafka settings of these security settings (empty for plaintext)."""
+        protocol = self.kafka_security_protocol
+        if protocol == "plaintext":
+            return {}
+        config = {"security.protocol": protocol.upper()}
+        if self.kafka_ca is not None:
+            config["ssl.ca.location"] = str(self.kafka_ca)
+        if protocol.startswith("sasl_"):
+            config["sasl.mechanism"] = self.kafka_sasl_mechanism.upper()
+            config["sasl.username"] = self.kafka_sasl_username
+            config["sasl.password"] = self.kafka_sasl_password.reveal()
+        return config
 
 
 def open_log(settings: LogSettings) -> EventLog:
@@ -67,6 +114,7 @@ def open_log(settings: LogSettings) -> EventLog:
             session_timeout_s=settings.session_timeout_s or 6.0,
             heartbeat_interval_s=settings.heartbeat_interval_s,
             topic_config=settings.topic_config(),
+            config=settings.kafka_config(),
         )
     from mesh.log.embedded import EmbeddedLog
 

@@ -22,19 +22,22 @@ import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
+from elastic_transport import TlsError
 from elasticsearch import (
     ApiError,
     AsyncElasticsearch,
+    AuthenticationException,
     ConnectionError,
     ConnectionTimeout,
     NotFoundError,
 )
 
-from mesh.errors import Unavailable
+from mesh.errors import FailedPrecondition, Unavailable
 from mesh.lifecycle import AsyncStartStop
 from mesh.memory.base import (
     RRF_K,
@@ -217,6 +220,9 @@ class ElasticsearchMemoryStore(AsyncStartStop):
         shards: primary shards of a new index. One keeps BM25 statistics exact for small data.
         replicas: replicas of a new index; 0 suits a single node (1 for a real cluster).
         request_timeout_s: per-request timeout.
+        username, password: HTTP basic authentication (a cluster with security on).
+        ca: PEM bundle the cluster's certificate must chain to (an ``https://`` URL); None
+            trusts the system's store.
     """
 
     def __init__(
@@ -228,6 +234,9 @@ class ElasticsearchMemoryStore(AsyncStartStop):
         shards: int = 1,
         replicas: int = 0,
         request_timeout_s: float = 30.0,
+        username: str = "",
+        password: str = "",
+        ca: Path | None = None,
     ) -> None:
         if dims < 1:
             raise ValueError(f"dims must be positive, got {dims}")
@@ -237,6 +246,8 @@ class ElasticsearchMemoryStore(AsyncStartStop):
                 f"with a letter or digit, got {index_prefix!r}"
             )
         self._url = url
+        self._auth = (username, password) if username else None
+        self._ca = ca
         self._dims = dims
         self._index = f"{index_prefix}-chunks"
         self._shards = shards
@@ -256,13 +267,36 @@ class ElasticsearchMemoryStore(AsyncStartStop):
     async def start(self) -> None:
         if self._client is not None:
             return
+        tls: dict[str, Any] = {} if self._ca is None else {"ca_certs": str(self._ca)}
         client = AsyncElasticsearch(
-            self._url, request_timeout=self._timeout_s, max_retries=2, retry_on_timeout=True
+            self._url,
+            request_timeout=self._timeout_s,
+            max_retries=2,
+            retry_on_timeout=True,
+            basic_auth=self._auth,
+            **tls,
         )
         try:
             async with _Unavailable():
-                await self._create_index(client)
-                self._delete_by_query = await _has_reindex_module(client)
+                try:
+                    await self._create_index(client)
+                    self._delete_by_query = await _has_reindex_module(client)
+                except TlsError as error:
+                    # Retrying cannot help: the fix is the CA bundle (or the URL's scheme).
+                    raise FailedPrecondition(
+                        f"TLS with Elasticsearch at {self._url} failed: {error.message}. Its "
+                        "certificate must chain to the CA bundle in MESH_ES_CA",
+                        reason="MEMORY_STORE_TLS",
+                    ) from error
+                except AuthenticationException as error:
+                    user = self._auth[0] if self._auth else None
+                    refused = f"the password of user {user!r}" if user else "requests without"
+                    raise FailedPrecondition(
+                        f"Elasticsearch at {self._url} refused {refused}"
+                        + ("" if user else " credentials")
+                        + " (401): check MESH_ES_USER and MESH_ES_PASSWORD",
+                        reason="MEMORY_STORE_CREDENTIALS",
+                    ) from error
         except BaseException:
             await client.close()
             raise

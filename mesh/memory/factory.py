@@ -17,7 +17,7 @@ from mesh.memory.base import MemoryStore
 from mesh.memory.embedding import DEFAULT_DIMS
 from mesh.memory.postgres import PostgresMemoryStore
 from mesh.pg import EmbeddedPostgres
-from mesh.settings import PostgresSettings, SettingsError, setting
+from mesh.settings import PostgresSettings, Secret, SettingsError, setting
 
 BACKENDS = ("postgres", "elasticsearch")
 
@@ -31,7 +31,11 @@ class StoreSettings(PostgresSettings):
         pg_dsn, state_dir: PostgreSQL (see ``mesh.settings.PostgresSettings``); an empty DSN
             starts the embedded server in ``embedded_pg_dir`` (``$MESH_STATE_DIR/postgres``),
             shared with the other services of the machine.
-        es_url: Elasticsearch URL (``MESH_ES_URL``).
+        es_url: Elasticsearch URL (``MESH_ES_URL``); ``https://`` for TLS.
+        es_user, es_password: basic authentication on a cluster with security on
+            (``MESH_ES_USER``, ``MESH_ES_PASSWORD``); both or neither.
+        es_ca: PEM bundle the cluster's certificate must chain to (``MESH_ES_CA``); unset, the
+            system's trust store.
         es_index_prefix: prefix of the Elasticsearch index names (``MESH_MEMORY_ES_INDEX_PREFIX``).
         dims: embedding dimension (``MESH_MEMORY_EMBEDDING_DIMS``); changing it needs re-ingest.
         pg_table: table of the PostgreSQL backend (``MESH_MEMORY_PG_TABLE``).
@@ -44,11 +48,26 @@ class StoreSettings(PostgresSettings):
 
     backend: str = setting("BACKEND", "postgres", choices=BACKENDS)
     es_url: str = setting("MESH_ES_URL", "http://127.0.0.1:9200")
+    es_user: str = setting("MESH_ES_USER", "")
+    es_password: Secret = setting("MESH_ES_PASSWORD", Secret(""))
+    es_ca: Path | None = setting("MESH_ES_CA", None)
     es_index_prefix: str = setting("ES_INDEX_PREFIX", "mesh-memory")
     dims: int = setting("EMBEDDING_DIMS", DEFAULT_DIMS, minimum=8)
     pg_table: str = setting("PG_TABLE", "memory_chunks")
     pg_text_config: str = setting("PG_TEXT_CONFIG", "english", choices=("simple", "english"))
     pg_pool_size: int = setting("PG_POOL_SIZE", 8, minimum=1)
+
+    def check(self) -> None:
+        super().check()
+        if bool(self.es_user) != bool(self.es_password.reveal()):
+            raise SettingsError(
+                "MESH_ES_USER and MESH_ES_PASSWORD go together: set both or neither"
+            )
+        if self.es_ca is not None and not self.es_url.startswith("https://"):
+            raise SettingsError(
+                f"MESH_ES_CA is set but MESH_ES_URL={self.es_url!r} is not https://: "
+                "the CA would never be used"
+            )
 
 
 class EmbeddedPostgresMemoryStore(PostgresMemoryStore):
@@ -89,7 +108,12 @@ def open_store(settings: StoreSettings) -> MemoryStore:
         from mesh.memory.elasticsearch import ElasticsearchMemoryStore
 
         es_store: MemoryStore = ElasticsearchMemoryStore(
-            settings.es_url, index_prefix=settings.es_index_prefix, dims=settings.dims
+            settings.es_url,
+            index_prefix=settings.es_index_prefix,
+            dims=settings.dims,
+            username=settings.es_user,
+            password=settings.es_password.reveal(),
+            ca=settings.es_ca,
         )
         return es_store
     if settings.backend != "postgres":

@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -37,6 +37,8 @@ class Driver:
     make: Callable[[], EventLog]
     # The SQLite file or the bootstrap address, for clients in other processes.
     location: str
+    # Settings those processes need besides (Kafka's TLS and SASL: MESH_LOG_KAFKA_*).
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @pytest.fixture(
@@ -47,12 +49,18 @@ def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Driver:
         from mesh.log.kafka import KafkaLog
 
         bootstrap: str = request.getfixturevalue("kafka_bootstrap")
+        # The session's broker takes SASL_SSL only, like the scale profile's.
+        config: dict[str, str] = request.getfixturevalue("kafka_client_config")
         return Driver(
             "kafka",
             lambda: KafkaLog(
-                bootstrap, session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S
+                bootstrap,
+                session_timeout_s=SESSION_S,
+                heartbeat_interval_s=HEARTBEAT_S,
+                config=config,
             ),
             bootstrap,
+            request.getfixturevalue("kafka_client_env"),
         )
     path = tmp_path / "log.sqlite3"
     # "embedded" learns of other processes' appends from inotify; "embedded-polling" by polling.
@@ -451,8 +459,14 @@ from mesh.log import Fenced
 
 async def main(driver: str, location: str, topic: str, group: str) -> None:
     if driver == "kafka":
+        from mesh.log import LogSettings
         from mesh.log.kafka import KafkaLog
-        log = KafkaLog(location, session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S)
+        log = KafkaLog(
+            location,
+            session_timeout_s=SESSION_S,
+            heartbeat_interval_s=HEARTBEAT_S,
+            config=LogSettings.from_env().kafka_config(),
+        )
     else:
         from mesh.log.embedded import EmbeddedLog
         log = EmbeddedLog(
@@ -500,7 +514,9 @@ async def test_a_stopped_process_that_lost_its_claim_cannot_append(
         driver.location,
         topic,
         group,
-        env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen' / 'python'}"),
+        env=dict(
+            os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen' / 'python'}", **driver.env
+        ),
         stdout=asyncio.subprocess.PIPE,
     )
     assert zombie.stdout is not None
@@ -576,8 +592,14 @@ from pathlib import Path
 
 async def main(driver: str, location: str, topic: str, group: str) -> None:
     if driver == "kafka":
+        from mesh.log import LogSettings
         from mesh.log.kafka import KafkaLog
-        log = KafkaLog(location, session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S)
+        log = KafkaLog(
+            location,
+            session_timeout_s=SESSION_S,
+            heartbeat_interval_s=HEARTBEAT_S,
+            config=LogSettings.from_env().kafka_config(),
+        )
     else:
         from mesh.log.embedded import EmbeddedLog
         log = EmbeddedLog(
@@ -607,7 +629,9 @@ async def test_a_killed_member_loses_its_partitions_and_its_uncommitted_records_
         driver.location,
         topic,
         group,
-        env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen' / 'python'}"),
+        env=dict(
+            os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen' / 'python'}", **driver.env
+        ),
         stdout=asyncio.subprocess.PIPE,
     )
     assert doomed.stdout is not None
@@ -661,6 +685,7 @@ async def test_a_killed_member_loses_its_partitions_and_its_uncommitted_records_
 @pytest.mark.infra
 async def test_a_kafka_member_starved_past_its_session_hands_its_records_out_again(
     kafka_bootstrap: str,
+    kafka_client_config: dict[str, str],
 ) -> None:
     """Kafka only: a member whose thread did not run for a whole session voids its claims (it
     may have been stopped, and the broker may have moved its partitions). When the broker did
@@ -668,7 +693,12 @@ async def test_a_kafka_member_starved_past_its_session_hands_its_records_out_aga
     under new claims, so nothing handed out is lost."""
     from mesh.log.kafka import KafkaLog
 
-    log = KafkaLog(kafka_bootstrap, session_timeout_s=SESSION_S, heartbeat_interval_s=HEARTBEAT_S)
+    log = KafkaLog(
+        kafka_bootstrap,
+        session_timeout_s=SESSION_S,
+        heartbeat_interval_s=HEARTBEAT_S,
+        config=kafka_client_config,
+    )
     async with log:
         topic = f"conformance.{uuid.uuid4().hex[:12]}"
         await log.ensure_topic(topic, PARTITIONS)
@@ -694,6 +724,7 @@ async def test_a_kafka_member_starved_past_its_session_hands_its_records_out_aga
 @pytest.mark.infra
 async def test_a_kafka_member_whose_event_loop_hangs_leaves_its_group(
     kafka_bootstrap: str,
+    kafka_client_config: dict[str, str],
 ) -> None:
     """Kafka only: librdkafka heartbeats from its own thread, so a member whose event loop is
     stuck would keep its partitions for ever; it leaves the group instead, voiding its claims."""
@@ -704,6 +735,7 @@ async def test_a_kafka_member_whose_event_loop_hangs_leaves_its_group(
         session_timeout_s=SESSION_S,
         heartbeat_interval_s=HEARTBEAT_S,
         max_loop_stall_s=1.0,
+        config=kafka_client_config,
     )
     async with log:
         topic = f"conformance.{uuid.uuid4().hex[:12]}"

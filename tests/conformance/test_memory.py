@@ -99,6 +99,8 @@ async def memory_store(request: pytest.FixtureRequest) -> AsyncIterator[MemorySt
             request.getfixturevalue("elasticsearch_url"),
             index_prefix=f"conformance-{uuid.uuid4().hex[:12]}",
             dims=DIMS,
+            # HTTPS and the elastic user's password, as in the scale profile.
+            **request.getfixturevalue("elasticsearch_client"),
         )
     async with store:
         yield store

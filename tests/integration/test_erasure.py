@@ -27,6 +27,7 @@ from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
 
 from mesh.cli import main as cli_main
 from mesh.errors import Unavailable
+from mesh.launcher import client_env
 from mesh.log import TURN_EVENTS, TURN_REQUESTS
 from mesh.log.embedded import EmbeddedLog
 from mesh.server import channel
@@ -74,6 +75,8 @@ def memory_db_and_addr(
             "MESH_MEMORY_BACKEND": "elasticsearch",
             "MESH_ES_URL": request.getfixturevalue("elasticsearch_url"),
             "MESH_MEMORY_ES_INDEX_PREFIX": f"erase-{uuid.uuid4().hex[:8]}",
+            # HTTPS and the elastic user's password, as in the scale profile.
+            **client_env(request.getfixturevalue("elasticsearch_server")),
         }
     dsn = create_database(pg_server_dsn, prefix="erase_memory")
     service = start_memory_service(dsn, tmp_path / "memory.log", **env)

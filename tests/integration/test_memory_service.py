@@ -34,6 +34,8 @@ from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.errors import DOMAIN, Unavailable
+from mesh.infra.elasticsearch import ElasticsearchServer
+from mesh.launcher import client_env
 from mesh.memory.base import StoredChunk
 from mesh.memory.chunking import chunk_id
 from mesh.memory.embedding import HashingEmbedder
@@ -485,13 +487,18 @@ async def test_without_a_dsn_it_runs_on_embedded_postgres(state_dir: Path) -> No
 
 
 @pytest.mark.infra
-async def test_service_on_the_elasticsearch_backend(elasticsearch_url: str, tmp_path: Path) -> None:
+async def test_service_on_the_elasticsearch_backend(
+    elasticsearch_server: ElasticsearchServer, tmp_path: Path
+) -> None:
+    assert elasticsearch_server.url is not None
     service = start_memory_service(
         "",
         tmp_path / "service-es.log",
         MESH_MEMORY_BACKEND="elasticsearch",
-        MESH_ES_URL=elasticsearch_url,
+        MESH_ES_URL=elasticsearch_server.url,
         MESH_MEMORY_ES_INDEX_PREFIX=f"svc-{uuid.uuid4().hex[:12]}",
+        # HTTPS and the elastic user's password, as in the scale profile.
+        **client_env(elasticsearch_server),
     )
     try:
         async with channel(f"127.0.0.1:{service.port}") as chan:

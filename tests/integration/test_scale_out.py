@@ -90,7 +90,7 @@ def turn_events(scale: ScaleMesh, turn_id: str) -> list[events_pb2.TurnEvent]:
     ref = parse_turn_id(turn_id)
 
     async def read() -> list[events_pb2.TurnEvent]:
-        async with KafkaLog(scale.kafka_bootstrap) as log:
+        async with KafkaLog(scale.kafka_bootstrap, config=scale.kafka_config) as log:
             end = await log.end_offset(TURN_EVENTS, ref.partition)
             records = await log.read_range(TURN_EVENTS, ref.partition, ref.events_start, end)
         events = []
@@ -119,7 +119,7 @@ def wait_agents_settled(scale: ScaleMesh, agents: int = 2, timeout_s: float = 60
     hands the turns in flight on a moved partition to their new owner (fencing)."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": scale.kafka_bootstrap})
+    admin = AdminClient({"bootstrap.servers": scale.kafka_bootstrap, **scale.kafka_config})
     deadline = time.monotonic() + timeout_s
     seen: object = None
     while time.monotonic() < deadline:
@@ -152,8 +152,15 @@ def test_scale_profile_starts_only_servers_without_an_address(tmp_path: Path) ->
     # Two agents on one machine split its cores instead of spinning on the same ones.
     assert nothing_given.agent_threads == max(1, (os.cpu_count() or 1) // 2)
     assert scale_config(**paths, environ={}, agents=1).agent_threads == (os.cpu_count() or 1)
-    wanted = [name for name, _ in Mesh(nothing_given)._servers_to_start()]
-    assert wanted == ["postgres", "kafka", "elasticsearch"]
+    servers = Mesh(nothing_given)._servers_to_start()
+    assert [name for name, _ in servers] == ["postgres", "kafka", "elasticsearch"]
+    # Each with TLS, from the project CA the services use (and credentials, see docs).
+    for name, server in servers:
+        tls = getattr(server, "tls", None)
+        assert tls is not None, name
+        assert tls.ca == tmp_path / "certs" / "ca.pem" and tls.cert.name == f"{name}.pem"
+    plaintext = scale_config(**paths, environ={}, server_tls=False)
+    assert all(getattr(s, "tls", 0) is None for _, s in Mesh(plaintext)._servers_to_start())
     clusters = {
         "MESH_KAFKA_BOOTSTRAP": "kafka-1:9092,kafka-2:9092",
         "MESH_ES_URL": "http://es:9200",
@@ -179,6 +186,9 @@ def test_scale_profile_starts_only_servers_without_an_address(tmp_path: Path) ->
 
     config = launcher._config_from_args(launcher._parser().parse_args(parser_args))
     assert (config.agents, config.gateways, config.log_driver) == (3, 2, "kafka")
+    assert config.server_tls
+    args = launcher._parser().parse_args([*parser_args, "--no-server-tls"])
+    assert not launcher._config_from_args(args).server_tls
 
 
 def test_envoy_serves_the_page_and_both_gateways_are_healthy(scale_mesh: ScaleMesh) -> None:

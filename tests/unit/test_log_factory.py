@@ -62,3 +62,49 @@ def test_open_log_builds_the_kafka_driver() -> None:
     log = open_log(LogSettings(driver="kafka", kafka_bootstrap="127.0.0.1:1"))
     assert isinstance(log, KafkaLog)
     assert log.bootstrap == "127.0.0.1:1"
+
+
+def test_kafka_tls_and_sasl_settings_become_librdkafka_settings(tmp_path: Path) -> None:
+    env = {
+        "MESH_LOG_DRIVER": "kafka",
+        "MESH_KAFKA_BOOTSTRAP": "k1:9093",
+        "MESH_LOG_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "MESH_LOG_KAFKA_SASL_USERNAME": "mesh",
+        "MESH_LOG_KAFKA_SASL_PASSWORD": "s3cret",
+        "MESH_LOG_KAFKA_CA": str(tmp_path / "ca.pem"),
+    }
+    settings = LogSettings.from_env(env)
+    assert settings.kafka_config() == {
+        "security.protocol": "SASL_SSL",
+        "ssl.ca.location": str(tmp_path / "ca.pem"),
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "mesh",
+        "sasl.password": "s3cret",
+    }
+    assert "s3cret" not in repr(settings)
+    assert LogSettings.from_env(settings.to_env()) == settings
+    log = open_log(settings)
+    assert log.config["sasl.password"] == "s3cret"  # type: ignore[attr-defined]
+    # Plaintext, the default, adds nothing.
+    assert LogSettings.from_env({}).kafka_config() == {}
+    tls_only = LogSettings.from_env({"MESH_LOG_KAFKA_SECURITY_PROTOCOL": "ssl"})
+    assert tls_only.kafka_config() == {"security.protocol": "SSL"}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MESH_LOG_KAFKA_SECURITY_PROTOCOL": "sasl_ssl"}, "needs MESH_LOG_KAFKA_SASL_USERNAME"),
+        (
+            {"MESH_LOG_KAFKA_SASL_USERNAME": "u", "MESH_LOG_KAFKA_SASL_PASSWORD": "p"},
+            "does not use them",
+        ),
+        ({"MESH_LOG_KAFKA_CA": "/ca.pem"}, "has no TLS"),
+        ({"MESH_LOG_KAFKA_SECURITY_PROTOCOL": "tls"}, "must be one of"),
+    ],
+)
+def test_inconsistent_kafka_security_settings_are_refused(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message):
+        LogSettings.from_env(env)

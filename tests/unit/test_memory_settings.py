@@ -84,3 +84,25 @@ def test_open_store_picks_the_backend_without_connecting() -> None:
     assert isinstance(with_dsn, PostgresMemoryStore)
     embedded = open_store(StoreSettings.from_env({"MESH_STATE_DIR": "/tmp/x"}))
     assert isinstance(embedded, EmbeddedPostgresMemoryStore)
+
+
+def test_elasticsearch_credentials_and_ca() -> None:
+    env = {
+        "MESH_MEMORY_BACKEND": "elasticsearch",
+        "MESH_ES_URL": "https://es:9200",
+        "MESH_ES_USER": "elastic",
+        "MESH_ES_PASSWORD": "s3cret",
+        "MESH_ES_CA": "/certs/ca.pem",
+    }
+    store = StoreSettings.from_env(env)
+    assert (store.es_user, store.es_password.reveal(), store.es_ca) == (
+        "elastic",
+        "s3cret",
+        Path("/certs/ca.pem"),
+    )
+    assert "s3cret" not in repr(store)
+    assert StoreSettings.from_env(store.to_env()) == store
+    with pytest.raises(SettingsError, match="go together"):
+        StoreSettings.from_env({**env, "MESH_ES_PASSWORD": ""})
+    with pytest.raises(SettingsError, match="not https"):
+        StoreSettings.from_env({**env, "MESH_ES_URL": "http://es:9200"})

@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from mesh.log.base import Claim, Fenced, Headers, LogError, Record
@@ -21,6 +21,14 @@ from mesh.log.kafka.client import Client, Running
 from mesh.log.kafka.fetcher import Fetcher, Tail
 from mesh.log.kafka.group import KafkaGroupConsumer
 from mesh.log.kafka.producer import Producer
+
+# librdkafka's error codes for a failed TLS handshake and a failed SASL authentication.
+_REFUSALS = frozenset({KafkaError._SSL, KafkaError._AUTHENTICATION})
+
+
+def _note_refusal(refusals: list[str], error: KafkaError) -> None:
+    if error.code() in _REFUSALS and not refusals:
+        refusals.append(error.str())
 
 
 class KafkaLog(LogDriver[KafkaGroupConsumer]):
@@ -72,7 +80,10 @@ class KafkaLog(LogDriver[KafkaGroupConsumer]):
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        admin = AdminClient(self.client_config())
+        refusals: list[str] = []
+        admin = AdminClient(
+            self.client_config({"error_cb": lambda error: _note_refusal(refusals, error)})
+        )
         producer = self._producer.start()
         self._tail = Tail(self._client, self._loop)
         # From here on the parts may run: Client.require() answers.
@@ -82,7 +93,12 @@ class KafkaLog(LogDriver[KafkaGroupConsumer]):
         try:
             await asyncio.to_thread(admin.list_topics, timeout=self.request_timeout_s)
         except KafkaException as error:
+            # Error callbacks of an admin client run only when it is polled.
+            await asyncio.to_thread(admin.poll, 0)
             await self.stop()
+            if refusals:
+                # A TLS or SASL failure says more than "transport failure": the fix is in it.
+                raise LogError(f"Kafka at {self.bootstrap} refused us: {refusals[0]}") from error
             raise LogError(f"Kafka at {self.bootstrap} is unreachable: {error.args[0]}") from error
 
     async def stop(self) -> None:
