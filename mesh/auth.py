@@ -46,6 +46,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from mesh import audit
 from mesh.errors import InvalidArgument, MeshError, ResourceExhausted, Unauthenticated
 from mesh.interceptors import abort_with, wrap_handler
 from mesh.metrics import API_KEYS_FILE_ERRORS, API_KEYS_FILE_VALID
@@ -425,7 +426,15 @@ def add_key_to_file(
     """
     validate_tenant_id(tenant_id)
     with _locked_keys(path) as data:
-        return _new_entry(data, tenant_id, rate_per_s, burst, expires_at)
+        key = _new_entry(data, tenant_id, rate_per_s, burst, expires_at)
+        audit.record(
+            path,
+            "key-created",
+            key_id=hash_key(key)[:KEY_ID_CHARS],
+            tenant=tenant_id,
+            expires_at=_iso(expires_at) if expires_at is not None else None,
+        )
+        return key
 
 
 def list_keys(path: Path) -> list[KeyInfo]:
@@ -466,6 +475,7 @@ def revoke_key(path: Path, key_id: str) -> KeyInfo:
         digest = _find_key(data, key_id, path)
         entry = parse_keys({digest: data[digest]}, source=str(path))[digest]
         del data[digest]
+        audit.record(path, "key-revoked", key_id=digest[:KEY_ID_CHARS], tenant=entry.tenant_id)
     return KeyInfo(
         digest[:KEY_ID_CHARS],
         entry.tenant_id,
@@ -497,6 +507,14 @@ def rotate_key(
             raw = {"tenant": raw} if isinstance(raw, str) else dict(raw)
             raw["expires_at"] = _iso(old_expires_at)
             data[old_digest] = raw
+        audit.record(
+            path,
+            "key-rotated",
+            key_id=hash_key(key)[:KEY_ID_CHARS],
+            old_key_id=old_digest[:KEY_ID_CHARS],
+            tenant=old.tenant_id,
+            old_expires_at=_iso(old_expires_at) if old_expires_at is not None else None,
+        )
     digest = hash_key(key)
     return key, KeyInfo(
         digest[:KEY_ID_CHARS], old.tenant_id, time.time(), expires_at, old.rate_per_s, old.burst

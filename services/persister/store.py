@@ -12,12 +12,13 @@ bench.token_writes``), which compares it with one INSERT per row.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from mesh import turnlog
@@ -102,6 +103,25 @@ CREATE TABLE IF NOT EXISTS erased_turns (
     turn_id   text        PRIMARY KEY,
     erased_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- The audit trail of erasures: who was erased, when and how much (ids and counts, no text).
+-- Append-only: a trigger refuses UPDATE, DELETE and TRUNCATE, so not even this code can edit it.
+CREATE TABLE IF NOT EXISTS audit_events (
+    id              bigserial   PRIMARY KEY,
+    at              timestamptz NOT NULL DEFAULT now(),
+    action          text        NOT NULL,
+    tenant_id       text        NOT NULL,
+    conversation_id text        NOT NULL,
+    detail          jsonb       NOT NULL
+);
+CREATE OR REPLACE FUNCTION audit_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit_events is append-only: % refused', TG_OP;
+END $$;
+CREATE OR REPLACE TRIGGER audit_events_no_change BEFORE UPDATE OR DELETE ON audit_events
+    FOR EACH ROW EXECUTE FUNCTION audit_events_append_only();
+CREATE OR REPLACE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON audit_events
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only();
 """
 
 # Batches take this lock shared, an erasure exclusive: a batch that read no tombstone commits
@@ -405,8 +425,20 @@ async def erase_on(conn: Conn, tenant_id: str, conversation_id: str, *, force: b
         await cur.execute(f"DELETE FROM messages WHERE {_SCOPE}", scope)
         messages = max(cur.rowcount, 0)
         await cur.execute(f"DELETE FROM conversations WHERE {_SCOPE}", scope)
-    counts = ErasureCounts(conversations=conversations, messages=messages, tokens=tokens)
-    return Erasure(counts, already_deleted=tombstoned and not conversations)
+        counts = ErasureCounts(conversations=conversations, messages=messages, tokens=tokens)
+        already = tombstoned and not conversations
+        detail = {**asdict(counts), "forced": force, "already_deleted": already}
+        await cur.execute(
+            "INSERT INTO audit_events (action, tenant_id, conversation_id, detail) "
+            "VALUES (%s, %s, %s, %s)",
+            (
+                "conversation-erased" if conversation_id else "tenant-erased",
+                tenant_id,
+                conversation_id,
+                Jsonb(detail),
+            ),
+        )
+    return Erasure(counts, already_deleted=already)
 
 
 async def _finished_turns(conn: Conn, turn_ids: Sequence[str]) -> list[FinishedTurn]:

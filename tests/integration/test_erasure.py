@@ -86,6 +86,23 @@ def memory_db_and_addr(
         stop(service)
 
 
+def assert_audited(dsn: str, tenant: str, conversation: str, *, messages: int) -> None:
+    """The erasure is in the append-only audit trail, which refuses edits."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT action, detail FROM audit_events WHERE tenant_id = %s AND conversation_id = %s",
+            (tenant, conversation),
+        ).fetchall()
+        assert [(action, detail["messages"]) for action, detail in rows] == [
+            ("conversation-erased", messages)
+        ]
+        for statement in ("UPDATE audit_events SET action = 'x'", "DELETE FROM audit_events"):
+            with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+                conn.execute(statement)
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            conn.execute("TRUNCATE audit_events")
+
+
 def found_in_postgres(dsn: str, needle: str) -> list[str]:
     """``table.column`` of every text column of every table that holds ``needle``."""
     hits = []
@@ -157,6 +174,7 @@ async def test_deleted_conversation_is_gone_from_postgres_memory_and_the_log(
 
             assert found_in_postgres(pg_dsn, erased) == []
             assert found_in_postgres(memory_dsn, erased) == []
+            assert_audited(pg_dsn, "acme", "c-del", messages=4)
             assert erased not in await recall(memory, "acme", erased)
             assert kept in await recall(memory, "acme", kept)
             assert theirs in await recall(memory, "globex", theirs)
