@@ -138,8 +138,11 @@ def test_a_single_turn_of_another_tenant_waits_one_slot_turnover(
     )
     info = running_mesh.mesh.agents[0]
     slots = 4  # the agent's MESH_AGENT_PARALLEL default on a CPU
-    # The turns running when it arrived, and at most one more that took a slot as it was read.
-    assert started_before <= slots + 1, (started_before, info.name)
+    # Fair: the turns running when it arrived, and about one more that took a slot as it was
+    # read; FIFO would put all 20 first. First tokens are seen through 21 client threads, so on
+    # a loaded machine a burst turn that started with it can show its token first: the bound
+    # leaves room for that noise and still fails any queue that serves the burst first.
+    assert started_before <= 2 * slots, (started_before, info.name)
     assert single.result.positions[0] <= 1, single.result.positions
 
 
