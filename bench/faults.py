@@ -8,8 +8,10 @@ gateway that answers, after the last token it has. Per fault and run the suite c
 turn ended, that the tokens the client got are exactly 1..last_seq (none lost, none twice), and
 that PostgreSQL holds exactly the text the client saw; and it times the recovery.
 
-Faults (``--only NAME``): ``agent-kill`` (SIGKILL of the agent mid-turn; the launcher restarts
-it), ``persister-kill`` (SIGKILL mid-turn), ``gateway-kill`` (SIGKILL of the client's gateway;
+Faults (``--only NAME``): ``agent-kill`` (SIGKILL of the agent generating the turn; the launcher
+restarts it, or the other agent takes over), ``agent-zombie`` (that agent SIGSTOPped past the
+log's session timeout, then woken: the other agent takes over; needs ``--agents 2``, the
+default), ``persister-kill`` (SIGKILL mid-turn), ``gateway-kill`` (SIGKILL of the client's gateway;
 the client resumes on the other), ``memory-stop`` (memory SIGSTOPped for ``--outage-s``; turns
 go on without recall), ``malformed`` (random bytes and random field values sent to every
 gateway RPC: each gets a status, nothing crashes).
@@ -27,7 +29,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,13 +48,21 @@ from mesh.launcher import wait_healthy
 from mesh.llm.tiny_model import ensure_tiny_model
 from mesh.tls import channel_credentials, load_identity
 
-FAULTS = ("agent-kill", "persister-kill", "gateway-kill", "memory-stop", "malformed")
+FAULTS = (
+    "agent-kill",
+    "agent-zombie",
+    "persister-kill",
+    "gateway-kill",
+    "memory-stop",
+    "malformed",
+)
 RELIABILITY_DOC = ROOT / "docs" / "reliability.md"
 BEGIN, END = "<!-- faults:begin -->", "<!-- faults:end -->"
 TOKEN_INTERVAL_MS = 25
 MAX_TOKENS = 120  # 3 s of paced tokens: the fault lands mid-turn
 FAULT_AFTER_TOKENS = 15
-SERVICES = ("gateway-1", "gateway-2", "agent-1", "persister", "memory")
+# Past the embedded log's session timeout (3 s): the other agent owns the turn by then.
+ZOMBIE_PAUSE_S = 8.0
 
 
 @dataclass
@@ -94,13 +106,15 @@ class FaultResult:
 class Launched:
     """``python -m mesh.launcher`` in a scratch directory; its mesh.json read on demand."""
 
-    def __init__(self, root: Path, model: Path) -> None:
+    def __init__(self, root: Path, model: Path, agents: int = 1) -> None:
         self.root = root
+        self.agents = agents
         keys = root / "api-keys.json"
         self.key = add_key_to_file(keys, "faults", rate_per_s=1000.0, burst=1000)
         self.log = root / "launcher.log"
         command = [sys.executable, "-m", "mesh.launcher", "--state-dir", str(root / "state")]
         command += ["--model", str(model), "--keys-file", str(keys), "--gateways", "2"]
+        command += ["--agents", str(agents)]
         env = {
             **child_env(),
             "MESH_AGENT_MIN_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS),
@@ -135,6 +149,28 @@ class Launched:
     def service(self, name: str) -> dict[str, Any]:
         info = self.read_info() or self.info
         return info["services"][name]  # type: ignore[no-any-return]
+
+    def names(self) -> list[str]:
+        """Every service of the mesh but Envoy (none runs here)."""
+        return [*(f"agent-{i + 1}" for i in range(self.agents)), "gateway-1", "gateway-2",
+                "persister", "memory"]  # fmt: skip
+
+    def running_agent(self) -> str | None:
+        """The agent generating right now (its engine has a request running), if any."""
+        for i in range(self.agents):
+            name = f"agent-{i + 1}"
+            url = f"http://127.0.0.1:{self.service(name)['metrics_port']}/metrics"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    text = response.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("mesh_engine_num_requests_running{") and float(
+                    line.rsplit(" ", 1)[1]
+                ):
+                    return name
+        return None
 
     def gateways(self) -> list[str]:
         return [self.service(name)["addr"] for name in ("gateway-1", "gateway-2")]
@@ -289,20 +325,51 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 
 
 def kill_during_turn(mesh: Launched, name: str) -> Outcome:
-    """SIGKILL ``name`` once the turn has FAULT_AFTER_TOKENS tokens; recovery: kill to the next
-    token the client gets."""
+    """SIGKILL ``name`` (``agent``: the agent generating the turn) once the turn has
+    FAULT_AFTER_TOKENS tokens; recovery: kill to the next token the client gets."""
     outcome = Outcome()
     killed_at: list[float] = []
 
     def on_token(followed: Followed) -> None:
         if not killed_at and len(followed.seqs) >= FAULT_AFTER_TOKENS:
+            target = mesh.running_agent() if name == "agent" else name
+            if target is None:
+                return  # not generating at this instant: try at the next token
             killed_at.append(time.monotonic())
-            _signal(mesh.service(name)["pid"], signal.SIGKILL)
+            _signal(mesh.service(target)["pid"], signal.SIGKILL)
 
     followed = follow_turn(mesh, f"fault {name} {random.random()}", on_token)
     if killed_at:
         after = [t for t in followed.token_times if t > killed_at[0]]
         outcome.recovery_s = after[0] - killed_at[0] if after else None
+    else:
+        outcome.note = "the turn ended before the fault"
+    return judge(mesh, followed, outcome)
+
+
+def zombie_agent(mesh: Launched, pause_s: float) -> Outcome:
+    """SIGSTOP the agent generating the turn for ``pause_s``, past the log's session timeout: the
+    other agent takes the turn over, and the stopped one, woken, must not write into it (its
+    appends are fenced; readers would drop a copy anyway, docs/reliability.md). Recovery: stop
+    to the next token the client gets."""
+    outcome = Outcome()
+    stopped: list[tuple[float, int]] = []
+
+    def on_token(followed: Followed) -> None:
+        if not stopped and len(followed.seqs) >= FAULT_AFTER_TOKENS:
+            target = mesh.running_agent()
+            if target is None:
+                return
+            pid = mesh.service(target)["pid"]
+            stopped.append((time.monotonic(), pid))
+            _signal(pid, signal.SIGSTOP)
+            threading.Timer(pause_s, _signal, (pid, signal.SIGCONT)).start()
+
+    followed = follow_turn(mesh, f"fault zombie {random.random()}", on_token)
+    if stopped:
+        after = [t for t in followed.token_times if t > stopped[0][0]]
+        outcome.recovery_s = after[0] - stopped[0][0] if after else None
+        time.sleep(max(0.0, stopped[0][0] + pause_s + 1.0 - time.monotonic()))  # awake again
     else:
         outcome.note = "the turn ended before the fault"
     return judge(mesh, followed, outcome)
@@ -362,7 +429,7 @@ def malformed(mesh: Launched, frames: int) -> Outcome:
     status (no hang), and no service may exit (the launcher would restart it)."""
     outcome = Outcome(finished=True)
     rng = random.Random(7)
-    pids = {name: mesh.service(name)["pid"] for name in SERVICES}
+    pids = {name: mesh.service(name)["pid"] for name in mesh.names()}
     methods = [
         ("/chat.gateway.v1.GatewayService/StreamTurn", "unary_stream"),
         ("/chat.gateway.v1.GatewayService/ResumeTurn", "unary_stream"),
@@ -421,20 +488,27 @@ def _garbage(rng: random.Random) -> bytes:
 # -- running and reporting ---------------------------------------------------------------------
 
 
-def run(only: Sequence[str], runs: int, outage_s: float, frames: int) -> dict[str, Any]:
+def run(
+    only: Sequence[str], runs: int, outage_s: float, frames: int, agents: int = 2
+) -> dict[str, Any]:
     model = ensure_tiny_model(ROOT / ".state" / "models")
     root = Path(tempfile.mkdtemp(prefix="mesh-faults-"))
     root.chmod(0o755)
     results: list[FaultResult] = []
     started = time.monotonic()
-    with _mesh(root, model) as mesh:
+    with _mesh(root, model, agents) as mesh:
         follow_turn(mesh, "warm up")  # the model loaded, the first turn's costs paid
         for name in only:
             result = FaultResult(name)
             for i in range(1 if name == "malformed" else runs):
                 print(f"faults: {name} run {i + 1}", file=sys.stderr, flush=True)
                 if name == "agent-kill":
-                    result.outcomes.append(kill_during_turn(mesh, "agent-1"))
+                    result.outcomes.append(kill_during_turn(mesh, "agent"))
+                elif name == "agent-zombie":
+                    if agents < 2:
+                        result.outcomes.append(Outcome(finished=True, note="needs --agents 2"))
+                        break
+                    result.outcomes.append(zombie_agent(mesh, ZOMBIE_PAUSE_S))
                 elif name == "gateway-kill":
                     result.outcomes.append(kill_during_turn(mesh, "gateway-1"))
                 elif name == "persister-kill":
@@ -449,13 +523,14 @@ def run(only: Sequence[str], runs: int, outage_s: float, frames: int) -> dict[st
         "machine": machine(),
         "load_average": os.getloadavg(),
         "seconds": round(time.monotonic() - started, 1),
+        "agents": agents,
         "rows": [r.row() for r in results],
     }
 
 
 @contextmanager
-def _mesh(root: Path, model: Path) -> Iterator[Launched]:
-    mesh = Launched(root, model)
+def _mesh(root: Path, model: Path, agents: int) -> Iterator[Launched]:
+    mesh = Launched(root, model, agents)
     try:
         yield mesh
     finally:
@@ -473,7 +548,7 @@ def _wait_restarted(mesh: Launched, timeout_s: float = 60.0) -> None:
                 Path(tls["MESH_TLS_CA"]), Path(tls["MESH_TLS_CERT"]), Path(tls["MESH_TLS_KEY"])
             )
         )
-    for name in SERVICES:
+    for name in mesh.names():
         internal = not name.startswith("gateway")
         wait_healthy(
             mesh.service(name)["addr"],
@@ -489,8 +564,9 @@ def table(report: dict[str, Any]) -> str:
     load = ", ".join(f"{x:.1f}" for x in report["load_average"])
     lines = [
         f"Measured on {m['cpu_model']} ({m['cpus']} CPUs, {m['memory_gib']} GiB), load {load}, "
-        f"in {report['seconds']} s; embedded profile through the launcher, two gateways, tiny "
-        f"model paced at {TOKEN_INTERVAL_MS} ms/token, {MAX_TOKENS}-token turns.",
+        f"in {report['seconds']} s; embedded profile through the launcher, two gateways, "
+        f"{report.get('agents', 1)} agent(s), tiny model paced at {TOKEN_INTERVAL_MS} ms/token, "
+        f"{MAX_TOKENS}-token turns.",
         "",
         "| fault | runs | turns lost | tokens lost | tokens duplicated | persisted ≠ streamed "
         "| hung calls, restarts | recovery p50 | recovery p99 | notes |",
@@ -519,10 +595,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=10, help="runs per fault (malformed: 1)")
     parser.add_argument("--outage-s", type=float, default=10.0, help="memory-stop outage")
     parser.add_argument("--frames", type=int, default=2000, help="malformed frames")
+    parser.add_argument("--agents", type=int, default=2, help="agents (agent-zombie needs 2)")
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--write", action="store_true", help=f"update {RELIABILITY_DOC.name}")
     args = parser.parse_args(argv)
-    report = run(args.only or list(FAULTS), args.runs, args.outage_s, args.frames)
+    report = run(args.only or list(FAULTS), args.runs, args.outage_s, args.frames, args.agents)
     text = table(report)
     print(text)
     if args.json:
