@@ -913,6 +913,7 @@ class OpenAiApi:
             turn = await self.core.resume_turn(principal, info.turn_id, 0)
         except MeshError as error:
             raise from_mesh_error(error) from None
+        deadline = asyncio.get_running_loop().time() + CANCEL_WAIT_S
         try:
             async with asyncio.timeout(CANCEL_WAIT_S):
                 async for output in self.core.follow(turn):
@@ -922,7 +923,15 @@ class OpenAiApi:
             pass
         finally:
             turn.close()
-        return web.json_response((await self._state(info)).to_json())
+        state = await self._state(info)
+        # The stream ends at the cancel when it saw no TurnStarted before it, while an agent may
+        # have just started the turn: its TurnFinished follows within moments. Read until it does.
+        while state.status in ("queued", "in_progress"):
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+            state = await self._state(info)
+        return web.json_response(state.to_json())
 
 
 def _query_bool(request: web.Request, name: str) -> bool:
