@@ -20,12 +20,20 @@ def trail_of(keys_file: Path) -> Path:
     return keys_file.with_name(keys_file.name + ".audit.jsonl")
 
 
+def _user() -> str:
+    # A container may run as a uid with no name: the record still gets written.
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}"
+
+
 def record(keys_file: Path, action: str, **fields: Any) -> None:
     """Append one event (``event.action`` ``action``) to the trail of ``keys_file``."""
     event = {
         "@timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "event.action": action,
-        "user.name": getpass.getuser(),
+        "user.name": _user(),
         "host.name": socket.gethostname(),
         **fields,
     }
