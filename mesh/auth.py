@@ -437,20 +437,22 @@ def add_key_to_file(
         return key
 
 
+def _info(digest: str, entry: KeyEntry) -> KeyInfo:
+    """What may be shown of a stored key: its id (a prefix of its hash) and settings."""
+    return KeyInfo(
+        digest[:KEY_ID_CHARS],
+        entry.tenant_id,
+        entry.created_at,
+        entry.expires_at,
+        entry.rate_per_s,
+        entry.burst,
+    )
+
+
 def list_keys(path: Path) -> list[KeyInfo]:
     """The stored keys by tenant, then creation: ids and settings, never secrets."""
     entries = parse_keys(_read_keys_json(path), source=str(path))
-    infos = [
-        KeyInfo(
-            digest[:KEY_ID_CHARS],
-            entry.tenant_id,
-            entry.created_at,
-            entry.expires_at,
-            entry.rate_per_s,
-            entry.burst,
-        )
-        for digest, entry in entries.items()
-    ]
+    infos = [_info(digest, entry) for digest, entry in entries.items()]
     return sorted(infos, key=lambda i: (i.tenant_id, i.created_at or 0.0, i.key_id))
 
 
@@ -476,14 +478,7 @@ def revoke_key(path: Path, key_id: str) -> KeyInfo:
         entry = parse_keys({digest: data[digest]}, source=str(path))[digest]
         del data[digest]
         audit.record(path, "key-revoked", key_id=digest[:KEY_ID_CHARS], tenant=entry.tenant_id)
-    return KeyInfo(
-        digest[:KEY_ID_CHARS],
-        entry.tenant_id,
-        entry.created_at,
-        entry.expires_at,
-        entry.rate_per_s,
-        entry.burst,
-    )
+    return _info(digest, entry)
 
 
 def rotate_key(

@@ -105,20 +105,17 @@ class JaegerServer(StartStop):
     def stop(self) -> None:
         self._stop_process()
 
-    def trace(self, trace_id: str) -> dict[str, Any] | None:
-        """One trace from the query API (Jaeger's JSON model), or None if it has none yet."""
-        try:
-            with urllib.request.urlopen(f"{self.query_url}/api/traces/{trace_id}", timeout=5) as r:
-                data = json.load(r).get("data") or []
-        except urllib.error.HTTPError as error:
-            if error.code == 404:
-                return None
-            raise
-        return data[0] if data else None
 
-    def services(self) -> list[str]:
-        with urllib.request.urlopen(f"{self.query_url}/api/services", timeout=5) as response:
-            return list(json.load(response).get("data") or [])
+def fetch_trace(query_url: str, trace_id: str) -> dict[str, Any] | None:
+    """One trace from a Jaeger query API (Jaeger's JSON model), or None if it has none yet."""
+    try:
+        with urllib.request.urlopen(f"{query_url}/api/traces/{trace_id}", timeout=5) as response:
+            data = json.load(response).get("data") or []
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return None
+        raise
+    return data[0] if data else None
 
 
 def _http_ok(url: str) -> str | None:

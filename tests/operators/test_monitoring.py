@@ -32,6 +32,7 @@ from chat.gateway.v1 import gateway_pb2
 
 from mesh.auth import add_key_to_file
 from mesh.infra.jaeger import DEFAULT_BINARY as JAEGER_BINARY
+from mesh.infra.jaeger import fetch_trace
 from mesh.infra.prometheus import (
     DASHBOARD,
     RULES,
@@ -290,17 +291,7 @@ def test_an_alert_fires_then_every_dashboard_panel_has_data(monitored: Monitored
 
 
 def jaeger_trace(mesh: Monitored, trace_id: str) -> dict[str, Any] | None:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{mesh.jaeger_url}/api/traces/{trace_id}", timeout=5) as r:
-            data = json.load(r).get("data") or []
-    except urllib.error.HTTPError as error:
-        if error.code == 404:
-            return None
-        raise
-    return data[0] if data else None
+    return fetch_trace(mesh.jaeger_url, trace_id)
 
 
 def spans_by_service(trace: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
