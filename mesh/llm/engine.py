@@ -44,7 +44,14 @@ from mesh.generation import FinishReason as FinishReason
 from mesh.lifecycle import AsyncStartStop
 from mesh.llm import metrics
 from mesh.llm.kv import SequencePool
-from mesh.llm.native import RANDOM_SEED, ContextShape, EngineError, NativeModel, Sampler
+from mesh.llm.native import (
+    RANDOM_SEED,
+    ContextShape,
+    EngineError,
+    NativeModel,
+    Sampler,
+    join_segments,
+)
 from mesh.llm.sequence import Piece, TokenReader
 
 __all__ = [
@@ -342,13 +349,7 @@ class LlamaEngine(AsyncStartStop):
         that users, history or memory wrote is tokenized as plain text, so it cannot forge them.
         """
         model = self._model()
-        tokens: list[int] = []
-        for text, trusted in segments:
-            tokens += model.tokenize(text, add_bos=not tokens, special=trusted)
-        # Chat templates often write the BOS token themselves; never feed it twice.
-        if len(tokens) >= 2 and tokens[0] == model.bos and tokens[1] == model.bos:
-            tokens = tokens[1:]
-        return tokens
+        return join_segments(model.tokenize, model.bos, segments)
 
     def count_segments(self, segments: Sequence[tuple[str, bool]]) -> int:
         return len(self.tokenize_segments(segments))

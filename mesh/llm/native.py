@@ -11,7 +11,7 @@ import atexit
 import ctypes
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +148,7 @@ class NativeModel:
         self.memory = lib.llama_get_memory(self.ctx)
         self.bos = int(lib.llama_vocab_bos(self.vocab))
         self.eos = int(lib.llama_vocab_eos(self.vocab))
-        self.metadata = self._metadata()
+        self.metadata = _metadata(lib, self.model)
         self._batch = lib.llama_batch_init(shape.batch, 0, 1)
 
     def close(self) -> None:
@@ -165,34 +165,12 @@ class NativeModel:
     def supports_gpu(self) -> bool:
         return bool(self._lib.llama_supports_gpu_offload())
 
-    def _metadata(self) -> dict[str, str]:
-        lib = self._lib
-        result: dict[str, str] = {}
-        buffer = ctypes.create_string_buffer(1 << 20)  # chat templates can be long
-        for index in range(lib.llama_model_meta_count(self.model)):
-            if lib.llama_model_meta_key_by_index(self.model, index, buffer, len(buffer)) < 0:
-                continue
-            key = buffer.value.decode("utf-8", errors="replace")
-            if lib.llama_model_meta_val_str_by_index(self.model, index, buffer, len(buffer)) < 0:
-                continue
-            result[key] = buffer.value.decode("utf-8", errors="replace")
-        return result
-
     # Tokens -------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
         """Tokens of ``text``; ``special``: markers such as ``<end_of_turn>`` become their
         special tokens (only for text we wrote: in user text they must stay characters)."""
-        data = text.encode("utf-8")
-        size = len(data) + 2
-        while True:
-            buffer = (ctypes.c_int32 * size)()
-            n = self._lib.llama_tokenize(
-                self.vocab, data, len(data), buffer, size, add_bos, special
-            )
-            if n >= 0:
-                return list(buffer[:n])
-            size = -n
+        return _tokenize(self._lib, self.vocab, text, add_bos=add_bos, special=special)
 
     def token_bytes(self, token: int) -> bytes:
         """Bytes of one token as generated text (special tokens render as nothing)."""
@@ -208,10 +186,7 @@ class NativeModel:
         return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
 
     def token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        raw = self._lib.llama_vocab_get_text(self.vocab, token)
-        return raw.decode("utf-8", errors="replace") if raw else ""
+        return _token_text(self._lib, self.vocab, token)
 
     # Decoding -----------------------------------------------------------------------------
 
@@ -236,3 +211,85 @@ class NativeModel:
 
     def sampler(self, *, temperature: float, top_p: float, seed: int) -> Sampler:
         return Sampler(temperature=temperature, top_p=top_p, seed=seed)
+
+
+def _tokenize(lib: Any, vocab: Any, text: str, *, add_bos: bool, special: bool) -> list[int]:
+    data = text.encode("utf-8")
+    size = len(data) + 2
+    while True:
+        buffer = (ctypes.c_int32 * size)()
+        n = lib.llama_tokenize(vocab, data, len(data), buffer, size, add_bos, special)
+        if n >= 0:
+            return list(buffer[:n])
+        size = -n
+
+
+def _token_text(lib: Any, vocab: Any, token: int) -> str:
+    if token < 0:
+        return ""
+    raw = lib.llama_vocab_get_text(vocab, token)
+    return raw.decode("utf-8", errors="replace") if raw else ""
+
+
+def _metadata(lib: Any, model: Any) -> dict[str, str]:
+    """The GGUF file's metadata as text (the chat template is one of its values)."""
+    result: dict[str, str] = {}
+    buffer = ctypes.create_string_buffer(1 << 20)  # chat templates can be long
+    for index in range(lib.llama_model_meta_count(model)):
+        if lib.llama_model_meta_key_by_index(model, index, buffer, len(buffer)) < 0:
+            continue
+        key = buffer.value.decode("utf-8", errors="replace")
+        if lib.llama_model_meta_val_str_by_index(model, index, buffer, len(buffer)) < 0:
+            continue
+        result[key] = buffer.value.decode("utf-8", errors="replace")
+    return result
+
+
+def join_segments(
+    tokenize: Callable[..., list[int]], bos: int, segments: Sequence[tuple[str, bool]]
+) -> list[int]:
+    """Tokens of a prompt made of ``(text, trusted)`` segments, BOS first.
+
+    Special tokens are parsed in trusted text only (a chat template's turn markers); text that
+    users, history or memory wrote is tokenized as plain text, so it cannot forge them.
+    ``tokenize`` is a vocabulary's ``tokenize`` (the engine's model or a ``NativeVocab``).
+    """
+    tokens: list[int] = []
+    for text, trusted in segments:
+        tokens += tokenize(text, add_bos=not tokens, special=trusted)
+    # Chat templates often write the BOS token themselves; never feed it twice.
+    if len(tokens) >= 2 and tokens[0] == bos and tokens[1] == bos:
+        tokens = tokens[1:]
+    return tokens
+
+
+class NativeVocab:
+    """A GGUF model's vocabulary and metadata only (no weights, no context): what the gateway
+    needs to count a prompt's tokens exactly as the agents will. Safe from any thread."""
+
+    def __init__(self, path: Path) -> None:
+        lib = llama_cpp()
+        self._lib = lib
+        params = lib.llama_model_default_params()
+        params.vocab_only = True
+        self.model = lib.llama_model_load_from_file(str(path).encode(), params)
+        if not self.model:
+            raise EngineError(f"llama.cpp could not read the vocabulary of {path} (not GGUF?)")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.bos = int(lib.llama_vocab_bos(self.vocab))
+        self.eos = int(lib.llama_vocab_eos(self.vocab))
+        self.metadata = _metadata(lib, self.model)
+
+    def close(self) -> None:
+        if self.model:
+            self._lib.llama_model_free(self.model)
+            self.model = None
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        return _tokenize(self._lib, self.vocab, text, add_bos=add_bos, special=special)
+
+    def token_text(self, token: int) -> str:
+        return _token_text(self._lib, self.vocab, token)
+
+    def tokenize_segments(self, segments: Sequence[tuple[str, bool]]) -> list[int]:
+        return join_segments(self.tokenize, self.bos, segments)

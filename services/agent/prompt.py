@@ -234,6 +234,17 @@ class PromptBuilder:
                 result.append((text, trusted))
         return result
 
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def bare_tokens(self, request: PromptRequest) -> int:
+        """Tokens of the prompt with no history and no recalled passages: the least any prompt
+        for this message takes. At ``n_ctx`` or more no reply token fits, so ``build`` refuses
+        it; the gateway refuses the same messages up front (services/gateway/context_check.py).
+        """
+        return self._count(self.segments(request, [], 0))
+
     def build(self, request: PromptRequest, max_tokens: int) -> BuiltPrompt:
         """Fit ``request`` into the context window leaving room for the reply.
 
@@ -242,7 +253,7 @@ class PromptBuilder:
         that is left. Raises ``PromptTooLong`` when even the bare message does not fit.
         """
         history = normalize_history(request.history)
-        bare = self._count(self.segments(request, [], 0))
+        bare = self.bare_tokens(request)
         if bare >= self._n_ctx:
             raise PromptTooLong(
                 f"the message needs {bare} tokens but the model's context holds {self._n_ctx}; "

@@ -30,6 +30,7 @@ from mesh.lifecycle import AsyncStartStop
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, LogError, partition_for
 from mesh.turn_ids import new_turn_ref, parse_turn_id
 from services.gateway.caches import BoundedLru, IdempotencyCache
+from services.gateway.context_check import ContextCheck
 from services.gateway.hub import Subscription, TurnHub
 from services.gateway.model import Output, StartRequest, TurnInfo
 from services.gateway.queue_position import QueueTracker
@@ -62,6 +63,7 @@ class GatewayCore(AsyncStartStop):
         conversations: Conversations,
         limiter: RateLimiter | None = None,
         gate: StartGate | None = None,
+        context: ContextCheck | None = None,
     ) -> None:
         self.settings = settings
         self.log = log
@@ -70,6 +72,8 @@ class GatewayCore(AsyncStartStop):
         self._conversations = conversations
         # Refuses turns that could not start now (no agent, persister or log down).
         self._gate = gate
+        # Refuses messages that cannot fit the model's context (None: the agent's check only).
+        self._context = context
         self.limiter = limiter or RateLimiter(settings.rate_per_s, settings.rate_burst)
         self.token_budget = TokenBudget(settings.tokens_per_minute_per_tenant)
         self.queue = QueueTracker(
@@ -234,6 +238,8 @@ class GatewayCore(AsyncStartStop):
             # caller no token and no wait.
             self._gate.check(partition_for(conversation_id.encode(), self.partitions))
         self.limiter.acquire(principal)
+        if self._context is not None:
+            await self._context.check(request.text)  # after the limiter: tokenizing costs CPU
         if request.conversation_id and (principal.tenant_id, conversation_id) not in self._seen:
             await self._conversations.require_conversation(principal.tenant_id, conversation_id)
             self._seen.put((principal.tenant_id, conversation_id), True)

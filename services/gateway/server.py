@@ -36,6 +36,7 @@ from mesh.server import (
 )
 from mesh.settings import SettingsError
 from mesh.tls import CertificateError, edge_server_credentials
+from services.gateway.context_check import ContextCheck
 from services.gateway.core import GatewayCore
 from services.gateway.http.app import HttpListener, OpenAiApi, build_app
 from services.gateway.model import (
@@ -368,8 +369,19 @@ async def serve(settings: GatewaySettings) -> None:
             require_agent=settings.require_agent,
             require_persister=settings.require_persister,
         )
+        context = None
+        if settings.context_model_paths:
+            context = await stack.enter_async_context(
+                ContextCheck(
+                    settings.context_model_paths,
+                    n_ctx=settings.context_tokens,
+                    system_prompt=settings.context_system_prompt,
+                )
+            )
         core = await stack.enter_async_context(
-            GatewayCore(settings, log=event_log, conversations=persister, gate=gate)
+            GatewayCore(
+                settings, log=event_log, conversations=persister, gate=gate, context=context
+            )
         )
         # After the core: its start creates the topics the log probe writes to.
         await stack.enter_async_context(gate.readiness)

@@ -25,6 +25,15 @@ def _agent_model_name(environ: Mapping[str, str]) -> str:
     return Path(path).name if path else ""
 
 
+def _agent_context_tokens(environ: Mapping[str, str]) -> int:
+    """The agents' context window (``MESH_AGENT_N_CTX``, the agent's default 2048)."""
+    raw = environ.get("MESH_AGENT_N_CTX", "").strip()
+    try:
+        return int(raw) if raw else 2048
+    except ValueError:
+        raise SettingsError(f"MESH_AGENT_N_CTX={raw!r} is not an integer") from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class GatewaySettings(ServiceSettings):
     """Everything the gateway needs; build with ``from_env``.
@@ -85,6 +94,18 @@ class GatewaySettings(ServiceSettings):
     http_port: int = setting("HTTP_PORT", 8000, minimum=-1, maximum=65535)
     http_max_body_bytes: int = setting("HTTP_MAX_BODY_BYTES", 1_048_576, minimum=1024)
     models: str = setting("MODELS", derive=lambda env: _agent_model_name(env))
+    # What a prompt can hold (services/gateway/context_check.py): the agents' GGUF files, comma
+    # separated, whose vocabulary and chat template count a message's tokens, their context
+    # window and system prompt. Derived from the agents' settings when the gateway runs with
+    # their environment (as the launcher starts it); no file: the agent's PROMPT_TOO_LONG is
+    # the only check.
+    context_models: str = setting(
+        "CONTEXT_MODELS", derive=lambda env: env.get("MESH_AGENT_MODEL_PATH", ""), blank=True
+    )
+    context_tokens: int = setting("CONTEXT_TOKENS", derive=_agent_context_tokens, minimum=64)
+    context_system_prompt: str = setting(
+        "CONTEXT_SYSTEM_PROMPT", derive=lambda env: env.get("MESH_AGENT_SYSTEM_PROMPT", "")
+    )
     # TLS of the public ports (gRPC and HTTP): the certificate clients see and its key. The
     # gateway's mesh identity, for its calls to the persister, is MESH_TLS_* like every service.
     tls_cert: Path | None = setting("TLS_CERT", None)
@@ -101,6 +122,11 @@ class GatewaySettings(ServiceSettings):
     def model_ids(self) -> tuple[str, ...]:
         """The model ids this mesh serves (``MESH_GATEWAY_MODELS``, comma separated)."""
         return tuple(part.strip() for part in self.models.split(",") if part.strip())
+
+    @property
+    def context_model_paths(self) -> tuple[Path, ...]:
+        """The GGUF files of ``MESH_GATEWAY_CONTEXT_MODELS``."""
+        return tuple(Path(p.strip()) for p in self.context_models.split(",") if p.strip())
 
     def listens_with_tls(self) -> bool:
         return self.tls_cert is not None
@@ -119,6 +145,13 @@ class GatewaySettings(ServiceSettings):
                 "on the gateway's public ports, or neither"
             )
         super().check()
+        for path in self.context_model_paths:
+            if not path.is_file():
+                raise SettingsError(
+                    f"MESH_GATEWAY_CONTEXT_MODELS names {str(path)!r}, which is not a file: name "
+                    "the agents' GGUF files (comma separated), or set it empty to leave the "
+                    "context check to the agents"
+                )
         if not self.persister_addr:
             raise SettingsError(
                 "MESH_PERSISTER_ADDR is empty, but the gateway needs a persister "

@@ -32,6 +32,7 @@ _CODES = {
     "API_KEY_MISSING": "missing_api_key",
     "API_KEY_INVALID": "invalid_api_key",
     "RATE_LIMITED": "rate_limit_exceeded",
+    "PROMPT_TOO_LONG": "context_length_exceeded",
 }
 
 
