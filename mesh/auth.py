@@ -1,14 +1,20 @@
 """API keys per tenant, the auth interceptor, and per-key rate limiting.
 
 Keys are random strings handed out once (``mesh keys create``); only their SHA-256 is stored, in a
-JSON file mapping the hex digest to a tenant (and optionally a per-key rate)::
+JSON file mapping the hex digest to a tenant (and optionally the key's own limits)::
 
     {
       "9f86d0...": "acme",
       "2c26b4...": {"tenant": "globex", "rate_per_s": 20, "burst": 40,
+                    "tokens_per_minute": 20000,
                     "created_at": "2026-01-01T00:00:00+00:00",
                     "expires_at": "2026-07-01T00:00:00+00:00"}
     }
+
+``rate_per_s``/``burst`` replace the gateway's default turn rate for the key;
+``tokens_per_minute`` is a budget of the key's own, enforced on top of its tenant's
+(services/gateway/token_budget.py). Every field but ``tenant`` is optional, so older files stay
+valid.
 
 A key is named by its id, the first 12 hex digits of its hash: safe to show, log and pass to
 ``mesh keys revoke``. A key past its ``expires_at`` is refused. The gateway re-reads the file when
@@ -107,6 +113,8 @@ class KeyEntry:
     # Seconds since the epoch after which the key is refused; None: it never expires.
     expires_at: float | None = None
     created_at: float | None = None
+    # Generated tokens the key may start per minute, on top of its tenant's budget.
+    tokens_per_minute: int | None = None
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -121,6 +129,7 @@ class Principal:
     key_hash: str
     rate_per_s: float | None = None
     burst: int | None = None
+    tokens_per_minute: int | None = None
 
     @property
     def key_id(self) -> str:
@@ -166,6 +175,7 @@ def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry
         burst: object
         expires: object = None
         created: object = None
+        tokens: object = None
         if isinstance(value, str):
             tenant, rate, burst = value, None, None
         elif isinstance(value, dict):
@@ -174,6 +184,7 @@ def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry
             burst = value.get("burst")
             expires = value.get("expires_at")
             created = value.get("created_at")
+            tokens = value.get("tokens_per_minute")
         else:
             raise KeyFileError(f"{source}: entry {digest[:12]}… must be a tenant or an object")
         if not isinstance(tenant, str) or not _TENANT_PATTERN.match(tenant):
@@ -186,12 +197,19 @@ def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry
             isinstance(burst, bool) or not isinstance(burst, int) or burst < 1
         ):
             raise KeyFileError(f"{source}: entry {digest[:12]}… burst must be an integer >= 1")
+        if tokens is not None and (
+            isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1
+        ):
+            raise KeyFileError(
+                f"{source}: entry {digest[:12]}… tokens_per_minute must be an integer >= 1"
+            )
         entries[digest] = KeyEntry(
             tenant,
             None if rate is None else float(rate),
             None if burst is None else int(burst),
             _timestamp(expires, "expires_at", source, digest),
             _timestamp(created, "created_at", source, digest),
+            tokens_per_minute=None if tokens is None else int(tokens),
         )
     return entries
 
@@ -305,7 +323,13 @@ class KeyStore:
         if entry is None:
             raise Unauthenticated("invalid API key", reason="API_KEY_INVALID")
         self._refuse_expired(digest, entry)
-        return Principal(entry.tenant_id, digest, entry.rate_per_s, entry.burst)
+        return Principal(
+            entry.tenant_id,
+            digest,
+            entry.rate_per_s,
+            entry.burst,
+            tokens_per_minute=entry.tokens_per_minute,
+        )
 
     def verify(self, principal: Principal) -> None:
         """UNAUTHENTICATED if the principal's key was revoked or has expired since it was
@@ -339,6 +363,7 @@ class KeyInfo:
     expires_at: float | None
     rate_per_s: float | None
     burst: int | None
+    tokens_per_minute: int | None = None
 
 
 @contextlib.contextmanager
@@ -398,6 +423,7 @@ def _new_entry(
     rate_per_s: float | None,
     burst: int | None,
     expires_at: float | None,
+    tokens_per_minute: int | None = None,
 ) -> str:
     key = new_api_key()
     entry: dict[str, Any] = {"tenant": tenant_id, "created_at": _iso(time.time())}
@@ -405,6 +431,8 @@ def _new_entry(
         entry["rate_per_s"] = rate_per_s
     if burst is not None:
         entry["burst"] = burst
+    if tokens_per_minute is not None:
+        entry["tokens_per_minute"] = tokens_per_minute
     if expires_at is not None:
         entry["expires_at"] = _iso(expires_at)
     data[hash_key(key)] = entry
@@ -418,15 +446,23 @@ def add_key_to_file(
     rate_per_s: float | None = None,
     burst: int | None = None,
     expires_at: float | None = None,
+    tokens_per_minute: int | None = None,
 ) -> str:
     """Create a key for ``tenant_id``, store its hash in ``path`` and return the key itself.
 
     The file is replaced atomically and readable by its owner only; the key is never written.
-    ``expires_at`` (seconds since the epoch) makes the gateway refuse the key from then on.
+    ``expires_at`` (seconds since the epoch) makes the gateway refuse the key from then on;
+    ``tokens_per_minute`` gives the key a token budget of its own, on top of its tenant's.
     """
     validate_tenant_id(tenant_id)
+    if tokens_per_minute is not None and tokens_per_minute < 1:
+        raise InvalidArgument(
+            f"tokens per minute must be >= 1 (got {tokens_per_minute})",
+            reason="TOKENS_PER_MINUTE_INVALID",
+            field="tokens_per_minute",
+        )
     with _locked_keys(path) as data:
-        key = _new_entry(data, tenant_id, rate_per_s, burst, expires_at)
+        key = _new_entry(data, tenant_id, rate_per_s, burst, expires_at, tokens_per_minute)
         audit.record(
             path,
             "key-created",
@@ -446,6 +482,7 @@ def _info(digest: str, entry: KeyEntry) -> KeyInfo:
         entry.expires_at,
         entry.rate_per_s,
         entry.burst,
+        entry.tokens_per_minute,
     )
 
 
@@ -488,7 +525,7 @@ def rotate_key(
     expires_at: float | None = None,
     old_expires_at: float | None = None,
 ) -> tuple[str, KeyInfo]:
-    """A new key for the tenant of key ``key_id``, with its rate settings; the old key keeps
+    """A new key for the tenant of key ``key_id``, with its limits; the old key keeps
     working until it is revoked, or until ``old_expires_at`` when given.
 
     Returns the new key (shown once) and the new key's info.
@@ -496,7 +533,9 @@ def rotate_key(
     with _locked_keys(path) as data:
         old_digest = _find_key(data, key_id, path)
         old = parse_keys({old_digest: data[old_digest]}, source=str(path))[old_digest]
-        key = _new_entry(data, old.tenant_id, old.rate_per_s, old.burst, expires_at)
+        key = _new_entry(
+            data, old.tenant_id, old.rate_per_s, old.burst, expires_at, old.tokens_per_minute
+        )
         if old_expires_at is not None:
             raw = data[old_digest]
             raw = {"tenant": raw} if isinstance(raw, str) else dict(raw)
@@ -512,7 +551,13 @@ def rotate_key(
         )
     digest = hash_key(key)
     return key, KeyInfo(
-        digest[:KEY_ID_CHARS], old.tenant_id, time.time(), expires_at, old.rate_per_s, old.burst
+        digest[:KEY_ID_CHARS],
+        old.tenant_id,
+        time.time(),
+        expires_at,
+        old.rate_per_s,
+        old.burst,
+        old.tokens_per_minute,
     )
 
 
@@ -596,6 +641,7 @@ class RateLimiter:
                 f"retry in {retry_after:.3f}s",
                 reason="RATE_LIMITED",
                 retry_after_s=retry_after,
+                quota_subject=f"key:{principal.key_id}",
             )
 
 

@@ -4,7 +4,8 @@
     mesh resume TURN_ID [--after N]
     mesh history [CONVERSATION_ID]
     mesh health [--state [FILE]]
-    mesh keys create --tenant T [--expires-in 30d | --expires-at TIME] [--file F]
+    mesh keys create --tenant T [--expires-in 30d | --expires-at TIME] [--tokens-per-minute N]
+        [--rate-per-s R --burst B] [--file F]
     mesh keys list [--tenant T] [--file F]
     mesh keys revoke KEY_ID [--file F]
     mesh keys rotate KEY_ID [--expires-in D] [--old-expires-in D] [--file F]
@@ -793,8 +794,16 @@ def keys_create(
     err: TextIO,
     *,
     expires_at: float | None = None,
+    tokens_per_minute: int | None = None,
 ) -> int:
-    key = add_key_to_file(path, tenant, rate_per_s=rate_per_s, burst=burst, expires_at=expires_at)
+    key = add_key_to_file(
+        path,
+        tenant,
+        rate_per_s=rate_per_s,
+        burst=burst,
+        expires_at=expires_at,
+        tokens_per_minute=tokens_per_minute,
+    )
     out.write(key + "\n")
     out.flush()
     until = f", valid until {_when(expires_at)}" if expires_at is not None else ""
@@ -815,6 +824,8 @@ def keys_list(path: Path, tenant: str | None, out: TextIO, *, now: float | None 
         rate = "-" if info.rate_per_s is None else f"{info.rate_per_s:g}/s"
         if info.burst is not None:
             rate += f" burst {info.burst}"
+        if info.tokens_per_minute is not None:
+            rate += f" {info.tokens_per_minute} tokens/min"
         out.write(
             f"{info.key_id:<12}  {info.tenant_id:<20}  {_when(info.created_at):<20}  "
             f"{_when(info.expires_at):<20}  {state:<7}  {rate}\n"
@@ -864,7 +875,14 @@ def run_keys(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         old = None if args.old_expires_in is None else now + float(args.old_expires_in)
         return keys_rotate(args.file, args.key_id, _expiry(args, now), old, out, err)
     return keys_create(
-        args.file, args.tenant, args.rate_per_s, args.burst, out, err, expires_at=_expiry(args, now)
+        args.file,
+        args.tenant,
+        args.rate_per_s,
+        args.burst,
+        out,
+        err,
+        expires_at=_expiry(args, now),
+        tokens_per_minute=args.tokens_per_minute,
     )
 
 
@@ -1044,6 +1062,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     create.add_argument("--tenant", required=True)
     create.add_argument("--rate-per-s", type=float, default=None, help="own turn rate limit")
     create.add_argument("--burst", type=int, default=None, help="own burst")
+    create.add_argument(
+        "--tokens-per-minute",
+        type=int,
+        default=None,
+        metavar="N",
+        help="own budget of generated tokens per minute, on top of the tenant's",
+    )
     listing = keys_sub.add_parser("list", parents=[key_file], help="list keys (ids, never keys)")
     listing.add_argument("--tenant", default=None, help="only this tenant's keys")
     revoke = keys_sub.add_parser("revoke", parents=[key_file], help="revoke a key by its id")

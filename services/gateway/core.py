@@ -244,7 +244,12 @@ class GatewayCore(AsyncStartStop):
             await self._conversations.require_conversation(principal.tenant_id, conversation_id)
             self._seen.put((principal.tenant_id, conversation_id), True)
         # Reserved last before the append, so a start refused above costs the tenant nothing.
-        reservation = self.token_budget.reserve(principal.tenant_id, request.options.max_tokens)
+        reservation = self.token_budget.reserve(
+            principal.tenant_id,
+            request.options.max_tokens,
+            key_id=principal.key_id,
+            key_per_minute=principal.tokens_per_minute,
+        )
         decided: asyncio.Future[TurnInfo | None] = asyncio.get_running_loop().create_future()
         if key is not None:
             self.idempotency.put(key, decided)

@@ -61,6 +61,20 @@ def test_parse_keys_accepts_both_entry_forms() -> None:
     assert entries[digest_b] == KeyEntry("globex", 2.0, 3)
 
 
+def test_a_key_may_carry_its_own_token_budget(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    plain = add_key_to_file(path, "acme")
+    budgeted = add_key_to_file(path, "acme", tokens_per_minute=500)
+    stored = json.loads(path.read_text())
+    assert stored[hash_key(budgeted)]["tokens_per_minute"] == 500
+    assert "tokens_per_minute" not in stored[hash_key(plain)]  # older readers see no change
+    store = KeyStore(path)
+    assert store.resolve(budgeted).tokens_per_minute == 500
+    assert store.resolve(plain).tokens_per_minute is None
+    with pytest.raises(InvalidArgument):
+        add_key_to_file(path, "acme", tokens_per_minute=0)
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -71,6 +85,9 @@ def test_parse_keys_accepts_both_entry_forms() -> None:
         {hash_key("a"): {"tenant": "acme", "rate_per_s": 0}},
         {hash_key("a"): {"tenant": "acme", "burst": 0}},
         {hash_key("a"): {"tenant": "acme", "burst": True}},
+        {hash_key("a"): {"tenant": "acme", "tokens_per_minute": 0}},
+        {hash_key("a"): {"tenant": "acme", "tokens_per_minute": 2.5}},
+        {hash_key("a"): {"tenant": "acme", "tokens_per_minute": "100"}},
         {hash_key("a"): 7},
     ],
 )
@@ -169,6 +186,7 @@ def test_rate_limiter_exhausts_with_retry_info() -> None:
     with pytest.raises(ResourceExhausted) as exhausted:
         limiter.acquire(principal)
     assert exhausted.value.reason == "RATE_LIMITED"
+    assert exhausted.value.quota_subject == f"key:{principal.key_id}"
     assert exhausted.value.retry_after_s == pytest.approx(0.2)
     # Another key has its own bucket.
     limiter.acquire(Principal("acme", hash_key("other")))

@@ -98,6 +98,22 @@ def test_keys_create_uses_the_configured_file_and_rate(tmp_path: Path) -> None:
     assert (principal.tenant_id, principal.rate_per_s, principal.burst) == ("t1", 2.0, 4)
 
 
+def test_keys_create_and_list_a_key_token_budget(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    code, out, _ = run(
+        ["keys", "create", "--tenant", "t1", "--tokens-per-minute", "1200", "--file", str(path)]
+    )
+    assert code == 0
+    principal = KeyStore(path).resolve(out.strip())
+    assert principal.tokens_per_minute == 1200
+    code, listing, _ = run(["keys", "list", "--file", str(path)])
+    assert code == 0 and f"{principal.key_id}" in listing and "1200 tokens/min" in listing
+    code, out, err = run(
+        ["keys", "create", "--tenant", "t1", "--tokens-per-minute", "0", "--file", str(path)]
+    )
+    assert code == 1 and out == "" and "tokens per minute must be >= 1" in err
+
+
 def test_keys_create_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     code, out, err = run(
         ["keys", "create", "--tenant", "bad tenant", "--file", str(tmp_path / "k")]

@@ -61,3 +61,42 @@ def test_a_turn_that_ran_past_its_reservation_counts_in_full() -> None:
     reservation.settle(900)  # the agent's default was set higher
     with pytest.raises(ResourceExhausted):
         budget.reserve("a", 200)
+
+
+def test_a_key_with_its_own_budget_is_refused_while_another_key_of_its_tenant_is_served() -> None:
+    clock = Clock()
+    budget = TokenBudget(0, clock)  # no tenant limit: only the key's own
+    budget.reserve("a", 80, key_id="k1", key_per_minute=100)
+    clock.now += 5
+    with pytest.raises(ResourceExhausted) as refused:
+        budget.reserve("a", 30, key_id="k1", key_per_minute=100)
+    assert refused.value.reason == "KEY_TOKEN_RATE"
+    assert refused.value.quota_subject == "key:k1"
+    assert refused.value.retry_after_s == pytest.approx(55.0)
+    assert "API key k1 used 80 of its 100 tokens per minute" in refused.value.message
+    # The tenant's other keys, with or without a budget of their own, are served.
+    budget.reserve("a", 1000, key_id="k2")
+    budget.reserve("a", 90, key_id="k3", key_per_minute=100)
+    clock.now += 55.5
+    budget.reserve("a", 30, key_id="k1", key_per_minute=100)
+
+
+def test_a_key_budget_counts_in_its_tenant_budget_too() -> None:
+    budget = TokenBudget(100, Clock())
+    budget.reserve("a", 60, key_id="k1", key_per_minute=1000)
+    with pytest.raises(ResourceExhausted) as refused:
+        budget.reserve("a", 50, key_id="k2", key_per_minute=1000)
+    assert refused.value.reason == "TENANT_TOKEN_RATE"
+    assert refused.value.quota_subject == "tenant:a"
+
+
+def test_a_refused_turn_reserves_nothing_and_a_settled_turn_settles_both() -> None:
+    budget = TokenBudget(100, Clock())
+    first = budget.reserve("a", 40, key_id="k1", key_per_minute=50)
+    with pytest.raises(ResourceExhausted) as refused:
+        budget.reserve("a", 20, key_id="k1", key_per_minute=50)  # the key's budget is full
+    assert refused.value.reason == "KEY_TOKEN_RATE"
+    budget.reserve("a", 60, key_id="k2")  # so the tenant's 40 + 60 still fit
+    assert first is not None
+    first.settle(10)  # 30 tokens go back to both budgets
+    budget.reserve("a", 30, key_id="k1", key_per_minute=50)
