@@ -6,15 +6,16 @@ JSON file mapping the hex digest to a tenant (and optionally the key's own limit
     {
       "9f86d0...": "acme",
       "2c26b4...": {"tenant": "globex", "rate_per_s": 20, "burst": 40,
-                    "tokens_per_minute": 20000,
+                    "tokens_per_minute": 20000, "max_streams": 50,
                     "created_at": "2026-01-01T00:00:00+00:00",
                     "expires_at": "2026-07-01T00:00:00+00:00"}
     }
 
 ``rate_per_s``/``burst`` replace the gateway's default turn rate for the key;
 ``tokens_per_minute`` is a budget of the key's own, enforced on top of its tenant's
-(services/gateway/token_budget.py). Every field but ``tenant`` is optional, so older files stay
-valid.
+(services/gateway/token_budget.py), and ``max_streams`` bounds the streams the key holds open on
+a gateway, on top of its tenant's share (``MESH_GATEWAY_MAX_STREAMS_PER_TENANT``). Every field
+but ``tenant`` is optional, so older files stay valid.
 
 A key is named by its id, the first 12 hex digits of its hash: safe to show, log and pass to
 ``mesh keys revoke``. A key past its ``expires_at`` is refused. The gateway re-reads the file when
@@ -115,6 +116,8 @@ class KeyEntry:
     created_at: float | None = None
     # Generated tokens the key may start per minute, on top of its tenant's budget.
     tokens_per_minute: int | None = None
+    # Streams the key may hold open on one gateway, on top of its tenant's limit.
+    max_streams: int | None = None
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -130,6 +133,7 @@ class Principal:
     rate_per_s: float | None = None
     burst: int | None = None
     tokens_per_minute: int | None = None
+    max_streams: int | None = None
 
     @property
     def key_id(self) -> str:
@@ -162,6 +166,14 @@ def _timestamp(value: object, what: str, source: str, digest: str) -> float | No
     )
 
 
+def _key_limit(value: object, name: str, source: str, digest: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise KeyFileError(f"{source}: entry {digest[:12]}… {name} must be an integer >= 1")
+    return value
+
+
 def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry]:
     """Validate the JSON of a keys file into ``{sha256 hex: KeyEntry}``."""
     if not isinstance(data, dict):
@@ -176,6 +188,7 @@ def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry
         expires: object = None
         created: object = None
         tokens: object = None
+        streams: object = None
         if isinstance(value, str):
             tenant, rate, burst = value, None, None
         elif isinstance(value, dict):
@@ -185,6 +198,7 @@ def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry
             expires = value.get("expires_at")
             created = value.get("created_at")
             tokens = value.get("tokens_per_minute")
+            streams = value.get("max_streams")
         else:
             raise KeyFileError(f"{source}: entry {digest[:12]}… must be a tenant or an object")
         if not isinstance(tenant, str) or not _TENANT_PATTERN.match(tenant):
@@ -197,19 +211,14 @@ def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry
             isinstance(burst, bool) or not isinstance(burst, int) or burst < 1
         ):
             raise KeyFileError(f"{source}: entry {digest[:12]}… burst must be an integer >= 1")
-        if tokens is not None and (
-            isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1
-        ):
-            raise KeyFileError(
-                f"{source}: entry {digest[:12]}… tokens_per_minute must be an integer >= 1"
-            )
         entries[digest] = KeyEntry(
             tenant,
             None if rate is None else float(rate),
             None if burst is None else int(burst),
             _timestamp(expires, "expires_at", source, digest),
             _timestamp(created, "created_at", source, digest),
-            tokens_per_minute=None if tokens is None else int(tokens),
+            tokens_per_minute=_key_limit(tokens, "tokens_per_minute", source, digest),
+            max_streams=_key_limit(streams, "max_streams", source, digest),
         )
     return entries
 
@@ -329,6 +338,7 @@ class KeyStore:
             entry.rate_per_s,
             entry.burst,
             tokens_per_minute=entry.tokens_per_minute,
+            max_streams=entry.max_streams,
         )
 
     def verify(self, principal: Principal) -> None:
@@ -364,6 +374,7 @@ class KeyInfo:
     rate_per_s: float | None
     burst: int | None
     tokens_per_minute: int | None = None
+    max_streams: int | None = None
 
 
 @contextlib.contextmanager
@@ -424,6 +435,7 @@ def _new_entry(
     burst: int | None,
     expires_at: float | None,
     tokens_per_minute: int | None = None,
+    max_streams: int | None = None,
 ) -> str:
     key = new_api_key()
     entry: dict[str, Any] = {"tenant": tenant_id, "created_at": _iso(time.time())}
@@ -433,6 +445,8 @@ def _new_entry(
         entry["burst"] = burst
     if tokens_per_minute is not None:
         entry["tokens_per_minute"] = tokens_per_minute
+    if max_streams is not None:
+        entry["max_streams"] = max_streams
     if expires_at is not None:
         entry["expires_at"] = _iso(expires_at)
     data[hash_key(key)] = entry
@@ -447,22 +461,27 @@ def add_key_to_file(
     burst: int | None = None,
     expires_at: float | None = None,
     tokens_per_minute: int | None = None,
+    max_streams: int | None = None,
 ) -> str:
     """Create a key for ``tenant_id``, store its hash in ``path`` and return the key itself.
 
     The file is replaced atomically and readable by its owner only; the key is never written.
     ``expires_at`` (seconds since the epoch) makes the gateway refuse the key from then on;
-    ``tokens_per_minute`` gives the key a token budget of its own, on top of its tenant's.
+    ``tokens_per_minute`` and ``max_streams`` give the key limits of its own, on top of its
+    tenant's.
     """
     validate_tenant_id(tenant_id)
-    if tokens_per_minute is not None and tokens_per_minute < 1:
-        raise InvalidArgument(
-            f"tokens per minute must be >= 1 (got {tokens_per_minute})",
-            reason="TOKENS_PER_MINUTE_INVALID",
-            field="tokens_per_minute",
-        )
+    for what, limit in (("tokens per minute", tokens_per_minute), ("max streams", max_streams)):
+        if limit is not None and limit < 1:
+            raise InvalidArgument(
+                f"{what} must be >= 1 (got {limit})",
+                reason="KEY_LIMIT_INVALID",
+                field=what.replace(" ", "_"),
+            )
     with _locked_keys(path) as data:
-        key = _new_entry(data, tenant_id, rate_per_s, burst, expires_at, tokens_per_minute)
+        key = _new_entry(
+            data, tenant_id, rate_per_s, burst, expires_at, tokens_per_minute, max_streams
+        )
         audit.record(
             path,
             "key-created",
@@ -483,6 +502,7 @@ def _info(digest: str, entry: KeyEntry) -> KeyInfo:
         entry.rate_per_s,
         entry.burst,
         entry.tokens_per_minute,
+        entry.max_streams,
     )
 
 
@@ -534,7 +554,13 @@ def rotate_key(
         old_digest = _find_key(data, key_id, path)
         old = parse_keys({old_digest: data[old_digest]}, source=str(path))[old_digest]
         key = _new_entry(
-            data, old.tenant_id, old.rate_per_s, old.burst, expires_at, old.tokens_per_minute
+            data,
+            old.tenant_id,
+            old.rate_per_s,
+            old.burst,
+            expires_at,
+            old.tokens_per_minute,
+            old.max_streams,
         )
         if old_expires_at is not None:
             raw = data[old_digest]
@@ -558,6 +584,7 @@ def rotate_key(
         old.rate_per_s,
         old.burst,
         old.tokens_per_minute,
+        old.max_streams,
     )
 
 

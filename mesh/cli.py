@@ -5,7 +5,7 @@
     mesh history [CONVERSATION_ID]
     mesh health [--state [FILE]]
     mesh keys create --tenant T [--expires-in 30d | --expires-at TIME] [--tokens-per-minute N]
-        [--rate-per-s R --burst B] [--file F]
+        [--max-streams N] [--rate-per-s R --burst B] [--file F]
     mesh keys list [--tenant T] [--file F]
     mesh keys revoke KEY_ID [--file F]
     mesh keys rotate KEY_ID [--expires-in D] [--old-expires-in D] [--file F]
@@ -795,6 +795,7 @@ def keys_create(
     *,
     expires_at: float | None = None,
     tokens_per_minute: int | None = None,
+    max_streams: int | None = None,
 ) -> int:
     key = add_key_to_file(
         path,
@@ -803,6 +804,7 @@ def keys_create(
         burst=burst,
         expires_at=expires_at,
         tokens_per_minute=tokens_per_minute,
+        max_streams=max_streams,
     )
     out.write(key + "\n")
     out.flush()
@@ -826,6 +828,8 @@ def keys_list(path: Path, tenant: str | None, out: TextIO, *, now: float | None 
             rate += f" burst {info.burst}"
         if info.tokens_per_minute is not None:
             rate += f" {info.tokens_per_minute} tokens/min"
+        if info.max_streams is not None:
+            rate += f" {info.max_streams} streams"
         out.write(
             f"{info.key_id:<12}  {info.tenant_id:<20}  {_when(info.created_at):<20}  "
             f"{_when(info.expires_at):<20}  {state:<7}  {rate}\n"
@@ -883,6 +887,7 @@ def run_keys(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err,
         expires_at=_expiry(args, now),
         tokens_per_minute=args.tokens_per_minute,
+        max_streams=args.max_streams,
     )
 
 
@@ -1068,6 +1073,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="own budget of generated tokens per minute, on top of the tenant's",
+    )
+    create.add_argument(
+        "--max-streams",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most streams the key may hold open per gateway, on top of the tenant's limit",
     )
     listing = keys_sub.add_parser("list", parents=[key_file], help="list keys (ids, never keys)")
     listing.add_argument("--tenant", default=None, help="only this tenant's keys")

@@ -32,6 +32,7 @@ from mesh.turn_ids import new_turn_ref, parse_turn_id
 from services.gateway.caches import BoundedLru, IdempotencyCache
 from services.gateway.context_check import ContextCheck
 from services.gateway.hub import Subscription, TurnHub
+from services.gateway.key_streams import KeyStreams
 from services.gateway.model import Output, StartRequest, TurnInfo
 from services.gateway.queue_position import QueueTracker
 from services.gateway.readiness import StartGate
@@ -97,6 +98,7 @@ class GatewayCore(AsyncStartStop):
         self.draining = False
         self._streams = 0
         self._tenant_streams: Counter[str] = Counter()
+        self._key_streams = KeyStreams()
         # Starts of a tenant on a partition between their queue check and their durable append:
         # counted with the pending requests so concurrent starts cannot all pass one check.
         self._starting: Counter[tuple[int, str]] = Counter()
@@ -145,10 +147,16 @@ class GatewayCore(AsyncStartStop):
         self.draining = True
 
     @contextlib.contextmanager
-    def stream_slot(self, tenant_id: str) -> Iterator[None]:
+    def stream_slot(self, tenant_id: str, key: Principal | None = None) -> Iterator[None]:
         """Hold one of the gateway's ``max_streams`` stream slots for the block, and one of the
-        tenant's ``max_streams_per_tenant``; the tenant's own limit is checked first, so a
-        tenant that holds its share is told so, and never fills the gateway for the others."""
+        tenant's ``max_streams_per_tenant`` (and of the key's own ``max_streams``, when the
+        keys file gives it one); the narrowest limit is checked first, so a key or tenant that
+        holds its share is told so, and never fills the gateway for the others."""
+        with self._key_streams.hold(key), self._tenant_stream_slot(tenant_id):
+            yield
+
+    @contextlib.contextmanager
+    def _tenant_stream_slot(self, tenant_id: str) -> Iterator[None]:
         settings = self.settings
         held = self._tenant_streams[tenant_id]
         if held >= settings.max_streams_per_tenant:

@@ -196,7 +196,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
         self, request_iterator: AsyncIterator[gateway_pb2.ChatRequest], context: Context
     ) -> AsyncIterator[gateway_pb2.ChatResponse]:
         principal = current_principal()
-        with self._core.stream_slot(principal.tenant_id):
+        with self._core.stream_slot(principal.tenant_id, principal):
 
             async def frames() -> AsyncIterator[Frame]:
                 async for request in request_iterator:
@@ -249,7 +249,7 @@ class GatewayServicer(gateway_service_pb2_grpc.GatewayServiceServicer):
     ) -> AsyncIterator[Any]:
         """A server-streaming turn's frames, in one of the gateway's (and the tenant's) stream
         slots, taken before the turn opens; the turn is closed however the call ends."""
-        with self._core.stream_slot(principal.tenant_id):
+        with self._core.stream_slot(principal.tenant_id, principal):
             turn = await open_turn()
             try:
                 async for output in self._core.follow(turn):

@@ -1,6 +1,6 @@
-"""A key's own token budget against the launched mesh: the key that spent it is refused
-(RESOURCE_EXHAUSTED, QuotaFailure ``key:<id>``, RetryInfo) while another key of the same tenant
-is still served."""
+"""A key's own limits against the launched mesh: the key that spent its token budget, or holds
+its streams, is refused (RESOURCE_EXHAUSTED, QuotaFailure ``key:<id>``, RetryInfo) while another
+key of the same tenant is still served."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import time
 import grpc
 import pytest
 from chat.common.v1 import common_pb2
-from google.rpc import error_details_pb2
+from chat.gateway.v1 import gateway_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from mesh.auth import add_key_to_file, hash_key
 from tests.fixtures.mesh import RunningMesh
 from tests.integration.grpc_helpers import (
+    ChatSession,
     TurnResult,
     error_reason,
     gateway,
@@ -45,6 +47,15 @@ def first_turn(running_mesh: RunningMesh, key: str) -> TurnResult:
                 time.sleep(0.2)
 
 
+def quota_subjects(status: status_pb2.Status) -> list[str]:
+    subjects = []
+    for detail in status.details:
+        quota = error_details_pb2.QuotaFailure()
+        if detail.Unpack(quota):
+            subjects += [violation.subject for violation in quota.violations]
+    return subjects
+
+
 def test_a_key_that_spent_its_budget_is_refused_and_its_tenants_other_key_served(
     running_mesh: RunningMesh,
 ) -> None:
@@ -66,15 +77,42 @@ def test_a_key_that_spent_its_budget_is_refused_and_its_tenants_other_key_served
         assert error_reason(status) == "KEY_TOKEN_RATE"
         delay = retry_delay_s(status)
         assert delay is not None and 0 < delay <= 60
-        subjects = []
-        for detail in status.details:
-            quota = error_details_pb2.QuotaFailure()
-            if detail.Unpack(quota):
-                subjects += [violation.subject for violation in quota.violations]
-        assert subjects == [f"key:{key_id}"]
+        assert quota_subjects(status) == [f"key:{key_id}"]
         # The same tenant's other key is not held back by this key's budget.
         other = stream_turn(
             stub, running_mesh.api_key, start_request("hello", max_tokens=TURN_TOKENS)
         )
         assert other.finished is not None
         assert other.finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+
+def test_a_key_that_holds_its_streams_is_refused_and_its_tenants_other_key_served(
+    running_mesh: RunningMesh,
+) -> None:
+    keys_file = running_mesh.state_dir / "api-keys.json"
+    limited = add_key_to_file(
+        keys_file, running_mesh.tenant_id, rate_per_s=100.0, burst=100, max_streams=1
+    )
+    first_turn(running_mesh, limited)  # the gateway knows the key now
+    with grpc.insecure_channel(running_mesh.gateway_addr) as channel:
+        stub = gateway(channel)
+        held = ChatSession(stub, limited)
+        refused = ChatSession(stub, limited)
+        other = ChatSession(stub, running_mesh.api_key)
+        try:
+            # The first stream runs a turn, so it holds its slot on the gateway.
+            held.send(gateway_pb2.ChatRequest(start=start_request("hello", max_tokens=4)))
+            assert held.next().WhichOneof("frame") == "accepted"
+            with pytest.raises(grpc.RpcError) as error:
+                refused.next()
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            status = rich_status(error.value)
+            assert error_reason(status) == "KEY_STREAM_LIMIT"
+            assert quota_subjects(status) == [f"key:{hash_key(limited)[:12]}"]
+            assert retry_delay_s(status) is not None
+            # Meanwhile the tenant's other key opens a stream and runs a turn.
+            other.send(gateway_pb2.ChatRequest(start=start_request("hello", max_tokens=4)))
+            assert other.next().WhichOneof("frame") == "accepted"
+        finally:
+            for session in (held, refused, other):
+                session.close()

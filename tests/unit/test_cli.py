@@ -101,13 +101,25 @@ def test_keys_create_uses_the_configured_file_and_rate(tmp_path: Path) -> None:
 def test_keys_create_and_list_a_key_token_budget(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
     code, out, _ = run(
-        ["keys", "create", "--tenant", "t1", "--tokens-per-minute", "1200", "--file", str(path)]
+        [
+            "keys",
+            "create",
+            "--tenant",
+            "t1",
+            "--tokens-per-minute",
+            "1200",
+            "--max-streams",
+            "7",
+            "--file",
+            str(path),
+        ]
     )
     assert code == 0
     principal = KeyStore(path).resolve(out.strip())
-    assert principal.tokens_per_minute == 1200
+    assert (principal.tokens_per_minute, principal.max_streams) == (1200, 7)
     code, listing, _ = run(["keys", "list", "--file", str(path)])
-    assert code == 0 and f"{principal.key_id}" in listing and "1200 tokens/min" in listing
+    assert code == 0 and f"{principal.key_id}" in listing
+    assert "1200 tokens/min 7 streams" in listing
     code, out, err = run(
         ["keys", "create", "--tenant", "t1", "--tokens-per-minute", "0", "--file", str(path)]
     )

@@ -814,3 +814,44 @@ async def test_chat_half_close_lets_the_running_turn_finish(
     outputs = [chat.outputs.get_nowait() for _ in range(chat.outputs.qsize())]
     assert [o.seq for o in outputs if isinstance(o, TokenOut)] == [1, 2]
     assert isinstance(outputs[-1], FinishedOut)
+
+
+async def test_a_key_with_a_stream_limit_leaves_its_tenants_other_keys_their_streams(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    settings = make_settings(tmp_path, max_streams=10, max_streams_per_tenant=4)
+    limited = Principal("acme", hash_key("acme-limited"), max_streams=1)
+    async with GatewayCore(settings, log=log, conversations=conversations) as core:
+        with core.stream_slot("acme", limited):
+            with pytest.raises(ResourceExhausted) as own:
+                with core.stream_slot("acme", limited):
+                    pass
+            assert own.value.reason == "KEY_STREAM_LIMIT"
+            assert own.value.quota_subject == f"key:{limited.key_id}"
+            assert own.value.retry_after_s is not None
+            # The refusal held nothing: the tenant's other keys get the rest of its share.
+            assert core.tenant_streams("acme") == 1
+            with core.stream_slot("acme", ACME), core.stream_slot("acme", ACME):
+                with core.stream_slot("acme", ACME):
+                    with pytest.raises(ResourceExhausted) as tenant:
+                        with core.stream_slot("acme", ACME):
+                            pass
+                    assert tenant.value.reason == "TENANT_STREAM_LIMIT"
+        # Closed streams give the key its slot back.
+        with core.stream_slot("acme", limited):
+            assert core.open_streams == 1
+
+
+async def test_a_key_refused_by_its_tenants_limit_keeps_no_slot(
+    tmp_path: Path, log: EmbeddedLog, conversations: KnownConversations
+) -> None:
+    settings = make_settings(tmp_path, max_streams=10, max_streams_per_tenant=1)
+    limited = Principal("acme", hash_key("acme-limited"), max_streams=1)
+    async with GatewayCore(settings, log=log, conversations=conversations) as core:
+        with core.stream_slot("acme", ACME):
+            with pytest.raises(ResourceExhausted) as tenant:
+                with core.stream_slot("acme", limited):
+                    pass
+            assert tenant.value.reason == "TENANT_STREAM_LIMIT"
+        with core.stream_slot("acme", limited):  # its key slot was given back
+            pass

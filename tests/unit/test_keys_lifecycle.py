@@ -92,7 +92,9 @@ def test_verify_refuses_a_key_that_changed_tenant(tmp_path: Path) -> None:
 
 def test_rotate_adds_a_key_and_keeps_the_old_one(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
-    old = add_key_to_file(path, "acme", rate_per_s=2.0, burst=3, tokens_per_minute=900)
+    old = add_key_to_file(
+        path, "acme", rate_per_s=2.0, burst=3, tokens_per_minute=900, max_streams=5
+    )
     old_id = hash_key(old)[:12]
     new, info = rotate_key(path, old_id[:8])
     store = KeyStore(path)
@@ -100,6 +102,7 @@ def test_rotate_adds_a_key_and_keeps_the_old_one(tmp_path: Path) -> None:
     fresh = store.resolve(new)
     assert (fresh.tenant_id, fresh.rate_per_s, fresh.burst) == ("acme", 2.0, 3)
     assert fresh.tokens_per_minute == info.tokens_per_minute == 900
+    assert fresh.max_streams == info.max_streams == 5
     assert info.key_id == fresh.key_id != old_id
     assert {i.key_id for i in list_keys(path)} == {old_id, fresh.key_id}
     # With a grace period the old key gets an expiry; the new one has none.

@@ -531,7 +531,7 @@ class OpenAiApi:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         principal = self.principal(request)
         call = parse_chat(await self.body(request), await self.served_models())
-        with self.core.stream_slot(principal.tenant_id):
+        with self.core.stream_slot(principal.tenant_id, principal):
             conversation_id, text, stored, key = await self._chat_plan(principal, call.messages)
             start = StartRequest(conversation_id, text, call.sampling.options)
             try:
@@ -724,7 +724,7 @@ class OpenAiApi:
     async def create_response(self, request: web.Request) -> web.StreamResponse:
         principal = self.principal(request)
         call = parse_response(await self.body(request), await self.served_models())
-        with self.core.stream_slot(principal.tenant_id):
+        with self.core.stream_slot(principal.tenant_id, principal):
             conversation_id, text = await self._response_text(principal, call)
             # A background response runs on with nobody attached (no orphan cancel).
             start = StartRequest(
@@ -881,7 +881,7 @@ class OpenAiApi:
         info = await self._find(principal, request.match_info["response_id"])
         if not stream:
             return web.json_response((await self._state(info)).to_json())
-        with self.core.stream_slot(principal.tenant_id):
+        with self.core.stream_slot(principal.tenant_id, principal):
             try:
                 # From the turn's first token: the closing events carry the whole text.
                 turn = await self.core.resume_turn(principal, info.turn_id, 0)
