@@ -19,6 +19,7 @@ from services.agent.prompt import PromptBuilder, PromptRequest, PromptTooLong
 from services.gateway.context_check import ContextCheck
 from services.gateway.core import GatewayCore
 from services.gateway.model import StartRequest
+from services.gateway.settings import GatewaySettings
 from tests.unit.test_gateway_core import ACME, KnownConversations, make_settings
 
 N_CTX = 96
@@ -147,3 +148,19 @@ async def test_the_core_refuses_before_anything_is_logged(
             0
         ] * core.partitions
         (await core.start_turn(ACME, StartRequest("", message(10)))).close()
+
+
+def test_the_settings_follow_the_agents_unless_set(tmp_path: Path, tiny_model: Path) -> None:
+    agents = {
+        "MESH_AGENT_MODEL_PATH": str(tiny_model),
+        "MESH_AGENT_N_CTX": "777",
+        "MESH_AGENT_SYSTEM_PROMPT": "be brief",
+    }
+    derived = GatewaySettings.from_env(agents)
+    assert derived.context_model_paths == (tiny_model,)
+    assert (derived.context_tokens, derived.context_system_prompt) == (777, "be brief")
+    off = GatewaySettings.from_env({**agents, "MESH_GATEWAY_CONTEXT_MODELS": ""})
+    assert off.context_model_paths == ()
+    assert GatewaySettings.from_env({}).context_tokens == 2048  # the agent's default
+    with pytest.raises(SettingsError, match="is not a file"):
+        GatewaySettings.from_env({"MESH_GATEWAY_CONTEXT_MODELS": str(tmp_path / "missing.gguf")})
