@@ -71,6 +71,7 @@ class TurnStream:
         self._queue = queue
         self._pending: deque[turnlog.TurnEvent] = deque()
         self._early: turnlog.FirstWins[int, turnlog.TokenEmitted] = turnlog.FirstWins()
+        self._attempts = turnlog.Attempts()  # fences off a zombie agent's records
         self._outbox: list[Output] = [
             Accepted(info.turn_id, info.conversation_id, max(position, 0))
         ]
@@ -138,6 +139,9 @@ class TurnStream:
             if not pending:
                 break
             event = pending[0]
+            if not self._attempts.admit(event):
+                pending.popleft()  # a zombie's record: a newer attempt started before it
+                continue
             if type(event) is turnlog.TokenEmitted:
                 seq = event.seq
                 if seq <= self.last_seq:
@@ -157,6 +161,10 @@ class TurnStream:
                 continue
             pending.popleft()
             if isinstance(event, turnlog.TurnStarted):
+                for stale in [
+                    seq for seq, token in early.items() if not self._attempts.admit(token)
+                ]:
+                    del early[stale]
                 self._on_started(out)
             elif isinstance(event, turnlog.TurnCancelled):
                 if not self.started:
@@ -164,6 +172,7 @@ class TurnStream:
                     # finds the cancel first), so the stream ends now instead of waiting for one.
                     self._finish(FinishReason.CANCELLED, out)
             elif isinstance(event, turnlog.TurnFinished):
+                self.sub.note_ended()
                 self._finish(finish_reason_from_proto(event.finish_reason), out, event)
         return out, used
 

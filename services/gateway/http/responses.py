@@ -220,6 +220,7 @@ async def read_state(log: EventLog, info: TurnInfo, state: ResponseState) -> Res
     end = await log.end_offset(TURN_EVENTS, info.partition)
     wanted = {info.turn_id}
     tokens: turnlog.FirstWins[int, str] = turnlog.FirstWins()
+    attempts = turnlog.Attempts()
     finished: turnlog.TurnFinished | None = None
     started = cancelled = False
     position = info.events_start
@@ -231,6 +232,8 @@ async def read_state(log: EventLog, info: TurnInfo, state: ResponseState) -> Res
             except turnlog.UndecodableRecord:
                 continue
             for event in events:
+                if not attempts.admit(event):
+                    continue  # a zombie's record
                 if isinstance(event, turnlog.TokenEmitted):
                     tokens.offer(event.seq, event.text)
                 elif isinstance(event, turnlog.TurnStarted):
