@@ -511,6 +511,11 @@ class GatewayCore(AsyncStartStop):
             _log.info("turn lookup for %s fell back to the log: %s", turn_id, error)
             return None
 
+    async def stored_turn(self, info: TurnInfo) -> StoredTurn | None:
+        """The persister's answer about a turn already found (its whole stored text), or None
+        when it cannot answer now."""
+        return await self._lookup(info.tenant_id, info.turn_id, 0)
+
     async def _scan_for_request(
         self,
         turn_id: str,

@@ -296,3 +296,37 @@ async def test_a_forged_id_with_an_old_offset_costs_no_log_scan(mesh: Mesh, keys
         else:
             assert reads == Counter(), reads  # one primary-key read in the persister
     print(f"forged id NOT_FOUND: log scan {timings['plain']:.3f}s, lookup {timings['lookup']:.3f}s")
+
+
+async def test_a_database_from_before_migrates_and_keeps_its_token_rows(pg_dsn: str) -> None:
+    from datetime import UTC, datetime
+
+    from services.persister import store as pg_store
+    from services.persister.turn_lookup import TurnLookup, TurnState
+
+    old_schema = pg_store.SCHEMA.split("-- Added after the first release")[0]
+    turn = str(new_turn_ref(0, 0, 0))
+    now = datetime.now(UTC)
+    with psycopg.connect(pg_dsn, autocommit=True) as pg:
+        pg.execute(old_schema)
+        for role, text in [(1, "question"), (2, "ab")]:
+            pg.execute(
+                "INSERT INTO messages (turn_id, role, conversation_id, tenant_id, text, "
+                "created_at, accepted_at) VALUES (%s, %s, 'c', 'acme', %s, %s, %s)",
+                (turn, role, text, now, now),
+            )
+        for seq, text in [(1, "a"), (2, "b")]:
+            pg.execute("INSERT INTO tokens VALUES (%s, %s, %s)", (turn, seq, text))
+    async with pg_store.PgStore(pg_dsn) as store:
+        stored = await store.lookup_turn(turn)
+
+        async def applied(partition: int) -> int:
+            return 0
+
+        answer = await TurnLookup(store=store, applied=applied).lookup("acme", turn, 0)
+    assert stored is not None and stored.finished and stored.request_offset == -1
+    assert stored.token_lengths is None and stored.finish_event is None
+    # Served from the log instead, as before; the old rows stay as they were.
+    assert answer.state is TurnState.FINISHED and not answer.tokens_complete
+    with psycopg.connect(pg_dsn) as pg:
+        assert pg.execute("SELECT count(*) FROM tokens").fetchone() == (2,)
