@@ -359,6 +359,7 @@ async def serve(settings: GatewaySettings) -> None:
                 settings.persister_addr,
                 timeout_s=settings.persister_timeout_s,
                 tls=settings.tls,
+                lookup_timeout_s=settings.turn_lookup_timeout_s,
             )
         )
         gate = gateway_readiness(
@@ -369,7 +370,9 @@ async def serve(settings: GatewaySettings) -> None:
             require_persister=settings.require_persister,
         )
         core = await stack.enter_async_context(
-            GatewayCore(settings, log=event_log, conversations=persister, gate=gate)
+            GatewayCore(
+                settings, log=event_log, conversations=persister, gate=gate, turns=persister
+            )
         )
         # After the core: its start creates the topics the log probe writes to.
         await stack.enter_async_context(gate.readiness)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from mesh import metrics, turnlog
 from mesh.codec import finish_reason_from_proto
 from mesh.errors import Unavailable
 from mesh.generation import FinishReason, TurnTimings
-from services.gateway.hub import Subscription
 from services.gateway.model import (
     Accepted,
     FinishedOut,
@@ -36,6 +37,22 @@ TAKE_BATCH = 1024
 MAX_TOKENS_PER_RUN = 256
 
 
+class EventSource(Protocol):
+    """Where a stream's events come from: a hub ``Subscription`` (the log), or a finished turn's
+    stored events (``turn_lookup.StoredEvents``)."""
+
+    notify: asyncio.Event
+
+    @property
+    def closed(self) -> bool: ...
+
+    def ready(self) -> bool: ...
+
+    async def take(self, limit: int = ...) -> list[turnlog.TurnEvent]: ...
+
+    def close(self) -> None: ...
+
+
 class TurnStream:
     """Orders one turn's events for one stream: tokens with seq == last + 1 only, then finish.
 
@@ -47,7 +64,7 @@ class TurnStream:
         self,
         *,
         info: TurnInfo,
-        sub: Subscription,
+        sub: EventSource,
         queue: QueueTracker,
         after_seq: int,
         position: int,

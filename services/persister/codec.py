@@ -66,7 +66,12 @@ def _request(record: Record) -> Event | None:
         else utc_from_ms(record.timestamp_ms)
     )
     return UserTurn(
-        req.turn_id, req.conversation_id, req.tenant_id, _clean(req.user_text), accepted_at
+        req.turn_id,
+        req.conversation_id,
+        req.tenant_id,
+        _clean(req.user_text),
+        accepted_at,
+        record.offset,
     )
 
 
@@ -87,6 +92,7 @@ def _event(event: turnlog.TurnEvent, record: Record) -> Event | None:
             int(event.finish_reason),
             max(event.last_seq, 0),
             utc_from_ms(record.timestamp_ms),
+            turnlog.encode(event),
         )
     # TurnStarted, TurnCancelled and who follows the turn change nothing stored: a cancel
     # ends in a TurnFinished.

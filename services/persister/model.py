@@ -45,6 +45,8 @@ class UserTurn:
     tenant_id: str
     text: str
     accepted_at: datetime
+    # Where the TurnRequested lies on the request log: a gateway's lookup of the turn reports it.
+    request_offset: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,9 @@ class TurnEnd:
     finish_reason: int
     last_seq: int
     finished_at: datetime
+    # The TurnFinished record as logged (``turnlog.encode``), stored so a resume served from
+    # PostgreSQL ends with exactly the frame the log would give (usage, timings, error).
+    event: bytes = b""
 
 
 Event = UserTurn | TokenEvent | TurnEnd
@@ -196,6 +201,23 @@ class Erasure:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredTurn:
+    """A turn's stored rows, as ``LookupTurn`` reads them (``turn_lookup``)."""
+
+    tenant_id: str
+    conversation_id: str
+    # Offset of its TurnRequested on the request log; -1 while its user message is not stored
+    # (the topics are consumed independently) or when it was stored before the column existed.
+    request_offset: int
+    finished: bool
+    # The assistant message's text, its tokens' lengths (seq 1..n; None when not sliceable) and
+    # the TurnFinished record as logged (None for a turn stored before it was kept).
+    text: str = ""
+    token_lengths: tuple[int, ...] | None = None
+    finish_event: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     events_consumed: int
     batches_committed: int
@@ -257,6 +279,10 @@ class Store(Protocol):
         self, tenant_id: str, *, after: ConversationCursor | None, limit: int
     ) -> list[Conversation]:
         """Up to ``limit`` of the tenant's conversations after ``after``, newest first."""
+        ...
+
+    async def lookup_turn(self, turn_id: str) -> StoredTurn | None:
+        """The turn's stored rows (one primary-key read), or None when none is stored."""
         ...
 
     async def erase(self, tenant_id: str, conversation_id: str, *, force: bool) -> Erasure:

@@ -199,11 +199,18 @@ async def persister_running(
 
 
 def counts(pg_dsn: str) -> dict[str, int]:
+    """Rows per table; "tokens" counts the token rows of running turns and the tokens kept as
+    lengths on assembled messages (whose rows are deleted), so each stored token counts once."""
     with psycopg.connect(pg_dsn) as conn:
-        return {
+        found = {
             table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
             for table in ("conversations", "messages", "tokens")
         }
+        assembled = conn.execute(
+            "SELECT coalesce(sum(cardinality(token_lengths)), 0) FROM messages"
+        ).fetchone()
+    found["tokens"] += int(assembled[0])  # type: ignore[index]
+    return found
 
 
 def error_reason(error: grpc.aio.AioRpcError) -> str:
@@ -373,6 +380,9 @@ async def test_replaying_the_log_changes_nothing(
         await run.stub.Flush(persister_pb2.FlushRequest(), timeout=15)
     before = counts(pg_dsn)
     assert before == {"conversations": 1, "messages": 2, "tokens": 3}
+    with psycopg.connect(pg_dsn) as conn:
+        # Assembled: the lengths are on the message, the token rows are gone.
+        assert conn.execute("SELECT count(*) FROM tokens").fetchone() == (0,)
 
     # The same events again on the same log (a gateway retry, an agent replaying its turn)...
     await w.request("conv-r", "hello", turn=turn)
@@ -384,6 +394,9 @@ async def test_replaying_the_log_changes_nothing(
     assert flushed.rows_written == 0
     assert stats.duplicates_ignored == 5
     assert counts(pg_dsn) == before
+    with psycopg.connect(pg_dsn) as conn:
+        # The replayed tokens of the assembled turn were not stored again.
+        assert conn.execute("SELECT count(*) FROM tokens").fetchone() == (0,)
 
     # ...and the whole log consumed again from offset 0 by a fresh group (a new log file).
     async with open_embedded(tmp_path / "replay.sqlite3") as fresh:

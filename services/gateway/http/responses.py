@@ -19,6 +19,7 @@ sequence_number       event
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,6 +259,18 @@ async def read_state(log: EventLog, info: TurnInfo, state: ResponseState) -> Res
     return state
 
 
+def stored_state(
+    finished: turnlog.TurnFinished, texts: Sequence[str], state: ResponseState
+) -> ResponseState:
+    """Fill ``state`` from a finished turn the persister returned (``GatewayCore.stored_turn``):
+    what ``read_state`` reads from the log for that turn, without reading it."""
+    state.texts = list(texts)
+    state.status = status_of(finish_reason_from_proto(finished.finish_reason), True, False)
+    state.usage = finished.usage
+    state.model = finished.model or state.model
+    return state
+
+
 __all__ = [
     "HEADER_EVENTS",
     "ResponseState",
@@ -266,6 +279,7 @@ __all__ = [
     "header_events",
     "parse_response_id",
     "read_state",
+    "stored_state",
     "response_id",
     "status_of",
 ]
