@@ -52,9 +52,17 @@ class Attempts(dict[str, int]):
     def admit(self, event: object) -> bool:
         """Whether ``event`` counts; a ``TurnStarted`` also raises its turn's attempt."""
         if isinstance(event, TurnStarted):
-            if event.attempt > self.get(event.turn_id, 0):
-                self[event.turn_id] = event.attempt
+            self.started(event.turn_id, event.attempt)
             return True
         if isinstance(event, TokenEmitted | TurnFinished):
-            return event.attempt >= self.get(event.turn_id, 0)
+            return self.counts(event.turn_id, event.attempt)
         return True
+
+    def started(self, turn_id: str, attempt: int) -> None:
+        """A ``TurnStarted`` of ``attempt``: later records of older attempts no longer count."""
+        if attempt > self.get(turn_id, 0):
+            self[turn_id] = attempt
+
+    def counts(self, turn_id: str, attempt: int) -> bool:
+        """Whether a token or finish of ``attempt`` counts after the starts seen so far."""
+        return attempt >= self.get(turn_id, 0)

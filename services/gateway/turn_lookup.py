@@ -117,6 +117,9 @@ class StoredEvents:
         events = self._events
         return [events.popleft() for _ in range(min(limit, len(events)))]
 
+    def note_ended(self) -> None:
+        """Nothing to tell: the turn is finished and stored."""
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -50,6 +50,9 @@ class EventSource(Protocol):
 
     async def take(self, limit: int = ...) -> list[turnlog.TurnEvent]: ...
 
+    def note_ended(self) -> None:
+        """The stream took the turn's (admitted) TurnFinished."""
+
     def close(self) -> None: ...
 
 

@@ -56,6 +56,16 @@ class TokenEvent:
     turn_id: str
     seq: int
     text: str
+    attempt: int = 0  # of the TurnStarted it belongs to (``turnlog.Attempts``)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptStarted:
+    """A ``TurnStarted`` of a takeover (attempt 2 or more): the zombie's later records of the
+    turn no longer count (``turnlog.Attempts``). A first attempt needs no row."""
+
+    turn_id: str
+    attempt: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +81,10 @@ class TurnEnd:
     # The TurnFinished record as logged (``turnlog.encode``), stored so a resume served from
     # PostgreSQL ends with exactly the frame the log would give (usage, timings, error).
     event: bytes = b""
+    attempt: int = 0  # of the TurnStarted it belongs to (``turnlog.Attempts``)
 
 
-Event = UserTurn | TokenEvent | TurnEnd
+Event = UserTurn | TokenEvent | TurnEnd | AttemptStarted
 # Decodes a record; None for records the persister does not store (started, cancelled, garbage).
 Decoder = Callable[[Record], list[Event]]
 
@@ -102,10 +113,14 @@ class BatchPlan:
     user_messages: list[UserTurn] = field(default_factory=list)
     tokens: list[TokenEvent] = field(default_factory=list)
     finishes: list[TurnEnd] = field(default_factory=list)
+    # The newest takeover attempt per turn seen in the batch: later batches fence by it.
+    turn_attempts: dict[str, int] = field(default_factory=dict)
     last_records: dict[tuple[str, int], Record] = field(default_factory=dict)
     events: int = 0
     # Records that repeated an earlier record of the same batch (same turn and seq, say).
     in_batch_duplicates: int = 0
+    # Tokens and finishes of an older attempt after a newer one started, in this batch.
+    zombie_records: int = 0
 
     @property
     def row_attempts(self) -> int:

@@ -80,6 +80,14 @@ CREATE TABLE IF NOT EXISTS tokens (
     PRIMARY KEY (turn_id, seq)
 );
 
+-- The newest takeover attempt (2 or more) of each unfinished turn that was taken over: a token
+-- or finish of an older attempt in a later batch is a zombie's and is not stored
+-- (turnlog.Attempts). Deleted when the turn's message is assembled.
+CREATE TABLE IF NOT EXISTS turn_attempts (
+    turn_id text    PRIMARY KEY,
+    attempt integer NOT NULL
+);
+
 -- Finished turns not yet indexed into memory: written in the batch's transaction, drained by
 -- the persister's outbox task (services/persister/outbox.py), so memory being down never holds
 -- up the batches.
@@ -143,18 +151,21 @@ _ERASE_LOCK = 0x6572617365000000  # "erase\0\0\0"
 
 _TEMP_TOKENS = """
 CREATE TEMP TABLE IF NOT EXISTS persister_tokens_in (
-    turn_id text NOT NULL, seq bigint NOT NULL, text text NOT NULL
+    turn_id text NOT NULL, seq bigint NOT NULL, text text NOT NULL, attempt integer NOT NULL
 ) ON COMMIT DELETE ROWS
 """
 
 # A turn whose assistant message is stored is assembled, its token rows deleted: a replayed or
-# late token of it (a zombie agent's) is not stored again.
+# late token of it (a zombie agent's) is not stored again. Nor is a token of an attempt older
+# than one an earlier batch saw start (turn_attempts).
 _INSERT_TOKENS = """
 INSERT INTO tokens (turn_id, seq, text)
 SELECT p.turn_id, p.seq, p.text FROM persister_tokens_in p
 WHERE p.turn_id NOT IN (
     SELECT m.turn_id FROM messages m
     WHERE m.role = 2 AND m.turn_id IN (SELECT DISTINCT turn_id FROM persister_tokens_in)
+) AND p.attempt >= COALESCE(
+    (SELECT a.attempt FROM turn_attempts a WHERE a.turn_id = p.turn_id), 0
 )
 ON CONFLICT (turn_id, seq) DO NOTHING
 """
@@ -205,8 +216,10 @@ _INSERT_ASSISTANT_MESSAGES = """
 WITH input AS (
     SELECT * FROM unnest(
         %s::text[], %s::text[], %s::text[], %s::smallint[], %s::bigint[], %s::timestamptz[],
-        %s::bytea[]
-    ) AS f(turn_id, conversation_id, tenant_id, finish_reason, last_seq, finished_at, event)
+        %s::bytea[], %s::integer[]
+    ) AS f(
+        turn_id, conversation_id, tenant_id, finish_reason, last_seq, finished_at, event, attempt
+    )
 ), ins AS (
     INSERT INTO messages (
         turn_id, role, conversation_id, tenant_id, text, finish_reason, created_at, accepted_at,
@@ -227,11 +240,16 @@ WITH input AS (
                count(*) AS n, max(x.seq) AS top
         FROM tokens x WHERE x.turn_id = f.turn_id AND x.seq BETWEEN 1 AND f.last_seq
     ) t
+    WHERE f.attempt >= COALESCE(
+        (SELECT a.attempt FROM turn_attempts a WHERE a.turn_id = f.turn_id), 0
+    )
     ON CONFLICT (turn_id, role) DO NOTHING
     RETURNING turn_id, tenant_id, conversation_id, created_at, token_lengths IS NOT NULL AS sliced
 ), assembled AS (
     DELETE FROM tokens x USING ins WHERE x.turn_id = ins.turn_id AND ins.sliced
     RETURNING 1
+), settled AS (
+    DELETE FROM turn_attempts a USING ins WHERE a.turn_id = ins.turn_id
 ), bump AS (
     UPDATE conversations c SET updated_at = x.ts
     FROM (
@@ -251,6 +269,15 @@ LEFT JOIN messages u ON u.turn_id = a.turn_id AND u.role = 1
 WHERE a.role = 2 AND a.turn_id = ANY(%s::text[])
 """
 
+
+# After the batch's tokens and finishes were checked against the attempts of earlier batches;
+# an assembled turn needs no row.
+_UPSERT_ATTEMPTS = """
+INSERT INTO turn_attempts AS a (turn_id, attempt)
+SELECT i.turn_id, i.attempt FROM unnest(%s::text[], %s::integer[]) AS i(turn_id, attempt)
+WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.turn_id = i.turn_id AND m.role = 2)
+ON CONFLICT (turn_id) DO UPDATE SET attempt = GREATEST(a.attempt, EXCLUDED.attempt)
+"""
 
 _QUEUE_FOR_MEMORY = """
 INSERT INTO memory_outbox (turn_id) SELECT unnest(%s::text[]) ON CONFLICT (turn_id) DO NOTHING
@@ -276,9 +303,10 @@ async def _copy_tokens(conn: Conn, rows: Sequence[TokenEvent]) -> int:
         await cur.execute(_TEMP_TOKENS)
         # A caller may run several batches in one outer transaction; start from empty.
         await cur.execute("TRUNCATE persister_tokens_in")
-        async with cur.copy("COPY persister_tokens_in (turn_id, seq, text) FROM STDIN") as cp:
+        copy = "COPY persister_tokens_in (turn_id, seq, text, attempt) FROM STDIN"
+        async with cur.copy(copy) as cp:
             for row in unique.values():
-                await cp.write_row((row.turn_id, row.seq, row.text))
+                await cp.write_row((row.turn_id, row.seq, row.text, row.attempt))
         await cur.execute(_INSERT_TOKENS)
         return max(cur.rowcount, 0)
 
@@ -362,9 +390,11 @@ async def _drop_erased(conn: Conn, plan: BatchPlan) -> BatchPlan:
         user_messages=users,
         tokens=[t for t in plan.tokens if t.turn_id not in gone],
         finishes=[f for f in plan.finishes if f.turn_id not in gone],
+        turn_attempts={t: a for t, a in plan.turn_attempts.items() if t not in gone},
         last_records=plan.last_records,
         events=plan.events,
         in_batch_duplicates=plan.in_batch_duplicates,
+        zombie_records=plan.zombie_records,
     )
     if newly:
         ids = sorted(newly)
@@ -373,7 +403,7 @@ async def _drop_erased(conn: Conn, plan: BatchPlan) -> BatchPlan:
             "ON CONFLICT (turn_id) DO NOTHING",
             (ids,),
         )
-        for table in ("tokens", "memory_outbox", "messages"):
+        for table in ("tokens", "turn_attempts", "memory_outbox", "messages"):
             await conn.execute(f"DELETE FROM {table} WHERE turn_id = ANY(%s::text[])", (ids,))
     return kept
 
@@ -401,6 +431,9 @@ async def write_batch_on(conn: Conn, plan: BatchPlan) -> BatchResult:
             wanted = [t.turn_id for t in finished if t.finish_reason != FinishReason.ERROR]
             if wanted:
                 await conn.execute(_QUEUE_FOR_MEMORY, (wanted,))
+        if plan.turn_attempts:
+            attempts = plan.turn_attempts
+            await conn.execute(_UPSERT_ATTEMPTS, (list(attempts), list(attempts.values())))
     return BatchResult(users, tokens, assistants, finished, dropped)
 
 
@@ -464,6 +497,7 @@ async def erase_on(conn: Conn, tenant_id: str, conversation_id: str, *, force: b
             scope,
         )
         await cur.execute(f"DELETE FROM memory_outbox WHERE turn_id IN ({turns})", scope)
+        await cur.execute(f"DELETE FROM turn_attempts WHERE turn_id IN ({turns})", scope)
         await cur.execute(f"DELETE FROM messages WHERE {_SCOPE}", scope)
         messages = max(cur.rowcount, 0)
         await cur.execute(f"DELETE FROM conversations WHERE {_SCOPE}", scope)
