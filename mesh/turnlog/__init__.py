@@ -6,7 +6,8 @@ frozen dataclasses here, one per message, converted by ``encode``/``decode_reque
 ``decode_events``. A service that needs a narrower view derives it from these dataclasses.
 
 Whenever a record repeats one already in the log (the same token ``seq`` of a turn, a second
-``TurnFinished``), the first in log order wins; ``FirstWins`` is that rule.
+``TurnFinished``), the first in log order wins; ``FirstWins`` is that rule. Before it, a
+zombie agent's records are fenced off by attempt: ``Attempts`` is that rule.
 """
 
 from mesh.turnlog._codec import UndecodableRecord, decode_events, decode_request, encode
@@ -20,9 +21,10 @@ from mesh.turnlog._events import (
     TurnRequested,
     TurnStarted,
 )
-from mesh.turnlog._order import FirstWins
+from mesh.turnlog._order import Attempts, FirstWins
 
 __all__ = [
+    "Attempts",
     "ClientAttached",
     "ClientDetached",
     "FirstWins",

@@ -54,6 +54,7 @@ def encode(event: TurnRequested | TurnEvent) -> bytes:
                 conversation_id=event.conversation_id,
                 tenant_id=event.tenant_id,
                 more_texts=event.more,
+                attempt=event.attempt,
             )
         )
     elif isinstance(event, TurnStarted):
@@ -111,7 +112,14 @@ def decode_events(value: bytes, *, turns: Container[str] | None = None) -> list[
             return []
         texts = [token.text, *token.more_texts]
         return [
-            TokenEmitted(token.turn_id, token.seq + i, text, token.conversation_id, token.tenant_id)
+            TokenEmitted(
+                token.turn_id,
+                token.seq + i,
+                text,
+                token.conversation_id,
+                token.tenant_id,
+                attempt=token.attempt,
+            )
             for i, text in enumerate(texts)
         ]
     event = _other_event(envelope, which, turns)
@@ -146,6 +154,7 @@ def _other_event(
         model=body.model,
         cancel_seen_at_seq=body.cancel_seen_at_seq,
         context_skipped=tuple((s.source, s.reason) for s in body.context_skipped),
+        attempt=body.attempt,
     )
 
 
@@ -198,6 +207,7 @@ def _finished_to_proto(event: TurnFinished) -> events_pb2.TurnFinished:
             common_pb2.ContextSkipped(source=source, reason=reason)
             for source, reason in event.context_skipped
         ],
+        attempt=event.attempt,
     )
     if event.error_status:
         message.error.ParseFromString(event.error_status)

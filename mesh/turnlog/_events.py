@@ -38,6 +38,8 @@ class TurnStarted:
     request_partition: int = 0
     request_offset: int = 0
     resumed_after_seq: int = 0
+    # 1 for the first agent, one more for each takeover; 0 in records from before attempts.
+    attempt: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,7 @@ class TokenEmitted:
     conversation_id: str = ""
     tenant_id: str = ""
     more: tuple[str, ...] = ()
+    attempt: int = 0  # the attempt of the TurnStarted this token belongs to
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,7 @@ class TurnFinished:
     cancel_seen_at_seq: int = 0
     # (source, reason) of each context source the turn was generated without.
     context_skipped: tuple[tuple[str, str], ...] = ()
+    attempt: int = 0  # the attempt of the TurnStarted this finish belongs to
 
 
 @dataclass(frozen=True, slots=True)

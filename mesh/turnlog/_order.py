@@ -1,8 +1,10 @@
-"""The log's one rule for duplicates: the first record in log order wins."""
+"""The log's rules for repeated records: fencing by attempt, then the first in log order wins."""
 
 from __future__ import annotations
 
 from typing import TypeVar
+
+from mesh.turnlog._events import TokenEmitted, TurnFinished, TurnStarted
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -30,3 +32,37 @@ class FirstWins(dict[K, V]):
             return False
         self[key] = value
         return True
+
+
+class Attempts(dict[str, int]):
+    """The log's fencing rule for readers: the newest ``TurnStarted`` so far decides.
+
+    An agent that takes a turn over appends a ``TurnStarted`` with the next attempt number, then
+    reads the turn's events up to it and continues after the last token it finds there. A token
+    or ``TurnFinished`` of an older attempt that lands after that ``TurnStarted`` is a zombie's
+    (an agent that lost the turn but still had records in flight): the new owner never saw it,
+    so no reader may count it. Every reader applies this in log order, and ``FirstWins`` among
+    what it admits, so all of them still see the same text. Keys are turn ids; values are the
+    newest attempt seen. Records from before attempts existed carry 0 and are never fenced off
+    by each other.
+    """
+
+    __slots__ = ()
+
+    def admit(self, event: object) -> bool:
+        """Whether ``event`` counts; a ``TurnStarted`` also raises its turn's attempt."""
+        if isinstance(event, TurnStarted):
+            self.started(event.turn_id, event.attempt)
+            return True
+        if isinstance(event, TokenEmitted | TurnFinished):
+            return self.counts(event.turn_id, event.attempt)
+        return True
+
+    def started(self, turn_id: str, attempt: int) -> None:
+        """A ``TurnStarted`` of ``attempt``: later records of older attempts no longer count."""
+        if attempt > self.get(turn_id, 0):
+            self[turn_id] = attempt
+
+    def counts(self, turn_id: str, attempt: int) -> bool:
+        """Whether a token or finish of ``attempt`` counts after the starts seen so far."""
+        return attempt >= self.get(turn_id, 0)

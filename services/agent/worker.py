@@ -115,6 +115,13 @@ class _PriorEvents:
     started_by_agent: str = ""
     followers: Followers = field(default_factory=Followers)
     end: int = 0  # the offset where the read of the turn's events stopped
+    # The fencing rule (``turnlog.Attempts``) for this turn, and whether any agent started it.
+    attempts: turnlog.Attempts = field(default_factory=turnlog.Attempts)
+    started: bool = False
+
+    @property
+    def next_attempt(self) -> int:
+        return max(self.attempts.values(), default=0) + 1
 
     @property
     def last_seq(self) -> int:
@@ -132,10 +139,14 @@ class TokenAppender:
     one record per round trip instead of one per token."""
 
     def __init__(
-        self, turn: turnlog.TurnRequested, append: Callable[[bytes], asyncio.Future[int]]
+        self,
+        turn: turnlog.TurnRequested,
+        append: Callable[[bytes], asyncio.Future[int]],
+        attempt: int = 0,
     ) -> None:
         self._turn = turn
         self._append = append
+        self._attempt = attempt
         self._inflight: asyncio.Future[int] | None = None
         self._first_held = 0
         self._held: list[str] = []
@@ -160,6 +171,7 @@ class TokenAppender:
             turn.conversation_id,
             turn.tenant_id,
             more=tuple(texts[1:]),
+            attempt=self._attempt,
         )
         self._inflight = self._append(turnlog.encode(event))
         self._inflight.add_done_callback(self._landed)
@@ -527,10 +539,15 @@ class TurnWorker(AsyncStartStop):
     async def _prior_events(self, turn: turnlog.TurnRequested) -> _PriorEvents:
         prior = _PriorEvents()
         end = await self._log.end_offset(TURN_EVENTS, turn.events_partition)
+        await self._read_prior(turn, prior, turn.events_start_offset, end)
+        return prior
+
+    async def _read_prior(
+        self, turn: turnlog.TurnRequested, prior: _PriorEvents, start: int, end: int
+    ) -> None:
+        """Add the turn's events in ``[start, end)`` of its partition to ``prior``."""
         prior.end = end
-        records = await self._log.read_range(
-            TURN_EVENTS, turn.events_partition, turn.events_start_offset, end
-        )
+        records = await self._log.read_range(TURN_EVENTS, turn.events_partition, start, end)
         wanted = (turn.turn_id,)
         for record in records:
             try:
@@ -540,7 +557,10 @@ class TurnWorker(AsyncStartStop):
             for event in events:
                 if prior.followers.apply(event, record.timestamp_ms):
                     continue
+                if not prior.attempts.admit(event):
+                    continue  # a zombie's record, after a newer attempt started
                 if isinstance(event, turnlog.TurnStarted):
+                    prior.started = True
                     prior.started_by = tracing.span_context_of(record.headers)
                     prior.started_by_agent = event.agent_id
                 elif isinstance(event, turnlog.TurnFinished):
@@ -549,7 +569,6 @@ class TurnWorker(AsyncStartStop):
                     prior.cancelled = True
                 elif isinstance(event, turnlog.TokenEmitted) and event.seq > 0:
                     prior.tokens.offer(event.seq, event.text)
-        return prior
 
     async def _run_turn(
         self,
@@ -605,14 +624,6 @@ class TurnWorker(AsyncStartStop):
         def since_accepted_ms(monotonic_at: float) -> float:
             return max(0.0, (claimed_wall + (monotonic_at - claimed) - accepted_wall) * 1000)
 
-        last_seq = prior.last_seq
-        if last_seq:
-            log.info(
-                "turn %s: continuing after seq %d",
-                turn.turn_id,
-                last_seq,
-                extra=logs.event("turn-taken-over", turn.turn_id),
-            )
         if self._log_user_text:
             log.info(
                 "turn %s: user text %r",
@@ -620,7 +631,8 @@ class TurnWorker(AsyncStartStop):
                 turn.user_text,
                 extra=logs.event("turn-text", turn.turn_id),
             )
-        append(
+        attempt = prior.next_attempt
+        started_append = append(
             turnlog.encode(
                 turnlog.TurnStarted(
                     turn.turn_id,
@@ -629,11 +641,37 @@ class TurnWorker(AsyncStartStop):
                     agent_id=self._agent_id,
                     request_partition=record.partition,
                     request_offset=record.offset,
-                    resumed_after_seq=last_seq,
+                    resumed_after_seq=prior.last_seq,
+                    attempt=attempt,
                 )
             ),
             headers,
         )
+        if prior.started:
+            # A takeover. Readers fence by log order (turnlog.Attempts): what the earlier agent
+            # logged before our TurnStarted is part of the turn, what it logs after is not. So
+            # read up to our TurnStarted and continue after the last token found there.
+            await self._read_prior(turn, prior, prior.end, await started_append + 1)
+            if prior.finished:
+                log.info(
+                    "turn %s was finished by its earlier agent meanwhile",
+                    turn.turn_id,
+                    extra=logs.event("turn-skipped", turn.turn_id),
+                )
+                if time_limit is not None:
+                    time_limit.cancel()
+                return
+            if prior.cancelled:
+                cancel.set()
+            current.last_seq = current.cancel_seen_at_seq = prior.last_seq
+        last_seq = prior.last_seq
+        if last_seq:
+            log.info(
+                "turn %s: continuing after seq %d",
+                turn.turn_id,
+                last_seq,
+                extra=logs.event("turn-taken-over", turn.turn_id),
+            )
         options = resolve_options(turn.options, self._core.limits)
         remaining = options.max_tokens - last_seq
         retrieval_ms = 0.0
@@ -681,7 +719,7 @@ class TurnWorker(AsyncStartStop):
             )
             step_options = dataclasses.replace(options, max_tokens=remaining)
             finished: GenerationFinished | None = None
-            tokens = TokenAppender(turn, append)
+            tokens = TokenAppender(turn, append, attempt)
             generating = tracer.start_span(
                 "generate",
                 attributes={
@@ -776,6 +814,7 @@ class TurnWorker(AsyncStartStop):
                 current.cancel_seen_at_seq if reason is FinishReason.CANCELLED else 0
             ),
             context_skipped=skipped,
+            attempt=attempt,
         )
         with tracing.tracer().start_as_current_span("finish turn", kind=SpanKind.PRODUCER):
             append(turnlog.encode(ending), headers)

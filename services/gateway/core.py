@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanKind
 
 from mesh import tracing, turnlog
 from mesh.auth import Principal, RateLimiter
-from mesh.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from mesh.errors import InvalidArgument, MeshError, NotFound, ResourceExhausted, Unavailable
 from mesh.lifecycle import AsyncStartStop
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, LogError, partition_for
 from mesh.turn_ids import new_turn_ref, parse_turn_id
@@ -39,6 +39,14 @@ from services.gateway.readiness import StartGate
 from services.gateway.session import ChatSession
 from services.gateway.settings import GatewaySettings
 from services.gateway.token_budget import TokenBudget
+from services.gateway.turn_lookup import (
+    StoredState,
+    StoredTurn,
+    TurnDirectory,
+    located,
+    replay,
+    scan_from,
+)
 from services.gateway.turn_stream import UNLIMITED, TurnStream, gateway_stopping
 from services.gateway.validation import validate_start
 
@@ -65,12 +73,15 @@ class GatewayCore(AsyncStartStop):
         limiter: RateLimiter | None = None,
         gate: StartGate | None = None,
         context: ContextCheck | None = None,
+        turns: TurnDirectory | None = None,
     ) -> None:
         self.settings = settings
         self.log = log
         # Names this gateway in ClientAttached/ClientDetached: the launcher's instance name.
         self.gateway_id = settings.instance or f"{socket.gethostname()}-{os.getpid()}"
         self._conversations = conversations
+        # Finds turns for resume and cancel without reading the log (services/gateway/turn_lookup).
+        self._turns = turns
         # Refuses turns that could not start now (no agent, persister or log down).
         self._gate = gate
         # Refuses messages that cannot fit the model's context (None: the agent's check only).
@@ -462,34 +473,89 @@ class GatewayCore(AsyncStartStop):
 
     async def find_turn(self, principal: Principal, turn_id: str) -> TurnInfo:
         """The turn's TurnRequested, if it exists and belongs to the caller's tenant."""
+        info, _ = await self._locate(principal, turn_id, after_seq=None)
+        return info
+
+    async def _locate(
+        self, principal: Principal, turn_id: str, *, after_seq: int | None
+    ) -> tuple[TurnInfo, StoredTurn | None]:
+        """The turn, and the persister's answer about it when one was asked for.
+
+        A resume (``after_seq`` set) always asks the persister, which may serve a finished turn
+        whole; otherwise this gateway's cache answers first. A turn the persister does not know
+        is looked for on the request log only past the offset it has applied.
+        """
         ref = parse_turn_id(turn_id)
         not_found = NotFound(f"turn {turn_id} not found", reason="TURN_NOT_FOUND")
         info = self._known.get(turn_id)
+        if info is None and ref.partition >= self.partitions:
+            raise not_found
+        stored = None
+        if info is None or after_seq is not None:
+            stored = await self._lookup(principal.tenant_id, turn_id, after_seq or 0)
+        if info is None and stored is not None:
+            info = located(
+                turn_id,
+                principal.tenant_id,
+                ref.partition,
+                ref.events_start,
+                ref.request_start,
+                stored,
+            )
         if info is None:
-            if ref.partition >= self.partitions:
-                raise not_found
             info = await self._scan_for_request(
-                turn_id, ref.partition, ref.request_start, ref.events_start
+                turn_id,
+                ref.partition,
+                ref.request_start,
+                ref.events_start,
+                start=scan_from(ref.request_start, stored),
             )
             if info is None:
                 raise not_found
-            self._known.put(info.turn_id, info)
+        self._known.put(info.turn_id, info)
         # Another tenant's turn reads exactly like a missing one: ids must not leak existence.
         if info.tenant_id != principal.tenant_id:
             raise not_found
-        return info
+        return info, stored
+
+    async def _lookup(self, tenant_id: str, turn_id: str, after_seq: int) -> StoredTurn | None:
+        """The persister's answer, or None when it cannot give one now (the log serves then)."""
+        if self._turns is None:
+            return None
+        try:
+            self.require_persister()
+            return await self._turns.lookup_turn(tenant_id, turn_id, after_seq)
+        except MeshError as error:
+            # Down, slow, or older than LookupTurn (UNIMPLEMENTED reads as unavailable).
+            _log.info("turn lookup for %s fell back to the log: %s", turn_id, error)
+            return None
+
+    async def stored_turn(self, info: TurnInfo) -> StoredTurn | None:
+        """The persister's answer about a turn already found (its whole stored text), or None
+        when it cannot answer now."""
+        return await self._lookup(info.tenant_id, info.turn_id, 0)
 
     async def _scan_for_request(
-        self, turn_id: str, partition: int, request_start: int, events_start: int
+        self,
+        turn_id: str,
+        partition: int,
+        request_start: int,
+        events_start: int,
+        *,
+        start: int | None = None,
     ) -> TurnInfo | None:
+        limit = request_start + self.settings.resume_scan_limit
+        position = request_start if start is None else max(start, request_start)
+        if position >= limit:
+            return None  # the persister applied the whole range: no log read at all
         try:
             end = await self.log.end_offset(TURN_REQUESTS, partition)
         except LogError as error:
             raise _log_unavailable(error) from error
         # The request lands right after request_start (only appends racing the gateway's own can
         # come first), so a bounded scan finds any real turn and caps what a forged id costs.
-        end = min(end, request_start + self.settings.resume_scan_limit)
-        position = request_start
+        # Below ``start`` the persister has stored every request: nothing there to look for.
+        end = min(end, limit)
         while position < end:
             stop = min(end, position + 500)
             try:
@@ -527,7 +593,11 @@ class GatewayCore(AsyncStartStop):
             raise InvalidArgument(
                 f"after_seq={after_seq} must be >= 0", reason="AFTER_SEQ_INVALID", field="after_seq"
             )
-        info = await self.find_turn(principal, turn_id)
+        info, stored = await self._locate(principal, turn_id, after_seq=after_seq)
+        if stored is not None and stored.replayable:
+            # Finished and stored: served from the persister's answer, no log read.
+            self._ended.put(turn_id, True)
+            return replay(info, stored, queue=self.queue, notify=notify, coalesce=coalesce)
         return await self._attach(info, after_seq=after_seq, notify=notify, coalesce=coalesce)
 
     async def _attach(
@@ -614,7 +684,7 @@ class GatewayCore(AsyncStartStop):
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._cancelling[turn_id] = done
         try:
-            if not await self._ended_on_log(info):
+            if not await self._has_ended(info):
                 value = turnlog.encode(
                     turnlog.TurnCancelled(turn_id, info.conversation_id, info.tenant_id)
                 )
@@ -636,6 +706,15 @@ class GatewayCore(AsyncStartStop):
             raise failure from error
         finally:
             del self._cancelling[turn_id]
+
+    async def _has_ended(self, info: TurnInfo) -> bool:
+        """Whether the turn finished or was cancelled: a stored finish answers without a log
+        read, otherwise the log does (the persister may not have its events yet)."""
+        # after_seq past any turn's end: the answer carries no token texts.
+        stored = await self._lookup(info.tenant_id, info.turn_id, after_seq=2**62)
+        if stored is not None and stored.state is StoredState.FINISHED:
+            return True
+        return await self._ended_on_log(info)
 
     async def _ended_on_log(self, info: TurnInfo) -> bool:
         """Whether the turn's events, read from its ``events_start`` (at most

@@ -87,6 +87,10 @@ class Subscription:
         self._closed = False
         self._wanted = frozenset((turn_id,))
 
+    def note_ended(self) -> None:
+        """The stream saw its turn finish: tell the hub (``TurnHub.has_ended``)."""
+        self._hub.note_ended(self.turn_id)
+
     @property
     def lagging(self) -> bool:
         return self._lagging
@@ -162,8 +166,8 @@ class TurnHub(AsyncStartStop):
         self._positions = [0] * partitions
         self._subs: list[dict[str, list[Subscription]]] = [{} for _ in range(partitions)]
         self._tasks: list[asyncio.Task[None]] = []
-        # Watched turns whose TurnFinished or TurnCancelled the tails dispatched: a cancel of one
-        # of them has nothing left to do (``GatewayCore.cancel``).
+        # Watched turns whose TurnCancelled the tails dispatched, or whose TurnFinished a stream
+        # took: a cancel of one of them has nothing left to do (``GatewayCore.cancel``).
         self._ended: OrderedDict[str, None] = OrderedDict()
 
     async def start(self) -> None:
@@ -245,7 +249,9 @@ class TurnHub(AsyncStartStop):
                 async for record in self.log.read(TURN_EVENTS, partition, positions[partition]):
                     if subs:
                         for event in _decode(record, subs):
-                            if isinstance(event, turnlog.TurnFinished | turnlog.TurnCancelled):
+                            # A TurnFinished may be a zombie's: its stream, which applies the
+                            # fencing rule, reports the end (``Subscription.note_ended``).
+                            if isinstance(event, turnlog.TurnCancelled):
                                 self.note_ended(event.turn_id)
                             for sub in subs.get(event.turn_id, ()):
                                 sub._push(record.offset, event)

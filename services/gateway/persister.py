@@ -6,9 +6,11 @@ from typing import Any
 
 import grpc
 from chat.common.v1 import conversation_pb2
+from chat.events.v1 import events_pb2
 from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
 from grpc import aio
 
+from mesh import turnlog
 from mesh.client import ServiceClient
 from mesh.errors import (
     FailedPrecondition,
@@ -21,6 +23,7 @@ from mesh.errors import (
     rich_status,
 )
 from mesh.settings import TlsSettings
+from services.gateway.turn_lookup import StoredState, StoredTurn
 
 
 def map_persister_error(error: aio.AioRpcError, *, what: str) -> MeshError:
@@ -51,20 +54,29 @@ class PersisterClient(ServiceClient):
     """A channel to ``MESH_PERSISTER_ADDR``. ``async with`` or start/stop."""
 
     def __init__(
-        self, addr: str, *, timeout_s: float = 15.0, tls: TlsSettings | None = None
+        self,
+        addr: str,
+        *,
+        timeout_s: float = 15.0,
+        tls: TlsSettings | None = None,
+        lookup_timeout_s: float = 2.0,
     ) -> None:
         super().__init__(
             addr, persister_service_pb2_grpc.PersisterServiceStub, tls=tls, server_name="persister"
         )
         self.addr = addr
         self._timeout_s = timeout_s
+        self._lookup_timeout_s = lookup_timeout_s
 
-    async def _call(self, method: str, request: Any, *, what: str) -> Any:
+    async def _call(
+        self, method: str, request: Any, *, what: str, timeout_s: float | None = None
+    ) -> Any:
         """``method`` on the persister; its failure as the error the gateway's caller sees."""
         if self.stub is None:
             raise Unavailable("persister client is not started", reason="PERSISTER_UNAVAILABLE")
+        timeout = self._timeout_s if timeout_s is None else timeout_s
         try:
-            return await getattr(self.stub, method)(request, timeout=self._timeout_s)
+            return await getattr(self.stub, method)(request, timeout=timeout)
         except aio.AioRpcError as error:
             raise map_persister_error(error, what=what) from None
 
@@ -108,3 +120,35 @@ class PersisterClient(ServiceClient):
             what="delete the conversation",
         )
         return reply
+
+    async def lookup_turn(self, tenant_id: str, turn_id: str, after_seq: int) -> StoredTurn:
+        # A short timeout: the caller falls back to the log when the persister is slow.
+        reply = await self._call(
+            "LookupTurn",
+            persister_pb2.LookupTurnRequest(
+                tenant_id=tenant_id, turn_id=turn_id, after_seq=after_seq
+            ),
+            what="look the turn up",
+            timeout_s=self._lookup_timeout_s,
+        )
+        finished = None
+        if reply.HasField("finished"):
+            # Read through turnlog, as the same record read from the log would be.
+            envelope = events_pb2.TurnEvent(finished=reply.finished).SerializeToString()
+            events = turnlog.decode_events(envelope)
+            if events and isinstance(events[0], turnlog.TurnFinished):
+                finished = events[0]
+        try:
+            state = StoredState(reply.state)
+        except ValueError:
+            state = StoredState.UNSPECIFIED  # a newer persister's state: use the log
+        return StoredTurn(
+            state=state,
+            conversation_id=reply.conversation_id,
+            request_offset=reply.request_offset,
+            applied_request_offset=reply.applied_request_offset,
+            finished=finished,
+            first_seq=reply.first_seq,
+            token_texts=tuple(reply.token_texts),
+            tokens_complete=reply.tokens_complete,
+        )

@@ -360,6 +360,7 @@ async def serve(settings: GatewaySettings) -> None:
                 settings.persister_addr,
                 timeout_s=settings.persister_timeout_s,
                 tls=settings.tls,
+                lookup_timeout_s=settings.turn_lookup_timeout_s,
             )
         )
         gate = gateway_readiness(
@@ -380,7 +381,12 @@ async def serve(settings: GatewaySettings) -> None:
             )
         core = await stack.enter_async_context(
             GatewayCore(
-                settings, log=event_log, conversations=persister, gate=gate, context=context
+                settings,
+                log=event_log,
+                conversations=persister,
+                gate=gate,
+                context=context,
+                turns=persister,
             )
         )
         # After the core: its start creates the topics the log probe writes to.

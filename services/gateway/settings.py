@@ -89,6 +89,8 @@ class GatewaySettings(ServiceSettings):
     idempotency_max: int = setting("IDEMPOTENCY_MAX", 10_000, minimum=1)
     # Records of the request partition a resume scans for the turn's TurnRequested.
     resume_scan_limit: int = setting("RESUME_SCAN_LIMIT", 10_000, minimum=1)
+    # How long a resume or cancel waits for the persister's LookupTurn before using the log.
+    turn_lookup_timeout_s: float = setting("TURN_LOOKUP_TIMEOUT_S", 2.0, above=0)
     # The OpenAI-compatible HTTP API (services/gateway/http, docs/openai.md): its port (0 picks
     # one, -1 turns it off), the largest request body, and the model ids /v1/models lists.
     http_port: int = setting("HTTP_PORT", 8000, minimum=-1, maximum=65535)

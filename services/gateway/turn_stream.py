@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from mesh import metrics, turnlog
 from mesh.codec import finish_reason_from_proto
 from mesh.errors import Unavailable
 from mesh.generation import FinishReason, TurnTimings
-from services.gateway.hub import Subscription
 from services.gateway.model import (
     Accepted,
     FinishedOut,
@@ -36,6 +37,25 @@ TAKE_BATCH = 1024
 MAX_TOKENS_PER_RUN = 256
 
 
+class EventSource(Protocol):
+    """Where a stream's events come from: a hub ``Subscription`` (the log), or a finished turn's
+    stored events (``turn_lookup.StoredEvents``)."""
+
+    notify: asyncio.Event
+
+    @property
+    def closed(self) -> bool: ...
+
+    def ready(self) -> bool: ...
+
+    async def take(self, limit: int = ...) -> list[turnlog.TurnEvent]: ...
+
+    def note_ended(self) -> None:
+        """The stream took the turn's (admitted) TurnFinished."""
+
+    def close(self) -> None: ...
+
+
 class TurnStream:
     """Orders one turn's events for one stream: tokens with seq == last + 1 only, then finish.
 
@@ -47,7 +67,7 @@ class TurnStream:
         self,
         *,
         info: TurnInfo,
-        sub: Subscription,
+        sub: EventSource,
         queue: QueueTracker,
         after_seq: int,
         position: int,
@@ -71,6 +91,7 @@ class TurnStream:
         self._queue = queue
         self._pending: deque[turnlog.TurnEvent] = deque()
         self._early: turnlog.FirstWins[int, turnlog.TokenEmitted] = turnlog.FirstWins()
+        self._attempts = turnlog.Attempts()  # fences off a zombie agent's records
         self._outbox: list[Output] = [
             Accepted(info.turn_id, info.conversation_id, max(position, 0))
         ]
@@ -138,6 +159,9 @@ class TurnStream:
             if not pending:
                 break
             event = pending[0]
+            if not self._attempts.admit(event):
+                pending.popleft()  # a zombie's record: a newer attempt started before it
+                continue
             if type(event) is turnlog.TokenEmitted:
                 seq = event.seq
                 if seq <= self.last_seq:
@@ -157,6 +181,10 @@ class TurnStream:
                 continue
             pending.popleft()
             if isinstance(event, turnlog.TurnStarted):
+                for stale in [
+                    seq for seq, token in early.items() if not self._attempts.admit(token)
+                ]:
+                    del early[stale]
                 self._on_started(out)
             elif isinstance(event, turnlog.TurnCancelled):
                 if not self.started:
@@ -164,6 +192,7 @@ class TurnStream:
                     # finds the cancel first), so the stream ends now instead of waiting for one.
                     self._finish(FinishReason.CANCELLED, out)
             elif isinstance(event, turnlog.TurnFinished):
+                self.sub.note_ended()
                 self._finish(finish_reason_from_proto(event.finish_reason), out, event)
         return out, used
 

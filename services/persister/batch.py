@@ -7,9 +7,11 @@ from collections.abc import Iterable
 from mesh import turnlog
 from mesh.log import Record
 from services.persister.model import (
+    AttemptStarted,
     BatchPlan,
     ConversationRow,
     Decoder,
+    Event,
     TokenEvent,
     TurnEnd,
     UserTurn,
@@ -36,34 +38,59 @@ def assemble(records: Iterable[Record], decode: Decoder) -> BatchPlan:
 
     Within a batch the first record in log order wins: a repeated token seq or a second
     ``TurnFinished`` of a turn is dropped here, and the database's ``ON CONFLICT DO NOTHING``
-    does the same against earlier batches. Records of one partition arrive in offset order, and
+    does the same against earlier batches. Before that, a token or finish of an older attempt
+    after a takeover's ``TurnStarted`` is dropped (``turnlog.Attempts``); the store applies the
+    attempts of earlier batches. Records of one partition arrive in offset order, and
     a turn's records share a partition, so consumption order is log order for each turn.
     """
     plan = BatchPlan()
     seen_users: turnlog.FirstWins[str, UserTurn] = turnlog.FirstWins()
     seen_tokens: turnlog.FirstWins[tuple[str, int], TokenEvent] = turnlog.FirstWins()
     seen_finishes: turnlog.FirstWins[str, TurnEnd] = turnlog.FirstWins()
+    events: list[Event] = []
     for record in records:
         plan.events += 1
         plan.last_records[(record.topic, record.partition)] = record
-        for event in decode(record):
-            if isinstance(event, TokenEvent):
-                if not seen_tokens.offer((event.turn_id, event.seq), event):
-                    plan.in_batch_duplicates += 1
-                    continue
-                plan.tokens.append(event)
-            elif isinstance(event, UserTurn):
-                if not seen_users.offer(event.turn_id, event):
-                    plan.in_batch_duplicates += 1
-                    continue
-                plan.user_messages.append(event)
-            elif isinstance(event, TurnEnd):
-                if not seen_finishes.offer(event.turn_id, event):
-                    plan.in_batch_duplicates += 1
-                    continue
-                plan.finishes.append(event)
+        events.extend(decode(record))
+    attempts = _started_before(events)
+    for event in events:
+        if isinstance(event, AttemptStarted):
+            attempts.started(event.turn_id, event.attempt)
+            plan.turn_attempts[event.turn_id] = attempts[event.turn_id]
+            continue
+        if isinstance(event, TokenEvent | TurnEnd) and not attempts.counts(
+            event.turn_id, event.attempt
+        ):
+            plan.zombie_records += 1
+            continue
+        if isinstance(event, TokenEvent):
+            if not seen_tokens.offer((event.turn_id, event.seq), event):
+                plan.in_batch_duplicates += 1
+                continue
+            plan.tokens.append(event)
+        elif isinstance(event, UserTurn):
+            if not seen_users.offer(event.turn_id, event):
+                plan.in_batch_duplicates += 1
+                continue
+            plan.user_messages.append(event)
+        elif isinstance(event, TurnEnd):
+            if not seen_finishes.offer(event.turn_id, event):
+                plan.in_batch_duplicates += 1
+                continue
+            plan.finishes.append(event)
     plan.conversations = conversation_rows(plan.user_messages)
     return plan
+
+
+def _started_before(events: list[Event]) -> turnlog.Attempts:
+    """The attempts that started before this batch, as far as its own records show: a token or
+    finish of attempt N whose TurnStarted is not in the batch had it earlier in the log."""
+    here = {(e.turn_id, e.attempt) for e in events if isinstance(e, AttemptStarted)}
+    attempts = turnlog.Attempts()
+    for event in events:
+        if isinstance(event, TokenEvent | TurnEnd) and (event.turn_id, event.attempt) not in here:
+            attempts.started(event.turn_id, event.attempt)
+    return attempts
 
 
 def conversation_rows(user_messages: Iterable[UserTurn]) -> list[ConversationRow]:

@@ -7,7 +7,15 @@ from datetime import datetime, timedelta
 
 from mesh import turnlog
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, Record
-from services.persister.model import EPOCH, Event, TokenEvent, TurnEnd, UserTurn, utc_from_ms
+from services.persister.model import (
+    EPOCH,
+    AttemptStarted,
+    Event,
+    TokenEvent,
+    TurnEnd,
+    UserTurn,
+    utc_from_ms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +74,12 @@ def _request(record: Record) -> Event | None:
         else utc_from_ms(record.timestamp_ms)
     )
     return UserTurn(
-        req.turn_id, req.conversation_id, req.tenant_id, _clean(req.user_text), accepted_at
+        req.turn_id,
+        req.conversation_id,
+        req.tenant_id,
+        _clean(req.user_text),
+        accepted_at,
+        record.offset,
     )
 
 
@@ -75,7 +88,7 @@ def _event(event: turnlog.TurnEvent, record: Record) -> Event | None:
         if not event.turn_id or event.seq < 1:
             _skip(record, "TokenEmitted without turn id or with seq < 1")
             return None
-        return TokenEvent(event.turn_id, event.seq, _clean(event.text))
+        return TokenEvent(event.turn_id, event.seq, _clean(event.text), event.attempt)
     if isinstance(event, turnlog.TurnFinished):
         if not (event.turn_id and event.conversation_id and event.tenant_id):
             _skip(record, "TurnFinished without turn, conversation or tenant id")
@@ -87,7 +100,11 @@ def _event(event: turnlog.TurnEvent, record: Record) -> Event | None:
             int(event.finish_reason),
             max(event.last_seq, 0),
             utc_from_ms(record.timestamp_ms),
+            turnlog.encode(event),
+            event.attempt,
         )
-    # TurnStarted, TurnCancelled and who follows the turn change nothing stored: a cancel
-    # ends in a TurnFinished.
+    if isinstance(event, turnlog.TurnStarted) and event.attempt > 1 and event.turn_id:
+        return AttemptStarted(event.turn_id, event.attempt)
+    # Other TurnStarted records, TurnCancelled and who follows the turn change nothing stored:
+    # a cancel ends in a TurnFinished.
     return None

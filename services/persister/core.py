@@ -14,9 +14,9 @@ import contextlib
 import dataclasses
 import logging
 
-from mesh.errors import InvalidArgument
+from mesh.errors import InvalidArgument, Unavailable
 from mesh.lifecycle import AsyncStartStop
-from mesh.log import EventLog
+from mesh.log import TURN_REQUESTS, EventLog, LogError
 from mesh.turn_ids import TurnRef
 from services.persister.barrier import FlushBarrier
 from services.persister.model import (
@@ -28,8 +28,9 @@ from services.persister.model import (
     Store,
 )
 from services.persister.outbox import MemoryOutbox
-from services.persister.pipeline import WritePipeline
+from services.persister.pipeline import GROUP, WritePipeline
 from services.persister.reads import HistoryReader
+from services.persister.turn_lookup import TurnAnswer, TurnLookup
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class Persister(HistoryReader, AsyncStartStop):
             retry_max_s=retry_max_s,
         )
         barrier = FlushBarrier(log=log, pipeline=self._pipeline, timeout_s=barrier_timeout_s)
+        self._log = log
+        self._turns = TurnLookup(store=store, applied=self._applied_requests)
         super().__init__(store=store, barrier=barrier, message_page_size=message_page_size)
 
     async def start(self) -> None:
@@ -136,6 +139,30 @@ class Persister(HistoryReader, AsyncStartStop):
             counts,
         )
         return dataclasses.replace(erasure, counts=counts)
+
+    async def lookup_turn(self, tenant_id: str, turn_id: str, after_seq: int = 0) -> TurnAnswer:
+        """The turn as PostgreSQL has it (``turn_lookup``), for a gateway's resume or cancel."""
+        return await self._turns.lookup(tenant_id, turn_id, after_seq)
+
+    async def _applied_requests(self, partition: int) -> int:
+        """The request offset below which ``partition`` is stored, by any member of the group."""
+        pipeline = self._pipeline
+        if partition >= pipeline.topic_partitions.get(TURN_REQUESTS, 0):
+            return 0  # not started, or no such partition: nothing is known to be applied
+        key = (TURN_REQUESTS, partition)
+        try:
+            # The group's commit: another member may own the partition.
+            pipeline.advance_durable(
+                key, await self._log.committed(TURN_REQUESTS, GROUP, partition)
+            )
+        except LogError as error:
+            log.warning("reading the persister's committed offset failed: %s", error)
+            raise Unavailable(
+                "the log is unavailable; retry shortly",
+                reason="LOG_UNAVAILABLE",
+                retry_after_s=1.0,
+            ) from error
+        return pipeline.durable_offset(key)
 
     @property
     def pending_events(self) -> int:

@@ -45,6 +45,8 @@ class UserTurn:
     tenant_id: str
     text: str
     accepted_at: datetime
+    # Where the TurnRequested lies on the request log: a gateway's lookup of the turn reports it.
+    request_offset: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,16 @@ class TokenEvent:
     turn_id: str
     seq: int
     text: str
+    attempt: int = 0  # of the TurnStarted it belongs to (``turnlog.Attempts``)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptStarted:
+    """A ``TurnStarted`` of a takeover (attempt 2 or more): the zombie's later records of the
+    turn no longer count (``turnlog.Attempts``). A first attempt needs no row."""
+
+    turn_id: str
+    attempt: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +78,13 @@ class TurnEnd:
     finish_reason: int
     last_seq: int
     finished_at: datetime
+    # The TurnFinished record as logged (``turnlog.encode``), stored so a resume served from
+    # PostgreSQL ends with exactly the frame the log would give (usage, timings, error).
+    event: bytes = b""
+    attempt: int = 0  # of the TurnStarted it belongs to (``turnlog.Attempts``)
 
 
-Event = UserTurn | TokenEvent | TurnEnd
+Event = UserTurn | TokenEvent | TurnEnd | AttemptStarted
 # Decodes a record; None for records the persister does not store (started, cancelled, garbage).
 Decoder = Callable[[Record], list[Event]]
 
@@ -97,10 +113,14 @@ class BatchPlan:
     user_messages: list[UserTurn] = field(default_factory=list)
     tokens: list[TokenEvent] = field(default_factory=list)
     finishes: list[TurnEnd] = field(default_factory=list)
+    # The newest takeover attempt per turn seen in the batch: later batches fence by it.
+    turn_attempts: dict[str, int] = field(default_factory=dict)
     last_records: dict[tuple[str, int], Record] = field(default_factory=dict)
     events: int = 0
     # Records that repeated an earlier record of the same batch (same turn and seq, say).
     in_batch_duplicates: int = 0
+    # Tokens and finishes of an older attempt after a newer one started, in this batch.
+    zombie_records: int = 0
 
     @property
     def row_attempts(self) -> int:
@@ -196,6 +216,23 @@ class Erasure:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredTurn:
+    """A turn's stored rows, as ``LookupTurn`` reads them (``turn_lookup``)."""
+
+    tenant_id: str
+    conversation_id: str
+    # Offset of its TurnRequested on the request log; -1 while its user message is not stored
+    # (the topics are consumed independently) or when it was stored before the column existed.
+    request_offset: int
+    finished: bool
+    # The assistant message's text, its tokens' lengths (seq 1..n; None when not sliceable) and
+    # the TurnFinished record as logged (None for a turn stored before it was kept).
+    text: str = ""
+    token_lengths: tuple[int, ...] | None = None
+    finish_event: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     events_consumed: int
     batches_committed: int
@@ -257,6 +294,10 @@ class Store(Protocol):
         self, tenant_id: str, *, after: ConversationCursor | None, limit: int
     ) -> list[Conversation]:
         """Up to ``limit`` of the tenant's conversations after ``after``, newest first."""
+        ...
+
+    async def lookup_turn(self, turn_id: str) -> StoredTurn | None:
+        """The turn's stored rows (one primary-key read), or None when none is stored."""
         ...
 
     async def erase(self, tenant_id: str, conversation_id: str, *, force: bool) -> Erasure:

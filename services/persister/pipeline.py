@@ -259,6 +259,7 @@ class WritePipeline:
         self.rows_written += result.rows_inserted
         duplicates = (
             plan.in_batch_duplicates
+            + plan.zombie_records
             + plan.row_attempts
             - result.rows_inserted
             - result.erased_rows_dropped

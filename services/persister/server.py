@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from chat.common.v1 import conversation_pb2
+from chat.events.v1 import events_pb2
 from chat.persister.v1 import persister_pb2, persister_service_pb2, persister_service_pb2_grpc
 from google.protobuf import timestamp_pb2
 from grpc import aio
@@ -122,6 +123,26 @@ class PersisterServicer(persister_service_pb2_grpc.PersisterServiceServicer):
         return persister_pb2.EraseTenantResponse(
             counts=persister_pb2.ErasureCounts(**asdict(erasure.counts))
         )
+
+    async def LookupTurn(
+        self, request: persister_pb2.LookupTurnRequest, context: Context
+    ) -> persister_pb2.LookupTurnResponse:
+        answer = await self._persister.lookup_turn(
+            request.tenant_id, request.turn_id, request.after_seq
+        )
+        reply = persister_pb2.LookupTurnResponse(
+            state=int(answer.state),  # type: ignore[arg-type]
+            conversation_id=answer.conversation_id,
+            request_offset=answer.request_offset,
+            applied_request_offset=answer.applied_request_offset,
+            first_seq=answer.first_seq,
+            token_texts=answer.token_texts,
+            tokens_complete=answer.tokens_complete,
+        )
+        if answer.finish_event:
+            # Stored as the log's TurnEvent envelope (turnlog.encode); sent as its TurnFinished.
+            reply.finished.CopyFrom(events_pb2.TurnEvent.FromString(answer.finish_event).finished)
+        return reply
 
     async def GetStats(
         self, request: persister_pb2.GetStatsRequest, context: Context

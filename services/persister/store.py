@@ -11,7 +11,7 @@ bench.token_writes``), which compares it with one INSERT per row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any
@@ -37,8 +37,10 @@ from services.persister.model import (
     Message,
     MessageCursor,
     Role,
+    StoredTurn,
     TokenEvent,
 )
+from services.persister.turn_lookup import read_turn
 
 Conn = psycopg.AsyncConnection[TupleRow]
 
@@ -76,6 +78,14 @@ CREATE TABLE IF NOT EXISTS tokens (
     seq     bigint NOT NULL,
     text    text   NOT NULL,
     PRIMARY KEY (turn_id, seq)
+);
+
+-- The newest takeover attempt (2 or more) of each unfinished turn that was taken over: a token
+-- or finish of an older attempt in a later batch is a zombie's and is not stored
+-- (turnlog.Attempts). Deleted when the turn's message is assembled.
+CREATE TABLE IF NOT EXISTS turn_attempts (
+    turn_id text    PRIMARY KEY,
+    attempt integer NOT NULL
 );
 
 -- Finished turns not yet indexed into memory: written in the batch's transaction, drained by
@@ -122,6 +132,17 @@ CREATE OR REPLACE TRIGGER audit_events_no_change BEFORE UPDATE OR DELETE ON audi
     FOR EACH ROW EXECUTE FUNCTION audit_events_append_only();
 CREATE OR REPLACE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON audit_events
     FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only();
+
+-- Added after the first release: ADD COLUMN IF NOT EXISTS migrates a database created before
+-- (its old rows keep NULLs, which every reader handles). docs/persistence.md, "Token rows".
+-- request_offset (user rows): where the TurnRequested lies on the request log.
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS request_offset bigint;
+-- token_lengths (assistant rows): the length of each token seq 1..n of the text; once it is set
+-- the turn's rows in tokens are deleted. NULL: a turn stored before, or one whose seqs had a gap
+-- (its token rows are kept).
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS token_lengths integer[];
+-- finish_event (assistant rows): the TurnFinished record as logged.
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS finish_event bytea;
 """
 
 # Batches take this lock shared, an erasure exclusive: a batch that read no tombstone commits
@@ -130,13 +151,22 @@ _ERASE_LOCK = 0x6572617365000000  # "erase\0\0\0"
 
 _TEMP_TOKENS = """
 CREATE TEMP TABLE IF NOT EXISTS persister_tokens_in (
-    turn_id text NOT NULL, seq bigint NOT NULL, text text NOT NULL
+    turn_id text NOT NULL, seq bigint NOT NULL, text text NOT NULL, attempt integer NOT NULL
 ) ON COMMIT DELETE ROWS
 """
 
+# A turn whose assistant message is stored is assembled, its token rows deleted: a replayed or
+# late token of it (a zombie agent's) is not stored again. Nor is a token of an attempt older
+# than one an earlier batch saw start (turn_attempts).
 _INSERT_TOKENS = """
 INSERT INTO tokens (turn_id, seq, text)
-SELECT turn_id, seq, text FROM persister_tokens_in
+SELECT p.turn_id, p.seq, p.text FROM persister_tokens_in p
+WHERE p.turn_id NOT IN (
+    SELECT m.turn_id FROM messages m
+    WHERE m.role = 2 AND m.turn_id IN (SELECT DISTINCT turn_id FROM persister_tokens_in)
+) AND p.attempt >= COALESCE(
+    (SELECT a.attempt FROM turn_attempts a WHERE a.turn_id = p.turn_id), 0
+)
 ON CONFLICT (turn_id, seq) DO NOTHING
 """
 
@@ -157,12 +187,16 @@ WHERE EXCLUDED.created_at < c.created_at OR EXCLUDED.updated_at > c.updated_at
 _INSERT_USER_MESSAGES = """
 WITH input AS (
     SELECT * FROM unnest(
-        %s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[]
-    ) AS i(turn_id, conversation_id, tenant_id, text, accepted_at)
+        %s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::bigint[]
+    ) AS i(turn_id, conversation_id, tenant_id, text, accepted_at, request_offset)
 ), ins AS (
-    INSERT INTO messages
-        (turn_id, role, conversation_id, tenant_id, text, finish_reason, created_at, accepted_at)
-    SELECT turn_id, 1, conversation_id, tenant_id, text, 0, accepted_at, accepted_at FROM input
+    INSERT INTO messages (
+        turn_id, role, conversation_id, tenant_id, text, finish_reason, created_at, accepted_at,
+        request_offset
+    )
+    SELECT turn_id, 1, conversation_id, tenant_id, text, 0, accepted_at, accepted_at,
+        request_offset
+    FROM input
     ON CONFLICT (turn_id, role) DO NOTHING
     RETURNING turn_id, accepted_at
 ), fix AS (
@@ -176,27 +210,46 @@ SELECT (SELECT count(*) FROM ins)
 
 # Tokens of this batch were inserted by an earlier statement of the same transaction, so the
 # join sees them. Tokens past last_seq (a zombie agent's late output) are not part of the turn.
+# The message keeps each token's length (seqs 1..n without a gap: a resume slices the text by
+# seq), and the turn's token rows go in the same statement; with a gap they stay.
 _INSERT_ASSISTANT_MESSAGES = """
 WITH input AS (
     SELECT * FROM unnest(
-        %s::text[], %s::text[], %s::text[], %s::smallint[], %s::bigint[], %s::timestamptz[]
-    ) AS f(turn_id, conversation_id, tenant_id, finish_reason, last_seq, finished_at)
+        %s::text[], %s::text[], %s::text[], %s::smallint[], %s::bigint[], %s::timestamptz[],
+        %s::bytea[], %s::integer[]
+    ) AS f(
+        turn_id, conversation_id, tenant_id, finish_reason, last_seq, finished_at, event, attempt
+    )
 ), ins AS (
-    INSERT INTO messages
-        (turn_id, role, conversation_id, tenant_id, text, finish_reason, created_at, accepted_at)
+    INSERT INTO messages (
+        turn_id, role, conversation_id, tenant_id, text, finish_reason, created_at, accepted_at,
+        token_lengths, finish_event
+    )
     SELECT
-        f.turn_id, 2, f.conversation_id, f.tenant_id,
-        COALESCE((
-            SELECT string_agg(t.text, '' ORDER BY t.seq) FROM tokens t
-            WHERE t.turn_id = f.turn_id AND t.seq BETWEEN 1 AND f.last_seq
-        ), ''),
+        f.turn_id, 2, f.conversation_id, f.tenant_id, COALESCE(t.text, ''),
         f.finish_reason, f.finished_at,
         COALESCE((
             SELECT u.accepted_at FROM messages u WHERE u.turn_id = f.turn_id AND u.role = 1
-        ), f.finished_at)
+        ), f.finished_at),
+        CASE WHEN t.n = 0 THEN '{}'::integer[] WHEN t.n = t.top THEN t.lengths END,
+        NULLIF(f.event, ''::bytea)
     FROM input f
+    CROSS JOIN LATERAL (
+        SELECT string_agg(x.text, '' ORDER BY x.seq) AS text,
+               array_agg(char_length(x.text) ORDER BY x.seq) AS lengths,
+               count(*) AS n, max(x.seq) AS top
+        FROM tokens x WHERE x.turn_id = f.turn_id AND x.seq BETWEEN 1 AND f.last_seq
+    ) t
+    WHERE f.attempt >= COALESCE(
+        (SELECT a.attempt FROM turn_attempts a WHERE a.turn_id = f.turn_id), 0
+    )
     ON CONFLICT (turn_id, role) DO NOTHING
-    RETURNING tenant_id, conversation_id, created_at
+    RETURNING turn_id, tenant_id, conversation_id, created_at, token_lengths IS NOT NULL AS sliced
+), assembled AS (
+    DELETE FROM tokens x USING ins WHERE x.turn_id = ins.turn_id AND ins.sliced
+    RETURNING 1
+), settled AS (
+    DELETE FROM turn_attempts a USING ins WHERE a.turn_id = ins.turn_id
 ), bump AS (
     UPDATE conversations c SET updated_at = x.ts
     FROM (
@@ -206,7 +259,7 @@ WITH input AS (
       AND c.updated_at < x.ts
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM ins)
+SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM assembled)
 """
 
 _SELECT_FINISHED = """
@@ -216,6 +269,15 @@ LEFT JOIN messages u ON u.turn_id = a.turn_id AND u.role = 1
 WHERE a.role = 2 AND a.turn_id = ANY(%s::text[])
 """
 
+
+# After the batch's tokens and finishes were checked against the attempts of earlier batches;
+# an assembled turn needs no row.
+_UPSERT_ATTEMPTS = """
+INSERT INTO turn_attempts AS a (turn_id, attempt)
+SELECT i.turn_id, i.attempt FROM unnest(%s::text[], %s::integer[]) AS i(turn_id, attempt)
+WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.turn_id = i.turn_id AND m.role = 2)
+ON CONFLICT (turn_id) DO UPDATE SET attempt = GREATEST(a.attempt, EXCLUDED.attempt)
+"""
 
 _QUEUE_FOR_MEMORY = """
 INSERT INTO memory_outbox (turn_id) SELECT unnest(%s::text[]) ON CONFLICT (turn_id) DO NOTHING
@@ -241,9 +303,10 @@ async def _copy_tokens(conn: Conn, rows: Sequence[TokenEvent]) -> int:
         await cur.execute(_TEMP_TOKENS)
         # A caller may run several batches in one outer transaction; start from empty.
         await cur.execute("TRUNCATE persister_tokens_in")
-        async with cur.copy("COPY persister_tokens_in (turn_id, seq, text) FROM STDIN") as cp:
+        copy = "COPY persister_tokens_in (turn_id, seq, text, attempt) FROM STDIN"
+        async with cur.copy(copy) as cp:
             for row in unique.values():
-                await cp.write_row((row.turn_id, row.seq, row.text))
+                await cp.write_row((row.turn_id, row.seq, row.text, row.attempt))
         await cur.execute(_INSERT_TOKENS)
         return max(cur.rowcount, 0)
 
@@ -262,7 +325,7 @@ def _columns(rows: Sequence[Any]) -> tuple[list[Any], ...]:
     return tuple([getattr(row, name) for row in rows] for name in (f.name for f in fields(rows[0])))
 
 
-async def _count(conn: Conn, query: str, params: Sequence[Any]) -> int:
+async def _count(conn: Conn, query: str, params: Sequence[Any] | Mapping[str, Any]) -> int:
     async with conn.cursor() as cur:
         await cur.execute(query, params)
         row = await cur.fetchone()
@@ -327,9 +390,11 @@ async def _drop_erased(conn: Conn, plan: BatchPlan) -> BatchPlan:
         user_messages=users,
         tokens=[t for t in plan.tokens if t.turn_id not in gone],
         finishes=[f for f in plan.finishes if f.turn_id not in gone],
+        turn_attempts={t: a for t, a in plan.turn_attempts.items() if t not in gone},
         last_records=plan.last_records,
         events=plan.events,
         in_batch_duplicates=plan.in_batch_duplicates,
+        zombie_records=plan.zombie_records,
     )
     if newly:
         ids = sorted(newly)
@@ -338,7 +403,7 @@ async def _drop_erased(conn: Conn, plan: BatchPlan) -> BatchPlan:
             "ON CONFLICT (turn_id) DO NOTHING",
             (ids,),
         )
-        for table in ("tokens", "memory_outbox", "messages"):
+        for table in ("tokens", "turn_attempts", "memory_outbox", "messages"):
             await conn.execute(f"DELETE FROM {table} WHERE turn_id = ANY(%s::text[])", (ids,))
     return kept
 
@@ -366,6 +431,9 @@ async def write_batch_on(conn: Conn, plan: BatchPlan) -> BatchResult:
             wanted = [t.turn_id for t in finished if t.finish_reason != FinishReason.ERROR]
             if wanted:
                 await conn.execute(_QUEUE_FOR_MEMORY, (wanted,))
+        if plan.turn_attempts:
+            attempts = plan.turn_attempts
+            await conn.execute(_UPSERT_ATTEMPTS, (list(attempts), list(attempts.values())))
     return BatchResult(users, tokens, assistants, finished, dropped)
 
 
@@ -421,7 +489,15 @@ async def erase_on(conn: Conn, tenant_id: str, conversation_id: str, *, force: b
         )
         await cur.execute(f"DELETE FROM tokens WHERE turn_id IN ({turns})", scope)
         tokens = max(cur.rowcount, 0)
+        # Tokens of assembled turns live on as their messages' token_lengths: counted as tokens.
+        tokens += await _count(
+            conn,
+            "SELECT coalesce(sum(cardinality(token_lengths)), 0) FROM messages "
+            f"WHERE {_SCOPE} AND role = 2",
+            scope,
+        )
         await cur.execute(f"DELETE FROM memory_outbox WHERE turn_id IN ({turns})", scope)
+        await cur.execute(f"DELETE FROM turn_attempts WHERE turn_id IN ({turns})", scope)
         await cur.execute(f"DELETE FROM messages WHERE {_SCOPE}", scope)
         messages = max(cur.rowcount, 0)
         await cur.execute(f"DELETE FROM conversations WHERE {_SCOPE}", scope)
@@ -597,6 +673,11 @@ class PgStore(AsyncStartStop):
             await cur.execute(query, params)
             rows = await cur.fetchall()
         return [Conversation(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def lookup_turn(self, turn_id: str) -> StoredTurn | None:
+        """The turn's stored rows (one primary-key read), or None when none is stored."""
+        async with self._require_pool().connection() as conn:
+            return await read_turn(conn, turn_id)
 
     async def count_rows(self) -> dict[str, int]:
         """Row counts per table (tests and operators' sanity checks)."""

@@ -336,10 +336,14 @@ async def append_event(log: EmbeddedLog, turn: Turn, event: events_pb2.TurnEvent
     )
 
 
-def token_event(turn: Turn, seq: int, text: str) -> events_pb2.TurnEvent:
+def token_event(turn: Turn, seq: int, text: str, attempt: int = 0) -> events_pb2.TurnEvent:
     return events_pb2.TurnEvent(
         token=events_pb2.TokenEmitted(
-            turn_id=turn.turn_id, seq=seq, text=text, conversation_id=turn.conversation_id
+            turn_id=turn.turn_id,
+            seq=seq,
+            text=text,
+            conversation_id=turn.conversation_id,
+            attempt=attempt,
         )
     )
 
@@ -644,12 +648,45 @@ async def test_takeover_continues_after_the_tokens_in_the_log(running: Running) 
     seen = await watch(running.log, turn)
     assert [s.resumed_after_seq for s in seen.started] == [0, 2]
     assert seen.started[1].agent_id == "agent-1"
+    # The dead agent wrote no attempt (a record from before attempts): this is attempt 1.
+    assert seen.started[1].attempt == 1
+    assert {t.attempt for t in seen.tokens if t.seq > 2} == {1}
     assert_gap_free(seen)
     assert seen.text == " say farewell friend"
     assert seen.finished is not None
     assert seen.finished.finish_reason == common_pb2.FINISH_REASON_STOP
     assert seen.finished.last_seq == 3
     assert seen.finished.usage.completion_tokens == 3
+    await until_committed(running.log, turn)
+
+
+async def test_takeover_ignores_a_zombies_records_after_a_newer_attempt(running: Running) -> None:
+    # Attempt 1 wrote " say"; attempt 2 took over; attempt 1's late token 2 landed after that
+    # TurnStarted and must not count, attempt 2's " farewell" does. The tiny model only says
+    # " friend" after " say farewell", so the prompt shows which token 2 the agent kept.
+    turn = await new_turn(running.log, "conv-zombie-records")
+
+    def started(attempt: int) -> events_pb2.TurnEvent:
+        return events_pb2.TurnEvent(
+            started=events_pb2.TurnStarted(
+                turn_id=turn.turn_id, agent_id=f"dead-{attempt}", attempt=attempt
+            )
+        )
+
+    await append_event(running.log, turn, started(1))
+    await append_event(running.log, turn, token_event(turn, 1, " say", attempt=1))
+    await append_event(running.log, turn, started(2))
+    await append_event(running.log, turn, token_event(turn, 2, " goodbye", attempt=1))
+    await append_event(running.log, turn, token_event(turn, 2, " farewell", attempt=2))
+    await request_turn(running.log, turn, "hello", max_tokens=50, seed=1)
+    seen = await watch(running.log, turn)
+    assert [s.attempt for s in seen.started] == [1, 2, 3]
+    assert [s.resumed_after_seq for s in seen.started][-1] == 2
+    mine = [t for t in seen.tokens if t.attempt == 3]
+    assert "".join(t.text for t in mine) == " friend"
+    assert [t.seq for t in mine] == [3]
+    assert seen.finished is not None and seen.finished.attempt == 3
+    assert seen.finished.last_seq == 3
     await until_committed(running.log, turn)
 
 

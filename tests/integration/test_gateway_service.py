@@ -108,14 +108,15 @@ def gateway_settings(
 
 @contextlib.asynccontextmanager
 async def run_gateway(
-    settings: GatewaySettings, *, tls_ca: Path | None = None
+    settings: GatewaySettings, *, tls_ca: Path | None = None, lookup: bool = True
 ) -> AsyncIterator[Gateway]:
     """The gateway in this process, served by its real gRPC server (the test's channel trusts
-    ``tls_ca`` when the gateway serves TLS)."""
+    ``tls_ca`` when the gateway serves TLS). ``lookup=False``: resume and cancel read the log
+    only, as before the persister's LookupTurn (what a served turn is compared with)."""
     async with (
         EmbeddedLog(settings.log.path) as log,
         PersisterClient(settings.persister_addr, timeout_s=settings.persister_timeout_s) as pc,
-        GatewayCore(settings, log=log, conversations=pc) as core,
+        GatewayCore(settings, log=log, conversations=pc, turns=pc if lookup else None) as core,
     ):
         deps = GatewayDeps(core=core, persister=pc, keys=KeyStore(settings.api_keys_file))
         server, port = build_server(settings, deps)

@@ -102,17 +102,40 @@ class Writer:
         return self.log.append(TURN_EVENTS, p, conv.encode(), event.SerializeToString())
 
     async def tokens(
-        self, conv: str, turn: str, pieces: list[str], *, tenant: str = "acme", first: int = 1
+        self,
+        conv: str,
+        turn: str,
+        pieces: list[str],
+        *,
+        tenant: str = "acme",
+        first: int = 1,
+        attempt: int = 0,
     ) -> None:
         for seq, piece in enumerate(pieces, start=first):
             self._event(
                 conv,
                 events_pb2.TurnEvent(
                     token=events_pb2.TokenEmitted(
-                        turn_id=turn, seq=seq, text=piece, conversation_id=conv, tenant_id=tenant
+                        turn_id=turn,
+                        seq=seq,
+                        text=piece,
+                        conversation_id=conv,
+                        tenant_id=tenant,
+                        attempt=attempt,
                     )
                 ),
             )
+        await self.log.flush()
+
+    async def started(self, conv: str, turn: str, attempt: int, *, tenant: str = "acme") -> None:
+        self._event(
+            conv,
+            events_pb2.TurnEvent(
+                started=events_pb2.TurnStarted(
+                    turn_id=turn, conversation_id=conv, tenant_id=tenant, attempt=attempt
+                )
+            ),
+        )
         await self.log.flush()
 
     async def finish(
@@ -123,6 +146,7 @@ class Writer:
         *,
         tenant: str = "acme",
         reason: int = common_pb2.FINISH_REASON_STOP,
+        attempt: int = 0,
     ) -> None:
         self._event(
             conv,
@@ -134,6 +158,7 @@ class Writer:
                     tenant_id=tenant,
                     last_seq=last_seq,
                     model="tiny",
+                    attempt=attempt,
                 )
             ),
         )
@@ -199,11 +224,18 @@ async def persister_running(
 
 
 def counts(pg_dsn: str) -> dict[str, int]:
+    """Rows per table; "tokens" counts the token rows of running turns and the tokens kept as
+    lengths on assembled messages (whose rows are deleted), so each stored token counts once."""
     with psycopg.connect(pg_dsn) as conn:
-        return {
+        found = {
             table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
             for table in ("conversations", "messages", "tokens")
         }
+        assembled = conn.execute(
+            "SELECT coalesce(sum(cardinality(token_lengths)), 0) FROM messages"
+        ).fetchone()
+    found["tokens"] += int(assembled[0])  # type: ignore[index]
+    return found
 
 
 def error_reason(error: grpc.aio.AioRpcError) -> str:
@@ -373,6 +405,9 @@ async def test_replaying_the_log_changes_nothing(
         await run.stub.Flush(persister_pb2.FlushRequest(), timeout=15)
     before = counts(pg_dsn)
     assert before == {"conversations": 1, "messages": 2, "tokens": 3}
+    with psycopg.connect(pg_dsn) as conn:
+        # Assembled: the lengths are on the message, the token rows are gone.
+        assert conn.execute("SELECT count(*) FROM tokens").fetchone() == (0,)
 
     # The same events again on the same log (a gateway retry, an agent replaying its turn)...
     await w.request("conv-r", "hello", turn=turn)
@@ -384,6 +419,9 @@ async def test_replaying_the_log_changes_nothing(
     assert flushed.rows_written == 0
     assert stats.duplicates_ignored == 5
     assert counts(pg_dsn) == before
+    with psycopg.connect(pg_dsn) as conn:
+        # The replayed tokens of the assembled turn were not stored again.
+        assert conn.execute("SELECT count(*) FROM tokens").fetchone() == (0,)
 
     # ...and the whole log consumed again from offset 0 by a fresh group (a new log file).
     async with open_embedded(tmp_path / "replay.sqlite3") as fresh:
@@ -422,6 +460,41 @@ async def test_duplicate_seq_first_in_log_order_wins(pg_dsn: str, log: EmbeddedL
     assistant = got.conversation.messages[1]
     assert assistant.text == "one two three"
     assert assistant.finish_reason == common_pb2.FINISH_REASON_STOP
+
+
+async def test_a_zombies_records_after_a_takeover_are_not_stored(
+    pg_dsn: str, log: EmbeddedLog
+) -> None:
+    w = Writer(log)
+    conv = "conv-zombie"
+    turn = await w.request(conv, "q")
+    await w.started(conv, turn, attempt=1)
+    await w.tokens(conv, turn, ["one "], attempt=1)
+    await w.started(conv, turn, attempt=2)  # the takeover: it read "one " and goes on from seq 2
+    # The first agent's late token lands after it, in the same batch...
+    await w.tokens(conv, turn, ["ZOMBIE "], first=2, attempt=1)
+    async with persister_running(pg_dsn, log) as run:
+        await run.stub.Flush(persister_pb2.FlushRequest(), timeout=15)
+        # ...then in a batch of its own (the database's attempt row fences them off)...
+        await w.tokens(conv, turn, ["LATE "], first=3, attempt=1)
+        await w.finish(conv, turn, 3, attempt=1)
+        await run.stub.Flush(persister_pb2.FlushRequest(), timeout=15)
+        # ...and in a batch with the new owner's records (their attempt fences them off).
+        await w.tokens(conv, turn, ["AGAIN "], first=2, attempt=1)
+        await w.tokens(conv, turn, ["two ", "three"], first=2, attempt=2)
+        await w.finish(conv, turn, 3, attempt=2, reason=common_pb2.FINISH_REASON_LENGTH)
+        got = await run.stub.GetConversation(
+            persister_pb2.GetConversationRequest(
+                tenant_id="acme", conversation_id=conv, consistent=True
+            ),
+            timeout=15,
+        )
+    assistant = got.conversation.messages[1]
+    assert assistant.text == "one two three"
+    assert assistant.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    with psycopg.connect(pg_dsn) as conn:
+        left = conn.execute("SELECT count(*) FROM turn_attempts").fetchone()
+    assert left == (0,)  # settled once the message was assembled
 
 
 async def test_flush_returns_only_after_rows_are_visible(pg_dsn: str, log: EmbeddedLog) -> None:

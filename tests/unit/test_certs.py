@@ -239,6 +239,7 @@ def test_identity_of_reads_only_our_trust_domain() -> None:
         ("/chat.persister.v1.PersisterService/GetConversation", {"gateway", "agent"}),
         ("/chat.persister.v1.PersisterService/ListConversations", {"gateway", "agent"}),
         ("/chat.persister.v1.PersisterService/ListMessages", {"gateway", "agent"}),
+        ("/chat.persister.v1.PersisterService/LookupTurn", {"gateway"}),
         ("/chat.agent.v1.AgentService/Generate", {"operator"}),
         ("/chat.agent.v1.AgentService/GetNodeInfo", {"operator"}),
         ("/chat.memory.v1.MemoryService/SomethingNew", set()),

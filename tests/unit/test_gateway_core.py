@@ -66,8 +66,9 @@ class KnownConversations:
 class Agent:
     """Appends a turn's events to the log, like an agent would."""
 
-    def __init__(self, log: EmbeddedLog, turn: TurnStream | TurnInfo) -> None:
+    def __init__(self, log: EmbeddedLog, turn: TurnStream | TurnInfo, attempt: int = 0) -> None:
         info = turn.info if isinstance(turn, TurnStream) else turn
+        self.attempt = attempt
         self.log = log
         self.turn_id = info.turn_id
         self.key = info.conversation_id.encode()
@@ -78,7 +79,9 @@ class Agent:
 
     async def started(self) -> None:
         await self._append(
-            events_pb2.TurnEvent(started=events_pb2.TurnStarted(turn_id=self.turn_id))
+            events_pb2.TurnEvent(
+                started=events_pb2.TurnStarted(turn_id=self.turn_id, attempt=self.attempt)
+            )
         )
 
     async def tokens(self, seqs: Iterable[int], tag: str = "") -> None:
@@ -86,7 +89,7 @@ class Agent:
             self._append(
                 events_pb2.TurnEvent(
                     token=events_pb2.TokenEmitted(
-                        turn_id=self.turn_id, seq=seq, text=f"{tag}{seq} "
+                        turn_id=self.turn_id, seq=seq, text=f"{tag}{seq} ", attempt=self.attempt
                     )
                 )
             )
@@ -98,7 +101,11 @@ class Agent:
         await self._append(
             events_pb2.TurnEvent(
                 finished=events_pb2.TurnFinished(
-                    turn_id=self.turn_id, finish_reason=reason, last_seq=last_seq, model=model
+                    turn_id=self.turn_id,
+                    finish_reason=reason,
+                    last_seq=last_seq,
+                    model=model,
+                    attempt=self.attempt,
                 )
             )
         )
@@ -214,6 +221,25 @@ async def test_replays_and_zombie_duplicates_are_dropped_first_record_wins(
     await agent.finished(last_seq=4)
     outputs = await collect(core.follow(turn))
     assert tokens(outputs) == [(1, "a1 "), (2, "a2 "), (3, "b3 "), (4, "a4 ")]
+
+
+async def test_a_zombies_records_after_a_newer_attempt_started_are_ignored(
+    core: GatewayCore, log: EmbeddedLog
+) -> None:
+    turn = await core.start_turn(ACME, StartRequest("", "hi"))
+    first, second = Agent(log, turn, attempt=1), Agent(log, turn, attempt=2)
+    await first.started()
+    await first.tokens([1, 2], "a")
+    await first.tokens([5], "a")  # ahead of a gap: held, then fenced off by the takeover
+    await second.started()  # the takeover: it read seqs 1-2 (and 5) before continuing
+    await first.tokens([3], "a")  # the zombie's late records land after it
+    await first.finished(last_seq=3)
+    await second.tokens([3, 4], "b")
+    await second.finished(reason=2, last_seq=4)
+    outputs = await collect(core.follow(turn))
+    assert tokens(outputs) == [(1, "a1 "), (2, "a2 "), (3, "b3 "), (4, "b4 ")]
+    assert finished(outputs).finish_reason is FinishReason.LENGTH
+    assert core.hub.has_ended(turn.turn_id)
 
 
 async def test_tokens_ahead_of_a_gap_wait_for_it(core: GatewayCore, log: EmbeddedLog) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -78,10 +79,16 @@ class Log:
 def test_decode_request_token_and_finish() -> None:
     log = Log()
     user = codec.decode(log.request("t1", "hello"))
-    assert user == [UserTurn("t1", "c1", "a", "hello", T0)]
+    assert user == [UserTurn("t1", "c1", "a", "hello", T0, 0)]
     assert codec.decode(log.token("t1", 3, "x")) == [TokenEvent("t1", 3, "x")]
     end = codec.decode(log.finish("t1", 3, reason=common_pb2.FINISH_REASON_LENGTH, ts_ms=1500))
-    assert end == [TurnEnd("t1", "c1", "a", 2, 3, utc_from_ms(1500))]
+    assert len(end) == 1 and isinstance(end[0], TurnEnd)
+    assert dataclasses.replace(end[0], event=b"") == TurnEnd(
+        "t1", "c1", "a", 2, 3, utc_from_ms(1500)
+    )
+    # The record as logged is kept, for a resume served from PostgreSQL.
+    (kept,) = turnlog.decode_events(end[0].event)
+    assert isinstance(kept, turnlog.TurnFinished) and kept.last_seq == 3
 
 
 def test_decode_expands_a_record_of_several_tokens() -> None:

@@ -10,6 +10,7 @@ from google.rpc import status_pb2
 from mesh.errors import MeshError, to_status_proto
 from mesh.generation import FinishReason, GenerationOptions, TokenUsage, TurnTimings
 from mesh.turnlog import (
+    Attempts,
     FirstWins,
     TokenEmitted,
     TurnCancelled,
@@ -149,6 +150,31 @@ def test_first_record_per_key_wins() -> None:
     assert tokens.offer(("u", 1), "other turn")
     assert tokens == {("t", 1): "first", ("t", 2): "second", ("u", 1): "other turn"}
     assert list(tokens.values()) == ["first", "second", "other turn"]
+
+
+def test_a_newer_attempt_fences_off_the_older_ones_records_after_it() -> None:
+    attempts = Attempts()
+    assert attempts.admit(TokenEmitted("t", 1, "old", attempt=0))  # records from before attempts
+    assert attempts.admit(TurnStarted("t", attempt=1))
+    assert attempts.admit(TokenEmitted("t", 2, "a", attempt=1))
+    assert attempts.admit(TurnStarted("t", attempt=2))
+    assert not attempts.admit(TokenEmitted("t", 3, "zombie", attempt=1))
+    assert not attempts.admit(TurnFinished("t", last_seq=3, attempt=1))
+    assert attempts.admit(TokenEmitted("t", 3, "b", attempt=2))
+    assert attempts.admit(TokenEmitted("u", 1, "other turn", attempt=1))
+    assert attempts.admit(TurnStarted("t", attempt=1))  # a late start never lowers it
+    assert not attempts.admit(TokenEmitted("t", 4, "zombie", attempt=1))
+    assert attempts.admit(TurnFinished("t", last_seq=3, attempt=2))
+    assert attempts.admit(TurnCancelled("t"))
+
+
+def test_attempts_survive_the_codec() -> None:
+    for event in (
+        TurnStarted("t", attempt=3),
+        TokenEmitted("t", 1, "x", attempt=3),
+        TurnFinished("t", attempt=3),
+    ):
+        assert decode_events(encode(event)) == [event]
 
 
 def test_a_record_of_several_tokens_reads_as_one_event_per_token() -> None:

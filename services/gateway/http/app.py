@@ -42,6 +42,7 @@ from services.gateway.http.responses import (
     parse_response_id,
     read_state,
     status_of,
+    stored_state,
 )
 from services.gateway.model import (
     FinishedOut,
@@ -852,7 +853,12 @@ class OpenAiApi:
                 state.max_output_tokens = requested.options.max_tokens or None
                 state.temperature = requested.options.temperature
                 state.top_p = requested.options.top_p
-            await read_state(self.core.log, info, state)
+            stored = await self.core.stored_turn(info)
+            if stored is not None and stored.replayable and stored.finished is not None:
+                # Finished and stored: its text and end from PostgreSQL, no read of its events.
+                stored_state(stored.finished, stored.token_texts, state)
+            else:
+                await read_state(self.core.log, info, state)
         except (LogError, turnlog.UndecodableRecord) as error:
             log.warning("reading response %s from the turn log failed: %s", info.turn_id, error)
             raise ApiError(

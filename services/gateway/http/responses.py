@@ -19,6 +19,7 @@ sequence_number       event
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,6 +221,7 @@ async def read_state(log: EventLog, info: TurnInfo, state: ResponseState) -> Res
     end = await log.end_offset(TURN_EVENTS, info.partition)
     wanted = {info.turn_id}
     tokens: turnlog.FirstWins[int, str] = turnlog.FirstWins()
+    attempts = turnlog.Attempts()
     finished: turnlog.TurnFinished | None = None
     started = cancelled = False
     position = info.events_start
@@ -231,6 +233,8 @@ async def read_state(log: EventLog, info: TurnInfo, state: ResponseState) -> Res
             except turnlog.UndecodableRecord:
                 continue
             for event in events:
+                if not attempts.admit(event):
+                    continue  # a zombie's record
                 if isinstance(event, turnlog.TokenEmitted):
                     tokens.offer(event.seq, event.text)
                 elif isinstance(event, turnlog.TurnStarted):
@@ -255,6 +259,18 @@ async def read_state(log: EventLog, info: TurnInfo, state: ResponseState) -> Res
     return state
 
 
+def stored_state(
+    finished: turnlog.TurnFinished, texts: Sequence[str], state: ResponseState
+) -> ResponseState:
+    """Fill ``state`` from a finished turn the persister returned (``GatewayCore.stored_turn``):
+    what ``read_state`` reads from the log for that turn, without reading it."""
+    state.texts = list(texts)
+    state.status = status_of(finish_reason_from_proto(finished.finish_reason), True, False)
+    state.usage = finished.usage
+    state.model = finished.model or state.model
+    return state
+
+
 __all__ = [
     "HEADER_EVENTS",
     "ResponseState",
@@ -263,6 +279,7 @@ __all__ = [
     "header_events",
     "parse_response_id",
     "read_state",
+    "stored_state",
     "response_id",
     "status_of",
 ]

@@ -169,8 +169,14 @@ type TurnStarted struct {
 	RequestOffset int64 `protobuf:"varint,6,opt,name=request_offset,json=requestOffset,proto3" json:"request_offset,omitempty"`
 	// How many tokens already in the log this agent continues after (non-zero after a takeover).
 	ResumedAfterSeq int32 `protobuf:"varint,7,opt,name=resumed_after_seq,json=resumedAfterSeq,proto3" json:"resumed_after_seq,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Which attempt at the turn this is: 1 for the first agent, one more than the newest attempt
+	// in the log for each agent that takes the turn over (0 in records written before attempts
+	// existed). Readers fence by log order: once a TurnStarted of attempt N is in the log, a later
+	// TokenEmitted or TurnFinished of that turn with a lower attempt is a zombie's and is ignored
+	// (docs/reliability.md, "Fencing").
+	Attempt       uint32 `protobuf:"varint,8,opt,name=attempt,proto3" json:"attempt,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *TurnStarted) Reset() {
@@ -252,6 +258,13 @@ func (x *TurnStarted) GetResumedAfterSeq() int32 {
 	return 0
 }
 
+func (x *TurnStarted) GetAttempt() uint32 {
+	if x != nil {
+		return x.Attempt
+	}
+	return 0
+}
+
 // TokenEmitted carries one piece of generated text. (turn_id, seq) is unique; seq starts at 1.
 type TokenEmitted struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -268,7 +281,9 @@ type TokenEmitted struct {
 	// Texts of the tokens seq + 1, seq + 2, ... that follow in the same record: an agent that
 	// produces tokens faster than the log takes them appends them together. Readers treat the
 	// record exactly as that many consecutive TokenEmitted records.
-	MoreTexts     []string `protobuf:"bytes,6,rep,name=more_texts,json=moreTexts,proto3" json:"more_texts,omitempty"`
+	MoreTexts []string `protobuf:"bytes,6,rep,name=more_texts,json=moreTexts,proto3" json:"more_texts,omitempty"`
+	// The attempt of the TurnStarted this token belongs to (see TurnStarted.attempt).
+	Attempt       uint32 `protobuf:"varint,7,opt,name=attempt,proto3" json:"attempt,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -345,6 +360,13 @@ func (x *TokenEmitted) GetMoreTexts() []string {
 	return nil
 }
 
+func (x *TokenEmitted) GetAttempt() uint32 {
+	if x != nil {
+		return x.Attempt
+	}
+	return 0
+}
+
 // TurnFinished closes a turn. Exactly one is honoured per turn: the first in log order.
 type TurnFinished struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -371,8 +393,10 @@ type TurnFinished struct {
 	CancelSeenAtSeq int64 `protobuf:"varint,10,opt,name=cancel_seen_at_seq,json=cancelSeenAtSeq,proto3" json:"cancel_seen_at_seq,omitempty"`
 	// Context the agent generated without (history or recall unavailable); empty when none.
 	ContextSkipped []*v1.ContextSkipped `protobuf:"bytes,11,rep,name=context_skipped,json=contextSkipped,proto3" json:"context_skipped,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The attempt of the TurnStarted this finish belongs to (see TurnStarted.attempt).
+	Attempt       uint32 `protobuf:"varint,12,opt,name=attempt,proto3" json:"attempt,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *TurnFinished) Reset() {
@@ -480,6 +504,13 @@ func (x *TurnFinished) GetContextSkipped() []*v1.ContextSkipped {
 		return x.ContextSkipped
 	}
 	return nil
+}
+
+func (x *TurnFinished) GetAttempt() uint32 {
+	if x != nil {
+		return x.Attempt
+	}
+	return 0
 }
 
 // TurnCancelled asks whichever agent holds the turn to stop; it is appended to the turn-event log.
@@ -870,7 +901,7 @@ const file_chat_events_v1_events_proto_rawDesc = "" +
 	"\n" +
 	"background\x18\n" +
 	" \x01(\bR\n" +
-	"background\"\x87\x02\n" +
+	"background\"\xa1\x02\n" +
 	"\vTurnStarted\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12'\n" +
 	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x1b\n" +
@@ -878,7 +909,8 @@ const file_chat_events_v1_events_proto_rawDesc = "" +
 	"\bagent_id\x18\x04 \x01(\tR\aagentId\x12+\n" +
 	"\x11request_partition\x18\x05 \x01(\x05R\x10requestPartition\x12%\n" +
 	"\x0erequest_offset\x18\x06 \x01(\x03R\rrequestOffset\x12*\n" +
-	"\x11resumed_after_seq\x18\a \x01(\x05R\x0fresumedAfterSeq\"\xb2\x01\n" +
+	"\x11resumed_after_seq\x18\a \x01(\x05R\x0fresumedAfterSeq\x12\x18\n" +
+	"\aattempt\x18\b \x01(\rR\aattempt\"\xcc\x01\n" +
 	"\fTokenEmitted\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x03R\x03seq\x12\x12\n" +
@@ -886,7 +918,8 @@ const file_chat_events_v1_events_proto_rawDesc = "" +
 	"\x0fconversation_id\x18\x04 \x01(\tR\x0econversationId\x12\x1b\n" +
 	"\ttenant_id\x18\x05 \x01(\tR\btenantId\x12\x1d\n" +
 	"\n" +
-	"more_texts\x18\x06 \x03(\tR\tmoreTexts\"\xea\x03\n" +
+	"more_texts\x18\x06 \x03(\tR\tmoreTexts\x12\x18\n" +
+	"\aattempt\x18\a \x01(\rR\aattempt\"\x84\x04\n" +
 	"\fTurnFinished\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12A\n" +
 	"\rfinish_reason\x18\x02 \x01(\x0e2\x1c.chat.common.v1.FinishReasonR\ffinishReason\x120\n" +
@@ -899,7 +932,8 @@ const file_chat_events_v1_events_proto_rawDesc = "" +
 	"\x05model\x18\t \x01(\tR\x05model\x12+\n" +
 	"\x12cancel_seen_at_seq\x18\n" +
 	" \x01(\x03R\x0fcancelSeenAtSeq\x12G\n" +
-	"\x0fcontext_skipped\x18\v \x03(\v2\x1e.chat.common.v1.ContextSkippedR\x0econtextSkipped\"n\n" +
+	"\x0fcontext_skipped\x18\v \x03(\v2\x1e.chat.common.v1.ContextSkippedR\x0econtextSkipped\x12\x18\n" +
+	"\aattempt\x18\f \x01(\rR\aattempt\"n\n" +
 	"\rTurnCancelled\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12'\n" +
 	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x1b\n" +

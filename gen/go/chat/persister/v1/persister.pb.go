@@ -8,6 +8,7 @@ package persisterv1
 
 import (
 	v1 "github.com/llm-mesh/llm-mesh/gen/go/chat/common/v1"
+	v11 "github.com/llm-mesh/llm-mesh/gen/go/chat/events/v1"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -21,6 +22,63 @@ const (
 	// Verify that runtime/protoimpl is sufficiently up-to-date.
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
+
+// StoredTurnState is how far a turn is in PostgreSQL.
+type StoredTurnState int32
+
+const (
+	// Not set.
+	StoredTurnState_STORED_TURN_STATE_UNSPECIFIED StoredTurnState = 0
+	// Nothing of the tenant's turn is stored: see applied_request_offset for whether it could be.
+	StoredTurnState_STORED_TURN_STATE_UNKNOWN StoredTurnState = 1
+	// Its request is stored, its TurnFinished is not (yet).
+	StoredTurnState_STORED_TURN_STATE_RUNNING StoredTurnState = 2
+	// Its TurnFinished is stored: finished, tokens and token_texts are its end and its text.
+	StoredTurnState_STORED_TURN_STATE_FINISHED StoredTurnState = 3
+)
+
+// Enum value maps for StoredTurnState.
+var (
+	StoredTurnState_name = map[int32]string{
+		0: "STORED_TURN_STATE_UNSPECIFIED",
+		1: "STORED_TURN_STATE_UNKNOWN",
+		2: "STORED_TURN_STATE_RUNNING",
+		3: "STORED_TURN_STATE_FINISHED",
+	}
+	StoredTurnState_value = map[string]int32{
+		"STORED_TURN_STATE_UNSPECIFIED": 0,
+		"STORED_TURN_STATE_UNKNOWN":     1,
+		"STORED_TURN_STATE_RUNNING":     2,
+		"STORED_TURN_STATE_FINISHED":    3,
+	}
+)
+
+func (x StoredTurnState) Enum() *StoredTurnState {
+	p := new(StoredTurnState)
+	*p = x
+	return p
+}
+
+func (x StoredTurnState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (StoredTurnState) Descriptor() protoreflect.EnumDescriptor {
+	return file_chat_persister_v1_persister_proto_enumTypes[0].Descriptor()
+}
+
+func (StoredTurnState) Type() protoreflect.EnumType {
+	return &file_chat_persister_v1_persister_proto_enumTypes[0]
+}
+
+func (x StoredTurnState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use StoredTurnState.Descriptor instead.
+func (StoredTurnState) EnumDescriptor() ([]byte, []int) {
+	return file_chat_persister_v1_persister_proto_rawDescGZIP(), []int{0}
+}
 
 // GetConversationRequest reads one conversation.
 type GetConversationRequest struct {
@@ -804,7 +862,7 @@ type ErasureCounts struct {
 	Conversations int64 `protobuf:"varint,1,opt,name=conversations,proto3" json:"conversations,omitempty"`
 	// Message rows (user and assistant).
 	Messages int64 `protobuf:"varint,2,opt,name=messages,proto3" json:"messages,omitempty"`
-	// Token rows.
+	// Tokens: the rows of running turns and the tokens of assembled messages (token_lengths).
 	Tokens int64 `protobuf:"varint,3,opt,name=tokens,proto3" json:"tokens,omitempty"`
 	// Memory chunks (MemoryService.Forget).
 	Chunks        int64 `protobuf:"varint,4,opt,name=chunks,proto3" json:"chunks,omitempty"`
@@ -870,11 +928,187 @@ func (x *ErasureCounts) GetChunks() int64 {
 	return 0
 }
 
+// LookupTurnRequest finds one turn of a tenant.
+type LookupTurnRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Tenant that must own the turn; another tenant's turn reads as unknown.
+	TenantId string `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	// The turn id (as issued by a gateway: it names the turn's partition and offsets).
+	TurnId string `protobuf:"bytes,2,opt,name=turn_id,json=turnId,proto3" json:"turn_id,omitempty"`
+	// For a finished turn, the stored tokens with a seq above this one are returned.
+	AfterSeq      int64 `protobuf:"varint,3,opt,name=after_seq,json=afterSeq,proto3" json:"after_seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LookupTurnRequest) Reset() {
+	*x = LookupTurnRequest{}
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LookupTurnRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LookupTurnRequest) ProtoMessage() {}
+
+func (x *LookupTurnRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LookupTurnRequest.ProtoReflect.Descriptor instead.
+func (*LookupTurnRequest) Descriptor() ([]byte, []int) {
+	return file_chat_persister_v1_persister_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *LookupTurnRequest) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *LookupTurnRequest) GetTurnId() string {
+	if x != nil {
+		return x.TurnId
+	}
+	return ""
+}
+
+func (x *LookupTurnRequest) GetAfterSeq() int64 {
+	if x != nil {
+		return x.AfterSeq
+	}
+	return 0
+}
+
+// LookupTurnResponse says what PostgreSQL knows about the turn.
+type LookupTurnResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How far the turn is.
+	State StoredTurnState `protobuf:"varint,1,opt,name=state,proto3,enum=chat.persister.v1.StoredTurnState" json:"state,omitempty"`
+	// The turn's conversation (set unless UNKNOWN).
+	ConversationId string `protobuf:"bytes,2,opt,name=conversation_id,json=conversationId,proto3" json:"conversation_id,omitempty"`
+	// Offset of the turn's TurnRequested on the request log (set when its request is stored,
+	// -1 when not).
+	RequestOffset int64 `protobuf:"varint,3,opt,name=request_offset,json=requestOffset,proto3" json:"request_offset,omitempty"`
+	// Every record of the id's request partition below this offset is stored (or was skipped as
+	// not storable). An UNKNOWN turn whose request would lie below it does not exist.
+	AppliedRequestOffset int64 `protobuf:"varint,4,opt,name=applied_request_offset,json=appliedRequestOffset,proto3" json:"applied_request_offset,omitempty"`
+	// The TurnFinished as the log holds it (FINISHED only).
+	Finished *v11.TurnFinished `protobuf:"bytes,5,opt,name=finished,proto3" json:"finished,omitempty"`
+	// Seq of the first entry of token_texts (after_seq + 1), FINISHED only.
+	FirstSeq int64 `protobuf:"varint,6,opt,name=first_seq,json=firstSeq,proto3" json:"first_seq,omitempty"`
+	// The stored token texts from first_seq on, in seq order (FINISHED only).
+	TokenTexts []string `protobuf:"bytes,7,rep,name=token_texts,json=tokenTexts,proto3" json:"token_texts,omitempty"`
+	// False when the finished turn's tokens cannot be sliced by seq from PostgreSQL (its seqs had
+	// a gap): read them from the log instead.
+	TokensComplete bool `protobuf:"varint,8,opt,name=tokens_complete,json=tokensComplete,proto3" json:"tokens_complete,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *LookupTurnResponse) Reset() {
+	*x = LookupTurnResponse{}
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LookupTurnResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LookupTurnResponse) ProtoMessage() {}
+
+func (x *LookupTurnResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LookupTurnResponse.ProtoReflect.Descriptor instead.
+func (*LookupTurnResponse) Descriptor() ([]byte, []int) {
+	return file_chat_persister_v1_persister_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *LookupTurnResponse) GetState() StoredTurnState {
+	if x != nil {
+		return x.State
+	}
+	return StoredTurnState_STORED_TURN_STATE_UNSPECIFIED
+}
+
+func (x *LookupTurnResponse) GetConversationId() string {
+	if x != nil {
+		return x.ConversationId
+	}
+	return ""
+}
+
+func (x *LookupTurnResponse) GetRequestOffset() int64 {
+	if x != nil {
+		return x.RequestOffset
+	}
+	return 0
+}
+
+func (x *LookupTurnResponse) GetAppliedRequestOffset() int64 {
+	if x != nil {
+		return x.AppliedRequestOffset
+	}
+	return 0
+}
+
+func (x *LookupTurnResponse) GetFinished() *v11.TurnFinished {
+	if x != nil {
+		return x.Finished
+	}
+	return nil
+}
+
+func (x *LookupTurnResponse) GetFirstSeq() int64 {
+	if x != nil {
+		return x.FirstSeq
+	}
+	return 0
+}
+
+func (x *LookupTurnResponse) GetTokenTexts() []string {
+	if x != nil {
+		return x.TokenTexts
+	}
+	return nil
+}
+
+func (x *LookupTurnResponse) GetTokensComplete() bool {
+	if x != nil {
+		return x.TokensComplete
+	}
+	return false
+}
+
 var File_chat_persister_v1_persister_proto protoreflect.FileDescriptor
 
 const file_chat_persister_v1_persister_proto_rawDesc = "" +
 	"\n" +
-	"!chat/persister/v1/persister.proto\x12\x11chat.persister.v1\x1a!chat/common/v1/conversation.proto\"\xde\x01\n" +
+	"!chat/persister/v1/persister.proto\x12\x11chat.persister.v1\x1a!chat/common/v1/conversation.proto\x1a\x1bchat/events/v1/events.proto\"\xde\x01\n" +
 	"\x16GetConversationRequest\x12\x1b\n" +
 	"\ttenant_id\x18\x01 \x01(\tR\btenantId\x12'\n" +
 	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x1e\n" +
@@ -924,7 +1158,26 @@ const file_chat_persister_v1_persister_proto_rawDesc = "" +
 	"\rconversations\x18\x01 \x01(\x03R\rconversations\x12\x1a\n" +
 	"\bmessages\x18\x02 \x01(\x03R\bmessages\x12\x16\n" +
 	"\x06tokens\x18\x03 \x01(\x03R\x06tokens\x12\x16\n" +
-	"\x06chunks\x18\x04 \x01(\x03R\x06chunksB\xd0\x01\n" +
+	"\x06chunks\x18\x04 \x01(\x03R\x06chunks\"f\n" +
+	"\x11LookupTurnRequest\x12\x1b\n" +
+	"\ttenant_id\x18\x01 \x01(\tR\btenantId\x12\x17\n" +
+	"\aturn_id\x18\x02 \x01(\tR\x06turnId\x12\x1b\n" +
+	"\tafter_seq\x18\x03 \x01(\x03R\bafterSeq\"\xf5\x02\n" +
+	"\x12LookupTurnResponse\x128\n" +
+	"\x05state\x18\x01 \x01(\x0e2\".chat.persister.v1.StoredTurnStateR\x05state\x12'\n" +
+	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12%\n" +
+	"\x0erequest_offset\x18\x03 \x01(\x03R\rrequestOffset\x124\n" +
+	"\x16applied_request_offset\x18\x04 \x01(\x03R\x14appliedRequestOffset\x128\n" +
+	"\bfinished\x18\x05 \x01(\v2\x1c.chat.events.v1.TurnFinishedR\bfinished\x12\x1b\n" +
+	"\tfirst_seq\x18\x06 \x01(\x03R\bfirstSeq\x12\x1f\n" +
+	"\vtoken_texts\x18\a \x03(\tR\n" +
+	"tokenTexts\x12'\n" +
+	"\x0ftokens_complete\x18\b \x01(\bR\x0etokensComplete*\x92\x01\n" +
+	"\x0fStoredTurnState\x12!\n" +
+	"\x1dSTORED_TURN_STATE_UNSPECIFIED\x10\x00\x12\x1d\n" +
+	"\x19STORED_TURN_STATE_UNKNOWN\x10\x01\x12\x1d\n" +
+	"\x19STORED_TURN_STATE_RUNNING\x10\x02\x12\x1e\n" +
+	"\x1aSTORED_TURN_STATE_FINISHED\x10\x03B\xd0\x01\n" +
 	"\x15com.chat.persister.v1B\x0ePersisterProtoP\x01ZAgithub.com/llm-mesh/llm-mesh/gen/go/chat/persister/v1;persisterv1\xa2\x02\x03CPX\xaa\x02\x11Chat.Persister.V1\xca\x02\x11Chat\\Persister\\V1\xe2\x02\x1dChat\\Persister\\V1\\GPBMetadata\xea\x02\x13Chat::Persister::V1b\x06proto3"
 
 var (
@@ -939,37 +1192,44 @@ func file_chat_persister_v1_persister_proto_rawDescGZIP() []byte {
 	return file_chat_persister_v1_persister_proto_rawDescData
 }
 
-var file_chat_persister_v1_persister_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_chat_persister_v1_persister_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_chat_persister_v1_persister_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_chat_persister_v1_persister_proto_goTypes = []any{
-	(*GetConversationRequest)(nil),     // 0: chat.persister.v1.GetConversationRequest
-	(*GetConversationResponse)(nil),    // 1: chat.persister.v1.GetConversationResponse
-	(*ListConversationsRequest)(nil),   // 2: chat.persister.v1.ListConversationsRequest
-	(*ListConversationsResponse)(nil),  // 3: chat.persister.v1.ListConversationsResponse
-	(*ListMessagesRequest)(nil),        // 4: chat.persister.v1.ListMessagesRequest
-	(*ListMessagesResponse)(nil),       // 5: chat.persister.v1.ListMessagesResponse
-	(*FlushRequest)(nil),               // 6: chat.persister.v1.FlushRequest
-	(*FlushResponse)(nil),              // 7: chat.persister.v1.FlushResponse
-	(*GetStatsRequest)(nil),            // 8: chat.persister.v1.GetStatsRequest
-	(*GetStatsResponse)(nil),           // 9: chat.persister.v1.GetStatsResponse
-	(*DeleteConversationRequest)(nil),  // 10: chat.persister.v1.DeleteConversationRequest
-	(*DeleteConversationResponse)(nil), // 11: chat.persister.v1.DeleteConversationResponse
-	(*EraseTenantRequest)(nil),         // 12: chat.persister.v1.EraseTenantRequest
-	(*EraseTenantResponse)(nil),        // 13: chat.persister.v1.EraseTenantResponse
-	(*ErasureCounts)(nil),              // 14: chat.persister.v1.ErasureCounts
-	(*v1.Conversation)(nil),            // 15: chat.common.v1.Conversation
-	(*v1.Message)(nil),                 // 16: chat.common.v1.Message
+	(StoredTurnState)(0),               // 0: chat.persister.v1.StoredTurnState
+	(*GetConversationRequest)(nil),     // 1: chat.persister.v1.GetConversationRequest
+	(*GetConversationResponse)(nil),    // 2: chat.persister.v1.GetConversationResponse
+	(*ListConversationsRequest)(nil),   // 3: chat.persister.v1.ListConversationsRequest
+	(*ListConversationsResponse)(nil),  // 4: chat.persister.v1.ListConversationsResponse
+	(*ListMessagesRequest)(nil),        // 5: chat.persister.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),       // 6: chat.persister.v1.ListMessagesResponse
+	(*FlushRequest)(nil),               // 7: chat.persister.v1.FlushRequest
+	(*FlushResponse)(nil),              // 8: chat.persister.v1.FlushResponse
+	(*GetStatsRequest)(nil),            // 9: chat.persister.v1.GetStatsRequest
+	(*GetStatsResponse)(nil),           // 10: chat.persister.v1.GetStatsResponse
+	(*DeleteConversationRequest)(nil),  // 11: chat.persister.v1.DeleteConversationRequest
+	(*DeleteConversationResponse)(nil), // 12: chat.persister.v1.DeleteConversationResponse
+	(*EraseTenantRequest)(nil),         // 13: chat.persister.v1.EraseTenantRequest
+	(*EraseTenantResponse)(nil),        // 14: chat.persister.v1.EraseTenantResponse
+	(*ErasureCounts)(nil),              // 15: chat.persister.v1.ErasureCounts
+	(*LookupTurnRequest)(nil),          // 16: chat.persister.v1.LookupTurnRequest
+	(*LookupTurnResponse)(nil),         // 17: chat.persister.v1.LookupTurnResponse
+	(*v1.Conversation)(nil),            // 18: chat.common.v1.Conversation
+	(*v1.Message)(nil),                 // 19: chat.common.v1.Message
+	(*v11.TurnFinished)(nil),           // 20: chat.events.v1.TurnFinished
 }
 var file_chat_persister_v1_persister_proto_depIdxs = []int32{
-	15, // 0: chat.persister.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
-	15, // 1: chat.persister.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
-	16, // 2: chat.persister.v1.ListMessagesResponse.message:type_name -> chat.common.v1.Message
-	14, // 3: chat.persister.v1.DeleteConversationResponse.counts:type_name -> chat.persister.v1.ErasureCounts
-	14, // 4: chat.persister.v1.EraseTenantResponse.counts:type_name -> chat.persister.v1.ErasureCounts
-	5,  // [5:5] is the sub-list for method output_type
-	5,  // [5:5] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	18, // 0: chat.persister.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
+	18, // 1: chat.persister.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
+	19, // 2: chat.persister.v1.ListMessagesResponse.message:type_name -> chat.common.v1.Message
+	15, // 3: chat.persister.v1.DeleteConversationResponse.counts:type_name -> chat.persister.v1.ErasureCounts
+	15, // 4: chat.persister.v1.EraseTenantResponse.counts:type_name -> chat.persister.v1.ErasureCounts
+	0,  // 5: chat.persister.v1.LookupTurnResponse.state:type_name -> chat.persister.v1.StoredTurnState
+	20, // 6: chat.persister.v1.LookupTurnResponse.finished:type_name -> chat.events.v1.TurnFinished
+	7,  // [7:7] is the sub-list for method output_type
+	7,  // [7:7] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_chat_persister_v1_persister_proto_init() }
@@ -982,13 +1242,14 @@ func file_chat_persister_v1_persister_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chat_persister_v1_persister_proto_rawDesc), len(file_chat_persister_v1_persister_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   15,
+			NumEnums:      1,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
 		GoTypes:           file_chat_persister_v1_persister_proto_goTypes,
 		DependencyIndexes: file_chat_persister_v1_persister_proto_depIdxs,
+		EnumInfos:         file_chat_persister_v1_persister_proto_enumTypes,
 		MessageInfos:      file_chat_persister_v1_persister_proto_msgTypes,
 	}.Build()
 	File_chat_persister_v1_persister_proto = out.File

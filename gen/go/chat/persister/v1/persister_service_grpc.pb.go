@@ -26,6 +26,7 @@ const (
 	PersisterService_GetStats_FullMethodName           = "/chat.persister.v1.PersisterService/GetStats"
 	PersisterService_DeleteConversation_FullMethodName = "/chat.persister.v1.PersisterService/DeleteConversation"
 	PersisterService_EraseTenant_FullMethodName        = "/chat.persister.v1.PersisterService/EraseTenant"
+	PersisterService_LookupTurn_FullMethodName         = "/chat.persister.v1.PersisterService/LookupTurn"
 )
 
 // PersisterServiceClient is the client API for PersisterService service.
@@ -50,6 +51,10 @@ type PersisterServiceClient interface {
 	DeleteConversation(ctx context.Context, in *DeleteConversationRequest, opts ...grpc.CallOption) (*DeleteConversationResponse, error)
 	// EraseTenant erases every conversation of a tenant the same way (an operator's tool).
 	EraseTenant(ctx context.Context, in *EraseTenantRequest, opts ...grpc.CallOption) (*EraseTenantResponse, error)
+	// LookupTurn finds a turn by id with one primary-key read: where it is on the logs, whether it
+	// has finished, and a finished turn's stored tokens, so a gateway resumes or cancels it
+	// without reading the logs. Called by gateways only.
+	LookupTurn(ctx context.Context, in *LookupTurnRequest, opts ...grpc.CallOption) (*LookupTurnResponse, error)
 }
 
 type persisterServiceClient struct {
@@ -139,6 +144,16 @@ func (c *persisterServiceClient) EraseTenant(ctx context.Context, in *EraseTenan
 	return out, nil
 }
 
+func (c *persisterServiceClient) LookupTurn(ctx context.Context, in *LookupTurnRequest, opts ...grpc.CallOption) (*LookupTurnResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LookupTurnResponse)
+	err := c.cc.Invoke(ctx, PersisterService_LookupTurn_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PersisterServiceServer is the server API for PersisterService service.
 // All implementations must embed UnimplementedPersisterServiceServer
 // for forward compatibility.
@@ -161,6 +176,10 @@ type PersisterServiceServer interface {
 	DeleteConversation(context.Context, *DeleteConversationRequest) (*DeleteConversationResponse, error)
 	// EraseTenant erases every conversation of a tenant the same way (an operator's tool).
 	EraseTenant(context.Context, *EraseTenantRequest) (*EraseTenantResponse, error)
+	// LookupTurn finds a turn by id with one primary-key read: where it is on the logs, whether it
+	// has finished, and a finished turn's stored tokens, so a gateway resumes or cancels it
+	// without reading the logs. Called by gateways only.
+	LookupTurn(context.Context, *LookupTurnRequest) (*LookupTurnResponse, error)
 	mustEmbedUnimplementedPersisterServiceServer()
 }
 
@@ -191,6 +210,9 @@ func (UnimplementedPersisterServiceServer) DeleteConversation(context.Context, *
 }
 func (UnimplementedPersisterServiceServer) EraseTenant(context.Context, *EraseTenantRequest) (*EraseTenantResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method EraseTenant not implemented")
+}
+func (UnimplementedPersisterServiceServer) LookupTurn(context.Context, *LookupTurnRequest) (*LookupTurnResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method LookupTurn not implemented")
 }
 func (UnimplementedPersisterServiceServer) mustEmbedUnimplementedPersisterServiceServer() {}
 func (UnimplementedPersisterServiceServer) testEmbeddedByValue()                          {}
@@ -332,6 +354,24 @@ func _PersisterService_EraseTenant_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PersisterService_LookupTurn_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LookupTurnRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PersisterServiceServer).LookupTurn(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PersisterService_LookupTurn_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PersisterServiceServer).LookupTurn(ctx, req.(*LookupTurnRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // PersisterService_ServiceDesc is the grpc.ServiceDesc for PersisterService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -362,6 +402,10 @@ var PersisterService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "EraseTenant",
 			Handler:    _PersisterService_EraseTenant_Handler,
+		},
+		{
+			MethodName: "LookupTurn",
+			Handler:    _PersisterService_LookupTurn_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -36,7 +36,7 @@ class TurnRequested(_message.Message):
     def __init__(self, turn_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., user_text: _Optional[str] = ..., options: _Optional[_Union[_common_pb2.GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., accepted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events_start_offset: _Optional[int] = ..., events_partition: _Optional[int] = ..., background: _Optional[bool] = ...) -> None: ...
 
 class TurnStarted(_message.Message):
-    __slots__ = ("turn_id", "conversation_id", "tenant_id", "agent_id", "request_partition", "request_offset", "resumed_after_seq")
+    __slots__ = ("turn_id", "conversation_id", "tenant_id", "agent_id", "request_partition", "request_offset", "resumed_after_seq", "attempt")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class TurnStarted(_message.Message):
     REQUEST_PARTITION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_OFFSET_FIELD_NUMBER: _ClassVar[int]
     RESUMED_AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     conversation_id: str
     tenant_id: str
@@ -51,26 +52,29 @@ class TurnStarted(_message.Message):
     request_partition: int
     request_offset: int
     resumed_after_seq: int
-    def __init__(self, turn_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., request_partition: _Optional[int] = ..., request_offset: _Optional[int] = ..., resumed_after_seq: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, turn_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., request_partition: _Optional[int] = ..., request_offset: _Optional[int] = ..., resumed_after_seq: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class TokenEmitted(_message.Message):
-    __slots__ = ("turn_id", "seq", "text", "conversation_id", "tenant_id", "more_texts")
+    __slots__ = ("turn_id", "seq", "text", "conversation_id", "tenant_id", "more_texts", "attempt")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     MORE_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     seq: int
     text: str
     conversation_id: str
     tenant_id: str
     more_texts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, turn_id: _Optional[str] = ..., seq: _Optional[int] = ..., text: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., more_texts: _Optional[_Iterable[str]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, turn_id: _Optional[str] = ..., seq: _Optional[int] = ..., text: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., more_texts: _Optional[_Iterable[str]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class TurnFinished(_message.Message):
-    __slots__ = ("turn_id", "finish_reason", "usage", "timings", "error", "conversation_id", "tenant_id", "last_seq", "model", "cancel_seen_at_seq", "context_skipped")
+    __slots__ = ("turn_id", "finish_reason", "usage", "timings", "error", "conversation_id", "tenant_id", "last_seq", "model", "cancel_seen_at_seq", "context_skipped", "attempt")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +86,7 @@ class TurnFinished(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CANCEL_SEEN_AT_SEQ_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.TokenUsage
@@ -93,7 +98,8 @@ class TurnFinished(_message.Message):
     model: str
     cancel_seen_at_seq: int
     context_skipped: _containers.RepeatedCompositeFieldContainer[_common_pb2.ContextSkipped]
-    def __init__(self, turn_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.TurnTimings, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., last_seq: _Optional[int] = ..., model: _Optional[str] = ..., cancel_seen_at_seq: _Optional[int] = ..., context_skipped: _Optional[_Iterable[_Union[_common_pb2.ContextSkipped, _Mapping]]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, turn_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.TokenUsage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.TurnTimings, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., last_seq: _Optional[int] = ..., model: _Optional[str] = ..., cancel_seen_at_seq: _Optional[int] = ..., context_skipped: _Optional[_Iterable[_Union[_common_pb2.ContextSkipped, _Mapping]]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class TurnCancelled(_message.Message):
     __slots__ = ("turn_id", "conversation_id", "tenant_id")

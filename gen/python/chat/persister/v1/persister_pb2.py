@@ -23,43 +23,50 @@ _sym_db = _symbol_database.Default()
 
 
 from chat.common.v1 import conversation_pb2 as chat_dot_common_dot_v1_dot_conversation__pb2
+from chat.events.v1 import events_pb2 as chat_dot_events_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!chat/persister/v1/persister.proto\x12\x11\x63hat.persister.v1\x1a!chat/common/v1/conversation.proto\"\x92\x01\n\x16GetConversationRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x12\n\nconsistent\x18\x03 \x01(\x08\x12!\n\x19\x63onsistent_before_turn_id\x18\x04 \x01(\t\x12\x15\n\rlast_messages\x18\x05 \x01(\x05\"M\n\x17GetConversationResponse\x12\x32\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x1c.chat.common.v1.Conversation\"T\n\x18ListConversationsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"i\n\x19ListConversationsResponse\x12\x33\n\rconversations\x18\x01 \x03(\x0b\x32\x1c.chat.common.v1.Conversation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"A\n\x13ListMessagesRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\"@\n\x14ListMessagesResponse\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.chat.common.v1.Message\"\x0e\n\x0c\x46lushRequest\"%\n\rFlushResponse\x12\x14\n\x0crows_written\x18\x01 \x01(\x03\"\x11\n\x0fGetStatsRequest\"\xac\x01\n\x10GetStatsResponse\x12\x17\n\x0f\x65vents_consumed\x18\x01 \x01(\x03\x12\x19\n\x11\x62\x61tches_committed\x18\x02 \x01(\x03\x12\x16\n\x0etokens_written\x18\x03 \x01(\x03\x12\x18\n\x10messages_written\x18\x04 \x01(\x03\x12\x1a\n\x12\x64uplicates_ignored\x18\x05 \x01(\x03\x12\x16\n\x0epending_events\x18\x06 \x01(\x03\"V\n\x19\x44\x65leteConversationRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"g\n\x1a\x44\x65leteConversationResponse\x12\x30\n\x06\x63ounts\x18\x01 \x01(\x0b\x32 .chat.persister.v1.ErasureCounts\x12\x17\n\x0f\x61lready_deleted\x18\x02 \x01(\x08\"\'\n\x12\x45raseTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"G\n\x13\x45raseTenantResponse\x12\x30\n\x06\x63ounts\x18\x01 \x01(\x0b\x32 .chat.persister.v1.ErasureCounts\"X\n\rErasureCounts\x12\x15\n\rconversations\x18\x01 \x01(\x03\x12\x10\n\x08messages\x18\x02 \x01(\x03\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!chat/persister/v1/persister.proto\x12\x11\x63hat.persister.v1\x1a!chat/common/v1/conversation.proto\x1a\x1b\x63hat/events/v1/events.proto\"\x92\x01\n\x16GetConversationRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x12\n\nconsistent\x18\x03 \x01(\x08\x12!\n\x19\x63onsistent_before_turn_id\x18\x04 \x01(\t\x12\x15\n\rlast_messages\x18\x05 \x01(\x05\"M\n\x17GetConversationResponse\x12\x32\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x1c.chat.common.v1.Conversation\"T\n\x18ListConversationsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"i\n\x19ListConversationsResponse\x12\x33\n\rconversations\x18\x01 \x03(\x0b\x32\x1c.chat.common.v1.Conversation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"A\n\x13ListMessagesRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\"@\n\x14ListMessagesResponse\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.chat.common.v1.Message\"\x0e\n\x0c\x46lushRequest\"%\n\rFlushResponse\x12\x14\n\x0crows_written\x18\x01 \x01(\x03\"\x11\n\x0fGetStatsRequest\"\xac\x01\n\x10GetStatsResponse\x12\x17\n\x0f\x65vents_consumed\x18\x01 \x01(\x03\x12\x19\n\x11\x62\x61tches_committed\x18\x02 \x01(\x03\x12\x16\n\x0etokens_written\x18\x03 \x01(\x03\x12\x18\n\x10messages_written\x18\x04 \x01(\x03\x12\x1a\n\x12\x64uplicates_ignored\x18\x05 \x01(\x03\x12\x16\n\x0epending_events\x18\x06 \x01(\x03\"V\n\x19\x44\x65leteConversationRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"g\n\x1a\x44\x65leteConversationResponse\x12\x30\n\x06\x63ounts\x18\x01 \x01(\x0b\x32 .chat.persister.v1.ErasureCounts\x12\x17\n\x0f\x61lready_deleted\x18\x02 \x01(\x08\"\'\n\x12\x45raseTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"G\n\x13\x45raseTenantResponse\x12\x30\n\x06\x63ounts\x18\x01 \x01(\x0b\x32 .chat.persister.v1.ErasureCounts\"X\n\rErasureCounts\x12\x15\n\rconversations\x18\x01 \x01(\x03\x12\x10\n\x08messages\x18\x02 \x01(\x03\x12\x0e\n\x06tokens\x18\x03 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\x03\"J\n\x11LookupTurnRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x11\n\tafter_seq\x18\x03 \x01(\x03\"\x89\x02\n\x12LookupTurnResponse\x12\x31\n\x05state\x18\x01 \x01(\x0e\x32\".chat.persister.v1.StoredTurnState\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x16\n\x0erequest_offset\x18\x03 \x01(\x03\x12\x1e\n\x16\x61pplied_request_offset\x18\x04 \x01(\x03\x12.\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x1c.chat.events.v1.TurnFinished\x12\x11\n\tfirst_seq\x18\x06 \x01(\x03\x12\x13\n\x0btoken_texts\x18\x07 \x03(\t\x12\x17\n\x0ftokens_complete\x18\x08 \x01(\x08*\x92\x01\n\x0fStoredTurnState\x12!\n\x1dSTORED_TURN_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19STORED_TURN_STATE_UNKNOWN\x10\x01\x12\x1d\n\x19STORED_TURN_STATE_RUNNING\x10\x02\x12\x1e\n\x1aSTORED_TURN_STATE_FINISHED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chat.persister.v1.persister_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETCONVERSATIONREQUEST']._serialized_start=92
-  _globals['_GETCONVERSATIONREQUEST']._serialized_end=238
-  _globals['_GETCONVERSATIONRESPONSE']._serialized_start=240
-  _globals['_GETCONVERSATIONRESPONSE']._serialized_end=317
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=319
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=403
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=405
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=510
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=512
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=577
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=579
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=643
-  _globals['_FLUSHREQUEST']._serialized_start=645
-  _globals['_FLUSHREQUEST']._serialized_end=659
-  _globals['_FLUSHRESPONSE']._serialized_start=661
-  _globals['_FLUSHRESPONSE']._serialized_end=698
-  _globals['_GETSTATSREQUEST']._serialized_start=700
-  _globals['_GETSTATSREQUEST']._serialized_end=717
-  _globals['_GETSTATSRESPONSE']._serialized_start=720
-  _globals['_GETSTATSRESPONSE']._serialized_end=892
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=894
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=980
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=982
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=1085
-  _globals['_ERASETENANTREQUEST']._serialized_start=1087
-  _globals['_ERASETENANTREQUEST']._serialized_end=1126
-  _globals['_ERASETENANTRESPONSE']._serialized_start=1128
-  _globals['_ERASETENANTRESPONSE']._serialized_end=1199
-  _globals['_ERASURECOUNTS']._serialized_start=1201
-  _globals['_ERASURECOUNTS']._serialized_end=1289
+  _globals['_STOREDTURNSTATE']._serialized_start=1665
+  _globals['_STOREDTURNSTATE']._serialized_end=1811
+  _globals['_GETCONVERSATIONREQUEST']._serialized_start=121
+  _globals['_GETCONVERSATIONREQUEST']._serialized_end=267
+  _globals['_GETCONVERSATIONRESPONSE']._serialized_start=269
+  _globals['_GETCONVERSATIONRESPONSE']._serialized_end=346
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=348
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=432
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=434
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=539
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=541
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=606
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=608
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=672
+  _globals['_FLUSHREQUEST']._serialized_start=674
+  _globals['_FLUSHREQUEST']._serialized_end=688
+  _globals['_FLUSHRESPONSE']._serialized_start=690
+  _globals['_FLUSHRESPONSE']._serialized_end=727
+  _globals['_GETSTATSREQUEST']._serialized_start=729
+  _globals['_GETSTATSREQUEST']._serialized_end=746
+  _globals['_GETSTATSRESPONSE']._serialized_start=749
+  _globals['_GETSTATSRESPONSE']._serialized_end=921
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=923
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=1009
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=1011
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=1114
+  _globals['_ERASETENANTREQUEST']._serialized_start=1116
+  _globals['_ERASETENANTREQUEST']._serialized_end=1155
+  _globals['_ERASETENANTRESPONSE']._serialized_start=1157
+  _globals['_ERASETENANTRESPONSE']._serialized_end=1228
+  _globals['_ERASURECOUNTS']._serialized_start=1230
+  _globals['_ERASURECOUNTS']._serialized_end=1318
+  _globals['_LOOKUPTURNREQUEST']._serialized_start=1320
+  _globals['_LOOKUPTURNREQUEST']._serialized_end=1394
+  _globals['_LOOKUPTURNRESPONSE']._serialized_start=1397
+  _globals['_LOOKUPTURNRESPONSE']._serialized_end=1662
 # @@protoc_insertion_point(module_scope)

@@ -1,11 +1,24 @@
 from chat.common.v1 import conversation_pb2 as _conversation_pb2
+from chat.events.v1 import events_pb2 as _events_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class StoredTurnState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STORED_TURN_STATE_UNSPECIFIED: _ClassVar[StoredTurnState]
+    STORED_TURN_STATE_UNKNOWN: _ClassVar[StoredTurnState]
+    STORED_TURN_STATE_RUNNING: _ClassVar[StoredTurnState]
+    STORED_TURN_STATE_FINISHED: _ClassVar[StoredTurnState]
+STORED_TURN_STATE_UNSPECIFIED: StoredTurnState
+STORED_TURN_STATE_UNKNOWN: StoredTurnState
+STORED_TURN_STATE_RUNNING: StoredTurnState
+STORED_TURN_STATE_FINISHED: StoredTurnState
 
 class GetConversationRequest(_message.Message):
     __slots__ = ("tenant_id", "conversation_id", "consistent", "consistent_before_turn_id", "last_messages")
@@ -130,3 +143,33 @@ class ErasureCounts(_message.Message):
     tokens: int
     chunks: int
     def __init__(self, conversations: _Optional[int] = ..., messages: _Optional[int] = ..., tokens: _Optional[int] = ..., chunks: _Optional[int] = ...) -> None: ...
+
+class LookupTurnRequest(_message.Message):
+    __slots__ = ("tenant_id", "turn_id", "after_seq")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    turn_id: str
+    after_seq: int
+    def __init__(self, tenant_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
+
+class LookupTurnResponse(_message.Message):
+    __slots__ = ("state", "conversation_id", "request_offset", "applied_request_offset", "finished", "first_seq", "token_texts", "tokens_complete")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_REQUEST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    state: StoredTurnState
+    conversation_id: str
+    request_offset: int
+    applied_request_offset: int
+    finished: _events_pb2.TurnFinished
+    first_seq: int
+    token_texts: _containers.RepeatedScalarFieldContainer[str]
+    tokens_complete: bool
+    def __init__(self, state: _Optional[_Union[StoredTurnState, str]] = ..., conversation_id: _Optional[str] = ..., request_offset: _Optional[int] = ..., applied_request_offset: _Optional[int] = ..., finished: _Optional[_Union[_events_pb2.TurnFinished, _Mapping]] = ..., first_seq: _Optional[int] = ..., token_texts: _Optional[_Iterable[str]] = ..., tokens_complete: _Optional[bool] = ...) -> None: ...

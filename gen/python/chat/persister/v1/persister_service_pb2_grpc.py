@@ -71,6 +71,11 @@ class PersisterServiceStub:
                 request_serializer=chat_dot_persister_dot_v1_dot_persister__pb2.EraseTenantRequest.SerializeToString,
                 response_deserializer=chat_dot_persister_dot_v1_dot_persister__pb2.EraseTenantResponse.FromString,
                 _registered_method=True)
+        self.LookupTurn = channel.unary_unary(
+                '/chat.persister.v1.PersisterService/LookupTurn',
+                request_serializer=chat_dot_persister_dot_v1_dot_persister__pb2.LookupTurnRequest.SerializeToString,
+                response_deserializer=chat_dot_persister_dot_v1_dot_persister__pb2.LookupTurnResponse.FromString,
+                _registered_method=True)
 
 
 class PersisterServiceServicer:
@@ -128,6 +133,15 @@ class PersisterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LookupTurn(self, request, context):
+        """LookupTurn finds a turn by id with one primary-key read: where it is on the logs, whether it
+        has finished, and a finished turn's stored tokens, so a gateway resumes or cancels it
+        without reading the logs. Called by gateways only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PersisterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +179,11 @@ def add_PersisterServiceServicer_to_server(servicer, server):
                     servicer.EraseTenant,
                     request_deserializer=chat_dot_persister_dot_v1_dot_persister__pb2.EraseTenantRequest.FromString,
                     response_serializer=chat_dot_persister_dot_v1_dot_persister__pb2.EraseTenantResponse.SerializeToString,
+            ),
+            'LookupTurn': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupTurn,
+                    request_deserializer=chat_dot_persister_dot_v1_dot_persister__pb2.LookupTurnRequest.FromString,
+                    response_serializer=chat_dot_persister_dot_v1_dot_persister__pb2.LookupTurnResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +377,33 @@ class PersisterService:
             '/chat.persister.v1.PersisterService/EraseTenant',
             chat_dot_persister_dot_v1_dot_persister__pb2.EraseTenantRequest.SerializeToString,
             chat_dot_persister_dot_v1_dot_persister__pb2.EraseTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupTurn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.persister.v1.PersisterService/LookupTurn',
+            chat_dot_persister_dot_v1_dot_persister__pb2.LookupTurnRequest.SerializeToString,
+            chat_dot_persister_dot_v1_dot_persister__pb2.LookupTurnResponse.FromString,
             options,
             channel_credentials,
             insecure,

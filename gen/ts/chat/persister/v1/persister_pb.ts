@@ -2,17 +2,19 @@
 // @generated from file chat/persister/v1/persister.proto (package chat.persister.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Conversation, Message as Message$1 } from "../../common/v1/conversation_pb.js";
 import { file_chat_common_v1_conversation } from "../../common/v1/conversation_pb.js";
+import type { TurnFinished } from "../../events/v1/events_pb.js";
+import { file_chat_events_v1_events } from "../../events/v1/events_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file chat/persister/v1/persister.proto.
  */
 export const file_chat_persister_v1_persister: GenFile = /*@__PURE__*/
-  fileDesc("CiFjaGF0L3BlcnNpc3Rlci92MS9wZXJzaXN0ZXIucHJvdG8SEWNoYXQucGVyc2lzdGVyLnYxIpIBChZHZXRDb252ZXJzYXRpb25SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkSEgoKY29uc2lzdGVudBgDIAEoCBIhChljb25zaXN0ZW50X2JlZm9yZV90dXJuX2lkGAQgASgJEhUKDWxhc3RfbWVzc2FnZXMYBSABKAUiTQoXR2V0Q29udmVyc2F0aW9uUmVzcG9uc2USMgoMY29udmVyc2F0aW9uGAEgASgLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uIlQKGExpc3RDb252ZXJzYXRpb25zUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiaQoZTGlzdENvbnZlcnNhdGlvbnNSZXNwb25zZRIzCg1jb252ZXJzYXRpb25zGAEgAygLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJBChNMaXN0TWVzc2FnZXNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkiQAoUTGlzdE1lc3NhZ2VzUmVzcG9uc2USKAoHbWVzc2FnZRgBIAEoCzIXLmNoYXQuY29tbW9uLnYxLk1lc3NhZ2UiDgoMRmx1c2hSZXF1ZXN0IiUKDUZsdXNoUmVzcG9uc2USFAoMcm93c193cml0dGVuGAEgASgDIhEKD0dldFN0YXRzUmVxdWVzdCKsAQoQR2V0U3RhdHNSZXNwb25zZRIXCg9ldmVudHNfY29uc3VtZWQYASABKAMSGQoRYmF0Y2hlc19jb21taXR0ZWQYAiABKAMSFgoOdG9rZW5zX3dyaXR0ZW4YAyABKAMSGAoQbWVzc2FnZXNfd3JpdHRlbhgEIAEoAxIaChJkdXBsaWNhdGVzX2lnbm9yZWQYBSABKAMSFgoOcGVuZGluZ19ldmVudHMYBiABKAMiVgoZRGVsZXRlQ29udmVyc2F0aW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSFwoPY29udmVyc2F0aW9uX2lkGAIgASgJEg0KBWZvcmNlGAMgASgIImcKGkRlbGV0ZUNvbnZlcnNhdGlvblJlc3BvbnNlEjAKBmNvdW50cxgBIAEoCzIgLmNoYXQucGVyc2lzdGVyLnYxLkVyYXN1cmVDb3VudHMSFwoPYWxyZWFkeV9kZWxldGVkGAIgASgIIicKEkVyYXNlVGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiRwoTRXJhc2VUZW5hbnRSZXNwb25zZRIwCgZjb3VudHMYASABKAsyIC5jaGF0LnBlcnNpc3Rlci52MS5FcmFzdXJlQ291bnRzIlgKDUVyYXN1cmVDb3VudHMSFQoNY29udmVyc2F0aW9ucxgBIAEoAxIQCghtZXNzYWdlcxgCIAEoAxIOCgZ0b2tlbnMYAyABKAMSDgoGY2h1bmtzGAQgASgDQtABChVjb20uY2hhdC5wZXJzaXN0ZXIudjFCDlBlcnNpc3RlclByb3RvUAFaQWdpdGh1Yi5jb20vbGxtLW1lc2gvbGxtLW1lc2gvZ2VuL2dvL2NoYXQvcGVyc2lzdGVyL3YxO3BlcnNpc3RlcnYxogIDQ1BYqgIRQ2hhdC5QZXJzaXN0ZXIuVjHKAhFDaGF0XFBlcnNpc3RlclxWMeICHUNoYXRcUGVyc2lzdGVyXFYxXEdQQk1ldGFkYXRh6gITQ2hhdDo6UGVyc2lzdGVyOjpWMWIGcHJvdG8z", [file_chat_common_v1_conversation]);
+  fileDesc("CiFjaGF0L3BlcnNpc3Rlci92MS9wZXJzaXN0ZXIucHJvdG8SEWNoYXQucGVyc2lzdGVyLnYxIpIBChZHZXRDb252ZXJzYXRpb25SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkSEgoKY29uc2lzdGVudBgDIAEoCBIhChljb25zaXN0ZW50X2JlZm9yZV90dXJuX2lkGAQgASgJEhUKDWxhc3RfbWVzc2FnZXMYBSABKAUiTQoXR2V0Q29udmVyc2F0aW9uUmVzcG9uc2USMgoMY29udmVyc2F0aW9uGAEgASgLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uIlQKGExpc3RDb252ZXJzYXRpb25zUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiaQoZTGlzdENvbnZlcnNhdGlvbnNSZXNwb25zZRIzCg1jb252ZXJzYXRpb25zGAEgAygLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJBChNMaXN0TWVzc2FnZXNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkiQAoUTGlzdE1lc3NhZ2VzUmVzcG9uc2USKAoHbWVzc2FnZRgBIAEoCzIXLmNoYXQuY29tbW9uLnYxLk1lc3NhZ2UiDgoMRmx1c2hSZXF1ZXN0IiUKDUZsdXNoUmVzcG9uc2USFAoMcm93c193cml0dGVuGAEgASgDIhEKD0dldFN0YXRzUmVxdWVzdCKsAQoQR2V0U3RhdHNSZXNwb25zZRIXCg9ldmVudHNfY29uc3VtZWQYASABKAMSGQoRYmF0Y2hlc19jb21taXR0ZWQYAiABKAMSFgoOdG9rZW5zX3dyaXR0ZW4YAyABKAMSGAoQbWVzc2FnZXNfd3JpdHRlbhgEIAEoAxIaChJkdXBsaWNhdGVzX2lnbm9yZWQYBSABKAMSFgoOcGVuZGluZ19ldmVudHMYBiABKAMiVgoZRGVsZXRlQ29udmVyc2F0aW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSFwoPY29udmVyc2F0aW9uX2lkGAIgASgJEg0KBWZvcmNlGAMgASgIImcKGkRlbGV0ZUNvbnZlcnNhdGlvblJlc3BvbnNlEjAKBmNvdW50cxgBIAEoCzIgLmNoYXQucGVyc2lzdGVyLnYxLkVyYXN1cmVDb3VudHMSFwoPYWxyZWFkeV9kZWxldGVkGAIgASgIIicKEkVyYXNlVGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiRwoTRXJhc2VUZW5hbnRSZXNwb25zZRIwCgZjb3VudHMYASABKAsyIC5jaGF0LnBlcnNpc3Rlci52MS5FcmFzdXJlQ291bnRzIlgKDUVyYXN1cmVDb3VudHMSFQoNY29udmVyc2F0aW9ucxgBIAEoAxIQCghtZXNzYWdlcxgCIAEoAxIOCgZ0b2tlbnMYAyABKAMSDgoGY2h1bmtzGAQgASgDIkoKEUxvb2t1cFR1cm5SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIPCgd0dXJuX2lkGAIgASgJEhEKCWFmdGVyX3NlcRgDIAEoAyKJAgoSTG9va3VwVHVyblJlc3BvbnNlEjEKBXN0YXRlGAEgASgOMiIuY2hhdC5wZXJzaXN0ZXIudjEuU3RvcmVkVHVyblN0YXRlEhcKD2NvbnZlcnNhdGlvbl9pZBgCIAEoCRIWCg5yZXF1ZXN0X29mZnNldBgDIAEoAxIeChZhcHBsaWVkX3JlcXVlc3Rfb2Zmc2V0GAQgASgDEi4KCGZpbmlzaGVkGAUgASgLMhwuY2hhdC5ldmVudHMudjEuVHVybkZpbmlzaGVkEhEKCWZpcnN0X3NlcRgGIAEoAxITCgt0b2tlbl90ZXh0cxgHIAMoCRIXCg90b2tlbnNfY29tcGxldGUYCCABKAgqkgEKD1N0b3JlZFR1cm5TdGF0ZRIhCh1TVE9SRURfVFVSTl9TVEFURV9VTlNQRUNJRklFRBAAEh0KGVNUT1JFRF9UVVJOX1NUQVRFX1VOS05PV04QARIdChlTVE9SRURfVFVSTl9TVEFURV9SVU5OSU5HEAISHgoaU1RPUkVEX1RVUk5fU1RBVEVfRklOSVNIRUQQA0LQAQoVY29tLmNoYXQucGVyc2lzdGVyLnYxQg5QZXJzaXN0ZXJQcm90b1ABWkFnaXRodWIuY29tL2xsbS1tZXNoL2xsbS1tZXNoL2dlbi9nby9jaGF0L3BlcnNpc3Rlci92MTtwZXJzaXN0ZXJ2MaICA0NQWKoCEUNoYXQuUGVyc2lzdGVyLlYxygIRQ2hhdFxQZXJzaXN0ZXJcVjHiAh1DaGF0XFBlcnNpc3RlclxWMVxHUEJNZXRhZGF0YeoCE0NoYXQ6OlBlcnNpc3Rlcjo6VjFiBnByb3RvMw", [file_chat_common_v1_conversation, file_chat_events_v1_events]);
 
 /**
  * GetConversationRequest reads one conversation.
@@ -434,7 +436,7 @@ export type ErasureCounts = Message<"chat.persister.v1.ErasureCounts"> & {
   messages: bigint;
 
   /**
-   * Token rows.
+   * Tokens: the rows of running turns and the tokens of assembled messages (token_lengths).
    *
    * @generated from field: int64 tokens = 3;
    */
@@ -454,4 +456,153 @@ export type ErasureCounts = Message<"chat.persister.v1.ErasureCounts"> & {
  */
 export const ErasureCountsSchema: GenMessage<ErasureCounts> = /*@__PURE__*/
   messageDesc(file_chat_persister_v1_persister, 14);
+
+/**
+ * LookupTurnRequest finds one turn of a tenant.
+ *
+ * @generated from message chat.persister.v1.LookupTurnRequest
+ */
+export type LookupTurnRequest = Message<"chat.persister.v1.LookupTurnRequest"> & {
+  /**
+   * Tenant that must own the turn; another tenant's turn reads as unknown.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * The turn id (as issued by a gateway: it names the turn's partition and offsets).
+   *
+   * @generated from field: string turn_id = 2;
+   */
+  turnId: string;
+
+  /**
+   * For a finished turn, the stored tokens with a seq above this one are returned.
+   *
+   * @generated from field: int64 after_seq = 3;
+   */
+  afterSeq: bigint;
+};
+
+/**
+ * Describes the message chat.persister.v1.LookupTurnRequest.
+ * Use `create(LookupTurnRequestSchema)` to create a new message.
+ */
+export const LookupTurnRequestSchema: GenMessage<LookupTurnRequest> = /*@__PURE__*/
+  messageDesc(file_chat_persister_v1_persister, 15);
+
+/**
+ * LookupTurnResponse says what PostgreSQL knows about the turn.
+ *
+ * @generated from message chat.persister.v1.LookupTurnResponse
+ */
+export type LookupTurnResponse = Message<"chat.persister.v1.LookupTurnResponse"> & {
+  /**
+   * How far the turn is.
+   *
+   * @generated from field: chat.persister.v1.StoredTurnState state = 1;
+   */
+  state: StoredTurnState;
+
+  /**
+   * The turn's conversation (set unless UNKNOWN).
+   *
+   * @generated from field: string conversation_id = 2;
+   */
+  conversationId: string;
+
+  /**
+   * Offset of the turn's TurnRequested on the request log (set when its request is stored,
+   * -1 when not).
+   *
+   * @generated from field: int64 request_offset = 3;
+   */
+  requestOffset: bigint;
+
+  /**
+   * Every record of the id's request partition below this offset is stored (or was skipped as
+   * not storable). An UNKNOWN turn whose request would lie below it does not exist.
+   *
+   * @generated from field: int64 applied_request_offset = 4;
+   */
+  appliedRequestOffset: bigint;
+
+  /**
+   * The TurnFinished as the log holds it (FINISHED only).
+   *
+   * @generated from field: chat.events.v1.TurnFinished finished = 5;
+   */
+  finished?: TurnFinished | undefined;
+
+  /**
+   * Seq of the first entry of token_texts (after_seq + 1), FINISHED only.
+   *
+   * @generated from field: int64 first_seq = 6;
+   */
+  firstSeq: bigint;
+
+  /**
+   * The stored token texts from first_seq on, in seq order (FINISHED only).
+   *
+   * @generated from field: repeated string token_texts = 7;
+   */
+  tokenTexts: string[];
+
+  /**
+   * False when the finished turn's tokens cannot be sliced by seq from PostgreSQL (its seqs had
+   * a gap): read them from the log instead.
+   *
+   * @generated from field: bool tokens_complete = 8;
+   */
+  tokensComplete: boolean;
+};
+
+/**
+ * Describes the message chat.persister.v1.LookupTurnResponse.
+ * Use `create(LookupTurnResponseSchema)` to create a new message.
+ */
+export const LookupTurnResponseSchema: GenMessage<LookupTurnResponse> = /*@__PURE__*/
+  messageDesc(file_chat_persister_v1_persister, 16);
+
+/**
+ * StoredTurnState is how far a turn is in PostgreSQL.
+ *
+ * @generated from enum chat.persister.v1.StoredTurnState
+ */
+export enum StoredTurnState {
+  /**
+   * Not set.
+   *
+   * @generated from enum value: STORED_TURN_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Nothing of the tenant's turn is stored: see applied_request_offset for whether it could be.
+   *
+   * @generated from enum value: STORED_TURN_STATE_UNKNOWN = 1;
+   */
+  UNKNOWN = 1,
+
+  /**
+   * Its request is stored, its TurnFinished is not (yet).
+   *
+   * @generated from enum value: STORED_TURN_STATE_RUNNING = 2;
+   */
+  RUNNING = 2,
+
+  /**
+   * Its TurnFinished is stored: finished, tokens and token_texts are its end and its text.
+   *
+   * @generated from enum value: STORED_TURN_STATE_FINISHED = 3;
+   */
+  FINISHED = 3,
+}
+
+/**
+ * Describes the enum chat.persister.v1.StoredTurnState.
+ */
+export const StoredTurnStateSchema: GenEnum<StoredTurnState> = /*@__PURE__*/
+  enumDesc(file_chat_persister_v1_persister, 0);
 
