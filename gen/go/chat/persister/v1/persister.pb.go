@@ -870,6 +870,181 @@ func (x *ErasureCounts) GetChunks() int64 {
 	return 0
 }
 
+// ClaimRequestIdRequest claims a request_id for a turn about to be logged.
+type ClaimRequestIdRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The tenant; request ids are scoped to it.
+	TenantId string `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	// The client's idempotency key (StartTurnRequest.request_id).
+	RequestId string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// The turn this start would log.
+	TurnId string `protobuf:"bytes,3,opt,name=turn_id,json=turnId,proto3" json:"turn_id,omitempty"`
+	// The turn's conversation.
+	ConversationId string `protobuf:"bytes,4,opt,name=conversation_id,json=conversationId,proto3" json:"conversation_id,omitempty"`
+	// A digest of what the client asked for (conversation as sent, text, options), so a retry
+	// that asks for something else can be told apart from a true retry.
+	Fingerprint string `protobuf:"bytes,5,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	// Take the claim over when it still names this turn (compare-and-swap): a retry whose
+	// winning turn never reached the log. Empty: claim only if nobody holds a live claim.
+	ReplaceTurnId string `protobuf:"bytes,6,opt,name=replace_turn_id,json=replaceTurnId,proto3" json:"replace_turn_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClaimRequestIdRequest) Reset() {
+	*x = ClaimRequestIdRequest{}
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClaimRequestIdRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClaimRequestIdRequest) ProtoMessage() {}
+
+func (x *ClaimRequestIdRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClaimRequestIdRequest.ProtoReflect.Descriptor instead.
+func (*ClaimRequestIdRequest) Descriptor() ([]byte, []int) {
+	return file_chat_persister_v1_persister_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ClaimRequestIdRequest) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdRequest) GetTurnId() string {
+	if x != nil {
+		return x.TurnId
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdRequest) GetConversationId() string {
+	if x != nil {
+		return x.ConversationId
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdRequest) GetFingerprint() string {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdRequest) GetReplaceTurnId() string {
+	if x != nil {
+		return x.ReplaceTurnId
+	}
+	return ""
+}
+
+// ClaimRequestIdResponse is the claim that holds now: this caller's or an earlier one.
+type ClaimRequestIdResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// True when the claim is the caller's (a fresh claim, an expired one renewed, or a takeover).
+	Won bool `protobuf:"varint,1,opt,name=won,proto3" json:"won,omitempty"`
+	// The turn the request_id names.
+	TurnId string `protobuf:"bytes,2,opt,name=turn_id,json=turnId,proto3" json:"turn_id,omitempty"`
+	// That turn's conversation.
+	ConversationId string `protobuf:"bytes,3,opt,name=conversation_id,json=conversationId,proto3" json:"conversation_id,omitempty"`
+	// That start's fingerprint.
+	Fingerprint string `protobuf:"bytes,4,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	// How long ago the claim was made, by the persister's clock (0 when won).
+	AgeMs         int64 `protobuf:"varint,5,opt,name=age_ms,json=ageMs,proto3" json:"age_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClaimRequestIdResponse) Reset() {
+	*x = ClaimRequestIdResponse{}
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClaimRequestIdResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClaimRequestIdResponse) ProtoMessage() {}
+
+func (x *ClaimRequestIdResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClaimRequestIdResponse.ProtoReflect.Descriptor instead.
+func (*ClaimRequestIdResponse) Descriptor() ([]byte, []int) {
+	return file_chat_persister_v1_persister_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ClaimRequestIdResponse) GetWon() bool {
+	if x != nil {
+		return x.Won
+	}
+	return false
+}
+
+func (x *ClaimRequestIdResponse) GetTurnId() string {
+	if x != nil {
+		return x.TurnId
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdResponse) GetConversationId() string {
+	if x != nil {
+		return x.ConversationId
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdResponse) GetFingerprint() string {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdResponse) GetAgeMs() int64 {
+	if x != nil {
+		return x.AgeMs
+	}
+	return 0
+}
+
 var File_chat_persister_v1_persister_proto protoreflect.FileDescriptor
 
 const file_chat_persister_v1_persister_proto_rawDesc = "" +
@@ -924,7 +1099,21 @@ const file_chat_persister_v1_persister_proto_rawDesc = "" +
 	"\rconversations\x18\x01 \x01(\x03R\rconversations\x12\x1a\n" +
 	"\bmessages\x18\x02 \x01(\x03R\bmessages\x12\x16\n" +
 	"\x06tokens\x18\x03 \x01(\x03R\x06tokens\x12\x16\n" +
-	"\x06chunks\x18\x04 \x01(\x03R\x06chunksB\xd0\x01\n" +
+	"\x06chunks\x18\x04 \x01(\x03R\x06chunks\"\xdf\x01\n" +
+	"\x15ClaimRequestIdRequest\x12\x1b\n" +
+	"\ttenant_id\x18\x01 \x01(\tR\btenantId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\x12\x17\n" +
+	"\aturn_id\x18\x03 \x01(\tR\x06turnId\x12'\n" +
+	"\x0fconversation_id\x18\x04 \x01(\tR\x0econversationId\x12 \n" +
+	"\vfingerprint\x18\x05 \x01(\tR\vfingerprint\x12&\n" +
+	"\x0freplace_turn_id\x18\x06 \x01(\tR\rreplaceTurnId\"\xa5\x01\n" +
+	"\x16ClaimRequestIdResponse\x12\x10\n" +
+	"\x03won\x18\x01 \x01(\bR\x03won\x12\x17\n" +
+	"\aturn_id\x18\x02 \x01(\tR\x06turnId\x12'\n" +
+	"\x0fconversation_id\x18\x03 \x01(\tR\x0econversationId\x12 \n" +
+	"\vfingerprint\x18\x04 \x01(\tR\vfingerprint\x12\x15\n" +
+	"\x06age_ms\x18\x05 \x01(\x03R\x05ageMsB\xd0\x01\n" +
 	"\x15com.chat.persister.v1B\x0ePersisterProtoP\x01ZAgithub.com/llm-mesh/llm-mesh/gen/go/chat/persister/v1;persisterv1\xa2\x02\x03CPX\xaa\x02\x11Chat.Persister.V1\xca\x02\x11Chat\\Persister\\V1\xe2\x02\x1dChat\\Persister\\V1\\GPBMetadata\xea\x02\x13Chat::Persister::V1b\x06proto3"
 
 var (
@@ -939,7 +1128,7 @@ func file_chat_persister_v1_persister_proto_rawDescGZIP() []byte {
 	return file_chat_persister_v1_persister_proto_rawDescData
 }
 
-var file_chat_persister_v1_persister_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_chat_persister_v1_persister_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_chat_persister_v1_persister_proto_goTypes = []any{
 	(*GetConversationRequest)(nil),     // 0: chat.persister.v1.GetConversationRequest
 	(*GetConversationResponse)(nil),    // 1: chat.persister.v1.GetConversationResponse
@@ -956,13 +1145,15 @@ var file_chat_persister_v1_persister_proto_goTypes = []any{
 	(*EraseTenantRequest)(nil),         // 12: chat.persister.v1.EraseTenantRequest
 	(*EraseTenantResponse)(nil),        // 13: chat.persister.v1.EraseTenantResponse
 	(*ErasureCounts)(nil),              // 14: chat.persister.v1.ErasureCounts
-	(*v1.Conversation)(nil),            // 15: chat.common.v1.Conversation
-	(*v1.Message)(nil),                 // 16: chat.common.v1.Message
+	(*ClaimRequestIdRequest)(nil),      // 15: chat.persister.v1.ClaimRequestIdRequest
+	(*ClaimRequestIdResponse)(nil),     // 16: chat.persister.v1.ClaimRequestIdResponse
+	(*v1.Conversation)(nil),            // 17: chat.common.v1.Conversation
+	(*v1.Message)(nil),                 // 18: chat.common.v1.Message
 }
 var file_chat_persister_v1_persister_proto_depIdxs = []int32{
-	15, // 0: chat.persister.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
-	15, // 1: chat.persister.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
-	16, // 2: chat.persister.v1.ListMessagesResponse.message:type_name -> chat.common.v1.Message
+	17, // 0: chat.persister.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
+	17, // 1: chat.persister.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
+	18, // 2: chat.persister.v1.ListMessagesResponse.message:type_name -> chat.common.v1.Message
 	14, // 3: chat.persister.v1.DeleteConversationResponse.counts:type_name -> chat.persister.v1.ErasureCounts
 	14, // 4: chat.persister.v1.EraseTenantResponse.counts:type_name -> chat.persister.v1.ErasureCounts
 	5,  // [5:5] is the sub-list for method output_type
@@ -983,7 +1174,7 @@ func file_chat_persister_v1_persister_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chat_persister_v1_persister_proto_rawDesc), len(file_chat_persister_v1_persister_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

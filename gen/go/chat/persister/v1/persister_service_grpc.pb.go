@@ -26,6 +26,7 @@ const (
 	PersisterService_GetStats_FullMethodName           = "/chat.persister.v1.PersisterService/GetStats"
 	PersisterService_DeleteConversation_FullMethodName = "/chat.persister.v1.PersisterService/DeleteConversation"
 	PersisterService_EraseTenant_FullMethodName        = "/chat.persister.v1.PersisterService/EraseTenant"
+	PersisterService_ClaimRequestId_FullMethodName     = "/chat.persister.v1.PersisterService/ClaimRequestId"
 )
 
 // PersisterServiceClient is the client API for PersisterService service.
@@ -50,6 +51,10 @@ type PersisterServiceClient interface {
 	DeleteConversation(ctx context.Context, in *DeleteConversationRequest, opts ...grpc.CallOption) (*DeleteConversationResponse, error)
 	// EraseTenant erases every conversation of a tenant the same way (an operator's tool).
 	EraseTenant(ctx context.Context, in *EraseTenantRequest, opts ...grpc.CallOption) (*EraseTenantResponse, error)
+	// ClaimRequestId records which turn a tenant's idempotent start (its request_id) became, so a
+	// retry on any gateway finds the same turn: the first claim wins and later ones are answered
+	// with it. Gateways call it before appending the turn's request (docs/protocol.md).
+	ClaimRequestId(ctx context.Context, in *ClaimRequestIdRequest, opts ...grpc.CallOption) (*ClaimRequestIdResponse, error)
 }
 
 type persisterServiceClient struct {
@@ -139,6 +144,16 @@ func (c *persisterServiceClient) EraseTenant(ctx context.Context, in *EraseTenan
 	return out, nil
 }
 
+func (c *persisterServiceClient) ClaimRequestId(ctx context.Context, in *ClaimRequestIdRequest, opts ...grpc.CallOption) (*ClaimRequestIdResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ClaimRequestIdResponse)
+	err := c.cc.Invoke(ctx, PersisterService_ClaimRequestId_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PersisterServiceServer is the server API for PersisterService service.
 // All implementations must embed UnimplementedPersisterServiceServer
 // for forward compatibility.
@@ -161,6 +176,10 @@ type PersisterServiceServer interface {
 	DeleteConversation(context.Context, *DeleteConversationRequest) (*DeleteConversationResponse, error)
 	// EraseTenant erases every conversation of a tenant the same way (an operator's tool).
 	EraseTenant(context.Context, *EraseTenantRequest) (*EraseTenantResponse, error)
+	// ClaimRequestId records which turn a tenant's idempotent start (its request_id) became, so a
+	// retry on any gateway finds the same turn: the first claim wins and later ones are answered
+	// with it. Gateways call it before appending the turn's request (docs/protocol.md).
+	ClaimRequestId(context.Context, *ClaimRequestIdRequest) (*ClaimRequestIdResponse, error)
 	mustEmbedUnimplementedPersisterServiceServer()
 }
 
@@ -191,6 +210,9 @@ func (UnimplementedPersisterServiceServer) DeleteConversation(context.Context, *
 }
 func (UnimplementedPersisterServiceServer) EraseTenant(context.Context, *EraseTenantRequest) (*EraseTenantResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method EraseTenant not implemented")
+}
+func (UnimplementedPersisterServiceServer) ClaimRequestId(context.Context, *ClaimRequestIdRequest) (*ClaimRequestIdResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ClaimRequestId not implemented")
 }
 func (UnimplementedPersisterServiceServer) mustEmbedUnimplementedPersisterServiceServer() {}
 func (UnimplementedPersisterServiceServer) testEmbeddedByValue()                          {}
@@ -332,6 +354,24 @@ func _PersisterService_EraseTenant_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PersisterService_ClaimRequestId_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ClaimRequestIdRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PersisterServiceServer).ClaimRequestId(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PersisterService_ClaimRequestId_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PersisterServiceServer).ClaimRequestId(ctx, req.(*ClaimRequestIdRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // PersisterService_ServiceDesc is the grpc.ServiceDesc for PersisterService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -362,6 +402,10 @@ var PersisterService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "EraseTenant",
 			Handler:    _PersisterService_EraseTenant_Handler,
+		},
+		{
+			MethodName: "ClaimRequestId",
+			Handler:    _PersisterService_ClaimRequestId_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

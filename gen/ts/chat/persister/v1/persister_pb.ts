@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file chat/persister/v1/persister.proto.
  */
 export const file_chat_persister_v1_persister: GenFile = /*@__PURE__*/
-  fileDesc("CiFjaGF0L3BlcnNpc3Rlci92MS9wZXJzaXN0ZXIucHJvdG8SEWNoYXQucGVyc2lzdGVyLnYxIpIBChZHZXRDb252ZXJzYXRpb25SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkSEgoKY29uc2lzdGVudBgDIAEoCBIhChljb25zaXN0ZW50X2JlZm9yZV90dXJuX2lkGAQgASgJEhUKDWxhc3RfbWVzc2FnZXMYBSABKAUiTQoXR2V0Q29udmVyc2F0aW9uUmVzcG9uc2USMgoMY29udmVyc2F0aW9uGAEgASgLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uIlQKGExpc3RDb252ZXJzYXRpb25zUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiaQoZTGlzdENvbnZlcnNhdGlvbnNSZXNwb25zZRIzCg1jb252ZXJzYXRpb25zGAEgAygLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJBChNMaXN0TWVzc2FnZXNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkiQAoUTGlzdE1lc3NhZ2VzUmVzcG9uc2USKAoHbWVzc2FnZRgBIAEoCzIXLmNoYXQuY29tbW9uLnYxLk1lc3NhZ2UiDgoMRmx1c2hSZXF1ZXN0IiUKDUZsdXNoUmVzcG9uc2USFAoMcm93c193cml0dGVuGAEgASgDIhEKD0dldFN0YXRzUmVxdWVzdCKsAQoQR2V0U3RhdHNSZXNwb25zZRIXCg9ldmVudHNfY29uc3VtZWQYASABKAMSGQoRYmF0Y2hlc19jb21taXR0ZWQYAiABKAMSFgoOdG9rZW5zX3dyaXR0ZW4YAyABKAMSGAoQbWVzc2FnZXNfd3JpdHRlbhgEIAEoAxIaChJkdXBsaWNhdGVzX2lnbm9yZWQYBSABKAMSFgoOcGVuZGluZ19ldmVudHMYBiABKAMiVgoZRGVsZXRlQ29udmVyc2F0aW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSFwoPY29udmVyc2F0aW9uX2lkGAIgASgJEg0KBWZvcmNlGAMgASgIImcKGkRlbGV0ZUNvbnZlcnNhdGlvblJlc3BvbnNlEjAKBmNvdW50cxgBIAEoCzIgLmNoYXQucGVyc2lzdGVyLnYxLkVyYXN1cmVDb3VudHMSFwoPYWxyZWFkeV9kZWxldGVkGAIgASgIIicKEkVyYXNlVGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiRwoTRXJhc2VUZW5hbnRSZXNwb25zZRIwCgZjb3VudHMYASABKAsyIC5jaGF0LnBlcnNpc3Rlci52MS5FcmFzdXJlQ291bnRzIlgKDUVyYXN1cmVDb3VudHMSFQoNY29udmVyc2F0aW9ucxgBIAEoAxIQCghtZXNzYWdlcxgCIAEoAxIOCgZ0b2tlbnMYAyABKAMSDgoGY2h1bmtzGAQgASgDQtABChVjb20uY2hhdC5wZXJzaXN0ZXIudjFCDlBlcnNpc3RlclByb3RvUAFaQWdpdGh1Yi5jb20vbGxtLW1lc2gvbGxtLW1lc2gvZ2VuL2dvL2NoYXQvcGVyc2lzdGVyL3YxO3BlcnNpc3RlcnYxogIDQ1BYqgIRQ2hhdC5QZXJzaXN0ZXIuVjHKAhFDaGF0XFBlcnNpc3RlclxWMeICHUNoYXRcUGVyc2lzdGVyXFYxXEdQQk1ldGFkYXRh6gITQ2hhdDo6UGVyc2lzdGVyOjpWMWIGcHJvdG8z", [file_chat_common_v1_conversation]);
+  fileDesc("CiFjaGF0L3BlcnNpc3Rlci92MS9wZXJzaXN0ZXIucHJvdG8SEWNoYXQucGVyc2lzdGVyLnYxIpIBChZHZXRDb252ZXJzYXRpb25SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkSEgoKY29uc2lzdGVudBgDIAEoCBIhChljb25zaXN0ZW50X2JlZm9yZV90dXJuX2lkGAQgASgJEhUKDWxhc3RfbWVzc2FnZXMYBSABKAUiTQoXR2V0Q29udmVyc2F0aW9uUmVzcG9uc2USMgoMY29udmVyc2F0aW9uGAEgASgLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uIlQKGExpc3RDb252ZXJzYXRpb25zUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiaQoZTGlzdENvbnZlcnNhdGlvbnNSZXNwb25zZRIzCg1jb252ZXJzYXRpb25zGAEgAygLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJBChNMaXN0TWVzc2FnZXNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkiQAoUTGlzdE1lc3NhZ2VzUmVzcG9uc2USKAoHbWVzc2FnZRgBIAEoCzIXLmNoYXQuY29tbW9uLnYxLk1lc3NhZ2UiDgoMRmx1c2hSZXF1ZXN0IiUKDUZsdXNoUmVzcG9uc2USFAoMcm93c193cml0dGVuGAEgASgDIhEKD0dldFN0YXRzUmVxdWVzdCKsAQoQR2V0U3RhdHNSZXNwb25zZRIXCg9ldmVudHNfY29uc3VtZWQYASABKAMSGQoRYmF0Y2hlc19jb21taXR0ZWQYAiABKAMSFgoOdG9rZW5zX3dyaXR0ZW4YAyABKAMSGAoQbWVzc2FnZXNfd3JpdHRlbhgEIAEoAxIaChJkdXBsaWNhdGVzX2lnbm9yZWQYBSABKAMSFgoOcGVuZGluZ19ldmVudHMYBiABKAMiVgoZRGVsZXRlQ29udmVyc2F0aW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSFwoPY29udmVyc2F0aW9uX2lkGAIgASgJEg0KBWZvcmNlGAMgASgIImcKGkRlbGV0ZUNvbnZlcnNhdGlvblJlc3BvbnNlEjAKBmNvdW50cxgBIAEoCzIgLmNoYXQucGVyc2lzdGVyLnYxLkVyYXN1cmVDb3VudHMSFwoPYWxyZWFkeV9kZWxldGVkGAIgASgIIicKEkVyYXNlVGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiRwoTRXJhc2VUZW5hbnRSZXNwb25zZRIwCgZjb3VudHMYASABKAsyIC5jaGF0LnBlcnNpc3Rlci52MS5FcmFzdXJlQ291bnRzIlgKDUVyYXN1cmVDb3VudHMSFQoNY29udmVyc2F0aW9ucxgBIAEoAxIQCghtZXNzYWdlcxgCIAEoAxIOCgZ0b2tlbnMYAyABKAMSDgoGY2h1bmtzGAQgASgDIpYBChVDbGFpbVJlcXVlc3RJZFJlcXVlc3QSEQoJdGVuYW50X2lkGAEgASgJEhIKCnJlcXVlc3RfaWQYAiABKAkSDwoHdHVybl9pZBgDIAEoCRIXCg9jb252ZXJzYXRpb25faWQYBCABKAkSEwoLZmluZ2VycHJpbnQYBSABKAkSFwoPcmVwbGFjZV90dXJuX2lkGAYgASgJInQKFkNsYWltUmVxdWVzdElkUmVzcG9uc2USCwoDd29uGAEgASgIEg8KB3R1cm5faWQYAiABKAkSFwoPY29udmVyc2F0aW9uX2lkGAMgASgJEhMKC2ZpbmdlcnByaW50GAQgASgJEg4KBmFnZV9tcxgFIAEoA0LQAQoVY29tLmNoYXQucGVyc2lzdGVyLnYxQg5QZXJzaXN0ZXJQcm90b1ABWkFnaXRodWIuY29tL2xsbS1tZXNoL2xsbS1tZXNoL2dlbi9nby9jaGF0L3BlcnNpc3Rlci92MTtwZXJzaXN0ZXJ2MaICA0NQWKoCEUNoYXQuUGVyc2lzdGVyLlYxygIRQ2hhdFxQZXJzaXN0ZXJcVjHiAh1DaGF0XFBlcnNpc3RlclxWMVxHUEJNZXRhZGF0YeoCE0NoYXQ6OlBlcnNpc3Rlcjo6VjFiBnByb3RvMw", [file_chat_common_v1_conversation]);
 
 /**
  * GetConversationRequest reads one conversation.
@@ -454,4 +454,111 @@ export type ErasureCounts = Message<"chat.persister.v1.ErasureCounts"> & {
  */
 export const ErasureCountsSchema: GenMessage<ErasureCounts> = /*@__PURE__*/
   messageDesc(file_chat_persister_v1_persister, 14);
+
+/**
+ * ClaimRequestIdRequest claims a request_id for a turn about to be logged.
+ *
+ * @generated from message chat.persister.v1.ClaimRequestIdRequest
+ */
+export type ClaimRequestIdRequest = Message<"chat.persister.v1.ClaimRequestIdRequest"> & {
+  /**
+   * The tenant; request ids are scoped to it.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * The client's idempotency key (StartTurnRequest.request_id).
+   *
+   * @generated from field: string request_id = 2;
+   */
+  requestId: string;
+
+  /**
+   * The turn this start would log.
+   *
+   * @generated from field: string turn_id = 3;
+   */
+  turnId: string;
+
+  /**
+   * The turn's conversation.
+   *
+   * @generated from field: string conversation_id = 4;
+   */
+  conversationId: string;
+
+  /**
+   * A digest of what the client asked for (conversation as sent, text, options), so a retry
+   * that asks for something else can be told apart from a true retry.
+   *
+   * @generated from field: string fingerprint = 5;
+   */
+  fingerprint: string;
+
+  /**
+   * Take the claim over when it still names this turn (compare-and-swap): a retry whose
+   * winning turn never reached the log. Empty: claim only if nobody holds a live claim.
+   *
+   * @generated from field: string replace_turn_id = 6;
+   */
+  replaceTurnId: string;
+};
+
+/**
+ * Describes the message chat.persister.v1.ClaimRequestIdRequest.
+ * Use `create(ClaimRequestIdRequestSchema)` to create a new message.
+ */
+export const ClaimRequestIdRequestSchema: GenMessage<ClaimRequestIdRequest> = /*@__PURE__*/
+  messageDesc(file_chat_persister_v1_persister, 15);
+
+/**
+ * ClaimRequestIdResponse is the claim that holds now: this caller's or an earlier one.
+ *
+ * @generated from message chat.persister.v1.ClaimRequestIdResponse
+ */
+export type ClaimRequestIdResponse = Message<"chat.persister.v1.ClaimRequestIdResponse"> & {
+  /**
+   * True when the claim is the caller's (a fresh claim, an expired one renewed, or a takeover).
+   *
+   * @generated from field: bool won = 1;
+   */
+  won: boolean;
+
+  /**
+   * The turn the request_id names.
+   *
+   * @generated from field: string turn_id = 2;
+   */
+  turnId: string;
+
+  /**
+   * That turn's conversation.
+   *
+   * @generated from field: string conversation_id = 3;
+   */
+  conversationId: string;
+
+  /**
+   * That start's fingerprint.
+   *
+   * @generated from field: string fingerprint = 4;
+   */
+  fingerprint: string;
+
+  /**
+   * How long ago the claim was made, by the persister's clock (0 when won).
+   *
+   * @generated from field: int64 age_ms = 5;
+   */
+  ageMs: bigint;
+};
+
+/**
+ * Describes the message chat.persister.v1.ClaimRequestIdResponse.
+ * Use `create(ClaimRequestIdResponseSchema)` to create a new message.
+ */
+export const ClaimRequestIdResponseSchema: GenMessage<ClaimRequestIdResponse> = /*@__PURE__*/
+  messageDesc(file_chat_persister_v1_persister, 16);
 
