@@ -21,6 +21,7 @@ from mesh.errors import (
     rich_status,
 )
 from mesh.settings import TlsSettings
+from services.gateway.idempotency import Claim
 
 
 def map_persister_error(error: aio.AioRpcError, *, what: str) -> MeshError:
@@ -108,3 +109,34 @@ class PersisterClient(ServiceClient):
             what="delete the conversation",
         )
         return reply
+
+    async def claim_request_id(
+        self,
+        *,
+        tenant_id: str,
+        request_id: str,
+        turn_id: str,
+        conversation_id: str,
+        fingerprint: str,
+        replace_turn_id: str,
+    ) -> Claim:
+        """Claim a start's request id for its turn (``idempotency.RequestClaims``)."""
+        reply = await self._call(
+            "ClaimRequestId",
+            persister_pb2.ClaimRequestIdRequest(
+                tenant_id=tenant_id,
+                request_id=request_id,
+                turn_id=turn_id,
+                conversation_id=conversation_id,
+                fingerprint=fingerprint,
+                replace_turn_id=replace_turn_id,
+            ),
+            what="record the request_id",
+        )
+        return Claim(
+            won=reply.won,
+            turn_id=reply.turn_id,
+            conversation_id=reply.conversation_id,
+            fingerprint=reply.fingerprint,
+            age_s=reply.age_ms / 1000,
+        )

@@ -369,7 +369,13 @@ async def serve(settings: GatewaySettings) -> None:
             require_persister=settings.require_persister,
         )
         core = await stack.enter_async_context(
-            GatewayCore(settings, log=event_log, conversations=persister, gate=gate)
+            GatewayCore(
+                settings,
+                log=event_log,
+                conversations=persister,
+                gate=gate,
+                request_claims=persister,
+            )
         )
         # After the core: its start creates the topics the log probe writes to.
         await stack.enter_async_context(gate.readiness)
