@@ -73,6 +73,8 @@ def fingerprint(request: StartRequest) -> str:
 
     Delivery preferences (``coalesce_tokens``) are left out: a retry may read differently.
     """
+    if request.fingerprint:
+        return request.fingerprint
     body = {
         "conversation_id": request.conversation_id,
         "text": request.text,

@@ -17,6 +17,8 @@ from mesh.errors import FailedPrecondition, Unavailable
 from mesh.log import TURN_REQUESTS
 from mesh.log.embedded import EmbeddedLog
 from services.gateway.core import GatewayCore
+from services.gateway.http.errors import ApiError
+from services.gateway.http.parsing import idempotency
 from services.gateway.idempotency import Claim, fingerprint
 from services.gateway.model import StartRequest
 from tests.unit.test_gateway_core import (
@@ -223,3 +225,22 @@ async def test_without_the_claim_store_a_request_id_start_fails_fast(
     retried = await a.start_turn(ACME, HELLO)
     retried.close()
     assert await requests_logged(log, "r-1") == [retried.turn_id]
+
+
+def test_an_http_digest_is_of_the_route_and_the_parsed_body() -> None:
+    key, digest = idempotency("k-1", "chat.completions", {"model": "m", "messages": [1, 2]})
+    assert key == "k-1"
+    assert digest == idempotency("k-1", "chat.completions", {"messages": [1, 2], "model": "m"})[1]
+    assert digest != idempotency("k-1", "responses", {"model": "m", "messages": [1, 2]})[1]
+    assert digest != idempotency("k-1", "chat.completions", {"model": "m", "messages": [2]})[1]
+    assert idempotency(None, "responses", {}) == ("", "")
+    # The HTTP API's digest stands for the start it derives from the body.
+    assert fingerprint(StartRequest("c", "x", request_id="k-1", fingerprint=digest)) == digest
+
+
+@pytest.mark.parametrize("header", [" k", "k\n", "x" * 129])
+def test_a_malformed_idempotency_key_is_a_400_naming_the_header(header: str) -> None:
+    with pytest.raises(ApiError) as refused:
+        idempotency(header, "responses", {})
+    assert refused.value.status == 400 and refused.value.param == "Idempotency-Key"
+    assert refused.value.code == "invalid_idempotency_key"
