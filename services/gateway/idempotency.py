@@ -55,8 +55,10 @@ class RequestClaims(Protocol):
         conversation_id: str,
         fingerprint: str,
         replace_turn_id: str,
+        timeout_s: float,
     ) -> Claim:
-        """The claim that holds after this one; raises Unavailable when it cannot be made."""
+        """The claim that holds after this one; raises Unavailable when it cannot be made
+        within ``timeout_s``."""
         ...
 
 
@@ -150,6 +152,8 @@ class RequestIds:
                 conversation_id=conversation_id,
                 fingerprint=digest,
                 replace_turn_id=replace_turn_id,
+                # A later answer could not be used anyway (below).
+                timeout_s=limit_s,
             )
             if not held.won:
                 raise ClaimedElsewhere(held)

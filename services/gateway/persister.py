@@ -60,12 +60,14 @@ class PersisterClient(ServiceClient):
         self.addr = addr
         self._timeout_s = timeout_s
 
-    async def _call(self, method: str, request: Any, *, what: str) -> Any:
+    async def _call(
+        self, method: str, request: Any, *, what: str, timeout_s: float | None = None
+    ) -> Any:
         """``method`` on the persister; its failure as the error the gateway's caller sees."""
         if self.stub is None:
             raise Unavailable("persister client is not started", reason="PERSISTER_UNAVAILABLE")
         try:
-            return await getattr(self.stub, method)(request, timeout=self._timeout_s)
+            return await getattr(self.stub, method)(request, timeout=timeout_s or self._timeout_s)
         except aio.AioRpcError as error:
             raise map_persister_error(error, what=what) from None
 
@@ -119,6 +121,7 @@ class PersisterClient(ServiceClient):
         conversation_id: str,
         fingerprint: str,
         replace_turn_id: str,
+        timeout_s: float,
     ) -> Claim:
         """Claim a start's request id for its turn (``idempotency.RequestClaims``)."""
         reply = await self._call(
@@ -132,6 +135,7 @@ class PersisterClient(ServiceClient):
                 replace_turn_id=replace_turn_id,
             ),
             what="record the request_id",
+            timeout_s=timeout_s,
         )
         return Claim(
             won=reply.won,

@@ -49,8 +49,10 @@ class FakeClaims:
         conversation_id: str,
         fingerprint: str,
         replace_turn_id: str,
+        timeout_s: float,
     ) -> Claim:
         self.calls += 1
+        assert 0 < timeout_s <= 5.0  # half the takeover time at most
         await asyncio.sleep(0)  # a round trip: let concurrent starts interleave
         if self.down:
             raise Unavailable("persister down", reason="PERSISTER_UNAVAILABLE", retry_after_s=1.0)
