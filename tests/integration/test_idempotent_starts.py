@@ -21,12 +21,16 @@ from typing import Any
 import grpc
 import pytest
 from chat.gateway.v1 import gateway_pb2
+from chat.persister.v1 import persister_pb2, persister_service_pb2_grpc
 
 from mesh import turnlog
 from mesh.auth import add_key_to_file
 from mesh.launcher import wait_healthy
 from mesh.log import TURN_REQUESTS
 from mesh.log.embedded import EmbeddedLog
+from mesh.tls import channel_credentials, load_identity
+from services.gateway.idempotency import fingerprint
+from services.gateway.server import start_from_proto
 from tests.integration.grpc_helpers import (
     TurnResult,
     auth,
@@ -42,6 +46,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 24
 TOKEN_INTERVAL_MS = 40  # a turn takes about a second: a gateway can be killed mid-turn
+TAKEOVER_S = 4.0
 
 
 def _tail(path: Path) -> str:
@@ -71,6 +76,8 @@ def mesh(
         "MESH_AGENT_MIN_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS),
         # A turn whose gateway was killed waits for the retry, not for the orphan cancel.
         "MESH_AGENT_ORPHAN_GRACE_S": "120",
+        # Short, so the takeover of an abandoned claim is quick to test.
+        "MESH_GATEWAY_IDEMPOTENCY_TAKEOVER_S": str(TAKEOVER_S),
     }
     with log.open("ab") as out:
         process = subprocess.Popen(
@@ -276,3 +283,38 @@ def test_an_http_retry_with_the_same_idempotency_key_gets_the_same_completion(
     assert status == 400, refused
     assert refused["error"]["code"] == "request_id_reused"
     assert refused["error"]["param"] == "Idempotency-Key"
+
+
+def test_a_claim_left_by_a_gateway_that_died_before_its_append_is_taken_over(
+    mesh: dict[str, Any],
+) -> None:
+    start = hello("r-abandoned")
+    lost = "t0.0.0.00112233445566ff"
+    # What a gateway killed between its claim and its append leaves: a claim (made here with
+    # the gateway's certificate, as only gateways may) whose turn never reaches the log.
+    tls = mesh["tls"]
+    certs = Path(tls["MESH_TLS_CERT"]).parent
+    identity = load_identity(Path(tls["MESH_TLS_CA"]), certs / "gateway.pem", certs / "gateway.key")
+    options = [("grpc.ssl_target_name_override", "persister")]
+    with grpc.secure_channel(
+        addr(mesh, "persister"), channel_credentials(identity), options=options
+    ) as channel:
+        planted = persister_service_pb2_grpc.PersisterServiceStub(channel).ClaimRequestId(  # type: ignore[no-untyped-call]
+            persister_pb2.ClaimRequestIdRequest(
+                tenant_id="tenant-a",
+                request_id="r-abandoned",
+                turn_id=lost,
+                conversation_id="c-lost",
+                fingerprint=fingerprint(start_from_proto(start)),
+            ),
+            timeout=30,
+        )
+    assert planted.won
+    began = time.monotonic()
+    taken = run(mesh, "gateway-2", start)
+    # The retry waited for the claim's turn to reach the log, then took the claim over.
+    assert time.monotonic() - began >= TAKEOVER_S - 0.5
+    assert taken.turn_id != lost and taken.tokens
+    assert logged_requests(mesh, "r-abandoned") == [taken.turn_id]
+    again = run(mesh, "gateway-1", start)
+    assert again.turn_id == taken.turn_id and again.text == taken.text
