@@ -46,7 +46,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 24
 TOKEN_INTERVAL_MS = 40  # a turn takes about a second: a gateway can be killed mid-turn
-TAKEOVER_S = 4.0
+TAKEOVER_S = 6.0
 
 
 def _tail(path: Path) -> str:
