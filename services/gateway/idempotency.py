@@ -27,9 +27,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from prometheus_client import Counter
+
 from mesh.errors import FailedPrecondition, MeshError, NotFound, Unavailable
 from services.gateway.caches import BoundedLru
 from services.gateway.model import StartRequest, TurnInfo
+
+# Starts with a request id decided at the persister: ``won`` (appended), ``attached`` (to the
+# winner's turn), ``taken_over`` (an abandoned claim), ``reused`` (refused: another body).
+CLAIMS = Counter(
+    "mesh_gateway_request_id_claims_total",
+    "Starts with a request_id decided by a claim at the persister, by outcome.",
+    ["outcome"],
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +167,7 @@ class RequestIds:
             )
             if not held.won:
                 raise ClaimedElsewhere(held)
+            CLAIMS.labels("taken_over" if replace_turn_id else "won").inc()
             if time.monotonic() - asked > limit_s:
                 # The answer came so late that another gateway may already count the claim as
                 # abandoned: appending now could log the request twice. The client retries.
@@ -175,6 +186,7 @@ class RequestIds:
         """After losing ``claim``: the winner's turn to attach to, or (a str) the turn id of an
         abandoned claim to take over."""
         if claim.fingerprint != fingerprint(request):
+            CLAIMS.labels("reused").inc()
             raise reused(request.request_id, claim.turn_id)
         waited_from = time.monotonic()
         while True:
@@ -186,6 +198,7 @@ class RequestIds:
                 raise
             if info is not None:
                 self.remember(key, request)
+                CLAIMS.labels("attached").inc()
                 return info
             age_s = claim.age_s + (time.monotonic() - waited_from)
             if age_s >= self._takeover_after_s:

@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from mesh import turnlog
 from mesh.errors import FailedPrecondition, Unavailable
@@ -171,11 +172,23 @@ async def test_a_retry_asking_for_something_else_is_refused(
         turn.close()
 
 
+def claims_counted(outcome: str) -> float:
+    return (
+        REGISTRY.get_sample_value("mesh_gateway_request_id_claims_total", {"outcome": outcome})
+        or 0.0
+    )
+
+
 async def test_concurrent_retries_on_two_gateways_make_one_turn(
     gateways: tuple[GatewayCore, GatewayCore], log: EmbeddedLog
 ) -> None:
     a, b = gateways
+    won, attached = claims_counted("won"), claims_counted("attached")
     turns = await asyncio.gather(*(g.start_turn(ACME, HELLO) for g in (a, b, a, b)))
+    assert claims_counted("won") == won + 1
+    # The other gateway's starts attach after losing their claim; this gateway's second start
+    # may find its first one in its own cache instead.
+    assert attached + 1 <= claims_counted("attached") <= attached + 3
     assert len({turn.turn_id for turn in turns}) == 1
     assert sum(turn.owner for turn in turns) == 1
     assert await requests_logged(log, "r-1") == [turns[0].turn_id]
