@@ -249,8 +249,14 @@ def post_chat(mesh: dict[str, Any], url: str, key: str, content: str) -> tuple[i
         "max_tokens": MAX_TOKENS,
         "temperature": 0,
     }
+    return post(mesh, url + "/v1/chat/completions", key, body)
+
+
+def post(
+    mesh: dict[str, Any], url: str, key: str, body: dict[str, Any]
+) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
-        url + "/v1/chat/completions",
+        url,
         data=json.dumps(body).encode(),
         headers={
             "Authorization": f"Bearer {mesh['key']}",
@@ -283,6 +289,19 @@ def test_an_http_retry_with_the_same_idempotency_key_gets_the_same_completion(
     assert status == 400, refused
     assert refused["error"]["code"] == "request_id_reused"
     assert refused["error"]["param"] == "Idempotency-Key"
+
+
+def test_an_http_response_retried_with_its_idempotency_key_is_the_same_response(
+    mesh: dict[str, Any],
+) -> None:
+    urls = _read_info(mesh["info_path"])["gateway_http_urls"]  # type: ignore[index]
+    body = {"model": mesh["model"], "input": "count to ten", "max_output_tokens": MAX_TOKENS}
+    status, first = post(mesh, urls[0] + "/v1/responses", "k-resp", body)
+    assert status == 200, first
+    status, again = post(mesh, urls[1] + "/v1/responses", "k-resp", body)
+    assert status == 200, again
+    assert again["id"] == first["id"] and again["output"] == first["output"]
+    assert logged_requests(mesh, "k-resp") == [first["id"].removeprefix("resp_")]
 
 
 def test_a_claim_left_by_a_gateway_that_died_before_its_append_is_taken_over(
