@@ -12,8 +12,9 @@ Who calls what, from the code:
 - agents read history from the persister and recall from memory;
 - the persister indexes finished turns into memory (``Remember``) and has it forget an erased
   conversation or tenant (``Forget``);
-- the gateway erases a conversation of its caller's tenant (``DeleteConversation``) and finds
-  a turn it resumes or cancels (``LookupTurn``);
+- the gateway erases a conversation of its caller's tenant (``DeleteConversation``), finds
+  a turn it resumes or cancels (``LookupTurn``) and claims the request ids of idempotent
+  starts (``ClaimRequestId``);
 - nothing in the mesh calls an agent's direct ``Generate`` and ``GetNodeInfo``, memory's
   ``Ingest``, or the persister's ``Flush``, ``GetStats`` and ``EraseTenant``: they are operator
   tools, for a person or a probe holding the ``operator`` certificate (``mesh erase`` calls
@@ -55,6 +56,7 @@ POLICY: Mapping[str, frozenset[str]] = {
     _PERSISTER + "DeleteConversation": frozenset({GATEWAY, OPERATOR}),
     _PERSISTER + "EraseTenant": frozenset({OPERATOR}),
     _PERSISTER + "LookupTurn": frozenset({GATEWAY}),
+    _PERSISTER + "ClaimRequestId": frozenset({GATEWAY}),
 }
 
 # Services every authenticated caller may use: probes and grpcurl need them.

@@ -754,6 +754,7 @@ class Mesh:
             "memory_backend": self.config.memory_backend,
             "gateway_addr": self.gateway_addr if self.all("gateway") else "",
             "gateway_http_url": self.gateway_http_urls[0] if self.all("gateway") else "",
+            "gateway_http_urls": self.gateway_http_urls,
             "envoy_url": self.envoy_url,
             "state_dir": str(self.config.state_dir),
             # What a tool needs to call the services (`mesh health --state` reads it).

@@ -55,10 +55,9 @@ class BoundedLru(Generic[K, V]):
 class IdempotencyCache:
     """Recent ``(tenant, request_id) -> accepted turn`` on this gateway.
 
-    Bounded in time and size and local to the process: a retry that lands on another gateway
-    starts a new turn. Deduplicating across gateways would need the log (scan or a compacted
-    request-id topic); the window here covers the common case of a client retrying the same
-    gateway after a dropped connection.
+    Bounded in time and size and local to the process: it answers a client retrying the same
+    gateway without a round trip. Retries on other gateways, or after a restart, are matched by
+    the persister's claims (``idempotency``).
     """
 
     def __init__(

@@ -32,6 +32,7 @@ from mesh.turn_ids import new_turn_ref, parse_turn_id
 from services.gateway.caches import BoundedLru, IdempotencyCache
 from services.gateway.context_check import ContextCheck
 from services.gateway.hub import Subscription, TurnHub
+from services.gateway.idempotency import ClaimedElsewhere, Claimer, RequestClaims, RequestIds
 from services.gateway.key_streams import KeyStreams
 from services.gateway.model import Output, StartRequest, TurnInfo
 from services.gateway.queue_position import QueueTracker
@@ -74,6 +75,7 @@ class GatewayCore(AsyncStartStop):
         gate: StartGate | None = None,
         context: ContextCheck | None = None,
         turns: TurnDirectory | None = None,
+        request_claims: RequestClaims | None = None,
     ) -> None:
         self.settings = settings
         self.log = log
@@ -93,6 +95,12 @@ class GatewayCore(AsyncStartStop):
         )
         self.idempotency = IdempotencyCache(
             ttl_s=settings.idempotency_ttl_s, max_entries=settings.idempotency_max
+        )
+        # Request ids across gateways (claims at the persister); see ``idempotency``.
+        self.request_ids = RequestIds(
+            request_claims,
+            takeover_after_s=settings.idempotency_takeover_s,
+            max_entries=settings.idempotency_max,
         )
         # Turns this gateway has accepted or looked up, so resume and cancel skip the log scan.
         self._known: BoundedLru[str, TurnInfo] = BoundedLru(10_000)
@@ -243,11 +251,48 @@ class GatewayCore(AsyncStartStop):
             max_tokens_limit=settings.max_tokens_limit,
         )
         key = (principal.tenant_id, request.request_id) if request.request_id else None
+        replace = ""
+        # A lost claim whose turn never reached the log is taken over; a few rounds settle any
+        # contention (each round either attaches or appends unless another retry won it).
+        for _ in range(3):
+            try:
+                return await self._start_once(principal, request, notify, key, replace)
+            except ClaimedElsewhere as lost:
+                assert key is not None
+                found = await self.request_ids.settle(
+                    key, request, lost.claim, lambda turn_id: self.find_turn(principal, turn_id)
+                )
+                if isinstance(found, str):
+                    replace = found
+                    continue
+                # This gateway answers the next retry itself.
+                settled = asyncio.get_running_loop().create_future()
+                settled.set_result(found)
+                self.idempotency.put(key, settled)
+                return await self._attach(
+                    found, after_seq=0, notify=notify, coalesce=request.coalesce_tokens
+                )
+        raise Unavailable(
+            f"other starts with request_id {request.request_id[:128]!r} are contending; retry "
+            "with the same request_id shortly",
+            reason="REQUEST_ID_CONTENDED",
+            retry_after_s=1.0,
+        )
+
+    async def _start_once(
+        self,
+        principal: Principal,
+        request: StartRequest,
+        notify: asyncio.Event | None,
+        key: tuple[str, str] | None,
+        replace: str,
+    ) -> TurnStream:
         if key is not None:
             earlier = self.idempotency.get(key)
             if earlier is not None:
                 info = await asyncio.shield(earlier)
                 if info is not None:
+                    self.request_ids.check_local(key, request, info.turn_id)
                     return await self._attach(
                         info, after_seq=0, notify=notify, coalesce=request.coalesce_tokens
                     )
@@ -270,11 +315,15 @@ class GatewayCore(AsyncStartStop):
             key_per_minute=principal.tokens_per_minute,
         )
         decided: asyncio.Future[TurnInfo | None] = asyncio.get_running_loop().create_future()
+        claim: Claimer | None = None
         if key is not None:
             self.idempotency.put(key, decided)
+            self.request_ids.remember(key, request)
+            if self.request_ids.shared:
+                claim = self.request_ids.claimer(principal.tenant_id, request, replace)
         try:
             stream = await self._append_request(
-                principal, request, conversation_id, decided, notify
+                principal, request, conversation_id, decided, notify, claim
             )
         except BaseException:
             if reservation is not None:
@@ -328,6 +377,7 @@ class GatewayCore(AsyncStartStop):
         conversation_id: str,
         decided: asyncio.Future[TurnInfo | None],
         notify: asyncio.Event | None,
+        claim: Claimer | None = None,
     ) -> TurnStream:
         key = conversation_id.encode()
         partition = partition_for(key, self.partitions)
@@ -346,7 +396,7 @@ class GatewayCore(AsyncStartStop):
 
         try:
             return await self._append_checked(
-                principal, request, conversation_id, decided, notify, partition, key, release
+                principal, request, conversation_id, decided, notify, partition, key, release, claim
             )
         finally:
             release()
@@ -361,6 +411,7 @@ class GatewayCore(AsyncStartStop):
         partition: int,
         key: bytes,
         release: Callable[[], None],
+        claim: Claimer | None = None,
     ) -> TurnStream:
         log = self.log
         sub: Subscription | None = None
@@ -371,6 +422,10 @@ class GatewayCore(AsyncStartStop):
             )
             turn_id = str(new_turn_ref(partition, request_start, events_start))
             trace.get_current_span().set_attribute(tracing.TURN_ID, turn_id)
+            if claim is not None:
+                # The request id names this turn from here on, on every gateway (or raises
+                # ClaimedElsewhere: it already names another).
+                await claim(turn_id, conversation_id)
             # Subscribed before the request exists, so no event of this turn can slip past us.
             sub = self.hub.subscribe(turn_id, partition, events_start, notify)
             value = turnlog.encode(

@@ -21,6 +21,10 @@ class StartRequest:
     coalesce_tokens: bool = False
     # Run to the end with no client attached (otherwise cancelled after the orphan grace period).
     background: bool = False
+    # What a retry with the same request_id must repeat, when the start is derived from what
+    # the client sent rather than sent as such (the HTTP API: a digest of its JSON body); empty:
+    # the start itself (``idempotency.fingerprint``).
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from mesh.errors import (
     rich_status,
 )
 from mesh.settings import TlsSettings
+from services.gateway.idempotency import Claim
 from services.gateway.turn_lookup import StoredState, StoredTurn
 
 
@@ -151,4 +152,37 @@ class PersisterClient(ServiceClient):
             first_seq=reply.first_seq,
             token_texts=tuple(reply.token_texts),
             tokens_complete=reply.tokens_complete,
+        )
+
+    async def claim_request_id(
+        self,
+        *,
+        tenant_id: str,
+        request_id: str,
+        turn_id: str,
+        conversation_id: str,
+        fingerprint: str,
+        replace_turn_id: str,
+        timeout_s: float,
+    ) -> Claim:
+        """Claim a start's request id for its turn (``idempotency.RequestClaims``)."""
+        reply = await self._call(
+            "ClaimRequestId",
+            persister_pb2.ClaimRequestIdRequest(
+                tenant_id=tenant_id,
+                request_id=request_id,
+                turn_id=turn_id,
+                conversation_id=conversation_id,
+                fingerprint=fingerprint,
+                replace_turn_id=replace_turn_id,
+            ),
+            what="record the request_id",
+            timeout_s=timeout_s,
+        )
+        return Claim(
+            won=reply.won,
+            turn_id=reply.turn_id,
+            conversation_id=reply.conversation_id,
+            fingerprint=reply.fingerprint,
+            age_s=reply.age_ms / 1000,
         )

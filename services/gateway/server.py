@@ -387,6 +387,7 @@ async def serve(settings: GatewaySettings) -> None:
                 gate=gate,
                 context=context,
                 turns=persister,
+                request_claims=persister,
             )
         )
         # After the core: its start creates the topics the log probe writes to.

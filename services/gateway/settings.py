@@ -87,6 +87,10 @@ class GatewaySettings(ServiceSettings):
     # Idempotent starts: how long, and how many, request ids this gateway remembers.
     idempotency_ttl_s: float = setting("IDEMPOTENCY_TTL_S", 600.0)
     idempotency_max: int = setting("IDEMPOTENCY_MAX", 10_000, minimum=1)
+    # A request-id claim (made at the persister before the append) whose turn is still not on
+    # the log after this long was left by a gateway that died: a retry takes it over. Longer
+    # than a claim-to-append ever takes; a claim answered after half of it is not used.
+    idempotency_takeover_s: float = setting("IDEMPOTENCY_TAKEOVER_S", 10.0, above=0)
     # Records of the request partition a resume scans for the turn's TurnRequested.
     resume_scan_limit: int = setting("RESUME_SCAN_LIMIT", 10_000, minimum=1)
     # How long a resume or cancel waits for the persister's LookupTurn before using the log.

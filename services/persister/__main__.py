@@ -14,6 +14,7 @@ from mesh.log.lag import report_lag
 from mesh.pg import EmbeddedPostgres
 from mesh.readiness import Probe, Readiness
 from mesh.server import run_main, serve_until_signalled, start_metrics
+from services.persister.claims import ClaimStore
 from services.persister.codec import decode
 from services.persister.core import Persister
 from services.persister.memory_client import MemoryIndexer
@@ -47,6 +48,7 @@ async def run(settings: PersisterSettings) -> None:
     async with AsyncExitStack() as stack:
         event_log = await stack.enter_async_context(open_log(settings.log))
         store = await stack.enter_async_context(PgStore(dsn, pool_size=settings.pg_pool_size))
+        claims = ClaimStore(store, ttl_s=settings.claim_ttl_s)
         memory = None
         if settings.memory_addr:
             # One attempt per call: the outbox keeps what memory did not take and retries it.
@@ -84,6 +86,7 @@ async def run(settings: PersisterSettings) -> None:
                 max_age_s=settings.log.retention_s,
                 max_bytes=settings.log.retention_bytes,
                 interval_s=settings.log.retention_check_s,
+                claims=claims,
             ),
             name="log retention",
         )
@@ -100,7 +103,7 @@ async def run(settings: PersisterSettings) -> None:
                 settings.health,
             )
         )
-        deps = PersisterDeps(persister=persister)
+        deps = PersisterDeps(persister=persister, claims=claims)
         server, port = build_server(settings, deps)
         assert deps.health is not None
         log.info("persister listening on %s:%d", settings.host, port)

@@ -12,13 +12,19 @@ import logging
 
 from mesh.log import EventLog, LogError
 from mesh.log.embedded import EmbeddedLog
+from services.persister.claims import ClaimStore
 from services.persister.store import PgStore
 
 log = logging.getLogger(__name__)
 
 
 async def retention_pass(
-    event_log: EventLog, store: PgStore | None, *, max_age_s: float, max_bytes: int
+    event_log: EventLog,
+    store: PgStore | None,
+    *,
+    max_age_s: float,
+    max_bytes: int,
+    claims: ClaimStore | None = None,
 ) -> int:
     """One pass; returns the log records deleted."""
     deleted = 0
@@ -36,6 +42,9 @@ async def retention_pass(
     if store is not None:
         # Past the retention no record of those turns is left on the log to drop.
         await store.prune_erased_turns(max_age_s)
+    if claims is not None:
+        # Expired claims no longer decide anything (a start renews them); the rows can go.
+        await claims.prune()
     return deleted
 
 
@@ -46,11 +55,14 @@ async def run_retention(
     max_age_s: float,
     max_bytes: int,
     interval_s: float,
+    claims: ClaimStore | None = None,
 ) -> None:
     """``retention_pass`` every ``interval_s`` until cancelled; failures are logged and retried."""
     while True:
         try:
-            await retention_pass(event_log, store, max_age_s=max_age_s, max_bytes=max_bytes)
+            await retention_pass(
+                event_log, store, max_age_s=max_age_s, max_bytes=max_bytes, claims=claims
+            )
         except (LogError, OSError) as error:
             log.warning("log retention pass failed (next in %.0fs): %s", interval_s, error)
         except Exception:

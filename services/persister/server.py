@@ -13,8 +13,10 @@ from chat.persister.v1 import persister_pb2, persister_service_pb2, persister_se
 from google.protobuf import timestamp_pb2
 from grpc import aio
 
+from mesh.errors import Unavailable
 from mesh.server import ServiceDeps, build_service_server
 from mesh.turn_ids import parse_turn_id
+from services.persister.claims import ClaimStore
 from services.persister.core import Persister
 from services.persister.model import Conversation, Message
 from services.persister.settings import PersisterSettings
@@ -29,6 +31,8 @@ class PersisterDeps(ServiceDeps):
     """What the server runs on. ``persister`` is started and stopped by the caller."""
 
     persister: Persister
+    # Request-id claims (ClaimRequestId); None answers UNAVAILABLE.
+    claims: ClaimStore | None = None
 
 
 def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -60,8 +64,9 @@ def _conversation(conversation: Conversation) -> conversation_pb2.Conversation:
 class PersisterServicer(persister_service_pb2_grpc.PersisterServiceServicer):
     """Thin handlers; validation and errors come from the core (mapped by the interceptor)."""
 
-    def __init__(self, persister: Persister) -> None:
+    def __init__(self, persister: Persister, claims: ClaimStore | None = None) -> None:
         self._persister = persister
+        self._claims = claims
 
     async def GetConversation(
         self, request: persister_pb2.GetConversationRequest, context: Context
@@ -144,6 +149,27 @@ class PersisterServicer(persister_service_pb2_grpc.PersisterServiceServicer):
             reply.finished.CopyFrom(events_pb2.TurnEvent.FromString(answer.finish_event).finished)
         return reply
 
+    async def ClaimRequestId(
+        self, request: persister_pb2.ClaimRequestIdRequest, context: Context
+    ) -> persister_pb2.ClaimRequestIdResponse:
+        if self._claims is None:
+            raise Unavailable("request-id claims are not served here", reason="CLAIMS_UNAVAILABLE")
+        claim = await self._claims.claim(
+            tenant_id=request.tenant_id,
+            request_id=request.request_id,
+            turn_id=request.turn_id,
+            conversation_id=request.conversation_id,
+            fingerprint=request.fingerprint,
+            replace_turn_id=request.replace_turn_id,
+        )
+        return persister_pb2.ClaimRequestIdResponse(
+            won=claim.won,
+            turn_id=claim.turn_id,
+            conversation_id=claim.conversation_id,
+            fingerprint=claim.fingerprint,
+            age_ms=int(claim.age_s * 1000),
+        )
+
     async def GetStats(
         self, request: persister_pb2.GetStatsRequest, context: Context
     ) -> persister_pb2.GetStatsResponse:
@@ -156,7 +182,7 @@ def build_server(settings: PersisterSettings, deps: PersisterDeps) -> tuple[aio.
         "persister",
         SERVICE_NAME,
         persister_service_pb2_grpc.add_PersisterServiceServicer_to_server,
-        PersisterServicer(deps.persister),
+        PersisterServicer(deps.persister, deps.claims),
         host=settings.host,
         port=settings.port,
         tls=settings.tls,

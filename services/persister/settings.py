@@ -34,6 +34,9 @@ class PersisterSettings(ServiceSettings, PostgresSettings):
         pg_pool_size: most PostgreSQL connections (``MESH_PERSISTER_PG_POOL_SIZE``).
         lag_interval_s: how often the consumer lag of every group is measured for
             ``mesh_consumer_lag_records`` (``MESH_PERSISTER_LAG_INTERVAL_S``).
+        request_id_ttl_s: how long a request-id claim (an idempotent start) holds, so a retry
+            on any gateway returns the same turn (``MESH_PERSISTER_REQUEST_ID_TTL_S``); never
+            longer than the log's retention.
         log: the log driver (``MESH_LOG_*``).
         health: how PostgreSQL and the log are probed for readiness (``MESH_HEALTH_*``).
     """
@@ -47,8 +50,14 @@ class PersisterSettings(ServiceSettings, PostgresSettings):
     barrier_timeout_s: float = setting("BARRIER_TIMEOUT_S", 10.0, above=0)
     pg_pool_size: int = setting("PG_POOL_SIZE", 4, minimum=2)
     lag_interval_s: float = setting("LAG_INTERVAL_S", 5.0, above=0)
+    request_id_ttl_s: float = setting("REQUEST_ID_TTL_S", 86_400.0, above=0)
     log: LogSettings = field(default_factory=LogSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
+
+    @property
+    def claim_ttl_s(self) -> float:
+        """How long claims hold: past the log's retention their turns are gone from it."""
+        return min(self.request_id_ttl_s, self.log.retention_s)
 
 
 __all__ = ["PersisterSettings"]

@@ -12,6 +12,7 @@ bench.token_writes``), which compares it with one INSERT per row.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,7 @@ from mesh import turnlog
 from mesh.errors import FailedPrecondition, NotFound
 from mesh.generation import FinishReason
 from mesh.lifecycle import AsyncStartStop
+from services.persister import claims
 from services.persister.batch import conversation_rows
 from services.persister.model import (
     BatchPlan,
@@ -291,6 +293,7 @@ async def create_schema(conn: Conn) -> None:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
         await conn.execute(SCHEMA)
+        await conn.execute(claims.SCHEMA)
 
 
 async def _copy_tokens(conn: Conn, rows: Sequence[TokenEvent]) -> int:
@@ -501,6 +504,8 @@ async def erase_on(conn: Conn, tenant_id: str, conversation_id: str, *, force: b
         await cur.execute(f"DELETE FROM messages WHERE {_SCOPE}", scope)
         messages = max(cur.rowcount, 0)
         await cur.execute(f"DELETE FROM conversations WHERE {_SCOPE}", scope)
+        # A retry of an erased start must not attach to (or be refused for) an erased turn.
+        await cur.execute(f"DELETE FROM request_claims WHERE {_SCOPE}", scope)
         counts = ErasureCounts(conversations=conversations, messages=messages, tokens=tokens)
         already = tombstoned and not conversations
         detail = {**asdict(counts), "forced": force, "already_deleted": already}
@@ -565,6 +570,10 @@ class PgStore(AsyncStartStop):
         if self._pool is None:
             raise RuntimeError("PgStore is not started")
         return self._pool
+
+    def connection(self) -> AbstractAsyncContextManager[Conn]:
+        """A connection from the pool, for the persister's other tables (``claims``)."""
+        return self._require_pool().connection()
 
     async def ping(self) -> None:
         """One round trip to PostgreSQL (the readiness probe); raises when it cannot."""

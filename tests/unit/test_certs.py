@@ -236,6 +236,7 @@ def test_identity_of_reads_only_our_trust_domain() -> None:
         ("/chat.memory.v1.MemoryService/Forget", {"persister", "operator"}),
         ("/chat.persister.v1.PersisterService/DeleteConversation", {"gateway", "operator"}),
         ("/chat.persister.v1.PersisterService/EraseTenant", {"operator"}),
+        ("/chat.persister.v1.PersisterService/ClaimRequestId", {"gateway"}),
         ("/chat.persister.v1.PersisterService/GetConversation", {"gateway", "agent"}),
         ("/chat.persister.v1.PersisterService/ListConversations", {"gateway", "agent"}),
         ("/chat.persister.v1.PersisterService/ListMessages", {"gateway", "agent"}),

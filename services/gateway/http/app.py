@@ -139,12 +139,14 @@ RESPONSE_ITEM_KEYS = frozenset({"role", "content", "type", "id", "status"})
 
 # Core field -> request parameter, for the core's validation errors.
 CHAT_PARAMS = {
+    "start.request_id": parsing.IDEMPOTENCY_HEADER,
     "start.text": "messages",
     "start.options.temperature": "temperature",
     "start.options.top_p": "top_p",
     "start.options.stop_sequences": "stop",
 }
 RESPONSE_PARAMS = {
+    "start.request_id": parsing.IDEMPOTENCY_HEADER,
     "start.text": "input",
     "start.options.temperature": "temperature",
     "start.options.top_p": "top_p",
@@ -531,10 +533,20 @@ class OpenAiApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         principal = self.principal(request)
-        call = parse_chat(await self.body(request), await self.served_models())
+        body = await self.body(request)
+        call = parse_chat(body, await self.served_models())
+        request_id, digest = parsing.idempotency(
+            request.headers.get(parsing.IDEMPOTENCY_HEADER), "chat.completions", body
+        )
         with self.core.stream_slot(principal.tenant_id, principal):
             conversation_id, text, stored, key = await self._chat_plan(principal, call.messages)
-            start = StartRequest(conversation_id, text, call.sampling.options)
+            start = StartRequest(
+                conversation_id,
+                text,
+                call.sampling.options,
+                request_id=request_id,
+                fingerprint=digest,
+            )
             try:
                 turn = await self._start(
                     principal, start, CHAT_PARAMS, call.sampling.max_tokens_param, request
@@ -552,8 +564,10 @@ class OpenAiApi:
                     result = await self._chat_whole(call, turn, stored)
                 finished = True
             finally:
-                if not finished and not turn.done:
+                if not finished and not turn.done and not request_id:
                     # The client went away (or its stream broke): stop generating for nobody.
+                    # With an Idempotency-Key it may retry and attach: the agents' orphan
+                    # grace period cancels the turn if it does not.
                     self._cancel_soon(turn)
                 turn.close()
         return result
@@ -724,12 +738,21 @@ class OpenAiApi:
 
     async def create_response(self, request: web.Request) -> web.StreamResponse:
         principal = self.principal(request)
-        call = parse_response(await self.body(request), await self.served_models())
+        body = await self.body(request)
+        call = parse_response(body, await self.served_models())
+        request_id, digest = parsing.idempotency(
+            request.headers.get(parsing.IDEMPOTENCY_HEADER), "responses", body
+        )
         with self.core.stream_slot(principal.tenant_id, principal):
             conversation_id, text = await self._response_text(principal, call)
             # A background response runs on with nobody attached (no orphan cancel).
             start = StartRequest(
-                conversation_id, text, call.sampling.options, background=call.background
+                conversation_id,
+                text,
+                call.sampling.options,
+                background=call.background,
+                request_id=request_id,
+                fingerprint=digest,
             )
             turn = await self._start(
                 principal, start, RESPONSE_PARAMS, call.sampling.max_tokens_param, request
@@ -761,7 +784,7 @@ class OpenAiApi:
                     result = web.json_response(state.to_json())
                 finished = True
             finally:
-                if not finished and not turn.done and not call.background:
+                if not finished and not turn.done and not call.background and not request_id:
                     self._cancel_soon(turn)
                 turn.close()
         return result

@@ -7,6 +7,7 @@ unsupported fields, message shapes, text the log could not carry). Ranges (``max
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -15,11 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.gateway.http.errors import ApiError, bad_request
+from services.gateway.validation import MAX_ID_CHARS
 
 MAX_MESSAGES = 1000
 MAX_MODEL_CHARS = 256
 MAX_USER_CHARS = 256
 MAX_METADATA_KEYS = 16
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 # C0 controls other than tab, newline and carriage return, and DEL: never part of chat text,
 # and NUL in particular cannot be stored in PostgreSQL text.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -308,9 +311,31 @@ def messages(
     return out
 
 
+def idempotency(header: str | None, route: str, body: Mapping[str, Any]) -> tuple[str, str]:
+    """The request id an ``Idempotency-Key`` header asks for, and the digest a retry must match.
+
+    The digest is of the route and the parsed body (key order and spacing aside), not of the
+    start the gateway derives from it: another gateway may map the same messages onto a
+    conversation differently, and the retry is still the same request.
+    """
+    if header is None or header == "":
+        return "", ""
+    if len(header) > MAX_ID_CHARS or not header.isprintable() or header != header.strip():
+        raise bad_request(
+            f"the {IDEMPOTENCY_HEADER} header must be at most {MAX_ID_CHARS} printable "
+            "characters without surrounding spaces",
+            IDEMPOTENCY_HEADER,
+            "invalid_idempotency_key",
+        )
+    canonical = json.dumps([route, body], sort_keys=True, separators=(",", ":"))
+    return header, hashlib.sha256(canonical.encode()).hexdigest()
+
+
 __all__ = [
+    "IDEMPOTENCY_HEADER",
     "ChatMessage",
     "check_fields",
+    "idempotency",
     "max_tokens",
     "message_content",
     "messages",

@@ -1104,6 +1104,181 @@ func (x *LookupTurnResponse) GetTokensComplete() bool {
 	return false
 }
 
+// ClaimRequestIdRequest claims a request_id for a turn about to be logged.
+type ClaimRequestIdRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The tenant; request ids are scoped to it.
+	TenantId string `protobuf:"bytes,1,opt,name=tenant_id,json=tenantId,proto3" json:"tenant_id,omitempty"`
+	// The client's idempotency key (StartTurnRequest.request_id).
+	RequestId string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// The turn this start would log.
+	TurnId string `protobuf:"bytes,3,opt,name=turn_id,json=turnId,proto3" json:"turn_id,omitempty"`
+	// The turn's conversation.
+	ConversationId string `protobuf:"bytes,4,opt,name=conversation_id,json=conversationId,proto3" json:"conversation_id,omitempty"`
+	// A digest of what the client asked for (conversation as sent, text, options), so a retry
+	// that asks for something else can be told apart from a true retry.
+	Fingerprint string `protobuf:"bytes,5,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	// Take the claim over when it still names this turn (compare-and-swap): a retry whose
+	// winning turn never reached the log. Empty: claim only if nobody holds a live claim.
+	ReplaceTurnId string `protobuf:"bytes,6,opt,name=replace_turn_id,json=replaceTurnId,proto3" json:"replace_turn_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClaimRequestIdRequest) Reset() {
+	*x = ClaimRequestIdRequest{}
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClaimRequestIdRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClaimRequestIdRequest) ProtoMessage() {}
+
+func (x *ClaimRequestIdRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClaimRequestIdRequest.ProtoReflect.Descriptor instead.
+func (*ClaimRequestIdRequest) Descriptor() ([]byte, []int) {
+	return file_chat_persister_v1_persister_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ClaimRequestIdRequest) GetTenantId() string {
+	if x != nil {
+		return x.TenantId
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdRequest) GetTurnId() string {
+	if x != nil {
+		return x.TurnId
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdRequest) GetConversationId() string {
+	if x != nil {
+		return x.ConversationId
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdRequest) GetFingerprint() string {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdRequest) GetReplaceTurnId() string {
+	if x != nil {
+		return x.ReplaceTurnId
+	}
+	return ""
+}
+
+// ClaimRequestIdResponse is the claim that holds now: this caller's or an earlier one.
+type ClaimRequestIdResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// True when the claim is the caller's (a fresh claim, an expired one renewed, or a takeover).
+	Won bool `protobuf:"varint,1,opt,name=won,proto3" json:"won,omitempty"`
+	// The turn the request_id names.
+	TurnId string `protobuf:"bytes,2,opt,name=turn_id,json=turnId,proto3" json:"turn_id,omitempty"`
+	// That turn's conversation.
+	ConversationId string `protobuf:"bytes,3,opt,name=conversation_id,json=conversationId,proto3" json:"conversation_id,omitempty"`
+	// That start's fingerprint.
+	Fingerprint string `protobuf:"bytes,4,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
+	// How long ago the claim was made, by the persister's clock (0 when won).
+	AgeMs         int64 `protobuf:"varint,5,opt,name=age_ms,json=ageMs,proto3" json:"age_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClaimRequestIdResponse) Reset() {
+	*x = ClaimRequestIdResponse{}
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClaimRequestIdResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClaimRequestIdResponse) ProtoMessage() {}
+
+func (x *ClaimRequestIdResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_chat_persister_v1_persister_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClaimRequestIdResponse.ProtoReflect.Descriptor instead.
+func (*ClaimRequestIdResponse) Descriptor() ([]byte, []int) {
+	return file_chat_persister_v1_persister_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ClaimRequestIdResponse) GetWon() bool {
+	if x != nil {
+		return x.Won
+	}
+	return false
+}
+
+func (x *ClaimRequestIdResponse) GetTurnId() string {
+	if x != nil {
+		return x.TurnId
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdResponse) GetConversationId() string {
+	if x != nil {
+		return x.ConversationId
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdResponse) GetFingerprint() string {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return ""
+}
+
+func (x *ClaimRequestIdResponse) GetAgeMs() int64 {
+	if x != nil {
+		return x.AgeMs
+	}
+	return 0
+}
+
 var File_chat_persister_v1_persister_proto protoreflect.FileDescriptor
 
 const file_chat_persister_v1_persister_proto_rawDesc = "" +
@@ -1172,7 +1347,21 @@ const file_chat_persister_v1_persister_proto_rawDesc = "" +
 	"\tfirst_seq\x18\x06 \x01(\x03R\bfirstSeq\x12\x1f\n" +
 	"\vtoken_texts\x18\a \x03(\tR\n" +
 	"tokenTexts\x12'\n" +
-	"\x0ftokens_complete\x18\b \x01(\bR\x0etokensComplete*\x92\x01\n" +
+	"\x0ftokens_complete\x18\b \x01(\bR\x0etokensComplete\"\xdf\x01\n" +
+	"\x15ClaimRequestIdRequest\x12\x1b\n" +
+	"\ttenant_id\x18\x01 \x01(\tR\btenantId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\x12\x17\n" +
+	"\aturn_id\x18\x03 \x01(\tR\x06turnId\x12'\n" +
+	"\x0fconversation_id\x18\x04 \x01(\tR\x0econversationId\x12 \n" +
+	"\vfingerprint\x18\x05 \x01(\tR\vfingerprint\x12&\n" +
+	"\x0freplace_turn_id\x18\x06 \x01(\tR\rreplaceTurnId\"\xa5\x01\n" +
+	"\x16ClaimRequestIdResponse\x12\x10\n" +
+	"\x03won\x18\x01 \x01(\bR\x03won\x12\x17\n" +
+	"\aturn_id\x18\x02 \x01(\tR\x06turnId\x12'\n" +
+	"\x0fconversation_id\x18\x03 \x01(\tR\x0econversationId\x12 \n" +
+	"\vfingerprint\x18\x04 \x01(\tR\vfingerprint\x12\x15\n" +
+	"\x06age_ms\x18\x05 \x01(\x03R\x05ageMs*\x92\x01\n" +
 	"\x0fStoredTurnState\x12!\n" +
 	"\x1dSTORED_TURN_STATE_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19STORED_TURN_STATE_UNKNOWN\x10\x01\x12\x1d\n" +
@@ -1193,7 +1382,7 @@ func file_chat_persister_v1_persister_proto_rawDescGZIP() []byte {
 }
 
 var file_chat_persister_v1_persister_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_chat_persister_v1_persister_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_chat_persister_v1_persister_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_chat_persister_v1_persister_proto_goTypes = []any{
 	(StoredTurnState)(0),               // 0: chat.persister.v1.StoredTurnState
 	(*GetConversationRequest)(nil),     // 1: chat.persister.v1.GetConversationRequest
@@ -1213,18 +1402,20 @@ var file_chat_persister_v1_persister_proto_goTypes = []any{
 	(*ErasureCounts)(nil),              // 15: chat.persister.v1.ErasureCounts
 	(*LookupTurnRequest)(nil),          // 16: chat.persister.v1.LookupTurnRequest
 	(*LookupTurnResponse)(nil),         // 17: chat.persister.v1.LookupTurnResponse
-	(*v1.Conversation)(nil),            // 18: chat.common.v1.Conversation
-	(*v1.Message)(nil),                 // 19: chat.common.v1.Message
-	(*v11.TurnFinished)(nil),           // 20: chat.events.v1.TurnFinished
+	(*ClaimRequestIdRequest)(nil),      // 18: chat.persister.v1.ClaimRequestIdRequest
+	(*ClaimRequestIdResponse)(nil),     // 19: chat.persister.v1.ClaimRequestIdResponse
+	(*v1.Conversation)(nil),            // 20: chat.common.v1.Conversation
+	(*v1.Message)(nil),                 // 21: chat.common.v1.Message
+	(*v11.TurnFinished)(nil),           // 22: chat.events.v1.TurnFinished
 }
 var file_chat_persister_v1_persister_proto_depIdxs = []int32{
-	18, // 0: chat.persister.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
-	18, // 1: chat.persister.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
-	19, // 2: chat.persister.v1.ListMessagesResponse.message:type_name -> chat.common.v1.Message
+	20, // 0: chat.persister.v1.GetConversationResponse.conversation:type_name -> chat.common.v1.Conversation
+	20, // 1: chat.persister.v1.ListConversationsResponse.conversations:type_name -> chat.common.v1.Conversation
+	21, // 2: chat.persister.v1.ListMessagesResponse.message:type_name -> chat.common.v1.Message
 	15, // 3: chat.persister.v1.DeleteConversationResponse.counts:type_name -> chat.persister.v1.ErasureCounts
 	15, // 4: chat.persister.v1.EraseTenantResponse.counts:type_name -> chat.persister.v1.ErasureCounts
 	0,  // 5: chat.persister.v1.LookupTurnResponse.state:type_name -> chat.persister.v1.StoredTurnState
-	20, // 6: chat.persister.v1.LookupTurnResponse.finished:type_name -> chat.events.v1.TurnFinished
+	22, // 6: chat.persister.v1.LookupTurnResponse.finished:type_name -> chat.events.v1.TurnFinished
 	7,  // [7:7] is the sub-list for method output_type
 	7,  // [7:7] is the sub-list for method input_type
 	7,  // [7:7] is the sub-list for extension type_name
@@ -1243,7 +1434,7 @@ func file_chat_persister_v1_persister_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_chat_persister_v1_persister_proto_rawDesc), len(file_chat_persister_v1_persister_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   17,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -24,7 +24,7 @@ var File_chat_persister_v1_persister_service_proto protoreflect.FileDescriptor
 
 const file_chat_persister_v1_persister_service_proto_rawDesc = "" +
 	"\n" +
-	")chat/persister/v1/persister_service.proto\x12\x11chat.persister.v1\x1a!chat/persister/v1/persister.proto2\x9c\x06\n" +
+	")chat/persister/v1/persister_service.proto\x12\x11chat.persister.v1\x1a!chat/persister/v1/persister.proto2\x83\a\n" +
 	"\x10PersisterService\x12h\n" +
 	"\x0fGetConversation\x12).chat.persister.v1.GetConversationRequest\x1a*.chat.persister.v1.GetConversationResponse\x12n\n" +
 	"\x11ListConversations\x12+.chat.persister.v1.ListConversationsRequest\x1a,.chat.persister.v1.ListConversationsResponse\x12a\n" +
@@ -34,7 +34,8 @@ const file_chat_persister_v1_persister_service_proto_rawDesc = "" +
 	"\x12DeleteConversation\x12,.chat.persister.v1.DeleteConversationRequest\x1a-.chat.persister.v1.DeleteConversationResponse\x12\\\n" +
 	"\vEraseTenant\x12%.chat.persister.v1.EraseTenantRequest\x1a&.chat.persister.v1.EraseTenantResponse\x12Y\n" +
 	"\n" +
-	"LookupTurn\x12$.chat.persister.v1.LookupTurnRequest\x1a%.chat.persister.v1.LookupTurnResponseB\xd7\x01\n" +
+	"LookupTurn\x12$.chat.persister.v1.LookupTurnRequest\x1a%.chat.persister.v1.LookupTurnResponse\x12e\n" +
+	"\x0eClaimRequestId\x12(.chat.persister.v1.ClaimRequestIdRequest\x1a).chat.persister.v1.ClaimRequestIdResponseB\xd7\x01\n" +
 	"\x15com.chat.persister.v1B\x15PersisterServiceProtoP\x01ZAgithub.com/llm-mesh/llm-mesh/gen/go/chat/persister/v1;persisterv1\xa2\x02\x03CPX\xaa\x02\x11Chat.Persister.V1\xca\x02\x11Chat\\Persister\\V1\xe2\x02\x1dChat\\Persister\\V1\\GPBMetadata\xea\x02\x13Chat::Persister::V1b\x06proto3"
 
 var file_chat_persister_v1_persister_service_proto_goTypes = []any{
@@ -46,14 +47,16 @@ var file_chat_persister_v1_persister_service_proto_goTypes = []any{
 	(*DeleteConversationRequest)(nil),  // 5: chat.persister.v1.DeleteConversationRequest
 	(*EraseTenantRequest)(nil),         // 6: chat.persister.v1.EraseTenantRequest
 	(*LookupTurnRequest)(nil),          // 7: chat.persister.v1.LookupTurnRequest
-	(*GetConversationResponse)(nil),    // 8: chat.persister.v1.GetConversationResponse
-	(*ListConversationsResponse)(nil),  // 9: chat.persister.v1.ListConversationsResponse
-	(*ListMessagesResponse)(nil),       // 10: chat.persister.v1.ListMessagesResponse
-	(*FlushResponse)(nil),              // 11: chat.persister.v1.FlushResponse
-	(*GetStatsResponse)(nil),           // 12: chat.persister.v1.GetStatsResponse
-	(*DeleteConversationResponse)(nil), // 13: chat.persister.v1.DeleteConversationResponse
-	(*EraseTenantResponse)(nil),        // 14: chat.persister.v1.EraseTenantResponse
-	(*LookupTurnResponse)(nil),         // 15: chat.persister.v1.LookupTurnResponse
+	(*ClaimRequestIdRequest)(nil),      // 8: chat.persister.v1.ClaimRequestIdRequest
+	(*GetConversationResponse)(nil),    // 9: chat.persister.v1.GetConversationResponse
+	(*ListConversationsResponse)(nil),  // 10: chat.persister.v1.ListConversationsResponse
+	(*ListMessagesResponse)(nil),       // 11: chat.persister.v1.ListMessagesResponse
+	(*FlushResponse)(nil),              // 12: chat.persister.v1.FlushResponse
+	(*GetStatsResponse)(nil),           // 13: chat.persister.v1.GetStatsResponse
+	(*DeleteConversationResponse)(nil), // 14: chat.persister.v1.DeleteConversationResponse
+	(*EraseTenantResponse)(nil),        // 15: chat.persister.v1.EraseTenantResponse
+	(*LookupTurnResponse)(nil),         // 16: chat.persister.v1.LookupTurnResponse
+	(*ClaimRequestIdResponse)(nil),     // 17: chat.persister.v1.ClaimRequestIdResponse
 }
 var file_chat_persister_v1_persister_service_proto_depIdxs = []int32{
 	0,  // 0: chat.persister.v1.PersisterService.GetConversation:input_type -> chat.persister.v1.GetConversationRequest
@@ -64,16 +67,18 @@ var file_chat_persister_v1_persister_service_proto_depIdxs = []int32{
 	5,  // 5: chat.persister.v1.PersisterService.DeleteConversation:input_type -> chat.persister.v1.DeleteConversationRequest
 	6,  // 6: chat.persister.v1.PersisterService.EraseTenant:input_type -> chat.persister.v1.EraseTenantRequest
 	7,  // 7: chat.persister.v1.PersisterService.LookupTurn:input_type -> chat.persister.v1.LookupTurnRequest
-	8,  // 8: chat.persister.v1.PersisterService.GetConversation:output_type -> chat.persister.v1.GetConversationResponse
-	9,  // 9: chat.persister.v1.PersisterService.ListConversations:output_type -> chat.persister.v1.ListConversationsResponse
-	10, // 10: chat.persister.v1.PersisterService.ListMessages:output_type -> chat.persister.v1.ListMessagesResponse
-	11, // 11: chat.persister.v1.PersisterService.Flush:output_type -> chat.persister.v1.FlushResponse
-	12, // 12: chat.persister.v1.PersisterService.GetStats:output_type -> chat.persister.v1.GetStatsResponse
-	13, // 13: chat.persister.v1.PersisterService.DeleteConversation:output_type -> chat.persister.v1.DeleteConversationResponse
-	14, // 14: chat.persister.v1.PersisterService.EraseTenant:output_type -> chat.persister.v1.EraseTenantResponse
-	15, // 15: chat.persister.v1.PersisterService.LookupTurn:output_type -> chat.persister.v1.LookupTurnResponse
-	8,  // [8:16] is the sub-list for method output_type
-	0,  // [0:8] is the sub-list for method input_type
+	8,  // 8: chat.persister.v1.PersisterService.ClaimRequestId:input_type -> chat.persister.v1.ClaimRequestIdRequest
+	9,  // 9: chat.persister.v1.PersisterService.GetConversation:output_type -> chat.persister.v1.GetConversationResponse
+	10, // 10: chat.persister.v1.PersisterService.ListConversations:output_type -> chat.persister.v1.ListConversationsResponse
+	11, // 11: chat.persister.v1.PersisterService.ListMessages:output_type -> chat.persister.v1.ListMessagesResponse
+	12, // 12: chat.persister.v1.PersisterService.Flush:output_type -> chat.persister.v1.FlushResponse
+	13, // 13: chat.persister.v1.PersisterService.GetStats:output_type -> chat.persister.v1.GetStatsResponse
+	14, // 14: chat.persister.v1.PersisterService.DeleteConversation:output_type -> chat.persister.v1.DeleteConversationResponse
+	15, // 15: chat.persister.v1.PersisterService.EraseTenant:output_type -> chat.persister.v1.EraseTenantResponse
+	16, // 16: chat.persister.v1.PersisterService.LookupTurn:output_type -> chat.persister.v1.LookupTurnResponse
+	17, // 17: chat.persister.v1.PersisterService.ClaimRequestId:output_type -> chat.persister.v1.ClaimRequestIdResponse
+	9,  // [9:18] is the sub-list for method output_type
+	0,  // [0:9] is the sub-list for method input_type
 	0,  // [0:0] is the sub-list for extension type_name
 	0,  // [0:0] is the sub-list for extension extendee
 	0,  // [0:0] is the sub-list for field type_name

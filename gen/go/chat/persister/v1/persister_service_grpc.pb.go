@@ -27,6 +27,7 @@ const (
 	PersisterService_DeleteConversation_FullMethodName = "/chat.persister.v1.PersisterService/DeleteConversation"
 	PersisterService_EraseTenant_FullMethodName        = "/chat.persister.v1.PersisterService/EraseTenant"
 	PersisterService_LookupTurn_FullMethodName         = "/chat.persister.v1.PersisterService/LookupTurn"
+	PersisterService_ClaimRequestId_FullMethodName     = "/chat.persister.v1.PersisterService/ClaimRequestId"
 )
 
 // PersisterServiceClient is the client API for PersisterService service.
@@ -55,6 +56,10 @@ type PersisterServiceClient interface {
 	// has finished, and a finished turn's stored tokens, so a gateway resumes or cancels it
 	// without reading the logs. Called by gateways only.
 	LookupTurn(ctx context.Context, in *LookupTurnRequest, opts ...grpc.CallOption) (*LookupTurnResponse, error)
+	// ClaimRequestId records which turn a tenant's idempotent start (its request_id) became, so a
+	// retry on any gateway finds the same turn: the first claim wins and later ones are answered
+	// with it. Gateways call it before appending the turn's request (docs/protocol.md).
+	ClaimRequestId(ctx context.Context, in *ClaimRequestIdRequest, opts ...grpc.CallOption) (*ClaimRequestIdResponse, error)
 }
 
 type persisterServiceClient struct {
@@ -154,6 +159,16 @@ func (c *persisterServiceClient) LookupTurn(ctx context.Context, in *LookupTurnR
 	return out, nil
 }
 
+func (c *persisterServiceClient) ClaimRequestId(ctx context.Context, in *ClaimRequestIdRequest, opts ...grpc.CallOption) (*ClaimRequestIdResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ClaimRequestIdResponse)
+	err := c.cc.Invoke(ctx, PersisterService_ClaimRequestId_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PersisterServiceServer is the server API for PersisterService service.
 // All implementations must embed UnimplementedPersisterServiceServer
 // for forward compatibility.
@@ -180,6 +195,10 @@ type PersisterServiceServer interface {
 	// has finished, and a finished turn's stored tokens, so a gateway resumes or cancels it
 	// without reading the logs. Called by gateways only.
 	LookupTurn(context.Context, *LookupTurnRequest) (*LookupTurnResponse, error)
+	// ClaimRequestId records which turn a tenant's idempotent start (its request_id) became, so a
+	// retry on any gateway finds the same turn: the first claim wins and later ones are answered
+	// with it. Gateways call it before appending the turn's request (docs/protocol.md).
+	ClaimRequestId(context.Context, *ClaimRequestIdRequest) (*ClaimRequestIdResponse, error)
 	mustEmbedUnimplementedPersisterServiceServer()
 }
 
@@ -213,6 +232,9 @@ func (UnimplementedPersisterServiceServer) EraseTenant(context.Context, *EraseTe
 }
 func (UnimplementedPersisterServiceServer) LookupTurn(context.Context, *LookupTurnRequest) (*LookupTurnResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method LookupTurn not implemented")
+}
+func (UnimplementedPersisterServiceServer) ClaimRequestId(context.Context, *ClaimRequestIdRequest) (*ClaimRequestIdResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ClaimRequestId not implemented")
 }
 func (UnimplementedPersisterServiceServer) mustEmbedUnimplementedPersisterServiceServer() {}
 func (UnimplementedPersisterServiceServer) testEmbeddedByValue()                          {}
@@ -372,6 +394,24 @@ func _PersisterService_LookupTurn_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PersisterService_ClaimRequestId_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ClaimRequestIdRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PersisterServiceServer).ClaimRequestId(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PersisterService_ClaimRequestId_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PersisterServiceServer).ClaimRequestId(ctx, req.(*ClaimRequestIdRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // PersisterService_ServiceDesc is the grpc.ServiceDesc for PersisterService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -406,6 +446,10 @@ var PersisterService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "LookupTurn",
 			Handler:    _PersisterService_LookupTurn_Handler,
+		},
+		{
+			MethodName: "ClaimRequestId",
+			Handler:    _PersisterService_ClaimRequestId_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -173,3 +173,33 @@ class LookupTurnResponse(_message.Message):
     token_texts: _containers.RepeatedScalarFieldContainer[str]
     tokens_complete: bool
     def __init__(self, state: _Optional[_Union[StoredTurnState, str]] = ..., conversation_id: _Optional[str] = ..., request_offset: _Optional[int] = ..., applied_request_offset: _Optional[int] = ..., finished: _Optional[_Union[_events_pb2.TurnFinished, _Mapping]] = ..., first_seq: _Optional[int] = ..., token_texts: _Optional[_Iterable[str]] = ..., tokens_complete: _Optional[bool] = ...) -> None: ...
+
+class ClaimRequestIdRequest(_message.Message):
+    __slots__ = ("tenant_id", "request_id", "turn_id", "conversation_id", "fingerprint", "replace_turn_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    request_id: str
+    turn_id: str
+    conversation_id: str
+    fingerprint: str
+    replace_turn_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., request_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., replace_turn_id: _Optional[str] = ...) -> None: ...
+
+class ClaimRequestIdResponse(_message.Message):
+    __slots__ = ("won", "turn_id", "conversation_id", "fingerprint", "age_ms")
+    WON_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    won: bool
+    turn_id: str
+    conversation_id: str
+    fingerprint: str
+    age_ms: int
+    def __init__(self, won: _Optional[bool] = ..., turn_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., age_ms: _Optional[int] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from chat.persister.v1 import persister_pb2 as chat_dot_persister_dot_v1_dot_persister__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)chat/persister/v1/persister_service.proto\x12\x11\x63hat.persister.v1\x1a!chat/persister/v1/persister.proto2\x9c\x06\n\x10PersisterService\x12h\n\x0fGetConversation\x12).chat.persister.v1.GetConversationRequest\x1a*.chat.persister.v1.GetConversationResponse\x12n\n\x11ListConversations\x12+.chat.persister.v1.ListConversationsRequest\x1a,.chat.persister.v1.ListConversationsResponse\x12\x61\n\x0cListMessages\x12&.chat.persister.v1.ListMessagesRequest\x1a\'.chat.persister.v1.ListMessagesResponse0\x01\x12J\n\x05\x46lush\x12\x1f.chat.persister.v1.FlushRequest\x1a .chat.persister.v1.FlushResponse\x12S\n\x08GetStats\x12\".chat.persister.v1.GetStatsRequest\x1a#.chat.persister.v1.GetStatsResponse\x12q\n\x12\x44\x65leteConversation\x12,.chat.persister.v1.DeleteConversationRequest\x1a-.chat.persister.v1.DeleteConversationResponse\x12\\\n\x0b\x45raseTenant\x12%.chat.persister.v1.EraseTenantRequest\x1a&.chat.persister.v1.EraseTenantResponse\x12Y\n\nLookupTurn\x12$.chat.persister.v1.LookupTurnRequest\x1a%.chat.persister.v1.LookupTurnResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)chat/persister/v1/persister_service.proto\x12\x11\x63hat.persister.v1\x1a!chat/persister/v1/persister.proto2\x83\x07\n\x10PersisterService\x12h\n\x0fGetConversation\x12).chat.persister.v1.GetConversationRequest\x1a*.chat.persister.v1.GetConversationResponse\x12n\n\x11ListConversations\x12+.chat.persister.v1.ListConversationsRequest\x1a,.chat.persister.v1.ListConversationsResponse\x12\x61\n\x0cListMessages\x12&.chat.persister.v1.ListMessagesRequest\x1a\'.chat.persister.v1.ListMessagesResponse0\x01\x12J\n\x05\x46lush\x12\x1f.chat.persister.v1.FlushRequest\x1a .chat.persister.v1.FlushResponse\x12S\n\x08GetStats\x12\".chat.persister.v1.GetStatsRequest\x1a#.chat.persister.v1.GetStatsResponse\x12q\n\x12\x44\x65leteConversation\x12,.chat.persister.v1.DeleteConversationRequest\x1a-.chat.persister.v1.DeleteConversationResponse\x12\\\n\x0b\x45raseTenant\x12%.chat.persister.v1.EraseTenantRequest\x1a&.chat.persister.v1.EraseTenantResponse\x12Y\n\nLookupTurn\x12$.chat.persister.v1.LookupTurnRequest\x1a%.chat.persister.v1.LookupTurnResponse\x12\x65\n\x0e\x43laimRequestId\x12(.chat.persister.v1.ClaimRequestIdRequest\x1a).chat.persister.v1.ClaimRequestIdResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chat.persister.v1.persister
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PERSISTERSERVICE']._serialized_start=100
-  _globals['_PERSISTERSERVICE']._serialized_end=896
+  _globals['_PERSISTERSERVICE']._serialized_end=999
 # @@protoc_insertion_point(module_scope)

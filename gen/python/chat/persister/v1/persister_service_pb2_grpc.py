@@ -76,6 +76,11 @@ class PersisterServiceStub:
                 request_serializer=chat_dot_persister_dot_v1_dot_persister__pb2.LookupTurnRequest.SerializeToString,
                 response_deserializer=chat_dot_persister_dot_v1_dot_persister__pb2.LookupTurnResponse.FromString,
                 _registered_method=True)
+        self.ClaimRequestId = channel.unary_unary(
+                '/chat.persister.v1.PersisterService/ClaimRequestId',
+                request_serializer=chat_dot_persister_dot_v1_dot_persister__pb2.ClaimRequestIdRequest.SerializeToString,
+                response_deserializer=chat_dot_persister_dot_v1_dot_persister__pb2.ClaimRequestIdResponse.FromString,
+                _registered_method=True)
 
 
 class PersisterServiceServicer:
@@ -142,6 +147,15 @@ class PersisterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClaimRequestId(self, request, context):
+        """ClaimRequestId records which turn a tenant's idempotent start (its request_id) became, so a
+        retry on any gateway finds the same turn: the first claim wins and later ones are answered
+        with it. Gateways call it before appending the turn's request (docs/protocol.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PersisterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +198,11 @@ def add_PersisterServiceServicer_to_server(servicer, server):
                     servicer.LookupTurn,
                     request_deserializer=chat_dot_persister_dot_v1_dot_persister__pb2.LookupTurnRequest.FromString,
                     response_serializer=chat_dot_persister_dot_v1_dot_persister__pb2.LookupTurnResponse.SerializeToString,
+            ),
+            'ClaimRequestId': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimRequestId,
+                    request_deserializer=chat_dot_persister_dot_v1_dot_persister__pb2.ClaimRequestIdRequest.FromString,
+                    response_serializer=chat_dot_persister_dot_v1_dot_persister__pb2.ClaimRequestIdResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -404,6 +423,33 @@ class PersisterService:
             '/chat.persister.v1.PersisterService/LookupTurn',
             chat_dot_persister_dot_v1_dot_persister__pb2.LookupTurnRequest.SerializeToString,
             chat_dot_persister_dot_v1_dot_persister__pb2.LookupTurnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimRequestId(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.persister.v1.PersisterService/ClaimRequestId',
+            chat_dot_persister_dot_v1_dot_persister__pb2.ClaimRequestIdRequest.SerializeToString,
+            chat_dot_persister_dot_v1_dot_persister__pb2.ClaimRequestIdResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file chat/persister/v1/persister.proto.
  */
 export const file_chat_persister_v1_persister: GenFile = /*@__PURE__*/
-  fileDesc("CiFjaGF0L3BlcnNpc3Rlci92MS9wZXJzaXN0ZXIucHJvdG8SEWNoYXQucGVyc2lzdGVyLnYxIpIBChZHZXRDb252ZXJzYXRpb25SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkSEgoKY29uc2lzdGVudBgDIAEoCBIhChljb25zaXN0ZW50X2JlZm9yZV90dXJuX2lkGAQgASgJEhUKDWxhc3RfbWVzc2FnZXMYBSABKAUiTQoXR2V0Q29udmVyc2F0aW9uUmVzcG9uc2USMgoMY29udmVyc2F0aW9uGAEgASgLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uIlQKGExpc3RDb252ZXJzYXRpb25zUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiaQoZTGlzdENvbnZlcnNhdGlvbnNSZXNwb25zZRIzCg1jb252ZXJzYXRpb25zGAEgAygLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJBChNMaXN0TWVzc2FnZXNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkiQAoUTGlzdE1lc3NhZ2VzUmVzcG9uc2USKAoHbWVzc2FnZRgBIAEoCzIXLmNoYXQuY29tbW9uLnYxLk1lc3NhZ2UiDgoMRmx1c2hSZXF1ZXN0IiUKDUZsdXNoUmVzcG9uc2USFAoMcm93c193cml0dGVuGAEgASgDIhEKD0dldFN0YXRzUmVxdWVzdCKsAQoQR2V0U3RhdHNSZXNwb25zZRIXCg9ldmVudHNfY29uc3VtZWQYASABKAMSGQoRYmF0Y2hlc19jb21taXR0ZWQYAiABKAMSFgoOdG9rZW5zX3dyaXR0ZW4YAyABKAMSGAoQbWVzc2FnZXNfd3JpdHRlbhgEIAEoAxIaChJkdXBsaWNhdGVzX2lnbm9yZWQYBSABKAMSFgoOcGVuZGluZ19ldmVudHMYBiABKAMiVgoZRGVsZXRlQ29udmVyc2F0aW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSFwoPY29udmVyc2F0aW9uX2lkGAIgASgJEg0KBWZvcmNlGAMgASgIImcKGkRlbGV0ZUNvbnZlcnNhdGlvblJlc3BvbnNlEjAKBmNvdW50cxgBIAEoCzIgLmNoYXQucGVyc2lzdGVyLnYxLkVyYXN1cmVDb3VudHMSFwoPYWxyZWFkeV9kZWxldGVkGAIgASgIIicKEkVyYXNlVGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiRwoTRXJhc2VUZW5hbnRSZXNwb25zZRIwCgZjb3VudHMYASABKAsyIC5jaGF0LnBlcnNpc3Rlci52MS5FcmFzdXJlQ291bnRzIlgKDUVyYXN1cmVDb3VudHMSFQoNY29udmVyc2F0aW9ucxgBIAEoAxIQCghtZXNzYWdlcxgCIAEoAxIOCgZ0b2tlbnMYAyABKAMSDgoGY2h1bmtzGAQgASgDIkoKEUxvb2t1cFR1cm5SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIPCgd0dXJuX2lkGAIgASgJEhEKCWFmdGVyX3NlcRgDIAEoAyKJAgoSTG9va3VwVHVyblJlc3BvbnNlEjEKBXN0YXRlGAEgASgOMiIuY2hhdC5wZXJzaXN0ZXIudjEuU3RvcmVkVHVyblN0YXRlEhcKD2NvbnZlcnNhdGlvbl9pZBgCIAEoCRIWCg5yZXF1ZXN0X29mZnNldBgDIAEoAxIeChZhcHBsaWVkX3JlcXVlc3Rfb2Zmc2V0GAQgASgDEi4KCGZpbmlzaGVkGAUgASgLMhwuY2hhdC5ldmVudHMudjEuVHVybkZpbmlzaGVkEhEKCWZpcnN0X3NlcRgGIAEoAxITCgt0b2tlbl90ZXh0cxgHIAMoCRIXCg90b2tlbnNfY29tcGxldGUYCCABKAgqkgEKD1N0b3JlZFR1cm5TdGF0ZRIhCh1TVE9SRURfVFVSTl9TVEFURV9VTlNQRUNJRklFRBAAEh0KGVNUT1JFRF9UVVJOX1NUQVRFX1VOS05PV04QARIdChlTVE9SRURfVFVSTl9TVEFURV9SVU5OSU5HEAISHgoaU1RPUkVEX1RVUk5fU1RBVEVfRklOSVNIRUQQA0LQAQoVY29tLmNoYXQucGVyc2lzdGVyLnYxQg5QZXJzaXN0ZXJQcm90b1ABWkFnaXRodWIuY29tL2xsbS1tZXNoL2xsbS1tZXNoL2dlbi9nby9jaGF0L3BlcnNpc3Rlci92MTtwZXJzaXN0ZXJ2MaICA0NQWKoCEUNoYXQuUGVyc2lzdGVyLlYxygIRQ2hhdFxQZXJzaXN0ZXJcVjHiAh1DaGF0XFBlcnNpc3RlclxWMVxHUEJNZXRhZGF0YeoCE0NoYXQ6OlBlcnNpc3Rlcjo6VjFiBnByb3RvMw", [file_chat_common_v1_conversation, file_chat_events_v1_events]);
+  fileDesc("CiFjaGF0L3BlcnNpc3Rlci92MS9wZXJzaXN0ZXIucHJvdG8SEWNoYXQucGVyc2lzdGVyLnYxIpIBChZHZXRDb252ZXJzYXRpb25SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkSEgoKY29uc2lzdGVudBgDIAEoCBIhChljb25zaXN0ZW50X2JlZm9yZV90dXJuX2lkGAQgASgJEhUKDWxhc3RfbWVzc2FnZXMYBSABKAUiTQoXR2V0Q29udmVyc2F0aW9uUmVzcG9uc2USMgoMY29udmVyc2F0aW9uGAEgASgLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uIlQKGExpc3RDb252ZXJzYXRpb25zUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiaQoZTGlzdENvbnZlcnNhdGlvbnNSZXNwb25zZRIzCg1jb252ZXJzYXRpb25zGAEgAygLMhwuY2hhdC5jb21tb24udjEuQ29udmVyc2F0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJBChNMaXN0TWVzc2FnZXNSZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAiABKAkiQAoUTGlzdE1lc3NhZ2VzUmVzcG9uc2USKAoHbWVzc2FnZRgBIAEoCzIXLmNoYXQuY29tbW9uLnYxLk1lc3NhZ2UiDgoMRmx1c2hSZXF1ZXN0IiUKDUZsdXNoUmVzcG9uc2USFAoMcm93c193cml0dGVuGAEgASgDIhEKD0dldFN0YXRzUmVxdWVzdCKsAQoQR2V0U3RhdHNSZXNwb25zZRIXCg9ldmVudHNfY29uc3VtZWQYASABKAMSGQoRYmF0Y2hlc19jb21taXR0ZWQYAiABKAMSFgoOdG9rZW5zX3dyaXR0ZW4YAyABKAMSGAoQbWVzc2FnZXNfd3JpdHRlbhgEIAEoAxIaChJkdXBsaWNhdGVzX2lnbm9yZWQYBSABKAMSFgoOcGVuZGluZ19ldmVudHMYBiABKAMiVgoZRGVsZXRlQ29udmVyc2F0aW9uUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSFwoPY29udmVyc2F0aW9uX2lkGAIgASgJEg0KBWZvcmNlGAMgASgIImcKGkRlbGV0ZUNvbnZlcnNhdGlvblJlc3BvbnNlEjAKBmNvdW50cxgBIAEoCzIgLmNoYXQucGVyc2lzdGVyLnYxLkVyYXN1cmVDb3VudHMSFwoPYWxyZWFkeV9kZWxldGVkGAIgASgIIicKEkVyYXNlVGVuYW50UmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkiRwoTRXJhc2VUZW5hbnRSZXNwb25zZRIwCgZjb3VudHMYASABKAsyIC5jaGF0LnBlcnNpc3Rlci52MS5FcmFzdXJlQ291bnRzIlgKDUVyYXN1cmVDb3VudHMSFQoNY29udmVyc2F0aW9ucxgBIAEoAxIQCghtZXNzYWdlcxgCIAEoAxIOCgZ0b2tlbnMYAyABKAMSDgoGY2h1bmtzGAQgASgDIkoKEUxvb2t1cFR1cm5SZXF1ZXN0EhEKCXRlbmFudF9pZBgBIAEoCRIPCgd0dXJuX2lkGAIgASgJEhEKCWFmdGVyX3NlcRgDIAEoAyKJAgoSTG9va3VwVHVyblJlc3BvbnNlEjEKBXN0YXRlGAEgASgOMiIuY2hhdC5wZXJzaXN0ZXIudjEuU3RvcmVkVHVyblN0YXRlEhcKD2NvbnZlcnNhdGlvbl9pZBgCIAEoCRIWCg5yZXF1ZXN0X29mZnNldBgDIAEoAxIeChZhcHBsaWVkX3JlcXVlc3Rfb2Zmc2V0GAQgASgDEi4KCGZpbmlzaGVkGAUgASgLMhwuY2hhdC5ldmVudHMudjEuVHVybkZpbmlzaGVkEhEKCWZpcnN0X3NlcRgGIAEoAxITCgt0b2tlbl90ZXh0cxgHIAMoCRIXCg90b2tlbnNfY29tcGxldGUYCCABKAgilgEKFUNsYWltUmVxdWVzdElkUmVxdWVzdBIRCgl0ZW5hbnRfaWQYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoCRIPCgd0dXJuX2lkGAMgASgJEhcKD2NvbnZlcnNhdGlvbl9pZBgEIAEoCRITCgtmaW5nZXJwcmludBgFIAEoCRIXCg9yZXBsYWNlX3R1cm5faWQYBiABKAkidAoWQ2xhaW1SZXF1ZXN0SWRSZXNwb25zZRILCgN3b24YASABKAgSDwoHdHVybl9pZBgCIAEoCRIXCg9jb252ZXJzYXRpb25faWQYAyABKAkSEwoLZmluZ2VycHJpbnQYBCABKAkSDgoGYWdlX21zGAUgASgDKpIBCg9TdG9yZWRUdXJuU3RhdGUSIQodU1RPUkVEX1RVUk5fU1RBVEVfVU5TUEVDSUZJRUQQABIdChlTVE9SRURfVFVSTl9TVEFURV9VTktOT1dOEAESHQoZU1RPUkVEX1RVUk5fU1RBVEVfUlVOTklORxACEh4KGlNUT1JFRF9UVVJOX1NUQVRFX0ZJTklTSEVEEANC0AEKFWNvbS5jaGF0LnBlcnNpc3Rlci52MUIOUGVyc2lzdGVyUHJvdG9QAVpBZ2l0aHViLmNvbS9sbG0tbWVzaC9sbG0tbWVzaC9nZW4vZ28vY2hhdC9wZXJzaXN0ZXIvdjE7cGVyc2lzdGVydjGiAgNDUFiqAhFDaGF0LlBlcnNpc3Rlci5WMcoCEUNoYXRcUGVyc2lzdGVyXFYx4gIdQ2hhdFxQZXJzaXN0ZXJcVjFcR1BCTWV0YWRhdGHqAhNDaGF0OjpQZXJzaXN0ZXI6OlYxYgZwcm90bzM", [file_chat_common_v1_conversation, file_chat_events_v1_events]);
 
 /**
  * GetConversationRequest reads one conversation.
@@ -564,6 +564,113 @@ export type LookupTurnResponse = Message<"chat.persister.v1.LookupTurnResponse">
  */
 export const LookupTurnResponseSchema: GenMessage<LookupTurnResponse> = /*@__PURE__*/
   messageDesc(file_chat_persister_v1_persister, 16);
+
+/**
+ * ClaimRequestIdRequest claims a request_id for a turn about to be logged.
+ *
+ * @generated from message chat.persister.v1.ClaimRequestIdRequest
+ */
+export type ClaimRequestIdRequest = Message<"chat.persister.v1.ClaimRequestIdRequest"> & {
+  /**
+   * The tenant; request ids are scoped to it.
+   *
+   * @generated from field: string tenant_id = 1;
+   */
+  tenantId: string;
+
+  /**
+   * The client's idempotency key (StartTurnRequest.request_id).
+   *
+   * @generated from field: string request_id = 2;
+   */
+  requestId: string;
+
+  /**
+   * The turn this start would log.
+   *
+   * @generated from field: string turn_id = 3;
+   */
+  turnId: string;
+
+  /**
+   * The turn's conversation.
+   *
+   * @generated from field: string conversation_id = 4;
+   */
+  conversationId: string;
+
+  /**
+   * A digest of what the client asked for (conversation as sent, text, options), so a retry
+   * that asks for something else can be told apart from a true retry.
+   *
+   * @generated from field: string fingerprint = 5;
+   */
+  fingerprint: string;
+
+  /**
+   * Take the claim over when it still names this turn (compare-and-swap): a retry whose
+   * winning turn never reached the log. Empty: claim only if nobody holds a live claim.
+   *
+   * @generated from field: string replace_turn_id = 6;
+   */
+  replaceTurnId: string;
+};
+
+/**
+ * Describes the message chat.persister.v1.ClaimRequestIdRequest.
+ * Use `create(ClaimRequestIdRequestSchema)` to create a new message.
+ */
+export const ClaimRequestIdRequestSchema: GenMessage<ClaimRequestIdRequest> = /*@__PURE__*/
+  messageDesc(file_chat_persister_v1_persister, 17);
+
+/**
+ * ClaimRequestIdResponse is the claim that holds now: this caller's or an earlier one.
+ *
+ * @generated from message chat.persister.v1.ClaimRequestIdResponse
+ */
+export type ClaimRequestIdResponse = Message<"chat.persister.v1.ClaimRequestIdResponse"> & {
+  /**
+   * True when the claim is the caller's (a fresh claim, an expired one renewed, or a takeover).
+   *
+   * @generated from field: bool won = 1;
+   */
+  won: boolean;
+
+  /**
+   * The turn the request_id names.
+   *
+   * @generated from field: string turn_id = 2;
+   */
+  turnId: string;
+
+  /**
+   * That turn's conversation.
+   *
+   * @generated from field: string conversation_id = 3;
+   */
+  conversationId: string;
+
+  /**
+   * That start's fingerprint.
+   *
+   * @generated from field: string fingerprint = 4;
+   */
+  fingerprint: string;
+
+  /**
+   * How long ago the claim was made, by the persister's clock (0 when won).
+   *
+   * @generated from field: int64 age_ms = 5;
+   */
+  ageMs: bigint;
+};
+
+/**
+ * Describes the message chat.persister.v1.ClaimRequestIdResponse.
+ * Use `create(ClaimRequestIdResponseSchema)` to create a new message.
+ */
+export const ClaimRequestIdResponseSchema: GenMessage<ClaimRequestIdResponse> = /*@__PURE__*/
+  messageDesc(file_chat_persister_v1_persister, 18);
 
 /**
  * StoredTurnState is how far a turn is in PostgreSQL.
