@@ -6,7 +6,7 @@ JSON file mapping the hex digest to a tenant (and optionally the key's own limit
     {
       "9f86d0...": "acme",
       "2c26b4...": {"tenant": "globex", "rate_per_s": 20, "burst": 40,
-                    "tokens_per_minute": 20000, "max_streams": 50,
+                    "tokens_per_minute": 20000, "max_streams": 50, "max_queued_turns": 8,
                     "created_at": "2026-01-01T00:00:00+00:00",
                     "expires_at": "2026-07-01T00:00:00+00:00"}
     }
@@ -14,7 +14,9 @@ JSON file mapping the hex digest to a tenant (and optionally the key's own limit
 ``rate_per_s``/``burst`` replace the gateway's default turn rate for the key;
 ``tokens_per_minute`` is a budget of the key's own, enforced on top of its tenant's
 (services/gateway/token_budget.py), and ``max_streams`` bounds the streams the key holds open on
-a gateway, on top of its tenant's share (``MESH_GATEWAY_MAX_STREAMS_PER_TENANT``). Every field
+a gateway, on top of its tenant's share (``MESH_GATEWAY_MAX_STREAMS_PER_TENANT``);
+``max_queued_turns`` bounds the key's unfinished turns on a request partition, on top of its
+tenant's share (``MESH_GATEWAY_MAX_QUEUED_TURNS_PER_TENANT``). Every field
 but ``tenant`` is optional, so older files stay valid.
 
 A key is named by its id, the first 12 hex digits of its hash: safe to show, log and pass to
@@ -118,6 +120,8 @@ class KeyEntry:
     tokens_per_minute: int | None = None
     # Streams the key may hold open on one gateway, on top of its tenant's limit.
     max_streams: int | None = None
+    # Unfinished turns the key may hold on one request partition, on top of its tenant's share.
+    max_queued_turns: int | None = None
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -134,6 +138,7 @@ class Principal:
     burst: int | None = None
     tokens_per_minute: int | None = None
     max_streams: int | None = None
+    max_queued_turns: int | None = None
 
     @property
     def key_id(self) -> str:
@@ -189,6 +194,7 @@ def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry
         created: object = None
         tokens: object = None
         streams: object = None
+        queued: object = None
         if isinstance(value, str):
             tenant, rate, burst = value, None, None
         elif isinstance(value, dict):
@@ -199,6 +205,7 @@ def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry
             created = value.get("created_at")
             tokens = value.get("tokens_per_minute")
             streams = value.get("max_streams")
+            queued = value.get("max_queued_turns")
         else:
             raise KeyFileError(f"{source}: entry {digest[:12]}… must be a tenant or an object")
         if not isinstance(tenant, str) or not _TENANT_PATTERN.match(tenant):
@@ -219,6 +226,7 @@ def parse_keys(data: object, *, source: str = "keys file") -> dict[str, KeyEntry
             _timestamp(created, "created_at", source, digest),
             tokens_per_minute=_key_limit(tokens, "tokens_per_minute", source, digest),
             max_streams=_key_limit(streams, "max_streams", source, digest),
+            max_queued_turns=_key_limit(queued, "max_queued_turns", source, digest),
         )
     return entries
 
@@ -339,6 +347,7 @@ class KeyStore:
             entry.burst,
             tokens_per_minute=entry.tokens_per_minute,
             max_streams=entry.max_streams,
+            max_queued_turns=entry.max_queued_turns,
         )
 
     def verify(self, principal: Principal) -> None:
@@ -375,6 +384,7 @@ class KeyInfo:
     burst: int | None
     tokens_per_minute: int | None = None
     max_streams: int | None = None
+    max_queued_turns: int | None = None
 
 
 @contextlib.contextmanager
@@ -436,6 +446,7 @@ def _new_entry(
     expires_at: float | None,
     tokens_per_minute: int | None = None,
     max_streams: int | None = None,
+    max_queued_turns: int | None = None,
 ) -> str:
     key = new_api_key()
     entry: dict[str, Any] = {"tenant": tenant_id, "created_at": _iso(time.time())}
@@ -447,6 +458,8 @@ def _new_entry(
         entry["tokens_per_minute"] = tokens_per_minute
     if max_streams is not None:
         entry["max_streams"] = max_streams
+    if max_queued_turns is not None:
+        entry["max_queued_turns"] = max_queued_turns
     if expires_at is not None:
         entry["expires_at"] = _iso(expires_at)
     data[hash_key(key)] = entry
@@ -462,16 +475,21 @@ def add_key_to_file(
     expires_at: float | None = None,
     tokens_per_minute: int | None = None,
     max_streams: int | None = None,
+    max_queued_turns: int | None = None,
 ) -> str:
     """Create a key for ``tenant_id``, store its hash in ``path`` and return the key itself.
 
     The file is replaced atomically and readable by its owner only; the key is never written.
     ``expires_at`` (seconds since the epoch) makes the gateway refuse the key from then on;
-    ``tokens_per_minute`` and ``max_streams`` give the key limits of its own, on top of its
-    tenant's.
+    ``tokens_per_minute``, ``max_streams`` and ``max_queued_turns`` give the key limits of its
+    own, on top of its tenant's.
     """
     validate_tenant_id(tenant_id)
-    for what, limit in (("tokens per minute", tokens_per_minute), ("max streams", max_streams)):
+    for what, limit in (
+        ("tokens per minute", tokens_per_minute),
+        ("max streams", max_streams),
+        ("max queued turns", max_queued_turns),
+    ):
         if limit is not None and limit < 1:
             raise InvalidArgument(
                 f"{what} must be >= 1 (got {limit})",
@@ -480,7 +498,14 @@ def add_key_to_file(
             )
     with _locked_keys(path) as data:
         key = _new_entry(
-            data, tenant_id, rate_per_s, burst, expires_at, tokens_per_minute, max_streams
+            data,
+            tenant_id,
+            rate_per_s,
+            burst,
+            expires_at,
+            tokens_per_minute,
+            max_streams,
+            max_queued_turns,
         )
         audit.record(
             path,
@@ -503,6 +528,7 @@ def _info(digest: str, entry: KeyEntry) -> KeyInfo:
         entry.burst,
         entry.tokens_per_minute,
         entry.max_streams,
+        entry.max_queued_turns,
     )
 
 
@@ -561,6 +587,7 @@ def rotate_key(
             expires_at,
             old.tokens_per_minute,
             old.max_streams,
+            old.max_queued_turns,
         )
         if old_expires_at is not None:
             raw = data[old_digest]
@@ -585,6 +612,7 @@ def rotate_key(
         old.burst,
         old.tokens_per_minute,
         old.max_streams,
+        old.max_queued_turns,
     )
 
 

@@ -5,7 +5,7 @@
     mesh history [CONVERSATION_ID]
     mesh health [--state [FILE]]
     mesh keys create --tenant T [--expires-in 30d | --expires-at TIME] [--tokens-per-minute N]
-        [--max-streams N] [--rate-per-s R --burst B] [--file F]
+        [--max-streams N] [--max-queued-turns N] [--rate-per-s R --burst B] [--file F]
     mesh keys list [--tenant T] [--file F]
     mesh keys revoke KEY_ID [--file F]
     mesh keys rotate KEY_ID [--expires-in D] [--old-expires-in D] [--file F]
@@ -796,6 +796,7 @@ def keys_create(
     expires_at: float | None = None,
     tokens_per_minute: int | None = None,
     max_streams: int | None = None,
+    max_queued_turns: int | None = None,
 ) -> int:
     key = add_key_to_file(
         path,
@@ -805,6 +806,7 @@ def keys_create(
         expires_at=expires_at,
         tokens_per_minute=tokens_per_minute,
         max_streams=max_streams,
+        max_queued_turns=max_queued_turns,
     )
     out.write(key + "\n")
     out.flush()
@@ -830,6 +832,8 @@ def keys_list(path: Path, tenant: str | None, out: TextIO, *, now: float | None 
             rate += f" {info.tokens_per_minute} tokens/min"
         if info.max_streams is not None:
             rate += f" {info.max_streams} streams"
+        if info.max_queued_turns is not None:
+            rate += f" {info.max_queued_turns} queued turns"
         out.write(
             f"{info.key_id:<12}  {info.tenant_id:<20}  {_when(info.created_at):<20}  "
             f"{_when(info.expires_at):<20}  {state:<7}  {rate}\n"
@@ -888,6 +892,7 @@ def run_keys(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         expires_at=_expiry(args, now),
         tokens_per_minute=args.tokens_per_minute,
         max_streams=args.max_streams,
+        max_queued_turns=args.max_queued_turns,
     )
 
 
@@ -1080,6 +1085,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="most streams the key may hold open per gateway, on top of the tenant's limit",
+    )
+    create.add_argument(
+        "--max-queued-turns",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most unfinished turns the key may hold per request partition, on top of the "
+        "tenant's share",
     )
     listing = keys_sub.add_parser("list", parents=[key_file], help="list keys (ids, never keys)")
     listing.add_argument("--tenant", default=None, help="only this tenant's keys")

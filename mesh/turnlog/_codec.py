@@ -90,6 +90,7 @@ def decode_request(value: bytes) -> TurnRequested:
         events_start_offset=message.events_start_offset,
         events_partition=message.events_partition,
         background=message.background,
+        key_id=message.key_id,
     )
 
 
@@ -185,6 +186,7 @@ def _requested_to_proto(event: TurnRequested) -> events_pb2.TurnRequested:
         events_start_offset=event.events_start_offset,
         events_partition=event.events_partition,
         background=event.background,
+        key_id=event.key_id,
     )
     if event.accepted_at_ns is not None:
         message.accepted_at.FromNanoseconds(event.accepted_at_ns)

@@ -25,6 +25,7 @@ class TurnRequested:
     events_start_offset: int = 0
     events_partition: int = 0
     background: bool = False
+    key_id: str = ""  # the API key that started it (its safe id); "" when unknown
 
 
 @dataclass(frozen=True, slots=True)

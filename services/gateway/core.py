@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -121,6 +121,8 @@ class GatewayCore(AsyncStartStop):
         # Starts of a tenant on a partition between their queue check and their durable append:
         # counted with the pending requests so concurrent starts cannot all pass one check.
         self._starting: Counter[tuple[int, str]] = Counter()
+        # The same per key id (on every partition), for keys with their own ``max_queued_turns``.
+        self._starting_keys: Counter[str] = Counter()
 
     def forget_conversation(self, tenant_id: str, conversation_id: str) -> None:
         """The conversation is being deleted: ask the persister again before a turn in it."""
@@ -342,9 +344,10 @@ class GatewayCore(AsyncStartStop):
                     )
                 )
 
-    async def _check_queue(self, partition: int, tenant_id: str) -> None:
+    async def _check_queue(self, partition: int, principal: Principal) -> None:
         """RESOURCE_EXHAUSTED when the agents' queue for this partition is full, or when the
-        tenant already holds its share of it."""
+        tenant, or the key when its entry sets ``max_queued_turns``, already holds its share."""
+        tenant_id = principal.tenant_id
         try:
             pending = await self.queue.pending(partition)
         except LogError as error:
@@ -369,6 +372,26 @@ class GatewayCore(AsyncStartStop):
                 retry_after_s=2.0,
                 quota_subject=f"tenant:{tenant_id}",
             )
+        key_share = principal.max_queued_turns
+        if key_share is not None:
+            # A key's share counts its turns on every partition (the reads are cached).
+            key_id = principal.key_id
+            try:
+                every = await asyncio.gather(
+                    *(self.queue.pending(other) for other in range(self.partitions))
+                )
+            except LogError as error:
+                raise _log_unavailable(error) from error
+            own = sum(p.count_key(key_id) for p in every) + self._starting_keys[key_id]
+            if own >= key_share:
+                raise ResourceExhausted(
+                    f"API key {key_id} already has {own} unfinished turns queued or running, its "
+                    f"limit (max_queued_turns={key_share} in the keys file); wait for some to "
+                    "finish, or retry shortly",
+                    reason="KEY_QUEUE_FULL",
+                    retry_after_s=2.0,
+                    quota_subject=f"key:{key_id}",
+                )
 
     async def _append_request(
         self,
@@ -381,18 +404,19 @@ class GatewayCore(AsyncStartStop):
     ) -> TurnStream:
         key = conversation_id.encode()
         partition = partition_for(key, self.partitions)
-        await self._check_queue(partition, principal.tenant_id)
+        await self._check_queue(partition, principal)
         starting = (partition, principal.tenant_id)
+        starting_key = principal.key_id
         self._starting[starting] += 1
+        self._starting_keys[starting_key] += 1
         held = True
 
         def release() -> None:
             nonlocal held
             if held:
                 held = False
-                self._starting[starting] -= 1
-                if self._starting[starting] <= 0:
-                    del self._starting[starting]
+                _uncount(self._starting, starting)
+                _uncount(self._starting_keys, starting_key)
 
         try:
             return await self._append_checked(
@@ -440,6 +464,7 @@ class GatewayCore(AsyncStartStop):
                     events_start_offset=events_start,
                     events_partition=partition,
                     background=request.background,
+                    key_id=principal.key_id,
                 )
             )
             appending = tracing.tracer().start_span("append request", kind=SpanKind.PRODUCER)
@@ -492,7 +517,7 @@ class GatewayCore(AsyncStartStop):
             raise
         accepted_at = time.perf_counter()
         # Counted at once by this gateway's next checks, not only after the next queue read.
-        self.queue.note_appended(partition, request_offset, principal.tenant_id)
+        self.queue.note_appended(partition, request_offset, principal.tenant_id, principal.key_id)
         release()
         info = decided.result() if decided.done() else None
         if info is None:
@@ -837,6 +862,15 @@ class GatewayCore(AsyncStartStop):
         trace_parent: Context | None = None,
     ) -> ChatSession:
         return ChatSession(self, principal, verify=verify, trace_parent=trace_parent)
+
+
+K = TypeVar("K")
+
+
+def _uncount(counter: Counter[K], key: K) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 def _log_unavailable(error: Exception) -> Unavailable:

@@ -30,6 +30,7 @@ class Pending:
     committed: int
     end: int
     tenants: tuple[tuple[int, str], ...]  # (offset, tenant) in log order
+    keys: tuple[str, ...] = ()  # the API key of each request in ``tenants``, "" when unknown
 
     @property
     def depth(self) -> int:
@@ -38,6 +39,10 @@ class Pending:
     def count(self, tenant: str) -> int:
         """The tenant's unfinished requests among those read."""
         return sum(1 for _, t in self.tenants if t == tenant)
+
+    def count_key(self, key_id: str) -> int:
+        """The API key's unfinished requests among those read."""
+        return self.keys.count(key_id)
 
 
 def fair_position(pending: Pending, request_offset: int, tenant: str) -> int:
@@ -77,7 +82,7 @@ class QueueTracker:
         self._cache[partition] = (self._clock(), value)
         return value
 
-    def note_appended(self, partition: int, offset: int, tenant: str) -> None:
+    def note_appended(self, partition: int, offset: int, tenant: str, key_id: str = "") -> None:
         """Count a request this gateway just appended in the cached read of its partition, so
         the checks until the next read see it (a read taken before the append does not)."""
         cached = self._cache.get(partition)
@@ -86,7 +91,12 @@ class QueueTracker:
         at, pending = cached
         self._cache[partition] = (
             at,
-            Pending(pending.committed, offset + 1, (*pending.tenants, (offset, tenant))),
+            Pending(
+                pending.committed,
+                offset + 1,
+                (*pending.tenants, (offset, tenant)),
+                (*pending.keys, key_id),
+            ),
         )
 
     async def _read(self, partition: int) -> Pending:
@@ -97,8 +107,9 @@ class QueueTracker:
         # Past the scan limit the queue is refused anyway; positions count what was read.
         stop = min(end, committed + self._scan_limit)
         records = await self._log.read_range(TURN_REQUESTS, partition, committed, stop)
-        tenants = tuple((r.offset, _tenant(r.value)) for r in records)
-        return Pending(committed, end, tenants)
+        owners = [(r.offset, *_owner(r.value)) for r in records]
+        tenants = tuple((offset, tenant) for offset, tenant, _ in owners)
+        return Pending(committed, end, tenants, tuple(key for _, _, key in owners))
 
     async def position(self, partition: int, request_offset: int, tenant: str) -> int:
         try:
@@ -109,11 +120,13 @@ class QueueTracker:
         return fair_position(pending, request_offset, tenant)
 
 
-def _tenant(value: bytes) -> str:
+def _owner(value: bytes) -> tuple[str, str]:
+    """The request's tenant and API key id."""
     try:
-        return turnlog.decode_request(value).tenant_id
+        request = turnlog.decode_request(value)
     except turnlog.UndecodableRecord:
-        return ""  # agents skip it at once; it still counts as one turn of nobody's
+        return "", ""  # agents skip it at once; it still counts as one turn of nobody's
+    return request.tenant_id, request.key_id
 
 
 async def _single_flight(

@@ -17,6 +17,7 @@ from tests.fixtures.mesh import RunningMesh
 from tests.integration.grpc_helpers import (
     ChatSession,
     TurnResult,
+    auth,
     error_reason,
     gateway,
     retry_delay_s,
@@ -116,3 +117,40 @@ def test_a_key_that_holds_its_streams_is_refused_and_its_tenants_other_key_serve
         finally:
             for session in (held, refused, other):
                 session.close()
+
+
+def test_a_key_that_holds_its_queued_turns_is_refused_and_its_tenants_other_key_served(
+    running_mesh: RunningMesh,
+) -> None:
+    keys_file = running_mesh.state_dir / "api-keys.json"
+    limited = add_key_to_file(
+        keys_file, running_mesh.tenant_id, rate_per_s=100.0, burst=100, max_queued_turns=1
+    )
+    first_turn(running_mesh, limited)  # the gateway knows the key now
+    # Long enough to be still running below (the agent paces tokens).
+    long_turn = max(50, int(5.0 / running_mesh.token_interval_s))
+    with grpc.insecure_channel(running_mesh.gateway_addr) as channel:
+        stub = gateway(channel)
+        held = ChatSession(stub, limited)
+        turn_id = ""
+        try:
+            held.send(gateway_pb2.ChatRequest(start=start_request("hi", max_tokens=long_turn)))
+            accepted = held.next()
+            assert accepted.WhichOneof("frame") == "accepted"
+            turn_id = accepted.accepted.turn_id
+            with pytest.raises(grpc.RpcError) as refused:
+                stream_turn(stub, limited, start_request("again", max_tokens=4))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            status = rich_status(refused.value)
+            assert error_reason(status) == "KEY_QUEUE_FULL"
+            assert quota_subjects(status) == [f"key:{hash_key(limited)[:12]}"]
+            assert retry_delay_s(status) is not None
+            # The tenant's other key is not held back by this key's turn.
+            other = stream_turn(stub, running_mesh.api_key, start_request("hello", max_tokens=4))
+            assert other.finished is not None
+        finally:
+            if turn_id:
+                stub.CancelTurn(
+                    gateway_pb2.CancelTurnRequest(turn_id=turn_id), metadata=auth(limited)
+                )
+            held.close()

@@ -64,21 +64,27 @@ def test_parse_keys_accepts_both_entry_forms() -> None:
 def test_a_key_may_carry_its_own_token_budget(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
     plain = add_key_to_file(path, "acme")
-    budgeted = add_key_to_file(path, "acme", tokens_per_minute=500, max_streams=3)
+    budgeted = add_key_to_file(
+        path, "acme", tokens_per_minute=500, max_streams=3, max_queued_turns=2
+    )
     stored = json.loads(path.read_text())
     assert stored[hash_key(budgeted)]["tokens_per_minute"] == 500
     assert stored[hash_key(budgeted)]["max_streams"] == 3
+    assert stored[hash_key(budgeted)]["max_queued_turns"] == 2
     # Older readers see no change in a key without limits of its own.
     assert set(stored[hash_key(plain)]) == {"tenant", "created_at"}
     store = KeyStore(path)
     principal = store.resolve(budgeted)
     assert (principal.tokens_per_minute, principal.max_streams) == (500, 3)
+    assert principal.max_queued_turns == 2
     assert store.resolve(plain).tokens_per_minute is None
     assert store.resolve(plain).max_streams is None
     with pytest.raises(InvalidArgument):
         add_key_to_file(path, "acme", tokens_per_minute=0)
     with pytest.raises(InvalidArgument):
         add_key_to_file(path, "acme", max_streams=0)
+    with pytest.raises(InvalidArgument):
+        add_key_to_file(path, "acme", max_queued_turns=0)
 
 
 @pytest.mark.parametrize(
@@ -96,6 +102,7 @@ def test_a_key_may_carry_its_own_token_budget(tmp_path: Path) -> None:
         {hash_key("a"): {"tenant": "acme", "tokens_per_minute": "100"}},
         {hash_key("a"): {"tenant": "acme", "max_streams": 0}},
         {hash_key("a"): {"tenant": "acme", "max_streams": False}},
+        {hash_key("a"): {"tenant": "acme", "max_queued_turns": -1}},
         {hash_key("a"): 7},
     ],
 )

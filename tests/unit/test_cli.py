@@ -110,6 +110,8 @@ def test_keys_create_and_list_a_key_token_budget(tmp_path: Path) -> None:
             "1200",
             "--max-streams",
             "7",
+            "--max-queued-turns",
+            "3",
             "--file",
             str(path),
         ]
@@ -117,9 +119,10 @@ def test_keys_create_and_list_a_key_token_budget(tmp_path: Path) -> None:
     assert code == 0
     principal = KeyStore(path).resolve(out.strip())
     assert (principal.tokens_per_minute, principal.max_streams) == (1200, 7)
+    assert principal.max_queued_turns == 3
     code, listing, _ = run(["keys", "list", "--file", str(path)])
     assert code == 0 and f"{principal.key_id}" in listing
-    assert "1200 tokens/min 7 streams" in listing
+    assert "1200 tokens/min 7 streams 3 queued turns" in listing
     code, out, err = run(
         ["keys", "create", "--tenant", "t1", "--tokens-per-minute", "0", "--file", str(path)]
     )

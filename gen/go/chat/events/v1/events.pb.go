@@ -47,7 +47,10 @@ type TurnRequested struct {
 	// Partition of the turn-event topic that holds this turn's events.
 	EventsPartition int32 `protobuf:"varint,9,opt,name=events_partition,json=eventsPartition,proto3" json:"events_partition,omitempty"`
 	// The client asked the turn to run to its end even with no client attached (StartTurn.background).
-	Background    bool `protobuf:"varint,10,opt,name=background,proto3" json:"background,omitempty"`
+	Background bool `protobuf:"varint,10,opt,name=background,proto3" json:"background,omitempty"`
+	// The id (a prefix of its hash, safe to show) of the API key that started the turn, so every
+	// gateway can count the key's unfinished turns (its max_queued_turns); empty when unknown.
+	KeyId         string `protobuf:"bytes,11,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -150,6 +153,13 @@ func (x *TurnRequested) GetBackground() bool {
 		return x.Background
 	}
 	return false
+}
+
+func (x *TurnRequested) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
 }
 
 // TurnStarted is appended to the turn-event log when an agent claims a turn.
@@ -885,7 +895,7 @@ var File_chat_events_v1_events_proto protoreflect.FileDescriptor
 
 const file_chat_events_v1_events_proto_rawDesc = "" +
 	"\n" +
-	"\x1bchat/events/v1/events.proto\x12\x0echat.events.v1\x1a\x1bchat/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\x9f\x03\n" +
+	"\x1bchat/events/v1/events.proto\x12\x0echat.events.v1\x1a\x1bchat/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xb6\x03\n" +
 	"\rTurnRequested\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12'\n" +
 	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x1b\n" +
@@ -901,7 +911,8 @@ const file_chat_events_v1_events_proto_rawDesc = "" +
 	"\n" +
 	"background\x18\n" +
 	" \x01(\bR\n" +
-	"background\"\xa1\x02\n" +
+	"background\x12\x15\n" +
+	"\x06key_id\x18\v \x01(\tR\x05keyId\"\xa1\x02\n" +
 	"\vTurnStarted\x12\x17\n" +
 	"\aturn_id\x18\x01 \x01(\tR\x06turnId\x12'\n" +
 	"\x0fconversation_id\x18\x02 \x01(\tR\x0econversationId\x12\x1b\n" +

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63hat/events/v1/events.proto\x12\x0e\x63hat.events.v1\x1a\x1b\x63hat/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xa3\x02\n\rTurnRequested\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x11\n\tuser_text\x18\x04 \x01(\t\x12\x32\n\x07options\x18\x05 \x01(\x0b\x32!.chat.common.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13\x65vents_start_offset\x18\x08 \x01(\x03\x12\x18\n\x10\x65vents_partition\x18\t \x01(\x05\x12\x12\n\nbackground\x18\n \x01(\x08\"\xbb\x01\n\x0bTurnStarted\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x19\n\x11request_partition\x18\x05 \x01(\x05\x12\x16\n\x0erequest_offset\x18\x06 \x01(\x03\x12\x19\n\x11resumed_after_seq\x18\x07 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\r\"\x8b\x01\n\x0cTokenEmitted\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x04 \x01(\t\x12\x11\n\ttenant_id\x18\x05 \x01(\t\x12\x12\n\nmore_texts\x18\x06 \x03(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\"\x83\x03\n\x0cTurnFinished\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x33\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1c.chat.common.v1.FinishReason\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.chat.common.v1.TokenUsage\x12,\n\x07timings\x18\x04 \x01(\x0b\x32\x1b.chat.common.v1.TurnTimings\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\x12\x17\n\x0f\x63onversation_id\x18\x06 \x01(\t\x12\x11\n\ttenant_id\x18\x07 \x01(\t\x12\x10\n\x08last_seq\x18\x08 \x01(\x03\x12\r\n\x05model\x18\t \x01(\t\x12\x1a\n\x12\x63\x61ncel_seen_at_seq\x18\n \x01(\x03\x12\x37\n\x0f\x63ontext_skipped\x18\x0b \x03(\x0b\x32\x1e.chat.common.v1.ContextSkipped\x12\x0f\n\x07\x61ttempt\x18\x0c \x01(\r\"L\n\rTurnCancelled\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\"a\n\x0e\x43lientAttached\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x12\n\ngateway_id\x18\x04 \x01(\t\"a\n\x0e\x43lientDetached\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x12\n\ngateway_id\x18\x04 \x01(\t\"\xc1\x02\n\tTurnEvent\x12.\n\x07started\x18\x01 \x01(\x0b\x32\x1b.chat.events.v1.TurnStartedH\x00\x12-\n\x05token\x18\x02 \x01(\x0b\x32\x1c.chat.events.v1.TokenEmittedH\x00\x12\x30\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1c.chat.events.v1.TurnFinishedH\x00\x12\x32\n\tcancelled\x18\x04 \x01(\x0b\x32\x1d.chat.events.v1.TurnCancelledH\x00\x12\x32\n\x08\x61ttached\x18\x05 \x01(\x0b\x32\x1e.chat.events.v1.ClientAttachedH\x00\x12\x32\n\x08\x64\x65tached\x18\x06 \x01(\x0b\x32\x1e.chat.events.v1.ClientDetachedH\x00\x42\x07\n\x05\x65ventb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63hat/events/v1/events.proto\x12\x0e\x63hat.events.v1\x1a\x1b\x63hat/common/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xb3\x02\n\rTurnRequested\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x11\n\tuser_text\x18\x04 \x01(\t\x12\x32\n\x07options\x18\x05 \x01(\x0b\x32!.chat.common.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13\x65vents_start_offset\x18\x08 \x01(\x03\x12\x18\n\x10\x65vents_partition\x18\t \x01(\x05\x12\x12\n\nbackground\x18\n \x01(\x08\x12\x0e\n\x06key_id\x18\x0b \x01(\t\"\xbb\x01\n\x0bTurnStarted\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x19\n\x11request_partition\x18\x05 \x01(\x05\x12\x16\n\x0erequest_offset\x18\x06 \x01(\x03\x12\x19\n\x11resumed_after_seq\x18\x07 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\r\"\x8b\x01\n\x0cTokenEmitted\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x04 \x01(\t\x12\x11\n\ttenant_id\x18\x05 \x01(\t\x12\x12\n\nmore_texts\x18\x06 \x03(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\"\x83\x03\n\x0cTurnFinished\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x33\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1c.chat.common.v1.FinishReason\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.chat.common.v1.TokenUsage\x12,\n\x07timings\x18\x04 \x01(\x0b\x32\x1b.chat.common.v1.TurnTimings\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\x12\x17\n\x0f\x63onversation_id\x18\x06 \x01(\t\x12\x11\n\ttenant_id\x18\x07 \x01(\t\x12\x10\n\x08last_seq\x18\x08 \x01(\x03\x12\r\n\x05model\x18\t \x01(\t\x12\x1a\n\x12\x63\x61ncel_seen_at_seq\x18\n \x01(\x03\x12\x37\n\x0f\x63ontext_skipped\x18\x0b \x03(\x0b\x32\x1e.chat.common.v1.ContextSkipped\x12\x0f\n\x07\x61ttempt\x18\x0c \x01(\r\"L\n\rTurnCancelled\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\"a\n\x0e\x43lientAttached\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x12\n\ngateway_id\x18\x04 \x01(\t\"a\n\x0e\x43lientDetached\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x12\n\ngateway_id\x18\x04 \x01(\t\"\xc1\x02\n\tTurnEvent\x12.\n\x07started\x18\x01 \x01(\x0b\x32\x1b.chat.events.v1.TurnStartedH\x00\x12-\n\x05token\x18\x02 \x01(\x0b\x32\x1c.chat.events.v1.TokenEmittedH\x00\x12\x30\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1c.chat.events.v1.TurnFinishedH\x00\x12\x32\n\tcancelled\x18\x04 \x01(\x0b\x32\x1d.chat.events.v1.TurnCancelledH\x00\x12\x32\n\x08\x61ttached\x18\x05 \x01(\x0b\x32\x1e.chat.events.v1.ClientAttachedH\x00\x12\x32\n\x08\x64\x65tached\x18\x06 \x01(\x0b\x32\x1e.chat.events.v1.ClientDetachedH\x00\x42\x07\n\x05\x65ventb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chat.events.v1.events_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TURNREQUESTED']._serialized_start=135
-  _globals['_TURNREQUESTED']._serialized_end=426
-  _globals['_TURNSTARTED']._serialized_start=429
-  _globals['_TURNSTARTED']._serialized_end=616
-  _globals['_TOKENEMITTED']._serialized_start=619
-  _globals['_TOKENEMITTED']._serialized_end=758
-  _globals['_TURNFINISHED']._serialized_start=761
-  _globals['_TURNFINISHED']._serialized_end=1148
-  _globals['_TURNCANCELLED']._serialized_start=1150
-  _globals['_TURNCANCELLED']._serialized_end=1226
-  _globals['_CLIENTATTACHED']._serialized_start=1228
-  _globals['_CLIENTATTACHED']._serialized_end=1325
-  _globals['_CLIENTDETACHED']._serialized_start=1327
-  _globals['_CLIENTDETACHED']._serialized_end=1424
-  _globals['_TURNEVENT']._serialized_start=1427
-  _globals['_TURNEVENT']._serialized_end=1748
+  _globals['_TURNREQUESTED']._serialized_end=442
+  _globals['_TURNSTARTED']._serialized_start=445
+  _globals['_TURNSTARTED']._serialized_end=632
+  _globals['_TOKENEMITTED']._serialized_start=635
+  _globals['_TOKENEMITTED']._serialized_end=774
+  _globals['_TURNFINISHED']._serialized_start=777
+  _globals['_TURNFINISHED']._serialized_end=1164
+  _globals['_TURNCANCELLED']._serialized_start=1166
+  _globals['_TURNCANCELLED']._serialized_end=1242
+  _globals['_CLIENTATTACHED']._serialized_start=1244
+  _globals['_CLIENTATTACHED']._serialized_end=1341
+  _globals['_CLIENTDETACHED']._serialized_start=1343
+  _globals['_CLIENTDETACHED']._serialized_end=1440
+  _globals['_TURNEVENT']._serialized_start=1443
+  _globals['_TURNEVENT']._serialized_end=1764
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TurnRequested(_message.Message):
-    __slots__ = ("turn_id", "conversation_id", "tenant_id", "user_text", "options", "request_id", "accepted_at", "events_start_offset", "events_partition", "background")
+    __slots__ = ("turn_id", "conversation_id", "tenant_id", "user_text", "options", "request_id", "accepted_at", "events_start_offset", "events_partition", "background", "key_id")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class TurnRequested(_message.Message):
     EVENTS_START_OFFSET_FIELD_NUMBER: _ClassVar[int]
     EVENTS_PARTITION_FIELD_NUMBER: _ClassVar[int]
     BACKGROUND_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     conversation_id: str
     tenant_id: str
@@ -33,7 +34,8 @@ class TurnRequested(_message.Message):
     events_start_offset: int
     events_partition: int
     background: bool
-    def __init__(self, turn_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., user_text: _Optional[str] = ..., options: _Optional[_Union[_common_pb2.GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., accepted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events_start_offset: _Optional[int] = ..., events_partition: _Optional[int] = ..., background: _Optional[bool] = ...) -> None: ...
+    key_id: str
+    def __init__(self, turn_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., user_text: _Optional[str] = ..., options: _Optional[_Union[_common_pb2.GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., accepted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events_start_offset: _Optional[int] = ..., events_partition: _Optional[int] = ..., background: _Optional[bool] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class TurnStarted(_message.Message):
     __slots__ = ("turn_id", "conversation_id", "tenant_id", "agent_id", "request_partition", "request_offset", "resumed_after_seq", "attempt")
