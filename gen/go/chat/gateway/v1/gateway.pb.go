@@ -32,7 +32,9 @@ type StartTurn struct {
 	Text string `protobuf:"bytes,2,opt,name=text,proto3" json:"text,omitempty"`
 	// Generation options; unset fields take the agent's defaults.
 	Options *v1.GenerationOptions `protobuf:"bytes,3,opt,name=options,proto3" json:"options,omitempty"`
-	// Idempotency key: a retried start with the same request_id returns the same turn.
+	// Idempotency key, per tenant: a retried start with the same request_id, on any gateway,
+	// returns the same turn (for MESH_PERSISTER_REQUEST_ID_TTL_S, 24 h by default); a retry that
+	// asks for something else is FAILED_PRECONDITION REQUEST_ID_REUSED (docs/protocol.md).
 	RequestId string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// When true, tokens that are ready together arrive together in TokenRun frames instead of
 	// one Token frame each (fewer messages under load; never waits to fill a frame).

@@ -46,7 +46,9 @@ export type StartTurn = Message<"chat.gateway.v1.StartTurn"> & {
   options?: GenerationOptions | undefined;
 
   /**
-   * Idempotency key: a retried start with the same request_id returns the same turn.
+   * Idempotency key, per tenant: a retried start with the same request_id, on any gateway,
+   * returns the same turn (for MESH_PERSISTER_REQUEST_ID_TTL_S, 24 h by default); a retry that
+   * asks for something else is FAILED_PRECONDITION REQUEST_ID_REUSED (docs/protocol.md).
    *
    * @generated from field: string request_id = 4;
    */
