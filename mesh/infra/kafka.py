@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from mesh.infra.digests import KAFKA_JARS
@@ -176,10 +177,10 @@ def _coordinator_problem(bootstrap: str, config: dict[str, str]) -> str | None:
     """None once the group coordinator answers an offset fetch, else why not.
 
     A fresh broker creates ``__consumer_offsets`` on the first coordinator lookup and answers
-    NOT_COORDINATOR while it loads. Clients must not meet that window: librdkafka 2.16's admin
-    ``list_consumer_group_offsets`` crashes the process on it (a NULL consumer group in
-    ``rd_kafka_cgrp_op``, seen as a persister dying with SIGSEGV right after start). A consumer's
-    own offset fetch goes through its group and only fails, so it is the probe.
+    NOT_COORDINATOR while it loads; a broker is ready once groups work. (librdkafka 2.16's admin
+    ``list_consumer_group_offsets`` crashes the process on that answer, a NULL consumer group in
+    ``rd_kafka_cgrp_op``; the log reads offsets through a consumer of the group instead, see
+    mesh/log/kafka/offsets.py.) A consumer's own offset fetch only fails, so it is the probe.
     """
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
@@ -224,6 +225,7 @@ class KafkaServer(StartStop):
         start_timeout_s: float = 90.0,
         stop_timeout_s: float = 30.0,
         tls: ServerTls | None = None,
+        broker_config: Mapping[str, str] | None = None,
     ) -> None:
         self.state_dir = state_dir.absolute()
         self.heap = heap
@@ -232,8 +234,13 @@ class KafkaServer(StartStop):
         self.data_dir = (data_dir or self.state_dir / "infra" / "kafka" / "broker").absolute()
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        # server.properties entries that replace or add to ours (tests shorten the retention
+        # check, for instance).
+        self.broker_config = dict(broker_config or {})
         self.bootstrap: str | None = None
         self._server: ServerProcess | None = None
+        # Picked at the first start and kept: a restarted broker is where its clients left it.
+        self._ports: tuple[int, int] | None = None
 
     @property
     def log_file(self) -> Path:
@@ -310,6 +317,7 @@ class KafkaServer(StartStop):
         (self.data_dir / "logs").mkdir(exist_ok=True)
         if self.tls is not None:
             config.update(self._tls_config(listener))
+        config.update(self.broker_config)
         (self.data_dir / "log4j2.properties").write_text(_LOG4J2.format(log_file=self.log_file))
         path = self.data_dir / "server.properties"
         # 0600 before anything is written: with TLS it holds the broker's SCRAM password.
@@ -381,9 +389,12 @@ class KafkaServer(StartStop):
         if self.bootstrap is not None:
             return self.bootstrap
         fetch_jars(self.jars_dir)
-        port, controller_port = free_port(), free_port()
-        while controller_port == port:
-            controller_port = free_port()
+        if self._ports is None:
+            port, controller_port = free_port(), free_port()
+            while controller_port == port:
+                controller_port = free_port()
+            self._ports = (port, controller_port)
+        port, controller_port = self._ports
         config = self._write_config(port, controller_port)
         self._format(config)
         bootstrap = f"127.0.0.1:{port}"

@@ -52,16 +52,22 @@ class LogSettings(Settings):
     retention_bytes: int = setting("RETENTION_BYTES", 0, minimum=0)
     # How often the persister enforces retention on the embedded log.
     retention_check_s: float = setting("RETENTION_CHECK_S", 300.0, above=0)
+    # Kafka only: topics the mesh creates roll their active segment after this (segment.ms).
+    # Kafka deletes a segment once its newest record is past retention.ms, so on a partition that
+    # keeps being written a record goes at most this plus the retention after it was written
+    # (Kafka's own default, 7 days, would double a week's retention).
+    segment_hours: float = setting("SEGMENT_HOURS", 24.0, above=0)
 
     @property
     def retention_s(self) -> float:
         return self.retention_hours * 3600.0
 
     def topic_config(self) -> dict[str, str]:
-        """The retention config of Kafka topics the mesh creates."""
+        """The retention config of Kafka topics the mesh creates (retention, segment roll)."""
         return {
             "retention.ms": str(int(self.retention_s * 1000)),
             "retention.bytes": str(self.retention_bytes or -1),
+            "segment.ms": str(max(1, int(self.segment_hours * 3_600_000))),
         }
 
     def check(self) -> None:

@@ -170,9 +170,16 @@ async def test_retention_removes_the_bytes_from_the_file_and_the_wal(log: Embedd
 
 def test_kafka_topics_get_the_same_retention() -> None:
     settings = LogSettings.from_env({"MESH_LOG_RETENTION_HOURS": "1.5"})
-    assert settings.topic_config() == {"retention.ms": "5400000", "retention.bytes": "-1"}
-    settings = LogSettings.from_env({"MESH_LOG_RETENTION_BYTES": "1048576"})
+    assert settings.topic_config() == {
+        "retention.ms": "5400000",
+        "retention.bytes": "-1",
+        "segment.ms": str(24 * HOUR_MS),
+    }
+    settings = LogSettings.from_env(
+        {"MESH_LOG_RETENTION_BYTES": "1048576", "MESH_LOG_SEGMENT_HOURS": "0.5"}
+    )
     assert settings.topic_config() == {
         "retention.ms": str(168 * HOUR_MS),
         "retention.bytes": "1048576",
+        "segment.ms": str(HOUR_MS // 2),
     }

@@ -17,7 +17,8 @@ Modules, one job each:
 
 - ``client``: what every librdkafka client here shares (settings, the clients of a started log,
   message conversion, batch polling).
-- ``admin``: topics, partition counts, end and committed offsets (the admin client).
+- ``admin``: topics, partition counts and end offsets (the admin client).
+- ``offsets``: a group's committed offsets (a consumer of the group that never joins it).
 - ``producer``: ``append`` and the producer thread.
 - ``fetcher``: ``read`` and ``read_range`` on the shared tail consumer and its thread.
 - ``group``: a consumer-group member, its consumer and its thread.

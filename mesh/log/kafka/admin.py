@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 from confluent_kafka.admin._listoffsets import OffsetSpec
 
@@ -15,7 +15,8 @@ from mesh.log.kafka.client import Client, wait_future
 
 
 class Admin:
-    """``ensure_topic``, partition counts, ``end_offset`` and ``committed`` of a ``KafkaLog``."""
+    """``ensure_topic``, partition counts and ``end_offset`` of a ``KafkaLog`` (``committed``:
+    ``offsets``, not the admin client, whose offset fetch can crash the process)."""
 
     def __init__(
         self,
@@ -82,19 +83,6 @@ class Admin:
         )
         result = await wait_future(futures[tp], f"end offset of {topic}/{partition}")
         return int(result.offset)
-
-    async def committed(self, topic: str, group: str, partition: int) -> int:
-        await self.partitions.check(topic, partition)
-        admin = self._client.require().admin
-        request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, partition)])
-        futures = admin.list_consumer_group_offsets(
-            [request], request_timeout=self._request_timeout_s
-        )
-        result = await wait_future(futures[group], f"committed offset of {group}")
-        for tp in result.topic_partitions or []:
-            if tp.topic == topic and tp.partition == partition and tp.offset >= 0:
-                return int(tp.offset)
-        return 0  # nothing committed (librdkafka reports OFFSET_INVALID, -1001)
 
     async def check_writable(self, topic: str) -> None:
         """LogError unless the cluster answers and every partition of ``topic`` has a leader."""

@@ -20,6 +20,7 @@ from mesh.log.kafka.admin import Admin
 from mesh.log.kafka.client import Client, Running
 from mesh.log.kafka.fetcher import Fetcher, Tail
 from mesh.log.kafka.group import KafkaGroupConsumer
+from mesh.log.kafka.offsets import GroupOffsets
 from mesh.log.kafka.producer import Producer
 
 # librdkafka's error codes for a failed TLS handshake and a failed SASL authentication.
@@ -67,6 +68,7 @@ class KafkaLog(LogDriver[KafkaGroupConsumer]):
         )
         self._producer = Producer(self._client, request_timeout_s=request_timeout_s)
         self._fetcher = Fetcher(self._client, self._admin, request_timeout_s=request_timeout_s)
+        self._offsets = GroupOffsets(self._client, request_timeout_s=request_timeout_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tail: Tail | None = None
 
@@ -105,6 +107,7 @@ class KafkaLog(LogDriver[KafkaGroupConsumer]):
         if self._loop is None:
             return
         await self._consumers.close_all()
+        await self._offsets.close()
         with contextlib.suppress(LogError):
             await asyncio.wait_for(self.flush(), self.request_timeout_s)
         self._producer.close()
@@ -162,7 +165,8 @@ class KafkaLog(LogDriver[KafkaGroupConsumer]):
         return await self._admin.end_offset(topic, partition)
 
     async def committed(self, topic: str, group: str, partition: int) -> int:
-        return await self._admin.committed(topic, group, partition)
+        await self._admin.partitions.check(topic, partition)
+        return await self._offsets.committed(topic, group, partition)
 
     def read(self, topic: str, partition: int, start_offset: int) -> AsyncIterator[Record]:
         return self._fetcher.read(topic, partition, start_offset)
