@@ -136,7 +136,7 @@ CREATE OR REPLACE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON audit_even
     FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only();
 
 -- Added after the first release: ADD COLUMN IF NOT EXISTS migrates a database created before
--- (its old rows keep NULLs, which every reader handles). docs/persistence.md, "Token rows".
+-- (its old rows keep NULLs, which every reader handles). docs/protocol.md, "Token rows".
 -- request_offset (user rows): where the TurnRequested lies on the request log.
 ALTER TABLE messages ADD COLUMN IF NOT EXISTS request_offset bigint;
 -- token_lengths (assistant rows): the length of each token seq 1..n of the text; once it is set

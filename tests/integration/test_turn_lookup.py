@@ -188,6 +188,34 @@ async def test_a_finished_turn_resumes_from_postgres_with_the_log_paths_frames(
     assert left == (0,)
 
 
+async def chat_resume(gateway: Gateway, key: str, turn_id: str, after_seq: int) -> list:
+    """A Chat stream's frames for a resume, granted credit a few tokens at a time."""
+    call = gateway.stub.Chat(metadata=md(key))
+    await call.write(
+        gateway_pb2.ChatRequest(resume=gateway_pb2.ResumeTurn(turn_id=turn_id, after_seq=after_seq))
+    )
+    frames = []
+    while True:
+        await call.write(gateway_pb2.ChatRequest(credit=gateway_pb2.FlowCredit(tokens=2)))
+        frame = await asyncio.wait_for(call.read(), 30)
+        frames.append(frame)
+        if frame.WhichOneof("frame") == "finished":
+            break
+    await call.done_writing()
+    return frames
+
+
+async def test_a_chat_stream_resumes_a_finished_turn_from_postgres(mesh: Mesh, keys: Keys) -> None:
+    accepted = await finish_turn(mesh, keys.acme)
+    expected = await chat_resume(mesh.plain, keys.acme, accepted.turn_id, 1)
+    with log_reads(mesh.lookup) as reads:
+        served = await chat_resume(mesh.lookup, keys.acme, accepted.turn_id, 1)
+    assert served == expected and reads == Counter()
+    assert [f.token.seq for f in served if f.WhichOneof("frame") == "token"] == list(
+        range(2, len(TEXTS) + 1)
+    )
+
+
 async def test_another_tenants_finished_turn_reads_as_missing(mesh: Mesh, keys: Keys) -> None:
     accepted = await finish_turn(mesh, keys.acme)
     with log_reads(mesh.lookup):
