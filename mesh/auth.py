@@ -15,7 +15,7 @@ JSON file mapping the hex digest to a tenant (and optionally the key's own limit
 ``tokens_per_minute`` is a budget of the key's own, enforced on top of its tenant's
 (services/gateway/token_budget.py), and ``max_streams`` bounds the streams the key holds open on
 a gateway, on top of its tenant's share (``MESH_GATEWAY_MAX_STREAMS_PER_TENANT``);
-``max_queued_turns`` bounds the key's unfinished turns on a request partition, on top of its
+``max_queued_turns`` bounds the key's unfinished turns on all partitions together, on top of its
 tenant's share (``MESH_GATEWAY_MAX_QUEUED_TURNS_PER_TENANT``). Every field
 but ``tenant`` is optional, so older files stay valid.
 
@@ -120,7 +120,7 @@ class KeyEntry:
     tokens_per_minute: int | None = None
     # Streams the key may hold open on one gateway, on top of its tenant's limit.
     max_streams: int | None = None
-    # Unfinished turns the key may hold on one request partition, on top of its tenant's share.
+    # Unfinished turns the key may hold on all partitions together, on top of its tenant's share.
     max_queued_turns: int | None = None
 
     def expired(self, now: float) -> bool:

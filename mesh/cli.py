@@ -1091,7 +1091,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="most unfinished turns the key may hold per request partition, on top of the "
+        help="most unfinished turns the key may hold on all partitions together, on top of the "
         "tenant's share",
     )
     listing = keys_sub.add_parser("list", parents=[key_file], help="list keys (ids, never keys)")

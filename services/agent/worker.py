@@ -651,7 +651,12 @@ class TurnWorker(AsyncStartStop):
             # A takeover. Readers fence by log order (turnlog.Attempts): what the earlier agent
             # logged before our TurnStarted is part of the turn, what it logs after is not. So
             # read up to our TurnStarted and continue after the last token found there.
-            await self._read_prior(turn, prior, prior.end, await started_append + 1)
+            try:
+                await self._read_prior(turn, prior, prior.end, await started_append + 1)
+            except BaseException:
+                if time_limit is not None:
+                    time_limit.cancel()
+                raise
             if prior.finished:
                 log.info(
                     "turn %s was finished by its earlier agent meanwhile",

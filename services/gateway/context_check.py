@@ -103,7 +103,8 @@ class ContextCheck(AsyncStartStop):
         pool, self._pool = self._pool, None
         models, self._models = self._models, ()
         if pool is not None:
-            pool.shutdown(wait=True)
+            # Off the event loop: a count still running finishes first.
+            await asyncio.to_thread(pool.shutdown, wait=True)
         for model in models:
             model.vocab.close()
 

@@ -804,6 +804,7 @@ class GatewayCore(AsyncStartStop):
         end = min(end, info.events_start + self.settings.resume_scan_limit)
         position = info.events_start
         wanted = frozenset((info.turn_id,))
+        attempts = turnlog.Attempts()  # a zombie's TurnFinished does not end the turn
         while position < end:
             stop = min(end, position + 1000)
             for record in await log.read_range(TURN_EVENTS, partition, position, stop):
@@ -811,8 +812,10 @@ class GatewayCore(AsyncStartStop):
                     events = turnlog.decode_events(record.value, turns=wanted)
                 except turnlog.UndecodableRecord:
                     continue
-                if any(isinstance(e, turnlog.TurnFinished | turnlog.TurnCancelled) for e in events):
-                    return True
+                for event in events:
+                    ended = isinstance(event, turnlog.TurnFinished | turnlog.TurnCancelled)
+                    if attempts.admit(event) and ended:
+                        return True
             position = stop
         return False
 

@@ -189,6 +189,7 @@ class RequestIds:
             CLAIMS.labels("reused").inc()
             raise reused(request.request_id, claim.turn_id)
         waited_from = time.monotonic()
+        pause_s = self._poll_s
         while True:
             try:
                 info = await find(claim.turn_id)
@@ -203,8 +204,10 @@ class RequestIds:
             age_s = claim.age_s + (time.monotonic() - waited_from)
             if age_s >= self._takeover_after_s:
                 return claim.turn_id
-            # The winner's append may still be in flight: look again shortly.
-            await asyncio.sleep(min(self._poll_s, self._takeover_after_s - age_s))
+            # The winner's append may still be in flight: look again shortly, less often the
+            # longer it takes (each look is a persister call and maybe a short log read).
+            await asyncio.sleep(min(pause_s, self._takeover_after_s - age_s))
+            pause_s = min(pause_s * 2, 1.0)
 
 
 __all__ = [

@@ -181,10 +181,6 @@ class TurnStream:
                 continue
             pending.popleft()
             if isinstance(event, turnlog.TurnStarted):
-                for stale in [
-                    seq for seq, token in early.items() if not self._attempts.admit(token)
-                ]:
-                    del early[stale]
                 self._on_started(out)
             elif isinstance(event, turnlog.TurnCancelled):
                 if not self.started:

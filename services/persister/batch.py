@@ -56,7 +56,8 @@ def assemble(records: Iterable[Record], decode: Decoder) -> BatchPlan:
     for event in events:
         if isinstance(event, AttemptStarted):
             attempts.started(event.turn_id, event.attempt)
-            plan.turn_attempts[event.turn_id] = attempts[event.turn_id]
+            if event.attempt > 1:  # a takeover: later batches must know it too
+                plan.turn_attempts[event.turn_id] = attempts[event.turn_id]
             continue
         if isinstance(event, TokenEvent | TurnEnd) and not attempts.counts(
             event.turn_id, event.attempt

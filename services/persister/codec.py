@@ -103,7 +103,7 @@ def _event(event: turnlog.TurnEvent, record: Record) -> Event | None:
             turnlog.encode(event),
             event.attempt,
         )
-    if isinstance(event, turnlog.TurnStarted) and event.attempt > 1 and event.turn_id:
+    if isinstance(event, turnlog.TurnStarted) and event.attempt > 0 and event.turn_id:
         return AttemptStarted(event.turn_id, event.attempt)
     # Other TurnStarted records, TurnCancelled and who follows the turn change nothing stored:
     # a cancel ends in a TurnFinished.

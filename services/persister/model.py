@@ -61,8 +61,9 @@ class TokenEvent:
 
 @dataclass(frozen=True, slots=True)
 class AttemptStarted:
-    """A ``TurnStarted`` of a takeover (attempt 2 or more): the zombie's later records of the
-    turn no longer count (``turnlog.Attempts``). A first attempt needs no row."""
+    """A ``TurnStarted`` with an attempt: older attempts' later records of the turn no longer
+    count (``turnlog.Attempts``). Only a takeover (attempt 2 or more) needs a row for later
+    batches."""
 
     turn_id: str
     attempt: int

@@ -138,13 +138,22 @@ CREATE OR REPLACE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON audit_even
 -- Added after the first release: ADD COLUMN IF NOT EXISTS migrates a database created before
 -- (its old rows keep NULLs, which every reader handles). docs/protocol.md, "Token rows".
 -- request_offset (user rows): where the TurnRequested lies on the request log.
-ALTER TABLE messages ADD COLUMN IF NOT EXISTS request_offset bigint;
--- token_lengths (assistant rows): the length of each token seq 1..n of the text; once it is set
--- the turn's rows in tokens are deleted. NULL: a turn stored before, or one whose seqs had a gap
--- (its token rows are kept).
-ALTER TABLE messages ADD COLUMN IF NOT EXISTS token_lengths integer[];
--- finish_event (assistant rows): the TurnFinished record as logged.
-ALTER TABLE messages ADD COLUMN IF NOT EXISTS finish_event bytea;
+DO $migrate$ BEGIN
+    -- Checked first: ALTER TABLE locks the table even when the column is already there.
+    IF NOT EXISTS (
+        SELECT 1 FROM information_schema.columns
+        WHERE table_schema = current_schema() AND table_name = 'messages'
+          AND column_name = 'finish_event'
+    ) THEN
+        ALTER TABLE messages ADD COLUMN IF NOT EXISTS request_offset bigint;
+        -- token_lengths (assistant rows): the length of each token seq 1..n of the text;
+        -- once it is set the turn's rows in tokens are deleted. NULL: a turn stored before,
+        -- or one whose seqs had a gap or ended short of last_seq (its token rows are kept).
+        ALTER TABLE messages ADD COLUMN IF NOT EXISTS token_lengths integer[];
+        -- finish_event (assistant rows): the TurnFinished record as logged.
+        ALTER TABLE messages ADD COLUMN IF NOT EXISTS finish_event bytea;
+    END IF;
+END $migrate$;
 """
 
 # Batches take this lock shared, an erasure exclusive: a batch that read no tombstone commits
@@ -233,7 +242,10 @@ WITH input AS (
         COALESCE((
             SELECT u.accepted_at FROM messages u WHERE u.turn_id = f.turn_id AND u.role = 1
         ), f.finished_at),
-        CASE WHEN t.n = 0 THEN '{}'::integer[] WHEN t.n = t.top THEN t.lengths END,
+        CASE
+            WHEN t.n = 0 AND f.last_seq = 0 THEN '{}'::integer[]
+            WHEN t.n = t.top AND t.top = f.last_seq THEN t.lengths
+        END,
         NULLIF(f.event, ''::bytea)
     FROM input f
     CROSS JOIN LATERAL (

@@ -82,6 +82,7 @@ class KafkaLog(LogDriver[KafkaGroupConsumer]):
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self._offsets.open()
         refusals: list[str] = []
         admin = AdminClient(
             self.client_config({"error_cb": lambda error: _note_refusal(refusals, error)})

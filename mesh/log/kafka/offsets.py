@@ -84,9 +84,16 @@ class GroupOffsets:
         self._client = client
         self._request_timeout_s = request_timeout_s
         self._readers: dict[str, _Reader] = {}
+        self._closed = False
+
+    def open(self) -> None:
+        """Serve again after ``close`` (the log was started again)."""
+        self._closed = False
 
     async def committed(self, topic: str, group: str, partition: int) -> int:
         self._client.require()
+        if self._closed:  # a reader made now would never be closed
+            raise LogError(f"committed offset of {group}: the log is closed")
         reader = self._readers.get(group)
         if reader is None:
             reader = self._readers[group] = _Reader(self._client, group)
@@ -102,6 +109,7 @@ class GroupOffsets:
         return int(found.offset) if found.offset >= 0 else 0
 
     async def close(self) -> None:
+        self._closed = True
         readers = list(self._readers.values())
         self._readers.clear()
         for reader in readers:
