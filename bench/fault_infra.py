@@ -19,9 +19,10 @@ from bench.fault_mesh import (
     Followed,
     Launched,
     Outcome,
-    _signal,
+    cmdline,
     follow_turn,
     judge,
+    send_signal,
 )
 
 # The embedded log's volume in the disk-full fault: room for the log of the warm-up and the
@@ -67,7 +68,7 @@ def freeze(mesh: Launched, what: str, pids: Callable[[], list[int]], outage_s: f
     if not frozen:
         return Outcome(note=f"no {what} process found")
     for pid in frozen:
-        _signal(pid, signal.SIGSTOP)
+        send_signal(pid, signal.SIGSTOP)
     began = time.monotonic()
     turns: list[Followed] = []
     try:
@@ -78,7 +79,7 @@ def freeze(mesh: Launched, what: str, pids: Callable[[], list[int]], outage_s: f
             )
     finally:
         for pid in frozen:
-            _signal(pid, signal.SIGCONT)
+            send_signal(pid, signal.SIGCONT)
     woke = time.monotonic()
     outcome = judge_all(mesh, turns)  # waits until PostgreSQL holds every turn
     if what == "postgres":
@@ -125,14 +126,14 @@ def restart_broker(mesh: Launched) -> Outcome:
 
 def _restart(mesh: Launched, pid: int) -> None:
     proc = Path(f"/proc/{pid}")
-    argv = [p.decode() for p in (proc / "cmdline").read_bytes().split(b"\0") if p]
+    argv = cmdline(pid)
     env = dict(
         line.decode(errors="replace").split("=", 1)
         for line in (proc / "environ").read_bytes().split(b"\0")
         if b"=" in line
     )
     cwd = os.readlink(proc / "cwd")
-    _signal(pid, signal.SIGKILL)
+    send_signal(pid, signal.SIGKILL)
     while proc.exists() and "zombie" not in _state(proc):
         time.sleep(0.05)
     with (mesh.root / "restarted-broker.log").open("ab") as out:

@@ -159,7 +159,7 @@ class Launched:
             except (KeyError, ProcessLookupError):
                 pass
         for pid in self.infra_pids():  # a frozen server would never stop
-            _signal(pid, signal.SIGCONT)
+            send_signal(pid, signal.SIGCONT)
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(120)
@@ -184,7 +184,7 @@ class Launched:
         below = set(_descendants([self.process.pid]))
         servers = []
         for pid in (int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()):
-            argv = _cmdline(pid)
+            argv = cmdline(pid)
             ours = pid in below or any(str(self.root) in part for part in argv)
             if ours and pid not in own and any(kind in part for part in argv):
                 servers.append(pid)
@@ -340,14 +340,14 @@ def judge(mesh: Launched, followed: Followed, outcome: Outcome) -> Outcome:
     return outcome
 
 
-def _signal(pid: int, sig: signal.Signals) -> None:
+def send_signal(pid: int, sig: signal.Signals) -> None:
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
 
 
-def _cmdline(pid: int) -> list[str]:
+def cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:

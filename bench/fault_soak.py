@@ -18,7 +18,7 @@ import grpc
 from chat.common.v1 import common_pb2
 from chat.gateway.v1 import gateway_pb2, gateway_service_pb2_grpc
 
-from bench.fault_mesh import Followed, Launched, Outcome, count_tokens
+from bench.fault_mesh import Followed, Launched, Outcome, cmdline, count_tokens
 
 SOAK_MAX_TOKENS = 40  # short turns: many of them start and end during the soak
 SAMPLE_EVERY_S = 10.0
@@ -142,10 +142,10 @@ def _sample(mesh: Launched, samples: dict[str, Samples]) -> None:
 
 
 def _infra_name(pid: int) -> str:
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    for kind in (b"kafka.Kafka", b"elasticsearch", b"postgres"):
+    argv = cmdline(pid)
+    for kind in ("kafka.Kafka", "elasticsearch", "postgres"):
         if any(kind in part for part in argv):
-            return f"{kind.decode().split('.')[0]} ({pid})"
+            return f"{kind.split('.')[0]} ({pid})"
     return f"pid {pid}"
 
 

@@ -63,9 +63,9 @@ from bench.fault_mesh import (
     Followed,
     Launched,
     Outcome,
-    _signal,
     follow_turn,
     judge,
+    send_signal,
 )
 from mesh.launcher import wait_healthy
 from mesh.llm.tiny_model import ensure_tiny_model
@@ -150,7 +150,7 @@ def kill_during_turn(mesh: Launched, name: str) -> Outcome:
             if target is None:
                 return  # not generating at this instant: try at the next token
             killed_at.append(time.monotonic())
-            _signal(mesh.service(target)["pid"], signal.SIGKILL)
+            send_signal(mesh.service(target)["pid"], signal.SIGKILL)
 
     followed = follow_turn(mesh, f"fault {name} {random.random()}", on_token)
     if killed_at:
@@ -175,8 +175,8 @@ def zombie_agent(mesh: Launched, pause_s: float) -> Outcome:
                 return
             pid = mesh.service(target)["pid"]
             stopped.append((time.monotonic(), pid))
-            _signal(pid, signal.SIGSTOP)
-            threading.Timer(pause_s, _signal, (pid, signal.SIGCONT)).start()
+            send_signal(pid, signal.SIGSTOP)
+            threading.Timer(pause_s, send_signal, (pid, signal.SIGCONT)).start()
 
     followed = follow_turn(mesh, f"fault zombie {random.random()}", on_token)
     if stopped:
@@ -196,7 +196,7 @@ def kill_persister(mesh: Launched) -> Outcome:
     def on_token(followed: Followed) -> None:
         if not killed_at and len(followed.seqs) >= FAULT_AFTER_TOKENS:
             killed_at.append(time.monotonic())
-            _signal(mesh.service("persister")["pid"], signal.SIGKILL)
+            send_signal(mesh.service("persister")["pid"], signal.SIGKILL)
 
     followed = follow_turn(mesh, f"fault persister {random.random()}", on_token)
     judge(mesh, followed, outcome)  # waits until PostgreSQL holds the turn
