@@ -28,6 +28,7 @@ from mesh.settings import default_state_dir
 TOKEN_INTERVAL_MS = 25
 MAX_TOKENS = 120  # 3 s of paced tokens: the fault lands mid-turn
 FAULT_AFTER_TOKENS = 15
+RESTART_BUDGET = 100
 # Downloads the scale profile needs (Kafka's jars, Elasticsearch's distribution), cached where
 # `make up PROFILE=scale` caches them; a scratch mesh links them rather than fetching again.
 CACHED_INFRA = ("kafka/kafka-*", "elasticsearch/elasticsearch-*")
@@ -83,6 +84,9 @@ class Launched:
         command = [sys.executable, "-m", "mesh.launcher", "--state-dir", str(state)]
         command += ["--model", str(model), "--keys-file", str(keys), "--gateways", "2"]
         command += ["--agents", str(agents), "--profile", profile]
+        # Issue 11's counts kill the same agent ten times in a few minutes: more than the
+        # default budget (5 restarts in 10 minutes) allows, by design.
+        command += ["--restart-budget", str(RESTART_BUDGET)]
         full_env = {
             **child_env(),
             "MESH_AGENT_MIN_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS),

@@ -67,7 +67,7 @@ from bench.fault_mesh import (
     judge,
     send_signal,
 )
-from mesh.launcher import wait_healthy
+from mesh.launcher import MeshStartError, wait_healthy
 from mesh.llm.tiny_model import ensure_tiny_model
 from mesh.tls import channel_credentials, load_identity
 from services.gateway.settings import GatewaySettings
@@ -267,12 +267,19 @@ def _run_fault(mesh: Launched, result: FaultResult, runs: int | None, options: O
         if name == "agent-zombie" and mesh.agents < 2:
             result.outcomes.append(Outcome(finished=True, note="needs --agents 2"))
             break
-        if name == "soak":
-            outcome, result.processes = fault_soak.soak(mesh, options.streams, options.soak_s)
-        else:
-            outcome = INJECT[name](mesh, options)
+        try:
+            if name == "soak":
+                outcome, result.processes = fault_soak.soak(mesh, options.streams, options.soak_s)
+            else:
+                outcome = INJECT[name](mesh, options)
+        except Exception as error:  # a run that broke counts, and the suite goes on
+            outcome = Outcome(failed_calls=1, note=f"run failed: {error}"[:300])
         result.outcomes.append(outcome)
-        _wait_restarted(mesh)
+        try:
+            _wait_restarted(mesh, timeout_s=180)
+        except MeshStartError as error:
+            outcome.failed_calls += 1
+            outcome.note += f" not healthy again: {str(error).splitlines()[0]}"[:300]
 
 
 def _mesh_env(options: Options) -> dict[str, str]:
