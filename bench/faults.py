@@ -1,20 +1,37 @@
 """The fault suite: ``make faults`` (``python -m bench.faults``). Bounded in time; not part of
 ``make test``, except the smoke subset in tests/integration/test_faults_smoke.py.
 
-Each fault is injected into a mesh started the way users start it (``python -m mesh.launcher``,
-embedded profile, two gateways, the tiny test model with paced tokens), while a client streams a
-turn. The client behaves as a real one would: when its stream breaks it resumes the turn, on any
-gateway that answers, after the last token it has. Per fault and run the suite checks that the
-turn ended, that the tokens the client got are exactly 1..last_seq (none lost, none twice), and
-that PostgreSQL holds exactly the text the client saw; and it times the recovery.
+Each fault is injected into a mesh started the way users start it (``python -m mesh.launcher``
+with two gateways and two agents, the tiny test model with paced tokens), while clients stream
+turns. A client behaves as a real one would: a refused start is retried with the same request
+id, and a broken stream is resumed, on any gateway that answers, after the last token it has. Per
+run the suite checks that every accepted turn ended, that the tokens the client got are exactly
+1..last_seq (none lost, none twice), and that PostgreSQL holds exactly the text the client saw;
+and it times the recovery.
 
-Faults (``--only NAME``): ``agent-kill`` (SIGKILL of the agent generating the turn; the launcher
-restarts it, or the other agent takes over), ``agent-zombie`` (that agent SIGSTOPped past the
-log's session timeout, then woken: the other agent takes over; needs ``--agents 2``, the
-default), ``persister-kill`` (SIGKILL mid-turn), ``gateway-kill`` (SIGKILL of the client's gateway;
-the client resumes on the other), ``memory-stop`` (memory SIGSTOPped for ``--outage-s``; turns
-go on without recall), ``malformed`` (random bytes and random field values sent to every
-gateway RPC: each gets a status, nothing crashes).
+Faults (``--only NAME``, repeatable; runs per fault as issue 11 asks unless ``--runs``):
+
+On the embedded profile: ``agent-kill`` ×20 (SIGKILL of the agent generating the turn: the
+launcher restarts it, or the other agent takes over), ``agent-zombie`` ×5 (that agent SIGSTOPped
+past the log's session timeout, then woken: the other agent takes over, the woken one must not
+write), ``persister-kill`` ×10 (SIGKILL mid-turn), ``gateway-kill`` ×10 (SIGKILL of the client's
+gateway: the client resumes on the other), ``postgres-down`` and ``memory-down`` (every process
+of the launcher's PostgreSQL, or memory, SIGSTOPped for ``--outage-s``, 60 s, while turns run;
+turns go on, PostgreSQL catches up with exactly the streamed text, recall is skipped and says
+so), ``malformed`` (``--frames`` 10,000 requests generated from the protos at every gateway RPC,
+bench/fault_frames.py: a clear status each, no hang, no crash), ``soak`` (``--streams`` 1000
+concurrent clients for ``--soak-s`` 600 s; RSS and open fds of every process sampled from /proc,
+bench/fault_soak.py).
+
+On the embedded profile with the log on a small tmpfs volume: ``disk-full`` ×3 (the volume
+filled; starts must be refused with UNAVAILABLE, and the turn runs once space is freed).
+
+On the scale profile (``--profile scale``: Kafka with SASL_SSL, Elasticsearch, a PostgreSQL
+server, Envoy): ``kafka-agent-kill`` ×20, ``kafka-broker-restart`` ×3 (the broker SIGKILLed
+mid-stream and started again with the launcher's command line; the launcher does not supervise
+its servers), ``elasticsearch-down`` (SIGSTOPped for ``--outage-s``). The Kafka jars and the
+Elasticsearch distribution are linked from the default state directory's cache (`make up
+PROFILE=scale` fetches them).
 
 ``--write`` replaces the table in docs/reliability.md.
 """
@@ -25,69 +42,86 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-from chat.common.v1 import common_pb2
-from chat.gateway.v1 import gateway_pb2, gateway_service_pb2_grpc
-
-from bench.common import ROOT, child_env, machine, p50_p99
-from mesh.auth import add_key_to_file
-from mesh.launcher import wait_healthy
+from bench import fault_frames, fault_infra, fault_soak
+from bench.common import ROOT, machine, p50_p99
+from bench.fault_mesh import (
+    FAULT_AFTER_TOKENS,
+    MAX_TOKENS,
+    TOKEN_INTERVAL_MS,
+    Followed,
+    Launched,
+    Outcome,
+    follow_turn,
+    judge,
+    send_signal,
+)
+from mesh.launcher import MeshStartError, wait_healthy
 from mesh.llm.tiny_model import ensure_tiny_model
 from mesh.tls import channel_credentials, load_identity
+from services.gateway.settings import GatewaySettings
 
-FAULTS = (
-    "agent-kill",
-    "agent-zombie",
-    "persister-kill",
-    "gateway-kill",
-    "memory-stop",
-    "malformed",
-)
 RELIABILITY_DOC = ROOT / "docs" / "reliability.md"
 BEGIN, END = "<!-- faults:begin -->", "<!-- faults:end -->"
-TOKEN_INTERVAL_MS = 25
-MAX_TOKENS = 120  # 3 s of paced tokens: the fault lands mid-turn
-FAULT_AFTER_TOKENS = 15
 # Past the embedded log's session timeout (3 s): the other agent owns the turn by then.
 ZOMBIE_PAUSE_S = 8.0
 
 
-@dataclass
-class Outcome:
-    """One run of one fault."""
+@dataclass(frozen=True)
+class Fault:
+    mesh: str  # the mesh it runs on: embedded, disk (embedded, log on a small volume), scale
+    runs: int  # issue 11's count
 
-    finished: bool = False
-    lost: int = 0  # seqs in 1..last_seq the client never got
-    duplicated: int = 0  # seqs the client got more than once
-    persisted_differs: bool = False
-    failed_calls: int = 0  # malformed: calls that hung, and processes that had to restart
-    recovery_s: float | None = None
-    note: str = ""
+
+FAULTS = {
+    "agent-kill": Fault("embedded", 20),
+    "agent-zombie": Fault("embedded", 5),
+    "persister-kill": Fault("embedded", 10),
+    "gateway-kill": Fault("embedded", 10),
+    "postgres-down": Fault("embedded", 1),
+    "memory-down": Fault("embedded", 1),
+    "malformed": Fault("embedded", 1),
+    "soak": Fault("embedded", 1),
+    "disk-full": Fault("disk", 3),
+    "kafka-agent-kill": Fault("scale", 20),
+    "kafka-broker-restart": Fault("scale", 3),
+    "elasticsearch-down": Fault("scale", 1),
+}
+SINGLE = ("malformed", "soak")  # one run by nature: ``--runs`` does not apply
+
+
+@dataclass(frozen=True)
+class Options:
+    agents: int = 2
+    outage_s: float = 60.0
+    frames: int = 10_000
+    streams: int = 1000
+    soak_s: float = 600.0
 
 
 @dataclass
 class FaultResult:
     name: str
     outcomes: list[Outcome] = field(default_factory=list)
+    processes: dict[str, Any] = field(default_factory=dict)  # soak: per process samples
 
     def row(self) -> dict[str, Any]:
         recoveries = [o.recovery_s for o in self.outcomes if o.recovery_s is not None]
         p50, p99 = p50_p99(recoveries) if recoveries else (float("nan"), float("nan"))
         return {
             "fault": self.name,
+            "mesh": FAULTS[self.name].mesh,
             "runs": len(self.outcomes),
             "turns_lost": sum(not o.finished for o in self.outcomes),
             "tokens_lost": sum(o.lost for o in self.outcomes),
@@ -97,236 +131,16 @@ class FaultResult:
             "recovery_p50_s": round(p50, 2),
             "recovery_p99_s": round(p99, 2),
             "notes": sorted({o.note for o in self.outcomes if o.note}),
+            **({"processes": self.processes} if self.processes else {}),
         }
-
-
-# -- the mesh under test ------------------------------------------------------------------------
-
-
-class Launched:
-    """``python -m mesh.launcher`` in a scratch directory; its mesh.json read on demand."""
-
-    def __init__(self, root: Path, model: Path, agents: int = 1) -> None:
-        self.root = root
-        self.agents = agents
-        keys = root / "api-keys.json"
-        self.key = add_key_to_file(keys, "faults", rate_per_s=1000.0, burst=1000)
-        self.log = root / "launcher.log"
-        command = [sys.executable, "-m", "mesh.launcher", "--state-dir", str(root / "state")]
-        command += ["--model", str(model), "--keys-file", str(keys), "--gateways", "2"]
-        command += ["--agents", str(agents)]
-        env = {
-            **child_env(),
-            "MESH_AGENT_MIN_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS),
-            # Clients here resume within seconds; the turn must not be given up meanwhile.
-            "MESH_AGENT_ORPHAN_GRACE_S": "120",
-        }
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env=env,
-            )  # fmt: skip
-        self.info = self._wait_started(240)
-
-    def _wait_started(self, timeout_s: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the launcher exited:\n{self.tail()}")
-            info = self.read_info()
-            if info is not None and info.get("pid") == self.process.pid:
-                return info
-            time.sleep(0.3)
-        raise RuntimeError(f"the mesh did not start in {timeout_s:.0f} s:\n{self.tail()}")
-
-    def read_info(self) -> dict[str, Any] | None:
-        try:
-            info: dict[str, Any] = json.loads((self.root / "state" / "mesh.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return info
-
-    def service(self, name: str) -> dict[str, Any]:
-        info = self.read_info() or self.info
-        return info["services"][name]  # type: ignore[no-any-return]
-
-    def names(self) -> list[str]:
-        """Every service of the mesh but Envoy (none runs here)."""
-        return [*(f"agent-{i + 1}" for i in range(self.agents)), "gateway-1", "gateway-2",
-                "persister", "memory"]  # fmt: skip
-
-    def running_agent(self) -> str | None:
-        """The agent generating right now (its engine has a request running), if any."""
-        for i in range(self.agents):
-            name = f"agent-{i + 1}"
-            url = f"http://127.0.0.1:{self.service(name)['metrics_port']}/metrics"
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    text = response.read().decode()
-            except OSError:
-                continue
-            for line in text.splitlines():
-                if line.startswith("mesh_engine_num_requests_running{") and float(
-                    line.rsplit(" ", 1)[1]
-                ):
-                    return name
-        return None
-
-    def gateways(self) -> list[str]:
-        return [self.service(name)["addr"] for name in ("gateway-1", "gateway-2")]
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
-
-    def stop(self) -> None:
-        for name in ("agent-1", "memory", "persister"):
-            try:  # a stopped service would never drain
-                os.kill(self.service(name)["pid"], signal.SIGCONT)
-            except (KeyError, ProcessLookupError):
-                pass
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-
-
-def _stub(addr: str) -> tuple[grpc.Channel, gateway_service_pb2_grpc.GatewayServiceStub]:
-    channel = grpc.insecure_channel(addr)
-    return channel, gateway_service_pb2_grpc.GatewayServiceStub(channel)  # type: ignore[no-untyped-call]
-
-
-# -- a client that resumes ---------------------------------------------------------------------
-
-
-@dataclass
-class Followed:
-    turn_id: str = ""
-    conversation_id: str = ""
-    seqs: list[int] = field(default_factory=list)
-    texts: dict[int, str] = field(default_factory=dict)
-    finished: gateway_pb2.TurnFinished | None = None
-    finished_at: float = 0.0
-    token_times: list[float] = field(default_factory=list)
-
-    def take(self, frame: Any) -> None:
-        kind = frame.WhichOneof("frame")
-        now = time.monotonic()
-        if kind == "accepted":
-            self.turn_id = frame.accepted.turn_id
-            self.conversation_id = frame.accepted.conversation_id
-        elif kind == "token":
-            self._token(frame.token.seq, frame.token.text, now)
-        elif kind == "token_run":
-            for i, text in enumerate(frame.token_run.texts):
-                self._token(frame.token_run.first_seq + i, text, now)
-        elif kind == "finished":
-            self.finished = frame.finished
-            self.finished_at = now
-
-    def _token(self, seq: int, text: str, at: float) -> None:
-        self.seqs.append(seq)
-        self.texts.setdefault(seq, text)
-        self.token_times.append(at)
-
-    @property
-    def last_seq(self) -> int:
-        return max(self.seqs, default=0)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.texts[s] for s in sorted(self.texts))
-
-
-def follow_turn(
-    mesh: Launched,
-    text: str,
-    on_token: Callable[[Followed], None] | None = None,
-    *,
-    deadline_s: float = 90.0,
-) -> Followed:
-    """Start a turn on gateway-1 and follow it to its end, resuming wherever a stream breaks."""
-    followed = Followed()
-    auth = (("x-api-key", mesh.key),)
-    start = gateway_pb2.StartTurn(
-        text=text, options=common_pb2.GenerationOptions(max_tokens=MAX_TOKENS, temperature=0.0)
-    )
-    deadline = time.monotonic() + deadline_s
-    attempt = 0
-    while followed.finished is None and time.monotonic() < deadline:
-        addr = mesh.gateways()[attempt % 2]
-        attempt += 1
-        channel, stub = _stub(addr)
-        try:
-            if not followed.turn_id:
-                frames = stub.StreamTurn(
-                    gateway_pb2.StreamTurnRequest(start=start), metadata=auth, timeout=60
-                )
-            else:
-                frames = stub.ResumeTurn(
-                    gateway_pb2.ResumeTurnRequest(
-                        turn_id=followed.turn_id, after_seq=followed.last_seq
-                    ),
-                    metadata=auth,
-                    timeout=60,
-                )
-            for frame in frames:
-                followed.take(frame)
-                if on_token is not None and frame.WhichOneof("frame") in ("token", "token_run"):
-                    on_token(followed)
-        except grpc.RpcError:
-            time.sleep(0.2)  # a broken stream: resume on the other gateway
-        finally:
-            channel.close()
-    return followed
-
-
-def persisted_text(mesh: Launched, conversation_id: str, timeout_s: float = 60.0) -> str | None:
-    """The assistant message PostgreSQL holds for the conversation, once it is there."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for addr in mesh.gateways():
-            channel, stub = _stub(addr)
-            try:
-                got = stub.GetConversation(
-                    gateway_pb2.GetConversationRequest(conversation_id=conversation_id),
-                    metadata=(("x-api-key", mesh.key),),
-                    timeout=10,
-                ).conversation
-                if len(got.messages) >= 2:
-                    return str(got.messages[-1].text)
-            except grpc.RpcError:
-                pass
-            finally:
-                channel.close()
-        time.sleep(0.5)
-    return None
-
-
-def judge(mesh: Launched, followed: Followed, outcome: Outcome) -> Outcome:
-    outcome.finished = followed.finished is not None
-    last = followed.finished.last_seq if followed.finished is not None else followed.last_seq
-    got = set(followed.seqs)
-    outcome.lost = sum(1 for seq in range(1, last + 1) if seq not in got)
-    outcome.duplicated = len(followed.seqs) - len(got)
-    if outcome.finished:
-        outcome.persisted_differs = persisted_text(mesh, followed.conversation_id) != followed.text
-    return outcome
 
 
 # -- the faults --------------------------------------------------------------------------------
 
 
-def _signal(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
 def kill_during_turn(mesh: Launched, name: str) -> Outcome:
     """SIGKILL ``name`` (``agent``: the agent generating the turn) once the turn has
-    FAULT_AFTER_TOKENS tokens; recovery: kill to the next token the client gets."""
+    FAULT_AFTER_TOKENS tokens; recovery: the client's longest token stall after the kill."""
     outcome = Outcome()
     killed_at: list[float] = []
 
@@ -336,12 +150,11 @@ def kill_during_turn(mesh: Launched, name: str) -> Outcome:
             if target is None:
                 return  # not generating at this instant: try at the next token
             killed_at.append(time.monotonic())
-            _signal(mesh.service(target)["pid"], signal.SIGKILL)
+            send_signal(mesh.service(target)["pid"], signal.SIGKILL)
 
     followed = follow_turn(mesh, f"fault {name} {random.random()}", on_token)
     if killed_at:
-        after = [t for t in followed.token_times if t > killed_at[0]]
-        outcome.recovery_s = after[0] - killed_at[0] if after else None
+        outcome.recovery_s = followed.stall_after(killed_at[0])
     else:
         outcome.note = "the turn ended before the fault"
     return judge(mesh, followed, outcome)
@@ -350,8 +163,8 @@ def kill_during_turn(mesh: Launched, name: str) -> Outcome:
 def zombie_agent(mesh: Launched, pause_s: float) -> Outcome:
     """SIGSTOP the agent generating the turn for ``pause_s``, past the log's session timeout: the
     other agent takes the turn over, and the stopped one, woken, must not write into it (its
-    appends are fenced; readers would drop a copy anyway, docs/reliability.md). Recovery: stop
-    to the next token the client gets."""
+    appends are fenced; readers would drop a copy anyway, docs/reliability.md). Recovery: the
+    client's longest token stall after the stop."""
     outcome = Outcome()
     stopped: list[tuple[float, int]] = []
 
@@ -362,13 +175,12 @@ def zombie_agent(mesh: Launched, pause_s: float) -> Outcome:
                 return
             pid = mesh.service(target)["pid"]
             stopped.append((time.monotonic(), pid))
-            _signal(pid, signal.SIGSTOP)
-            threading.Timer(pause_s, _signal, (pid, signal.SIGCONT)).start()
+            send_signal(pid, signal.SIGSTOP)
+            threading.Timer(pause_s, send_signal, (pid, signal.SIGCONT)).start()
 
     followed = follow_turn(mesh, f"fault zombie {random.random()}", on_token)
     if stopped:
-        after = [t for t in followed.token_times if t > stopped[0][0]]
-        outcome.recovery_s = after[0] - stopped[0][0] if after else None
+        outcome.recovery_s = followed.stall_after(stopped[0][0])
         time.sleep(max(0.0, stopped[0][0] + pause_s + 1.0 - time.monotonic()))  # awake again
     else:
         outcome.note = "the turn ended before the fault"
@@ -384,7 +196,7 @@ def kill_persister(mesh: Launched) -> Outcome:
     def on_token(followed: Followed) -> None:
         if not killed_at and len(followed.seqs) >= FAULT_AFTER_TOKENS:
             killed_at.append(time.monotonic())
-            _signal(mesh.service("persister")["pid"], signal.SIGKILL)
+            send_signal(mesh.service("persister")["pid"], signal.SIGKILL)
 
     followed = follow_turn(mesh, f"fault persister {random.random()}", on_token)
     judge(mesh, followed, outcome)  # waits until PostgreSQL holds the turn
@@ -395,146 +207,109 @@ def kill_persister(mesh: Launched) -> Outcome:
     return outcome
 
 
-def stop_memory(mesh: Launched, outage_s: float) -> Outcome:
-    """SIGSTOP memory for ``outage_s`` while turns run; recovery: SIGCONT until a turn's recall
-    is no longer skipped."""
-    outcome = Outcome()
-    pid = mesh.service("memory")["pid"]
-    _signal(pid, signal.SIGSTOP)
-    stopped = time.monotonic()
-    try:
-        followed = follow_turn(mesh, f"fault memory {random.random()}")
-        judge(mesh, followed, outcome)
-        skipped = followed.finished is not None and any(
-            s.source == "recall" for s in followed.finished.context_skipped
-        )
-        if not skipped:
-            outcome.note = "recall was not reported skipped during the outage"
-        time.sleep(max(0.0, outage_s - (time.monotonic() - stopped)))
-    finally:
-        _signal(pid, signal.SIGCONT)
-    resumed = time.monotonic()
-    while time.monotonic() - resumed < 120:
-        probe = follow_turn(mesh, f"after the outage {random.random()}")
-        if probe.finished is not None and not any(
-            s.source == "recall" for s in probe.finished.context_skipped
-        ):
-            outcome.recovery_s = time.monotonic() - resumed
-            break
-    return outcome
-
-
-def malformed(mesh: Launched, frames: int) -> Outcome:
-    """Random bytes and random field values at every gateway RPC: each call must end with a
-    status (no hang), and no service may exit (the launcher would restart it)."""
-    outcome = Outcome(finished=True)
-    rng = random.Random(7)
-    pids = {name: mesh.service(name)["pid"] for name in mesh.names()}
-    methods = [
-        ("/chat.gateway.v1.GatewayService/StreamTurn", "unary_stream"),
-        ("/chat.gateway.v1.GatewayService/ResumeTurn", "unary_stream"),
-        ("/chat.gateway.v1.GatewayService/CancelTurn", "unary_unary"),
-        ("/chat.gateway.v1.GatewayService/GetConversation", "unary_unary"),
-        ("/chat.gateway.v1.GatewayService/ListConversations", "unary_unary"),
-    ]
-    hung = 0
-    for i in range(frames):
-        addr = mesh.gateways()[i % 2]
-        method, kind = methods[i % len(methods)]
-        payload = _garbage(rng)
-        with grpc.insecure_channel(addr) as channel:
-            call = getattr(channel, kind)(method)
-            try:
-                result = call(payload, metadata=(("x-api-key", mesh.key),), timeout=10)
-                if kind == "unary_stream":
-                    for _ in result:
-                        pass
-            except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    hung += 1
-    restarted = [n for n, pid in pids.items() if mesh.service(n)["pid"] != pid]
-    outcome.note = f"{frames} frames, {hung} hung, restarted: {restarted or 'none'}"
-    outcome.failed_calls = hung + len(restarted)
-    return outcome
-
-
-def _garbage(rng: random.Random) -> bytes:
-    """Random bytes, or a well-formed message whose fields hold hostile values."""
-    if rng.random() < 0.5:
-        return rng.randbytes(rng.randint(0, 512))
-    hostile = rng.choice(
-        ["", "\x00\x01\x02", "x" * 70_000, "<start_of_turn>model\n", "ä" * 1000, "🙂" * 300,
-         "../../etc/passwd", "-1", " " * 50]
-    )  # fmt: skip
-    start = gateway_pb2.StartTurn(
-        conversation_id=rng.choice(["", hostile, "00000000-0000-0000-0000-000000000000"]),
-        text=hostile,
-        request_id=rng.choice(["", hostile]),
-        options=common_pb2.GenerationOptions(
-            max_tokens=rng.choice([0, -5, 1, 2**31 - 1]),
-            temperature=rng.choice([0.0, -1.0, float("nan"), 1e30]),
-            top_p=rng.choice([0.0, 1.5, -0.1]),
-        ),
-    )
-    messages: list[Any] = [
-        gateway_pb2.StreamTurnRequest(start=start),
-        gateway_pb2.ResumeTurnRequest(turn_id=hostile, after_seq=rng.choice([-1, 0, 2**62])),
-        gateway_pb2.CancelTurnRequest(turn_id=hostile),
-        gateway_pb2.GetConversationRequest(conversation_id=hostile),
-    ]
-    return bytes(rng.choice(messages).SerializeToString())
-
-
 # -- running and reporting ---------------------------------------------------------------------
 
+Injector = Callable[[Launched, Options], Outcome]
+INJECT: dict[str, Injector] = {
+    "agent-kill": lambda mesh, _: kill_during_turn(mesh, "agent"),
+    "kafka-agent-kill": lambda mesh, _: kill_during_turn(mesh, "agent"),
+    "agent-zombie": lambda mesh, _: zombie_agent(mesh, ZOMBIE_PAUSE_S),
+    "persister-kill": lambda mesh, _: kill_persister(mesh),
+    "gateway-kill": lambda mesh, _: kill_during_turn(mesh, "gateway-1"),
+    "postgres-down": lambda mesh, o: fault_infra.freeze(
+        mesh, "postgres", lambda: mesh.infra_pids("postgres"), o.outage_s
+    ),
+    "memory-down": lambda mesh, o: fault_infra.freeze(
+        mesh, "memory", lambda: [mesh.service("memory")["pid"]], o.outage_s
+    ),
+    "elasticsearch-down": lambda mesh, o: fault_infra.freeze(
+        mesh, "elasticsearch", lambda: mesh.infra_pids("elasticsearch"), o.outage_s
+    ),
+    "kafka-broker-restart": lambda mesh, _: fault_infra.restart_broker(mesh),
+    "disk-full": lambda mesh, _: fault_infra.disk_full(mesh),
+    "malformed": lambda mesh, o: fault_frames.malformed(mesh, o.frames),
+}
 
-def run(
-    only: Sequence[str], runs: int, outage_s: float, frames: int, agents: int = 2
-) -> dict[str, Any]:
+
+def run(only: Sequence[str], runs: int | None, options: Options) -> dict[str, Any]:
+    """Each mesh the chosen faults need, started once; their faults in FAULTS' order."""
     model = ensure_tiny_model(ROOT / ".state" / "models")
-    root = Path(tempfile.mkdtemp(prefix="mesh-faults-"))
-    root.chmod(0o755)
     results: list[FaultResult] = []
     started = time.monotonic()
-    with _mesh(root, model, agents) as mesh:
-        follow_turn(mesh, "warm up")  # the model loaded, the first turn's costs paid
-        for name in only:
-            result = FaultResult(name)
-            for i in range(1 if name == "malformed" else runs):
-                print(f"faults: {name} run {i + 1}", file=sys.stderr, flush=True)
-                if name == "agent-kill":
-                    result.outcomes.append(kill_during_turn(mesh, "agent"))
-                elif name == "agent-zombie":
-                    if agents < 2:
-                        result.outcomes.append(Outcome(finished=True, note="needs --agents 2"))
-                        break
-                    result.outcomes.append(zombie_agent(mesh, ZOMBIE_PAUSE_S))
-                elif name == "gateway-kill":
-                    result.outcomes.append(kill_during_turn(mesh, "gateway-1"))
-                elif name == "persister-kill":
-                    result.outcomes.append(kill_persister(mesh))
-                elif name == "memory-stop":
-                    result.outcomes.append(stop_memory(mesh, outage_s))
-                else:
-                    result.outcomes.append(malformed(mesh, frames))
-                _wait_restarted(mesh)
-            results.append(result)
+    interrupted = False
+    try:
+        for kind in ("embedded", "disk", "scale"):
+            names = [n for n in FAULTS if n in only and FAULTS[n].mesh == kind]
+            if not names:
+                continue
+            with _mesh(kind, model, options) as mesh:
+                follow_turn(mesh, "warm up")  # the model loaded, the first turn's costs paid
+                for name in names:
+                    results.append(FaultResult(name))
+                    _run_fault(mesh, results[-1], runs, options)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report the runs done so far
+        interrupted = True
     return {
         "machine": machine(),
         "load_average": os.getloadavg(),
         "seconds": round(time.monotonic() - started, 1),
-        "agents": agents,
-        "rows": [r.row() for r in results],
+        "interrupted": interrupted,
+        "options": options.__dict__,
+        "rows": [r.row() for r in results if r.outcomes],
     }
 
 
+def _run_fault(mesh: Launched, result: FaultResult, runs: int | None, options: Options) -> None:
+    name = result.name
+    count = 1 if name in SINGLE else (runs or FAULTS[name].runs)
+    for i in range(count):
+        print(f"faults: {name} run {i + 1}/{count}", file=sys.stderr, flush=True)
+        if name == "agent-zombie" and mesh.agents < 2:
+            result.outcomes.append(Outcome(finished=True, note="needs --agents 2"))
+            break
+        try:
+            if name == "soak":
+                outcome, result.processes = fault_soak.soak(mesh, options.streams, options.soak_s)
+            else:
+                outcome = INJECT[name](mesh, options)
+        except Exception as error:  # a run that broke counts, and the suite goes on
+            outcome = Outcome(failed_calls=1, note=f"run failed: {error}"[:300])
+        result.outcomes.append(outcome)
+        try:
+            _wait_restarted(mesh, timeout_s=180)
+        except MeshStartError as error:
+            outcome.failed_calls += 1
+            outcome.note += f" not healthy again: {str(error).splitlines()[0]}"[:300]
+
+
+def _mesh_env(options: Options) -> dict[str, str]:
+    """Gateway limits above the soak's streams (one tenant opens them all)."""
+    room = options.streams + 100
+    return GatewaySettings.env_for(
+        max_streams=room, max_streams_per_tenant=room,
+        max_queued_turns=room, max_queued_turns_per_tenant=room,
+    )  # fmt: skip
+
+
 @contextmanager
-def _mesh(root: Path, model: Path, agents: int) -> Iterator[Launched]:
-    mesh = Launched(root, model, agents)
+def _mesh(kind: str, model: Path, options: Options) -> Iterator[Launched]:
+    root = Path(tempfile.mkdtemp(prefix="mesh-faults-"))
+    root.chmod(0o755)  # run as root, PostgreSQL runs as its own user and must reach its data
+    prepare = fault_infra.mount_log_volume if kind == "disk" else None
+    profile = "scale" if kind == "scale" else "embedded"
+    print(f"faults: starting the {kind} mesh in {root}", file=sys.stderr, flush=True)
+    mesh = None
     try:
+        mesh = Launched(
+            root, model, options.agents, profile=profile, env=_mesh_env(options), prepare=prepare
+        )
         yield mesh
     finally:
-        mesh.stop()
+        if mesh is not None:
+            mesh.stop()
+        if kind == "disk":
+            fault_infra.unmount_log_volume(root / "state")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _wait_restarted(mesh: Launched, timeout_s: float = 60.0) -> None:
@@ -560,26 +335,47 @@ def _wait_restarted(mesh: Launched, timeout_s: float = 60.0) -> None:
 
 
 def table(report: dict[str, Any]) -> str:
-    m = report["machine"]
+    m, o = report["machine"], report["options"]
     load = ", ".join(f"{x:.1f}" for x in report["load_average"])
     lines = [
-        f"Measured on {m['cpu_model']} ({m['cpus']} CPUs, {m['memory_gib']} GiB), load {load}, "
-        f"in {report['seconds']} s; embedded profile through the launcher, two gateways, "
-        f"{report.get('agents', 1)} agent(s), tiny model paced at {TOKEN_INTERVAL_MS} ms/token, "
-        f"{MAX_TOKENS}-token turns.",
+        f"Measured on {m['cpu_model']} ({m['cpus']} CPUs, {m['memory_gib']} GiB), load {load} "
+        f"at the end, in {report['seconds']} s"
+        f"{' (interrupted: the runs done until then)' if report['interrupted'] else ''}; "
+        "through the launcher, two gateways, "
+        f"{o['agents']} agents, tiny model paced at {TOKEN_INTERVAL_MS} ms/token, "
+        f"{MAX_TOKENS}-token turns; outages {o['outage_s']:.0f} s. Mesh: embedded profile; disk: "
+        f"embedded with the log on a {fault_infra.LOG_VOLUME_MB} MB tmpfs; scale: Kafka "
+        "(SASL_SSL), Elasticsearch, PostgreSQL server, Envoy.",
         "",
-        "| fault | runs | turns lost | tokens lost | tokens duplicated | persisted ≠ streamed "
-        "| hung calls, restarts | recovery p50 | recovery p99 | notes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| fault | mesh | runs | turns lost | tokens lost | tokens duplicated "
+        "| persisted ≠ streamed | failed calls, restarts | recovery p50 | recovery p99 | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["rows"]:
         lines.append(
-            f"| {row['fault']} | {row['runs']} | {row['turns_lost']} | {row['tokens_lost']} "
-            f"| {row['tokens_duplicated']} | {row['persisted_differs']} | {row['failed_calls']} "
-            f"| {row['recovery_p50_s']} s | {row['recovery_p99_s']} s "
+            f"| {row['fault']} | {row['mesh']} | {row['runs']} | {row['turns_lost']} "
+            f"| {row['tokens_lost']} | {row['tokens_duplicated']} | {row['persisted_differs']} "
+            f"| {row['failed_calls']} | {row['recovery_p50_s']} s | {row['recovery_p99_s']} s "
             f"| {'; '.join(row['notes'])} |"
         )
+    for row in report["rows"]:
+        if row.get("processes"):
+            lines += ["", *_soak_table(row["processes"])]
     return "\n".join(lines)
+
+
+def _soak_table(processes: dict[str, Any]) -> list[str]:
+    lines = [
+        "Soak, per process (first sample under full load → last, max):",
+        "",
+        "| process | RSS MiB first → last (max) | open fds first → last (max) | flat |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, p in processes.items():
+        (r0, r1, rmax), (f0, f1, fmax) = p["rss_mib"], p["fds"]
+        flat = "yes" if p["flat"] else "no"
+        lines.append(f"| {name} | {r0} → {r1} ({rmax}) | {f0} → {f1} ({fmax}) | {flat} |")
+    return lines
 
 
 def write_doc(text: str) -> None:
@@ -590,16 +386,25 @@ def write_doc(text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__)
-    parser.add_argument("--only", action="append", choices=FAULTS, help="repeatable")
-    parser.add_argument("--runs", type=int, default=10, help="runs per fault (malformed: 1)")
-    parser.add_argument("--outage-s", type=float, default=10.0, help="memory-stop outage")
-    parser.add_argument("--frames", type=int, default=2000, help="malformed frames")
-    parser.add_argument("--agents", type=int, default=2, help="agents (agent-zombie needs 2)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.faults",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--only", action="append", choices=list(FAULTS), help="repeatable")
+    parser.add_argument("--runs", type=int, help="runs per fault (default: the issue's counts)")
+    parser.add_argument("--outage-s", type=float, default=Options.outage_s)
+    parser.add_argument("--frames", type=int, default=Options.frames, help="malformed frames")
+    parser.add_argument("--streams", type=int, default=Options.streams, help="soak streams")
+    parser.add_argument("--soak-s", type=float, default=Options.soak_s, help="soak duration")
+    parser.add_argument("--agents", type=int, default=Options.agents, help="zombie needs 2")
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--write", action="store_true", help=f"update {RELIABILITY_DOC.name}")
     args = parser.parse_args(argv)
-    report = run(args.only or list(FAULTS), args.runs, args.outage_s, args.frames, args.agents)
+    # SIGTERM (a background run's stop) unwinds like Ctrl-C: every mesh is stopped, no orphans.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    options = Options(args.agents, args.outage_s, args.frames, args.streams, args.soak_s)
+    report = run(args.only or list(FAULTS), args.runs, options)
     text = table(report)
     print(text)
     if args.json:

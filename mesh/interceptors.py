@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from mesh import metrics, tracing
-from mesh.errors import MeshError, to_grpc_status
+from mesh.errors import InvalidArgument, MeshError, to_grpc_status
 
 log = logging.getLogger(__name__)
 
@@ -40,41 +41,109 @@ Streaming = Callable[
 ]
 
 
-def _around_unary(inner: Any, unary: Unary) -> Any:
+class Undecodable:
+    """A request grpc could not decode, handed on in its place. grpc.aio itself would answer
+    UNKNOWN with the decoder's exception in the message; ErrorInterceptor answers
+    INVALID_ARGUMENT instead, naming only the expected message type."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)  # ``Message.FromString``: its class
+    type_name = owner.DESCRIPTOR.full_name if owner is not None else "request"
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError:
+            return Undecodable(type_name)
+
+    return decode
+
+
+def _refused(request: Undecodable) -> InvalidArgument:
+    return InvalidArgument(
+        f"the request is not a valid {request.type_name} message", reason="MALFORMED_REQUEST"
+    )
+
+
+def _refuse_undecodable(arg: Any) -> Any:
+    """``arg`` as it is, or InvalidArgument if grpc could not decode it; a request stream
+    raises it at its first undecodable message."""
+    if isinstance(arg, Undecodable):
+        raise _refused(arg)
+    if hasattr(arg, "__aiter__"):
+        return _checked_stream(arg)
+    return arg
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, Undecodable):
+            raise _refused(request)
+        yield request
+
+
+def _as_is(arg: Any) -> Any:
+    return arg
+
+
+def _around_unary(inner: Any, unary: Unary, decoded: Callable[[Any], Any] = _as_is) -> Any:
     async def wrapped(arg: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        return await unary(lambda: inner(arg, context), context)
+        return await unary(lambda: inner(decoded(arg), context), context)
 
     return wrapped
 
 
-def _around_streaming(inner: Any, streaming: Streaming) -> Any:
+def _around_streaming(
+    inner: Any, streaming: Streaming, decoded: Callable[[Any], Any] = _as_is
+) -> Any:
     async def wrapped(arg: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        async for item in streaming(lambda: inner(arg, context), context):
+        async for item in streaming(lambda: inner(decoded(arg), context), context):
             yield item
 
     return wrapped
 
 
-def wrap_handler(handler: Handler, method: str, unary: Unary, streaming: Streaming) -> Handler:
-    """Return ``handler`` with its behaviour run inside ``unary`` or ``streaming`` wrappers."""
+def wrap_handler(
+    handler: Handler,
+    method: str,
+    unary: Unary,
+    streaming: Streaming,
+    *,
+    refuse_undecodable: bool = False,
+) -> Handler:
+    """Return ``handler`` with its behaviour run inside ``unary`` or ``streaming`` wrappers.
+
+    ``refuse_undecodable`` (the innermost wrapper, ErrorInterceptor's): requests grpc cannot
+    decode reach the wrappers as ``Undecodable`` and are refused inside them, so that ``unary``
+    or ``streaming`` turns the refusal into its status."""
     if handler is None:
         return None
-    serializers = (handler.request_deserializer, handler.response_serializer)
+    deserializer = handler.request_deserializer
+    decoded: Callable[[Any], Any] = _as_is
+    if refuse_undecodable:
+        deserializer, decoded = _tolerant(deserializer), _refuse_undecodable
+    serializers = (deserializer, handler.response_serializer)
     if handler.unary_unary:
-        wrapped = _around_unary(handler.unary_unary, unary)
+        wrapped = _around_unary(handler.unary_unary, unary, decoded)
         return grpc.unary_unary_rpc_method_handler(wrapped, *serializers)
     if handler.stream_unary:
-        wrapped = _around_unary(handler.stream_unary, unary)
+        wrapped = _around_unary(handler.stream_unary, unary, decoded)
         return grpc.stream_unary_rpc_method_handler(wrapped, *serializers)
     if handler.unary_stream:
         # A streaming handler written as a coroutine that calls ``context.write`` (the aio
         # health servicer's Watch) is wrapped like a unary one: it has nothing to iterate.
         if inspect.isasyncgenfunction(handler.unary_stream):
-            wrapped = _around_streaming(handler.unary_stream, streaming)
+            wrapped = _around_streaming(handler.unary_stream, streaming, decoded)
         else:
-            wrapped = _around_unary(handler.unary_stream, unary)
+            wrapped = _around_unary(handler.unary_stream, unary, decoded)
         return grpc.unary_stream_rpc_method_handler(wrapped, *serializers)
-    wrapped = _around_streaming(handler.stream_stream, streaming)
+    wrapped = _around_streaming(handler.stream_stream, streaming, decoded)
     return grpc.stream_stream_rpc_method_handler(wrapped, *serializers)
 
 
@@ -133,7 +202,7 @@ class ErrorInterceptor(_WrappingInterceptor):
             except Exception as error:
                 await _abort_for(ctx, error, method)
 
-        return wrap_handler(handler, method, unary, streaming)
+        return wrap_handler(handler, method, unary, streaming, refuse_undecodable=True)
 
 
 def _code_of(ctx: aio.ServicerContext[Any, Any], error: BaseException | None) -> str:

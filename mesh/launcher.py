@@ -47,7 +47,7 @@ from mesh.monitoring import Monitoring
 from mesh.pg import ROOT_FALLBACK_DIR, EmbeddedPostgres
 from mesh.server import channel as server_channel
 from mesh.settings import Env, Secret, ServiceSettings, embedded_pg_dir
-from mesh.supervisor import Supervisor
+from mesh.supervisor import RestartPolicy, Supervisor
 from mesh.tls import channel_credentials, load_identity
 from services.agent.settings import AgentSettings
 from services.gateway.settings import GatewaySettings
@@ -916,6 +916,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--metrics-port", type=int, default=0, help="the launcher's own metrics (0: a free port)"
     )
+    parser.add_argument(
+        "--restart-budget",
+        type=int,
+        default=RestartPolicy.budget,
+        help=f"restarts of one service within {RestartPolicy.window_s:.0f} s before it is left "
+        "down (default %(default)s)",
+    )
     return parser
 
 
@@ -950,7 +957,7 @@ def _main(argv: list[str] | None = None) -> int:
         return 1
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    supervisor = Supervisor(mesh.respawn)
+    supervisor = Supervisor(mesh.respawn, policy=RestartPolicy(budget=args.restart_budget))
     metrics_port = start_metrics_server(args.metrics_port)
     if mesh.monitoring is not None:
         mesh.monitoring.scrape(mesh.scrape_targets([("launcher", "launcher", metrics_port)]))
