@@ -22,7 +22,7 @@ import grpc
 from chat.gateway.v1 import gateway_pb2, gateway_service_pb2_grpc
 
 from bench.common import ROOT
-from bench.faults import Launched
+from bench.fault_mesh import Launched
 from mesh.llm.tiny_model import ensure_tiny_model
 
 
