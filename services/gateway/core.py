@@ -425,6 +425,20 @@ class GatewayCore(AsyncStartStop):
         finally:
             release()
 
+    async def _claim(self, claim: Claimer, turn_id: str, conversation_id: str) -> None:
+        try:
+            await claim(turn_id, conversation_id)
+        except Unavailable as error:
+            # A gateway told not to require the persister keeps accepting turns while it is
+            # unreachable: its request ids then hold on this gateway only (its own memory).
+            if self.settings.require_persister or error.reason != "PERSISTER_UNAVAILABLE":
+                raise
+            _log.warning(
+                "turn %s starts without a request-id claim (the persister is unreachable): "
+                "a retry on another gateway would start another turn",
+                turn_id,
+            )
+
     async def _append_checked(
         self,
         principal: Principal,
@@ -449,7 +463,7 @@ class GatewayCore(AsyncStartStop):
             if claim is not None:
                 # The request id names this turn from here on, on every gateway (or raises
                 # ClaimedElsewhere: it already names another).
-                await claim(turn_id, conversation_id)
+                await self._claim(claim, turn_id, conversation_id)
             # Subscribed before the request exists, so no event of this turn can slip past us.
             sub = self.hub.subscribe(turn_id, partition, events_start, notify)
             value = turnlog.encode(

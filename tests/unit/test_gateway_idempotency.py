@@ -259,3 +259,21 @@ def test_a_malformed_idempotency_key_is_a_400_naming_the_header(header: str) -> 
         idempotency(header, "responses", {})
     assert refused.value.status == 400 and refused.value.param == "Idempotency-Key"
     assert refused.value.code == "invalid_idempotency_key"
+
+
+async def test_a_gateway_that_does_not_require_the_persister_starts_without_a_claim(
+    tmp_path: Path, log: EmbeddedLog, claims: FakeClaims
+) -> None:
+    settings = make_settings(tmp_path, require_persister=False)
+    async with GatewayCore(
+        settings, log=log, conversations=KnownConversations(), request_claims=claims
+    ) as gateway:
+        claims.down = True
+        turn = await gateway.start_turn(ACME, HELLO)
+        turn.close()
+        assert await requests_logged(log, "r-1") == [turn.turn_id]
+        # Its own memory still answers a retry to it with the same turn.
+        again = await gateway.start_turn(ACME, HELLO)
+        again.close()
+        assert again.turn_id == turn.turn_id
+        assert await requests_logged(log, "r-1") == [turn.turn_id]
