@@ -33,7 +33,9 @@ its servers), ``elasticsearch-down`` (SIGSTOPped for ``--outage-s``). The Kafka 
 Elasticsearch distribution are linked from the default state directory's cache (`make up
 PROFILE=scale` fetches them).
 
-``--write`` replaces the table in docs/reliability.md.
+The launcher runs with ``--restart-budget`` raised (bench/fault_mesh.py): twenty kills in a few
+minutes exceed its default budget by design. ``--write`` replaces the table in
+docs/reliability.md.
 """
 
 from __future__ import annotations
