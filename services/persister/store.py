@@ -701,11 +701,16 @@ class PgStore(AsyncStartStop):
             return await read_turn(conn, turn_id)
 
     async def count_rows(self) -> dict[str, int]:
-        """Row counts per table (tests and operators' sanity checks)."""
+        """Row counts per table (tests and operators' sanity checks). "tokens" counts every
+        stored token once: the rows of turns not yet assembled, and the token lengths kept on
+        assembled messages (whose rows are deleted)."""
         counts: dict[str, int] = {}
         async with self._require_pool().connection() as conn, conn.cursor() as cur:
             for table in ("conversations", "messages", "tokens"):
                 await cur.execute(f"SELECT count(*) FROM {table}")
                 row = await cur.fetchone()
                 counts[table] = int(row[0]) if row is not None else 0
+            await cur.execute("SELECT coalesce(sum(cardinality(token_lengths)), 0) FROM messages")
+            row = await cur.fetchone()
+            counts["tokens"] += int(row[0]) if row is not None else 0
         return counts

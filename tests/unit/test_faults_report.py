@@ -15,6 +15,8 @@ def test_the_judgement_counts_gaps_repeats_and_unfinished_turns() -> None:
         "machine": {"cpu_model": "cpu", "cpus": 2, "memory_gib": 1.0},
         "load_average": (1.0, 1.0, 1.0),
         "seconds": 1.0,
+        "interrupted": False,
+        "options": {"agents": 2, "outage_s": 60.0},
         "rows": [row],
     }
-    assert "| agent-kill | 1 | 1 | 1 | 1 | 0 | 0 |" in table(report)
+    assert "| agent-kill | embedded | 1 | 1 | 1 | 1 | 0 | 0 |" in table(report)
