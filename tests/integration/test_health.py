@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.auth import add_key_to_file
 from mesh.tls import channel_credentials, load_identity
+from tests.fixtures.launched import launched
 from tests.integration.grpc_helpers import (
     auth,
     error_reason,
@@ -39,7 +38,6 @@ from tests.integration.grpc_helpers import (
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 GATEWAY = "chat.gateway.v1.GatewayService"
 PERSISTER = "chat.persister.v1.PersisterService"
 AGENT = "chat.agent.v1.AgentService"
@@ -147,28 +145,16 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Ite
     tmp = tmp_path_factory.mktemp("health")
     keys_file = tmp / "api-keys.json"
     key = add_key_to_file(keys_file, "tenant-a", rate_per_s=100.0, burst=100)
-    log = tmp / "launcher.log"
-    command = [sys.executable, "-m", "mesh.launcher", "--state-dir", str(tmp / "state")]
-    command += ["--model", str(tiny_model_path), "--keys-file", str(keys_file)]
+    args = ["--model", str(tiny_model_path), "--keys-file", str(keys_file)]
     env = {
-        **os.environ,
         "MESH_HEALTH_INTERVAL_S": str(INTERVAL_S),
         "MESH_HEALTH_TIMEOUT_S": str(PROBE_TIMEOUT_S),
         "MESH_HEALTH_THRESHOLD_S": str(THRESHOLD_S),
         "MESH_LOG_SESSION_TIMEOUT_S": str(SESSION_S),
         "MESH_LOG_HEARTBEAT_INTERVAL_S": "0.25",
     }
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-        )
-    try:
-        running = Mesh(tmp / "state" / "mesh.json", log, key)
+    with launched(tmp, args, env) as launcher:
+        running = Mesh(launcher.info_path, launcher.log, key)
         tls = running.info.get("tls")
         _IDENTITY.clear()
         if tls:
@@ -180,23 +166,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Ite
             lambda: _status(running.gateway_addr, GATEWAY) == "SERVING",
             30,
             "the gateway was not ready",
-            log,
+            launcher.log,
         )
-        _wait_for(running.turn_runs, 60, "no turn ran on the fresh mesh", log)
+        _wait_for(running.turn_runs, 60, "no turn ran on the fresh mesh", launcher.log)
         yield running
-    finally:
-        info = _read_info(tmp / "state" / "mesh.json")
-        for service in (info or {}).get("services", {}).values():
-            try:
-                os.kill(service["pid"], signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        process.send_signal(signal.SIGTERM)
-        try:
-            assert process.wait(timeout=90) == 0, log.read_text()[-4000:]
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
 
 
 def _assert_unavailable(error: grpc.RpcError | None, took_s: float, reason: str) -> None:

@@ -8,8 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -31,6 +29,7 @@ from mesh.log.embedded import EmbeddedLog
 from mesh.tls import channel_credentials, load_identity
 from services.gateway.idempotency import fingerprint
 from services.gateway.server import start_from_proto
+from tests.fixtures.launched import launched, read_info, tail
 from tests.integration.grpc_helpers import (
     TurnResult,
     auth,
@@ -43,22 +42,9 @@ from tests.integration.grpc_helpers import (
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 24
 TOKEN_INTERVAL_MS = 40  # a turn takes about a second: a gateway can be killed mid-turn
 TAKEOVER_S = 6.0
-
-
-def _tail(path: Path) -> str:
-    return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
-
-
-def _read_info(path: Path) -> dict[str, Any] | None:
-    try:
-        info: dict[str, Any] = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return info
 
 
 @pytest.fixture(scope="module")
@@ -68,48 +54,23 @@ def mesh(
     tmp = tmp_path_factory.mktemp("idempotent")
     keys_file = tmp / "api-keys.json"
     key = add_key_to_file(keys_file, "tenant-a", rate_per_s=100.0, burst=100)
-    log = tmp / "launcher.log"
-    command = [sys.executable, "-m", "mesh.launcher", "--state-dir", str(tmp / "state")]
-    command += ["--model", str(tiny_model_path), "--keys-file", str(keys_file), "--gateways", "2"]
+    args = ["--model", str(tiny_model_path), "--keys-file", str(keys_file), "--gateways", "2"]
     env = {
-        **os.environ,
         "MESH_AGENT_MIN_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS),
         # A turn whose gateway was killed waits for the retry, not for the orphan cancel.
         "MESH_AGENT_ORPHAN_GRACE_S": "120",
         # Short, so the takeover of an abandoned claim is quick to test.
         "MESH_GATEWAY_IDEMPOTENCY_TAKEOVER_S": str(TAKEOVER_S),
     }
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
-    info_path = tmp / "state" / "mesh.json"
-    deadline = time.monotonic() + 240
-    info: dict[str, Any] | None = None
-    try:
-        while info is None:
-            if process.poll() is not None:
-                pytest.fail(f"the launcher exited ({process.returncode}):\n{_tail(log)}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the mesh did not start within 240 s:\n{_tail(log)}")
-            found = _read_info(info_path)
-            info = found if found is not None and found.get("pid") == process.pid else None
-            time.sleep(0.3)
+    with launched(tmp, args, env) as launcher:
         yield {
-            **info,
+            **launcher.wait_started(),
             "key": key,
-            "log": log,
-            "info_path": info_path,
-            "log_path": tmp / "state" / "log" / "mesh-log.sqlite3",
+            "log": launcher.log,
+            "info_path": launcher.info_path,
+            "log_path": launcher.state_dir / "log" / "mesh-log.sqlite3",
             "model": tiny_model_path.name,
         }
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            assert process.wait(timeout=90) == 0, _tail(log)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
 
 
 def addr(mesh: dict[str, Any], name: str) -> str:
@@ -171,7 +132,7 @@ def test_a_retry_after_the_gateway_was_killed_returns_the_same_turn(
     mesh: dict[str, Any],
 ) -> None:
     info_path: Path = mesh["info_path"]
-    before = _read_info(info_path)
+    before = read_info(info_path)
     assert before is not None
     old_pid = before["services"]["gateway-1"]["pid"]
     # Killed mid-turn, as a client's connection would be cut.
@@ -190,10 +151,10 @@ def test_a_retry_after_the_gateway_was_killed_returns_the_same_turn(
     assert seen.turn_id and seen.finished is None
     deadline = time.monotonic() + 90
     while True:
-        now = _read_info(info_path)
+        now = read_info(info_path)
         if now is not None and now["services"]["gateway-1"]["pid"] != old_pid:
             break
-        assert time.monotonic() < deadline, f"gateway-1 was not restarted:\n{_tail(mesh['log'])}"
+        assert time.monotonic() < deadline, f"gateway-1 was not restarted:\n{tail(mesh['log'])}"
         time.sleep(0.2)
     wait_healthy(addr(mesh, "gateway-1"), timeout_s=60, name="gateway-1")
     again = run(mesh, "gateway-1", hello("r-killed"))
@@ -275,7 +236,7 @@ def post(
 def test_an_http_retry_with_the_same_idempotency_key_gets_the_same_completion(
     mesh: dict[str, Any],
 ) -> None:
-    urls = _read_info(mesh["info_path"])["gateway_http_urls"]  # type: ignore[index]
+    urls = read_info(mesh["info_path"])["gateway_http_urls"]  # type: ignore[index]
     assert len(urls) == 2
     status, first = post_chat(mesh, urls[0], "k-http", "count to ten")
     assert status == 200, first
@@ -294,7 +255,7 @@ def test_an_http_retry_with_the_same_idempotency_key_gets_the_same_completion(
 def test_an_http_response_retried_with_its_idempotency_key_is_the_same_response(
     mesh: dict[str, Any],
 ) -> None:
-    urls = _read_info(mesh["info_path"])["gateway_http_urls"]  # type: ignore[index]
+    urls = read_info(mesh["info_path"])["gateway_http_urls"]  # type: ignore[index]
     body = {"model": mesh["model"], "input": "count to ten", "max_output_tokens": MAX_TOKENS}
     status, first = post(mesh, urls[0] + "/v1/responses", "k-resp", body)
     assert status == 200, first

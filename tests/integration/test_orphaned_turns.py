@@ -4,10 +4,6 @@ resumed in time; through the launcher users run, with two gateways."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,18 +15,14 @@ from chat.common.v1 import common_pb2
 from chat.gateway.v1 import gateway_pb2
 
 from mesh.auth import add_key_to_file
+from tests.fixtures.launched import launched, tail
 from tests.integration.grpc_helpers import TurnResult, auth, error_reason, gateway, start_request
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 GRACE_S = 2.0
 TOKEN_INTERVAL_MS = 30  # 150 tokens take 4.5 s: far longer than the grace period
 MAX_TOKENS = 150
-
-
-def _tail(path: Path) -> str:
-    return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
 
 
 @pytest.fixture(scope="module")
@@ -40,41 +32,13 @@ def mesh(
     tmp = tmp_path_factory.mktemp("orphans")
     keys_file = tmp / "api-keys.json"
     key = add_key_to_file(keys_file, "tenant-a", rate_per_s=100.0, burst=100)
-    log = tmp / "launcher.log"
-    command = [sys.executable, "-m", "mesh.launcher", "--state-dir", str(tmp / "state")]
-    command += ["--model", str(tiny_model_path), "--keys-file", str(keys_file), "--gateways", "2"]
+    args = ["--model", str(tiny_model_path), "--keys-file", str(keys_file), "--gateways", "2"]
     env = {
-        **os.environ,
         "MESH_AGENT_ORPHAN_GRACE_S": str(GRACE_S),
         "MESH_AGENT_MIN_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS),
     }
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
-    info_path = tmp / "state" / "mesh.json"
-    deadline = time.monotonic() + 240
-    info: dict[str, Any] | None = None
-    try:
-        while info is None:
-            if process.poll() is not None:
-                pytest.fail(f"the launcher exited ({process.returncode}):\n{_tail(log)}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the mesh did not start within 240 s:\n{_tail(log)}")
-            try:
-                found = json.loads(info_path.read_text())
-                info = found if found.get("pid") == process.pid else None
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-            time.sleep(0.3)
-        yield {**info, "key": key, "log": log}
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            assert process.wait(timeout=90) == 0, _tail(log)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+    with launched(tmp, args, env) as launcher:
+        yield {**launcher.wait_started(), "key": key, "log": launcher.log}
 
 
 def addr(mesh: dict[str, Any], name: str) -> str:
@@ -125,7 +89,7 @@ def test_a_turn_nobody_follows_is_cancelled_after_the_grace_period(mesh: dict[st
     assert finished.error.code == grpc.StatusCode.CANCELLED.value[0]
     assert "MESH_AGENT_ORPHAN_GRACE_S" in finished.error.message
     assert error_reason(finished.error) == "ORPHANED"
-    assert "no client attached" in _tail(Path(mesh["services"]["agent-1"]["log"]))
+    assert "no client attached" in tail(Path(mesh["services"]["agent-1"]["log"]))
 
 
 def test_a_background_turn_runs_to_its_end_with_nobody_attached(mesh: dict[str, Any]) -> None:

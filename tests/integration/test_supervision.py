@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -22,12 +20,11 @@ from chat.gateway.v1 import gateway_pb2
 from mesh.auth import add_key_to_file
 from mesh.launcher import wait_healthy
 from mesh.tls import channel_credentials, load_identity
+from tests.fixtures.launched import launched
 from tests.fixtures.mesh import TOKEN_INTERVAL_MS
 from tests.integration.grpc_helpers import TurnResult, auth, gateway, start_request
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _alive(pid: int) -> bool:
@@ -61,29 +58,11 @@ def launcher(tmp_path: Path, tiny_model_path: Path) -> Iterator[tuple[Path, Path
     """The launcher with the embedded profile; yields its mesh.json, its log and an API key."""
     keys_file = tmp_path / "api-keys.json"
     keys = add_key_to_file(keys_file, "tenant-a", rate_per_s=100.0, burst=100)
-    log = tmp_path / "launcher.log"
-    command = [sys.executable, "-m", "mesh.launcher", "--state-dir", str(tmp_path / "state")]
-    command += ["--model", str(tiny_model_path), "--keys-file", str(keys_file)]
+    args = ["--model", str(tiny_model_path), "--keys-file", str(keys_file)]
     # Paced so turns are still generating when the agent is killed.
-    env = {**os.environ, "MESH_AGENT_MIN_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS)}
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-        )
-    try:
-        yield tmp_path / "state" / "mesh.json", log, keys
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            assert process.wait(timeout=90) == 0, log.read_text()[-4000:]
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+    env = {"MESH_AGENT_MIN_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS)}
+    with launched(tmp_path, args, env) as running:
+        yield running.info_path, running.log, keys
 
 
 def test_a_killed_agent_is_restarted_and_the_rest_keeps_serving(

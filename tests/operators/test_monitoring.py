@@ -18,8 +18,6 @@ import os
 import re
 import secrets
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,12 +38,12 @@ from mesh.infra.prometheus import (
     PrometheusServer,
     check_rules,
 )
+from tests.fixtures.launched import launched, tail
 from tests.integration.grpc_helpers import TurnResult, auth, gateway, start_request
 from tests.operators.test_probes import operator_tools  # noqa: F401  (builds jaeger too)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
 TOKEN_INTERVAL_MS = 30  # paced, so a turn is still generating when its agent is killed
 
 
@@ -102,11 +100,7 @@ def _wait_for(check: Callable[[], Any], timeout_s: float, what: str, log: Path) 
         if last and not isinstance(last, str):
             return last
         time.sleep(0.5)
-    pytest.fail(f"{what} within {timeout_s:.0f} s ({last}); launcher log:\n{_tail(log)}")
-
-
-def _tail(path: Path) -> str:
-    return path.read_text(errors="replace")[-4000:] if path.exists() else "(no log)"
+    pytest.fail(f"{what} within {timeout_s:.0f} s ({last}); launcher log:\n{tail(log)}")
 
 
 class Monitored:
@@ -143,12 +137,9 @@ def monitored(
     # The same rules, with their `for` durations shortened so an alert fires within the test.
     rules = tmp / "mesh-rules.yml"
     rules.write_text(re.sub(r"for: \d+m", "for: 0s", RULES.read_text()))
-    log = tmp / "launcher.log"
-    command = [sys.executable, "-m", "mesh.launcher", "--state-dir", str(tmp / "state")]
-    command += ["--model", str(tiny_model_path), "--keys-file", str(keys_file)]
-    command += ["--monitoring", "--scrape-interval", "1", "--rules", str(rules)]
+    args = ["--model", str(tiny_model_path), "--keys-file", str(keys_file)]
+    args += ["--monitoring", "--scrape-interval", "1", "--rules", str(rules)]
     env = {
-        **os.environ,
         "MESH_LOG_FORMAT": "json",
         "MESH_PERSISTER_LAG_INTERVAL_S": "1",
         "MESH_AGENT_MIN_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS),
@@ -157,47 +148,10 @@ def monitored(
         # otherwise refuse them (NO_AGENT, tests/integration/test_health.py checks that).
         "MESH_GATEWAY_REQUIRE_AGENT": "false",
     }
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
-    info_path = tmp / "state" / "mesh.json"
-
-    def started() -> dict[str, Any] | str:
-        if process.poll() is not None:
-            pytest.fail(f"the launcher exited ({process.returncode}):\n{_tail(log)}")
-        try:
-            info: dict[str, Any] = json.loads(info_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return "no mesh.json yet"
-        return info if info.get("pid") == process.pid else "an old mesh.json"
-
-    try:
-        info = _wait_for(started, 240, "the mesh did not start", log)
+    with launched(tmp, args, env) as launcher:
+        info = launcher.wait_started()
         assert info["prometheus_url"] and info["jaeger_url"], info
-        yield Monitored(info, key, log)
-    finally:
-        with_agent_running(info_path)
-        process.send_signal(signal.SIGTERM)
-        try:
-            assert process.wait(timeout=90) == 0, _tail(log)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-def with_agent_running(info_path: Path) -> None:
-    """SIGCONT every agent (a failed test may leave one stopped, and it would never drain)."""
-    try:
-        services = json.loads(info_path.read_text())["services"]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return
-    for name, service in services.items():
-        if name.startswith("agent"):
-            try:
-                os.kill(service["pid"], signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        yield Monitored(info, key, launcher.log)
 
 
 def run_turn(
