@@ -586,7 +586,9 @@ class GatewayCore(AsyncStartStop):
             raise not_found
         stored = None
         if info is None or after_seq is not None:
-            stored = await self._lookup(principal.tenant_id, turn_id, after_seq or 0)
+            # Finding the turn needs no token texts; a resume needs those after its seq.
+            seq = _NO_TOKENS if after_seq is None else after_seq
+            stored = await self._lookup(principal.tenant_id, turn_id, seq)
         if info is None and stored is not None:
             info = located(
                 turn_id,
@@ -756,17 +758,19 @@ class GatewayCore(AsyncStartStop):
         appended.add_done_callback(landed)
 
     async def cancel_turn(self, principal: Principal, turn_id: str) -> str:
-        info = await self.find_turn(principal, turn_id)
-        await self.cancel(info)
+        # The persister's answer, when finding the turn needed one, also says whether it ended.
+        info, stored = await self._locate(principal, turn_id, after_seq=None)
+        await self.cancel(info, stored)
         return info.turn_id
 
-    async def cancel(self, info: TurnInfo) -> None:
+    async def cancel(self, info: TurnInfo, stored: StoredTurn | None = None) -> None:
         """Log a TurnCancelled for the turn and wait until it is durable.
 
         Idempotent: a turn that already finished or was already cancelled gets nothing more on
-        the log. This gateway knows from its own cancels, from the endings its hub dispatched,
-        and otherwise from a bounded read of the turn's events (``resume_scan_limit`` records
-        from its ``events_start``); concurrent cancels of one turn here append once.
+        the log. This gateway knows from its own cancels, from the cancels its hub dispatched and
+        the finishes its streams took, from a finish the persister stored (``stored``, or asked
+        now), and otherwise from a bounded read of the turn's events (``resume_scan_limit``
+        records from its ``events_start``); concurrent cancels of one turn here append once.
         """
         turn_id = info.turn_id
         if self._known_ended(turn_id):
@@ -778,7 +782,7 @@ class GatewayCore(AsyncStartStop):
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._cancelling[turn_id] = done
         try:
-            if not await self._has_ended(info):
+            if not await self._has_ended(info, stored):
                 value = turnlog.encode(
                     turnlog.TurnCancelled(turn_id, info.conversation_id, info.tenant_id)
                 )
@@ -801,11 +805,11 @@ class GatewayCore(AsyncStartStop):
         finally:
             del self._cancelling[turn_id]
 
-    async def _has_ended(self, info: TurnInfo) -> bool:
+    async def _has_ended(self, info: TurnInfo, stored: StoredTurn | None) -> bool:
         """Whether the turn finished or was cancelled: a stored finish answers without a log
         read, otherwise the log does (the persister may not have its events yet)."""
-        # after_seq past any turn's end: the answer carries no token texts.
-        stored = await self._lookup(info.tenant_id, info.turn_id, after_seq=2**62)
+        if stored is None:
+            stored = await self._lookup(info.tenant_id, info.turn_id, after_seq=_NO_TOKENS)
         if stored is not None and stored.state is StoredState.FINISHED:
             return True
         return await self._ended_on_log(info)
@@ -882,6 +886,9 @@ class GatewayCore(AsyncStartStop):
 
 
 K = TypeVar("K")
+
+# An after_seq past any turn's end: the persister's answer then carries no token texts.
+_NO_TOKENS = 2**62
 
 
 def _uncount(counter: Counter[K], key: K) -> None:
