@@ -16,6 +16,7 @@ from mesh.settings import (
     port_setting,
     setting,
 )
+from services.agent.settings import AgentSettings
 
 
 def _agent_model_name(environ: Mapping[str, str]) -> str:
@@ -23,15 +24,6 @@ def _agent_model_name(environ: Mapping[str, str]) -> str:
     with the agents' environment; empty otherwise."""
     path = environ.get("MESH_AGENT_MODEL_PATH", "")
     return Path(path).name if path else ""
-
-
-def _agent_context_tokens(environ: Mapping[str, str]) -> int:
-    """The agents' context window (``MESH_AGENT_N_CTX``, the agent's default 2048)."""
-    raw = environ.get("MESH_AGENT_N_CTX", "").strip()
-    try:
-        return int(raw) if raw else 2048
-    except ValueError:
-        raise SettingsError(f"MESH_AGENT_N_CTX={raw!r} is not an integer") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,9 +100,15 @@ class GatewaySettings(ServiceSettings):
     context_models: str = setting(
         "CONTEXT_MODELS", derive=lambda env: env.get("MESH_AGENT_MODEL_PATH", ""), blank=True
     )
-    context_tokens: int = setting("CONTEXT_TOKENS", derive=_agent_context_tokens, minimum=64)
+    # The agents' own settings, read as the agents read them (their defaults included).
+    context_tokens: int = setting(
+        "CONTEXT_TOKENS",
+        derive=lambda env: AgentSettings.value_from_env("n_ctx", env),
+        minimum=64,
+    )
     context_system_prompt: str = setting(
-        "CONTEXT_SYSTEM_PROMPT", derive=lambda env: env.get("MESH_AGENT_SYSTEM_PROMPT", "")
+        "CONTEXT_SYSTEM_PROMPT",
+        derive=lambda env: AgentSettings.value_from_env("system_prompt", env),
     )
     # TLS of the public ports (gRPC and HTTP): the certificate clients see and its key. The
     # gateway's mesh identity, for its calls to the persister, is MESH_TLS_* like every service.
