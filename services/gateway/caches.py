@@ -1,10 +1,11 @@
-"""The gateway's small in-process caches: one bounded LRU, and the idempotency window on it."""
+"""The gateway's small in-process caches: one bounded LRU, the idempotency window on it, and
+the counters of what is held (streams, starts in flight)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -12,6 +13,13 @@ from services.gateway.model import TurnInfo
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+
+def uncount(counter: Counter[K], key: K) -> None:
+    """One less of ``key`` held; a key none is held of leaves the counter (it stays small)."""
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 class BoundedLru(Generic[K, V]):

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -29,7 +29,7 @@ from mesh.errors import InvalidArgument, MeshError, NotFound, ResourceExhausted,
 from mesh.lifecycle import AsyncStartStop
 from mesh.log import TURN_EVENTS, TURN_REQUESTS, EventLog, LogError, partition_for
 from mesh.turn_ids import new_turn_ref, parse_turn_id
-from services.gateway.caches import BoundedLru, IdempotencyCache
+from services.gateway.caches import BoundedLru, IdempotencyCache, uncount
 from services.gateway.context_check import ContextCheck
 from services.gateway.hub import Subscription, TurnHub
 from services.gateway.idempotency import ClaimedElsewhere, Claimer, RequestClaims, RequestIds
@@ -202,9 +202,7 @@ class GatewayCore(AsyncStartStop):
             yield
         finally:
             self._streams -= 1
-            self._tenant_streams[tenant_id] -= 1
-            if self._tenant_streams[tenant_id] <= 0:
-                del self._tenant_streams[tenant_id]
+            uncount(self._tenant_streams, tenant_id)
 
     def tenant_streams(self, tenant_id: str) -> int:
         """Streams the tenant holds open on this gateway."""
@@ -415,8 +413,8 @@ class GatewayCore(AsyncStartStop):
             nonlocal held
             if held:
                 held = False
-                _uncount(self._starting, starting)
-                _uncount(self._starting_keys, starting_key)
+                uncount(self._starting, starting)
+                uncount(self._starting_keys, starting_key)
 
         try:
             return await self._append_checked(
@@ -885,16 +883,8 @@ class GatewayCore(AsyncStartStop):
         return ChatSession(self, principal, verify=verify, trace_parent=trace_parent)
 
 
-K = TypeVar("K")
-
 # An after_seq past any turn's end: the persister's answer then carries no token texts.
 _NO_TOKENS = 2**62
-
-
-def _uncount(counter: Counter[K], key: K) -> None:
-    counter[key] -= 1
-    if counter[key] <= 0:
-        del counter[key]
 
 
 def _log_unavailable(error: Exception) -> Unavailable:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from mesh.auth import Principal
 from mesh.errors import ResourceExhausted
+from services.gateway.caches import uncount
 
 
 class KeyStreams:
@@ -45,6 +46,4 @@ class KeyStreams:
         try:
             yield
         finally:
-            self._held[key.key_hash] -= 1
-            if self._held[key.key_hash] <= 0:
-                del self._held[key.key_hash]
+            uncount(self._held, key.key_hash)
